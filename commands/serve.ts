@@ -1,0 +1,363 @@
+/**
+ * `nbd serve`: serve a plugin (with filters) over TCP, a Unix socket,
+ * socket activation or stdin/stdout, optionally in captive `--run` mode.
+ *
+ * @module
+ */
+
+import { FILTERS } from "../filters/mod.ts";
+import { PLUGINS } from "../plugins/mod.ts";
+import { formatNbdUri, type NbdUri } from "../protocol/uri.ts";
+import type { Filter, FilterInstance, Plugin } from "../server/backend.ts";
+import { Exports } from "../server/exports.ts";
+import {
+  activationFds,
+  listenActivated,
+  type Listener,
+  listenTcp,
+  listenUnix,
+  serveStdio,
+} from "../server/listener.ts";
+import { formatParams, Params, UsageError } from "../server/params.ts";
+import { DEFAULT_MAX_IN_FLIGHT, NbdServer, type TlsMode } from "../server/server.ts";
+import { type Command, parseOptions } from "./command.ts";
+
+const USAGE = `Usage: nbd serve [OPTIONS] PLUGIN [PARAM=VALUE | VALUE ...]
+
+Serve a disk image, a file, memory or generated data over NBD.
+
+Options:
+  -p, --port N             TCP port (default 10809)
+  -i, --ip ADDR            listen address (default 127.0.0.1 and ::1; 0.0.0.0 exposes it)
+  -U, --unix PATH          listen on a Unix socket; "-" makes a private one in a temp dir
+  -s, --single             serve one connection on stdin/stdout, then exit
+  -e, --export-name NAME   name of the export (default "")
+      --description TEXT   description of the export shown to clients
+  -r, --readonly           serve read-only
+      --filter NAME        stack a filter (repeatable; the first is nearest the client)
+      --run CMD            run CMD with $uri, $nbd, $unixsocket, $port, $exportname set;
+                           stop serving when it exits and exit with its status
+      --print-uri          print the URI clients should use on stdout once listening
+      --max-in-flight N    requests processed at once per connection (default ${DEFAULT_MAX_IN_FLIGHT})
+  -P, --pidfile FILE       write the process id to FILE once listening
+  -v, --verbose            log options and requests to stderr
+  -h, --help               show this help; with a plugin or --filter, show its parameters
+
+Plugins:
+${[...PLUGINS.values()].map((p) => `  ${p.name.padEnd(14)} ${p.summary}`).join("\n")}
+${
+  FILTERS.size > 0
+    ? `\nFilters:\n${
+      [...FILTERS.values()].map((f) => `  ${f.name.padEnd(14)} ${f.summary}`).join("\n")
+    }\n`
+    : ""
+}
+Examples:
+  nbd serve memory 1G
+  nbd serve -r file disk.img
+  nbd serve -U - pattern 1G --run 'nbdinfo "$uri"'
+`;
+
+/** Options shared by `nbd serve` and `nbd proxy`. */
+export const SERVE_OPTIONS = {
+  port: { type: "string", short: "p" },
+  ip: { type: "string", short: "i", multiple: true },
+  unix: { type: "string", short: "U" },
+  single: { type: "boolean", short: "s" },
+  "export-name": { type: "string", short: "e" },
+  description: { type: "string" },
+  readonly: { type: "boolean", short: "r" },
+  filter: { type: "string", multiple: true },
+  run: { type: "string" },
+  "print-uri": { type: "boolean" },
+  "max-in-flight": { type: "string" },
+  pidfile: { type: "string", short: "P" },
+  verbose: { type: "boolean", short: "v" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+/** Parsed serve options (the part of parseArgs' result we use). */
+export interface ServeValues {
+  port?: string;
+  ip?: string[];
+  unix?: string;
+  single?: boolean;
+  "export-name"?: string;
+  description?: string;
+  readonly?: boolean;
+  filter?: string[];
+  run?: string;
+  "print-uri"?: boolean;
+  "max-in-flight"?: string;
+  pidfile?: string;
+  verbose?: boolean;
+}
+
+function pluginHelp(plugin: Plugin): string {
+  return `Usage: nbd serve [OPTIONS] ${plugin.name} ${
+    plugin.params.map((p) =>
+      (p.required ? "" : "[") + `${p.name}=${p.value}` + (p.required ? "" : "]")
+    ).join(" ")
+  }
+
+${plugin.summary}
+
+Parameters:
+${formatParams(plugin.params, plugin.magicParam)}
+${plugin.description ? `\n${plugin.description}\n` : ""}`;
+}
+
+function filterHelp(filter: Filter): string {
+  return `Usage: nbd serve --filter=${filter.name} [OPTIONS] PLUGIN ... [PARAM=VALUE ...]
+
+${filter.summary}
+
+Parameters:
+${filter.params.length ? formatParams(filter.params) : "  (none)"}
+${filter.description ? `\n${filter.description}\n` : ""}`;
+}
+
+function lookupFilter(name: string): Filter {
+  const filter = FILTERS.get(name);
+  if (!filter) {
+    throw new UsageError(
+      `unknown filter "${name}" (known: ${[...FILTERS.keys()].join(", ") || "none"})`,
+    );
+  }
+  return filter;
+}
+
+function parsePort(text: string): number {
+  if (!/^\d+$/.test(text) || Number(text) > 65535) {
+    throw new UsageError(`--port: bad port "${text}"`);
+  }
+  return Number(text);
+}
+
+/** The URI clients use for a listener. */
+function uriFor(listener: Listener, exportName: string, tls: boolean): string | undefined {
+  const address = listener.address;
+  const base: NbdUri = { tls, transport: "tcp", exportName };
+  if (address.transport === "unix") {
+    return formatNbdUri({ ...base, transport: "unix", socket: address.path });
+  }
+  if (address.transport === "tcp") {
+    const wildcard = address.hostname === "0.0.0.0" || address.hostname === "::";
+    const loopbackV6 = address.hostname === "::1";
+    const host = wildcard || loopbackV6 ? "localhost" : address.hostname;
+    return formatNbdUri({ ...base, host, port: address.port });
+  }
+  return undefined;
+}
+
+/** Everything `runServer` needs: the parsed options and the configured plugin and filters. */
+export interface ServerSetup {
+  /** Parsed options. */
+  values: ServeValues;
+  /** The plugin to serve. */
+  plugin: Plugin;
+  /** Its parameters (filters take theirs first). */
+  params: Params;
+  /** TLS mode for the listening side. */
+  tlsMode?: TlsMode;
+}
+
+/**
+ * Configures the filters and the plugin, listens, serves until a signal,
+ * the captive command or the single connection ends, and shuts down
+ * cleanly. Resolves to the exit status.
+ */
+export async function runServer(setup: ServerSetup): Promise<number> {
+  const { values, plugin, params } = setup;
+  const filterNames = values.filter ?? [];
+  const filters: Filter[] = filterNames.map(lookupFilter);
+  const maxInFlight = values["max-in-flight"] === undefined
+    ? DEFAULT_MAX_IN_FLIGHT
+    : Number(values["max-in-flight"]);
+  if (!Number.isInteger(maxInFlight) || maxInFlight < 1 || maxInFlight > 65536) {
+    throw new UsageError(`--max-in-flight: expected an integer from 1 to 65536`);
+  }
+  const fds = activationFds();
+  const modes =
+    [values.single, values.unix !== undefined, values.port !== undefined || values.ip !== undefined]
+      .filter(Boolean).length;
+  if (values.single && modes > 1) {
+    throw new UsageError("--single cannot be combined with -p, -i or -U");
+  }
+  if (values.single && values.run) throw new UsageError("--single cannot be combined with --run");
+  if (fds > 0 && (modes > 0 || values.run)) {
+    throw new UsageError(
+      "with socket activation (LISTEN_FDS), -p, -i, -U, -s and --run cannot be used",
+    );
+  }
+
+  const filterInstances: FilterInstance[] = [];
+  for (const filter of filters) filterInstances.push(await filter.create(params));
+  const pluginInstance = await plugin.create(params);
+  try {
+    params.assertEmpty();
+  } catch (error) {
+    await pluginInstance.close?.();
+    throw error;
+  }
+  const exportName = values["export-name"] ?? "";
+  const exports = new Exports({
+    plugin: pluginInstance,
+    filters: filterInstances,
+    exportName,
+    description: values.description,
+  });
+  const server = new NbdServer({
+    exports,
+    readonly: values.readonly ?? false,
+    verbose: values.verbose ?? false,
+    maxInFlight,
+    tlsMode: setup.tlsMode ?? "off",
+  });
+
+  const listeners: Listener[] = [];
+  const closeListeners = () => listeners.forEach((l) => l.close());
+  try {
+    if (values.single) {
+      listeners.push(serveStdio(server));
+    } else if (fds > 0) {
+      listeners.push(listenActivated(server, fds));
+    } else {
+      let unix = values.unix;
+      // Captive mode without an address uses a private Unix socket: no port to collide on.
+      if (
+        unix === undefined && values.run !== undefined && values.port === undefined &&
+        values.ip === undefined
+      ) {
+        unix = "-";
+      }
+      if (unix !== undefined) {
+        let path = unix;
+        if (unix === "-") {
+          const dir = await Deno.makeTempDir({ prefix: "nbd" });
+          path = `${dir}/socket`;
+        }
+        listeners.push(await listenUnix(server, path));
+      }
+      if (values.port !== undefined || values.ip !== undefined || unix === undefined) {
+        const port = values.port === undefined ? 10809 : parsePort(values.port);
+        const ips = values.ip ?? ["127.0.0.1", "::1"];
+        for (const ip of ips) {
+          try {
+            // With port 0 every address must share the port the first one got.
+            const chosen =
+              port === 0 && listeners.length > 0 && listeners[0]!.address.transport === "tcp"
+                ? listeners[0]!.address.port
+                : port;
+            listeners.push(listenTcp(server, ip.replace(/^\[(.*)\]$/, "$1"), chosen));
+          } catch (error) {
+            // ::1 is optional in the default pair: some hosts have no IPv6.
+            if (values.ip === undefined && ip === "::1") continue;
+            throw new Error(`Cannot listen on ${ip} port ${port}: ${(error as Error).message}`);
+          }
+        }
+      }
+    }
+  } catch (error) {
+    closeListeners();
+    await exports.close();
+    throw error;
+  }
+
+  const primary = listeners.find((l) => l.address.transport === "unix") ?? listeners[0]!;
+  const uri = uriFor(primary, exportName, setup.tlsMode === "require");
+  if (values["print-uri"] && uri) console.log(uri);
+  if (values.pidfile) await Deno.writeTextFile(values.pidfile, `${Deno.pid}\n`);
+  if (values.verbose && uri) server.state.log(`listening on ${uri}`);
+
+  let stopRequested: (status: number) => void = () => {};
+  const stopped = new Promise<number>((resolve) => stopRequested = resolve);
+  const onSignal = () => stopRequested(0);
+  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+  for (const signal of signals) Deno.addSignalListener(signal, onSignal);
+
+  let child: Deno.ChildProcess | undefined;
+  if (values.run !== undefined) {
+    const address = primary.address;
+    const env: Record<string, string> = {
+      uri: uri ?? "",
+      nbd: uri ?? "",
+      exportname: exportName,
+      unixsocket: address.transport === "unix" ? address.path : "",
+      port: address.transport === "tcp" ? String(address.port) : "",
+    };
+    if (setup.tlsMode && setup.tlsMode !== "off") env.tls = setup.tlsMode === "require" ? "2" : "1";
+    child = new Deno.Command("/bin/sh", { args: ["-c", values.run], env, stdin: "inherit" })
+      .spawn();
+    child.status.then((status) =>
+      stopRequested(status.signal ? 128 + signalNumber(status.signal) : status.code)
+    );
+  } else if (values.single) {
+    listeners[0]!.done.then(() => stopRequested(0));
+  }
+
+  const status = await stopped;
+  for (const signal of signals) Deno.removeSignalListener(signal, onSignal);
+  if (child) {
+    try {
+      child.kill("SIGTERM");
+    } catch { /* already exited */ }
+  }
+  closeListeners();
+  await server.shutdown();
+  if (values.unix === "-" || (values.unix === undefined && values.run !== undefined)) {
+    const address = primary.address;
+    if (address.transport === "unix") {
+      await Deno.remove(address.path.replace(/\/socket$/, ""), { recursive: true }).catch(() => {});
+    }
+  }
+  if (values.pidfile) await Deno.remove(values.pidfile).catch(() => {});
+  return status;
+}
+
+function signalNumber(signal: Deno.Signal): number {
+  const numbers: Partial<Record<Deno.Signal, number>> = {
+    SIGHUP: 1,
+    SIGINT: 2,
+    SIGQUIT: 3,
+    SIGKILL: 9,
+    SIGSEGV: 11,
+    SIGPIPE: 13,
+    SIGTERM: 15,
+  };
+  return numbers[signal] ?? 0;
+}
+
+/** `nbd serve`. */
+export const serveCommand: Command = {
+  name: "serve",
+  summary: "serve a plugin (memory, file, pattern, ...) over NBD",
+  usage: USAGE,
+  async run(argv) {
+    const { values, positionals } = parseOptions(argv, SERVE_OPTIONS);
+    const [pluginName, ...words] = positionals;
+    if (values.help) {
+      if (pluginName) {
+        const plugin = PLUGINS.get(pluginName);
+        if (!plugin) throw new UsageError(`unknown plugin "${pluginName}"`);
+        console.log(pluginHelp(plugin));
+      } else if (values.filter?.length) {
+        for (const name of values.filter) console.log(filterHelp(lookupFilter(name)));
+      } else {
+        console.log(USAGE);
+      }
+      return 0;
+    }
+    if (!pluginName) {
+      throw new UsageError("missing PLUGIN (e.g. nbd serve memory 1G); see nbd serve --help");
+    }
+    const plugin = PLUGINS.get(pluginName);
+    if (!plugin) {
+      throw new UsageError(
+        `unknown plugin "${pluginName}" (known: ${[...PLUGINS.keys()].join(", ")})`,
+      );
+    }
+    const params = Params.parse(words, plugin.magicParam);
+    return await runServer({ values, plugin, params });
+  },
+};

@@ -1,0 +1,131 @@
+/**
+ * A buffered reader over a `ByteStream`: it pulls large chunks, lets the
+ * caller parse every complete message already buffered, and reads large
+ * payloads straight into caller-provided buffers.
+ *
+ * @module
+ */
+
+import type { ByteStream } from "./byte_stream.ts";
+
+/** The stream ended in the middle of a message. */
+export class UnexpectedEofError extends Error {
+  /** Creates the error; `what` names what was being read. */
+  constructor(what = "data") {
+    super(`Connection closed while reading ${what}`);
+    this.name = "UnexpectedEofError";
+  }
+}
+
+/** Buffered reader with exact-length reads. */
+export class BufferedReader {
+  #source: Pick<ByteStream, "read">;
+  #buf: Uint8Array;
+  #start = 0;
+  #end = 0;
+  #eof = false;
+  /** A DataView over the whole internal buffer, for parsing headers in place. */
+  readonly view: DataView;
+
+  /** Creates a reader with an internal buffer of `capacity` bytes. */
+  constructor(source: Pick<ByteStream, "read">, capacity = 256 * 1024) {
+    this.#source = source;
+    this.#buf = new Uint8Array(capacity);
+    this.view = new DataView(this.#buf.buffer);
+  }
+
+  /** Bytes buffered and not yet consumed. */
+  get buffered(): number {
+    return this.#end - this.#start;
+  }
+
+  /** Position of the first unconsumed byte in `view`. */
+  get position(): number {
+    return this.#start;
+  }
+
+  /** Whether the source reported end of stream. */
+  get eof(): boolean {
+    return this.#eof;
+  }
+
+  /**
+   * Makes sure `n` bytes (≤ capacity) are buffered. Resolves to false if the
+   * stream ended with nothing buffered; throws `UnexpectedEofError` if it
+   * ended part-way through.
+   */
+  async ensure(n: number, what?: string): Promise<boolean> {
+    if (this.#end - this.#start >= n) return true;
+    if (n > this.#buf.length) {
+      throw new RangeError(`Cannot buffer ${n} bytes: capacity is ${this.#buf.length}`);
+    }
+    if (this.#start + n > this.#buf.length) {
+      this.#buf.copyWithin(0, this.#start, this.#end);
+      this.#end -= this.#start;
+      this.#start = 0;
+    }
+    while (this.#end - this.#start < n) {
+      if (this.#eof) {
+        if (this.#end === this.#start) return false;
+        throw new UnexpectedEofError(what);
+      }
+      const count = await this.#source.read(this.#buf.subarray(this.#end));
+      if (count === null || count === 0) {
+        if (count === null) this.#eof = true;
+        continue;
+      }
+      this.#end += count;
+    }
+    return true;
+  }
+
+  /** A view of the next `n` buffered bytes (call `ensure` first); valid until the next read. */
+  peek(n: number): Uint8Array {
+    return this.#buf.subarray(this.#start, this.#start + n);
+  }
+
+  /** Marks `n` buffered bytes as consumed. */
+  consume(n: number): void {
+    this.#start += n;
+    if (this.#start === this.#end) this.#start = this.#end = 0;
+  }
+
+  /** Fills `dst` completely: buffered bytes first, the rest read directly into it. */
+  async readInto(dst: Uint8Array, what?: string): Promise<void> {
+    const fromBuffer = Math.min(dst.length, this.#end - this.#start);
+    if (fromBuffer > 0) {
+      dst.set(this.#buf.subarray(this.#start, this.#start + fromBuffer));
+      this.consume(fromBuffer);
+    }
+    let filled = fromBuffer;
+    while (filled < dst.length) {
+      if (this.#eof) throw new UnexpectedEofError(what);
+      const count = await this.#source.read(dst.subarray(filled));
+      if (count === null) {
+        this.#eof = true;
+        throw new UnexpectedEofError(what);
+      }
+      filled += count;
+    }
+  }
+
+  /** Reads exactly `n` bytes into a new buffer. */
+  async readExact(n: number, what?: string): Promise<Uint8Array> {
+    const out = new Uint8Array(n);
+    await this.readInto(out, what);
+    return out;
+  }
+
+  /** Reads and discards `n` bytes without allocating more than the buffer. */
+  async skip(n: number, what?: string): Promise<void> {
+    let left = n;
+    while (left > 0) {
+      if (this.#end === this.#start && !(await this.ensure(1, what))) {
+        throw new UnexpectedEofError(what);
+      }
+      const take = Math.min(left, this.#end - this.#start);
+      this.consume(take);
+      left -= take;
+    }
+  }
+}

@@ -1,0 +1,145 @@
+/**
+ * The byte-stream abstraction every connection goes through: Deno sockets,
+ * node:net / node:tls sockets (socket activation and TLS) and stdin/stdout
+ * all become a `ByteStream`.
+ *
+ * @module
+ */
+
+import type { Socket } from "node:net";
+
+/** A bidirectional byte stream: the subset of `Deno.Conn` the protocol code uses. */
+export interface ByteStream {
+  /** Reads into `buf`; resolves to the count read, or null at end of stream. */
+  read(buf: Uint8Array): Promise<number | null>;
+  /** Writes some of `buf`; resolves to the count written. */
+  write(buf: Uint8Array): Promise<number>;
+  /** Closes both directions. Safe to call more than once. */
+  close(): void;
+  /** Closes the write side only, where supported. */
+  closeWrite?(): Promise<void>;
+}
+
+/** Writes all of `buf` to `stream`, looping over partial writes. */
+export async function writeAll(stream: Pick<ByteStream, "write">, buf: Uint8Array): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    done += await stream.write(done === 0 ? buf : buf.subarray(done));
+  }
+}
+
+/** Wraps a Deno connection (TCP or Unix) so that close() is idempotent. */
+export function fromDenoConn(conn: Deno.Conn): ByteStream {
+  let closed = false;
+  return {
+    read: (buf) => conn.read(buf),
+    write: (buf) => conn.write(buf),
+    close() {
+      if (closed) return;
+      closed = true;
+      try {
+        conn.close();
+      } catch {
+        // already closed by the peer
+      }
+    },
+    closeWrite: () => conn.closeWrite(),
+  };
+}
+
+/**
+ * Adapts a node:net or node:tls socket. Incoming chunks are queued and the
+ * socket is paused while more than `highWater` bytes wait to be read, so a
+ * fast peer cannot make us buffer without bound.
+ */
+export function fromNodeSocket(socket: Socket, highWater = 4 << 20): ByteStream {
+  const chunks: Uint8Array[] = [];
+  let queued = 0;
+  let ended = false;
+  let failure: Error | undefined;
+  let wake: (() => void) | undefined;
+  let closed = false;
+  const notify = () => {
+    const w = wake;
+    wake = undefined;
+    w?.();
+  };
+  socket.on("data", (chunk: Uint8Array) => {
+    chunks.push(chunk);
+    queued += chunk.length;
+    if (queued > highWater) socket.pause();
+    notify();
+  });
+  socket.on("end", () => {
+    ended = true;
+    notify();
+  });
+  socket.on("close", () => {
+    ended = true;
+    notify();
+  });
+  socket.on("error", (error: Error) => {
+    failure = error;
+    ended = true;
+    notify();
+  });
+  return {
+    async read(buf: Uint8Array): Promise<number | null> {
+      while (chunks.length === 0) {
+        if (ended) {
+          if (failure && !closed) throw failure;
+          return null;
+        }
+        await new Promise<void>((resolve) => wake = resolve);
+      }
+      let n = 0;
+      while (n < buf.length && chunks.length > 0) {
+        const head = chunks[0]!;
+        const take = Math.min(head.length, buf.length - n);
+        buf.set(take === head.length ? head : head.subarray(0, take), n);
+        n += take;
+        if (take === head.length) chunks.shift();
+        else chunks[0] = head.subarray(take);
+      }
+      queued -= n;
+      if (queued <= highWater && socket.isPaused()) socket.resume();
+      return n;
+    },
+    write(buf: Uint8Array): Promise<number> {
+      if (failure) return Promise.reject(failure);
+      if (closed || socket.destroyed) {
+        return Promise.reject(new Deno.errors.BrokenPipe("socket is closed"));
+      }
+      return new Promise((resolve, reject) => {
+        socket.write(buf, (error?: Error | null) => error ? reject(error) : resolve(buf.length));
+      });
+    },
+    close() {
+      if (closed) return;
+      closed = true;
+      socket.destroy();
+    },
+    closeWrite(): Promise<void> {
+      return new Promise((resolve) => socket.end(resolve));
+    },
+  };
+}
+
+/** A stream over this process's stdin and stdout (single-connection mode). */
+export function fromStdio(): ByteStream {
+  let closed = false;
+  return {
+    read: (buf) => Deno.stdin.read(buf),
+    write: (buf) => Deno.stdout.write(buf),
+    close() {
+      if (closed) return;
+      closed = true;
+      try {
+        Deno.stdin.close();
+      } catch { /* already closed */ }
+      try {
+        Deno.stdout.close();
+      } catch { /* already closed */ }
+    },
+  };
+}

@@ -1,0 +1,128 @@
+/**
+ * A corked writer: chunks queue while a write is in flight and go out
+ * together, small ones concatenated into one write. Callers never wait for
+ * the socket unless the queue passes its byte limit (backpressure).
+ *
+ * @module
+ */
+
+import { type ByteStream, writeAll } from "./byte_stream.ts";
+
+const SMALL_CHUNK = 16 * 1024;
+const STAGING_SIZE = 256 * 1024;
+
+/** Serialising, batching writer over a `ByteStream`. */
+export class CorkedWriter {
+  #sink: Pick<ByteStream, "write">;
+  #queue: Uint8Array[] = [];
+  #queuedBytes = 0;
+  #running = false;
+  #error: unknown = undefined;
+  #highWater: number;
+  #staging = new Uint8Array(STAGING_SIZE);
+  #drainWaiters: Array<() => void> = [];
+  #idleWaiters: Array<() => void> = [];
+
+  /** Creates a writer; `write` callers are told to wait past `highWater` queued bytes. */
+  constructor(sink: Pick<ByteStream, "write">, highWater = 8 * 1024 * 1024) {
+    this.#sink = sink;
+    this.#highWater = highWater;
+  }
+
+  /** Bytes queued and not yet handed to the socket. */
+  get queuedBytes(): number {
+    return this.#queuedBytes;
+  }
+
+  /** The write error that stopped this writer, if any. */
+  get error(): unknown {
+    return this.#error;
+  }
+
+  /** Whether the caller should `await drain()` before queueing more. */
+  get full(): boolean {
+    return this.#queuedBytes > this.#highWater;
+  }
+
+  /** Queues chunks to be written in order. Ignored once the writer has failed. */
+  write(...chunks: Uint8Array[]): void {
+    if (this.#error !== undefined) return;
+    for (const chunk of chunks) {
+      if (chunk.length === 0) continue;
+      this.#queue.push(chunk);
+      this.#queuedBytes += chunk.length;
+    }
+    if (!this.#running && this.#queue.length > 0) {
+      this.#running = true;
+      // Start on a microtask so replies produced in the same turn share one write.
+      queueMicrotask(() => this.#run());
+    }
+  }
+
+  /** Resolves once the queue is below the high-water mark (or the writer failed). */
+  drain(): Promise<void> {
+    if (!this.full || this.#error !== undefined) return Promise.resolve();
+    return new Promise((resolve) => this.#drainWaiters.push(resolve));
+  }
+
+  /** Resolves once everything queued so far has been written; rejects if writing failed. */
+  flush(): Promise<void> {
+    if (this.#error !== undefined) return Promise.reject(this.#error);
+    if (!this.#running && this.#queue.length === 0) return Promise.resolve();
+    return new Promise((resolve, reject) =>
+      this.#idleWaiters.push(() => this.#error !== undefined ? reject(this.#error) : resolve())
+    );
+  }
+
+  async #run(): Promise<void> {
+    try {
+      while (this.#queue.length > 0) {
+        const batch = this.#queue;
+        this.#queue = [];
+        let i = 0;
+        while (i < batch.length) {
+          const chunk = batch[i]!;
+          if (chunk.length >= SMALL_CHUNK || i + 1 === batch.length) {
+            await writeAll(this.#sink, chunk);
+            this.#release(chunk.length);
+            i++;
+            continue;
+          }
+          // Concatenate a run of small chunks into the staging buffer.
+          let used = 0;
+          while (
+            i < batch.length && batch[i]!.length < SMALL_CHUNK &&
+            used + batch[i]!.length <= STAGING_SIZE
+          ) {
+            this.#staging.set(batch[i]!, used);
+            used += batch[i]!.length;
+            i++;
+          }
+          await writeAll(this.#sink, this.#staging.subarray(0, used));
+          this.#release(used);
+        }
+      }
+    } catch (error) {
+      this.#error = error;
+      this.#queue = [];
+      this.#queuedBytes = 0;
+    }
+    this.#running = false;
+    this.#wakeDrain();
+    const idle = this.#idleWaiters;
+    this.#idleWaiters = [];
+    for (const wake of idle) wake();
+  }
+
+  #release(n: number): void {
+    this.#queuedBytes -= n;
+    if (!this.full) this.#wakeDrain();
+  }
+
+  #wakeDrain(): void {
+    if (this.#drainWaiters.length === 0) return;
+    const waiters = this.#drainWaiters;
+    this.#drainWaiters = [];
+    for (const wake of waiters) wake();
+  }
+}

@@ -1,0 +1,66 @@
+/**
+ * The `nbd` command line: global flags, then dispatch to a subcommand.
+ * Only this module calls Deno.exit, so every command is testable in-process.
+ *
+ * @module
+ */
+
+import { COMMANDS } from "./commands/mod.ts";
+import { printError, VERSION } from "./commands/command.ts";
+import { UsageError } from "./server/params.ts";
+
+function usage(): string {
+  const width = Math.max(...[...COMMANDS.keys()].map((n) => n.length));
+  return `Usage: nbd COMMAND [OPTIONS] [ARGS]
+
+A Network Block Device toolkit: server with plugins and filters, client tools.
+
+Commands:
+${[...COMMANDS.values()].map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`).join("\n")}
+
+Global options:
+  -h, --help     show this help (or "nbd COMMAND --help")
+  -V, --version  print the version
+
+Examples:
+  nbd serve memory 1G
+  nbd serve -U - pattern 1G --run 'nbdinfo "$uri"'
+`;
+}
+
+/** Runs the CLI with `args`; resolves to the exit status. */
+export async function main(args: string[]): Promise<number> {
+  const [first, ...rest] = args;
+  if (first === undefined || first === "-h" || first === "--help" || first === "help") {
+    if (first === "help" && rest[0] && COMMANDS.has(rest[0])) {
+      console.log(COMMANDS.get(rest[0])!.usage);
+      return 0;
+    }
+    console.log(usage());
+    return first === undefined ? 2 : 0;
+  }
+  if (first === "-V" || first === "--version") {
+    console.log(`nbd ${VERSION}`);
+    return 0;
+  }
+  const command = COMMANDS.get(first);
+  if (!command) {
+    printError(`unknown command "${first}"; run "nbd --help" for the list`);
+    return 2;
+  }
+  try {
+    return await command.run(rest);
+  } catch (error) {
+    if (error instanceof UsageError) {
+      printError(error.message);
+      return 2;
+    }
+    printError(error instanceof Error ? error.message : String(error));
+    if (Deno.env.get("NBD_DEBUG")) console.error(error);
+    return 1;
+  }
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}

@@ -1,0 +1,87 @@
+/**
+ * The `memory` plugin: a sparse RAM disk shared by all connections. Pages
+ * are allocated on first write; trimmed or zeroed pages are freed and
+ * report as holes. The contents vanish when the server exits.
+ *
+ * ```
+ * nbd serve memory 1G
+ * nbd serve memory size=1T
+ * ```
+ *
+ * @module
+ */
+
+import type { Plugin, PluginBackend } from "../server/backend.ts";
+import { completeBackend } from "../server/backend.ts";
+import { UsageError } from "../server/params.ts";
+import { SparseStore } from "./sparse_store.ts";
+
+/** Largest size accepted: the store indexes pages with safe integers. */
+export const MAX_MEMORY_SIZE = 2 ** 53 - 2 ** 16;
+
+/** Backend methods over a sparse store, shared by the memory and data plugins. */
+export function storeBackend(store: SparseStore): PluginBackend {
+  return {
+    size: () => store.size,
+    capabilities: () => ({
+      fua: "native",
+      cache: "native",
+      multiConn: true,
+      fastZero: true,
+    }),
+    pread(buf, offset) {
+      store.read(buf, offset);
+      return Promise.resolve();
+    },
+    readView: (offset, length) => store.segments(offset, length),
+    pwrite(buf, offset) {
+      store.write(buf, offset);
+      return Promise.resolve();
+    },
+    flush: () => Promise.resolve(),
+    trim(offset, length) {
+      store.zero(offset, length);
+      return Promise.resolve();
+    },
+    zero(offset, length) {
+      store.zero(offset, length);
+      return Promise.resolve();
+    },
+    extents: (offset, length) => Promise.resolve(store.extents(offset, length)),
+    cache: () => Promise.resolve(),
+  };
+}
+
+/** The memory plugin. */
+export const memoryPlugin: Plugin = {
+  name: "memory",
+  summary: "sparse RAM disk, shared by all connections, discarded at exit",
+  description: "Examples:\n  nbd serve memory 1G\n  nbd serve memory size=1T",
+  params: [
+    {
+      name: "size",
+      value: "SIZE",
+      description: "virtual size of the disk, e.g. 1G",
+      required: true,
+    },
+    { name: "allocator", value: "sparse", description: "allocation strategy (only sparse)" },
+  ],
+  magicParam: "size",
+  create(params) {
+    const size = params.takeSize("size");
+    if (size === undefined) {
+      throw new UsageError("memory: missing required parameter size= (e.g. memory 1G)");
+    }
+    if (size > MAX_MEMORY_SIZE) {
+      throw new UsageError(`memory: size must be at most ${MAX_MEMORY_SIZE}`);
+    }
+    const allocator = params.take("allocator");
+    if (allocator !== undefined && allocator !== "sparse") {
+      throw new UsageError(`memory: allocator=${allocator} is not supported (only sparse)`);
+    }
+    const store = new SparseStore(size);
+    return Promise.resolve({
+      open: () => Promise.resolve(completeBackend(storeBackend(store))),
+    });
+  },
+};

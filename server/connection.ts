@@ -1,0 +1,149 @@
+/**
+ * One client connection: its streams, the handshake, then transmission,
+ * and an orderly end (in-flight requests finish, data is flushed).
+ *
+ * @module
+ */
+
+import { BufferedReader } from "../io/buffered_reader.ts";
+import type { ByteStream } from "../io/byte_stream.ts";
+import { CorkedWriter } from "../io/corked_writer.ts";
+import type { Backend } from "./backend.ts";
+import { negotiate } from "./negotiate.ts";
+import type { ServerState } from "./server.ts";
+import { Transmission } from "./transmission.ts";
+
+/** What the handshake and the request loop need from their connection. */
+export interface ConnectionContext {
+  /** Buffered reader over the current stream (replaced by STARTTLS). */
+  reader: BufferedReader;
+  /** Corked writer over the current stream (replaced by STARTTLS). */
+  writer: CorkedWriter;
+  /** The server this connection belongs to. */
+  server: ServerState;
+  /** TLS has been negotiated. */
+  tls: boolean;
+  /** STARTTLS is possible on this transport. */
+  canStartTls: boolean;
+  /** The connection is being closed by the server. */
+  closing: boolean;
+  /** Log requests and options. */
+  verbose: boolean;
+  /** Logs a line prefixed with the connection id. */
+  log(message: string): void;
+  /** Upgrades the stream to TLS (after the STARTTLS ACK has been sent). */
+  startTls(): Promise<void>;
+  /** Opens the backend stack for an export. */
+  openBackend(exportName: string): Promise<Backend>;
+}
+
+/** A client connection being served. */
+export class Connection implements ConnectionContext {
+  /** Connection number. */
+  readonly id: number;
+  /** Peer address, for logs. */
+  readonly peer: string;
+  reader: BufferedReader;
+  writer: CorkedWriter;
+  readonly server: ServerState;
+  tls = false;
+  closing = false;
+  readonly verbose: boolean;
+  #stream: ByteStream;
+  #transmission: Transmission | undefined;
+  #backend: Backend | undefined;
+
+  /** Wraps an accepted stream. */
+  constructor(server: ServerState, stream: ByteStream, id: number, peer: string) {
+    this.server = server;
+    this.id = id;
+    this.peer = peer;
+    this.verbose = server.verbose;
+    this.#stream = stream;
+    this.reader = new BufferedReader(stream);
+    this.writer = new CorkedWriter(stream);
+  }
+
+  /** Whether this transport can be upgraded to TLS. */
+  get canStartTls(): boolean {
+    return this.server.tls !== undefined && this.server.tls.canUpgrade(this.#stream);
+  }
+
+  log(message: string): void {
+    this.server.log(`conn ${this.id}: ${message}`);
+  }
+
+  async startTls(): Promise<void> {
+    const upgraded = await this.server.tls!.upgrade(this.#stream);
+    this.#stream = upgraded;
+    this.reader = new BufferedReader(upgraded);
+    this.writer = new CorkedWriter(upgraded);
+    this.tls = true;
+  }
+
+  openBackend(exportName: string): Promise<Backend> {
+    return this.server.exports.open({
+      exportName,
+      readonly: this.server.readonly,
+      tls: this.tls,
+      connectionId: this.id,
+    });
+  }
+
+  /** Runs the whole connection: handshake, transmission, clean-up. Never rejects. */
+  async serve(): Promise<void> {
+    if (this.verbose) this.log(`connected from ${this.peer}`);
+    try {
+      const negotiated = await negotiate(this);
+      if (negotiated) {
+        this.#backend = negotiated.backend;
+        if (this.verbose) {
+          this.log(
+            `serving export "${negotiated.export.name}" (flags 0x${
+              negotiated.flags.toString(16)
+            }, ` +
+              `${
+                negotiated.extended
+                  ? "extended headers"
+                  : negotiated.structured
+                  ? "structured replies"
+                  : "simple replies"
+              })`,
+          );
+        }
+        this.#transmission = new Transmission(this, negotiated);
+        await this.#transmission.run();
+      }
+      await this.writer.flush().catch(() => {});
+    } catch (error) {
+      if (!this.closing) this.log(`closed: ${(error as Error).message}`);
+    } finally {
+      if (this.#backend) {
+        const backend = this.#backend;
+        this.#backend = undefined;
+        await backend.close().catch((e) =>
+          this.log(`closing the export failed: ${(e as Error).message}`)
+        );
+      }
+      this.#stream.close();
+      if (this.verbose) this.log("disconnected");
+    }
+  }
+
+  /**
+   * Stops the connection for a server shutdown: requests in flight finish
+   * and their replies are sent, written data is flushed, then the stream is
+   * closed (which ends the request loop).
+   */
+  async shutdown(): Promise<void> {
+    this.closing = true;
+    const transmission = this.#transmission;
+    if (transmission) {
+      await transmission.idle();
+      await this.writer.flush().catch(() => {});
+      const backend = this.#backend;
+      if (backend?.capabilities().flush) await backend.flush().catch(() => {});
+    }
+    this.#stream.close();
+  }
+}

@@ -1,0 +1,94 @@
+/**
+ * The export table of a server: a plugin, its filter stack, and how export
+ * names resolve to opened backends.
+ *
+ * @module
+ */
+
+import type {
+  Backend,
+  ExportInfo,
+  FilterInstance,
+  OpenContext,
+  PluginInstance,
+} from "./backend.ts";
+
+/** Options of an export table. */
+export interface ExportsOptions {
+  /** The configured plugin. */
+  plugin: PluginInstance;
+  /** Configured filters, outermost (nearest the client) first. */
+  filters?: FilterInstance[];
+  /** Name of the single export when the plugin does not list exports (default ""). */
+  exportName?: string;
+  /** Description of that export. */
+  description?: string;
+}
+
+/** Resolves names, lists exports and opens the backend stack for a connection. */
+export class Exports {
+  readonly #plugin: PluginInstance;
+  readonly #filters: FilterInstance[];
+  readonly #exportName: string;
+  readonly #description: string | undefined;
+
+  /** Creates the table. */
+  constructor(options: ExportsOptions) {
+    this.#plugin = options.plugin;
+    this.#filters = options.filters ?? [];
+    this.#exportName = options.exportName ?? "";
+    this.#description = options.description;
+  }
+
+  /** Every export, as NBD_OPT_LIST shows them. */
+  async list(): Promise<ExportInfo[]> {
+    let lister: () => Promise<ExportInfo[]> = this.#plugin.listExports
+      ? () => this.#plugin.listExports!()
+      : () => Promise.resolve([{ name: this.#exportName, description: this.#description }]);
+    // The filter nearest the plugin adjusts the list first.
+    for (let i = this.#filters.length - 1; i >= 0; i--) {
+      const filter = this.#filters[i]!;
+      if (filter.listExports) {
+        const below = lister;
+        lister = () => filter.listExports!(below);
+      }
+    }
+    return await lister();
+  }
+
+  /**
+   * Resolves a requested name to an export: "" means the default export.
+   * Returns undefined when there is no such export.
+   */
+  async resolve(name: string): Promise<ExportInfo | undefined> {
+    const exports = await this.list();
+    if (name === "") {
+      if (this.#plugin.defaultExport) {
+        const defaultName = await this.#plugin.defaultExport();
+        return exports.find((e) => e.name === defaultName) ?? { name: defaultName };
+      }
+      return exports[0];
+    }
+    return exports.find((e) => e.name === name);
+  }
+
+  /** Opens the plugin and wraps it in the filters, innermost first. */
+  async open(context: OpenContext): Promise<Backend> {
+    let backend = await this.#plugin.open(context);
+    for (let i = this.#filters.length - 1; i >= 0; i--) {
+      try {
+        backend = await this.#filters[i]!.wrap(backend, context);
+      } catch (error) {
+        await backend.close().catch(() => {});
+        throw error;
+      }
+    }
+    return backend;
+  }
+
+  /** Closes the filters and the plugin (at server shutdown). */
+  async close(): Promise<void> {
+    for (const filter of this.#filters) await filter.close?.();
+    await this.#plugin.close?.();
+  }
+}

@@ -1,0 +1,149 @@
+/**
+ * Listeners that feed accepted connections to an `NbdServer`: TCP, Unix
+ * sockets (including a private one in a temporary directory), systemd-style
+ * socket activation, and a single connection over stdin/stdout.
+ *
+ * @module
+ */
+
+import * as net from "node:net";
+import { fromDenoConn, fromNodeSocket, fromStdio } from "../io/byte_stream.ts";
+import type { NbdServer } from "./server.ts";
+
+/** A running listener. */
+export interface Listener {
+  /** What clients connect to, for logs and URIs. */
+  readonly address: ListenAddress;
+  /** Stops accepting. */
+  close(): void;
+  /** Resolves when the accept loop has ended. */
+  readonly done: Promise<void>;
+}
+
+/** Where a listener listens. */
+export type ListenAddress =
+  | { transport: "tcp"; hostname: string; port: number }
+  | { transport: "unix"; path: string }
+  | { transport: "activation"; fds: number }
+  | { transport: "stdio" };
+
+/** Accepts from a Deno listener until it is closed. */
+function acceptLoop(listener: Deno.Listener, server: NbdServer, tcp: boolean): Promise<void> {
+  return (async () => {
+    while (true) {
+      let conn: Deno.Conn;
+      try {
+        conn = await listener.accept();
+      } catch (error) {
+        if (error instanceof Deno.errors.BadResource || error instanceof Deno.errors.Interrupted) {
+          return;
+        }
+        // Transient accept failures (EMFILE...) must not stop the server.
+        server.state.log(`accept failed: ${(error as Error).message}`);
+        await new Promise((r) => setTimeout(r, 100));
+        continue;
+      }
+      let peer = "unix";
+      if (tcp) {
+        try {
+          (conn as Deno.TcpConn).setNoDelay(true);
+        } catch { /* closed already */ }
+        const remote = conn.remoteAddr as Deno.NetAddr;
+        peer = `${remote.hostname}:${remote.port}`;
+      }
+      server.serve(fromDenoConn(conn), peer);
+    }
+  })();
+}
+
+/** Listens on TCP. Port 0 picks a free port (see `address`). */
+export function listenTcp(server: NbdServer, hostname: string, port: number): Listener {
+  const listener = Deno.listen({ hostname, port, transport: "tcp" });
+  const addr = listener.addr as Deno.NetAddr;
+  return {
+    address: { transport: "tcp", hostname: addr.hostname, port: addr.port },
+    close: () => {
+      try {
+        listener.close();
+      } catch { /* already closed */ }
+    },
+    done: acceptLoop(listener, server, true),
+  };
+}
+
+/**
+ * Listens on a Unix socket. A stale socket file left by a dead server is
+ * replaced; a live one is an error. The file is removed on close.
+ */
+export async function listenUnix(server: NbdServer, path: string): Promise<Listener> {
+  try {
+    const stat = await Deno.lstat(path);
+    if (!stat.isSocket) throw new Error(`Cannot listen on ${path}: it exists and is not a socket`);
+    try {
+      const probe = await Deno.connect({ transport: "unix", path });
+      probe.close();
+      throw new Error(`Cannot listen on ${path}: another server is listening there`);
+    } catch (error) {
+      if (!(error instanceof Deno.errors.ConnectionRefused)) throw error;
+      await Deno.remove(path);
+    }
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+  const listener = Deno.listen({ transport: "unix", path });
+  let closed = false;
+  return {
+    address: { transport: "unix", path },
+    close: () => {
+      if (closed) return;
+      closed = true;
+      try {
+        listener.close();
+      } catch { /* already closed */ }
+      try {
+        Deno.removeSync(path);
+      } catch { /* already gone */ }
+    },
+    done: acceptLoop(listener, server, false),
+  };
+}
+
+/** Socket activation: the listening sockets passed as fds 3.. (LISTEN_FDS/LISTEN_PID). */
+export function activationFds(): number {
+  const fds = Number(Deno.env.get("LISTEN_FDS") ?? "0");
+  const pid = Number(Deno.env.get("LISTEN_PID") ?? "0");
+  if (!Number.isInteger(fds) || fds < 1) return 0;
+  // Accept our own pid, or our parent's when started through a wrapper that did not exec.
+  if (pid !== Deno.pid && pid !== Deno.ppid) return 0;
+  return fds;
+}
+
+/** Accepts on the sockets inherited through socket activation. */
+export function listenActivated(server: NbdServer, fds: number): Listener {
+  const servers: net.Server[] = [];
+  const done: Promise<void>[] = [];
+  for (let fd = 3; fd < 3 + fds; fd++) {
+    const s = net.createServer({ pauseOnConnect: false }, (socket) => {
+      socket.setNoDelay?.(true);
+      server.serve(fromNodeSocket(socket), socket.remoteAddress ?? "activation");
+    });
+    done.push(new Promise((resolve) => s.on("close", () => resolve())));
+    s.on("error", (error) => server.state.log(`activation socket: ${error.message}`));
+    s.listen({ fd });
+    servers.push(s);
+  }
+  return {
+    address: { transport: "activation", fds },
+    close: () => servers.forEach((s) => s.close()),
+    done: Promise.all(done).then(() => {}),
+  };
+}
+
+/** Serves exactly one connection over stdin/stdout. */
+export function serveStdio(server: NbdServer): Listener {
+  return {
+    address: { transport: "stdio" },
+    close: () => {},
+    done: server.serve(fromStdio(), "stdio"),
+  };
+}

@@ -1,0 +1,138 @@
+/**
+ * An NBD server: an export table, the connections being served, and an
+ * orderly shutdown. Listeners (TCP, Unix, socket activation, stdio) hand
+ * accepted streams to `NbdServer.serve`.
+ *
+ * @module
+ */
+
+import type { ByteStream } from "../io/byte_stream.ts";
+import { Connection } from "./connection.ts";
+import type { Exports } from "./exports.ts";
+
+/** How TLS is offered: off, optional, or required before anything else. */
+export type TlsMode = "off" | "on" | "require";
+
+/** Upgrades accepted streams to TLS (server side of STARTTLS). */
+export interface TlsUpgrader {
+  /** Whether this stream's transport can be upgraded. */
+  canUpgrade(stream: ByteStream): boolean;
+  /** Performs the TLS handshake and returns the encrypted stream. */
+  upgrade(stream: ByteStream): Promise<ByteStream>;
+}
+
+/** Shared state every connection of a server sees. */
+export interface ServerState {
+  /** The exports being served. */
+  exports: Exports;
+  /** Serve read-only whatever the backend can do. */
+  readonly: boolean;
+  /** TLS mode. */
+  tlsMode: TlsMode;
+  /** TLS upgrader, when TLS is enabled. */
+  tls?: TlsUpgrader;
+  /** Log options and requests. */
+  verbose: boolean;
+  /** Requests in flight per connection before the request loop stops reading. */
+  maxInFlight: number;
+  /** Set once shutdown has started. */
+  shuttingDown: boolean;
+  /** Writes a log line (to stderr by default). */
+  log(message: string): void;
+}
+
+/** Options of an `NbdServer`. */
+export interface NbdServerOptions {
+  /** The exports to serve. */
+  exports: Exports;
+  /** Serve read-only. */
+  readonly?: boolean;
+  /** TLS mode (default off). */
+  tlsMode?: TlsMode;
+  /** TLS upgrader; required unless the mode is off. */
+  tls?: TlsUpgrader;
+  /** Log options and requests. */
+  verbose?: boolean;
+  /** Requests in flight per connection (default 64). */
+  maxInFlight?: number;
+  /** Log sink (default: stderr with an "nbd: " prefix). */
+  log?: (message: string) => void;
+}
+
+/** Default bound on requests in flight per connection. */
+export const DEFAULT_MAX_IN_FLIGHT = 64;
+
+/**
+ * Serves NBD on whatever streams it is given.
+ *
+ * @example
+ * ```ts
+ * const server = new NbdServer({ exports: new Exports({ plugin }) });
+ * for await (const conn of Deno.listen({ port: 10809 })) server.serve(fromDenoConn(conn), "tcp");
+ * ```
+ */
+export class NbdServer {
+  /** The state connections share. */
+  readonly state: ServerState;
+  #connections = new Set<Connection>();
+  #nextId = 1;
+  #idleWaiters: Array<() => void> = [];
+
+  /** Creates a server. */
+  constructor(options: NbdServerOptions) {
+    const log = options.log ?? ((message: string) => console.error(`nbd: ${message}`));
+    this.state = {
+      exports: options.exports,
+      readonly: options.readonly ?? false,
+      tlsMode: options.tlsMode ?? "off",
+      tls: options.tls,
+      verbose: options.verbose ?? false,
+      maxInFlight: options.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT,
+      shuttingDown: false,
+      log,
+    };
+  }
+
+  /** Number of open connections. */
+  get connectionCount(): number {
+    return this.#connections.size;
+  }
+
+  /** Serves one accepted stream until it closes. Never rejects. */
+  async serve(stream: ByteStream, peer: string): Promise<void> {
+    if (this.state.shuttingDown) {
+      stream.close();
+      return;
+    }
+    const connection = new Connection(this.state, stream, this.#nextId++, peer);
+    this.#connections.add(connection);
+    try {
+      await connection.serve();
+    } finally {
+      this.#connections.delete(connection);
+      if (this.#connections.size === 0) {
+        const waiters = this.#idleWaiters;
+        this.#idleWaiters = [];
+        for (const wake of waiters) wake();
+      }
+    }
+  }
+
+  /** Resolves when no connection is open. */
+  idle(): Promise<void> {
+    if (this.#connections.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+  }
+
+  /**
+   * Stops serving: new options get ERR_SHUTDOWN and new requests ESHUTDOWN,
+   * requests in flight finish, data is flushed, connections close, and the
+   * plugin and filters are closed.
+   */
+  async shutdown(): Promise<void> {
+    this.state.shuttingDown = true;
+    await Promise.all([...this.#connections].map((c) => c.shutdown()));
+    await this.idle();
+    await this.state.exports.close();
+  }
+}

@@ -1,0 +1,583 @@
+/**
+ * The transmission phase on the server: a request loop that parses every
+ * buffered request, runs them concurrently (bounded), and sends replies in
+ * completion order through the connection's corked writer.
+ *
+ * @module
+ */
+
+import {
+  commandName,
+  errnoName,
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_CACHE,
+  NBD_CMD_DISC,
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_PAYLOAD_LEN,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_TRIM,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_EINVAL,
+  NBD_EIO,
+  NBD_ENOSPC,
+  NBD_EPERM,
+  NBD_ESHUTDOWN,
+  NBD_FLAG_BLOCK_STATUS_PAYLOAD,
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_SEND_CACHE,
+  NBD_FLAG_SEND_DF,
+  NBD_FLAG_SEND_FAST_ZERO,
+  NBD_FLAG_SEND_FLUSH,
+  NBD_FLAG_SEND_FUA,
+  NBD_FLAG_SEND_TRIM,
+  NBD_FLAG_SEND_WRITE_ZEROES,
+  NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
+  NBD_REPLY_TYPE_ERROR,
+  NBD_REPLY_TYPE_NONE,
+  NBD_REPLY_TYPE_OFFSET_DATA,
+  NBD_REPLY_TYPE_OFFSET_HOLE,
+} from "../protocol/constants.ts";
+import { NbdError, toWireErrno } from "../protocol/errors.ts";
+import { getU64, setU64 } from "../protocol/handshake.ts";
+import {
+  chunkHeaderSize,
+  COMPACT_REQUEST_SIZE,
+  decodeRequest,
+  encodeBlockStatusPayload,
+  encodeErrorPayload,
+  EXTENDED_REQUEST_SIZE,
+  type Extent,
+  type RequestHeader,
+  SIMPLE_REPLY_SIZE,
+  writeChunkHeader,
+  writeSimpleReply,
+} from "../protocol/transmission.ts";
+import { UnexpectedEofError } from "../io/buffered_reader.ts";
+import { type Backend, type Capabilities, type ReadSegment, ZERO_BUFFER } from "./backend.ts";
+import type { ConnectionContext } from "./connection.ts";
+import { BASE_ALLOCATION_ID, type Negotiated } from "./negotiate.ts";
+
+/** The largest READ/WRITE accepted (the advertised maximum is 32 MiB; real clients send up to 64 MiB). */
+export const MAX_REQUEST_PAYLOAD = 64 * 1024 * 1024;
+/** A WRITE payload beyond this is not drained: the connection is dropped. */
+export const HARD_REQUEST_PAYLOAD = 128 * 1024 * 1024;
+/** Zero runs at least this long become OFFSET_HOLE chunks in structured READ replies. */
+const MIN_HOLE_CHUNK = 4096;
+/** At most this many descriptors in one block-status reply. */
+const MAX_EXTENTS = 1 << 20;
+/** Payload bytes of requests in flight on one connection before the loop waits. */
+const MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024;
+
+/** Runs the transmission phase until the client disconnects or the server stops it. */
+export class Transmission {
+  readonly #conn: ConnectionContext;
+  readonly #backend: Backend;
+  readonly #caps: Capabilities;
+  readonly #size: number;
+  readonly #flags: number;
+  readonly #structured: boolean;
+  readonly #extended: boolean;
+  readonly #baseAllocation: boolean;
+  readonly #maxInFlight: number;
+  #inFlight = 0;
+  #inFlightBytes = 0;
+  #slotWaiter: (() => void) | undefined;
+  #idleWaiters: Array<() => void> = [];
+
+  /** Prepares transmission for a negotiated export. */
+  constructor(conn: ConnectionContext, negotiated: Negotiated) {
+    this.#conn = conn;
+    this.#backend = negotiated.backend;
+    this.#caps = negotiated.backend.capabilities();
+    this.#size = negotiated.backend.size();
+    this.#flags = negotiated.flags;
+    this.#structured = negotiated.structured || negotiated.extended;
+    this.#extended = negotiated.extended;
+    this.#baseAllocation = negotiated.baseAllocation;
+    this.#maxInFlight = Math.max(1, conn.server.maxInFlight);
+  }
+
+  /** Requests currently being processed. */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
+  /** Resolves when no request is in flight. */
+  idle(): Promise<void> {
+    if (this.#inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+  }
+
+  /** The request loop. Resolves when the connection is done; in-flight requests have finished. */
+  async run(): Promise<void> {
+    const conn = this.#conn;
+    const headerSize = this.#extended ? EXTENDED_REQUEST_SIZE : COMPACT_REQUEST_SIZE;
+    try {
+      while (true) {
+        if (this.#inFlight >= this.#maxInFlight) await this.#slot();
+        if (conn.writer.full) await conn.writer.drain();
+        if (conn.writer.error !== undefined) break;
+        const reader = conn.reader;
+        if (!(await reader.ensure(headerSize, "a request header"))) break;
+        const request = decodeRequest(reader.view, reader.position, this.#extended);
+        if (!request) {
+          conn.log(
+            `request with a bad magic 0x${
+              reader.view.getUint32(reader.position).toString(16)
+            }: closing`,
+          );
+          break;
+        }
+        reader.consume(headerSize);
+        if (request.type === NBD_CMD_DISC) {
+          if (conn.verbose) conn.log("DISC");
+          break;
+        }
+        if (!(await this.#accept(request))) break;
+      }
+    } catch (error) {
+      if (error instanceof UnexpectedEofError) conn.log(error.message);
+      else if (!conn.closing) conn.log(`connection error: ${(error as Error).message}`);
+    }
+    await this.idle();
+  }
+
+  /** Reads the payload of a request, validates it and starts it. Returns false to close. */
+  async #accept(request: RequestHeader): Promise<boolean> {
+    const conn = this.#conn;
+    let payloadLength = 0;
+    if (this.#extended) {
+      if (request.flags & NBD_CMD_FLAG_PAYLOAD_LEN) payloadLength = request.length;
+      else if (request.type === NBD_CMD_WRITE) {
+        conn.log("extended WRITE without NBD_CMD_FLAG_PAYLOAD_LEN: closing");
+        return false;
+      }
+    } else if (request.type === NBD_CMD_WRITE) {
+      payloadLength = request.length;
+    }
+    if (payloadLength > HARD_REQUEST_PAYLOAD || !Number.isSafeInteger(payloadLength)) {
+      conn.log(`${commandName(request.type)} with a ${payloadLength}-byte payload: closing`);
+      return false;
+    }
+
+    let failure = this.#validate(request, payloadLength);
+    if (conn.server.shuttingDown && !failure) {
+      failure = [NBD_ESHUTDOWN, "the server is shutting down"];
+    }
+    let payload: Uint8Array | undefined;
+    if (payloadLength > 0) {
+      if (failure) {
+        await conn.reader.skip(payloadLength, "a request payload");
+      } else {
+        while (this.#inFlight > 0 && this.#inFlightBytes + payloadLength > MAX_IN_FLIGHT_BYTES) {
+          await this.#slot();
+        }
+        payload = new Uint8Array(payloadLength);
+        await conn.reader.readInto(payload, "a request payload");
+        if (request.type === NBD_CMD_BLOCK_STATUS) {
+          failure = this.#blockStatusPayload(request, payload);
+          payload = undefined;
+        }
+      }
+    }
+    if (failure) {
+      if (conn.verbose) this.#logRequest(request, failure[0], failure[1]);
+      this.#sendError(request, failure[0], failure[1]);
+      return true;
+    }
+    this.#inFlight++;
+    this.#inFlightBytes += payloadLength;
+    this.#execute(request, payload).finally(() => this.#done(payloadLength));
+    return true;
+  }
+
+  /** Applies the BLOCK_STATUS payload (extended headers): effect length plus context ids. */
+  #blockStatusPayload(request: RequestHeader, payload: Uint8Array): [number, string] | undefined {
+    if (payload.length < 8 || (payload.length - 8) % 4 !== 0) {
+      return [NBD_EINVAL, "BLOCK_STATUS payload must be 8 + 4n bytes"];
+    }
+    const view = new DataView(payload.buffer);
+    request.length = getU64(view, 0);
+    for (let pos = 8; pos < payload.length; pos += 4) {
+      if (view.getUint32(pos) !== BASE_ALLOCATION_ID || payload.length !== 12) {
+        return [NBD_EINVAL, "BLOCK_STATUS payload names an unknown or repeated context"];
+      }
+    }
+    return this.#validateRange(request);
+  }
+
+  /** Checks a request against the negotiated flags and the export; returns [errno, message] on failure. */
+  #validate(request: RequestHeader, payloadLength: number): [number, string] | undefined {
+    const flags = this.#flags;
+    const { type } = request;
+    let allowed = flags & NBD_FLAG_SEND_FUA ? NBD_CMD_FLAG_FUA : 0;
+    switch (type) {
+      case NBD_CMD_READ:
+        if (flags & NBD_FLAG_SEND_DF) allowed |= NBD_CMD_FLAG_DF;
+        break;
+      case NBD_CMD_WRITE:
+        if (this.#extended) allowed |= NBD_CMD_FLAG_PAYLOAD_LEN;
+        break;
+      case NBD_CMD_WRITE_ZEROES:
+        allowed |= NBD_CMD_FLAG_NO_HOLE;
+        if (flags & NBD_FLAG_SEND_FAST_ZERO) allowed |= NBD_CMD_FLAG_FAST_ZERO;
+        break;
+      case NBD_CMD_BLOCK_STATUS:
+        allowed |= NBD_CMD_FLAG_REQ_ONE;
+        if (flags & NBD_FLAG_BLOCK_STATUS_PAYLOAD) allowed |= NBD_CMD_FLAG_PAYLOAD_LEN;
+        break;
+      case NBD_CMD_FLUSH:
+      case NBD_CMD_TRIM:
+      case NBD_CMD_CACHE:
+        break;
+      default:
+        return [NBD_EINVAL, `unknown command ${type}`];
+    }
+    if (request.flags & ~allowed) {
+      return [
+        NBD_EINVAL,
+        `unsupported flags 0x${request.flags.toString(16)} for ${commandName(type)}`,
+      ];
+    }
+    if (payloadLength > 0 && type !== NBD_CMD_WRITE && type !== NBD_CMD_BLOCK_STATUS) {
+      return [NBD_EINVAL, `${commandName(type)} takes no payload`];
+    }
+    const readOnly = (flags & NBD_FLAG_READ_ONLY) !== 0;
+    switch (type) {
+      case NBD_CMD_WRITE:
+        if (readOnly) return [NBD_EPERM, "the export is read-only"];
+        break;
+      case NBD_CMD_TRIM:
+        if (readOnly) return [NBD_EPERM, "the export is read-only"];
+        if (!(flags & NBD_FLAG_SEND_TRIM)) {
+          return [NBD_EINVAL, "TRIM is not supported by this export"];
+        }
+        break;
+      case NBD_CMD_WRITE_ZEROES:
+        if (readOnly) return [NBD_EPERM, "the export is read-only"];
+        if (!(flags & NBD_FLAG_SEND_WRITE_ZEROES)) {
+          return [NBD_EINVAL, "WRITE_ZEROES is not supported by this export"];
+        }
+        break;
+      case NBD_CMD_FLUSH:
+        if (!(flags & NBD_FLAG_SEND_FLUSH)) {
+          return [NBD_EINVAL, "FLUSH is not supported by this export"];
+        }
+        if (request.offset !== 0 || request.length !== 0) {
+          return [NBD_EINVAL, "FLUSH must have offset and length 0"];
+        }
+        return undefined;
+      case NBD_CMD_CACHE:
+        if (!(flags & NBD_FLAG_SEND_CACHE)) {
+          return [NBD_EINVAL, "CACHE is not supported by this export"];
+        }
+        break;
+      case NBD_CMD_BLOCK_STATUS:
+        if (!this.#baseAllocation) {
+          return [NBD_EINVAL, "no metadata context was negotiated for this export"];
+        }
+        if (request.flags & NBD_CMD_FLAG_PAYLOAD_LEN) return undefined; // range checked once the payload is read
+        break;
+    }
+    return this.#validateRange(request);
+  }
+
+  #validateRange(request: RequestHeader): [number, string] | undefined {
+    const { type, offset, length } = request;
+    if (length === 0) return [NBD_EINVAL, `zero-length ${commandName(type)}`];
+    const pastEnd = !Number.isSafeInteger(offset) || !Number.isSafeInteger(length) ||
+      offset + length > this.#size;
+    if (pastEnd) {
+      const errno = type === NBD_CMD_WRITE || type === NBD_CMD_WRITE_ZEROES
+        ? NBD_ENOSPC
+        : NBD_EINVAL;
+      return [errno, `${commandName(type)} beyond the end of the export (size ${this.#size})`];
+    }
+    const minimum = this.#caps.blockSize.minimum;
+    if (
+      minimum > 1 &&
+      (offset % minimum !== 0 || (length % minimum !== 0 && offset + length !== this.#size))
+    ) {
+      return [
+        NBD_EINVAL,
+        `${commandName(type)} is not aligned to the ${minimum}-byte minimum block size`,
+      ];
+    }
+    if ((type === NBD_CMD_READ || type === NBD_CMD_WRITE) && length > MAX_REQUEST_PAYLOAD) {
+      return [
+        NBD_EINVAL,
+        `${commandName(type)} of ${length} bytes is larger than ${MAX_REQUEST_PAYLOAD}`,
+      ];
+    }
+    return undefined;
+  }
+
+  async #execute(request: RequestHeader, payload: Uint8Array | undefined): Promise<void> {
+    const backend = this.#backend;
+    const { offset, length } = request;
+    const fua = (request.flags & NBD_CMD_FLAG_FUA) !== 0;
+    try {
+      switch (request.type) {
+        case NBD_CMD_READ:
+          await this.#read(request);
+          break;
+        case NBD_CMD_WRITE:
+          await backend.pwrite(payload!, offset, { fua });
+          this.#sendOk(request);
+          break;
+        case NBD_CMD_FLUSH:
+          await backend.flush();
+          this.#sendOk(request);
+          break;
+        case NBD_CMD_TRIM:
+          await backend.trim(offset, length, { fua });
+          this.#sendOk(request);
+          break;
+        case NBD_CMD_CACHE:
+          await backend.cache(offset, length);
+          this.#sendOk(request);
+          break;
+        case NBD_CMD_WRITE_ZEROES:
+          await backend.zero(offset, length, {
+            fua,
+            mayTrim: (request.flags & NBD_CMD_FLAG_NO_HOLE) === 0,
+            fast: (request.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0,
+          });
+          this.#sendOk(request);
+          break;
+        case NBD_CMD_BLOCK_STATUS:
+          await this.#blockStatus(request);
+          break;
+      }
+      if (this.#conn.verbose) this.#logRequest(request, 0);
+    } catch (error) {
+      const errno = toWireErrno(error);
+      if (!(error instanceof NbdError)) {
+        this.#conn.log(`${commandName(request.type)} failed: ${(error as Error)?.stack ?? error}`);
+      }
+      const message = error instanceof Error ? error.message : String(error);
+      if (this.#conn.verbose) this.#logRequest(request, errno, message);
+      this.#sendError(request, errno, message);
+    }
+  }
+
+  #done(payloadLength: number): void {
+    this.#inFlight--;
+    this.#inFlightBytes -= payloadLength;
+    const waiter = this.#slotWaiter;
+    this.#slotWaiter = undefined;
+    waiter?.();
+    if (this.#inFlight === 0 && this.#idleWaiters.length > 0) {
+      const waiters = this.#idleWaiters;
+      this.#idleWaiters = [];
+      for (const wake of waiters) wake();
+    }
+  }
+
+  #slot(): Promise<void> {
+    return new Promise((resolve) => this.#slotWaiter = resolve);
+  }
+
+  #logRequest(request: RequestHeader, errno: number, message?: string): void {
+    const flags = request.flags ? ` flags=0x${request.flags.toString(16)}` : "";
+    const result = errno === 0 ? "ok" : `${errnoName(errno)}${message ? ` (${message})` : ""}`;
+    this.#conn.log(
+      `${
+        commandName(request.type)
+      } offset=${request.offset} length=${request.length}${flags} → ${result}`,
+    );
+  }
+
+  #sendOk(request: RequestHeader): void {
+    if (this.#extended) {
+      const out = new Uint8Array(chunkHeaderSize(true));
+      writeChunkHeader(
+        new DataView(out.buffer),
+        0,
+        true,
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_NONE,
+        request,
+        0,
+      );
+      this.#conn.writer.write(out);
+      return;
+    }
+    const out = new Uint8Array(SIMPLE_REPLY_SIZE);
+    writeSimpleReply(new DataView(out.buffer), 0, 0, request.cookieHi, request.cookieLo);
+    this.#conn.writer.write(out);
+  }
+
+  #sendError(request: RequestHeader, errno: number, message: string): void {
+    if (errno === 0) errno = NBD_EIO;
+    if (this.#structured) {
+      const payload = encodeErrorPayload(errno, message);
+      const header = chunkHeaderSize(this.#extended);
+      const out = new Uint8Array(header + payload.length);
+      writeChunkHeader(
+        new DataView(out.buffer),
+        0,
+        this.#extended,
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_ERROR,
+        request,
+        payload.length,
+      );
+      out.set(payload, header);
+      this.#conn.writer.write(out);
+      return;
+    }
+    const out = new Uint8Array(SIMPLE_REPLY_SIZE);
+    writeSimpleReply(new DataView(out.buffer), 0, errno, request.cookieHi, request.cookieLo);
+    this.#conn.writer.write(out);
+  }
+
+  async #read(request: RequestHeader): Promise<void> {
+    const { offset, length } = request;
+    const segments = this.#backend.readView?.(offset, length);
+    if (segments) {
+      this.#sendSegments(request, segments);
+      return;
+    }
+    // One buffer holds the reply header and the data, so one write sends both.
+    const header = this.#structured ? chunkHeaderSize(this.#extended) + 8 : SIMPLE_REPLY_SIZE;
+    const out = new Uint8Array(header + length);
+    await this.#backend.pread(out.subarray(header), offset);
+    const view = new DataView(out.buffer);
+    if (this.#structured) {
+      const h = writeChunkHeader(
+        view,
+        0,
+        this.#extended,
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_OFFSET_DATA,
+        request,
+        8 + length,
+      );
+      setU64(view, h, offset);
+    } else {
+      writeSimpleReply(view, 0, 0, request.cookieHi, request.cookieLo);
+    }
+    this.#conn.writer.write(out);
+  }
+
+  /** Sends a READ reply from zero-copy segments: views are written as they are, zero runs as holes. */
+  #sendSegments(request: RequestHeader, segments: ReadSegment[]): void {
+    const pieces: Uint8Array[] = [];
+    const zeroes = (n: number) => {
+      for (let left = n; left > 0; left -= ZERO_BUFFER.length) {
+        pieces.push(left >= ZERO_BUFFER.length ? ZERO_BUFFER : ZERO_BUFFER.subarray(0, left));
+      }
+    };
+    const addData = (segs: ReadSegment[]) => {
+      for (const seg of segs) {
+        if (typeof seg === "number") zeroes(seg);
+        else pieces.push(seg);
+      }
+    };
+    const df = (request.flags & NBD_CMD_FLAG_DF) !== 0;
+    if (!this.#structured) {
+      const header = new Uint8Array(SIMPLE_REPLY_SIZE);
+      writeSimpleReply(new DataView(header.buffer), 0, 0, request.cookieHi, request.cookieLo);
+      pieces.push(header);
+      addData(segments);
+      this.#conn.writer.write(...pieces);
+      return;
+    }
+    // Group the segments into chunks: runs of data (small zero runs included) and long holes.
+    type Chunk = { hole: boolean; offset: number; length: number; segs: ReadSegment[] };
+    const chunks: Chunk[] = [];
+    let pos = request.offset;
+    for (const seg of segments) {
+      const n = typeof seg === "number" ? seg : seg.length;
+      if (n === 0) continue;
+      const hole = typeof seg === "number" && n >= MIN_HOLE_CHUNK && !df;
+      const last = chunks[chunks.length - 1];
+      if (last && last.hole === hole) {
+        last.length += n;
+        last.segs.push(seg);
+      } else {
+        chunks.push({ hole, offset: pos, length: n, segs: [seg] });
+      }
+      pos += n;
+    }
+    const headerSize = chunkHeaderSize(this.#extended);
+    chunks.forEach((chunk, i) => {
+      const flags = i === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+      const header = new Uint8Array(headerSize + (chunk.hole ? 12 : 8));
+      const view = new DataView(header.buffer);
+      if (chunk.hole) {
+        writeChunkHeader(view, 0, this.#extended, flags, NBD_REPLY_TYPE_OFFSET_HOLE, request, 12);
+        setU64(view, headerSize, chunk.offset);
+        view.setUint32(headerSize + 8, chunk.length);
+        pieces.push(header);
+      } else {
+        writeChunkHeader(
+          view,
+          0,
+          this.#extended,
+          flags,
+          NBD_REPLY_TYPE_OFFSET_DATA,
+          request,
+          8 + chunk.length,
+        );
+        setU64(view, headerSize, chunk.offset);
+        pieces.push(header);
+        addData(chunk.segs);
+      }
+    });
+    this.#conn.writer.write(...pieces);
+  }
+
+  async #blockStatus(request: RequestHeader): Promise<void> {
+    const { offset, length } = request;
+    const reqOne = (request.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
+    const raw = await this.#backend.extents(offset, length, { reqOne });
+    // Normalise: drop empty extents, merge equal neighbours, stop at the end of the request.
+    const extents: Extent[] = [];
+    let covered = 0;
+    for (const e of raw) {
+      if (e.length <= 0) continue;
+      const flags = e.flags & 3;
+      const take = Math.min(e.length, length - covered);
+      const last = extents[extents.length - 1];
+      if (last && last.flags === flags) last.length += take;
+      else if (extents.length >= MAX_EXTENTS) break;
+      else extents.push({ length: take, flags });
+      covered += take;
+      if (covered >= length) break;
+    }
+    if (extents.length === 0) throw new NbdError("EIO", "the backend returned no extents");
+    if (reqOne) extents.length = 1;
+    if (!this.#extended) {
+      // Compact descriptors have 32-bit lengths.
+      for (let i = 0; i < extents.length; i++) {
+        if (extents[i]!.length > 0xffffffff) {
+          extents[i]!.length = 0x100000000 - 4096;
+          extents.length = i + 1;
+        }
+      }
+    }
+    const payload = encodeBlockStatusPayload(BASE_ALLOCATION_ID, extents, this.#extended);
+    const headerSize = chunkHeaderSize(this.#extended);
+    const header = new Uint8Array(headerSize);
+    writeChunkHeader(
+      new DataView(header.buffer),
+      0,
+      this.#extended,
+      NBD_REPLY_FLAG_DONE,
+      this.#extended ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT : NBD_REPLY_TYPE_BLOCK_STATUS,
+      request,
+      payload.length,
+    );
+    this.#conn.writer.write(header, payload);
+  }
+}
