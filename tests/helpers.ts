@@ -1,0 +1,256 @@
+/**
+ * Shared helpers for tests: finding real peers (with a loud skip, or a
+ * failure under NBD_INTEROP=require), temporary directories, running
+ * commands, and starting our own server in-process or as a subprocess.
+ *
+ * @module
+ */
+
+import { fromFileUrl } from "node:url";
+
+/** Absolute path of the repository root. */
+export const ROOT: string = fromFileUrl(new URL("../", import.meta.url)).replace(/\/$/, "");
+
+const found = new Map<string, boolean>();
+
+/** Whether an executable is on PATH (or is an absolute path that exists). */
+export function hasCommand(name: string): boolean {
+  if (found.has(name)) return found.get(name)!;
+  let ok = false;
+  try {
+    const result = new Deno.Command("sh", {
+      args: ["-c", `command -v "$0"`, name],
+      stdout: "null",
+      stderr: "null",
+    })
+      .outputSync();
+    ok = result.success;
+  } catch {
+    ok = false;
+  }
+  found.set(name, ok);
+  return ok;
+}
+
+/** Whether interop peers are mandatory (CI sets NBD_INTEROP=require). */
+export const INTEROP_REQUIRED: boolean = Deno.env.get("NBD_INTEROP") === "require";
+
+/**
+ * Options for a test that needs real peers. When a peer is missing the test
+ * is skipped with a loud message, unless NBD_INTEROP=require, in which case
+ * the test runs and fails (so CI can never silently skip interop).
+ */
+export function peers(...names: string[]): { ignore: boolean } {
+  const missing = names.filter((n) => !hasCommand(n));
+  if (missing.length === 0) return { ignore: false };
+  if (INTEROP_REQUIRED) return { ignore: false };
+  console.error(
+    `\n*** SKIPPING interop test: missing ${
+      missing.join(", ")
+    } (set NBD_INTEROP=require to fail) ***\n`,
+  );
+  return { ignore: true };
+}
+
+/** A temporary directory removed on dispose. */
+export async function tempDir(prefix = "nbd-test"): Promise<{ path: string } & AsyncDisposable> {
+  const path = await Deno.makeTempDir({ prefix });
+  return {
+    path,
+    async [Symbol.asyncDispose]() {
+      await Deno.remove(path, { recursive: true }).catch(() => {});
+    },
+  };
+}
+
+/** Result of running a command. */
+export interface RunResult {
+  /** Exit code. */
+  code: number;
+  /** Standard output as text. */
+  stdout: string;
+  /** Standard error as text. */
+  stderr: string;
+}
+
+/** Runs a command to completion and captures its output. */
+export async function run(
+  cmd: string,
+  args: string[],
+  options: { env?: Record<string, string>; stdin?: Uint8Array | string; cwd?: string } = {},
+): Promise<RunResult> {
+  const child = new Deno.Command(cmd, {
+    args,
+    env: options.env,
+    cwd: options.cwd,
+    stdin: options.stdin === undefined ? "null" : "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  if (options.stdin !== undefined) {
+    const writer = child.stdin.getWriter();
+    await writer.write(
+      typeof options.stdin === "string" ? new TextEncoder().encode(options.stdin) : options.stdin,
+    );
+    await writer.close();
+  }
+  const out = await child.output();
+  return {
+    code: out.code,
+    stdout: new TextDecoder().decode(out.stdout),
+    stderr: new TextDecoder().decode(out.stderr),
+  };
+}
+
+/** Runs a command and throws (with its stderr) unless it exits 0. */
+export async function runOk(
+  cmd: string,
+  args: string[],
+  options: { env?: Record<string, string>; stdin?: Uint8Array | string; cwd?: string } = {},
+): Promise<RunResult> {
+  const result = await run(cmd, args, options);
+  if (result.code !== 0) {
+    throw new Error(
+      `${cmd} ${args.join(" ")} exited ${result.code}\n${result.stderr}${result.stdout}`,
+    );
+  }
+  return result;
+}
+
+/** Environment for running nbdsh (its Python module lives in the system python). */
+export const NBDSH_ENV: Record<string, string> = { PATH: `/usr/bin:${Deno.env.get("PATH") ?? ""}` };
+
+let wrapperPath: string | undefined;
+
+/**
+ * Path of an `nbd` executable wrapper for this checkout (so peers such as
+ * `nbdinfo -- [ nbd serve ... ]` can start it). It execs Deno, keeping the
+ * pid, which socket activation relies on.
+ */
+export async function nbdExecutable(): Promise<string> {
+  if (wrapperPath) return wrapperPath;
+  const dir = await Deno.makeTempDir({ prefix: "nbd-bin" });
+  const path = `${dir}/nbd`;
+  await Deno.writeTextFile(
+    path,
+    `#!/bin/sh\nexec '${Deno.execPath()}' run -A --quiet '${ROOT}/main.ts' "$@"\n`,
+  );
+  await Deno.chmod(path, 0o755);
+  wrapperPath = path;
+  return path;
+}
+
+/** A server process started for a test; kill and wait on dispose. */
+export interface ServerProcess extends AsyncDisposable {
+  /** URI to connect to. */
+  uri: string;
+  /** Unix socket path, when listening on one. */
+  socket?: string;
+  /** The child process. */
+  child: Deno.ChildProcess;
+  /** Everything the server wrote to stderr so far (after dispose: all of it). */
+  stderr(): string;
+}
+
+/** Waits until a Unix socket accepts connections. */
+export async function waitForSocket(path: string, timeoutMs = 15000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (true) {
+    try {
+      const conn = await Deno.connect({ transport: "unix", path });
+      conn.close();
+      return;
+    } catch (error) {
+      if (Date.now() > deadline) throw new Error(`server socket ${path} never came up: ${error}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
+/**
+ * Starts a server listening on a fresh Unix socket: `cmd` gets the socket
+ * path substituted for the string "$SOCKET" in its arguments.
+ */
+export async function startServer(
+  cmd: string,
+  args: string[],
+  options: { exportName?: string; env?: Record<string, string> } = {},
+): Promise<ServerProcess> {
+  const dir = await Deno.makeTempDir({ prefix: "nbd-srv" });
+  const socket = `${dir}/sock`;
+  const child = new Deno.Command(cmd, {
+    args: args.map((a) => a.replaceAll("$SOCKET", socket)),
+    env: options.env,
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  let stderrText = "";
+  const stderrDone = (async () => {
+    const decoder = new TextDecoder();
+    for await (const chunk of child.stderr) stderrText += decoder.decode(chunk, { stream: true });
+  })();
+  try {
+    await waitForSocket(socket);
+  } catch (error) {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* gone */ }
+    await child.status;
+    await stderrDone;
+    throw new Error(`${error}\n${stderrText}`);
+  }
+  const exportName = options.exportName ?? "";
+  return {
+    uri: `nbd+unix:///${encodeURIComponent(exportName)}?socket=${socket}`,
+    socket,
+    child,
+    stderr: () => stderrText,
+    async [Symbol.asyncDispose]() {
+      try {
+        child.kill("SIGTERM");
+      } catch { /* already exited */ }
+      const timer = setTimeout(() => {
+        try {
+          child.kill("SIGKILL");
+        } catch { /* gone */ }
+      }, 5000);
+      await child.status;
+      clearTimeout(timer);
+      await stderrDone;
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    },
+  };
+}
+
+/** Starts `nbd serve ARGS -U $SOCKET` as a subprocess. */
+export async function startNbdServe(
+  args: string[],
+  options: { exportName?: string } = {},
+): Promise<ServerProcess> {
+  return await startServer(
+    Deno.execPath(),
+    ["run", "-A", "--quiet", `${ROOT}/main.ts`, "serve", "-U", "$SOCKET", ...args],
+    options,
+  );
+}
+
+/** Fills a buffer with reproducible pseudo-random bytes. */
+export function randomBytes(length: number, seed = 1): Uint8Array {
+  const out = new Uint8Array(length);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    out[i] = x & 0xff;
+  }
+  return out;
+}
+
+/** Whether two byte arrays are equal; on mismatch, the first differing offset. */
+export function firstDifference(a: Uint8Array, b: Uint8Array): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return a.length === b.length ? -1 : n;
+}
