@@ -6,10 +6,10 @@
  * @module
  */
 
-import { fromFileUrl } from "node:url";
+import { fileURLToPath } from "node:url";
 
 /** Absolute path of the repository root. */
-export const ROOT: string = fromFileUrl(new URL("../", import.meta.url)).replace(/\/$/, "");
+export const ROOT: string = fileURLToPath(new URL("../", import.meta.url)).replace(/\/$/, "");
 
 const found = new Map<string, boolean>();
 
