@@ -179,7 +179,21 @@ export class NbdHandshake implements AsyncDisposable {
    */
   static async open(uri: string | NbdUri, options: HandshakeOptions = {}): Promise<NbdHandshake> {
     const parsed = toNbdUri(uri);
-    const stream = await openStream(parsed);
+    return await NbdHandshake.fromStream(await openStream(parsed), { ...options, uri: parsed });
+  }
+
+  /**
+   * Performs the greeting over a stream that is already connected (a
+   * socketpair, a subprocess's stdio, an accepted socket). `uri` only
+   * supplies the default export name and what `uri` reports.
+   */
+  static async fromStream(
+    stream: ByteStream,
+    options: HandshakeOptions & { uri?: string | NbdUri } = {},
+  ): Promise<NbdHandshake> {
+    const parsed = options.uri === undefined
+      ? { tls: false, transport: "unix" as const, socket: "-", exportName: "" }
+      : toNbdUri(options.uri);
     const session = new NbdHandshake(stream, parsed);
     try {
       await session.#greet(options);
@@ -376,9 +390,9 @@ export class NbdHandshake implements AsyncDisposable {
   }
 
   /** Lists the server's exports (NBD_OPT_LIST). */
-  list(): Promise<ExportListing[]> {
+  async list(): Promise<ExportListing[]> {
     this.#requireOptions(NBD_OPT_LIST);
-    return this.#guard(NBD_OPT_LIST, async () => {
+    return await this.#guard(NBD_OPT_LIST, async () => {
       this.#send(NBD_OPT_LIST);
       const exports: ExportListing[] = [];
       while (true) {
@@ -397,9 +411,9 @@ export class NbdHandshake implements AsyncDisposable {
    * Asks about an export without selecting it (NBD_OPT_INFO): size, flags,
    * canonical name, description and block sizes.
    */
-  info(exportName: string = this.#uri.exportName): Promise<ExportDetails> {
+  async info(exportName: string = this.#uri.exportName): Promise<ExportDetails> {
     this.#requireOptions(NBD_OPT_INFO);
-    return this.#guard(NBD_OPT_INFO, () => this.#infoOrGo(NBD_OPT_INFO, exportName));
+    return await this.#guard(NBD_OPT_INFO, () => this.#infoOrGo(NBD_OPT_INFO, exportName));
   }
 
   async #infoOrGo(option: number, exportName: string): Promise<ExportDetails> {
@@ -444,12 +458,12 @@ export class NbdHandshake implements AsyncDisposable {
    * Lists the metadata contexts the server offers for an export
    * (NBD_OPT_LIST_META_CONTEXT); with no queries, all of them.
    */
-  listMetaContexts(
+  async listMetaContexts(
     exportName: string = this.#uri.exportName,
     queries: string[] = [],
   ): Promise<string[]> {
     this.#requireOptions(NBD_OPT_LIST_META_CONTEXT);
-    return this.#guard(
+    return await this.#guard(
       NBD_OPT_LIST_META_CONTEXT,
       async () => [...(await this.#metaContexts(NBD_OPT_LIST_META_CONTEXT, exportName, queries))
         .values()],
