@@ -96,34 +96,45 @@ export async function inspectServer(
   let handedOver = false;
   try {
     if (!options.list) {
-      if (!session.canSendOptions) {
-        // Oldstyle and plain newstyle servers only tell by selecting the export.
-        handedOver = true;
-        report.exports.push(await reportBySelecting(session, parsed.exportName, options));
-        return report;
-      }
-      const entry = await reportInOptionMode(session, parsed.exportName, undefined);
-      if (options.probe || !entry) {
+      // One export: whatever option mode cannot tell (no INFO at all, the
+      // content, or nbd-server's size 0 from INFO) is learnt by selecting it
+      // on this same connection, as there is nothing else left to ask.
+      const entry = session.canSendOptions
+        ? await reportInOptionMode(session, parsed.exportName, undefined)
+        : undefined;
+      if (entry && !options.probe && entry.size !== 0) {
+        report.exports.push(entry);
+      } else {
         handedOver = true;
         report.exports.push(await reportBySelecting(session, parsed.exportName, options, entry));
-      } else {
-        report.exports.push(await confirmSize(parsed, entry, options));
       }
       return report;
     }
     const listed = await session.list();
+    const entries: Array<{ name: string; entry?: ExportReport }> = [];
     for (const item of listed) {
       try {
-        let entry = await reportInOptionMode(session, item.name, item.description || undefined);
-        if (!entry || options.probe) {
-          entry = await reportOnNewConnection(parsed, item.name, options, entry);
-        } else {
-          entry = await confirmSize(parsed, entry, options);
-        }
-        report.exports.push(entry);
+        const entry = await reportInOptionMode(session, item.name, item.description || undefined);
+        entries.push({ name: item.name, entry });
       } catch (error) {
         if (!(error instanceof NbdOptionError)) throw error;
         report.failures.push({ name: item.name, error });
+      }
+    }
+    // Exports that must be selected get connections of their own, one at a
+    // time and only after this one is closed: some servers (nbd-server -d,
+    // qemu-nbd without -e) serve a single connection at once.
+    await session.abort();
+    for (const { name, entry } of entries) {
+      if (entry && !options.probe && entry.size !== 0) {
+        report.exports.push(entry);
+        continue;
+      }
+      try {
+        report.exports.push(await reportOnNewConnection(parsed, name, options, entry));
+      } catch (error) {
+        if (!(error instanceof NbdOptionError)) throw error;
+        report.failures.push({ name, error });
       }
     }
     return report;
@@ -207,21 +218,4 @@ async function reportOnNewConnection(
 ): Promise<ExportReport> {
   const session = await NbdHandshake.open({ ...uri, exportName: name }, options);
   return await reportBySelecting(session, name, options, known);
-}
-
-/**
- * nbd-server answers NBD_OPT_INFO with size 0 (its GO reply is right), so a
- * zero size from option mode is checked by selecting the export.
- */
-async function confirmSize(
-  uri: NbdUri,
-  entry: ExportReport,
-  options: InspectOptions,
-): Promise<ExportReport> {
-  if (entry.size !== 0) return entry;
-  const checked = await reportOnNewConnection(uri, entry.requestedName, {
-    ...options,
-    probe: undefined,
-  }, entry);
-  return { ...entry, size: checked.size, flags: checked.flags };
 }
