@@ -20,6 +20,7 @@ import {
   startServer,
   tempDir,
 } from "./helpers.ts";
+import { startNbdServer } from "./peer_servers.ts";
 
 const MiB = 1024 * 1024;
 
@@ -282,47 +283,6 @@ Deno.test({
     assert.equal(pool.clients.length, 1);
   },
 });
-
-/** Starts nbd-server with a temporary config file serving `image` as export "disk". */
-export async function startNbdServer(image: string): Promise<ServerProcess> {
-  const dir = await Deno.makeTempDir({ prefix: "nbd-server" });
-  const socket = `${dir}/sock`;
-  await Deno.writeTextFile(
-    `${dir}/config`,
-    `[generic]\n    unixsock = ${socket}\n    allowlist = true\n` +
-      `[disk]\n    exportname = ${image}\n    flush = true\n    fua = true\n    trim = true\n`,
-  );
-  // nbd-server daemonises (and forks per client): the process to stop is the
-  // one named in the pid file, not the child we start.
-  const child = new Deno.Command("nbd-server", {
-    args: ["-C", `${dir}/config`, "-p", `${dir}/pid`],
-    stdin: "null",
-    stdout: "null",
-    stderr: "null",
-  }).spawn();
-  await child.status;
-  // Wait for the socket file rather than connecting: a probe connection that
-  // hangs up at once makes nbd-server log a failed negotiation.
-  for (let i = 0; i < 300; i++) {
-    if (await Deno.stat(socket).then((s) => s.isSocket, () => false)) break;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return {
-    uri: `nbd+unix:///disk?socket=${socket}`,
-    socket,
-    child,
-    stderr: () => "",
-    async [Symbol.asyncDispose]() {
-      const pid = Number(await Deno.readTextFile(`${dir}/pid`).catch(() => "0"));
-      if (pid > 0) {
-        try {
-          Deno.kill(pid, "SIGTERM");
-        } catch { /* already gone */ }
-      }
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-    },
-  };
-}
 
 Deno.test({
   name: "client works with nbd-server: simple replies, size 0 in INFO, ABORT without ACK",
