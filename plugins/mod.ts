@@ -6,8 +6,10 @@
 
 import type { Plugin } from "../server/backend.ts";
 import { memoryPlugin } from "./memory.ts";
+import { nullPlugin, zeroPlugin } from "./null.ts";
+import { patternPlugin } from "./pattern.ts";
 
 /** Plugins by name. */
 export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
-  [memoryPlugin].map((p) => [p.name, p]),
+  [memoryPlugin, nullPlugin, patternPlugin, zeroPlugin].map((p) => [p.name, p]),
 );
