@@ -5,6 +5,29 @@
  */
 
 import type { Filter } from "../server/backend.ts";
+import { blocksizeFilter } from "./blocksize.ts";
+import { delayFilter } from "./delay.ts";
+import { errorFilter } from "./error.ts";
+import { logFilter } from "./log.ts";
+import { offsetFilter } from "./offset.ts";
+import { partitionFilter } from "./partition.ts";
+import { rateFilter } from "./rate.ts";
+import { readonlyFilter } from "./readonly.ts";
+import { statsFilter } from "./stats.ts";
+import { truncateFilter } from "./truncate.ts";
 
 /** Filters by name. */
-export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>();
+export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
+  [
+    blocksizeFilter,
+    delayFilter,
+    errorFilter,
+    logFilter,
+    offsetFilter,
+    partitionFilter,
+    rateFilter,
+    readonlyFilter,
+    statsFilter,
+    truncateFilter,
+  ].map((f) => [f.name, f]),
+);
