@@ -68,3 +68,64 @@ export function filled(length: number, byte: number): Uint8Array {
 export function tempDirSync(): string {
   return Deno.makeTempDirSync({ prefix: "nbd-filter-test" });
 }
+
+/**
+ * Hammers several connections with concurrent writes and zeroes that share
+ * blocks but never the same bytes: the disk is cut into 1000-byte stripes
+ * owned by writer `stripe % writers`, and each request stays inside one of
+ * its writer's stripes. Returns the bytes the disk must hold afterwards.
+ */
+export async function concurrentWrites(
+  connections: Backend[],
+  size: number,
+  options: { requests?: number; inFlight?: number; seed?: number } = {},
+): Promise<Uint8Array> {
+  const stripe = 1000;
+  const expected = new Uint8Array(size);
+  await connections[0]!.pread(expected, 0);
+  let x = options.seed ?? 12345;
+  const random = (n: number) => {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+    return Math.floor((x / 2 ** 32) * n);
+  };
+  const stripes = Math.floor(size / stripe);
+  const writers = connections.map(async (conn, w) => {
+    const ops: Array<() => Promise<void>> = [];
+    for (let i = 0; i < (options.requests ?? 200); i++) {
+      let s = random(stripes);
+      s -= s % connections.length;
+      s += w;
+      if (s >= stripes) s -= connections.length;
+      const start = s * stripe + random(stripe - 1);
+      const length = 1 + random(s * stripe + stripe - start - 1);
+      if (random(5) === 0) {
+        expected.fill(0, start, start + length);
+        ops.push(() => conn.zero(start, length, { fua: false, fast: false, mayTrim: true }));
+      } else {
+        const data = new Uint8Array(length).map(() => 1 + random(255));
+        expected.set(data, start);
+        ops.push(() => conn.pwrite(data, start, { fua: false }));
+      }
+    }
+    // Several requests in flight per connection, started in order.
+    const inFlight = options.inFlight ?? 8;
+    let next = 0;
+    await Promise.all(Array.from({ length: inFlight }, async () => {
+      while (next < ops.length) await ops[next++]!();
+    }));
+  });
+  await Promise.all(writers);
+  return expected;
+}
+
+/** Asserts two byte arrays are equal, naming the first differing offset (cheap on large arrays). */
+export function assertBytes(actual: Uint8Array, expected: Uint8Array, message = ""): void {
+  if (actual.length !== expected.length) {
+    throw new Error(`${message} length ${actual.length} != expected ${expected.length}`);
+  }
+  for (let i = 0; i < actual.length; i++) {
+    if (actual[i] !== expected[i]) {
+      throw new Error(`${message} differs at offset ${i}: ${actual[i]} != expected ${expected[i]}`);
+    }
+  }
+}
