@@ -6,6 +6,8 @@
 
 import type { Filter } from "../server/backend.ts";
 import { blocksizeFilter } from "./blocksize.ts";
+import { cacheFilter } from "./cache.ts";
+import { cowFilter } from "./cow.ts";
 import { delayFilter } from "./delay.ts";
 import { errorFilter } from "./error.ts";
 import { logFilter } from "./log.ts";
@@ -13,6 +15,7 @@ import { offsetFilter } from "./offset.ts";
 import { partitionFilter } from "./partition.ts";
 import { rateFilter } from "./rate.ts";
 import { readonlyFilter } from "./readonly.ts";
+import { retryFilter } from "./retry.ts";
 import { statsFilter } from "./stats.ts";
 import { truncateFilter } from "./truncate.ts";
 
@@ -20,6 +23,8 @@ import { truncateFilter } from "./truncate.ts";
 export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
   [
     blocksizeFilter,
+    cacheFilter,
+    cowFilter,
     delayFilter,
     errorFilter,
     logFilter,
@@ -27,6 +32,7 @@ export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
     partitionFilter,
     rateFilter,
     readonlyFilter,
+    retryFilter,
     statsFilter,
     truncateFilter,
   ].map((f) => [f.name, f]),
