@@ -5,11 +5,15 @@
  */
 
 import type { Plugin } from "../server/backend.ts";
+import { evalPlugin } from "./eval.ts";
 import { memoryPlugin } from "./memory.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
 import { patternPlugin } from "./pattern.ts";
+import { shPlugin } from "./sh.ts";
 
 /** Plugins by name. */
 export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
-  [memoryPlugin, nullPlugin, patternPlugin, zeroPlugin].map((p) => [p.name, p]),
+  [evalPlugin, memoryPlugin, nullPlugin, patternPlugin, shPlugin, zeroPlugin].map((
+    p,
+  ) => [p.name, p]),
 );
