@@ -10,6 +10,7 @@ import { cacheFilter } from "./cache.ts";
 import { cowFilter } from "./cow.ts";
 import { delayFilter } from "./delay.ts";
 import { errorFilter } from "./error.ts";
+import { gzipFilter } from "./gzip.ts";
 import { logFilter } from "./log.ts";
 import { offsetFilter } from "./offset.ts";
 import { partitionFilter } from "./partition.ts";
@@ -18,6 +19,7 @@ import { readonlyFilter } from "./readonly.ts";
 import { retryFilter } from "./retry.ts";
 import { statsFilter } from "./stats.ts";
 import { truncateFilter } from "./truncate.ts";
+import { xzFilter } from "./xz.ts";
 
 /** Filters by name. */
 export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
@@ -27,6 +29,7 @@ export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
     cowFilter,
     delayFilter,
     errorFilter,
+    gzipFilter,
     logFilter,
     offsetFilter,
     partitionFilter,
@@ -35,5 +38,6 @@ export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
     retryFilter,
     statsFilter,
     truncateFilter,
+    xzFilter,
   ].map((f) => [f.name, f]),
 );
