@@ -10,10 +10,21 @@ import { memoryPlugin } from "./memory.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
 import { patternPlugin } from "./pattern.ts";
 import { shPlugin } from "./sh.ts";
+import { sparseRandomPlugin } from "./sparse_random.ts";
+import { splitPlugin } from "./split.ts";
 
 /** Plugins by name. */
 export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
-  [evalPlugin, memoryPlugin, nullPlugin, patternPlugin, shPlugin, zeroPlugin].map((
+  [
+    evalPlugin,
+    memoryPlugin,
+    nullPlugin,
+    patternPlugin,
+    shPlugin,
+    sparseRandomPlugin,
+    splitPlugin,
+    zeroPlugin,
+  ].map((
     p,
   ) => [p.name, p]),
 );
