@@ -6,6 +6,7 @@
 
 import type { Plugin } from "../server/backend.ts";
 import { evalPlugin } from "./eval.ts";
+import { floppyPlugin } from "./floppy.ts";
 import { memoryPlugin } from "./memory.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
 import { patternPlugin } from "./pattern.ts";
