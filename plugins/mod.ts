@@ -18,6 +18,7 @@ import { splitPlugin } from "./split.ts";
 export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
   [
     evalPlugin,
+    floppyPlugin,
     memoryPlugin,
     nullPlugin,
     patternPlugin,
