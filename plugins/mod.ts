@@ -7,6 +7,7 @@
 import type { Plugin } from "../server/backend.ts";
 import { evalPlugin } from "./eval.ts";
 import { floppyPlugin } from "./floppy.ts";
+import { curlPlugin, httpPlugin } from "./http.ts";
 import { memoryPlugin } from "./memory.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
 import { patternPlugin } from "./pattern.ts";
@@ -17,8 +18,10 @@ import { splitPlugin } from "./split.ts";
 /** Plugins by name. */
 export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
   [
+    curlPlugin,
     evalPlugin,
     floppyPlugin,
+    httpPlugin,
     memoryPlugin,
     nullPlugin,
     patternPlugin,
