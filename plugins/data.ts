@@ -156,7 +156,8 @@ export function parseDataExpression(text: string): Node[] {
         pos = next;
         continue;
       }
-      const word = /^[^\s()"#]+/.exec(text.slice(pos))![0];
+      const word = /^\*?[^\s()"#*]+/.exec(text.slice(pos))?.[0];
+      if (!word) throw new UsageError(`data: unexpected "${c}"`);
       pos += word.length;
       if (word.startsWith("*")) {
         const previous = nodes.pop();
