@@ -82,23 +82,48 @@ async function compare(name: string, args: (uri: string) => [string, string[]]):
   rows.push({ name, unit: "s", ours: median(a), theirs: median(b), lowerIsBetter: true });
 }
 
-await compare(`nbdcopy ${values.size} → null: (default connections)`, (uri) => ["nbdcopy", [uri, "null:"]]);
+await compare(
+  `nbdcopy ${values.size} → null: (default connections)`,
+  (uri) => ["nbdcopy", [uri, "null:"]],
+);
 await compare(`nbdcopy ${values.size} → null: (--connections=1)`, (uri) => [
   "nbdcopy",
   ["--connections=1", uri, "null:"],
 ]);
-await compare(`qemu-img bench 4 KiB random reads, depth 64, ${values["bench-count"]} ops`, (uri) => [
-  "qemu-img",
-  ["bench", "-f", "raw", "-c", values["bench-count"]!, "-d", "64", "-s", "4096", "-t", "none", uri],
-]);
+await compare(
+  `qemu-img bench 4 KiB random reads, depth 64, ${values["bench-count"]} ops`,
+  (uri) => [
+    "qemu-img",
+    [
+      "bench",
+      "-f",
+      "raw",
+      "-c",
+      values["bench-count"]!,
+      "-d",
+      "64",
+      "-s",
+      "4096",
+      "-t",
+      "none",
+      uri,
+    ],
+  ],
+);
 
-console.log(`\nserver benchmark: ${rounds} rounds, medians; ratio = nbdkit time / our time (> 1.0: we are faster)\n`);
+console.log(
+  `\nserver benchmark: ${rounds} rounds, medians; ratio = nbdkit time / our time (> 1.0: we are faster)\n`,
+);
 console.log(`| benchmark | nbd serve | nbdkit | ratio ours/nbdkit |`);
 console.log(`|---|---|---|---|`);
 for (const row of rows) {
   const ratio = row.lowerIsBetter ? row.theirs / row.ours : row.ours / row.theirs;
   console.log(
-    `| ${row.name} | ${row.ours.toFixed(3)} ${row.unit} | ${row.theirs.toFixed(3)} ${row.unit} | ${ratio.toFixed(2)}x |`,
+    `| ${row.name} | ${row.ours.toFixed(3)} ${row.unit} | ${row.theirs.toFixed(3)} ${row.unit} | ${
+      ratio.toFixed(2)
+    }x |`,
   );
 }
-console.log(`\npeak RSS: nbd serve ${peakRss(ours.child.pid)}, nbdkit ${peakRss(nbdkit.child.pid)}`);
+console.log(
+  `\npeak RSS: nbd serve ${peakRss(ours.child.pid)}, nbdkit ${peakRss(nbdkit.child.pid)}`,
+);
