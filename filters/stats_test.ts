@@ -38,3 +38,18 @@ Deno.test("stats filter counts requests of all connections and writes them at cl
     Deno.removeSync(dir, { recursive: true });
   }
 });
+
+Deno.test("stats filter counts zero-copy reads too", async () => {
+  const dir = tempDirSync();
+  try {
+    const statsfile = `${dir}/stats`;
+    const { backend: mem } = await openPlugin(memoryPlugin, ["1M"]);
+    const { backend, instance } = await stack(statsFilter, [`statsfile=${statsfile}`], mem);
+    assert.ok(backend.readView, "the memory plugin's zero-copy read is kept");
+    backend.readView!(0, 8192);
+    await instance.close!();
+    assert.match(Deno.readTextFileSync(statsfile), /^read: 1 ops, 0 errors, [\d.]+ s, 8.00 KiB, /m);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
