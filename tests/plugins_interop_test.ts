@@ -127,6 +127,36 @@ Deno.test({
 });
 
 Deno.test({
+  name: "floppy plugin: fsck.fat finds the generated FAT32 volume clean",
+  ...peers("nbdcopy", "fsck.fat"),
+  async fn() {
+    await using src = await tempDir();
+    await using work = await tempDir();
+    for (let i = 0; i < 30; i++) {
+      await Deno.mkdir(`${src.path}/dir ${i % 3}`, { recursive: true });
+      await Deno.writeFile(
+        `${src.path}/dir ${i % 3}/file number ${i}.dat`,
+        randomBytes(i * 1000, i),
+      );
+    }
+    const image = `${work.path}/floppy.img`;
+    {
+      await using server = await startNbdServe([
+        "--filter=offset",
+        "floppy",
+        src.path,
+        "offset=1M",
+      ]);
+      await runOk("nbdcopy", [server.uri, image]);
+    }
+    const check = await runOk("fsck.fat", ["-n", "-v", image]);
+    // 30 files and 3 directories, plus the volume label entry fsck.fat counts too.
+    assertIncludes(check.stdout, "34 files");
+    assertOk(!/(differ|corrupt|invalid|bad)/i.test(check.stdout), check.stdout);
+  },
+});
+
+Deno.test({
   name: "split plugin: nbdcopy reads the concatenation and writes across file boundaries",
   ...peers("nbdcopy", "qemu-io"),
   async fn() {
