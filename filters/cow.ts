@@ -96,6 +96,12 @@ export class Overlay {
   readonly states = new Map<number, number>();
   readonly #file: FileHandle;
   readonly #locks = new KeyedLocks();
+  /**
+   * Where each block that ever held data lives in the file: slots are handed
+   * out in order, so the file stays as small as the data (and far below file
+   * size limits, whatever the virtual size).
+   */
+  readonly #slots = new Map<number, number>();
 
   private constructor(file: FileHandle, size: number, blockSize: number) {
     this.#file = file;
@@ -111,6 +117,16 @@ export class Overlay {
     return new Overlay(file, size, blockSize);
   }
 
+  /** File position of block `index`, allocating its slot on first use. */
+  #position(index: number): number {
+    let slot = this.#slots.get(index);
+    if (slot === undefined) {
+      slot = this.#slots.size;
+      this.#slots.set(index, slot);
+    }
+    return slot * this.blockSize;
+  }
+
   /** Length of block `index` (the last one may be short). */
   blockLength(index: number): number {
     return Math.min(this.blockSize, this.size - index * this.blockSize);
@@ -124,14 +140,16 @@ export class Overlay {
     while (pos < end) {
       const index = Math.floor(pos / bs);
       const state = this.states.get(index);
-      // Extend the run while the next blocks have the same state.
+      // Extend the run while the next blocks have the same state (overlay blocks are
+      // read one at a time: they sit wherever their slot in the file is).
       let runEnd = Math.min((index + 1) * bs, end);
-      while (runEnd < end && this.states.get(runEnd / bs) === state) {
+      while (runEnd < end && state !== DATA && this.states.get(runEnd / bs) === state) {
         runEnd = Math.min(runEnd + bs, end);
       }
       const piece = buf.subarray(pos - offset, runEnd - offset);
-      if (state === DATA) await readFull(this.#file, piece, pos);
-      else if (state === ZERO) piece.fill(0);
+      if (state === DATA) {
+        await readFull(this.#file, piece, this.#position(index) + pos - index * bs);
+      } else if (state === ZERO) piece.fill(0);
       else if (copyUp) {
         for (let b = index; b * bs < runEnd; b++) await this.#copyUp(below, b);
         continue; // re-read the run from the overlay
@@ -146,7 +164,7 @@ export class Overlay {
       if (this.states.has(index)) return;
       const block = new Uint8Array(this.blockLength(index));
       await below.pread(block, index * this.blockSize);
-      await writeFull(this.#file, block, index * this.blockSize);
+      await writeFull(this.#file, block, this.#position(index));
       this.states.set(index, DATA);
     });
   }
@@ -164,38 +182,92 @@ export class Overlay {
   ): Promise<void> {
     const bs = this.blockSize;
     const end = offset + length;
-    for (let pos = offset; pos < end;) {
-      const index = Math.floor(pos / bs);
-      const start = index * bs;
-      const blockLength = this.blockLength(index);
-      const n = Math.min(start + blockLength, end) - pos;
-      const within = pos - start;
-      const piece = data?.subarray(pos - offset, pos - offset + n);
-      await this.#locks.run(index, async () => {
-        const state = this.states.get(index);
-        if (n === blockLength) {
-          if (piece) {
-            await writeFull(this.#file, piece, start);
-            this.states.set(index, DATA);
-          } else {
-            this.states.set(index, ZERO);
-          }
-          return;
-        }
-        if (state === DATA) {
-          await writeFull(this.#file, piece ?? new Uint8Array(n), pos);
-          return;
-        }
-        // A partial change of a block not yet in the overlay: build the whole block.
-        const block = new Uint8Array(blockLength);
-        if (state !== ZERO) await below.pread(block, start);
-        if (piece) block.set(piece, within);
-        else block.fill(0, within, within + n);
-        await writeFull(this.#file, block, start);
-        this.states.set(index, DATA);
-      });
-      pos += n;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((end - 1) / bs);
+    if (data) {
+      for (let index = first; index <= last; index++) {
+        await this.#changeBlock(below, data, offset, length, index);
+      }
+      return;
     }
+    // Zeroing: a whole block that is not in the overlay and already reads as zero
+    // below needs nothing, so only the other blocks are visited. This keeps zeroing
+    // a huge, mostly empty disk cheap.
+    const indexes = new Set<number>([first, last]);
+    const runs = await this.#zeroRuns(below, offset, length);
+    let pos = offset;
+    for (const [from, to] of [...runs, [end, end] as [number, number]]) {
+      // Bytes [pos, from) are not known to be zero below: every block there.
+      for (let index = Math.floor(pos / bs); index * bs < from; index++) indexes.add(index);
+      if (from < to) {
+        indexes.add(Math.floor(from / bs));
+        indexes.add(Math.floor((to - 1) / bs));
+      }
+      pos = Math.max(pos, to);
+    }
+    for (const index of this.states.keys()) {
+      if (index >= first && index <= last) indexes.add(index);
+    }
+    for (const index of [...indexes].sort((x, y) => x - y)) {
+      await this.#changeBlock(below, undefined, offset, length, index);
+    }
+  }
+
+  /** Applies a change of [offset, offset+length) to block `index`, under its lock. */
+  #changeBlock(
+    below: Backend,
+    data: Uint8Array | undefined,
+    offset: number,
+    length: number,
+    index: number,
+  ): Promise<void> {
+    const bs = this.blockSize;
+    const start = index * bs;
+    const blockLength = this.blockLength(index);
+    const from = Math.max(offset, start);
+    const to = Math.min(offset + length, start + blockLength);
+    const n = to - from;
+    const within = from - start;
+    const piece = data?.subarray(from - offset, to - offset);
+    return this.#locks.run(index, async () => {
+      const state = this.states.get(index);
+      if (n === blockLength) {
+        if (piece) {
+          await writeFull(this.#file, piece, this.#position(index));
+          this.states.set(index, DATA);
+        } else {
+          this.states.set(index, ZERO);
+        }
+        return;
+      }
+      if (state === DATA) {
+        await writeFull(this.#file, piece ?? new Uint8Array(n), this.#position(index) + within);
+        return;
+      }
+      // A partial change of a block not yet in the overlay: build the whole block.
+      const block = new Uint8Array(blockLength);
+      if (state !== ZERO) await below.pread(block, start);
+      if (piece) block.set(piece, within);
+      else block.fill(0, within, within + n);
+      await writeFull(this.#file, block, this.#position(index));
+      this.states.set(index, DATA);
+    });
+  }
+
+  /** Ranges [from, to) that read as zero below, when the layer below can tell. */
+  async #zeroRuns(below: Backend, offset: number, length: number): Promise<[number, number][]> {
+    if (!below.capabilities().extents) return [];
+    const runs: [number, number][] = [];
+    let pos = offset;
+    try {
+      for (const e of await below.extents(offset, length, { reqOne: false })) {
+        if (e.flags & NBD_STATE_ZERO) runs.push([pos, pos + e.length]);
+        pos += e.length;
+      }
+    } catch {
+      return []; // no answer: record every block
+    }
+    return runs;
   }
 
   /** Block status: changed blocks from the overlay, the rest from below. */
@@ -293,8 +365,10 @@ class CowBackend extends PassthroughBackend {
     // The overlay is temporary: there is nothing to make durable.
     return Promise.resolve();
   }
-  override trim(offset: number, length: number, _flags: WriteFlags): Promise<void> {
-    return this.#overlay.change(this.next, undefined, offset, length);
+  override trim(_offset: number, _length: number, _flags: WriteFlags): Promise<void> {
+    // Trimmed bytes are unspecified until written again, so the overlay need not change:
+    // a discard of the whole disk (mkfs does one) costs nothing.
+    return Promise.resolve();
   }
   override zero(offset: number, length: number, _flags: ZeroFlags): Promise<void> {
     return this.#overlay.change(this.next, undefined, offset, length);
