@@ -1,9 +1,10 @@
 /**
- * The `cow` filter: copy-on-write. Writes, trims and zeroes go to an
- * overlay in a temporary file (deleted at once, so it vanishes with the
- * process); the layer below is only ever read. The overlay is shared by all
- * connections, so every client sees the same disk and multi-conn stays
- * coherent. Unchanged blocks are read from below.
+ * The `cow` filter: copy-on-write. Writes and zeroes go to an overlay in
+ * a temporary file (deleted at once, so it vanishes with the process); the
+ * layer below is only ever read. The overlay is shared by all connections,
+ * so every client sees the same disk and multi-conn stays coherent.
+ * Unchanged blocks are read from below. Trims are accepted and ignored
+ * (trimmed bytes are unspecified until written again).
  *
  * ```
  * nbd serve --filter=cow pattern 1G
