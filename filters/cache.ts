@@ -209,12 +209,16 @@ export class BlockCache {
         }
       }
       await run();
-      for (const index of [...this.blocks.keys()]) {
+      // Visit the cached blocks, not the range: a range can be the whole (huge) disk.
+      for (const [index, block] of [...this.blocks]) {
         const start = index * bs;
         if (start >= end || start + bs <= offset) continue;
-        if (start >= offset && start + this.#length(index) <= end) this.blocks.delete(index);
+        if (start >= offset && start + this.#length(index) <= end) {
+          this.blocks.delete(index);
+        } else {
+          block.data.fill(0, Math.max(offset, start) - start, Math.min(end, start + bs) - start);
+        }
       }
-      this.#patch(undefined, offset, true, length);
     });
   }
 

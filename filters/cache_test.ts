@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { UsageError } from "../server/params.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
+import { nullPlugin } from "../plugins/null.ts";
 import { type Backend, PassthroughBackend, type WriteFlags } from "../server/backend.ts";
 import { randomBytes } from "../tests/helpers.ts";
 import {
@@ -126,4 +127,13 @@ Deno.test("cache filter rejects bad modes and thresholds", async () => {
     () => createFilter(cacheFilter, ["cache-high-threshold=50", "cache-low-threshold=60"]),
     UsageError,
   );
+});
+
+Deno.test("cache filter: zeroing a huge disk only visits the cached blocks", async () => {
+  const { backend: nothing } = await openPlugin(nullPlugin, ["1P"]);
+  const { backend } = await stack(cacheFilter, [], nothing);
+  await backend.pwrite(filled(100, 5), 2 ** 40, { fua: false });
+  await backend.zero(0, 2 ** 50, { fua: false, fast: false, mayTrim: true });
+  await backend.trim(0, 2 ** 50, { fua: false });
+  assert.deepEqual(await read(backend, 2 ** 40, 100), new Uint8Array(100));
 });
