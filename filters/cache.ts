@@ -150,7 +150,7 @@ export class BlockCache {
         // Hold the blocks so a concurrent fill cannot cache what we are replacing.
         await this.#locks.runRange(first, last, async () => {
           await below.pwrite(buf, offset, { fua });
-          this.#patch(buf, offset, false);
+          this.#patch(buf, offset);
         });
         return;
       }
@@ -178,17 +178,16 @@ export class BlockCache {
   }
 
   /** Copies `buf` into the cached blocks it overlaps (leaving their dirty state). */
-  #patch(buf: Uint8Array | undefined, offset: number, zero: boolean, length = buf?.length ?? 0) {
+  #patch(buf: Uint8Array, offset: number): void {
     const bs = this.options.blockSize;
-    const end = offset + length;
+    const end = offset + buf.length;
     for (let index = Math.floor(offset / bs); index * bs < end; index++) {
       const block = this.blocks.get(index);
       if (!block) continue;
       const start = index * bs;
       const from = Math.max(offset, start);
       const to = Math.min(end, start + bs);
-      if (zero) block.data.fill(0, from - start, to - start);
-      else block.data.set(buf!.subarray(from - offset, to - offset), from - start);
+      block.data.set(buf.subarray(from - offset, to - offset), from - start);
     }
   }
 
