@@ -70,6 +70,12 @@ export const shPlugin: Plugin = {
     let prefix: string[] = [];
     if (script === "-") {
       const source = await readStdin();
+      if (source.length === 0) {
+        await Deno.remove(tmpdir, { recursive: true }).catch(() => {});
+        throw new UsageError(
+          "sh: the script on standard input is empty (nbd serve sh - <<'EOF' ...)",
+        );
+      }
       const path = `${tmpdir}/inline-script`;
       await Deno.writeFile(path, source, { mode: 0o700 });
       const shebang = source[0] === 0x23 && source[1] === 0x21; // "#!"
