@@ -41,6 +41,7 @@ import {
   type WriteFlags,
   type ZeroFlags,
 } from "../server/backend.ts";
+import { UsageError } from "../server/params.ts";
 
 /** Formats a wall-clock time (milliseconds since the epoch) with microseconds. */
 export function formatTimestamp(ms: number): string {
@@ -224,7 +225,12 @@ export const logFilter: Filter = {
   create(params) {
     const path = params.require("logfile", "log");
     const append = params.takeBoolean("logappend") ?? false;
-    const log = new LogWriter(path, append);
+    let log: LogWriter;
+    try {
+      log = new LogWriter(path, append);
+    } catch (error) {
+      throw new UsageError(`logfile: cannot open ${path}: ${(error as Error).message}`);
+    }
     return Promise.resolve({
       wrap: (next, context) => Promise.resolve(new LogBackend(next, log, context)),
       close() {

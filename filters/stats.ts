@@ -33,6 +33,7 @@ import {
   type WriteFlags,
   type ZeroFlags,
 } from "../server/backend.ts";
+import { UsageError } from "../server/params.ts";
 
 /** Counters of one kind of request. */
 export interface Counter {
@@ -179,6 +180,12 @@ export const statsFilter: Filter = {
   create(params) {
     const path = params.require("statsfile", "stats");
     const append = params.takeBoolean("statsappend") ?? false;
+    try {
+      // Find out now, not at exit, whether the file can be written.
+      Deno.writeTextFileSync(path, "", { append });
+    } catch (error) {
+      throw new UsageError(`statsfile: cannot write ${path}: ${(error as Error).message}`);
+    }
     const stats = new Stats();
     return Promise.resolve({
       wrap: (next) => Promise.resolve(new StatsBackend(next, stats)),
