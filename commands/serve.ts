@@ -19,7 +19,13 @@ import {
   serveStdio,
 } from "../server/listener.ts";
 import { formatParams, Params, UsageError } from "../server/params.ts";
-import { DEFAULT_MAX_IN_FLIGHT, NbdServer, type TlsMode } from "../server/server.ts";
+import {
+  DEFAULT_MAX_IN_FLIGHT,
+  NbdServer,
+  type TlsMode,
+  type TlsUpgrader,
+} from "../server/server.ts";
+import { serverTls } from "../server/tls.ts";
 import { type Command, parseOptions } from "./command.ts";
 
 const USAGE = `Usage: nbd serve [OPTIONS] PLUGIN [PARAM=VALUE | VALUE ...]
@@ -40,6 +46,10 @@ Options:
       --print-uri          print the URI clients should use on stdout once listening
       --max-in-flight N    requests processed at once per connection (default ${DEFAULT_MAX_IN_FLIGHT})
   -P, --pidfile FILE       write the process id to FILE once listening
+      --tls MODE           off (default), on (client chooses) or require (no plaintext access)
+      --tls-certificates DIR  ca-cert.pem, server-cert.pem, server-key.pem (nbdkit's layout)
+      --tls-verify-peer    require a client certificate signed by the CA
+      --tls-psk FILE       TLS-PSK (not supported: use X.509 certificates)
   -v, --verbose            log options and requests to stderr
   -h, --help               show this help; with a plugin or --filter, show its parameters
 
@@ -72,6 +82,10 @@ export const SERVE_OPTIONS = {
   "print-uri": { type: "boolean" },
   "max-in-flight": { type: "string" },
   pidfile: { type: "string", short: "P" },
+  tls: { type: "string" },
+  "tls-certificates": { type: "string" },
+  "tls-verify-peer": { type: "boolean" },
+  "tls-psk": { type: "string" },
   verbose: { type: "boolean", short: "v" },
   help: { type: "boolean", short: "h" },
 } as const;
@@ -90,6 +104,10 @@ export interface ServeValues {
   "print-uri"?: boolean;
   "max-in-flight"?: string;
   pidfile?: string;
+  tls?: string;
+  "tls-certificates"?: string;
+  "tls-verify-peer"?: boolean;
+  "tls-psk"?: string;
   verbose?: boolean;
 }
 
@@ -135,9 +153,15 @@ function parsePort(text: string): number {
 }
 
 /** The URI clients use for a listener. */
-function uriFor(listener: Listener, exportName: string, tls: boolean): string | undefined {
+function uriFor(
+  listener: Listener,
+  exportName: string,
+  tls: boolean,
+  certificates?: string,
+): string | undefined {
   const address = listener.address;
-  const base: NbdUri = { tls, transport: "tcp", exportName };
+  // With TLS the URI carries the certificate directory so libnbd clients can connect as is.
+  const base: NbdUri = { tls, transport: "tcp", exportName, tlsCertificates: certificates };
   if (address.transport === "unix") {
     return formatNbdUri({ ...base, transport: "unix", socket: address.path });
   }
@@ -158,8 +182,51 @@ export interface ServerSetup {
   plugin: Plugin;
   /** Its parameters (filters take theirs first). */
   params: Params;
-  /** TLS mode for the listening side. */
-  tlsMode?: TlsMode;
+}
+
+/** Default certificate directories, as nbdkit looks them up. */
+function defaultCertificateDirs(): string[] {
+  const home = Deno.env.get("HOME");
+  const dirs = home ? [`${home}/.pki/nbdkit`, `${home}/.config/pki/nbdkit`] : [];
+  return [...dirs, "/etc/pki/nbdkit"];
+}
+
+/** Resolves the TLS options: mode, and the upgrader when TLS is on. */
+export function configureTls(
+  values: ServeValues,
+): { mode: TlsMode; upgrader?: TlsUpgrader; certificates?: string } {
+  if (values["tls-psk"] !== undefined) {
+    throw new UsageError(
+      "--tls-psk: TLS-PSK is not supported by this build's TLS library; use X.509 certificates (--tls-certificates)",
+    );
+  }
+  const mode = (values.tls ?? (values["tls-certificates"] ? "on" : "off")) as TlsMode;
+  if (!["off", "on", "require"].includes(mode)) {
+    throw new UsageError(`--tls: expected off, on or require, got "${mode}"`);
+  }
+  if (mode === "off") {
+    if (values["tls-verify-peer"]) {
+      throw new UsageError("--tls-verify-peer needs --tls=on or --tls=require");
+    }
+    return { mode };
+  }
+  let certificates = values["tls-certificates"];
+  if (certificates === undefined) {
+    certificates = defaultCertificateDirs().find((d) => {
+      try {
+        return Deno.statSync(`${d}/server-cert.pem`).isFile;
+      } catch {
+        return false;
+      }
+    });
+    if (certificates === undefined) {
+      throw new UsageError(
+        `--tls=${mode} needs --tls-certificates DIR (with ca-cert.pem, server-cert.pem, server-key.pem)`,
+      );
+    }
+  }
+  const upgrader = serverTls({ certificates, verifyPeer: values["tls-verify-peer"] ?? false });
+  return { mode, upgrader, certificates };
 }
 
 /**
@@ -176,6 +243,10 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     : Number(values["max-in-flight"]);
   if (!Number.isInteger(maxInFlight) || maxInFlight < 1 || maxInFlight > 65536) {
     throw new UsageError(`--max-in-flight: expected an integer from 1 to 65536`);
+  }
+  const tls = configureTls(values);
+  if (tls.mode !== "off" && values.single) {
+    throw new UsageError("--single cannot be combined with TLS");
   }
   const fds = activationFds();
   const modes =
@@ -212,8 +283,10 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     readonly: values.readonly ?? false,
     verbose: values.verbose ?? false,
     maxInFlight,
-    tlsMode: setup.tlsMode ?? "off",
+    tlsMode: tls.mode,
+    tls: tls.upgrader,
   });
+  const listenOptions = { nodeSockets: tls.mode !== "off" };
 
   const listeners: Listener[] = [];
   const closeListeners = () => listeners.forEach((l) => l.close());
@@ -237,7 +310,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
           const dir = await Deno.makeTempDir({ prefix: "nbd" });
           path = `${dir}/socket`;
         }
-        listeners.push(await listenUnix(server, path));
+        listeners.push(await listenUnix(server, path, listenOptions));
       }
       if (values.port !== undefined || values.ip !== undefined || unix === undefined) {
         const port = values.port === undefined ? 10809 : parsePort(values.port);
@@ -249,7 +322,9 @@ export async function runServer(setup: ServerSetup): Promise<number> {
               port === 0 && listeners.length > 0 && listeners[0]!.address.transport === "tcp"
                 ? listeners[0]!.address.port
                 : port;
-            listeners.push(listenTcp(server, ip.replace(/^\[(.*)\]$/, "$1"), chosen));
+            listeners.push(
+              await listenTcp(server, ip.replace(/^\[(.*)\]$/, "$1"), chosen, listenOptions),
+            );
           } catch (error) {
             // ::1 is optional in the default pair: some hosts have no IPv6.
             if (values.ip === undefined && ip === "::1") continue;
@@ -265,7 +340,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   }
 
   const primary = listeners.find((l) => l.address.transport === "unix") ?? listeners[0]!;
-  const uri = uriFor(primary, exportName, setup.tlsMode === "require");
+  const uri = uriFor(primary, exportName, tls.mode === "require", tls.certificates);
   if (values["print-uri"] && uri) console.log(uri);
   if (values.pidfile) await Deno.writeTextFile(values.pidfile, `${Deno.pid}\n`);
   if (values.verbose && uri) server.state.log(`listening on ${uri}`);
@@ -286,7 +361,10 @@ export async function runServer(setup: ServerSetup): Promise<number> {
       unixsocket: address.transport === "unix" ? address.path : "",
       port: address.transport === "tcp" ? String(address.port) : "",
     };
-    if (setup.tlsMode && setup.tlsMode !== "off") env.tls = setup.tlsMode === "require" ? "2" : "1";
+    if (tls.mode !== "off") {
+      env.tls = tls.mode === "require" ? "2" : "1";
+      env.tls_certificates = tls.certificates!;
+    }
     child = new Deno.Command("/bin/sh", { args: ["-c", values.run], env, stdin: "inherit" })
       .spawn();
     child.status.then((status) =>

@@ -31,8 +31,8 @@ export interface ConnectionContext {
   verbose: boolean;
   /** Logs a line prefixed with the connection id. */
   log(message: string): void;
-  /** Upgrades the stream to TLS (after the STARTTLS ACK has been sent). */
-  startTls(): Promise<void>;
+  /** Sends the STARTTLS ACK and upgrades the stream to TLS. */
+  startTls(ack: Uint8Array): Promise<void>;
   /** Opens the backend stack for an export. */
   openBackend(exportName: string): Promise<Backend>;
 }
@@ -51,6 +51,8 @@ export class Connection implements ConnectionContext {
   readonly verbose: boolean;
   #stream: ByteStream;
   #transmission: Transmission | undefined;
+  /** The plaintext stream while a TLS handshake is running (closed on shutdown). */
+  #upgrading: ByteStream | undefined;
   #backend: Backend | undefined;
 
   /** Wraps an accepted stream. */
@@ -73,8 +75,16 @@ export class Connection implements ConnectionContext {
     this.server.log(`conn ${this.id}: ${message}`);
   }
 
-  async startTls(): Promise<void> {
-    const upgraded = await this.server.tls!.upgrade(this.#stream);
+  async startTls(ack: Uint8Array): Promise<void> {
+    if (this.reader.buffered > 0) throw new Error("the client sent data before the STARTTLS reply");
+    const plain = this.#stream;
+    this.#upgrading = plain;
+    let upgraded: ByteStream;
+    try {
+      upgraded = await this.server.tls!.upgrade(plain, ack);
+    } finally {
+      this.#upgrading = undefined;
+    }
     this.#stream = upgraded;
     this.reader = new BufferedReader(upgraded);
     this.writer = new CorkedWriter(upgraded);
@@ -137,6 +147,7 @@ export class Connection implements ConnectionContext {
    */
   async shutdown(): Promise<void> {
     this.closing = true;
+    this.#upgrading?.detach?.().socket.destroy();
     const transmission = this.#transmission;
     if (transmission) {
       await transmission.idle();

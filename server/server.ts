@@ -17,8 +17,8 @@ export type TlsMode = "off" | "on" | "require";
 export interface TlsUpgrader {
   /** Whether this stream's transport can be upgraded. */
   canUpgrade(stream: ByteStream): boolean;
-  /** Performs the TLS handshake and returns the encrypted stream. */
-  upgrade(stream: ByteStream): Promise<ByteStream>;
+  /** Sends `ack` (the STARTTLS reply), performs the TLS handshake and returns the encrypted stream. */
+  upgrade(stream: ByteStream, ack: Uint8Array): Promise<ByteStream>;
 }
 
 /** Shared state every connection of a server sees. */
