@@ -6,6 +6,7 @@
  * @module
  */
 
+import { X509Certificate } from "node:crypto";
 import * as tls from "node:tls";
 import { type ByteStream, fromNodeSocket } from "../io/byte_stream.ts";
 import type { TlsUpgrader } from "./server.ts";
@@ -43,6 +44,7 @@ export function serverTls(options: ServerTlsOptions): TlsUpgrader {
     throw new Error(`Cannot load TLS credentials from ${dir}: ${(error as Error).message}`);
   }
   const verifyPeer = options.verifyPeer ?? false;
+  const trusted = ca ? splitPem(ca).map((pem) => new X509Certificate(pem)) : [];
   const timeoutMs = (options.handshakeTimeout ?? 30) * 1000;
   return {
     canUpgrade: (stream) => stream.detach !== undefined,
@@ -70,6 +72,14 @@ export function serverTls(options: ServerTlsOptions): TlsUpgrader {
         }, timeoutMs);
         secure.once("secure", () => {
           clearTimeout(timer);
+          if (verifyPeer) {
+            const problem = checkClientCertificate(secure, trusted);
+            if (problem) {
+              secure.destroy();
+              reject(new Error(`TLS client certificate rejected: ${problem}`));
+              return;
+            }
+          }
           resolve(fromNodeSocket(secure));
         });
         secure.once("error", (error) => {
@@ -80,4 +90,48 @@ export function serverTls(options: ServerTlsOptions): TlsUpgrader {
       });
     },
   };
+}
+
+function splitPem(text: string): string[] {
+  return text.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+}
+
+/**
+ * Checks the client's certificate chain against the trusted CAs: each link
+ * signed by the next, all within their validity period, ending at a CA we
+ * trust. (The TLS layer of this runtime requests client certificates but
+ * does not verify them itself.) Returns a problem description, or undefined.
+ */
+function checkClientCertificate(
+  socket: tls.TLSSocket,
+  trusted: X509Certificate[],
+): string | undefined {
+  const peer = socket.getPeerCertificate(true);
+  if (!peer || !peer.raw) return "the client sent no certificate";
+  const chain: X509Certificate[] = [];
+  const seen = new Set<string>();
+  for (
+    let link: tls.DetailedPeerCertificate | undefined = peer;
+    link?.raw;
+    link = link.issuerCertificate
+  ) {
+    if (seen.has(link.fingerprint256)) break;
+    seen.add(link.fingerprint256);
+    chain.push(new X509Certificate(link.raw));
+  }
+  const now = Date.now();
+  const inPeriod = (c: X509Certificate) =>
+    Date.parse(c.validFrom) <= now && now <= Date.parse(c.validTo);
+  const issuedBy = (c: X509Certificate, issuer: X509Certificate) =>
+    c.checkIssued(issuer) && c.verify(issuer.publicKey);
+  let current = chain[0]!;
+  for (let depth = 0; depth < 8; depth++) {
+    if (!inPeriod(current)) return `certificate "${current.subject}" is expired or not yet valid`;
+    const anchor = trusted.find((ca) => issuedBy(current, ca));
+    if (anchor) return inPeriod(anchor) ? undefined : "the CA certificate is expired";
+    const next = chain.find((c) => c !== current && c.ca && issuedBy(current, c));
+    if (!next) return `certificate "${current.subject}" is not signed by a trusted CA`;
+    current = next;
+  }
+  return "certificate chain is too long";
 }
