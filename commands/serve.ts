@@ -18,8 +18,10 @@ import {
   listenUnix,
   serveStdio,
 } from "../server/listener.ts";
-import { formatParams, Params, UsageError } from "../server/params.ts";
+import { formatParams, Params, parseSize, UsageError } from "../server/params.ts";
 import {
+  DEFAULT_HANDSHAKE_TIMEOUT,
+  DEFAULT_MAX_CONNECTIONS,
   DEFAULT_MAX_IN_FLIGHT,
   NbdServer,
   type TlsMode,
@@ -45,6 +47,12 @@ Options:
                            stop serving when it exits and exit with its status
       --print-uri          print the URI clients should use on stdout once listening
       --max-in-flight N    requests processed at once per connection (default ${DEFAULT_MAX_IN_FLIGHT})
+      --max-connections N  clients served at once; more are disconnected (default ${DEFAULT_MAX_CONNECTIONS})
+      --max-payload SIZE   largest request payload advertised (default 32M; without it
+                           READ/WRITE up to 64M are still accepted, as real clients send them)
+      --handshake-timeout S  drop clients that have not finished the handshake after S
+                           seconds (default ${DEFAULT_HANDSHAKE_TIMEOUT}; 0 = never)
+      --idle-timeout S     close connections idle for S seconds (default 0 = never)
   -P, --pidfile FILE       write the process id to FILE once listening
       --tls MODE           off (default), on (client chooses) or require (no plaintext access)
       --tls-certificates DIR  ca-cert.pem, server-cert.pem, server-key.pem (nbdkit's layout)
@@ -81,6 +89,10 @@ export const SERVE_OPTIONS = {
   run: { type: "string" },
   "print-uri": { type: "boolean" },
   "max-in-flight": { type: "string" },
+  "max-connections": { type: "string" },
+  "max-payload": { type: "string" },
+  "handshake-timeout": { type: "string" },
+  "idle-timeout": { type: "string" },
   pidfile: { type: "string", short: "P" },
   tls: { type: "string" },
   "tls-certificates": { type: "string" },
@@ -103,6 +115,10 @@ export interface ServeValues {
   run?: string;
   "print-uri"?: boolean;
   "max-in-flight"?: string;
+  "max-connections"?: string;
+  "max-payload"?: string;
+  "handshake-timeout"?: string;
+  "idle-timeout"?: string;
   pidfile?: string;
   tls?: string;
   "tls-certificates"?: string;
@@ -143,6 +159,20 @@ function lookupFilter(name: string): Filter {
     );
   }
   return filter;
+}
+
+function integerOption(
+  text: string | undefined,
+  name: string,
+  min: number,
+  max: number,
+): number | undefined {
+  if (text === undefined) return undefined;
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || n < min || n > max) {
+    throw new UsageError(`${name}: expected an integer from ${min} to ${max}, got "${text}"`);
+  }
+  return n;
 }
 
 function parsePort(text: string): number {
@@ -238,11 +268,26 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   const { values, plugin, params } = setup;
   const filterNames = values.filter ?? [];
   const filters: Filter[] = filterNames.map(lookupFilter);
-  const maxInFlight = values["max-in-flight"] === undefined
-    ? DEFAULT_MAX_IN_FLIGHT
-    : Number(values["max-in-flight"]);
-  if (!Number.isInteger(maxInFlight) || maxInFlight < 1 || maxInFlight > 65536) {
-    throw new UsageError(`--max-in-flight: expected an integer from 1 to 65536`);
+  const maxInFlight = integerOption(values["max-in-flight"], "--max-in-flight", 1, 65536) ??
+    DEFAULT_MAX_IN_FLIGHT;
+  const maxConnections = integerOption(
+    values["max-connections"],
+    "--max-connections",
+    1,
+    1_000_000,
+  );
+  const handshakeTimeout = integerOption(
+    values["handshake-timeout"],
+    "--handshake-timeout",
+    0,
+    86400,
+  );
+  const idleTimeout = integerOption(values["idle-timeout"], "--idle-timeout", 0, 31_536_000);
+  const maxPayload = values["max-payload"] === undefined
+    ? undefined
+    : parseSize(values["max-payload"], "--max-payload");
+  if (maxPayload !== undefined && (maxPayload < 4096 || maxPayload > 0x7fffffff)) {
+    throw new UsageError("--max-payload: expected a size from 4K to 2G");
   }
   const tls = configureTls(values);
   if (tls.mode !== "off" && values.single) {
@@ -283,6 +328,10 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     readonly: values.readonly ?? false,
     verbose: values.verbose ?? false,
     maxInFlight,
+    maxConnections,
+    maxPayload,
+    handshakeTimeout,
+    idleTimeout,
     tlsMode: tls.mode,
     tls: tls.upgrader,
   });

@@ -35,6 +35,8 @@ export interface ConnectionContext {
   startTls(ack: Uint8Array): Promise<void>;
   /** Opens the backend stack for an export. */
   openBackend(exportName: string): Promise<Backend>;
+  /** Closes the connection at once (limits, timeouts). */
+  abort(): void;
 }
 
 /** A client connection being served. */
@@ -64,6 +66,12 @@ export class Connection implements ConnectionContext {
     this.#stream = stream;
     this.reader = new BufferedReader(stream);
     this.writer = new CorkedWriter(stream);
+  }
+
+  /** Closes the stream, ending the request loop (used by the idle timeout). */
+  abort(): void {
+    this.closing = true;
+    this.#stream.close();
   }
 
   /** Whether this transport can be upgraded to TLS. */
@@ -104,7 +112,21 @@ export class Connection implements ConnectionContext {
   async serve(): Promise<void> {
     if (this.verbose) this.log(`connected from ${this.peer}`);
     try {
-      const negotiated = await negotiate(this);
+      const timeoutMs = this.server.handshakeTimeoutMs;
+      const timer = timeoutMs > 0
+        ? setTimeout(() => {
+          this.log(`handshake not finished after ${timeoutMs / 1000} s: closing`);
+          this.closing = true;
+          this.#upgrading?.detach?.().socket.destroy();
+          this.#stream.close();
+        }, timeoutMs)
+        : undefined;
+      let negotiated;
+      try {
+        negotiated = await negotiate(this);
+      } finally {
+        clearTimeout(timer);
+      }
       if (negotiated) {
         this.#backend = negotiated.backend;
         if (this.verbose) {

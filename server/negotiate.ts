@@ -308,7 +308,17 @@ export async function negotiate(conn: ConnectionContext): Promise<Negotiated | u
               reply(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_DESCRIPTION, info.description));
             }
             // Block sizes are always sent (unrequested items are allowed).
-            reply(option, NBD_REP_INFO, encodeInfoBlockSize(caps.blockSize));
+            reply(
+              option,
+              NBD_REP_INFO,
+              encodeInfoBlockSize({
+                ...caps.blockSize,
+                maximum: Math.max(
+                  caps.blockSize.preferred,
+                  Math.min(caps.blockSize.maximum, server.maxPayload),
+                ),
+              }),
+            );
             reply(option, NBD_REP_ACK);
             if (option === NBD_OPT_GO) {
               keep = true;
