@@ -21,7 +21,12 @@ export type { Extent } from "./protocol/transmission.ts";
 export * from "./server/backend.ts";
 export * from "./server/params.ts";
 export { Exports, type ExportsOptions } from "./server/exports.ts";
-export { NbdServer, type NbdServerOptions, type TlsMode, type TlsUpgrader } from "./server/server.ts";
+export {
+  NbdServer,
+  type NbdServerOptions,
+  type TlsMode,
+  type TlsUpgrader,
+} from "./server/server.ts";
 export { type Listener, listenTcp, listenUnix } from "./server/listener.ts";
 export { PLUGINS } from "./plugins/mod.ts";
 export { FILTERS } from "./filters/mod.ts";

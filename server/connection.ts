@@ -31,10 +31,12 @@ export interface ConnectionContext {
   verbose: boolean;
   /** Logs a line prefixed with the connection id. */
   log(message: string): void;
-  /** Upgrades the stream to TLS (after the STARTTLS ACK has been sent). */
-  startTls(): Promise<void>;
+  /** Sends the STARTTLS ACK and upgrades the stream to TLS. */
+  startTls(ack: Uint8Array): Promise<void>;
   /** Opens the backend stack for an export. */
   openBackend(exportName: string): Promise<Backend>;
+  /** Closes the connection at once (limits, timeouts). */
+  abort(): void;
 }
 
 /** A client connection being served. */
@@ -51,6 +53,8 @@ export class Connection implements ConnectionContext {
   readonly verbose: boolean;
   #stream: ByteStream;
   #transmission: Transmission | undefined;
+  /** The plaintext stream while a TLS handshake is running (closed on shutdown). */
+  #upgrading: ByteStream | undefined;
   #backend: Backend | undefined;
 
   /** Wraps an accepted stream. */
@@ -64,6 +68,12 @@ export class Connection implements ConnectionContext {
     this.writer = new CorkedWriter(stream);
   }
 
+  /** Closes the stream, ending the request loop (used by the idle timeout). */
+  abort(): void {
+    this.closing = true;
+    this.#stream.close();
+  }
+
   /** Whether this transport can be upgraded to TLS. */
   get canStartTls(): boolean {
     return this.server.tls !== undefined && this.server.tls.canUpgrade(this.#stream);
@@ -73,8 +83,16 @@ export class Connection implements ConnectionContext {
     this.server.log(`conn ${this.id}: ${message}`);
   }
 
-  async startTls(): Promise<void> {
-    const upgraded = await this.server.tls!.upgrade(this.#stream);
+  async startTls(ack: Uint8Array): Promise<void> {
+    if (this.reader.buffered > 0) throw new Error("the client sent data before the STARTTLS reply");
+    const plain = this.#stream;
+    this.#upgrading = plain;
+    let upgraded: ByteStream;
+    try {
+      upgraded = await this.server.tls!.upgrade(plain, ack);
+    } finally {
+      this.#upgrading = undefined;
+    }
     this.#stream = upgraded;
     this.reader = new BufferedReader(upgraded);
     this.writer = new CorkedWriter(upgraded);
@@ -94,7 +112,21 @@ export class Connection implements ConnectionContext {
   async serve(): Promise<void> {
     if (this.verbose) this.log(`connected from ${this.peer}`);
     try {
-      const negotiated = await negotiate(this);
+      const timeoutMs = this.server.handshakeTimeoutMs;
+      const timer = timeoutMs > 0
+        ? setTimeout(() => {
+          this.log(`handshake not finished after ${timeoutMs / 1000} s: closing`);
+          this.closing = true;
+          this.#upgrading?.detach?.().socket.destroy();
+          this.#stream.close();
+        }, timeoutMs)
+        : undefined;
+      let negotiated;
+      try {
+        negotiated = await negotiate(this);
+      } finally {
+        clearTimeout(timer);
+      }
       if (negotiated) {
         this.#backend = negotiated.backend;
         if (this.verbose) {
@@ -137,6 +169,7 @@ export class Connection implements ConnectionContext {
    */
   async shutdown(): Promise<void> {
     this.closing = true;
+    this.#upgrading?.detach?.().socket.destroy();
     const transmission = this.#transmission;
     if (transmission) {
       await transmission.idle();

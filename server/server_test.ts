@@ -16,7 +16,7 @@ import { completeBackend, type Plugin } from "./backend.ts";
 import { Exports } from "./exports.ts";
 import { listenUnix } from "./listener.ts";
 import { Params } from "./params.ts";
-import { NbdServer } from "./server.ts";
+import { NbdServer, type NbdServerOptions } from "./server.ts";
 
 interface Fixture extends AsyncDisposable {
   path: string;
@@ -27,7 +27,12 @@ interface Fixture extends AsyncDisposable {
 async function serve(
   plugin: string | Plugin,
   words: string[],
-  options: { readonly?: boolean; exportName?: string; description?: string } = {},
+  options: {
+    readonly?: boolean;
+    exportName?: string;
+    description?: string;
+    server?: Partial<NbdServerOptions>;
+  } = {},
 ): Promise<Fixture> {
   const dir = await Deno.makeTempDir({ prefix: "nbd-server-test" });
   const path = `${dir}/sock`;
@@ -42,6 +47,7 @@ async function serve(
     }),
     readonly: options.readonly,
     log: (m) => logs.push(m),
+    ...options.server,
   });
   const listener = await listenUnix(server, path);
   return {
@@ -474,4 +480,75 @@ Deno.test("shutdown lets in-flight requests finish and answers new options with 
   assertEquals(replyErrno([await busy.reply()]), 0);
   assertEquals(written, [4096]);
   await stopping;
+});
+
+Deno.test("limits: connections beyond --max-connections are closed, and it is logged once", async () => {
+  await using f = await serve("memory", ["1M"], { server: { maxConnections: 2 } });
+  using a = await client(f.path);
+  using b = await client(f.path);
+  await a.greeting();
+  await b.greeting();
+  for (let i = 0; i < 3; i++) {
+    using extra = await client(f.path);
+    assertOk(await extra.closedByServer());
+  }
+  assertEquals(f.logs.filter((l) => l.includes("connection limit")).length, 1);
+  await a.clientFlags(C.NBD_FLAG_C_FIXED_NEWSTYLE);
+  assertEquals((await a.ask(C.NBD_OPT_LIST)).at(-1)!.type, C.NBD_REP_ACK);
+});
+
+Deno.test("limits: a client that never finishes the handshake is dropped", async () => {
+  await using f = await serve("memory", ["1M"], { server: { handshakeTimeout: 0.3 } });
+  using c = await client(f.path);
+  await c.greeting();
+  const started = Date.now();
+  assertOk(await c.closedByServer(3000));
+  assertOk(Date.now() - started >= 200);
+  assertOk(f.logs.some((l) => l.includes("handshake not finished")));
+  // A prompt client is not affected by the timer once in transmission.
+  using ok = await client(f.path);
+  await ok.start();
+  await ok.go();
+  await new Promise((r) => setTimeout(r, 500));
+  await ok.request(C.NBD_CMD_READ, { offset: 0, length: 8 });
+  assertEquals(replyErrno([await ok.reply(8)]), 0);
+});
+
+Deno.test("limits: idle connections are closed after --idle-timeout", async () => {
+  await using f = await serve("memory", ["1M"], { server: { idleTimeout: 0.3 } });
+  using c = await client(f.path);
+  await c.start();
+  await c.go();
+  await c.request(C.NBD_CMD_READ, { offset: 0, length: 8 });
+  assertEquals(replyErrno([await c.reply(8)]), 0);
+  assertOk(await c.closedByServer(3000));
+  assertOk(f.logs.some((l) => l.includes("idle for")));
+});
+
+Deno.test("limits: --max-payload is advertised and enforced exactly", async () => {
+  await using f = await serve("memory", ["8M"], { server: { maxPayload: MiB } });
+  using c = await client(f.path);
+  await c.start();
+  const replies = await c.ask(
+    C.NBD_OPT_INFO,
+    encodeInfoRequest({ name: "", infos: [C.NBD_INFO_BLOCK_SIZE] }),
+  );
+  const blockSize = replies.map((r) =>
+    r.type === C.NBD_REP_INFO ? decodeInfoReply(r.data) : undefined
+  )
+    .find((d) => d?.type === C.NBD_INFO_BLOCK_SIZE);
+  assertEquals(blockSize, {
+    type: C.NBD_INFO_BLOCK_SIZE,
+    blockSize: { minimum: 1, preferred: 4096, maximum: MiB },
+  });
+  await c.go();
+  await c.request(C.NBD_CMD_READ, { offset: 0, length: MiB });
+  assertEquals(replyErrno([await c.reply(MiB)]), 0);
+  await c.request(C.NBD_CMD_READ, { offset: 0, length: MiB + 1 });
+  assertEquals(replyErrno([await c.reply()]), C.NBD_EINVAL);
+  await c.request(C.NBD_CMD_WRITE, { offset: 0, payload: new Uint8Array(MiB + 1) });
+  assertEquals(replyErrno([await c.reply()]), C.NBD_EINVAL);
+  // Beyond twice the limit a WRITE payload is not drained: the connection goes.
+  await c.request(C.NBD_CMD_WRITE, { offset: 0, length: 3 * MiB });
+  assertOk(await c.closedByServer());
 });
