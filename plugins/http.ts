@@ -108,7 +108,13 @@ export class HttpImage {
     try {
       response = await fetch(this.options.url, init);
     } catch (error) {
-      throw new TransientError(`${method} ${this.options.url}: ${(error as Error).message}`);
+      // The useful part ("invalid peer certificate", "connection refused") is in the cause.
+      const cause = (error as Error).cause;
+      const detail = cause instanceof Error ? cause.message : (error as Error).message;
+      const message = `${method} ${this.options.url}: ${detail}`;
+      // A certificate problem will not go away by waiting: fail at once.
+      if (/certificate|handshake|tls|ssl/i.test(message)) throw new NbdError("EIO", message);
+      throw new TransientError(message);
     }
     if (TRANSIENT_STATUS.has(response.status)) {
       await response.body?.cancel();

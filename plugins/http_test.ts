@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { NbdError } from "../protocol/errors.ts";
 import { UsageError } from "../server/params.ts";
-import { randomBytes } from "../tests/helpers.ts";
+import { peers, randomBytes, runOk } from "../tests/helpers.ts";
 import { assertBytes, openPlugin, read } from "../filters/_test_utils.ts";
 import { curlPlugin, httpPlugin } from "./http.ts";
 
@@ -104,4 +104,74 @@ Deno.test("http plugin turns a failed read into EIO", async () => {
     (e) => e instanceof NbdError && e.errno === "EIO",
   );
   await instance.close?.();
+});
+
+/** A CA and a server certificate for localhost signed by it, made with openssl. */
+async function makeCertificates(dir: string): Promise<{ ca: string; cert: string; key: string }> {
+  const sh = (script: string) => runOk("sh", ["-c", script], { cwd: dir });
+  await sh(
+    "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=TestCA " +
+      "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null",
+  );
+  await sh(
+    "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null",
+  );
+  await Deno.writeTextFile(
+    `${dir}/ext.cnf`,
+    "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+  );
+  await sh(
+    "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem " +
+      "-days 2 -extfile ext.cnf 2>/dev/null",
+  );
+  return {
+    ca: `${dir}/ca.pem`,
+    cert: await Deno.readTextFile(`${dir}/server.pem`),
+    key: await Deno.readTextFile(`${dir}/server.key`),
+  };
+}
+
+Deno.test({
+  name: "http plugin over HTTPS trusts the CA given by cainfo= and refuses an unknown one",
+  ...peers("openssl"),
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-https-test" });
+    try {
+      const { ca, cert, key } = await makeCertificates(dir);
+      const data = randomBytes(10000, 6);
+      const server = Deno.serve(
+        { hostname: "127.0.0.1", port: 0, cert, key, onListen() {} },
+        (req) => {
+          const range = /^bytes=(\d+)-(\d+)$/.exec(req.headers.get("Range") ?? "");
+          if (req.method === "HEAD") {
+            return new Response(null, { headers: { "Content-Length": String(data.length) } });
+          }
+          const start = Number(range![1]);
+          const end = Math.min(Number(range![2]), data.length - 1);
+          return new Response(data.slice(start, end + 1), {
+            status: 206,
+            headers: { "Content-Range": `bytes ${start}-${end}/${data.length}` },
+          });
+        },
+      );
+      try {
+        const url = `https://localhost:${server.addr.port}/disk.img`;
+        const { backend, instance } = await openPlugin(httpPlugin, [url, `cainfo=${ca}`]);
+        assertBytes(await read(backend, 5000, 100), data.subarray(5000, 5100));
+        await instance.close?.();
+        // Without the CA the certificate is refused at once (no retries: default back-off
+        // would take half a minute).
+        const start = performance.now();
+        await assert.rejects(
+          () => openPlugin(httpPlugin, [url]),
+          (e) => e instanceof UsageError && /certificate/i.test(e.message),
+        );
+        assert.ok(performance.now() - start < 900);
+      } finally {
+        await server.shutdown();
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
 });
