@@ -11,6 +11,7 @@ import { CorkedWriter } from "../io/corked_writer.ts";
 import type { Backend } from "./backend.ts";
 import { negotiate } from "./negotiate.ts";
 import type { ServerState } from "./server.ts";
+import type { ConnectionInfo } from "./stats.ts";
 import { Transmission } from "./transmission.ts";
 
 /** What the handshake and the request loop need from their connection. */
@@ -37,6 +38,8 @@ export interface ConnectionContext {
   openBackend(exportName: string): Promise<Backend>;
   /** Closes the connection at once (limits, timeouts). */
   abort(): void;
+  /** This connection's entry in the server's counters. */
+  readonly info: ConnectionInfo;
 }
 
 /** A client connection being served. */
@@ -51,6 +54,7 @@ export class Connection implements ConnectionContext {
   tls = false;
   closing = false;
   readonly verbose: boolean;
+  readonly info: ConnectionInfo;
   #stream: ByteStream;
   #transmission: Transmission | undefined;
   /** The plaintext stream while a TLS handshake is running (closed on shutdown). */
@@ -66,6 +70,7 @@ export class Connection implements ConnectionContext {
     this.#stream = stream;
     this.reader = new BufferedReader(stream);
     this.writer = new CorkedWriter(stream);
+    this.info = server.stats.open(id, peer);
   }
 
   /** Closes the stream, ending the request loop (used by the idle timeout). */
@@ -97,6 +102,7 @@ export class Connection implements ConnectionContext {
     this.reader = new BufferedReader(upgraded);
     this.writer = new CorkedWriter(upgraded);
     this.tls = true;
+    this.info.tls = true;
   }
 
   openBackend(exportName: string): Promise<Backend> {
@@ -129,6 +135,15 @@ export class Connection implements ConnectionContext {
       }
       if (negotiated) {
         this.#backend = negotiated.backend;
+        this.info.exportName = negotiated.export.name;
+        this.info.features = [
+          negotiated.extended
+            ? "extended headers"
+            : negotiated.structured
+            ? "structured replies"
+            : "simple replies",
+          ...(negotiated.baseAllocation ? ["base:allocation"] : []),
+        ];
         if (this.verbose) {
           this.log(
             `serving export "${negotiated.export.name}" (flags 0x${
@@ -158,6 +173,7 @@ export class Connection implements ConnectionContext {
         );
       }
       this.#stream.close();
+      this.server.stats.close(this.id);
       if (this.verbose) this.log("disconnected");
     }
   }

@@ -9,6 +9,7 @@
 import type { ByteStream } from "../io/byte_stream.ts";
 import { Connection } from "./connection.ts";
 import type { Exports } from "./exports.ts";
+import { ServerStats } from "./stats.ts";
 
 /** How TLS is offered: off, optional, or required before anything else. */
 export type TlsMode = "off" | "on" | "require";
@@ -45,6 +46,8 @@ export interface ServerState {
   idleTimeoutMs: number;
   /** Set once shutdown has started. */
   shuttingDown: boolean;
+  /** IO counters. */
+  stats: ServerStats;
   /** Writes a log line (to stderr by default). */
   log(message: string): void;
 }
@@ -122,6 +125,7 @@ export class NbdServer {
       handshakeTimeoutMs: (options.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT) * 1000,
       idleTimeoutMs: (options.idleTimeout ?? 0) * 1000,
       shuttingDown: false,
+      stats: new ServerStats(),
       log,
     };
   }

@@ -552,3 +552,34 @@ Deno.test("limits: --max-payload is advertised and enforced exactly", async () =
   await c.request(C.NBD_CMD_WRITE, { offset: 0, length: 3 * MiB });
   assertOk(await c.closedByServer());
 });
+
+Deno.test("counters: requests, bytes, failures and in-flight per export and connection", async () => {
+  await using f = await serve("memory", ["1M"], { exportName: "disk" });
+  using c = await client(f.path);
+  await c.start();
+  await c.go("disk");
+  await c.request(C.NBD_CMD_WRITE, { offset: 0, payload: new Uint8Array(4096) });
+  await c.reply();
+  await c.request(C.NBD_CMD_READ, { offset: 0, length: 512 });
+  await c.reply(512);
+  await c.request(C.NBD_CMD_READ, { offset: MiB, length: 512 }); // past the end
+  await c.reply();
+  const events: string[] = [];
+  f.server.state.stats.listeners.add((e) =>
+    events.push(`${e.command} ${e.offset}+${e.length} ${e.ok}`)
+  );
+  await c.request(C.NBD_CMD_TRIM, { offset: 8192, length: 4096 });
+  await c.reply();
+  const exp = f.server.state.stats.exports.get("disk")!;
+  assertEquals([exp.commands.WRITE.completed, exp.commands.WRITE.bytes], [1, 4096]);
+  assertEquals(
+    [exp.commands.READ.received, exp.commands.READ.completed, exp.commands.READ.failed],
+    [2, 1, 1],
+  );
+  assertEquals(exp.commands.READ.bytes, 512);
+  assertEquals(exp.inFlight, 0);
+  assertEquals(events, ["TRIM 8192+4096 true"]);
+  const [conn] = f.server.state.stats.connections.values();
+  assertEquals([conn!.exportName, conn!.counters.commands.TRIM.completed], ["disk", 1]);
+  assertOk(conn!.counters.lastReplyAt >= conn!.counters.lastRequestAt);
+});

@@ -63,6 +63,7 @@ import {
 import { UnexpectedEofError } from "../io/buffered_reader.ts";
 import { type Backend, type Capabilities, type ReadSegment, ZERO_BUFFER } from "./backend.ts";
 import type { ConnectionContext } from "./connection.ts";
+import type { IoCounters } from "./stats.ts";
 import { BASE_ALLOCATION_ID, type Negotiated } from "./negotiate.ts";
 
 /** A WRITE payload beyond twice the accepted maximum is not drained: the connection is dropped. */
@@ -86,6 +87,7 @@ export class Transmission {
   readonly #baseAllocation: boolean;
   readonly #maxInFlight: number;
   readonly #maxRequest: number;
+  readonly #counters: IoCounters;
   #idleTimer: ReturnType<typeof setTimeout> | undefined;
   #inFlight = 0;
   #inFlightBytes = 0;
@@ -104,6 +106,7 @@ export class Transmission {
     this.#baseAllocation = negotiated.baseAllocation;
     this.#maxInFlight = Math.max(1, conn.server.maxInFlight);
     this.#maxRequest = conn.server.maxRequest;
+    this.#counters = conn.server.stats.exportCounters(negotiated.export.name);
   }
 
   /** Requests currently being processed. */
@@ -205,14 +208,36 @@ export class Transmission {
         }
       }
     }
+    const stats = conn.server.stats;
+    const startedAt = stats.start(conn.info, this.#counters, request.type);
     if (failure) {
       if (conn.verbose) this.#logRequest(request, failure[0], failure[1]);
       this.#sendError(request, failure[0], failure[1]);
+      stats.finish(
+        conn.info,
+        this.#counters,
+        request.type,
+        request.offset,
+        request.length,
+        false,
+        startedAt,
+      );
       return true;
     }
     this.#inFlight++;
     this.#inFlightBytes += payloadLength;
-    this.#execute(request, payload).finally(() => this.#done(payloadLength));
+    this.#execute(request, payload).then((ok) => {
+      stats.finish(
+        conn.info,
+        this.#counters,
+        request.type,
+        request.offset,
+        request.length,
+        ok,
+        startedAt,
+      );
+      this.#done(payloadLength);
+    });
     return true;
   }
 
@@ -337,7 +362,8 @@ export class Transmission {
     return undefined;
   }
 
-  async #execute(request: RequestHeader, payload: Uint8Array | undefined): Promise<void> {
+  /** Runs a validated request and sends its reply; resolves to whether it succeeded. Never rejects. */
+  async #execute(request: RequestHeader, payload: Uint8Array | undefined): Promise<boolean> {
     const backend = this.#backend;
     const { offset, length } = request;
     const fua = (request.flags & NBD_CMD_FLAG_FUA) !== 0;
@@ -375,6 +401,7 @@ export class Transmission {
           break;
       }
       if (this.#conn.verbose) this.#logRequest(request, 0);
+      return true;
     } catch (error) {
       const errno = toWireErrno(error);
       if (!(error instanceof NbdError)) {
@@ -383,6 +410,7 @@ export class Transmission {
       const message = error instanceof Error ? error.message : String(error);
       if (this.#conn.verbose) this.#logRequest(request, errno, message);
       this.#sendError(request, errno, message);
+      return false;
     }
   }
 
