@@ -1,9 +1,10 @@
 /**
- * `nbd`: a Network Block Device toolkit. This module is the library entry:
- * the NBD client (`NbdClient`, option-mode `NbdHandshake`, the multi-conn
- * `NbdClientPool`, `inspectServer`), NBD URI parsing, and the error types.
+ * `nbd` as a library: the NBD wire format, the client (`NbdClient`,
+ * option-mode `NbdHandshake`, the multi-conn `NbdClientPool`,
+ * `inspectServer`), the server with its plugin and filter interface, and
+ * the built-in plugins.
  *
- * @example
+ * @example Read from an export and walk its allocation map
  * ```ts
  * import { NbdClient } from "./mod.ts";
  *
@@ -15,28 +16,42 @@
  * }
  * ```
  *
+ * @example Serve a RAM disk from your own program
+ * ```ts
+ * import { Exports, listenUnix, memoryPlugin, NbdServer, Params } from "./mod.ts";
+ * const plugin = await memoryPlugin.create(Params.parse(["64M"], "size"));
+ * const server = new NbdServer({ exports: new Exports({ plugin }) });
+ * await listenUnix(server, "/tmp/disk.sock");
+ * ```
+ *
  * @module
  */
 
+export * from "./protocol/constants.ts";
+export * from "./protocol/errors.ts";
+export * from "./protocol/uri.ts";
+export type { BlockSize } from "./protocol/handshake.ts";
+export type { Extent } from "./protocol/transmission.ts";
 export * from "./client/client.ts";
 export * from "./client/errors.ts";
 export * from "./client/handshake.ts";
 export * from "./client/inspect.ts";
 export * from "./client/pool.ts";
 export { describeServer, openStream, toNbdUri } from "./client/connect.ts";
-export { formatNbdUri, isNbdUri, type NbdUri, parseNbdUri } from "./protocol/uri.ts";
-export { NbdError, ProtocolError } from "./protocol/errors.ts";
-export type { BlockSize } from "./protocol/handshake.ts";
-export type { ErrnoName } from "./protocol/constants.ts";
-export type {
-  Backend,
-  Capabilities,
-  ExtentsFlags,
-  ReadSegment,
-  Support,
-  WriteFlags,
-  ZeroFlags,
-} from "./server/backend.ts";
+export * from "./server/backend.ts";
+export * from "./server/params.ts";
+export { Exports, type ExportsOptions } from "./server/exports.ts";
+export {
+  NbdServer,
+  type NbdServerOptions,
+  type TlsMode,
+  type TlsUpgrader,
+} from "./server/server.ts";
+export { type Listener, listenTcp, listenUnix } from "./server/listener.ts";
+export { PLUGINS } from "./plugins/mod.ts";
+export { FILTERS } from "./filters/mod.ts";
+export { memoryPlugin } from "./plugins/memory.ts";
+export { filePlugin } from "./plugins/file.ts";
 export type { ByteStream } from "./io/byte_stream.ts";
 export type { BufferedReader } from "./io/buffered_reader.ts";
 export type { CorkedWriter } from "./io/corked_writer.ts";

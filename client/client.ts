@@ -82,8 +82,6 @@ import type {
 } from "./handshake.ts";
 import { NbdHandshake } from "./handshake.ts";
 
-export type { Extent };
-
 /** Block sizes assumed when the server advertises none (the protocol's defaults). */
 export const DEFAULT_CLIENT_BLOCK_SIZE: Readonly<BlockSize> = Object.freeze({
   minimum: 1,

@@ -8,9 +8,9 @@
  */
 
 import type { Capabilities, ExtentsFlags } from "../server/backend.ts";
+import type { Extent } from "../protocol/transmission.ts";
 import {
   type ConnectOptions,
-  type Extent,
   NbdClient,
   type ReadOptions,
   type WriteOptions,

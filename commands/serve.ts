@@ -18,8 +18,16 @@ import {
   listenUnix,
   serveStdio,
 } from "../server/listener.ts";
-import { formatParams, Params, UsageError } from "../server/params.ts";
-import { DEFAULT_MAX_IN_FLIGHT, NbdServer, type TlsMode } from "../server/server.ts";
+import { formatParams, Params, parseSize, UsageError } from "../server/params.ts";
+import {
+  DEFAULT_HANDSHAKE_TIMEOUT,
+  DEFAULT_MAX_CONNECTIONS,
+  DEFAULT_MAX_IN_FLIGHT,
+  NbdServer,
+  type TlsMode,
+  type TlsUpgrader,
+} from "../server/server.ts";
+import { serverTls } from "../server/tls.ts";
 import { type Command, parseOptions } from "./command.ts";
 
 const USAGE = `Usage: nbd serve [OPTIONS] PLUGIN [PARAM=VALUE | VALUE ...]
@@ -39,7 +47,17 @@ Options:
                            stop serving when it exits and exit with its status
       --print-uri          print the URI clients should use on stdout once listening
       --max-in-flight N    requests processed at once per connection (default ${DEFAULT_MAX_IN_FLIGHT})
+      --max-connections N  clients served at once; more are disconnected (default ${DEFAULT_MAX_CONNECTIONS})
+      --max-payload SIZE   largest request payload advertised (default 32M; without it
+                           READ/WRITE up to 64M are still accepted, as real clients send them)
+      --handshake-timeout S  drop clients that have not finished the handshake after S
+                           seconds (default ${DEFAULT_HANDSHAKE_TIMEOUT}; 0 = never)
+      --idle-timeout S     close connections idle for S seconds (default 0 = never)
   -P, --pidfile FILE       write the process id to FILE once listening
+      --tls MODE           off (default), on (client chooses) or require (no plaintext access)
+      --tls-certificates DIR  ca-cert.pem, server-cert.pem, server-key.pem (nbdkit's layout)
+      --tls-verify-peer    require a client certificate signed by the CA
+      --tls-psk FILE       TLS-PSK (not supported: use X.509 certificates)
   -v, --verbose            log options and requests to stderr
   -h, --help               show this help; with a plugin or --filter, show its parameters
 
@@ -71,7 +89,15 @@ export const SERVE_OPTIONS = {
   run: { type: "string" },
   "print-uri": { type: "boolean" },
   "max-in-flight": { type: "string" },
+  "max-connections": { type: "string" },
+  "max-payload": { type: "string" },
+  "handshake-timeout": { type: "string" },
+  "idle-timeout": { type: "string" },
   pidfile: { type: "string", short: "P" },
+  tls: { type: "string" },
+  "tls-certificates": { type: "string" },
+  "tls-verify-peer": { type: "boolean" },
+  "tls-psk": { type: "string" },
   verbose: { type: "boolean", short: "v" },
   help: { type: "boolean", short: "h" },
 } as const;
@@ -89,7 +115,15 @@ export interface ServeValues {
   run?: string;
   "print-uri"?: boolean;
   "max-in-flight"?: string;
+  "max-connections"?: string;
+  "max-payload"?: string;
+  "handshake-timeout"?: string;
+  "idle-timeout"?: string;
   pidfile?: string;
+  tls?: string;
+  "tls-certificates"?: string;
+  "tls-verify-peer"?: boolean;
+  "tls-psk"?: string;
   verbose?: boolean;
 }
 
@@ -127,6 +161,20 @@ function lookupFilter(name: string): Filter {
   return filter;
 }
 
+function integerOption(
+  text: string | undefined,
+  name: string,
+  min: number,
+  max: number,
+): number | undefined {
+  if (text === undefined) return undefined;
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || n < min || n > max) {
+    throw new UsageError(`${name}: expected an integer from ${min} to ${max}, got "${text}"`);
+  }
+  return n;
+}
+
 function parsePort(text: string): number {
   if (!/^\d+$/.test(text) || Number(text) > 65535) {
     throw new UsageError(`--port: bad port "${text}"`);
@@ -135,9 +183,15 @@ function parsePort(text: string): number {
 }
 
 /** The URI clients use for a listener. */
-function uriFor(listener: Listener, exportName: string, tls: boolean): string | undefined {
+function uriFor(
+  listener: Listener,
+  exportName: string,
+  tls: boolean,
+  certificates?: string,
+): string | undefined {
   const address = listener.address;
-  const base: NbdUri = { tls, transport: "tcp", exportName };
+  // With TLS the URI carries the certificate directory so libnbd clients can connect as is.
+  const base: NbdUri = { tls, transport: "tcp", exportName, tlsCertificates: certificates };
   if (address.transport === "unix") {
     return formatNbdUri({ ...base, transport: "unix", socket: address.path });
   }
@@ -158,8 +212,51 @@ export interface ServerSetup {
   plugin: Plugin;
   /** Its parameters (filters take theirs first). */
   params: Params;
-  /** TLS mode for the listening side. */
-  tlsMode?: TlsMode;
+}
+
+/** Default certificate directories, as nbdkit looks them up. */
+function defaultCertificateDirs(): string[] {
+  const home = Deno.env.get("HOME");
+  const dirs = home ? [`${home}/.pki/nbdkit`, `${home}/.config/pki/nbdkit`] : [];
+  return [...dirs, "/etc/pki/nbdkit"];
+}
+
+/** Resolves the TLS options: mode, and the upgrader when TLS is on. */
+export function configureTls(
+  values: ServeValues,
+): { mode: TlsMode; upgrader?: TlsUpgrader; certificates?: string } {
+  if (values["tls-psk"] !== undefined) {
+    throw new UsageError(
+      "--tls-psk: TLS-PSK is not supported by this build's TLS library; use X.509 certificates (--tls-certificates)",
+    );
+  }
+  const mode = (values.tls ?? (values["tls-certificates"] ? "on" : "off")) as TlsMode;
+  if (!["off", "on", "require"].includes(mode)) {
+    throw new UsageError(`--tls: expected off, on or require, got "${mode}"`);
+  }
+  if (mode === "off") {
+    if (values["tls-verify-peer"]) {
+      throw new UsageError("--tls-verify-peer needs --tls=on or --tls=require");
+    }
+    return { mode };
+  }
+  let certificates = values["tls-certificates"];
+  if (certificates === undefined) {
+    certificates = defaultCertificateDirs().find((d) => {
+      try {
+        return Deno.statSync(`${d}/server-cert.pem`).isFile;
+      } catch {
+        return false;
+      }
+    });
+    if (certificates === undefined) {
+      throw new UsageError(
+        `--tls=${mode} needs --tls-certificates DIR (with ca-cert.pem, server-cert.pem, server-key.pem)`,
+      );
+    }
+  }
+  const upgrader = serverTls({ certificates, verifyPeer: values["tls-verify-peer"] ?? false });
+  return { mode, upgrader, certificates };
 }
 
 /**
@@ -171,11 +268,30 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   const { values, plugin, params } = setup;
   const filterNames = values.filter ?? [];
   const filters: Filter[] = filterNames.map(lookupFilter);
-  const maxInFlight = values["max-in-flight"] === undefined
-    ? DEFAULT_MAX_IN_FLIGHT
-    : Number(values["max-in-flight"]);
-  if (!Number.isInteger(maxInFlight) || maxInFlight < 1 || maxInFlight > 65536) {
-    throw new UsageError(`--max-in-flight: expected an integer from 1 to 65536`);
+  const maxInFlight = integerOption(values["max-in-flight"], "--max-in-flight", 1, 65536) ??
+    DEFAULT_MAX_IN_FLIGHT;
+  const maxConnections = integerOption(
+    values["max-connections"],
+    "--max-connections",
+    1,
+    1_000_000,
+  );
+  const handshakeTimeout = integerOption(
+    values["handshake-timeout"],
+    "--handshake-timeout",
+    0,
+    86400,
+  );
+  const idleTimeout = integerOption(values["idle-timeout"], "--idle-timeout", 0, 31_536_000);
+  const maxPayload = values["max-payload"] === undefined
+    ? undefined
+    : parseSize(values["max-payload"], "--max-payload");
+  if (maxPayload !== undefined && (maxPayload < 4096 || maxPayload > 0x7fffffff)) {
+    throw new UsageError("--max-payload: expected a size from 4K to 2G");
+  }
+  const tls = configureTls(values);
+  if (tls.mode !== "off" && values.single) {
+    throw new UsageError("--single cannot be combined with TLS");
   }
   const fds = activationFds();
   const modes =
@@ -212,8 +328,14 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     readonly: values.readonly ?? false,
     verbose: values.verbose ?? false,
     maxInFlight,
-    tlsMode: setup.tlsMode ?? "off",
+    maxConnections,
+    maxPayload,
+    handshakeTimeout,
+    idleTimeout,
+    tlsMode: tls.mode,
+    tls: tls.upgrader,
   });
+  const listenOptions = { nodeSockets: tls.mode !== "off" };
 
   const listeners: Listener[] = [];
   const closeListeners = () => listeners.forEach((l) => l.close());
@@ -237,7 +359,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
           const dir = await Deno.makeTempDir({ prefix: "nbd" });
           path = `${dir}/socket`;
         }
-        listeners.push(await listenUnix(server, path));
+        listeners.push(await listenUnix(server, path, listenOptions));
       }
       if (values.port !== undefined || values.ip !== undefined || unix === undefined) {
         const port = values.port === undefined ? 10809 : parsePort(values.port);
@@ -249,7 +371,9 @@ export async function runServer(setup: ServerSetup): Promise<number> {
               port === 0 && listeners.length > 0 && listeners[0]!.address.transport === "tcp"
                 ? listeners[0]!.address.port
                 : port;
-            listeners.push(listenTcp(server, ip.replace(/^\[(.*)\]$/, "$1"), chosen));
+            listeners.push(
+              await listenTcp(server, ip.replace(/^\[(.*)\]$/, "$1"), chosen, listenOptions),
+            );
           } catch (error) {
             // ::1 is optional in the default pair: some hosts have no IPv6.
             if (values.ip === undefined && ip === "::1") continue;
@@ -265,7 +389,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   }
 
   const primary = listeners.find((l) => l.address.transport === "unix") ?? listeners[0]!;
-  const uri = uriFor(primary, exportName, setup.tlsMode === "require");
+  const uri = uriFor(primary, exportName, tls.mode === "require", tls.certificates);
   if (values["print-uri"] && uri) console.log(uri);
   if (values.pidfile) await Deno.writeTextFile(values.pidfile, `${Deno.pid}\n`);
   if (values.verbose && uri) server.state.log(`listening on ${uri}`);
@@ -286,7 +410,10 @@ export async function runServer(setup: ServerSetup): Promise<number> {
       unixsocket: address.transport === "unix" ? address.path : "",
       port: address.transport === "tcp" ? String(address.port) : "",
     };
-    if (setup.tlsMode && setup.tlsMode !== "off") env.tls = setup.tlsMode === "require" ? "2" : "1";
+    if (tls.mode !== "off") {
+      env.tls = tls.mode === "require" ? "2" : "1";
+      env.tls_certificates = tls.certificates!;
+    }
     child = new Deno.Command("/bin/sh", { args: ["-c", values.run], env, stdin: "inherit" })
       .spawn();
     child.status.then((status) =>

@@ -18,6 +18,11 @@ export interface ByteStream {
   close(): void;
   /** Closes the write side only, where supported. */
   closeWrite?(): Promise<void>;
+  /**
+   * For streams over node:net sockets: stops reading and hands back the
+   * socket with any bytes received but not yet read (to start TLS on it).
+   */
+  detach?(): { socket: Socket; unread: Uint8Array[] };
 }
 
 /** Writes all of `buf` to `stream`, looping over partial writes. */
@@ -64,25 +69,25 @@ export function fromNodeSocket(socket: Socket, highWater = 4 << 20): ByteStream 
     wake = undefined;
     w?.();
   };
-  socket.on("data", (chunk: Uint8Array) => {
+  const onData = (chunk: Uint8Array) => {
     chunks.push(chunk);
     queued += chunk.length;
     if (queued > highWater) socket.pause();
     notify();
-  });
-  socket.on("end", () => {
+  };
+  const onEnd = () => {
     ended = true;
     notify();
-  });
-  socket.on("close", () => {
-    ended = true;
-    notify();
-  });
-  socket.on("error", (error: Error) => {
+  };
+  const onError = (error: Error) => {
     failure = error;
     ended = true;
     notify();
-  });
+  };
+  socket.on("data", onData);
+  socket.on("end", onEnd);
+  socket.on("close", onEnd);
+  socket.on("error", onError);
   return {
     async read(buf: Uint8Array): Promise<number | null> {
       while (chunks.length === 0) {
@@ -121,6 +126,17 @@ export function fromNodeSocket(socket: Socket, highWater = 4 << 20): ByteStream 
     },
     closeWrite(): Promise<void> {
       return new Promise((resolve) => socket.end(resolve));
+    },
+    detach() {
+      socket.pause();
+      socket.off("data", onData);
+      socket.off("end", onEnd);
+      socket.off("close", onEnd);
+      socket.off("error", onError);
+      const unread = chunks.splice(0);
+      queued = 0;
+      closed = true;
+      return { socket, unread };
     },
   };
 }

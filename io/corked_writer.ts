@@ -8,8 +8,10 @@
 
 import { type ByteStream, writeAll } from "./byte_stream.ts";
 
-const SMALL_CHUNK = 16 * 1024;
-const STAGING_SIZE = 256 * 1024;
+// Chunks below this are copied into one staging buffer: fewer, larger writes
+// cost both sides fewer syscalls and wake-ups than a write per page view.
+const SMALL_CHUNK = 512 * 1024;
+const STAGING_SIZE = 1024 * 1024;
 
 /** Serialising, batching writer over a `ByteStream`. */
 export class CorkedWriter {

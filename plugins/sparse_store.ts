@@ -121,22 +121,37 @@ export class SparseStore {
 
   /** Makes a range read as zeroes, freeing every page it covers completely. */
   zero(offset: number, length: number): void {
-    let done = 0;
-    while (done < length) {
-      const pos = offset + done;
+    const end = offset + length;
+    const partial = (pos: number, n: number) => {
       const index = Math.floor(pos / PAGE_SIZE);
-      const within = pos - index * PAGE_SIZE;
-      const n = Math.min(PAGE_SIZE - within, length - done);
       const page = this.#pages.get(index);
-      if (page) {
-        if (n === PAGE_SIZE) this.#free(index);
-        else {
-          page.fill(0, within, within + n);
-          if (isAllZero(page)) this.#free(index);
-        }
+      if (!page) return;
+      const within = pos - index * PAGE_SIZE;
+      page.fill(0, within, within + n);
+      if (isAllZero(page)) this.#free(index);
+    };
+    const firstFull = Math.ceil(offset / PAGE_SIZE);
+    const endFull = Math.floor(end / PAGE_SIZE);
+    if (firstFull >= endFull) {
+      // No whole page inside: one or two partial pages.
+      let pos = offset;
+      while (pos < end) {
+        const n = Math.min((Math.floor(pos / PAGE_SIZE) + 1) * PAGE_SIZE, end) - pos;
+        partial(pos, n);
+        pos += n;
       }
-      done += n;
+      return;
     }
+    if (offset < firstFull * PAGE_SIZE) partial(offset, firstFull * PAGE_SIZE - offset);
+    if (endFull - firstFull > this.#pages.size) {
+      // A huge range (a whole-disk trim): visit only the allocated pages.
+      for (const index of [...this.#pages.keys()]) {
+        if (index >= firstFull && index < endFull) this.#free(index);
+      }
+    } else {
+      for (let index = firstFull; index < endFull; index++) this.#free(index);
+    }
+    if (end > endFull * PAGE_SIZE) partial(endFull * PAGE_SIZE, end - endFull * PAGE_SIZE);
   }
 
   /** Allocation status from `offset`: data for allocated pages, hole+zero elsewhere. */

@@ -11,6 +11,7 @@ import { CorkedWriter } from "../io/corked_writer.ts";
 import type { Backend } from "./backend.ts";
 import { negotiate } from "./negotiate.ts";
 import type { ServerState } from "./server.ts";
+import type { ConnectionInfo } from "./stats.ts";
 import { Transmission } from "./transmission.ts";
 
 /** What the handshake and the request loop need from their connection. */
@@ -31,10 +32,14 @@ export interface ConnectionContext {
   verbose: boolean;
   /** Logs a line prefixed with the connection id. */
   log(message: string): void;
-  /** Upgrades the stream to TLS (after the STARTTLS ACK has been sent). */
-  startTls(): Promise<void>;
+  /** Sends the STARTTLS ACK and upgrades the stream to TLS. */
+  startTls(ack: Uint8Array): Promise<void>;
   /** Opens the backend stack for an export. */
   openBackend(exportName: string): Promise<Backend>;
+  /** Closes the connection at once (limits, timeouts). */
+  abort(): void;
+  /** This connection's entry in the server's counters. */
+  readonly info: ConnectionInfo;
 }
 
 /** A client connection being served. */
@@ -49,8 +54,11 @@ export class Connection implements ConnectionContext {
   tls = false;
   closing = false;
   readonly verbose: boolean;
+  readonly info: ConnectionInfo;
   #stream: ByteStream;
   #transmission: Transmission | undefined;
+  /** The plaintext stream while a TLS handshake is running (closed on shutdown). */
+  #upgrading: ByteStream | undefined;
   #backend: Backend | undefined;
 
   /** Wraps an accepted stream. */
@@ -62,6 +70,13 @@ export class Connection implements ConnectionContext {
     this.#stream = stream;
     this.reader = new BufferedReader(stream);
     this.writer = new CorkedWriter(stream);
+    this.info = server.stats.open(id, peer);
+  }
+
+  /** Closes the stream, ending the request loop (used by the idle timeout). */
+  abort(): void {
+    this.closing = true;
+    this.#stream.close();
   }
 
   /** Whether this transport can be upgraded to TLS. */
@@ -73,12 +88,21 @@ export class Connection implements ConnectionContext {
     this.server.log(`conn ${this.id}: ${message}`);
   }
 
-  async startTls(): Promise<void> {
-    const upgraded = await this.server.tls!.upgrade(this.#stream);
+  async startTls(ack: Uint8Array): Promise<void> {
+    if (this.reader.buffered > 0) throw new Error("the client sent data before the STARTTLS reply");
+    const plain = this.#stream;
+    this.#upgrading = plain;
+    let upgraded: ByteStream;
+    try {
+      upgraded = await this.server.tls!.upgrade(plain, ack);
+    } finally {
+      this.#upgrading = undefined;
+    }
     this.#stream = upgraded;
     this.reader = new BufferedReader(upgraded);
     this.writer = new CorkedWriter(upgraded);
     this.tls = true;
+    this.info.tls = true;
   }
 
   openBackend(exportName: string): Promise<Backend> {
@@ -94,9 +118,32 @@ export class Connection implements ConnectionContext {
   async serve(): Promise<void> {
     if (this.verbose) this.log(`connected from ${this.peer}`);
     try {
-      const negotiated = await negotiate(this);
+      const timeoutMs = this.server.handshakeTimeoutMs;
+      const timer = timeoutMs > 0
+        ? setTimeout(() => {
+          this.log(`handshake not finished after ${timeoutMs / 1000} s: closing`);
+          this.closing = true;
+          this.#upgrading?.detach?.().socket.destroy();
+          this.#stream.close();
+        }, timeoutMs)
+        : undefined;
+      let negotiated;
+      try {
+        negotiated = await negotiate(this);
+      } finally {
+        clearTimeout(timer);
+      }
       if (negotiated) {
         this.#backend = negotiated.backend;
+        this.info.exportName = negotiated.export.name;
+        this.info.features = [
+          negotiated.extended
+            ? "extended headers"
+            : negotiated.structured
+            ? "structured replies"
+            : "simple replies",
+          ...(negotiated.baseAllocation ? ["base:allocation"] : []),
+        ];
         if (this.verbose) {
           this.log(
             `serving export "${negotiated.export.name}" (flags 0x${
@@ -126,6 +173,7 @@ export class Connection implements ConnectionContext {
         );
       }
       this.#stream.close();
+      this.server.stats.close(this.id);
       if (this.verbose) this.log("disconnected");
     }
   }
@@ -137,6 +185,7 @@ export class Connection implements ConnectionContext {
    */
   async shutdown(): Promise<void> {
     this.closing = true;
+    this.#upgrading?.detach?.().socket.destroy();
     const transmission = this.#transmission;
     if (transmission) {
       await transmission.idle();

@@ -56,8 +56,52 @@ function acceptLoop(listener: Deno.Listener, server: NbdServer, tcp: boolean): P
   })();
 }
 
+/** Options of the socket listeners. */
+export interface ListenOptions {
+  /**
+   * Accept through node:net instead of Deno's own sockets: needed when the
+   * connection may be upgraded to TLS in the middle of the stream.
+   */
+  nodeSockets?: boolean;
+}
+
+/** Accepts through a node:net server (TLS-capable sockets). */
+function listenNode(
+  server: NbdServer,
+  where: { host: string; port: number } | { path: string },
+): Promise<{ server: net.Server; done: Promise<void> }> {
+  const netServer = net.createServer((socket) => {
+    if ("port" in where) socket.setNoDelay(true);
+    const peer = "port" in where ? `${socket.remoteAddress}:${socket.remotePort}` : "unix";
+    server.serve(fromNodeSocket(socket), peer);
+  });
+  const done = new Promise<void>((resolve) => netServer.on("close", () => resolve()));
+  return new Promise((resolve, reject) => {
+    netServer.once("error", reject);
+    netServer.listen(where, () => {
+      netServer.off("error", reject);
+      netServer.on("error", (error) => server.state.log(`listener: ${error.message}`));
+      resolve({ server: netServer, done });
+    });
+  });
+}
+
 /** Listens on TCP. Port 0 picks a free port (see `address`). */
-export function listenTcp(server: NbdServer, hostname: string, port: number): Listener {
+export async function listenTcp(
+  server: NbdServer,
+  hostname: string,
+  port: number,
+  options: ListenOptions = {},
+): Promise<Listener> {
+  if (options.nodeSockets) {
+    const { server: netServer, done } = await listenNode(server, { host: hostname, port });
+    const addr = netServer.address() as net.AddressInfo;
+    return {
+      address: { transport: "tcp", hostname: addr.address, port: addr.port },
+      close: () => netServer.close(),
+      done,
+    };
+  }
   const listener = Deno.listen({ hostname, port, transport: "tcp" });
   const addr = listener.addr as Deno.NetAddr;
   return {
@@ -75,7 +119,11 @@ export function listenTcp(server: NbdServer, hostname: string, port: number): Li
  * Listens on a Unix socket. A stale socket file left by a dead server is
  * replaced; a live one is an error. The file is removed on close.
  */
-export async function listenUnix(server: NbdServer, path: string): Promise<Listener> {
+export async function listenUnix(
+  server: NbdServer,
+  path: string,
+  options: ListenOptions = {},
+): Promise<Listener> {
   try {
     const stat = await Deno.lstat(path);
     if (!stat.isSocket) throw new Error(`Cannot listen on ${path}: it exists and is not a socket`);
@@ -90,8 +138,23 @@ export async function listenUnix(server: NbdServer, path: string): Promise<Liste
   } catch (error) {
     if (!(error instanceof Deno.errors.NotFound)) throw error;
   }
-  const listener = Deno.listen({ transport: "unix", path });
   let closed = false;
+  if (options.nodeSockets) {
+    const { server: netServer, done } = await listenNode(server, { path });
+    return {
+      address: { transport: "unix", path },
+      close: () => {
+        if (closed) return;
+        closed = true;
+        netServer.close();
+        try {
+          Deno.removeSync(path);
+        } catch { /* already gone */ }
+      },
+      done,
+    };
+  }
+  const listener = Deno.listen({ transport: "unix", path });
   return {
     address: { transport: "unix", path },
     close: () => {

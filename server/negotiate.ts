@@ -123,11 +123,11 @@ export function transmissionFlags(
  * to undefined when the client aborted or the connection was closed.
  */
 export async function negotiate(conn: ConnectionContext): Promise<Negotiated | undefined> {
-  const { reader, writer, server } = conn;
-  writer.write(encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
-  if (!(await reader.ensure(4, "client flags"))) return undefined;
-  const clientFlags = reader.view.getUint32(reader.position);
-  reader.consume(4);
+  const server = conn.server;
+  conn.writer.write(encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
+  if (!(await conn.reader.ensure(4, "client flags"))) return undefined;
+  const clientFlags = conn.reader.view.getUint32(conn.reader.position);
+  conn.reader.consume(4);
   if ((clientFlags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) !== 0) {
     conn.log(`unknown client flags 0x${clientFlags.toString(16)}: closing`);
     return undefined;
@@ -142,14 +142,16 @@ export async function negotiate(conn: ConnectionContext): Promise<Negotiated | u
 
   const reply = (option: number, type: number, data?: Uint8Array) => {
     if (conn.verbose) conn.log(`option ${optionName(option)} → ${replyTypeName(type)}`);
-    writer.write(encodeOptionReply(option, type, data));
+    conn.writer.write(encodeOptionReply(option, type, data));
   };
   const error = (option: number, type: number, message: string) => {
     if (conn.verbose) conn.log(`option ${optionName(option)} → ${replyTypeName(type)}: ${message}`);
-    writer.write(encodeOptionReply(option, type, encodeString(message)));
+    conn.writer.write(encodeOptionReply(option, type, encodeString(message)));
   };
 
   while (true) {
+    // The reader and writer change when STARTTLS upgrades the stream.
+    const { reader, writer } = conn;
     await writer.flush();
     if (!(await reader.ensure(OPTION_HEADER_SIZE, "an option"))) return undefined;
     const header = decodeOptionHeader(reader.peek(OPTION_HEADER_SIZE));
@@ -267,9 +269,10 @@ export async function negotiate(conn: ConnectionContext): Promise<Negotiated | u
             error(option, NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
             break;
           }
-          reply(option, NBD_REP_ACK);
           await writer.flush();
-          await conn.startTls();
+          if (conn.verbose) conn.log("option STARTTLS → ACK, starting TLS");
+          await conn.startTls(encodeOptionReply(option, NBD_REP_ACK));
+          if (conn.verbose) conn.log("TLS established");
           // STARTTLS resets every stateful option.
           structured = false;
           extended = false;
@@ -305,7 +308,17 @@ export async function negotiate(conn: ConnectionContext): Promise<Negotiated | u
               reply(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_DESCRIPTION, info.description));
             }
             // Block sizes are always sent (unrequested items are allowed).
-            reply(option, NBD_REP_INFO, encodeInfoBlockSize(caps.blockSize));
+            reply(
+              option,
+              NBD_REP_INFO,
+              encodeInfoBlockSize({
+                ...caps.blockSize,
+                maximum: Math.max(
+                  caps.blockSize.preferred,
+                  Math.min(caps.blockSize.maximum, server.maxPayload),
+                ),
+              }),
+            );
             reply(option, NBD_REP_ACK);
             if (option === NBD_OPT_GO) {
               keep = true;

@@ -9,6 +9,7 @@
 import type { ByteStream } from "../io/byte_stream.ts";
 import { Connection } from "./connection.ts";
 import type { Exports } from "./exports.ts";
+import { ServerStats } from "./stats.ts";
 
 /** How TLS is offered: off, optional, or required before anything else. */
 export type TlsMode = "off" | "on" | "require";
@@ -17,8 +18,8 @@ export type TlsMode = "off" | "on" | "require";
 export interface TlsUpgrader {
   /** Whether this stream's transport can be upgraded. */
   canUpgrade(stream: ByteStream): boolean;
-  /** Performs the TLS handshake and returns the encrypted stream. */
-  upgrade(stream: ByteStream): Promise<ByteStream>;
+  /** Sends `ack` (the STARTTLS reply), performs the TLS handshake and returns the encrypted stream. */
+  upgrade(stream: ByteStream, ack: Uint8Array): Promise<ByteStream>;
 }
 
 /** Shared state every connection of a server sees. */
@@ -35,8 +36,18 @@ export interface ServerState {
   verbose: boolean;
   /** Requests in flight per connection before the request loop stops reading. */
   maxInFlight: number;
+  /** Largest payload advertised in NBD_INFO_BLOCK_SIZE. */
+  maxPayload: number;
+  /** Largest READ/WRITE accepted (real clients exceed the advertised maximum). */
+  maxRequest: number;
+  /** Milliseconds a client may take to finish the handshake (0 = no limit). */
+  handshakeTimeoutMs: number;
+  /** Milliseconds without requests before an idle connection is closed (0 = never). */
+  idleTimeoutMs: number;
   /** Set once shutdown has started. */
   shuttingDown: boolean;
+  /** IO counters. */
+  stats: ServerStats;
   /** Writes a log line (to stderr by default). */
   log(message: string): void;
 }
@@ -55,12 +66,30 @@ export interface NbdServerOptions {
   verbose?: boolean;
   /** Requests in flight per connection (default 64). */
   maxInFlight?: number;
+  /** Connections served at once (default 1024); more are closed at once. */
+  maxConnections?: number;
+  /** Largest payload advertised (default 32 MiB). */
+  maxPayload?: number;
+  /** Largest READ/WRITE accepted (default: 64 MiB, or maxPayload when that is given). */
+  maxRequest?: number;
+  /** Seconds allowed for the handshake (default 60; 0 = no limit). */
+  handshakeTimeout?: number;
+  /** Seconds of inactivity before a connection is closed (default 0 = never). */
+  idleTimeout?: number;
   /** Log sink (default: stderr with an "nbd: " prefix). */
   log?: (message: string) => void;
 }
 
 /** Default bound on requests in flight per connection. */
 export const DEFAULT_MAX_IN_FLIGHT = 64;
+/** Default bound on concurrent connections. */
+export const DEFAULT_MAX_CONNECTIONS = 1024;
+/** Default advertised maximum payload (the protocol's conventional 32 MiB). */
+export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
+/** Default largest READ/WRITE accepted: 64 MiB, as real clients send such requests. */
+export const DEFAULT_MAX_REQUEST = 64 * 1024 * 1024;
+/** Default handshake timeout in seconds. */
+export const DEFAULT_HANDSHAKE_TIMEOUT = 60;
 
 /**
  * Serves NBD on whatever streams it is given.
@@ -76,11 +105,14 @@ export class NbdServer {
   readonly state: ServerState;
   #connections = new Set<Connection>();
   #nextId = 1;
+  #maxConnections: number;
+  #refusing = false;
   #idleWaiters: Array<() => void> = [];
 
   /** Creates a server. */
   constructor(options: NbdServerOptions) {
     const log = options.log ?? ((message: string) => console.error(`nbd: ${message}`));
+    this.#maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
     this.state = {
       exports: options.exports,
       readonly: options.readonly ?? false,
@@ -88,7 +120,12 @@ export class NbdServer {
       tls: options.tls,
       verbose: options.verbose ?? false,
       maxInFlight: options.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT,
+      maxPayload: options.maxPayload ?? DEFAULT_MAX_PAYLOAD,
+      maxRequest: options.maxRequest ?? (options.maxPayload ?? DEFAULT_MAX_REQUEST),
+      handshakeTimeoutMs: (options.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT) * 1000,
+      idleTimeoutMs: (options.idleTimeout ?? 0) * 1000,
       shuttingDown: false,
+      stats: new ServerStats(),
       log,
     };
   }
@@ -104,6 +141,16 @@ export class NbdServer {
       stream.close();
       return;
     }
+    if (this.#connections.size >= this.#maxConnections) {
+      // Logged once per burst of refusals, not once per refused client.
+      if (!this.#refusing) {
+        this.state.log(`connection limit (${this.#maxConnections}) reached: refusing new clients`);
+      }
+      this.#refusing = true;
+      stream.close();
+      return;
+    }
+    this.#refusing = false;
     const connection = new Connection(this.state, stream, this.#nextId++, peer);
     this.#connections.add(connection);
     try {

@@ -63,12 +63,11 @@ import {
 import { UnexpectedEofError } from "../io/buffered_reader.ts";
 import { type Backend, type Capabilities, type ReadSegment, ZERO_BUFFER } from "./backend.ts";
 import type { ConnectionContext } from "./connection.ts";
+import type { IoCounters } from "./stats.ts";
 import { BASE_ALLOCATION_ID, type Negotiated } from "./negotiate.ts";
 
-/** The largest READ/WRITE accepted (the advertised maximum is 32 MiB; real clients send up to 64 MiB). */
-export const MAX_REQUEST_PAYLOAD = 64 * 1024 * 1024;
-/** A WRITE payload beyond this is not drained: the connection is dropped. */
-export const HARD_REQUEST_PAYLOAD = 128 * 1024 * 1024;
+/** A WRITE payload beyond twice the accepted maximum is not drained: the connection is dropped. */
+const HARD_PAYLOAD_FACTOR = 2;
 /** Zero runs at least this long become OFFSET_HOLE chunks in structured READ replies. */
 const MIN_HOLE_CHUNK = 4096;
 /** At most this many descriptors in one block-status reply. */
@@ -87,6 +86,9 @@ export class Transmission {
   readonly #extended: boolean;
   readonly #baseAllocation: boolean;
   readonly #maxInFlight: number;
+  readonly #maxRequest: number;
+  readonly #counters: IoCounters;
+  #idleTimer: ReturnType<typeof setTimeout> | undefined;
   #inFlight = 0;
   #inFlightBytes = 0;
   #slotWaiter: (() => void) | undefined;
@@ -103,6 +105,8 @@ export class Transmission {
     this.#extended = negotiated.extended;
     this.#baseAllocation = negotiated.baseAllocation;
     this.#maxInFlight = Math.max(1, conn.server.maxInFlight);
+    this.#maxRequest = conn.server.maxRequest;
+    this.#counters = conn.server.stats.exportCounters(negotiated.export.name);
   }
 
   /** Requests currently being processed. */
@@ -126,6 +130,7 @@ export class Transmission {
         if (conn.writer.full) await conn.writer.drain();
         if (conn.writer.error !== undefined) break;
         const reader = conn.reader;
+        this.#armIdleTimer();
         if (!(await reader.ensure(headerSize, "a request header"))) break;
         const request = decodeRequest(reader.view, reader.position, this.#extended);
         if (!request) {
@@ -147,7 +152,20 @@ export class Transmission {
       if (error instanceof UnexpectedEofError) conn.log(error.message);
       else if (!conn.closing) conn.log(`connection error: ${(error as Error).message}`);
     }
+    clearTimeout(this.#idleTimer);
     await this.idle();
+  }
+
+  /** (Re)starts the idle timer: it fires only when no request is in flight. */
+  #armIdleTimer(): void {
+    const ms = this.#conn.server.idleTimeoutMs;
+    if (ms <= 0) return;
+    clearTimeout(this.#idleTimer);
+    this.#idleTimer = setTimeout(() => {
+      if (this.#inFlight > 0) return this.#armIdleTimer();
+      this.#conn.log(`idle for ${ms / 1000} s: closing`);
+      this.#conn.abort();
+    }, ms);
   }
 
   /** Reads the payload of a request, validates it and starts it. Returns false to close. */
@@ -163,7 +181,9 @@ export class Transmission {
     } else if (request.type === NBD_CMD_WRITE) {
       payloadLength = request.length;
     }
-    if (payloadLength > HARD_REQUEST_PAYLOAD || !Number.isSafeInteger(payloadLength)) {
+    if (
+      payloadLength > HARD_PAYLOAD_FACTOR * this.#maxRequest || !Number.isSafeInteger(payloadLength)
+    ) {
       conn.log(`${commandName(request.type)} with a ${payloadLength}-byte payload: closing`);
       return false;
     }
@@ -188,14 +208,36 @@ export class Transmission {
         }
       }
     }
+    const stats = conn.server.stats;
+    const startedAt = stats.start(conn.info, this.#counters, request.type);
     if (failure) {
       if (conn.verbose) this.#logRequest(request, failure[0], failure[1]);
       this.#sendError(request, failure[0], failure[1]);
+      stats.finish(
+        conn.info,
+        this.#counters,
+        request.type,
+        request.offset,
+        request.length,
+        false,
+        startedAt,
+      );
       return true;
     }
     this.#inFlight++;
     this.#inFlightBytes += payloadLength;
-    this.#execute(request, payload).finally(() => this.#done(payloadLength));
+    this.#execute(request, payload).then((ok) => {
+      stats.finish(
+        conn.info,
+        this.#counters,
+        request.type,
+        request.offset,
+        request.length,
+        ok,
+        startedAt,
+      );
+      this.#done(payloadLength);
+    });
     return true;
   }
 
@@ -311,16 +353,17 @@ export class Transmission {
         `${commandName(type)} is not aligned to the ${minimum}-byte minimum block size`,
       ];
     }
-    if ((type === NBD_CMD_READ || type === NBD_CMD_WRITE) && length > MAX_REQUEST_PAYLOAD) {
+    if ((type === NBD_CMD_READ || type === NBD_CMD_WRITE) && length > this.#maxRequest) {
       return [
         NBD_EINVAL,
-        `${commandName(type)} of ${length} bytes is larger than ${MAX_REQUEST_PAYLOAD}`,
+        `${commandName(type)} of ${length} bytes is larger than ${this.#maxRequest}`,
       ];
     }
     return undefined;
   }
 
-  async #execute(request: RequestHeader, payload: Uint8Array | undefined): Promise<void> {
+  /** Runs a validated request and sends its reply; resolves to whether it succeeded. Never rejects. */
+  async #execute(request: RequestHeader, payload: Uint8Array | undefined): Promise<boolean> {
     const backend = this.#backend;
     const { offset, length } = request;
     const fua = (request.flags & NBD_CMD_FLAG_FUA) !== 0;
@@ -358,6 +401,7 @@ export class Transmission {
           break;
       }
       if (this.#conn.verbose) this.#logRequest(request, 0);
+      return true;
     } catch (error) {
       const errno = toWireErrno(error);
       if (!(error instanceof NbdError)) {
@@ -366,6 +410,7 @@ export class Transmission {
       const message = error instanceof Error ? error.message : String(error);
       if (this.#conn.verbose) this.#logRequest(request, errno, message);
       this.#sendError(request, errno, message);
+      return false;
     }
   }
 

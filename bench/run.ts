@@ -1,0 +1,129 @@
+/**
+ * Server benchmarks: the same client reads the same data from `nbd serve`
+ * and from nbdkit in the same run, alternating, and the table shows each
+ * median and the ratio ours/nbdkit (above 1.0 means we are faster).
+ *
+ *   deno task bench            # 5 rounds each
+ *   deno task bench --rounds 3 --size 256M
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { hasCommand, runOk, startNbdServe, startServer } from "../tests/helpers.ts";
+import { parseSize } from "../server/params.ts";
+
+const { values } = parseArgs({
+  args: Deno.args,
+  options: {
+    rounds: { type: "string", default: "5" },
+    size: { type: "string", default: "1G" },
+    "bench-count": { type: "string", default: "200000" },
+  },
+});
+const rounds = Number(values.rounds);
+const size = parseSize(values.size!);
+
+for (const tool of ["nbdkit", "nbdcopy", "qemu-img"]) {
+  if (!hasCommand(tool)) {
+    console.error(`bench: ${tool} is needed (apt-get install nbdkit libnbd-bin qemu-utils)`);
+    Deno.exit(1);
+  }
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)]!;
+}
+
+async function timed(cmd: string, args: string[]): Promise<number> {
+  const start = performance.now();
+  await runOk(cmd, args);
+  return (performance.now() - start) / 1000;
+}
+
+function peakRss(pid: number): string {
+  try {
+    const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+    const kib = Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? 0);
+    return `${Math.round(kib / 1024)} MiB`;
+  } catch {
+    return "?";
+  }
+}
+
+interface Row {
+  name: string;
+  unit: string;
+  ours: number;
+  theirs: number;
+  /** true when a smaller figure is better (times). */
+  lowerIsBetter: boolean;
+}
+
+await using ours = await startNbdServe(["memory", String(size)]);
+await using nbdkit = await startServer("nbdkit", ["-f", "-U", "$SOCKET", "memory", String(size)]);
+
+// The same contents in both: a filled (non-sparse) disk.
+for (const server of [ours, nbdkit]) {
+  await runOk("nbdcopy", ["--", "[", "nbdkit", "pattern", String(size), "]", server.uri]);
+}
+
+const rows: Row[] = [];
+async function compare(name: string, args: (uri: string) => [string, string[]]): Promise<void> {
+  const a: number[] = [];
+  const b: number[] = [];
+  for (let i = 0; i < rounds; i++) {
+    const [cmdA, argsA] = args(ours.uri);
+    a.push(await timed(cmdA, argsA));
+    const [cmdB, argsB] = args(nbdkit.uri);
+    b.push(await timed(cmdB, argsB));
+  }
+  rows.push({ name, unit: "s", ours: median(a), theirs: median(b), lowerIsBetter: true });
+}
+
+await compare(
+  `nbdcopy ${values.size} → null: (default connections)`,
+  (uri) => ["nbdcopy", [uri, "null:"]],
+);
+await compare(`nbdcopy ${values.size} → null: (--connections=1)`, (uri) => [
+  "nbdcopy",
+  ["--connections=1", uri, "null:"],
+]);
+await compare(
+  `qemu-img bench 4 KiB random reads, depth 64, ${values["bench-count"]} ops`,
+  (uri) => [
+    "qemu-img",
+    [
+      "bench",
+      "-f",
+      "raw",
+      "-c",
+      values["bench-count"]!,
+      "-d",
+      "64",
+      "-s",
+      "4096",
+      "-t",
+      "none",
+      uri,
+    ],
+  ],
+);
+
+console.log(
+  `\nserver benchmark: ${rounds} rounds, medians; ratio = nbdkit time / our time (> 1.0: we are faster)\n`,
+);
+console.log(`| benchmark | nbd serve | nbdkit | ratio ours/nbdkit |`);
+console.log(`|---|---|---|---|`);
+for (const row of rows) {
+  const ratio = row.lowerIsBetter ? row.theirs / row.ours : row.ours / row.theirs;
+  console.log(
+    `| ${row.name} | ${row.ours.toFixed(3)} ${row.unit} | ${row.theirs.toFixed(3)} ${row.unit} | ${
+      ratio.toFixed(2)
+    }x |`,
+  );
+}
+console.log(
+  `\npeak RSS: nbd serve ${peakRss(ours.child.pid)}, nbdkit ${peakRss(nbdkit.child.pid)}`,
+);

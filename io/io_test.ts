@@ -1,0 +1,82 @@
+import { assertBytes, assertEquals, assertRejects } from "../tests/assert.ts";
+import { BufferedReader, UnexpectedEofError } from "./buffered_reader.ts";
+import { CorkedWriter } from "./corked_writer.ts";
+
+/** A source that returns the given chunks one read at a time. */
+function source(chunks: Uint8Array[]) {
+  let i = 0;
+  let reads = 0;
+  return {
+    get reads() {
+      return reads;
+    },
+    read(buf: Uint8Array): Promise<number | null> {
+      reads++;
+      const chunk = chunks[i];
+      if (!chunk) return Promise.resolve(null);
+      const n = Math.min(buf.length, chunk.length);
+      buf.set(chunk.subarray(0, n));
+      if (n === chunk.length) i++;
+      else chunks[i] = chunk.subarray(n);
+      return Promise.resolve(n);
+    },
+  };
+}
+
+Deno.test("BufferedReader parses messages split across reads and reads payloads directly", async () => {
+  const src = source([
+    Uint8Array.from([1, 2]),
+    Uint8Array.from([3, 4, 5, 6]),
+    new Uint8Array(1000).fill(7),
+  ]);
+  const reader = new BufferedReader(src, 16);
+  assertEquals(await reader.ensure(3), true);
+  assertEquals([...reader.peek(3)], [1, 2, 3]);
+  reader.consume(3);
+  const payload = new Uint8Array(1003);
+  await reader.readInto(payload);
+  assertBytes(payload.subarray(0, 3), Uint8Array.from([4, 5, 6]));
+  assertEquals(payload.subarray(3).every((b) => b === 7), true);
+  assertEquals(await reader.ensure(1), false); // clean EOF at a message boundary
+});
+
+Deno.test("BufferedReader reports EOF in the middle of a message", async () => {
+  const reader = new BufferedReader(source([Uint8Array.from([1, 2])]), 16);
+  await assertRejects(() => reader.ensure(4, "a header"), UnexpectedEofError, "a header");
+  const r2 = new BufferedReader(source([Uint8Array.from([1])]), 16);
+  await assertRejects(() => r2.readExact(2), UnexpectedEofError);
+});
+
+Deno.test("CorkedWriter keeps order, batches small chunks and reports backpressure", async () => {
+  const writes: number[][] = [];
+  let release!: () => void;
+  let gate = new Promise<void>((r) => release = r);
+  const sink = {
+    async write(buf: Uint8Array) {
+      await gate;
+      // Write at most 3 bytes at a time to exercise partial writes.
+      const n = Math.min(3, buf.length);
+      writes.push([...buf.subarray(0, n)]);
+      return n;
+    },
+  };
+  const writer = new CorkedWriter(sink, 4);
+  writer.write(Uint8Array.from([1, 2]), Uint8Array.from([3]));
+  writer.write(Uint8Array.from([4, 5, 6, 7]));
+  assertEquals(writer.full, true);
+  const drained = writer.drain();
+  release();
+  gate = Promise.resolve();
+  await drained;
+  await writer.flush();
+  assertEquals(writes.flat(), [1, 2, 3, 4, 5, 6, 7]);
+  assertEquals(writer.queuedBytes, 0);
+});
+
+Deno.test("CorkedWriter stops and surfaces the error when the sink fails", async () => {
+  const writer = new CorkedWriter({ write: () => Promise.reject(new Error("broken pipe")) });
+  writer.write(Uint8Array.from([1]));
+  await assertRejects(() => writer.flush(), Error, "broken pipe");
+  writer.write(Uint8Array.from([2])); // ignored, does not throw
+  assertEquals((writer.error as Error).message, "broken pipe");
+});

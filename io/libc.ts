@@ -1,0 +1,90 @@
+/**
+ * The few libc calls Deno does not expose: lseek with SEEK_DATA/SEEK_HOLE,
+ * fallocate (punch hole, zero range) and the block-device size ioctl. Loaded
+ * lazily through FFI; when FFI is unavailable the callers fall back.
+ *
+ * @module
+ */
+
+const SEEK_END = 2;
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+/** fallocate mode bits. */
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+/** Deallocate the range (reads as zeroes afterwards). */
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+/** Zero the range, keeping it allocated. */
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+const SYMBOLS = {
+  lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
+  fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32", nonblocking: true },
+  __errno_location: { parameters: [], result: "pointer" },
+} as const;
+
+let lib: Deno.DynamicLibrary<typeof SYMBOLS> | null | undefined;
+
+function libc(): Deno.DynamicLibrary<typeof SYMBOLS> | null {
+  if (lib === undefined) {
+    try {
+      lib = Deno.dlopen("libc.so.6", SYMBOLS);
+    } catch {
+      lib = null;
+    }
+  }
+  return lib;
+}
+
+/** Whether the libc calls are available (Linux with FFI permission). */
+export function hasLibc(): boolean {
+  return libc() !== null;
+}
+
+function errno(): number {
+  const l = libc();
+  if (!l) return 0;
+  const ptr = l.symbols.__errno_location();
+  return ptr ? new Deno.UnsafePointerView(ptr).getInt32() : 0;
+}
+
+const ENXIO = 6;
+
+/**
+ * Next data offset at or after `offset` (SEEK_DATA): the offset itself when
+ * it is in data, `size` when only a hole follows, undefined if unsupported.
+ */
+export function seekData(fd: number, offset: number): number | undefined {
+  const l = libc();
+  if (!l) return undefined;
+  const r = Number(l.symbols.lseek(fd, BigInt(offset), SEEK_DATA));
+  if (r >= 0) return r;
+  return errno() === ENXIO ? Infinity : undefined;
+}
+
+/** Next hole offset at or after `offset` (SEEK_HOLE); the end of file counts as a hole. */
+export function seekHole(fd: number, offset: number): number | undefined {
+  const l = libc();
+  if (!l) return undefined;
+  const r = Number(l.symbols.lseek(fd, BigInt(offset), SEEK_HOLE));
+  return r >= 0 ? r : undefined;
+}
+
+/** Size by seeking to the end: works for block devices, where fstat says 0. */
+export function seekEnd(fd: number): number | undefined {
+  const l = libc();
+  if (!l) return undefined;
+  const r = Number(l.symbols.lseek(fd, 0n, SEEK_END));
+  return r >= 0 ? r : undefined;
+}
+
+/** fallocate(2); resolves to true on success, false if unsupported or failed. */
+export async function fallocate(
+  fd: number,
+  mode: number,
+  offset: number,
+  length: number,
+): Promise<boolean> {
+  const l = libc();
+  if (!l) return false;
+  return (await l.symbols.fallocate(fd, mode, BigInt(offset), BigInt(length))) === 0;
+}
