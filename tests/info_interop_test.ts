@@ -15,6 +15,7 @@ import {
   startServer,
   tempDir,
 } from "./helpers.ts";
+import { makeCertificates } from "./certs.ts";
 import { startNbdServer } from "./peer_servers.ts";
 
 const MiB = 1024 * 1024;
@@ -352,6 +353,70 @@ Deno.test({
       const result = await nbd(...args);
       assert.equal(result.code, 2, args.join(" "));
       assert.match(result.stderr, /^nbd: /);
+    }
+  },
+});
+
+/** A TCP port nothing listens on right now. */
+function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  return port;
+}
+
+Deno.test({
+  name: "nbd info over TCP agrees with nbdinfo, including the export URI",
+  ...peers("nbdkit", "nbdinfo"),
+  async fn() {
+    const port = freePort();
+    const server = new Deno.Command("nbdkit", {
+      args: [
+        "-f",
+        "-p",
+        String(port),
+        "-i",
+        "127.0.0.1",
+        "--filter=exportname",
+        "memory",
+        "1M",
+        "exportname=disk",
+        "exportname-list=explicit",
+      ],
+      stdout: "null",
+      stderr: "null",
+    }).spawn();
+    try {
+      const uri = `nbd://127.0.0.1:${port}/disk`;
+      for (let i = 0; i < 200 && (await nbd("info", "--can", "connect", uri)).code !== 0; i++) {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      const ours = await compareInfo(uri);
+      assert.equal(ours.exports[0]!.uri, `nbd://127.0.0.1:${port}/disk`);
+    } finally {
+      server.kill("SIGTERM");
+      await server.status;
+    }
+  },
+});
+
+Deno.test({
+  name: "nbd info says so in one line when the server requires TLS",
+  ...peers("nbdkit", "openssl"),
+  async fn() {
+    await using dir = await tempDir();
+    await makeCertificates(dir.path);
+    await using server = await nbdkit([
+      "--tls=require",
+      `--tls-certificates=${dir.path}`,
+      "memory",
+      "1M",
+    ]);
+    for (const command of ["info", "list", "map", "dump"]) {
+      const result = await nbd(command, server.uri);
+      assert.equal(result.code, 1, command);
+      assert.match(result.stderr, /^nbd: the server requires TLS, which is not supported yet/);
+      assert.equal(result.stderr.trimEnd().split("\n").length, 1, result.stderr);
     }
   },
 });
