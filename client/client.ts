@@ -9,7 +9,7 @@
  * @module
  */
 
-import type { BufferedReader } from "../io/buffered_reader.ts";
+import { type BufferedReader, UnexpectedEofError } from "../io/buffered_reader.ts";
 import type { ByteStream } from "../io/byte_stream.ts";
 import type { CorkedWriter } from "../io/corked_writer.ts";
 import {
@@ -72,7 +72,12 @@ import type {
   WriteFlags,
   ZeroFlags,
 } from "../server/backend.ts";
-import { NbdConnectionError, NbdRequestError } from "./errors.ts";
+import {
+  describeRequest,
+  NbdConnectionError,
+  NbdRequestError,
+  type RequestDescription,
+} from "./errors.ts";
 import type {
   ExportDetails,
   GoOptions,
@@ -136,6 +141,16 @@ export interface MappedExtent {
   flags: number;
 }
 
+/**
+ * Waits for every part of a split request, then fails with the first error:
+ * returning early would let the caller reuse a buffer that later parts are
+ * still being read into.
+ */
+async function settleAll(parts: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(parts);
+  for (const result of results) if (result.status === "rejected") throw result.reason;
+}
+
 /** A request waiting for its reply. */
 class Pending {
   readonly type: number;
@@ -164,8 +179,8 @@ class Pending {
     });
   }
 
-  describe() {
-    return { command: commandName(this.type), offset: this.offset, length: this.length };
+  describe(): RequestDescription {
+    return describeRequest(this.type, this.offset, this.length);
   }
 }
 
@@ -562,8 +577,8 @@ export class NbdClient implements Backend, AsyncDisposable {
 
   // ---- sending ---------------------------------------------------------------
 
-  #describe(type: number, offset: number, length: number) {
-    return { command: commandName(type), offset, length };
+  #describe(type: number, offset: number, length: number): RequestDescription {
+    return describeRequest(type, offset, length);
   }
 
   #unsupported(type: number, offset: number, length: number, feature: string): NbdRequestError {
@@ -625,7 +640,7 @@ export class NbdClient implements Backend, AsyncDisposable {
     for (let start = 0; start < length; start += this.#splitSize) {
       parts.push(send(start, Math.min(this.#splitSize, length - start)));
     }
-    return Promise.all(parts).then(() => {});
+    return settleAll(parts);
   }
 
   /** TRIM, WRITE_ZEROES and CACHE: no payload, split only at the header's length limit. */
@@ -639,7 +654,7 @@ export class NbdClient implements Backend, AsyncDisposable {
       const n = Math.min(this.#maxEffectLength, length - start);
       parts.push(this.#submit(new Pending(type, offset + start, n), flags));
     }
-    return parts.length === 1 ? parts[0]! : Promise.all(parts).then(() => {});
+    return parts.length === 1 ? parts[0]! : settleAll(parts);
   }
 
   #cookie(): number {
@@ -832,7 +847,7 @@ export class NbdClient implements Backend, AsyncDisposable {
     if (!this.#failure) {
       let failure: Error;
       if (error instanceof NbdConnectionError || error instanceof ProtocolError) failure = error;
-      else if (error instanceof Error && error.name === "UnexpectedEofError") {
+      else if (error instanceof UnexpectedEofError) {
         failure = new NbdConnectionError("the server closed the connection in mid-reply", {
           cause: error,
         });
