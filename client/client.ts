@@ -366,6 +366,10 @@ export class NbdClient implements Backend, AsyncDisposable {
     for (const selected of this.#contextIds.values()) if (selected === name) return true;
     return false;
   }
+  /** Why the connection became unusable, or undefined while it works. */
+  get failure(): Error | undefined {
+    return this.#failure;
+  }
   /** Number of requests sent and not yet answered. */
   get inFlight(): number {
     return this.#inFlight.size;

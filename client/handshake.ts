@@ -402,7 +402,11 @@ export class NbdHandshake implements AsyncDisposable {
     if (error instanceof ProtocolError) {
       return new ProtocolError(`${error.message} (${phase})`, { cause: error });
     }
-    if (error instanceof Deno.errors.ConnectionReset || error instanceof Deno.errors.BrokenPipe) {
+    const code = (error as { code?: unknown })?.code;
+    if (
+      error instanceof Deno.errors.ConnectionReset || error instanceof Deno.errors.BrokenPipe ||
+      code === "EPIPE" || code === "ECONNRESET"
+    ) {
       return new NbdConnectionError(`the connection was reset ${phase}`, { cause: error });
     }
     return error;
