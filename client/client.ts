@@ -375,6 +375,16 @@ export class NbdClient implements Backend, AsyncDisposable {
     return this.#inFlight.size;
   }
 
+  /**
+   * Ends the connection now: requests in flight fail with a connection
+   * error carrying `reason`, later ones are refused, and the socket is
+   * closed. For callers that decide a server is stale (e.g. no reply
+   * within a timeout), where waiting in `close()` would hang.
+   */
+  abort(reason: string): void {
+    this.#fail(new NbdConnectionError(reason));
+  }
+
   // ---- Backend ---------------------------------------------------------------
 
   /** Size of the export in bytes. */
