@@ -9,12 +9,21 @@ import { dumpCommand } from "./dump.ts";
 import { infoCommand } from "./info.ts";
 import { listCommand } from "./list.ts";
 import { mapCommand } from "./map.ts";
+import { mountCommand } from "./mount.ts";
 import { proxyCommand } from "./proxy.ts";
 import { serveCommand } from "./serve.ts";
 
 /** Subcommands by name, in the order `nbd --help` lists them. */
 export const COMMANDS: ReadonlyMap<string, Command> = new Map(
-  [serveCommand, proxyCommand, infoCommand, listCommand, mapCommand, dumpCommand].map((
+  [
+    serveCommand,
+    proxyCommand,
+    infoCommand,
+    listCommand,
+    mapCommand,
+    dumpCommand,
+    mountCommand,
+  ].map((
     c,
   ) => [c.name, c]),
 );

@@ -1,0 +1,225 @@
+/**
+ * `nbd mount [OPTIONS] URI MOUNTPOINT`: an export as a regular file over
+ * FUSE (like nbdfuse), served in the foreground until SIGINT/SIGTERM or
+ * `nbd umount MOUNTPOINT`. Also the option parsing `nbd attach` shares.
+ *
+ * @module
+ */
+
+import { formatSize, parseDuration, UsageError } from "../server/params.ts";
+import { DEFAULT_TIMEOUT_MS } from "../mount/export_file.ts";
+import { MountSession, requireMountPrivilege } from "../mount/session.ts";
+import * as sys from "../mount/syscalls.ts";
+import { type Command, parseOptions } from "./command.ts";
+import { writeStdout } from "./output.ts";
+import { TLS_OPTIONS, TLS_USAGE, type TlsFlags, withTlsFlags } from "./tls_options.ts";
+
+/** Options `nbd mount` and `nbd attach` share. */
+export const MOUNT_OPTIONS = {
+  readonly: { type: "boolean", short: "r" },
+  connections: { type: "string", short: "C" },
+  timeout: { type: "string" },
+  "ready-fd": { type: "string" },
+  verbose: { type: "boolean", short: "v" },
+  help: { type: "boolean", short: "h" },
+  ...TLS_OPTIONS,
+} as const;
+
+/** Help lines for the shared options. */
+export const MOUNT_USAGE = `  -r, --readonly          read-only (also when the server only allows reading)
+  -C, --connections N     NBD connections when the server allows multi-conn (default 4)
+      --timeout SECONDS   declare a connection stale and fail its requests with EIO
+                          after SECONDS without a reply (default ${
+  DEFAULT_TIMEOUT_MS / 1000
+}; 0 = never)
+      --ready-fd N        also write the ready line to file descriptor N, then close it
+  -v, --verbose           log every failed request to stderr`;
+
+const USAGE = `Usage: nbd mount [OPTIONS] URI MOUNTPOINT
+
+Present an NBD export as a regular file over FUSE, like nbdfuse. If
+MOUNTPOINT is a directory the file is MOUNTPOINT/disk; if it is an existing
+regular file, the export is mounted over it. Reads, writes, fsync (FLUSH)
+and fallocate (--punch-hole: TRIM, --zero-range: WRITE_ZEROES) go to the
+server. Stays in the foreground until SIGINT/SIGTERM or "nbd umount
+MOUNTPOINT", and always unmounts on the way out. Needs root (CAP_SYS_ADMIN).
+
+Once the file is usable, one line goes to stdout:
+  mounted URI on FILE (SIZE bytes, N connections, read-write)
+
+Options:
+${MOUNT_USAGE}
+      --name NAME         name of the file in a directory mount (default disk)
+      --allow-other       let other users open the file (default: only the mounting user)
+  -h, --help              show this help
+
+${TLS_USAGE}
+
+Examples:
+  mkdir /tmp/m && nbd mount nbd://server/disk /tmp/m &
+  qemu-img info /tmp/m/disk
+  nbd umount /tmp/m
+  nbd mount -r "nbd+unix:///?socket=/tmp/nbd.sock" ./image.raw   # over an existing file
+`;
+
+/** The parsed shared options. */
+export interface MountFlags {
+  readOnly: boolean;
+  connections: number;
+  timeoutMs: number;
+  readyFd: number | undefined;
+  verbose: boolean;
+}
+
+/** Turns the shared option values into `MountFlags`. */
+export function mountFlags(values: {
+  readonly?: boolean;
+  connections?: string;
+  timeout?: string;
+  "ready-fd"?: string;
+  verbose?: boolean;
+}): MountFlags {
+  let connections = 4;
+  if (values.connections !== undefined) {
+    connections = Number(values.connections);
+    if (!Number.isInteger(connections) || connections < 1 || connections > 64) {
+      throw new UsageError(`--connections: expected a number from 1 to 64, got "${values.connections}"`);
+    }
+  }
+  let readyFd: number | undefined;
+  if (values["ready-fd"] !== undefined) {
+    readyFd = Number(values["ready-fd"]);
+    if (!Number.isInteger(readyFd) || readyFd < 0) {
+      throw new UsageError(`--ready-fd: expected a file descriptor number, got "${values["ready-fd"]}"`);
+    }
+  }
+  return {
+    readOnly: values.readonly ?? false,
+    connections,
+    timeoutMs: values.timeout === undefined
+      ? DEFAULT_TIMEOUT_MS
+      : parseDuration(values.timeout, "--timeout"),
+    readyFd,
+    verbose: values.verbose ?? false,
+  };
+}
+
+/** Applies the TLS flags to the URI. */
+export function mountUri(uri: string, flags: TlsFlags): string {
+  return withTlsFlags(uri, flags);
+}
+
+const encoder = new TextEncoder();
+
+/** Writes `line` to a descriptor the caller passed with --ready-fd, then closes it. */
+export function signalReadyFd(fd: number | undefined, line: string): void {
+  if (fd === undefined) return;
+  const bytes = encoder.encode(line + "\n");
+  let done = 0;
+  while (done < bytes.length) {
+    const n = sys.write(fd, bytes.subarray(done));
+    if (n <= 0) break;
+    done += n;
+  }
+  sys.close(fd);
+}
+
+/** Resolves with the signal's name on the first SIGINT or SIGTERM; `dispose` removes the handlers. */
+export function onTerminate(): { signal: Promise<string>; dispose: () => void } {
+  let handlers: [Deno.Signal, () => void][] = [];
+  const signal = new Promise<string>((resolve) => {
+    handlers = (["SIGINT", "SIGTERM"] as const).map((name) => [name, () => resolve(name)]);
+    for (const [name, handler] of handlers) Deno.addSignalListener(name, handler);
+  });
+  return {
+    signal,
+    dispose: () => {
+      for (const [name, handler] of handlers) Deno.removeSignalListener(name, handler);
+    },
+  };
+}
+
+/** A log line on stderr. */
+function logToStderr(message: string): void {
+  console.error(`nbd: ${message}`);
+}
+
+/** The `nbd mount` command. */
+export const mountCommand: Command = {
+  name: "mount",
+  summary: "present an export as a file over FUSE (like nbdfuse)",
+  usage: USAGE,
+  async run(argv: string[]): Promise<number> {
+    const { values, positionals } = parseOptions(argv, {
+      ...MOUNT_OPTIONS,
+      name: { type: "string" },
+      "allow-other": { type: "boolean" },
+    });
+    if (values.help) {
+      await writeStdout(USAGE);
+      return 0;
+    }
+    if (positionals.length !== 2) {
+      throw new UsageError("mount needs a URI and a MOUNTPOINT (see --help)");
+    }
+    const flags = mountFlags(values);
+    const name = values.name ?? "disk";
+    if (name.includes("/") || name === "." || name === ".." || name === "") {
+      throw new UsageError(`--name: "${name}" is not a file name`);
+    }
+    const [uri, mountpoint] = positionals as [string, string];
+    requireMountPrivilege(`mount on ${mountpoint}`);
+    try {
+      const info = await Deno.stat(mountpoint);
+      if (!info.isDirectory && !info.isFile) {
+        throw new Error(`Cannot mount on ${mountpoint}: not a directory or regular file`);
+      }
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) {
+        throw new Error(`Cannot mount on ${mountpoint}: no such file or directory`);
+      }
+      throw error;
+    }
+    const terminate = onTerminate();
+    try {
+      const session = await MountSession.start({
+        uri: mountUri(uri, values),
+        mountpoint,
+        readOnly: flags.readOnly,
+        connections: flags.connections,
+        timeoutSeconds: flags.timeoutMs / 1000,
+        fileName: name,
+        allowOther: values["allow-other"] ?? false,
+        verbose: flags.verbose,
+        log: logToStderr,
+      });
+      const record = session.record;
+      const line = `mounted ${record.uri} on ${record.file} (${session.describe()})`;
+      await writeStdout(line + "\n");
+      signalReadyFd(flags.readyFd, line);
+      try {
+        const why = await Promise.race([
+          terminate.signal,
+          session.unmounted.then(() => "unmounted"),
+          session.stopRequested.then(() => "stop"),
+        ]);
+        if (why !== "unmounted" && flags.verbose) {
+          logToStderr(`${why}: unmounting ${record.mountpoint}`);
+        }
+      } finally {
+        await session.stop();
+      }
+      if (flags.verbose) {
+        const stats = session.file.stats();
+        logToStderr(
+          `unmounted ${record.mountpoint}: ${stats.completed} requests, ${
+            formatSize(stats.bytesRead)
+          } read, ${formatSize(stats.bytesWritten)} written, ${stats.failed} failed`,
+        );
+      }
+      return 0;
+    } finally {
+      terminate.dispose();
+    }
+  },
+};

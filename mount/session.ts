@@ -1,0 +1,235 @@
+/**
+ * A running mount: the NBD connections, the FUSE server, the loop device
+ * for attachments, the session record and its control socket, started and
+ * stopped together. `nbd mount` runs one in the foreground; the process
+ * behind `nbd attach` runs one with a loop device.
+ *
+ * @module
+ */
+
+import { NBD_FLAG_CAN_MULTI_CONN } from "../protocol/constants.ts";
+import { ExportFile } from "./export_file.ts";
+import { FuseFileServer } from "./fuse_file_server.ts";
+import { attachLoop, detachLoop, loopBackingFile } from "./loop_device.ts";
+import {
+  type ControlReply,
+  type ControlRequest,
+  ControlServer,
+  createSessionDir,
+  removeSessionDir,
+  type SessionRecord,
+  writeRecord,
+} from "./registry.ts";
+
+/** Options of `MountSession.start`. */
+export interface MountSessionOptions {
+  /** The export. */
+  uri: string;
+  /** Where to mount; omitted for an attachment (mounted in the session directory). */
+  mountpoint?: string;
+  /** Attach a loop device to the file. */
+  attach?: boolean;
+  /** Mount (and attach) read-only. */
+  readOnly?: boolean;
+  /** Connections when the server allows multi-conn (default 4). */
+  connections?: number;
+  /** Stale-connection timeout in seconds (0 = none). */
+  timeoutSeconds: number;
+  /** Name of the file in a directory mount. */
+  fileName?: string;
+  /** Let other users access the file. */
+  allowOther?: boolean;
+  /** One-line log messages (connection events, failed requests). */
+  log: (message: string) => void;
+  /** Log each failed request, not just connection events. */
+  verbose?: boolean;
+}
+
+/** Checks for the privilege mounting needs, with a clear error. */
+export function requireMountPrivilege(what: string): void {
+  let capable = Deno.uid() === 0;
+  try {
+    const status = Deno.readTextFileSync("/proc/self/status");
+    const hex = /^CapEff:\s*([0-9a-f]+)/m.exec(status)?.[1];
+    if (hex) capable = (BigInt(`0x${hex}`) & (1n << 21n)) !== 0n; // CAP_SYS_ADMIN
+  } catch { /* keep the uid answer */ }
+  if (!capable) {
+    throw new Error(
+      `Cannot ${what}: mounting FUSE needs root (or CAP_SYS_ADMIN); run it as root, e.g. with sudo`,
+    );
+  }
+}
+
+/** A running mount (and loop device, for an attachment). */
+export class MountSession {
+  readonly #file: ExportFile;
+  readonly #server: FuseFileServer;
+  readonly #dir: string;
+  readonly #control: ControlServer;
+  readonly #record: SessionRecord;
+  readonly #log: (message: string) => void;
+  #stopping: Promise<void> | undefined;
+  #stopRequested: ((hard: boolean) => void) | undefined;
+  /** Resolves with `hard` when a control client asks the session to stop. */
+  readonly stopRequested: Promise<boolean>;
+
+  private constructor(
+    file: ExportFile,
+    server: FuseFileServer,
+    dir: string,
+    control: ControlServer | undefined,
+    record: SessionRecord,
+    log: (message: string) => void,
+  ) {
+    this.#file = file;
+    this.#server = server;
+    this.#dir = dir;
+    this.#control = control!;
+    this.#record = record;
+    this.#log = log;
+    this.stopRequested = new Promise((resolve) => this.#stopRequested = resolve);
+  }
+
+  /** Connects, mounts, attaches (if asked) and records the session. */
+  static async start(options: MountSessionOptions): Promise<MountSession> {
+    const log = options.log;
+    const file = await ExportFile.open(options.uri, {
+      connections: options.connections ?? 4,
+      readOnly: options.readOnly,
+      timeoutMs: options.timeoutSeconds * 1000,
+      onEvent: log,
+    });
+    let dir: string | undefined;
+    let server: FuseFileServer | undefined;
+    let device: string | undefined;
+    try {
+      dir = await createSessionDir();
+      let mountpoint = options.mountpoint;
+      if (mountpoint === undefined) {
+        mountpoint = `${dir}/mnt`;
+        await Deno.mkdir(mountpoint, { recursive: true });
+      } else {
+        mountpoint = await Deno.realPath(mountpoint).catch(() => mountpoint!);
+      }
+      server = new FuseFileServer(file, {
+        mountpoint,
+        fileName: options.fileName,
+        readOnly: options.readOnly,
+        allowOther: options.allowOther,
+        source: file.uri,
+        onError: options.verbose
+          ? (what, error) => log(`${what} failed: ${(error as Error).message}`)
+          : undefined,
+      });
+      await server.mount();
+      if (options.attach) {
+        device = await attachLoop(server.filePath, {
+          readOnly: server.readOnly,
+          sectorSize: file.primary.blockSize.minimum,
+        });
+      }
+      const record: SessionRecord = {
+        kind: options.attach ? "attach" : "mount",
+        pid: Deno.pid,
+        uri: file.uri,
+        exportName: file.primary.exportName,
+        size: file.size,
+        mountpoint,
+        file: server.filePath,
+        device,
+        connections: file.connectionCount,
+        readOnly: server.readOnly,
+        timeoutSeconds: options.timeoutSeconds,
+        started: new Date().toISOString(),
+      };
+      let session: MountSession | undefined;
+      const control = await ControlServer.listen(
+        dir,
+        (request) =>
+          session ? session.#handle(request) : Promise.resolve({ ok: false, error: "starting" }),
+      );
+      session = new MountSession(file, server, dir, control, record, log);
+      await writeRecord(dir, record);
+      return session;
+    } catch (error) {
+      if (device) await detachLoop(device).catch(() => {});
+      if (server) await server.unmount({ lazy: true }).catch(() => {});
+      await file.close().catch(() => {});
+      if (dir) await removeSessionDir(dir);
+      throw error;
+    }
+  }
+
+  /** What the session records about itself. */
+  get record(): SessionRecord {
+    return this.#record;
+  }
+
+  /** The served file. */
+  get file(): ExportFile {
+    return this.#file;
+  }
+
+  /** The FUSE server. */
+  get server(): FuseFileServer {
+    return this.#server;
+  }
+
+  /** Resolves once the file system is unmounted (by `stop` or by `nbd umount`). */
+  get unmounted(): Promise<void> {
+    return this.#server.closed;
+  }
+
+  /** A line describing the mount, e.g. for the ready message. */
+  describe(): string {
+    const r = this.#record;
+    const multi = (this.#file.primary.flags & NBD_FLAG_CAN_MULTI_CONN) !== 0;
+    const conns = `${r.connections} connection${r.connections === 1 ? "" : "s"}${
+      multi ? "" : " (no multi-conn)"
+    }`;
+    return `${r.size} bytes, ${conns}, ${r.readOnly ? "read-only" : "read-write"}`;
+  }
+
+  async #handle(request: ControlRequest): Promise<ControlReply> {
+    switch (request.op) {
+      case "status":
+        return { ok: true, record: this.#record, stats: this.#file.stats() };
+      case "stop":
+        this.#stopRequested?.(request.hard ?? false);
+        return { ok: true };
+      default:
+        return { ok: false, error: `unknown request "${(request as { op: string }).op}"` };
+    }
+  }
+
+  /**
+   * Ends the session: detaches the loop device (if it is still attached to
+   * our file), unmounts (lazily if busy when `hard`, otherwise waiting a
+   * little for the kernel to let go), flushes and closes the connections,
+   * and removes the record. Safe to call more than once.
+   */
+  stop(options: { hard?: boolean } = {}): Promise<void> {
+    this.#stopping ??= this.#stop(options.hard ?? false);
+    return this.#stopping;
+  }
+
+  async #stop(hard: boolean): Promise<void> {
+    const device = this.#record.device;
+    if (device && loopBackingFile(device) === this.#server.filePath) {
+      await detachLoop(device).catch((error) => this.#log((error as Error).message));
+    }
+    // A loop device lets go of its file shortly after the detach; wait for that.
+    let unmounted = false;
+    for (let attempt = 0; attempt < 50 && !unmounted; attempt++) {
+      unmounted = await this.#server.unmount();
+      if (!unmounted) await new Promise((r) => setTimeout(r, 100));
+    }
+    if (!unmounted) {
+      if (!hard) this.#log(`${this.#server.mountpoint} is busy; detaching it lazily`);
+      await this.#server.unmount({ lazy: true });
+    }
+    await this.#file.close();
+    await this.#control.close();
+    await removeSessionDir(this.#dir);
+  }
+}
