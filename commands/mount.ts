@@ -26,12 +26,13 @@ export const MOUNT_OPTIONS = {
 } as const;
 
 /** Help lines for the shared options. */
-export const MOUNT_USAGE = `  -r, --readonly          read-only (also when the server only allows reading)
+export const MOUNT_USAGE =
+  `  -r, --readonly          read-only (also when the server only allows reading)
   -C, --connections N     NBD connections when the server allows multi-conn (default 4)
       --timeout SECONDS   declare a connection stale and fail its requests with EIO
                           after SECONDS without a reply (default ${
-  DEFAULT_TIMEOUT_MS / 1000
-}; 0 = never)
+    DEFAULT_TIMEOUT_MS / 1000
+  }; 0 = never)
       --ready-fd N        also write the ready line to file descriptor N, then close it
   -v, --verbose           log every failed request to stderr`;
 
@@ -83,14 +84,18 @@ export function mountFlags(values: {
   if (values.connections !== undefined) {
     connections = Number(values.connections);
     if (!Number.isInteger(connections) || connections < 1 || connections > 64) {
-      throw new UsageError(`--connections: expected a number from 1 to 64, got "${values.connections}"`);
+      throw new UsageError(
+        `--connections: expected a number from 1 to 64, got "${values.connections}"`,
+      );
     }
   }
   let readyFd: number | undefined;
   if (values["ready-fd"] !== undefined) {
     readyFd = Number(values["ready-fd"]);
     if (!Number.isInteger(readyFd) || readyFd < 0) {
-      throw new UsageError(`--ready-fd: expected a file descriptor number, got "${values["ready-fd"]}"`);
+      throw new UsageError(
+        `--ready-fd: expected a file descriptor number, got "${values["ready-fd"]}"`,
+      );
     }
   }
   return {

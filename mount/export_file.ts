@@ -184,10 +184,11 @@ export class ExportFile implements FileContents {
       if (this.#readOnly) throw new NbdError(EROFS, "the export is read-only");
       if (this.#minimum === 1) return this.#call((c) => c.pwrite(buf, offset));
       const aligned = this.#aligned(offset, buf.length);
-      return this.#gate.run(!aligned, () =>
-        aligned
-          ? this.#call((c) => c.pwrite(buf, offset))
-          : this.#writeUnaligned(buf, offset));
+      return this.#gate.run(
+        !aligned,
+        () =>
+          aligned ? this.#call((c) => c.pwrite(buf, offset)) : this.#writeUnaligned(buf, offset),
+      );
     });
   }
 
@@ -239,22 +240,39 @@ export class ExportFile implements FileContents {
   }
 
   /**
-   * Flushes (when writable and the server can), then closes every
-   * connection. Connections already given up are just dropped.
+   * Waits for the requests in flight, flushes (when writable and the server
+   * can) and closes every connection. Whatever is still unanswered after
+   * `graceMs` is failed and its connection dropped, so closing never hangs
+   * on a server that stopped answering.
    */
-  async close(): Promise<void> {
+  async close(graceMs = 10_000): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
     if (this.#watchdog !== undefined) clearInterval(this.#watchdog);
-    const live = this.#connections.filter((c) => !c.dead);
-    if (!this.#readOnly && this.#primary.canFlush && live.length > 0) {
-      try {
-        await this.#call((c) => c.flush());
-      } catch (error) {
-        this.#onEvent(`final flush failed: ${(error as Error).message}`);
+    const timer = setTimeout(() => {
+      for (const conn of this.#connections) {
+        if (conn.dead) continue;
+        const why = `closing: no reply from the server within ${graceMs / 1000} s`;
+        this.#giveUp(conn, why);
+        conn.client.abort(why);
       }
+    }, graceMs);
+    try {
+      while (this.#connections.some((c) => !c.dead && c.inFlight > 0)) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      const live = this.#connections.some((c) => !c.dead);
+      if (!this.#readOnly && this.#primary.canFlush && live) {
+        try {
+          await this.#call((c) => c.flush());
+        } catch (error) {
+          this.#onEvent(`final flush failed: ${(error as Error).message}`);
+        }
+      }
+      await Promise.all(this.#connections.map((c) => c.client.close().catch(() => {})));
+    } finally {
+      clearTimeout(timer);
     }
-    await Promise.all(this.#connections.map((c) => c.client.close().catch(() => {})));
   }
 
   // ---- connections -----------------------------------------------------------
@@ -267,7 +285,7 @@ export class ExportFile implements FileContents {
       if (!best || c.inFlight < best.inFlight) best = c;
     }
     if (!best) {
-      const why = this.#connections[0]?.dead ?? "closed";
+      const why = this.#connections.find((c) => c.dead)?.dead ?? "closed";
       throw new NbdError(NBD_EIO, `no working connection to the server (${why})`);
     }
     const conn = best;

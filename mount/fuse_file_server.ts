@@ -14,12 +14,12 @@
  */
 
 import {
-  DT_DIR,
-  DT_REG,
   decodeInitIn,
   decodeName,
   decodeRequestHeader,
   type DirEntry,
+  DT_DIR,
+  DT_REG,
   encodeAttrOut,
   encodeDirents,
   encodeEntryOut,
@@ -207,6 +207,7 @@ export class FuseFileServer {
   #onInit: { resolve: () => void; reject: (e: unknown) => void } | undefined;
   #idleWaiters: (() => void)[] = [];
   #pump: Promise<void> | undefined;
+  readonly #stopped = Promise.withResolvers<void>();
   #uid = 0;
   #gid = 0;
 
@@ -229,7 +230,9 @@ export class FuseFileServer {
 
   /** Path of the served file. */
   get filePath(): string {
-    return this.#naked ? this.#mountpoint : `${this.#mountpoint.replace(/\/+$/, "")}/${this.#fileName}`;
+    return this.#naked
+      ? this.#mountpoint
+      : `${this.#mountpoint.replace(/\/+$/, "")}/${this.#fileName}`;
   }
 
   /** The mountpoint. */
@@ -247,7 +250,16 @@ export class FuseFileServer {
     return { openFiles: this.#openFiles, active: this.#active, initialized: this.#initialized };
   }
 
-  /** Resolves once the kernel has unmounted the file system and the server stopped reading. */
+  /**
+   * Resolves once the server stopped reading requests: the file system was
+   * unmounted (by `unmount()` or from outside). Requests may still be
+   * finishing; see `closed`.
+   */
+  get stopped(): Promise<void> {
+    return this.#stopped.promise;
+  }
+
+  /** Resolves once the server stopped and every request it read has been answered. */
   get closed(): Promise<void> {
     return this.#pump ?? Promise.resolve();
   }
@@ -322,6 +334,7 @@ export class FuseFileServer {
       await initialized;
     } catch (error) {
       await this.unmount({ lazy: true });
+      await this.closed;
       throw error;
     }
     await this.#tuneReadahead();
@@ -343,9 +356,10 @@ export class FuseFileServer {
 
   /**
    * Unmounts. A busy mount (the file is open, e.g. by a loop device) is
-   * refused unless `lazy`, which detaches it now and stops serving: the
-   * remaining users then get errors. Resolves once serving stopped.
-   * Returns whether the file system is gone.
+   * refused unless `lazy`, which detaches it now. Either way, once the
+   * mount is gone the server stops reading requests (users of a lazily
+   * detached file then get errors) and `closed` resolves when the requests
+   * being served have finished. Resolves to whether the mount is gone.
    */
   async unmount(options: { lazy?: boolean } = {}): Promise<boolean> {
     if (this.#fd < 0 && !this.#pump) return true;
@@ -356,7 +370,6 @@ export class FuseFileServer {
       this.#unmounted = true;
     }
     this.#stopping = true;
-    await this.#pump;
     return true;
   }
 
@@ -408,6 +421,7 @@ export class FuseFileServer {
       this.#onError("the FUSE request loop", error);
     } finally {
       this.#unmounted = true;
+      this.#stopped.resolve();
       this.#onInit?.reject(new Error("the file system was unmounted before it was ready"));
       await this.idle();
       sys.close(this.#fd);
@@ -699,7 +713,10 @@ export class FuseFileServer {
     }
     try {
       if (length > 0) {
-        await this.#contents.read(reply.subarray(OUT_HEADER_SIZE, OUT_HEADER_SIZE + length), offset);
+        await this.#contents.read(
+          reply.subarray(OUT_HEADER_SIZE, OUT_HEADER_SIZE + length),
+          offset,
+        );
       }
       const bytes = reply.subarray(0, OUT_HEADER_SIZE + length);
       writeReplyHeader(new DataView(reply.buffer), unique, 0, bytes.length);

@@ -148,7 +148,9 @@ export function deviceUsers(device: string, ignorePids: number[] = [Deno.pid]): 
   try {
     for (const line of Deno.readTextFileSync("/proc/self/mountinfo").split("\n")) {
       const fields = line.split(" ");
-      if (fields.length > 4 && devs.has(fields[2]!)) users.mounts.push(unescapeMountField(fields[4]!));
+      if (fields.length > 4 && devs.has(fields[2]!)) {
+        users.mounts.push(unescapeMountField(fields[4]!));
+      }
     }
   } catch { /* no /proc */ }
   for (const name of numbers.keys()) {

@@ -80,11 +80,12 @@ export function controlPath(dir: string): string {
   return `${dir}/control.sock`;
 }
 
-/** Whether a process exists. */
+/** Whether a process runs (a zombie waiting for its parent counts as exited). */
 export function processAlive(pid: number): boolean {
   try {
-    Deno.statSync(`/proc/${pid}`);
-    return true;
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    // The state letter follows the command name, which is in parentheses.
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
   } catch {
     return false;
   }
@@ -237,4 +238,53 @@ export class ControlServer {
     } catch { /* closed */ }
     await this.#loop;
   }
+}
+
+/** A FUSE mount of this program, from /proc/self/mountinfo. */
+export interface NbdMount {
+  /** Where it is mounted. */
+  mountpoint: string;
+  /** The source field (the export's URI). */
+  source: string;
+}
+
+function unescapeMountField(text: string): string {
+  return text.replace(/\\([0-7]{3})/g, (_, octal) => String.fromCharCode(parseInt(octal, 8)));
+}
+
+/** The file-system type of the mount at `path`, if `path` is a mountpoint. */
+export function mountTypeAt(path: string): string | undefined {
+  let type: string | undefined;
+  for (const line of Deno.readTextFileSync("/proc/self/mountinfo").split("\n")) {
+    const fields = line.split(" ");
+    const dash = fields.indexOf("-");
+    if (dash < 0 || unescapeMountField(fields[4] ?? "") !== path) continue;
+    type = fields[dash + 1]; // the last one listed is the one on top
+  }
+  return type;
+}
+
+/** Every mount made by `nbd mount` / `nbd attach` in this mount namespace. */
+export function nbdMounts(subtype: string): NbdMount[] {
+  const mounts: NbdMount[] = [];
+  for (const line of Deno.readTextFileSync("/proc/self/mountinfo").split("\n")) {
+    const fields = line.split(" ");
+    const dash = fields.indexOf("-");
+    if (dash < 0 || fields[dash + 1] !== `fuse.${subtype}`) continue;
+    mounts.push({
+      mountpoint: unescapeMountField(fields[4]!),
+      source: unescapeMountField(fields[dash + 2] ?? ""),
+    });
+  }
+  return mounts;
+}
+
+/** Waits up to `timeoutMs` for a process to exit; resolves to whether it did. */
+export async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (processAlive(pid)) {
+    if (Date.now() > deadline) return false;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return true;
 }

@@ -77,14 +77,14 @@ export class MountSession {
     file: ExportFile,
     server: FuseFileServer,
     dir: string,
-    control: ControlServer | undefined,
+    control: ControlServer,
     record: SessionRecord,
     log: (message: string) => void,
   ) {
     this.#file = file;
     this.#server = server;
     this.#dir = dir;
-    this.#control = control!;
+    this.#control = control;
     this.#record = record;
     this.#log = log;
     this.stopRequested = new Promise((resolve) => this.#stopRequested = resolve);
@@ -102,8 +102,20 @@ export class MountSession {
     let dir: string | undefined;
     let server: FuseFileServer | undefined;
     let device: string | undefined;
+    let control: ControlServer | undefined;
+    const holder: { session?: MountSession } = {};
     try {
       dir = await createSessionDir();
+      // Listening binds a socket with a blocking call: do it before mounting,
+      // in case the session directory lies under the new mount, where that
+      // call would wait for this very process to answer.
+      control = await ControlServer.listen(
+        dir,
+        (request) =>
+          holder.session
+            ? holder.session.#handle(request)
+            : Promise.resolve({ ok: false, error: "the session is starting" }),
+      );
       let mountpoint = options.mountpoint;
       if (mountpoint === undefined) {
         mountpoint = `${dir}/mnt`;
@@ -142,19 +154,16 @@ export class MountSession {
         timeoutSeconds: options.timeoutSeconds,
         started: new Date().toISOString(),
       };
-      let session: MountSession | undefined;
-      const control = await ControlServer.listen(
-        dir,
-        (request) =>
-          session ? session.#handle(request) : Promise.resolve({ ok: false, error: "starting" }),
-      );
-      session = new MountSession(file, server, dir, control, record, log);
+      const session = new MountSession(file, server, dir, control, record, log);
+      holder.session = session;
       await writeRecord(dir, record);
       return session;
     } catch (error) {
       if (device) await detachLoop(device).catch(() => {});
       if (server) await server.unmount({ lazy: true }).catch(() => {});
       await file.close().catch(() => {});
+      if (server) await server.closed;
+      if (control) await control.close();
       if (dir) await removeSessionDir(dir);
       throw error;
     }
@@ -177,7 +186,7 @@ export class MountSession {
 
   /** Resolves once the file system is unmounted (by `stop` or by `nbd umount`). */
   get unmounted(): Promise<void> {
-    return this.#server.closed;
+    return this.#server.stopped;
   }
 
   /** A line describing the mount, e.g. for the ready message. */
@@ -190,15 +199,18 @@ export class MountSession {
     return `${r.size} bytes, ${conns}, ${r.readOnly ? "read-only" : "read-write"}`;
   }
 
-  async #handle(request: ControlRequest): Promise<ControlReply> {
+  #handle(request: ControlRequest): Promise<ControlReply> {
     switch (request.op) {
       case "status":
-        return { ok: true, record: this.#record, stats: this.#file.stats() };
+        return Promise.resolve({ ok: true, record: this.#record, stats: this.#file.stats() });
       case "stop":
         this.#stopRequested?.(request.hard ?? false);
-        return { ok: true };
+        return Promise.resolve({ ok: true });
       default:
-        return { ok: false, error: `unknown request "${(request as { op: string }).op}"` };
+        return Promise.resolve({
+          ok: false,
+          error: `unknown request "${(request as { op: string }).op}"`,
+        });
     }
   }
 
@@ -228,7 +240,10 @@ export class MountSession {
       if (!hard) this.#log(`${this.#server.mountpoint} is busy; detaching it lazily`);
       await this.#server.unmount({ lazy: true });
     }
+    // Closing fails whatever the server leaves unanswered, which lets the
+    // FUSE server finish its last requests and close /dev/fuse.
     await this.#file.close();
+    await this.#server.closed;
     await this.#control.close();
     await removeSessionDir(this.#dir);
   }
