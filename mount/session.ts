@@ -232,7 +232,8 @@ export class MountSession {
     }
     // A loop device lets go of its file shortly after the detach; wait for that.
     let unmounted = false;
-    for (let attempt = 0; attempt < 50 && !unmounted; attempt++) {
+    const attempts = hard ? 1 : 50;
+    for (let attempt = 0; attempt < attempts && !unmounted; attempt++) {
       unmounted = await this.#server.unmount();
       if (!unmounted) await new Promise((r) => setTimeout(r, 100));
     }
