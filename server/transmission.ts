@@ -407,7 +407,11 @@ export class Transmission {
       if (!(error instanceof NbdError)) {
         this.#conn.log(`${commandName(request.type)} failed: ${(error as Error)?.stack ?? error}`);
       }
-      const message = error instanceof Error ? error.message : String(error);
+      const message = error instanceof NbdError
+        ? error.detail
+        : error instanceof Error
+        ? error.message
+        : String(error);
       if (this.#conn.verbose) this.#logRequest(request, errno, message);
       this.#sendError(request, errno, message);
       return false;
