@@ -101,6 +101,22 @@ function gatedPlugin(): { plugin: Plugin; started: () => number; release: () => 
   return { plugin, started: () => count, release };
 }
 
+Deno.test("extended replies echo a 64-bit request offset exactly, even beyond 2^53", async () => {
+  await using f = await serve("memory", ["1M"]);
+  using c = await client(f.path);
+  await c.start();
+  await c.go("", { extended: true });
+  for (const offset of [(1n << 64n) - 512n, (1n << 53n) + 1n, 1n << 63n]) {
+    await c.send(requestBytes(true, C.NBD_CMD_READ, { offset, length: 512n, cookie: 9 }));
+    const header = new DataView((await c.read(32)).buffer);
+    assertEquals(header.getUint32(0), C.NBD_EXTENDED_REPLY_MAGIC);
+    assertEquals(header.getUint16(6), C.NBD_REPLY_TYPE_ERROR);
+    assertEquals(header.getBigUint64(16), offset);
+    const payload = await c.read(Number(header.getBigUint64(24)));
+    assertEquals(new DataView(payload.buffer).getUint32(0), C.NBD_EINVAL);
+  }
+});
+
 Deno.test("limits: no more than --max-in-flight requests reach the backend at once", async () => {
   const gate = gatedPlugin();
   await using f = await serve(gate.plugin, [], { maxInFlight: 2 });
