@@ -322,10 +322,18 @@ Deno.test("extended-header mismatches: wrong magic or missing PAYLOAD_LEN close;
       ids.forEach((id, i) => v.setUint32(8 + 4 * i, id));
       return p;
     };
-    for (const payload of [status([1], 2), status([99]), status([1, 1]), new Uint8Array(4)]) {
+    for (
+      const payload of [status([1], 2), status([99]), status([1, 1]), new Uint8Array(4)]
+    ) {
       await c.request(C.NBD_CMD_BLOCK_STATUS, { flags: C.NBD_CMD_FLAG_PAYLOAD_LEN, payload });
       assertEquals(replyErrno(await c.replies()), C.NBD_EINVAL);
     }
+    // PAYLOAD_LEN with no payload at all: the effect length is missing, so EINVAL too.
+    await c.send(requestBytes(true, C.NBD_CMD_BLOCK_STATUS, {
+      flags: C.NBD_CMD_FLAG_PAYLOAD_LEN,
+      length: 0n,
+    }));
+    assertEquals(replyErrno(await c.replies()), C.NBD_EINVAL);
     await c.request(C.NBD_CMD_BLOCK_STATUS, {
       flags: C.NBD_CMD_FLAG_PAYLOAD_LEN,
       payload: status([1]),

@@ -326,7 +326,10 @@ export class Transmission {
         if (!this.#baseAllocation) {
           return [NBD_EINVAL, "no metadata context was negotiated for this export"];
         }
-        if (request.flags & NBD_CMD_FLAG_PAYLOAD_LEN) return undefined; // range checked once the payload is read
+        if (request.flags & NBD_CMD_FLAG_PAYLOAD_LEN) {
+          // The range is checked once the payload is read; without one there is no effect length.
+          return payloadLength > 0 ? undefined : [NBD_EINVAL, "BLOCK_STATUS payload is empty"];
+        }
         break;
     }
     return this.#validateRange(request);
