@@ -68,6 +68,8 @@ export interface ServerReport {
   peakRssKiB: number | undefined;
   /** RSS right after start-up (KiB), for comparison. */
   startRssKiB: number | undefined;
+  /** RSS sampled over the run: [seconds, KiB] pairs (a few evenly spaced ones). */
+  rssTimeline: Array<[number, number]>;
   /** The process was still running when the fuzzing ended. */
   survived: boolean;
   /** Exit status after SIGTERM (0 = clean shutdown). */
@@ -76,6 +78,8 @@ export interface ServerReport {
   internalErrors: string[];
   /** Lines the server logged. */
   logLines: number;
+  /** The most frequent kinds of log line (numbers masked) with their counts. */
+  logKinds: Array<[string, number]>;
 }
 
 /** The outcome of a fuzz run. */
@@ -570,9 +574,9 @@ async function transmission(
   firstCookie: number,
 ): Promise<void> {
   let cookie = BigInt(firstCookie) | (BigInt(rng.next()) << 32n);
-  const batches = rng.range(1, 12);
+  const batches = rng.range(1, 6);
   for (let b = 0; b < batches && !stop(); b++) {
-    const n = rng.range(1, 24);
+    const n = rng.range(1, 16);
     const cases: RequestCase[] = [];
     for (let i = 0; i < n; i++) cases.push(nextRequestCase(rng, tx, cookie++));
     const sending = wire.send(concatAll(cases.map((c) => c.bytes)));
@@ -892,6 +896,7 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzReport> {
   let stopping = false;
   const stop = () => stopping || tally.cases >= maxCases || performance.now() >= deadline;
   const peaks: Array<number | undefined> = [undefined, undefined];
+  const timelines: Array<Array<[number, number]>> = [[], []];
   let elapsed = 0;
   try {
     // The well-behaved clients: structured replies on one server, extended headers on the other.
@@ -930,9 +935,12 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzReport> {
       })
     );
     const sampler = setInterval(() => {
+      const at = (performance.now() - started) / 1000;
       targets.forEach((t, i) => {
-        const rss = peakRssKiB(t.server.child.pid);
-        if (rss !== undefined) peaks[i] = Math.max(peaks[i] ?? 0, rss);
+        const peak = peakRssKiB(t.server.child.pid);
+        if (peak !== undefined) peaks[i] = Math.max(peaks[i] ?? 0, peak);
+        const rss = rssKiB(t.server.child.pid);
+        if (rss !== undefined) timelines[i]!.push([at, rss]);
       });
     }, 500);
     try {
@@ -965,10 +973,12 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzReport> {
         kind: t.kind,
         peakRssKiB: peaks[i],
         startRssKiB: startRss[i],
+        rssTimeline: thin(timelines[i]!, 6),
         survived: !exited,
         exitCode: status.code,
         internalErrors: lines.filter((l) => CRASH_PATTERN.test(l)).slice(0, 20),
         logLines: lines.length,
+        logKinds: logKinds(lines),
       });
     }
   }
@@ -985,6 +995,23 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzReport> {
     servers,
   };
   return report;
+}
+
+/** Keeps about n evenly spaced samples, always including the last. */
+function thin<T>(samples: T[], n: number): T[] {
+  if (samples.length <= n) return samples;
+  const out: T[] = [];
+  for (let i = 1; i <= n; i++) out.push(samples[Math.round((i * samples.length) / n) - 1]!);
+  return out;
+}
+
+function logKinds(lines: string[]): Array<[string, number]> {
+  const kinds = new Map<string, number>();
+  for (const line of lines) {
+    const kind = line.replace(/\d+/g, "N").replace(/"[^"]*"/g, '"…"').slice(0, 120);
+    kinds.set(kind, (kinds.get(kind) ?? 0) + 1);
+  }
+  return [...kinds].sort((a, b) => b[1] - a[1]).slice(0, 12);
 }
 
 /** Whether a report shows a clean run. */
@@ -1027,7 +1054,15 @@ export function formatFuzzReport(r: FuzzReport): string {
         }, ` +
         `${s.logLines} log lines, internal errors ${s.internalErrors.length}`,
     );
+    if (s.rssTimeline.length > 0) {
+      lines.push(
+        `  RSS over time: ${
+          s.rssTimeline.map(([t, kib]) => `${t.toFixed(0)} s ${formatKiB(kib)}`).join(", ")
+        }`,
+      );
+    }
     for (const e of s.internalErrors.slice(0, 10)) lines.push(`  ${e}`);
+    for (const [kind, n] of s.logKinds) lines.push(`  ${String(n).padStart(6)} × ${kind}`);
   }
   lines.push(fuzzPassed(r) ? "fuzz: OK" : "fuzz: FAILED");
   return lines.join("\n");
