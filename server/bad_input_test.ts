@@ -17,6 +17,7 @@ import { Exports } from "./exports.ts";
 import { listenUnix } from "./listener.ts";
 import { Params } from "./params.ts";
 import { NbdServer, type NbdServerOptions } from "./server.ts";
+import { MAX_IN_FLIGHT_BYTES } from "./transmission.ts";
 
 const MiB = 1024 * 1024;
 
@@ -138,6 +139,44 @@ Deno.test("limits: no more than --max-in-flight requests reach the backend at on
   }
   assertEquals(cookies.sort(), [1, 2, 3, 4, 5]);
   assertEquals(gate.started(), 5);
+});
+
+Deno.test("limits: READ replies count against the in-flight byte budget (a client that never reads them)", async () => {
+  // Reads wait until released, so every buffer the server allocates stays allocated.
+  let started = 0;
+  let release!: () => void;
+  const released = new Promise<void>((r) => release = r);
+  const slow: Plugin = {
+    name: "slow",
+    summary: "test",
+    params: [],
+    create: () =>
+      Promise.resolve({
+        open: () =>
+          Promise.resolve(completeBackend({
+            size: () => 1024 * MiB,
+            async pread(buf) {
+              started++;
+              await released;
+              buf.fill(0);
+            },
+          })),
+      }),
+  };
+  await using f = await serve(slow, []);
+  using c = await client(f.path);
+  await c.start();
+  await c.go();
+  const size = 16 * MiB;
+  for (let i = 0; i < 64; i++) {
+    await c.request(C.NBD_CMD_READ, { offset: i * size, length: size, cookie: i + 1 });
+  }
+  await new Promise((r) => setTimeout(r, 300));
+  const before = started;
+  release();
+  assertEquals(before, MAX_IN_FLIGHT_BYTES / size);
+  for (let i = 0; i < 64; i++) assertEquals(replyErrno([await c.reply(size)]), 0);
+  assertEquals(started, 64);
 });
 
 Deno.test("DISC with requests in flight: they finish and are answered before the close", async () => {
