@@ -28,6 +28,11 @@ Deno.test("fuzz: at least 20,000 hostile cases, every one answered as the spec s
       [server.kind, server.survived, server.exitCode, server.internalErrors],
       [server.kind, true, 0, []],
     );
+    // Bounded memory: runs stay near 100-250 MiB; a leak or an unbounded buffer shows far above.
+    assertOk(
+      server.peakRssKiB !== undefined && server.peakRssKiB < 768 * 1024,
+      `${server.kind}: peak RSS ${server.peakRssKiB} KiB`,
+    );
   }
   // The run reached every kind of outcome and a broad spread of input classes.
   const kinds = new Set([...report.outcomes.keys()].map((k) => k.replace(/ \(.*\)$/, "")));
