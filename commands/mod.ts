@@ -5,9 +5,16 @@
  */
 
 import type { Command } from "./command.ts";
+import { dumpCommand } from "./dump.ts";
+import { infoCommand } from "./info.ts";
+import { listCommand } from "./list.ts";
+import { mapCommand } from "./map.ts";
+import { proxyCommand } from "./proxy.ts";
 import { serveCommand } from "./serve.ts";
 
 /** Subcommands by name, in the order `nbd --help` lists them. */
 export const COMMANDS: ReadonlyMap<string, Command> = new Map(
-  [serveCommand].map((c) => [c.name, c]),
+  [serveCommand, proxyCommand, infoCommand, listCommand, mapCommand, dumpCommand].map((
+    c,
+  ) => [c.name, c]),
 );

@@ -141,15 +141,15 @@ function bucketOf(type: number): CountedCommand {
 /** All counters of a server. */
 export class ServerStats {
   /** Counters per export name. */
-  readonly exports = new Map<string, IoCounters>();
+  readonly exports: Map<string, IoCounters> = new Map();
   /** Open connections. */
-  readonly connections = new Map<number, ConnectionInfo>();
+  readonly connections: Map<number, ConnectionInfo> = new Map();
   /** Connections ever accepted. */
   connectionsTotal = 0;
   /** When the server started (Date.now()). */
-  readonly startedAt = Date.now();
+  readonly startedAt: number = Date.now();
   /** Live listeners for finished requests (installed by the view). */
-  readonly listeners = new Set<(event: IoEvent) => void>();
+  readonly listeners: Set<(event: IoEvent) => void> = new Set();
 
   /** Registers a new connection. */
   open(id: number, peer: string): ConnectionInfo {
