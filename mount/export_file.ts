@@ -14,7 +14,11 @@
  */
 
 import type { NbdClient } from "../client/client.ts";
+import { openStream, toNbdUri } from "../client/connect.ts";
+import { NbdHandshake } from "../client/handshake.ts";
 import { NbdClientPool } from "../client/pool.ts";
+import { clientTlsSettings } from "../client/tls.ts";
+import type { ByteStream } from "../io/byte_stream.ts";
 import { BASE_ALLOCATION, NBD_EIO, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { NbdError } from "../protocol/errors.ts";
 import { formatNbdUri } from "../protocol/uri.ts";
@@ -33,24 +37,36 @@ export interface ExportFileOptions {
    * declared stale and closed (default 60000; 0 = never).
    */
   timeoutMs?: number;
-  /** Receives one-line reports of connections lost or declared stale. */
+  /** Receives one-line reports of connections lost, declared stale, or made again. */
   onEvent?: (message: string) => void;
+  /**
+   * Connect again in the background after losing a connection (default
+   * true), so the file works again once the server is back. Requests in
+   * flight at the loss, or made while no connection works, still fail.
+   */
+  reconnect?: boolean;
 }
 
 /** Default stale-connection timeout. */
 export const DEFAULT_TIMEOUT_MS = 60_000;
 
 const ZERO_CHUNK = 1 << 20;
+/** First and longest pause between reconnection attempts. */
+const RECONNECT_FIRST_MS = 100;
+const RECONNECT_MAX_MS = 10_000;
 
 /** One NBD connection and what is known about its health. */
 class Connection {
-  readonly client: NbdClient;
+  /** The current client; replaced when the connection is made again. */
+  client: NbdClient;
   inFlight = 0;
   /** When the connection last went from idle to busy. */
   busySince = 0;
   lastReply = 0;
-  /** Why the connection was given up, once it was. */
+  /** Why the connection is out of use, while it is. */
   dead: string | undefined;
+  /** A reconnection loop is running for this slot. */
+  reconnecting = false;
 
   constructor(client: NbdClient) {
     this.client = client;
@@ -97,6 +113,12 @@ class RangeGate {
 export class ExportFile implements FileContents {
   readonly #connections: Connection[];
   readonly #primary: NbdClient;
+  readonly #target: string;
+  readonly #reconnect: boolean;
+  /** Streams of reconnection attempts in progress, closed when closing. */
+  readonly #attempts = new Set<ByteStream>();
+  /** Reconnection loops waiting between attempts. */
+  readonly #sleepers = new Set<() => void>();
   readonly #readOnly: boolean;
   readonly #timeoutMs: number;
   readonly #onEvent: (message: string) => void;
@@ -106,9 +128,11 @@ export class ExportFile implements FileContents {
   #watchdog: ReturnType<typeof setInterval> | undefined;
   #closed = false;
 
-  private constructor(clients: readonly NbdClient[], options: ExportFileOptions) {
+  private constructor(target: string, clients: readonly NbdClient[], options: ExportFileOptions) {
     this.#connections = clients.map((c) => new Connection(c));
     this.#primary = clients[0]!;
+    this.#target = target;
+    this.#reconnect = options.reconnect ?? true;
     this.#readOnly = (options.readOnly ?? false) || this.#primary.readOnly;
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.#onEvent = options.onEvent ?? (() => {});
@@ -124,7 +148,7 @@ export class ExportFile implements FileContents {
   /** Connects to the export a URI names. */
   static async open(uri: string, options: ExportFileOptions = {}): Promise<ExportFile> {
     const pool = await NbdClientPool.connect(uri, { connections: options.connections ?? 4 });
-    return new ExportFile(pool.clients, options);
+    return new ExportFile(uri, pool.clients, options);
   }
 
   /** Size of the export. */
@@ -249,6 +273,8 @@ export class ExportFile implements FileContents {
     if (this.#closed) return;
     this.#closed = true;
     if (this.#watchdog !== undefined) clearInterval(this.#watchdog);
+    for (const stream of this.#attempts) stream.close();
+    for (const wake of [...this.#sleepers]) wake();
     const timer = setTimeout(() => {
       for (const conn of this.#connections) {
         if (conn.dead) continue;
@@ -289,12 +315,13 @@ export class ExportFile implements FileContents {
       throw new NbdError(NBD_EIO, `no working connection to the server (${why})`);
     }
     const conn = best;
+    const client = conn.client;
     if (conn.inFlight++ === 0) conn.busySince = Date.now();
     try {
-      return await op(conn.client);
+      return await op(client);
     } catch (error) {
-      const failure = conn.client.failure;
-      if (failure && !conn.dead) this.#giveUp(conn, failure.message);
+      const failure = client.failure;
+      if (failure && !conn.dead && conn.client === client) this.#giveUp(conn, failure.message);
       throw error;
     } finally {
       conn.inFlight--;
@@ -302,10 +329,100 @@ export class ExportFile implements FileContents {
     }
   }
 
+  #describe(conn: Connection): string {
+    const index = this.#connections.indexOf(conn) + 1;
+    return `connection ${index} of ${this.#connections.length} to ${this.uri}`;
+  }
+
   #giveUp(conn: Connection, why: string): void {
     conn.dead = why;
-    const index = this.#connections.indexOf(conn) + 1;
-    this.#onEvent(`connection ${index} of ${this.#connections.length} to ${this.uri}: ${why}`);
+    this.#onEvent(`${this.#describe(conn)}: ${why}`);
+    if (this.#reconnect && !this.#closed) this.#startReconnect(conn);
+  }
+
+  /** Makes the connection again in the background, with growing pauses between attempts. */
+  #startReconnect(conn: Connection): void {
+    if (conn.reconnecting) return;
+    conn.reconnecting = true;
+    (async () => {
+      let pause = RECONNECT_FIRST_MS;
+      let reported = false;
+      while (!this.#closed) {
+        await this.#pause(pause);
+        if (this.#closed) break;
+        pause = Math.min(pause * 2, RECONNECT_MAX_MS);
+        let client: NbdClient;
+        try {
+          client = await this.#connectOnce(
+            Math.max(1000, Math.min(this.#timeoutMs || 10_000, 10_000)),
+          );
+        } catch (error) {
+          if (!reported) {
+            this.#onEvent(
+              `${this.#describe(conn)}: cannot reconnect yet: ${(error as Error).message}`,
+            );
+            reported = true;
+          }
+          continue;
+        }
+        if (this.#closed) {
+          await client.close().catch(() => {});
+          break;
+        }
+        if (client.size() !== this.size || client.readOnly !== this.#primary.readOnly) {
+          await client.close().catch(() => {});
+          conn.dead =
+            `the export changed (size ${client.size()}, was ${this.size}); not reconnecting`;
+          this.#onEvent(`${this.#describe(conn)}: ${conn.dead}`);
+          break;
+        }
+        conn.client = client;
+        conn.lastReply = Date.now();
+        conn.dead = undefined;
+        this.#onEvent(`${this.#describe(conn)}: reconnected`);
+        break;
+      }
+      conn.reconnecting = false;
+    })();
+  }
+
+  /**
+   * One connection attempt that gives up after `timeoutMs` (a stopped
+   * server accepts the connection but never greets), or when closing.
+   */
+  async #connectOnce(timeoutMs: number): Promise<NbdClient> {
+    const uri = toNbdUri(this.#target);
+    const tls = uri.tls ? clientTlsSettings(uri) : undefined;
+    const stream = await openStream(uri);
+    if (this.#closed) {
+      stream.close();
+      throw new Error("closing");
+    }
+    this.#attempts.add(stream);
+    const timer = setTimeout(() => stream.close(), timeoutMs);
+    try {
+      const session = await NbdHandshake.fromStream(stream, { uri, tls });
+      return await session.go();
+    } catch (error) {
+      stream.close();
+      throw error;
+    } finally {
+      clearTimeout(timer);
+      this.#attempts.delete(stream);
+    }
+  }
+
+  /** A pause that `close()` cuts short. */
+  #pause(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer);
+        this.#sleepers.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, ms);
+      this.#sleepers.add(wake);
+    });
   }
 
   #checkStale(): void {

@@ -1,5 +1,5 @@
 import { assertBytes, assertEquals, assertIncludes, assertOk } from "../tests/assert.ts";
-import { randomBytes, startNbdServe } from "../tests/helpers.ts";
+import { eventually, randomBytes, ROOT, startNbdServe, waitForSocket } from "../tests/helpers.ts";
 import { ExportFile } from "./export_file.ts";
 
 const MiB = 1024 * 1024;
@@ -85,5 +85,51 @@ Deno.test("ExportFile.close() gives up on requests a stopped server never answer
     assertIncludes(String(await pending), "closing: no reply from the server");
   } finally {
     server.child.kill("SIGCONT");
+  }
+});
+
+Deno.test("ExportFile reconnects in the background once the server is back", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "nbd-reconnect" });
+  const socket = `${dir}/sock`;
+  const serve = async () => {
+    await Deno.remove(socket).catch(() => {});
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--quiet", `${ROOT}/main.ts`, "serve", "-U", socket, "memory", "8M"],
+      stdin: "null",
+      stdout: "null",
+      stderr: "null",
+    }).spawn();
+    await waitForSocket(socket);
+    return child;
+  };
+  const events: string[] = [];
+  let server = await serve();
+  const file = await ExportFile.open(`nbd+unix:///?socket=${socket}`, {
+    connections: 1,
+    onEvent: (message) => events.push(message),
+  });
+  try {
+    const buf = new Uint8Array(4096);
+    await file.read(buf, 0);
+    server.kill("SIGKILL");
+    await server.status;
+    let lost: unknown;
+    await file.read(buf, 4096).catch((error) => lost = error);
+    assertOk(lost instanceof Error, "a read while the server is gone fails");
+    server = await serve();
+    assertOk(
+      await eventually(() => file.stats().connections[0]!.state === "connected", 10_000),
+      events.join("\n"),
+    );
+    await file.write(randomBytes(4096, 1), 0);
+    await file.read(buf, 0);
+    assertBytes(buf, randomBytes(4096, 1));
+    assertIncludes(events.join("\n"), "connection 1 of 1");
+    assertIncludes(events.join("\n"), "reconnected");
+  } finally {
+    await file.close();
+    server.kill("SIGTERM");
+    await server.status;
+    await Deno.remove(dir, { recursive: true });
   }
 });
