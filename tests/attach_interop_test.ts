@@ -49,6 +49,8 @@ Deno.test({
     const losetup = await loopsUnder([scratch.runDir]);
     assertEquals(losetup.length, 1, losetup.join("\n"));
     assertIncludes(losetup[0]!, device);
+    const dio = await runOk("losetup", ["--list", "--noheadings", "--output", "DIO", device]);
+    assertEquals(dio.stdout.trim(), "1", "direct I/O on the file");
     await runOk("mkfs.ext4", ["-q", device]);
     await runOk("mount", [device, fs]);
     await Deno.writeTextFile(`${fs}/hello.txt`, "hello, block device\n");
