@@ -114,6 +114,8 @@ async function serveAttachment(
     if (daemon) {
       logFile = `${sessionDir()}/log`;
       log(`attached ${session.record.uri} as ${device} (${session.describe()})`);
+      // Like any daemon, do not keep the caller's directory busy.
+      Deno.chdir("/");
     } else {
       signalReadyFd(flags.readyFd, device);
     }

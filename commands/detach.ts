@@ -24,9 +24,9 @@ import {
   type SessionEntry,
   waitForExit,
 } from "../mount/registry.ts";
-import { requireMountPrivilege } from "../mount/session.ts";
+import { absoluteUri, requireMountPrivilege } from "../mount/session.ts";
 import * as sys from "../mount/syscalls.ts";
-import { formatNbdUri, isNbdUri, parseNbdUri } from "../protocol/uri.ts";
+import { isNbdUri } from "../protocol/uri.ts";
 import { UsageError } from "../server/params.ts";
 import { type Command, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
@@ -56,7 +56,7 @@ function findAttachment(target: string, sessions: SessionEntry[]): SessionEntry 
   const attachments = sessions.filter((s) => s.record.kind === "attach");
   let matches: SessionEntry[];
   if (isNbdUri(target)) {
-    const uri = formatNbdUri(parseNbdUri(target));
+    const uri = absoluteUri(target);
     matches = attachments.filter((s) => s.record.uri === uri || s.record.uri === target);
   } else {
     const name = deviceName(target);

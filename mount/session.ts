@@ -7,7 +7,9 @@
  * @module
  */
 
+import { resolve } from "node:path";
 import { NBD_FLAG_CAN_MULTI_CONN } from "../protocol/constants.ts";
+import { formatNbdUri, isNbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { ExportFile } from "./export_file.ts";
 import { FuseFileServer } from "./fuse_file_server.ts";
 import { attachLoop, detachLoop, loopBackingFile } from "./loop_device.ts";
@@ -43,6 +45,23 @@ export interface MountSessionOptions {
   log: (message: string) => void;
   /** Log each failed request, not just connection events. */
   verbose?: boolean;
+}
+
+/**
+ * The URI with its file paths (Unix socket, certificate directory, PSK
+ * file) made absolute, so it keeps working from another directory: the
+ * background process of `nbd attach` leaves the caller's directory, and
+ * reconnects use the URI again later.
+ */
+export function absoluteUri(uri: string): string {
+  if (!isNbdUri(uri)) return uri;
+  const parsed = parseNbdUri(uri);
+  const absolute = (path: string | undefined) =>
+    path === undefined || path.startsWith("/") || path.startsWith("\0") ? path : resolve(path);
+  parsed.socket = absolute(parsed.socket);
+  parsed.tlsCertificates = absolute(parsed.tlsCertificates);
+  parsed.tlsPskFile = absolute(parsed.tlsPskFile);
+  return formatNbdUri(parsed);
 }
 
 /** Checks for the privilege mounting needs, with a clear error. */
@@ -93,7 +112,7 @@ export class MountSession {
   /** Connects, mounts, attaches (if asked) and records the session. */
   static async start(options: MountSessionOptions): Promise<MountSession> {
     const log = options.log;
-    const file = await ExportFile.open(options.uri, {
+    const file = await ExportFile.open(absoluteUri(options.uri), {
       connections: options.connections ?? 4,
       readOnly: options.readOnly,
       timeoutMs: options.timeoutSeconds * 1000,
