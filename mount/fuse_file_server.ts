@@ -138,6 +138,11 @@ export interface FuseFileServerOptions {
 export const FUSE_SUBTYPE = "nbd";
 
 const PAGE_SIZE = 4096;
+/**
+ * READ replies from this size on are written by a worker thread: copying
+ * them into the page cache then overlaps with the event loop's work.
+ */
+const THREADED_REPLY = 256 * 1024;
 /** How long the kernel may cache names and attributes: the size never changes. */
 const VALID_SECONDS = 3600;
 /** Read buffers beyond this many are not kept for reuse. */
@@ -203,6 +208,8 @@ export class FuseFileServer {
   #unmounted = false;
   #requestBufferSize: number;
   #spareRequestBuffers: Uint8Array<ArrayBuffer>[] = [];
+  /** The buffer the next request is read into. */
+  #buffer: Uint8Array<ArrayBuffer>;
   #spareReplyBuffers: Uint8Array<ArrayBuffer>[] = [];
   #onInit: { resolve: () => void; reject: (e: unknown) => void } | undefined;
   #idleWaiters: (() => void)[] = [];
@@ -226,6 +233,7 @@ export class FuseFileServer {
     // The kernel refuses reads of /dev/fuse into buffers that could not hold
     // a WRITE of max_write bytes with its headers.
     this.#requestBufferSize = this.#maxRequest + PAGE_SIZE;
+    this.#buffer = new Uint8Array(this.#requestBufferSize);
   }
 
   /** Path of the served file. */
@@ -390,17 +398,9 @@ export class FuseFileServer {
   }
 
   async #serve(): Promise<void> {
-    let buf = this.#takeRequestBuffer();
     try {
       while (true) {
-        let batch = 0;
-        let n = 0;
-        while (batch < READ_BATCH) {
-          n = sys.read(this.#fd, buf);
-          if (n <= 0) break;
-          batch++;
-          if (this.#dispatch(buf, n)) buf = this.#takeRequestBuffer();
-        }
+        const n = this.#readAvailable();
         if (n > 0) {
           // A long burst: let the sockets and timers run before reading on.
           await new Promise((resolve) => setTimeout(resolve, 0));
@@ -427,6 +427,21 @@ export class FuseFileServer {
       sys.close(this.#fd);
       this.#fd = -1;
     }
+  }
+
+  /**
+   * Reads and dispatches the requests the kernel has queued, up to a batch.
+   * Returns the last read's result: positive when the batch filled up,
+   * otherwise the negated errno that ended it (EAGAIN: none left).
+   */
+  #readAvailable(): number {
+    let n = 0;
+    for (let batch = 0; batch < READ_BATCH; batch++) {
+      n = sys.read(this.#fd, this.#buffer);
+      if (n <= 0) return n === 0 ? -sys.ENODEV : n;
+      if (this.#dispatch(this.#buffer, n)) this.#buffer = this.#takeRequestBuffer();
+    }
+    return n;
   }
 
   #reply(bytes: Uint8Array<ArrayBuffer>): void {
@@ -720,7 +735,8 @@ export class FuseFileServer {
       }
       const bytes = reply.subarray(0, OUT_HEADER_SIZE + length);
       writeReplyHeader(new DataView(reply.buffer), unique, 0, bytes.length);
-      this.#reply(bytes);
+      if (length >= THREADED_REPLY) await sys.writeAsync(this.#fd, bytes);
+      else this.#reply(bytes);
     } catch (error) {
       this.#onError(`READ of ${length} bytes at offset ${offset}`, error);
       this.#error(unique, errnoOf(error));

@@ -103,6 +103,12 @@ const SYMBOLS = {
   close: { parameters: ["i32"], result: "i32" },
   read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  write_async: {
+    name: "write",
+    parameters: ["i32", "buffer", "usize"],
+    result: "isize",
+    nonblocking: true,
+  },
   poll: { parameters: ["buffer", "u64", "i32"], result: "i32", nonblocking: true },
   mount: { parameters: ["buffer", "buffer", "buffer", "u64", "buffer"], result: "i32" },
   umount2: { parameters: ["buffer", "i32"], result: "i32", nonblocking: true },
@@ -177,6 +183,15 @@ export function read(fd: number, buf: Uint8Array<ArrayBuffer>): number {
 export function write(fd: number, buf: Uint8Array<ArrayBuffer>): number {
   const n = Number(libc().symbols.write(fd, buf, BigInt(buf.length)));
   return n >= 0 ? n : -errno();
+}
+
+/**
+ * write(2) on a worker thread: the byte count, or -1 on failure (errno
+ * stays on that thread).
+ */
+export async function writeAsync(fd: number, buf: Uint8Array<ArrayBuffer>): Promise<number> {
+  const n = Number(await libc().symbols.write_async(fd, buf, BigInt(buf.length)));
+  return n >= 0 ? n : -1;
 }
 
 /** poll(2) flags. */
