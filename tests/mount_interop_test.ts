@@ -16,6 +16,7 @@ import {
   startNbdServe,
   startServer,
 } from "./helpers.ts";
+import { makeCertificates } from "./certs.ts";
 import { mountable, mountScratch, startMount } from "./mount_helpers.ts";
 
 const MiB = 1024 * 1024;
@@ -297,5 +298,39 @@ Deno.test({
     }
     mount.child.kill("SIGTERM");
     assertEquals(await mount.exited(), 0, mount.stderr());
+  },
+});
+
+Deno.test({
+  name: "nbd mount over TLS: an nbdkit export that requires TLS, with a client certificate",
+  ...mountable(),
+  ...peers("nbdkit", "openssl"),
+  async fn() {
+    await using scratch = await mountScratch();
+    const certs = `${scratch.dir}/certs`;
+    await Deno.mkdir(certs);
+    await makeCertificates(certs);
+    await using server = await startServer("nbdkit", [
+      "-f",
+      "-U",
+      "$SOCKET",
+      "--tls=require",
+      `--tls-certificates=${certs}`,
+      "--tls-verify-peer",
+      "memory",
+      "8M",
+    ]);
+    const socket = server.socket!;
+    // Plaintext is refused by the server, and the mount says so.
+    const plain = await scratch.nbd(["mount", server.uri, scratch.mnt]);
+    assertEquals(plain.code, 1);
+    assertIncludes(plain.stderr, "TLS");
+    await using mount = await startMount(scratch, [
+      `nbds+unix:///?socket=${socket}&tls-certificates=${certs}`,
+      scratch.mnt,
+    ]);
+    const data = randomBytes(MiB, 31);
+    await writeRange(mount.file, 3 * MiB, data);
+    assertBytes(await readRange(mount.file, 3 * MiB, MiB), data);
   },
 });
