@@ -6,7 +6,7 @@
  * the ratio (above 1.0 means we are faster). Needs root, nbdkit, nbdfuse
  * and nbdcopy.
  *
- *   deno run -A bench/mount.ts [--rounds 5] [--size 1G] [--block 1M]
+ *   deno task bench:mount [--rounds 5] [--size 1G] [--block 1M]
  *
  * @module
  */
