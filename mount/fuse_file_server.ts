@@ -149,6 +149,11 @@ const VALID_SECONDS = 3600;
 const MAX_SPARE_BUFFERS = 16;
 /** Requests read in one go before letting other work run. */
 const READ_BATCH = 64;
+/**
+ * How long the event loop may block waiting for the next request once the
+ * last one was answered (timers and sockets wait at most this long).
+ */
+const NEXT_REQUEST_WAIT_MS = 2;
 
 /** Maps an error from the contents to an errno for the kernel. */
 export function errnoOf(error: unknown): number {
@@ -444,6 +449,18 @@ export class FuseFileServer {
     return n;
   }
 
+  /**
+   * Called when the last request in progress has been answered. A program
+   * doing one request at a time (dd, cp) sends its next one right after our
+   * reply; waiting for it briefly on this thread saves the hand-over from
+   * the polling thread, about a tenth of the time of a 1 MiB write.
+   */
+  #awaitNext(): void {
+    if (this.#stopping || this.#unmounted || this.#fd < 0) return;
+    if (this.#readAvailable() !== -sys.EAGAIN) return;
+    if (sys.pollInNow(this.#fd, NEXT_REQUEST_WAIT_MS) > 0) this.#readAvailable();
+  }
+
   #reply(bytes: Uint8Array<ArrayBuffer>): void {
     const n = sys.write(this.#fd, bytes);
     // ENOENT: the request was interrupted meanwhile; ENODEV: unmounted. Both fine.
@@ -542,6 +559,7 @@ export class FuseFileServer {
         const waiters = this.#idleWaiters;
         this.#idleWaiters = [];
         for (const wake of waiters) wake();
+        this.#awaitNext();
       }
     });
   }

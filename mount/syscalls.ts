@@ -110,6 +110,7 @@ const SYMBOLS = {
     nonblocking: true,
   },
   poll: { parameters: ["buffer", "u64", "i32"], result: "i32", nonblocking: true },
+  poll_sync: { name: "poll", parameters: ["buffer", "u64", "i32"], result: "i32" },
   mount: { parameters: ["buffer", "buffer", "buffer", "u64", "buffer"], result: "i32" },
   umount2: { parameters: ["buffer", "i32"], result: "i32", nonblocking: true },
   umount2_sync: { name: "umount2", parameters: ["buffer", "i32"], result: "i32" },
@@ -207,6 +208,19 @@ export async function pollIn(fd: number, timeoutMs: number): Promise<number> {
   view.setInt32(0, fd, true);
   view.setInt16(4, POLLIN, true);
   const n = await libc().symbols.poll(fds, 1n, timeoutMs);
+  return n > 0 ? view.getInt16(6, true) : 0;
+}
+
+/**
+ * poll(2) on this thread, blocking it for up to `timeoutMs`: only for very
+ * short waits. Returns the `revents` bits (0 on timeout or failure).
+ */
+export function pollInNow(fd: number, timeoutMs: number): number {
+  const fds = new Uint8Array(8);
+  const view = new DataView(fds.buffer);
+  view.setInt32(0, fd, true);
+  view.setInt16(4, POLLIN, true);
+  const n = libc().symbols.poll_sync(fds, 1n, timeoutMs);
   return n > 0 ? view.getInt16(6, true) : 0;
 }
 
