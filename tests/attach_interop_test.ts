@@ -8,6 +8,7 @@
 import { assertEquals, assertIncludes, assertOk } from "./assert.ts";
 import {
   eventually,
+  nbdExecutable,
   peers,
   randomBytes,
   run,
@@ -250,3 +251,40 @@ function loopAttached(device: string): boolean {
     return false;
   }
 }
+
+Deno.test({
+  name: "nbd attach --foreground serves until nbd detach, then exits 0",
+  ...mountable(),
+  ...peers("losetup"),
+  async fn() {
+    await using scratch = await mountScratch();
+    await using server = await startNbdServe(["memory", "8M"]);
+    const child = new Deno.Command(await nbdExecutable(), {
+      args: ["attach", "--foreground", server.uri],
+      env: scratch.env,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const reader = child.stdout.getReader();
+    let line = "";
+    while (!line.includes("\n")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      line += new TextDecoder().decode(value);
+    }
+    reader.releaseLock();
+    const device = line.trim();
+    try {
+      assertOk(/^\/dev\/loop\d+$/.test(device), line);
+      const [entry] = JSON.parse((await scratch.nbd(["attached", "--json"])).stdout);
+      assertEquals(entry.pid, child.pid);
+      assertEquals(entry.device, device);
+    } finally {
+      if (device.startsWith("/dev/")) await scratch.nbd(["detach", device]);
+      else child.kill("SIGTERM");
+      const out = await child.output();
+      assertEquals(out.code, 0, new TextDecoder().decode(out.stderr));
+    }
+  },
+});

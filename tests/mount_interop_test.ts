@@ -9,6 +9,7 @@
 import { assertBytes, assertEquals, assertIncludes, assertOk } from "./assert.ts";
 import {
   eventually,
+  nbdExecutable,
   peers,
   randomBytes,
   runOk,
@@ -332,5 +333,49 @@ Deno.test({
     const data = randomBytes(MiB, 31);
     await writeRange(mount.file, 3 * MiB, data);
     assertBytes(await readRange(mount.file, 3 * MiB, MiB), data);
+  },
+});
+
+Deno.test({
+  name: "nbd mount --ready-fd: the ready line also goes to the descriptor",
+  ...mountable(),
+  async fn() {
+    await using scratch = await mountScratch();
+    await using server = await startNbdServe(["memory", "4M"]);
+    const ready = `${scratch.dir}/ready`;
+    const child = new Deno.Command("sh", {
+      args: [
+        "-c",
+        `exec "$0" mount --ready-fd 3 "$1" "$2" 3>"$3" >/dev/null`,
+        await nbdExecutable(),
+        server.uri,
+        scratch.mnt,
+        ready,
+      ],
+      env: scratch.env,
+      stdin: "null",
+      stderr: "piped",
+    }).spawn();
+    const text = () => {
+      try {
+        return Deno.readTextFileSync(ready);
+      } catch {
+        return "";
+      }
+    };
+    try {
+      assertOk(await eventually(() => text().endsWith("\n"), 15_000), "no ready line");
+      assertEquals(
+        text(),
+        `mounted ${server.uri} on ${await Deno.realPath(
+          scratch.mnt,
+        )}/disk (4194304 bytes, 4 connections, read-write)\n`,
+      );
+      assertEquals((await Deno.stat(`${scratch.mnt}/disk`)).size, 4 * MiB);
+    } finally {
+      await scratch.nbd(["umount", scratch.mnt]);
+      const out = await child.output();
+      assertEquals(out.code, 0, new TextDecoder().decode(out.stderr));
+    }
   },
 });
