@@ -34,6 +34,19 @@ export interface SessionRecord {
   readOnly: boolean;
   /** Stale-connection timeout in seconds (0 = none). */
   timeoutSeconds: number;
+  /** What was negotiated with the server. */
+  negotiated: {
+    /** TLS is in use. */
+    tls: boolean;
+    /** Structured replies are in use. */
+    structuredReplies: boolean;
+    /** Extended (64-bit) headers are in use. */
+    extendedHeaders: boolean;
+    /** Transmission flags by name, e.g. ["SEND_FLUSH", "CAN_MULTI_CONN"]. */
+    flags: string[];
+    /** Block sizes in force. */
+    blockSize: { minimum: number; preferred: number; maximum: number };
+  };
   /** When the session started (ISO 8601). */
   started: string;
 }

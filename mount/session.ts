@@ -8,7 +8,18 @@
  */
 
 import { resolve } from "node:path";
-import { NBD_FLAG_CAN_MULTI_CONN } from "../protocol/constants.ts";
+import {
+  NBD_FLAG_CAN_MULTI_CONN,
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_ROTATIONAL,
+  NBD_FLAG_SEND_CACHE,
+  NBD_FLAG_SEND_DF,
+  NBD_FLAG_SEND_FAST_ZERO,
+  NBD_FLAG_SEND_FLUSH,
+  NBD_FLAG_SEND_FUA,
+  NBD_FLAG_SEND_TRIM,
+  NBD_FLAG_SEND_WRITE_ZEROES,
+} from "../protocol/constants.ts";
 import { formatNbdUri, isNbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { ExportFile } from "./export_file.ts";
 import { FuseFileServer } from "./fuse_file_server.ts";
@@ -62,6 +73,32 @@ export function absoluteUri(uri: string): string {
   parsed.tlsCertificates = absolute(parsed.tlsCertificates);
   parsed.tlsPskFile = absolute(parsed.tlsPskFile);
   return formatNbdUri(parsed);
+}
+
+/** Names of the transmission flags a server sent. */
+const FLAG_NAMES: [number, string][] = [
+  [NBD_FLAG_READ_ONLY, "READ_ONLY"],
+  [NBD_FLAG_SEND_FLUSH, "SEND_FLUSH"],
+  [NBD_FLAG_SEND_FUA, "SEND_FUA"],
+  [NBD_FLAG_ROTATIONAL, "ROTATIONAL"],
+  [NBD_FLAG_SEND_TRIM, "SEND_TRIM"],
+  [NBD_FLAG_SEND_WRITE_ZEROES, "SEND_WRITE_ZEROES"],
+  [NBD_FLAG_SEND_DF, "SEND_DF"],
+  [NBD_FLAG_CAN_MULTI_CONN, "CAN_MULTI_CONN"],
+  [NBD_FLAG_SEND_CACHE, "SEND_CACHE"],
+  [NBD_FLAG_SEND_FAST_ZERO, "SEND_FAST_ZERO"],
+];
+
+/** What the first connection negotiated, for the session record. */
+function negotiated(file: ExportFile): SessionRecord["negotiated"] {
+  const client = file.primary;
+  return {
+    tls: client.tls,
+    structuredReplies: client.structuredReplies,
+    extendedHeaders: client.extendedHeaders,
+    flags: FLAG_NAMES.filter(([bit]) => (client.flags & bit) !== 0).map(([, name]) => name),
+    blockSize: { ...client.blockSize },
+  };
 }
 
 /** Checks for the privilege mounting needs, with a clear error. */
@@ -171,6 +208,7 @@ export class MountSession {
         connections: file.connectionCount,
         readOnly: server.readOnly,
         timeoutSeconds: options.timeoutSeconds,
+        negotiated: negotiated(file),
         started: new Date().toISOString(),
       };
       const session = new MountSession(file, server, dir, control, record, log);

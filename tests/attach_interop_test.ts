@@ -68,6 +68,12 @@ Deno.test({
     assertEquals(entry.exportName, "");
     assertEquals(entry.readOnly, false);
     assertEquals(entry.size, 128 * MiB);
+    assertEquals(entry.negotiated.tls, false);
+    assertEquals(entry.negotiated.structuredReplies, true);
+    for (const flag of ["SEND_FLUSH", "SEND_TRIM", "SEND_WRITE_ZEROES", "CAN_MULTI_CONN"]) {
+      assertOk(entry.negotiated.flags.includes(flag), `${flag} in ${entry.negotiated.flags}`);
+    }
+    assertEquals(entry.negotiated.blockSize.minimum, 1);
     assertOk(entry.alive);
     assertOk(entry.stats.writes > 0 && entry.stats.bytesWritten > 3 * MiB, listed.stdout);
     assertOk(entry.stats.flushes > 0, "ext4 flushes on unmount");
