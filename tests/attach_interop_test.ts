@@ -38,7 +38,7 @@ async function detach(scratch: MountScratch, args: string[]): Promise<void> {
 Deno.test({
   name: "nbd attach: mkfs.ext4, files, detach, attach again from the same server: files intact",
   ...mountable(),
-  ...peers("losetup", "mkfs.ext4", "mount", "umount"),
+  ...peers("losetup", "mkfs.ext4", "fsck.ext4", "mount", "umount"),
   async fn() {
     await using scratch = await mountScratch();
     await using server = await startNbdServe(["memory", "128M"]);
@@ -159,7 +159,7 @@ Deno.test({
 Deno.test({
   name: "nbd detach --hard cuts off a mounted device: its I/O fails, nothing stays attached",
   ...mountable(),
-  ...peers("losetup", "mkfs.ext4", "mount", "umount"),
+  ...peers("losetup", "mkfs.ext4", "mount", "umount", "dd"),
   async fn() {
     await using scratch = await mountScratch();
     await using server = await startNbdServe(["memory", "64M"]);
@@ -193,7 +193,7 @@ Deno.test({
 Deno.test({
   name: "nbd attach -r: a read-only device; nbd umount refuses the attachment's private mount",
   ...mountable(),
-  ...peers("losetup", "nbdkit"),
+  ...peers("losetup", "blockdev", "nbdkit"),
   async fn() {
     await using scratch = await mountScratch();
     await using server = await startServer("nbdkit", ["-f", "-U", "$SOCKET", "pattern", "8M"]);
