@@ -55,3 +55,10 @@ export { filePlugin } from "./plugins/file.ts";
 export type { ByteStream } from "./io/byte_stream.ts";
 export type { BufferedReader } from "./io/buffered_reader.ts";
 export type { CorkedWriter } from "./io/corked_writer.ts";
+export { ExportFile, type ExportFileOptions } from "./mount/export_file.ts";
+export {
+  type FileContents,
+  FuseFileServer,
+  type FuseFileServerOptions,
+} from "./mount/fuse_file_server.ts";
+export type { IoStats } from "./mount/io_counters.ts";
