@@ -1,8 +1,9 @@
 /**
  * `nbd` as a library: the NBD wire format, the client (`NbdClient`,
  * option-mode `NbdHandshake`, the multi-conn `NbdClientPool`,
- * `inspectServer`), the server with its plugin and filter interface, and
- * the built-in plugins.
+ * `inspectServer`), the server with its plugin and filter interface, the
+ * built-in plugins, and an export as a FUSE file (`ExportFile` served by
+ * `FuseFileServer`; Linux, root).
  *
  * @example Read from an export and walk its allocation map
  * ```ts
