@@ -28,6 +28,13 @@ import {
   type TlsUpgrader,
 } from "../server/server.ts";
 import { serverTls } from "../server/tls.ts";
+import {
+  DEFAULT_VIEW_ADDRESS,
+  looksLikeViewAddress,
+  parseViewAddress,
+  startViewServer,
+  type ViewServer,
+} from "../view/view_server.ts";
 import { type Command, parseOptions } from "./command.ts";
 
 const USAGE = `Usage: nbd serve [OPTIONS] PLUGIN [PARAM=VALUE | VALUE ...]
@@ -58,6 +65,10 @@ Options:
       --tls-certificates DIR  ca-cert.pem, server-cert.pem, server-key.pem (nbdkit's layout)
       --tls-verify-peer    require a client certificate signed by the CA
       --tls-psk FILE       TLS-PSK (not supported: use X.509 certificates)
+      --view [ADDR]        serve the live block-activity page, /stats and /metrics over
+                           HTTP on ADDR (default ${DEFAULT_VIEW_ADDRESS}; HOST:PORT, :PORT or PORT).
+                           A separate ADDR is taken only when it looks like one
+                           ("--view 9000 memory 1G"); "--view memory 1G" uses the default
   -v, --verbose            log options and requests to stderr
   -h, --help               show this help; with a plugin or --filter, show its parameters
 
@@ -98,6 +109,7 @@ export const SERVE_OPTIONS = {
   "tls-certificates": { type: "string" },
   "tls-verify-peer": { type: "boolean" },
   "tls-psk": { type: "string" },
+  view: { type: "string" },
   verbose: { type: "boolean", short: "v" },
   help: { type: "boolean", short: "h" },
 } as const;
@@ -124,7 +136,51 @@ export interface ServeValues {
   "tls-certificates"?: string;
   "tls-verify-peer"?: boolean;
   "tls-psk"?: string;
+  view?: string;
   verbose?: boolean;
+}
+
+/**
+ * Gives `--view` its optional value before parseArgs (which cannot express
+ * optional values) sees the arguments: `--view=ADDR` stays, `--view ADDR`
+ * becomes `--view=ADDR` when the next word looks like an address (a plugin
+ * name never does), and a bare `--view` gets the default address. Values
+ * of other options (`--run --view` runs a command named --view) and
+ * everything after `--` are left alone.
+ */
+export function expandViewOption(
+  argv: readonly string[],
+  options: Record<string, { type: string; short?: string }> = SERVE_OPTIONS,
+): string[] {
+  const takesValue = new Set<string>();
+  for (const [name, spec] of Object.entries(options)) {
+    if (spec.type !== "string" || name === "view") continue;
+    takesValue.add(`--${name}`);
+    if (spec.short) takesValue.add(`-${spec.short}`);
+  }
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const word = argv[i]!;
+    if (word === "--") {
+      out.push(...argv.slice(i));
+      break;
+    }
+    if (word === "--view") {
+      const next = argv[i + 1];
+      if (next !== undefined && looksLikeViewAddress(next)) {
+        out.push(`--view=${next}`);
+        i++;
+      } else {
+        out.push(`--view=${DEFAULT_VIEW_ADDRESS}`);
+      }
+      continue;
+    }
+    out.push(word);
+    // A short cluster such as -rU takes a value when its last letter does.
+    const valueOf = /^-[^-]/.test(word) ? `-${word.slice(-1)}` : word;
+    if (takesValue.has(valueOf) && i + 1 < argv.length) out.push(argv[++i]!);
+  }
+  return out;
 }
 
 function pluginHelp(plugin: Plugin): string {
@@ -173,6 +229,14 @@ function integerOption(
     throw new UsageError(`${name}: expected an integer from ${min} to ${max}, got "${text}"`);
   }
   return n;
+}
+
+function viewAddressOption(text: string): { hostname: string; port: number } {
+  try {
+    return parseViewAddress(text);
+  } catch (error) {
+    throw new UsageError(`--view: ${(error as Error).message}`);
+  }
 }
 
 function parsePort(text: string): number {
@@ -317,9 +381,21 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     throw error;
   }
   const exportName = values["export-name"] ?? "";
+  let view: ViewServer | undefined;
+  const viewAddress = values.view === undefined ? undefined : viewAddressOption(values.view);
+  // With --view the block map needs each export's size: a pass-through
+  // layer outermost records it as connections open the export, and adds
+  // nothing to the data path (it returns the backend unchanged).
+  let recordSize: (name: string, size: number) => void = () => {};
+  const sizeRecorder: FilterInstance = {
+    wrap(next, context) {
+      recordSize(context.exportName, next.size());
+      return Promise.resolve(next);
+    },
+  };
   const exports = new Exports({
     plugin: pluginInstance,
-    filters: filterInstances,
+    filters: viewAddress ? [sizeRecorder, ...filterInstances] : filterInstances,
     exportName,
     description: values.description,
   });
@@ -335,6 +411,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     tlsMode: tls.mode,
     tls: tls.upgrader,
   });
+  recordSize = (name, size) => server.state.stats.noteExportSize(name, size);
   const listenOptions = { nodeSockets: tls.mode !== "off" };
 
   const listeners: Listener[] = [];
@@ -382,8 +459,22 @@ export async function runServer(setup: ServerSetup): Promise<number> {
         }
       }
     }
+    if (viewAddress) {
+      try {
+        view = await startViewServer({
+          stats: server.state.stats,
+          listExports: async () => (await exports.list()).map((e) => e.name),
+        }, viewAddress);
+      } catch (error) {
+        throw new Error(
+          `Cannot serve the view on ${values.view}: ${(error as Error).message}`,
+        );
+      }
+      server.state.log(`view at ${view.url}`);
+    }
   } catch (error) {
     closeListeners();
+    await view?.close();
     await exports.close();
     throw error;
   }
@@ -431,6 +522,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     } catch { /* already exited */ }
   }
   closeListeners();
+  await view?.close();
   await server.shutdown();
   if (values.unix === "-" || (values.unix === undefined && values.run !== undefined)) {
     const address = primary.address;
@@ -461,7 +553,7 @@ export const serveCommand: Command = {
   summary: "serve a plugin (memory, file, pattern, ...) over NBD",
   usage: USAGE,
   async run(argv) {
-    const { values, positionals } = parseOptions(argv, SERVE_OPTIONS);
+    const { values, positionals } = parseOptions(expandViewOption(argv), SERVE_OPTIONS);
     const [pluginName, ...words] = positionals;
     if (values.help) {
       if (pluginName) {
