@@ -151,7 +151,7 @@ class Subscriber {
   readonly #aggregator: ActivityAggregator;
   readonly #controller: ReadableStreamDefaultController<Uint8Array>;
   readonly #exports: () => string[];
-  readonly #onClose: (s: Subscriber) => void;
+  readonly #onClose: () => void;
   readonly #listener: (event: Parameters<ActivityAggregator["add"]>[0]) => void;
   readonly #timer: ReturnType<typeof setInterval>;
   #ticks = 0;
@@ -163,7 +163,7 @@ class Subscriber {
     source: ViewSource,
     aggregator: ActivityAggregator,
     controller: ReadableStreamDefaultController<Uint8Array>,
-    options: { interval: number; exports: () => string[]; onClose: (s: Subscriber) => void },
+    options: { interval: number; exports: () => string[]; onClose: () => void },
   ) {
     this.#source = source;
     this.#aggregator = aggregator;
@@ -245,6 +245,10 @@ class Subscriber {
     if (ticks % STATS_EVERY === 0 && ticks > 0) this.#sendStats();
   }
 
+  get closed(): boolean {
+    return this.#closed;
+  }
+
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
@@ -253,8 +257,63 @@ class Subscriber {
     try {
       this.#controller.close();
     } catch { /* the page went away first */ }
-    this.#onClose(this);
+    this.#onClose();
   }
+}
+
+/** Options of `eventStream`. */
+export interface EventStreamOptions {
+  /** Export whose block map is streamed. */
+  exportName: string;
+  /** Fixed bytes per cell; otherwise chosen from `maxCells`. */
+  block?: number;
+  /** Most cells the page can show (when `block` is not given). */
+  maxCells?: number;
+  /** Frame interval in milliseconds (default 50). */
+  interval?: number;
+  /** Export names for the counter snapshots (synchronous: a cached list). */
+  exports?: () => string[];
+  /** Called once the stream starts, with a function that ends it. */
+  onOpen?: (close: () => void) => void;
+  /** Called when the stream ends, whichever side ended it. */
+  onClose?: () => void;
+}
+
+/** Chunks a page may leave unread before frames are held back (and merged). */
+export const EVENT_QUEUE_CHUNKS = 8;
+
+/**
+ * The `/events` stream of one page: "hello", then "frame" events (block
+ * runs per kind, at most every `interval` ms while something happens),
+ * "stats" snapshots twice a second, and for a replay "replay" positions and
+ * a "reset" at each restart. At most EVENT_QUEUE_CHUNKS chunks wait unread;
+ * beyond that, frames are held back and merged into the next one, so a
+ * slow page costs bounded memory and still sees every block.
+ */
+export function eventStream(
+  source: ViewSource,
+  options: EventStreamOptions,
+): ReadableStream<Uint8Array> {
+  const aggregator = new ActivityAggregator(options.exportName, {
+    block: options.block,
+    maxCells: options.maxCells,
+  });
+  let subscriber: Subscriber | undefined;
+  return new ReadableStream<Uint8Array>({
+    start(controller) {
+      subscriber = new Subscriber(source, aggregator, controller, {
+        interval: options.interval ?? 50,
+        exports: options.exports ?? (() => []),
+        onClose: () => options.onClose?.(),
+      });
+      const s = subscriber;
+      // It may have ended already (an export too large for a fixed block size).
+      if (!s.closed) options.onOpen?.(() => s.close());
+    },
+    cancel() {
+      subscriber?.close();
+    },
+  }, new CountQueuingStrategy({ highWaterMark: EVENT_QUEUE_CHUNKS }));
 }
 
 function text(body: string, type: string, status = 200): Response {
@@ -298,7 +357,7 @@ export async function startViewServer(
   options: ViewServerOptions = {},
 ): Promise<ViewServer> {
   const interval = options.frameInterval ?? 50;
-  const subscribers = new Set<Subscriber>();
+  const subscribers = new Set<() => void>();
   let exportList: string[] = [];
   let exportListAt = -Infinity;
   const refreshExports = async (): Promise<string[]> => {
@@ -328,22 +387,16 @@ export async function startViewServer(
     } catch (error) {
       return problem(400, (error as Error).message);
     }
-    const exportName = params.get("export") ?? cachedExports()[0] ?? "";
-    const aggregator = new ActivityAggregator(exportName, { block, maxCells: cells });
-    let subscriber: Subscriber | undefined;
-    const body = new ReadableStream<Uint8Array>({
-      start(controller) {
-        subscriber = new Subscriber(source, aggregator, controller, {
-          interval,
-          exports: cachedExports,
-          onClose: (s) => subscribers.delete(s),
-        });
-        subscribers.add(subscriber);
-      },
-      cancel() {
-        subscriber?.close();
-      },
-    }, new CountQueuingStrategy({ highWaterMark: 8 }));
+    let closer: (() => void) | undefined;
+    const body = eventStream(source, {
+      exportName: params.get("export") ?? cachedExports()[0] ?? "",
+      block,
+      maxCells: cells,
+      interval,
+      exports: cachedExports,
+      onOpen: (close) => subscribers.add(closer = close),
+      onClose: () => closer && subscribers.delete(closer),
+    });
     return new Response(body, {
       headers: {
         "content-type": "text/event-stream; charset=utf-8",
@@ -422,7 +475,7 @@ export async function startViewServer(
   let closed: Promise<void> | undefined;
   const close = () => {
     closed ??= (async () => {
-      for (const s of [...subscribers]) s.close();
+      for (const close of [...subscribers]) close();
       await server.shutdown();
     })();
     return closed;
