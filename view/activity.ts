@@ -1,8 +1,10 @@
 /**
  * Aggregation of per-request events into block-map frames for the live
- * view: between two frames every block touched is remembered once per kind
- * of request in a bitmap, so a frame reports all of them however many
- * requests there were, and memory stays bounded by the number of cells.
+ * view: between two frames every block touched is remembered in a bitmap
+ * under the kind of the last request that touched it, so a frame reports
+ * all of them however many requests there were (a page painting them shows
+ * what it would have shown painting each request), and memory stays
+ * bounded by the number of cells.
  *
  * @module
  */
@@ -67,8 +69,8 @@ export interface ActivityFrame {
   /** Number of cells. */
   cells: number;
   /**
-   * Touched cells per kind, ordered by each kind's latest request so that
-   * painting in this order leaves the most recent kind on top.
+   * Touched cells per kind of the last request that touched them in this
+   * frame: no cell is listed under two kinds, so the order does not matter.
    */
   kinds: Array<[ActivityKind, Runs]>;
   /** Requests per command in this frame, failed ones included (FLUSH touches no cell). */
@@ -91,9 +93,7 @@ export class ActivityAggregator {
   #bits: Uint32Array[] = [];
   #low: number[] = [];
   #high: number[] = [];
-  #latest: number[] = [];
   #requests = new Map<string, number>();
-  #sequence = 0;
 
   /**
    * Follows `exportName`. With `block` the cell size is fixed; otherwise it
@@ -141,7 +141,6 @@ export class ActivityAggregator {
     this.#bits = ACTIVITY_KINDS.map(() => new Uint32Array(words));
     this.#low = ACTIVITY_KINDS.map(() => Infinity);
     this.#high = ACTIVITY_KINDS.map(() => -1);
-    this.#latest = ACTIVITY_KINDS.map(() => 0);
     this.#requests.clear();
   }
 
@@ -158,10 +157,15 @@ export class ActivityAggregator {
       Math.floor((event.offset + event.length - 1) / this.#block),
       this.#cells - 1,
     );
+    // This request is now the last to touch these cells: other kinds let go of them.
+    for (let k = 0; k < ACTIVITY_KINDS.length; k++) {
+      if (k !== kind && this.#high[k]! >= first && this.#low[k]! <= last) {
+        clearBits(this.#bits[k]!, first, last);
+      }
+    }
     setBits(this.#bits[kind]!, first, last);
     if (first < this.#low[kind]!) this.#low[kind] = first;
     if (last > this.#high[kind]!) this.#high[kind] = last;
-    this.#latest[kind] = ++this.#sequence;
   }
 
   /** Whether anything happened since the last `take`. */
@@ -172,18 +176,15 @@ export class ActivityAggregator {
   /** Returns the frame collected since the last call and starts a new one. */
   take(): ActivityFrame | undefined {
     if (this.#cells === 0) return undefined;
-    const kinds: Array<[ActivityKind, Runs, number]> = [];
+    const kinds: Array<[ActivityKind, Runs]> = [];
     for (let k = 0; k < ACTIVITY_KINDS.length; k++) {
       if (this.#high[k]! < 0) continue;
-      kinds.push([
-        ACTIVITY_KINDS[k]!,
-        takeRuns(this.#bits[k]!, this.#low[k]!, this.#high[k]!),
-        this.#latest[k]!,
-      ]);
+      const runs = takeRuns(this.#bits[k]!, this.#low[k]!, this.#high[k]!);
+      // A kind whose cells were all taken over by later requests has nothing to show.
+      if (runs.length) kinds.push([ACTIVITY_KINDS[k]!, runs]);
       this.#low[k] = Infinity;
       this.#high[k] = -1;
     }
-    kinds.sort((a, b) => a[2] - b[2]);
     const requests = Object.fromEntries(this.#requests);
     this.#requests.clear();
     return {
@@ -191,7 +192,7 @@ export class ActivityAggregator {
       size: this.#size,
       block: this.#block,
       cells: this.#cells,
-      kinds: kinds.map(([kind, runs]) => [kind, runs]),
+      kinds,
       requests,
     };
   }
@@ -210,6 +211,21 @@ export function setBits(bits: Uint32Array, first: number, last: number): void {
   bits[word]! |= headMask;
   for (word++; word < lastWord; word++) bits[word] = 0xffffffff;
   bits[lastWord]! |= tailMask;
+}
+
+/** Clears bits first..last (inclusive). */
+export function clearBits(bits: Uint32Array, first: number, last: number): void {
+  let word = first >>> 5;
+  const lastWord = last >>> 5;
+  const headMask = (0xffffffff << (first & 31)) >>> 0;
+  const tailMask = 0xffffffff >>> (31 - (last & 31));
+  if (word === lastWord) {
+    bits[word]! &= ~(headMask & tailMask);
+    return;
+  }
+  bits[word]! &= ~headMask;
+  for (word++; word < lastWord; word++) bits[word] = 0;
+  bits[lastWord]! &= ~tailMask;
 }
 
 /** Collects the set bits between cells low..high into runs and clears them. */

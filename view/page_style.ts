@@ -55,7 +55,7 @@ main { flex: 1; display: flex; min-height: 0; }
   white-space: nowrap;
 }
 aside {
-  width: 440px;
+  width: 500px;
   flex: none;
   padding: 8px 12px;
   background: var(--panel);
@@ -67,8 +67,8 @@ aside {
 #legend .swatch { width: 12px; height: 12px; border: 1px solid #555; flex: none; }
 #legend .rate { margin-left: auto; color: var(--muted); font-variant-numeric: tabular-nums; }
 #legend li.flash .swatch { outline: 2px solid #fff; }
-table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
-th, td { padding: 2px 4px; text-align: right; border-bottom: 1px solid var(--line); white-space: nowrap; }
+table { border-collapse: collapse; width: 100%; font-size: 12px; font-variant-numeric: tabular-nums; }
+th, td { padding: 2px 3px; text-align: right; border-bottom: 1px solid var(--line); white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 th { color: var(--muted); font-weight: normal; }
 td.left { text-align: left; white-space: normal; }
