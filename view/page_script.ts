@@ -43,6 +43,14 @@ export const PAGE_SCRIPT = String.raw`"use strict";
   var KIND_RGB = KINDS.map(function (k) { return rgb(k[2]); });
   var KIND_PIXEL = KIND_RGB.map(pack);
   var TRACE_RGB = KIND_RGB.map(function (c) { return mix(BG, c, TRACE); });
+  // Fading looks colours up in a table: no arithmetic or garbage per cell.
+  var FADE_STEPS = 32;
+  var FADE_LUT = KIND_RGB.map(function (c, k) {
+    var lut = new Uint32Array(FADE_STEPS + 1);
+    for (var i = 0; i <= FADE_STEPS; i++) lut[i] = pack(mix(c, TRACE_RGB[k], i / FADE_STEPS));
+    return lut;
+  });
+  var DRAW_STEP_MS = 33; // at most 30 redraws a second
   var KIND_INDEX = {};
   KINDS.forEach(function (k, i) { KIND_INDEX[k[0]] = i; });
 
@@ -63,6 +71,7 @@ export const PAGE_SCRIPT = String.raw`"use strict";
   var map = null; // { size, block, cells, cols, rows, px, kind, stamp, active, activeCount, isActive, image, pixels }
   var queue = [];
   var drawPending = false;
+  var lastDraw = -Infinity;
   var source = null;
   var lastStats = null;
   var rates = {};
@@ -159,7 +168,7 @@ export const PAGE_SCRIPT = String.raw`"use strict";
       size: size, block: block, cells: cells, cols: cols, rows: rows, px: px,
       kind: new Uint8Array(cells), stamp: new Float64Array(cells),
       active: new Int32Array(cells), activeCount: 0, isActive: new Uint8Array(cells),
-      image: image, pixels: pixels, dirty: true,
+      image: image, pixels: pixels, dirtyLow: 0, dirtyHigh: cells - 1,
     };
     view.layout = { size: size, block: block, cells: cells, cols: cols, rows: rows, cellPx: px };
     $("map-info").textContent = exportLabel(currentExport()) + ": " + bytes(size) + " in " +
@@ -169,6 +178,11 @@ export const PAGE_SCRIPT = String.raw`"use strict";
 
   function clearMap() {
     if (map) layout(map.size, map.block, map.cells);
+  }
+
+  function touch(low, high) {
+    if (low < map.dirtyLow) map.dirtyLow = low;
+    if (high > map.dirtyHigh) map.dirtyHigh = high;
   }
 
   function apply(frame) {
@@ -184,6 +198,7 @@ export const PAGE_SCRIPT = String.raw`"use strict";
       var pixel = KIND_PIXEL[k];
       for (var r = 0; r < runs.length; r += 2) {
         var end = Math.min(runs[r] + runs[r + 1], map.cells);
+        if (end > runs[r]) touch(runs[r], end - 1);
         for (var c = runs[r]; c < end; c++) {
           map.kind[c] = k + 1;
           map.stamp[c] = now;
@@ -195,7 +210,6 @@ export const PAGE_SCRIPT = String.raw`"use strict";
         }
       }
     });
-    map.dirty = true;
     updateRates(frame.requests || {});
     view.framesApplied++;
   }
@@ -204,6 +218,7 @@ export const PAGE_SCRIPT = String.raw`"use strict";
     if (!map || map.activeCount === 0) return;
     var ms = settings.fade * 1000;
     var kept = 0;
+    var low = map.cells, high = -1;
     for (var i = 0; i < map.activeCount; i++) {
       var c = map.active[i];
       var k = map.kind[c] - 1;
@@ -212,26 +227,37 @@ export const PAGE_SCRIPT = String.raw`"use strict";
         map.pixels[c] = KIND_PIXEL[k];
         map.isActive[c] = 0;
       } else if (t >= 1) {
-        map.pixels[c] = pack(TRACE_RGB[k]);
+        map.pixels[c] = FADE_LUT[k][FADE_STEPS];
         map.isActive[c] = 0;
       } else {
-        map.pixels[c] = pack(mix(KIND_RGB[k], TRACE_RGB[k], t));
+        map.pixels[c] = FADE_LUT[k][Math.floor(t * FADE_STEPS)];
         map.active[kept++] = c;
       }
+      if (c < low) low = c;
+      if (c > high) high = c;
     }
     map.activeCount = kept;
-    map.dirty = true;
+    if (high >= 0) touch(low, high);
   }
 
   function draw(now) {
     drawPending = false;
+    if (now - lastDraw < DRAW_STEP_MS) { // too soon: come back on a later animation frame
+      scheduleDraw();
+      return;
+    }
+    lastDraw = now;
     while (queue.length) apply(queue.shift());
     fade(now);
-    if (map && map.dirty) {
-      gctx.putImageData(map.image, 0, 0);
+    if (map && map.dirtyHigh >= 0) {
+      // Only the rows that changed go to the canvas.
+      var top = Math.floor(map.dirtyLow / map.cols);
+      var rows = Math.floor(map.dirtyHigh / map.cols) - top + 1;
+      gctx.putImageData(map.image, 0, 0, 0, top, map.cols, rows);
       ctx.imageSmoothingEnabled = false;
-      ctx.drawImage(grid, 0, 0, map.cols * map.px, map.rows * map.px);
-      map.dirty = false;
+      ctx.drawImage(grid, 0, top, map.cols, rows, 0, top * map.px, map.cols * map.px, rows * map.px);
+      map.dirtyLow = map.cells;
+      map.dirtyHigh = -1;
     }
     if (map && map.activeCount > 0) scheduleDraw();
   }
