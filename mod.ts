@@ -1,6 +1,20 @@
 /**
- * `nbd` as a library: the NBD wire format, the server with its plugin and
- * filter interface, and the built-in plugins.
+ * `nbd` as a library: the NBD wire format, the client (`NbdClient`,
+ * option-mode `NbdHandshake`, the multi-conn `NbdClientPool`,
+ * `inspectServer`), the server with its plugin and filter interface, and
+ * the built-in plugins.
+ *
+ * @example Read from an export and walk its allocation map
+ * ```ts
+ * import { NbdClient } from "./mod.ts";
+ *
+ * await using client = await NbdClient.connect("nbd+unix:///disk?socket=/tmp/nbd.sock");
+ * const sector = new Uint8Array(512);
+ * await client.pread(sector, 0);
+ * for await (const extent of client.iterateExtents(0, client.size())) {
+ *   console.log(extent.offset, extent.length, extent.flags);
+ * }
+ * ```
  *
  * @example Serve a RAM disk from your own program
  * ```ts
@@ -18,6 +32,12 @@ export * from "./protocol/errors.ts";
 export * from "./protocol/uri.ts";
 export type { BlockSize } from "./protocol/handshake.ts";
 export type { Extent } from "./protocol/transmission.ts";
+export * from "./client/client.ts";
+export * from "./client/errors.ts";
+export * from "./client/handshake.ts";
+export * from "./client/inspect.ts";
+export * from "./client/pool.ts";
+export { describeServer, openStream, toNbdUri } from "./client/connect.ts";
 export * from "./server/backend.ts";
 export * from "./server/params.ts";
 export { Exports, type ExportsOptions } from "./server/exports.ts";
@@ -32,3 +52,6 @@ export { PLUGINS } from "./plugins/mod.ts";
 export { FILTERS } from "./filters/mod.ts";
 export { memoryPlugin } from "./plugins/memory.ts";
 export { filePlugin } from "./plugins/file.ts";
+export type { ByteStream } from "./io/byte_stream.ts";
+export type { BufferedReader } from "./io/buffered_reader.ts";
+export type { CorkedWriter } from "./io/corked_writer.ts";

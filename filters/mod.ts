@@ -5,6 +5,39 @@
  */
 
 import type { Filter } from "../server/backend.ts";
+import { blocksizeFilter } from "./blocksize.ts";
+import { cacheFilter } from "./cache.ts";
+import { cowFilter } from "./cow.ts";
+import { delayFilter } from "./delay.ts";
+import { errorFilter } from "./error.ts";
+import { gzipFilter } from "./gzip.ts";
+import { logFilter } from "./log.ts";
+import { offsetFilter } from "./offset.ts";
+import { partitionFilter } from "./partition.ts";
+import { rateFilter } from "./rate.ts";
+import { readonlyFilter } from "./readonly.ts";
+import { retryFilter } from "./retry.ts";
+import { statsFilter } from "./stats.ts";
+import { truncateFilter } from "./truncate.ts";
+import { xzFilter } from "./xz.ts";
 
 /** Filters by name. */
-export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>();
+export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
+  [
+    blocksizeFilter,
+    cacheFilter,
+    cowFilter,
+    delayFilter,
+    errorFilter,
+    gzipFilter,
+    logFilter,
+    offsetFilter,
+    partitionFilter,
+    rateFilter,
+    readonlyFilter,
+    retryFilter,
+    statsFilter,
+    truncateFilter,
+    xzFilter,
+  ].map((f) => [f.name, f]),
+);

@@ -6,15 +6,36 @@
 
 import type { Plugin } from "../server/backend.ts";
 import { dataPlugin } from "./data.ts";
+import { evalPlugin } from "./eval.ts";
 import { filePlugin } from "./file.ts";
+import { floppyPlugin } from "./floppy.ts";
+import { curlPlugin, httpPlugin } from "./http.ts";
 import { memoryPlugin } from "./memory.ts";
+import { nbdPlugin } from "./nbd.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
 import { patternPlugin } from "./pattern.ts";
 import { randomPlugin } from "./random.ts";
+import { shPlugin } from "./sh.ts";
+import { sparseRandomPlugin } from "./sparse_random.ts";
+import { splitPlugin } from "./split.ts";
 
 /** Plugins by name. */
 export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
-  [dataPlugin, filePlugin, memoryPlugin, nullPlugin, patternPlugin, randomPlugin, zeroPlugin].map((
-    p,
-  ) => [p.name, p]),
+  [
+    curlPlugin,
+    dataPlugin,
+    evalPlugin,
+    filePlugin,
+    floppyPlugin,
+    httpPlugin,
+    memoryPlugin,
+    nbdPlugin,
+    nullPlugin,
+    patternPlugin,
+    randomPlugin,
+    shPlugin,
+    sparseRandomPlugin,
+    splitPlugin,
+    zeroPlugin,
+  ].map((p) => [p.name, p]),
 );

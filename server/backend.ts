@@ -144,10 +144,19 @@ export interface Plugin {
   create(params: Params): Promise<PluginInstance>;
 }
 
+/**
+ * Opens the layers below a filter again, e.g. after an error (the retry
+ * filter), with the given context.
+ */
+export type Reopen = (context: OpenContext) => Promise<Backend>;
+
 /** A configured filter: shared state plus a per-connection wrapper. */
 export interface FilterInstance {
-  /** Wraps the next backend for one connection. */
-  wrap(next: Backend, context: OpenContext): Promise<Backend>;
+  /**
+   * Wraps the next backend for one connection. `reopen` opens a fresh copy
+   * of everything below this filter; most filters ignore it.
+   */
+  wrap(next: Backend, context: OpenContext, reopen: Reopen): Promise<Backend>;
   /** Adjusts the export list of the layer below. */
   listExports?(next: () => Promise<ExportInfo[]>): Promise<ExportInfo[]>;
   /** Releases shared resources when the server stops. */

@@ -163,7 +163,14 @@ export class Connection implements ConnectionContext {
       }
       await this.writer.flush().catch(() => {});
     } catch (error) {
-      if (!this.closing) this.log(`closed: ${(error as Error).message}`);
+      // A peer that hangs up without a word (a port probe, a killed client) is not worth a log line.
+      const code = (error as { code?: unknown })?.code;
+      const hungUp = error instanceof Deno.errors.BrokenPipe ||
+        error instanceof Deno.errors.ConnectionReset ||
+        code === "EPIPE" || code === "ECONNRESET";
+      if (!this.closing && (!hungUp || this.verbose)) {
+        this.log(`closed: ${(error as Error).message}`);
+      }
     } finally {
       if (this.#backend) {
         const backend = this.#backend;

@@ -73,11 +73,21 @@ export class Exports {
   }
 
   /** Opens the plugin and wraps it in the filters, innermost first. */
-  async open(context: OpenContext): Promise<Backend> {
+  open(context: OpenContext): Promise<Backend> {
+    return this.#openBelow(0, context);
+  }
+
+  /** Opens the plugin and the filters from `index` inwards (so a filter can reopen what is below it). */
+  async #openBelow(index: number, context: OpenContext): Promise<Backend> {
     let backend = await this.#plugin.open(context);
-    for (let i = this.#filters.length - 1; i >= 0; i--) {
+    for (let i = this.#filters.length - 1; i >= index; i--) {
+      const below = i + 1;
       try {
-        backend = await this.#filters[i]!.wrap(backend, context);
+        backend = await this.#filters[i]!.wrap(
+          backend,
+          context,
+          (reopenContext) => this.#openBelow(below, reopenContext),
+        );
       } catch (error) {
         await backend.close().catch(() => {});
         throw error;

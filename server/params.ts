@@ -68,6 +68,28 @@ export function parseBoolean(text: string, what: string): boolean {
   throw new UsageError(`${what}: expected true or false, got "${text}"`);
 }
 
+/**
+ * Parses a duration as nbdkit does: a bare number is seconds, `NNms` is
+ * milliseconds (`NNs` and fractions are accepted too). Returns milliseconds.
+ *
+ * @example
+ * ```ts
+ * parseDuration("100ms", "rdelay"); // 100
+ * parseDuration("2", "retry-delay"); // 2000
+ * ```
+ */
+export function parseDuration(text: string, what: string): number {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/.exec(text);
+  if (!match) {
+    throw new UsageError(`${what}: cannot parse "${text}" as a duration (e.g. 2, 0.5s, 100ms)`);
+  }
+  const value = Number(match[1]) * (match[2] === "ms" ? 1 : 1000);
+  if (!Number.isFinite(value) || value > 2 ** 31) {
+    throw new UsageError(`${what}: duration "${text}" is too long`);
+  }
+  return value;
+}
+
 /** Formats a byte count the way people read it: 1048576 → "1M". */
 export function formatSize(bytes: number): string {
   for (
@@ -149,6 +171,12 @@ export class Params {
   takeSize(key: string): number | undefined {
     const value = this.take(key);
     return value === undefined ? undefined : parseSize(value, key);
+  }
+
+  /** Takes a duration-valued key (seconds, or `NNms`); returns milliseconds. */
+  takeDuration(key: string): number | undefined {
+    const value = this.take(key);
+    return value === undefined ? undefined : parseDuration(value, key);
   }
 
   /** Takes a boolean key. */

@@ -153,9 +153,14 @@ export interface ServerProcess extends AsyncDisposable {
 }
 
 /** Waits until a Unix socket accepts connections. */
-export async function waitForSocket(path: string, timeoutMs = 15000): Promise<void> {
+export async function waitForSocket(
+  path: string,
+  timeoutMs = 15000,
+  gaveUp?: () => boolean,
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (true) {
+    if (gaveUp?.()) throw new Error(`the server exited before listening on ${path}`);
     try {
       const conn = await Deno.connect({ transport: "unix", path });
       conn.close();
@@ -191,7 +196,10 @@ export async function startServer(
     for await (const chunk of child.stderr) stderrText += decoder.decode(chunk, { stream: true });
   })();
   try {
-    await waitForSocket(socket);
+    // Stop waiting as soon as the server exits (a bad command line, say).
+    let exited = false;
+    child.status.then(() => exited = true);
+    await waitForSocket(socket, 15000, () => exited);
   } catch (error) {
     try {
       child.kill("SIGKILL");
@@ -253,4 +261,14 @@ export function firstDifference(a: Uint8Array, b: Uint8Array): number {
   const n = Math.min(a.length, b.length);
   for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
   return a.length === b.length ? -1 : n;
+}
+
+/** Polls `condition` until it holds or `timeoutMs` passes; returns whether it held. */
+export async function eventually(condition: () => boolean, timeoutMs = 5000): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) return false;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return true;
 }

@@ -1,0 +1,103 @@
+/**
+ * Opening the byte stream to an NBD server named by a URI: TCP or a Unix
+ * socket. Errors name the server and say why in one line.
+ *
+ * @module
+ */
+
+import * as net from "node:net";
+import { type ByteStream, fromDenoConn, fromNodeSocket } from "../io/byte_stream.ts";
+import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
+import { NbdConnectionError } from "./errors.ts";
+
+/** Parses `uri` if it is a string; URI syntax errors name the part that is wrong. */
+export function toNbdUri(uri: string | NbdUri): NbdUri {
+  return typeof uri === "string" ? parseNbdUri(uri) : uri;
+}
+
+/** Where a URI points, for error messages: "unix socket /x" or "host:port". */
+export function describeServer(uri: NbdUri): string {
+  switch (uri.transport) {
+    case "unix":
+      return `Unix socket ${uri.socket}`;
+    case "tcp":
+      return `${uri.host?.includes(":") ? `[${uri.host}]` : uri.host}:${uri.port}`;
+    case "vsock":
+      return `vsock ${uri.cid}:${uri.port}`;
+  }
+}
+
+function reason(error: unknown): string {
+  if (error instanceof Deno.errors.NotFound) return "no such socket";
+  if (error instanceof Deno.errors.ConnectionRefused) return "connection refused";
+  if (error instanceof Deno.errors.PermissionDenied) return "permission denied";
+  if (error instanceof Deno.errors.TimedOut) return "timed out";
+  const message = error instanceof Error ? error.message : String(error);
+  // Deno appends the OS error code, e.g. "Connection refused (os error 111)".
+  return message.replace(/\s*\(os error \d+\)$/, "").toLowerCase();
+}
+
+/** Connects through node:net, whose sockets can be upgraded to TLS mid-stream. */
+function openNodeStream(uri: NbdUri): Promise<ByteStream> {
+  return new Promise((resolve, reject) => {
+    const socket = uri.transport === "unix"
+      ? net.connect({ path: uri.socket! })
+      : net.connect({ host: uri.host!, port: uri.port! });
+    socket.once("connect", () => {
+      socket.off("error", onError);
+      if (uri.transport === "tcp") socket.setNoDelay(true);
+      resolve(fromNodeSocket(socket));
+    });
+    const onError = (error: Error) => {
+      socket.destroy();
+      const code = (error as { code?: string }).code;
+      const why = code === "ENOENT"
+        ? "no such socket"
+        : code === "ECONNREFUSED"
+        ? "connection refused"
+        : code === "EACCES"
+        ? "permission denied"
+        : error.message.toLowerCase();
+      reject(
+        new NbdConnectionError(`Cannot connect to NBD server at ${describeServer(uri)}: ${why}`, {
+          cause: error,
+        }),
+      );
+    };
+    socket.once("error", onError);
+  });
+}
+
+/**
+ * Connects to the server a URI names. For TLS (`nbds` schemes) the socket
+ * is one that can be upgraded after NBD_OPT_STARTTLS.
+ */
+export async function openStream(uri: NbdUri): Promise<ByteStream> {
+  if (uri.transport === "vsock") {
+    throw new NbdConnectionError(
+      `Cannot connect to ${formatNbdUri(uri)}: vsock transport is not supported`,
+    );
+  }
+  if (uri.tls) return await openNodeStream(uri);
+  let conn: Deno.Conn;
+  try {
+    switch (uri.transport) {
+      case "unix":
+        conn = await Deno.connect({ transport: "unix", path: uri.socket! });
+        break;
+      case "tcp": {
+        const tcp = await Deno.connect({ hostname: uri.host!, port: uri.port! });
+        tcp.setNoDelay(true);
+        conn = tcp;
+        break;
+      }
+    }
+  } catch (error) {
+    if (error instanceof NbdConnectionError) throw error;
+    throw new NbdConnectionError(
+      `Cannot connect to NBD server at ${describeServer(uri)}: ${reason(error)}`,
+      { cause: error },
+    );
+  }
+  return fromDenoConn(conn);
+}

@@ -1,0 +1,351 @@
+/**
+ * `nbd info URI`: what a server and an export look like, in the format
+ * nbdinfo uses (human-readable, or `--json` with nbdinfo's field names),
+ * plus `--size`, `--list`, `--map` and the `--can`/`--is` tests.
+ *
+ * @module
+ */
+
+import { NbdClient } from "../client/client.ts";
+import { NbdOptionError } from "../client/errors.ts";
+import { type ExportReport, inspectServer, type ServerReport } from "../client/inspect.ts";
+import {
+  BASE_ALLOCATION,
+  NBD_DEFAULT_PORT,
+  NBD_FLAG_CAN_MULTI_CONN,
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_ROTATIONAL,
+  NBD_FLAG_SEND_CACHE,
+  NBD_FLAG_SEND_DF,
+  NBD_FLAG_SEND_FAST_ZERO,
+  NBD_FLAG_SEND_FLUSH,
+  NBD_FLAG_SEND_FUA,
+  NBD_FLAG_SEND_TRIM,
+  NBD_FLAG_SEND_WRITE_ZEROES,
+  NBD_REP_ERR_UNKNOWN,
+} from "../protocol/constants.ts";
+import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
+import { UsageError } from "../server/params.ts";
+import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import { type Command, parseOptions, printError } from "./command.ts";
+import { showMap } from "./map.ts";
+import { writeStdout } from "./output.ts";
+
+const USAGE = `Usage: nbd info [OPTIONS] URI
+
+Show what an NBD server says about an export: size, flags, block sizes,
+metadata contexts and (by default) what the first bytes look like.
+
+Options:
+      --json             print JSON (nbdinfo's field names)
+      --size             print only the size in bytes
+  -L, --list             show every export the server lists
+      --map[=CONTEXT]    print the allocation map (see "nbd map"); --totals sums it
+      --totals           with --map: bytes per type instead of the runs
+      --content          probe the content with file(1) (default unless --list)
+      --no-content       do not read any data
+      --can FEATURE      exit 0 if the export can FEATURE, 2 if not: connect, read,
+                         write, flush, fua, trim, zero, fast-zero, df, multi-conn,
+                         cache, structured-reply, extended-headers, block-status
+      --is PROPERTY      exit 0 if true, 2 if not: read-only, rotational, tls
+  -h, --help             show this help
+
+${TLS_USAGE}
+
+Examples:
+  nbd info nbd://localhost/disk
+  nbd info --json "nbd+unix:///?socket=/tmp/nbd.sock"
+  nbd info --can trim nbd://localhost || echo "no trim"
+`;
+
+/** How many bytes the content probe reads (as nbdinfo does). */
+const PROBE_BYTES = 8192;
+
+/**
+ * A size in the largest binary unit that divides it exactly ("1M",
+ * "2075312K"), and whether a unit applied.
+ */
+export function humanSize(bytes: number): { text: string; scaled: boolean } {
+  const units = ["", "K", "M", "G", "T", "P", "E"];
+  let value = bytes;
+  let unit = 0;
+  while (value !== 0 && value % 1024 === 0 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return { text: `${value}${units[unit]}`, scaled: unit > 0 };
+}
+
+/** The URI of one export of the server `uri` points at, spelled as libnbd spells it. */
+export function exportUri(uri: NbdUri, name: string): string {
+  const text = formatNbdUri({ ...uri, exportName: name });
+  if (uri.transport !== "tcp" || (uri.port ?? NBD_DEFAULT_PORT) !== NBD_DEFAULT_PORT) return text;
+  // libnbd always writes the port out; do the same so outputs compare equal.
+  const match = /^([a-z+]+:\/\/[^/]*)(\/.*)$/.exec(text);
+  return match ? `${match[1]}:${NBD_DEFAULT_PORT}${match[2]}` : text;
+}
+
+/** The boolean facts of an export, under nbdinfo's names and in its order. */
+export function exportFacts(flags: number): Array<[string, boolean]> {
+  return [
+    ["is_rotational", (flags & NBD_FLAG_ROTATIONAL) !== 0],
+    ["is_read_only", (flags & NBD_FLAG_READ_ONLY) !== 0],
+    ["can_cache", (flags & NBD_FLAG_SEND_CACHE) !== 0],
+    ["can_df", (flags & NBD_FLAG_SEND_DF) !== 0],
+    ["can_fast_zero", (flags & NBD_FLAG_SEND_FAST_ZERO) !== 0],
+    ["can_flush", (flags & NBD_FLAG_SEND_FLUSH) !== 0],
+    ["can_fua", (flags & NBD_FLAG_SEND_FUA) !== 0],
+    ["can_multi_conn", (flags & NBD_FLAG_CAN_MULTI_CONN) !== 0],
+    ["can_trim", (flags & NBD_FLAG_SEND_TRIM) !== 0],
+    ["can_zero", (flags & NBD_FLAG_SEND_WRITE_ZEROES) !== 0],
+  ];
+}
+
+function packets(report: ServerReport): string {
+  if (report.extendedHeaders) return "extended";
+  return report.structuredReplies ? "structured" : "simple";
+}
+
+/** Formats a report as nbdinfo's human-readable output. */
+export function formatReport(report: ServerReport, uri: NbdUri): string {
+  const lines = [
+    `protocol: ${report.protocol} ${report.tls ? "with" : "without"} TLS, using ${
+      packets(report)
+    } packets`,
+  ];
+  for (const e of report.exports) {
+    lines.push(`export=${JSON.stringify(e.name)}:`);
+    if (e.description) lines.push(`\tdescription: ${e.description}`);
+    const human = humanSize(e.size);
+    lines.push(`\texport-size: ${e.size}${human.scaled ? ` (${human.text})` : ""}`);
+    if (e.content !== undefined) lines.push(`\tcontent: ${e.content}`);
+    lines.push(`\turi: ${exportUri(uri, e.requestedName)}`);
+    if (e.contexts) {
+      lines.push("\tcontexts:");
+      for (const context of e.contexts) lines.push(`\t\t${context}`);
+    }
+    for (const [name, value] of exportFacts(e.flags)) lines.push(`\t${name}: ${value}`);
+    if (e.blockSize) {
+      lines.push(`\tblock_size_minimum: ${e.blockSize.minimum}`);
+      lines.push(`\tblock_size_preferred: ${e.blockSize.preferred}`);
+      lines.push(`\tblock_size_maximum: ${e.blockSize.maximum}`);
+    }
+  }
+  return lines.join("\n") + "\n";
+}
+
+/** The JSON form of one export, with nbdinfo's field names. */
+export function exportJson(e: ExportReport, uri: NbdUri): Record<string, unknown> {
+  const out: Record<string, unknown> = { "export-name": e.name };
+  if (e.description) out.description = e.description;
+  if (e.content !== undefined) out.content = e.content;
+  out.uri = exportUri(uri, e.requestedName);
+  if (e.contexts) out.contexts = e.contexts;
+  for (const [name, value] of exportFacts(e.flags)) out[name] = value;
+  if (e.blockSize) {
+    out.block_size_minimum = e.blockSize.minimum;
+    out.block_size_preferred = e.blockSize.preferred;
+    out.block_size_maximum = e.blockSize.maximum;
+  }
+  out["export-size"] = e.size;
+  out["export-size-str"] = humanSize(e.size).text;
+  return out;
+}
+
+/** Formats a report as JSON, with nbdinfo's field names. */
+export function formatReportJson(report: ServerReport, uri: NbdUri): string {
+  const out = {
+    protocol: report.protocol,
+    TLS: report.tls,
+    structured: report.structuredReplies,
+    extended: report.extendedHeaders,
+    exports: report.exports.map((e) => exportJson(e, uri)),
+  };
+  return JSON.stringify(out, null, 2) + "\n";
+}
+
+/**
+ * Reads the first bytes of an export and asks file(1) what they are.
+ * Best effort: any failure (no `file`, a read error) means no answer.
+ */
+export async function probeContent(client: NbdClient): Promise<string | undefined> {
+  const size = client.size();
+  const minimum = client.blockSize.minimum;
+  // Read whole blocks: the probe must respect the server's minimum block size.
+  const wanted = Math.min(size, Math.ceil(PROBE_BYTES / minimum) * minimum);
+  const buf = new Uint8Array(wanted);
+  try {
+    await client.pread(buf, 0);
+  } catch {
+    return undefined;
+  }
+  let path: string | undefined;
+  try {
+    path = await Deno.makeTempFile({ prefix: "nbd-content" });
+    await Deno.writeFile(path, buf.subarray(0, Math.min(wanted, PROBE_BYTES)));
+    const out = await new Deno.Command("file", {
+      args: ["-b", path],
+      stdout: "piped",
+      stderr: "null",
+    }).output();
+    if (!out.success) return undefined;
+    const line = new TextDecoder().decode(out.stdout).split("\n")[0]!.trim();
+    return line === "" ? undefined : line;
+  } catch {
+    return undefined;
+  } finally {
+    if (path) await Deno.remove(path).catch(() => {});
+  }
+}
+
+/** Features `--can` knows, and how to test each on a connected client. */
+const CAN: Record<string, (c: NbdClient) => boolean> = {
+  "connect": () => true,
+  "read": () => true,
+  "write": (c) => !c.readOnly,
+  "flush": (c) => c.canFlush,
+  "fua": (c) => c.canFua,
+  "trim": (c) => c.canTrim,
+  "zero": (c) => c.canZero,
+  "fast-zero": (c) => c.canFastZero,
+  "df": (c) => c.canDf,
+  "multi-conn": (c) => c.canMultiConn,
+  "cache": (c) => c.canCache,
+  "structured-reply": (c) => c.structuredReplies,
+  "extended-headers": (c) => c.extendedHeaders,
+  "block-status": (c) => c.canMetaContext(BASE_ALLOCATION),
+};
+
+/** Properties `--is` knows. */
+const IS: Record<string, (c: NbdClient) => boolean> = {
+  "read-only": (c) => c.readOnly,
+  "rotational": (c) => c.isRotational,
+  "tls": (c) => c.tls,
+};
+
+async function testFeature(uri: string, kind: "can" | "is", feature: string): Promise<number> {
+  const table = kind === "can" ? CAN : IS;
+  const test = table[feature];
+  if (!test) {
+    throw new UsageError(
+      `--${kind}: unknown ${kind === "can" ? "feature" : "property"} "${feature}" (one of: ${
+        Object.keys(table).join(", ")
+      })`,
+    );
+  }
+  const metaContexts = feature === "block-status" ? [BASE_ALLOCATION] : [];
+  await using client = await NbdClient.connect(uri, { metaContexts });
+  return test(client) ? 0 : 2;
+}
+
+/** Options of `showInfo`. */
+export interface InfoOptions {
+  /** Print JSON. */
+  json: boolean;
+  /** Show every export. */
+  list: boolean;
+  /** Probe the content with file(1). */
+  content: boolean;
+}
+
+/** Adds a hint to the "no such export" error. */
+function withHint(error: unknown): unknown {
+  if (error instanceof NbdOptionError && error.replyType === NBD_REP_ERR_UNKNOWN) {
+    error.message += ` (use "nbd list URI" to see the exports)`;
+  }
+  return error;
+}
+
+/** Connects, gathers the report and prints it; resolves to the exit status. */
+export async function showInfo(uriText: string, options: InfoOptions): Promise<number> {
+  const uri = parseNbdUri(uriText);
+  let report: ServerReport;
+  try {
+    report = await inspectServer(uri, {
+      list: options.list,
+      probe: options.content ? probeContent : undefined,
+    });
+  } catch (error) {
+    throw withHint(error);
+  }
+  await writeStdout(options.json ? formatReportJson(report, uri) : formatReport(report, uri));
+  for (const failure of report.failures) {
+    printError(`cannot query export "${failure.name}": ${failure.error.message}`);
+  }
+  return report.failures.length > 0 ? 1 : 0;
+}
+
+/** Splits `--map=CONTEXT` (an optional value, which parseArgs cannot express) off argv. */
+function extractMapContext(argv: string[]): { argv: string[]; map?: string } {
+  let map: string | undefined;
+  const rest: string[] = [];
+  for (const arg of argv) {
+    if (arg === "--") {
+      rest.push(...argv.slice(argv.indexOf(arg)));
+      break;
+    }
+    if (arg === "--map") map ??= BASE_ALLOCATION;
+    else if (arg.startsWith("--map=")) map = arg.slice("--map=".length) || BASE_ALLOCATION;
+    else rest.push(arg);
+  }
+  return { argv: rest, map };
+}
+
+/** The `nbd info` command. */
+export const infoCommand: Command = {
+  name: "info",
+  summary: "show information about an export or a server (like nbdinfo)",
+  usage: USAGE,
+  async run(argv: string[]): Promise<number> {
+    const extracted = extractMapContext(argv);
+    const { values, positionals } = parseOptions(extracted.argv, {
+      json: { type: "boolean" },
+      size: { type: "boolean" },
+      list: { type: "boolean", short: "L" },
+      totals: { type: "boolean" },
+      content: { type: "boolean" },
+      "no-content": { type: "boolean" },
+      can: { type: "string" },
+      is: { type: "string" },
+      help: { type: "boolean", short: "h" },
+      ...TLS_OPTIONS,
+    });
+    if (values.help) {
+      await writeStdout(USAGE);
+      return 0;
+    }
+    if (positionals.length !== 1) throw new UsageError("info needs exactly one URI (see --help)");
+    const uri = withTlsFlags(positionals[0]!, values);
+    const modes = [values.list, extracted.map !== undefined, values.size, values.can, values.is]
+      .filter(Boolean).length;
+    if (modes > 1) {
+      throw new UsageError("--list, --map, --size, --can and --is cannot be combined");
+    }
+    if (values.content && values["no-content"]) {
+      throw new UsageError("--content and --no-content cannot be combined");
+    }
+    if (values.totals && extracted.map === undefined) {
+      throw new UsageError("--totals only makes sense with --map");
+    }
+    if (values.can !== undefined) return await testFeature(uri, "can", values.can);
+    if (values.is !== undefined) return await testFeature(uri, "is", values.is);
+    if (extracted.map !== undefined) {
+      return await showMap(uri, {
+        context: extracted.map,
+        totals: values.totals ?? false,
+        json: values.json ?? false,
+      });
+    }
+    if (values.size) {
+      await using client = await NbdClient.connect(uri, { metaContexts: [] });
+      await writeStdout(`${client.size()}\n`);
+      return 0;
+    }
+    const list = values.list ?? false;
+    return await showInfo(uri, {
+      json: values.json ?? false,
+      list,
+      content: values["no-content"] ? false : (values.content ?? !list),
+    });
+  },
+};

@@ -1,0 +1,54 @@
+/**
+ * `nbd list URI`: every export a server lists, with its details (the same
+ * as `nbd info --list`, like `nbdinfo --list`).
+ *
+ * @module
+ */
+
+import { UsageError } from "../server/params.ts";
+import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import { type Command, parseOptions } from "./command.ts";
+import { showInfo } from "./info.ts";
+import { writeStdout } from "./output.ts";
+
+const USAGE = `Usage: nbd list [OPTIONS] URI
+
+List the exports of an NBD server with their size, flags and block sizes.
+The export name in URI is ignored.
+
+Options:
+      --json       print JSON (nbdinfo's field names)
+      --content    also probe each export's content with file(1)
+  -h, --help       show this help
+
+${TLS_USAGE}
+
+Examples:
+  nbd list nbd://localhost
+  nbd list --json "nbd+unix:///?socket=/tmp/nbd.sock"
+`;
+
+/** The `nbd list` command. */
+export const listCommand: Command = {
+  name: "list",
+  summary: "list the exports of a server (like nbdinfo --list)",
+  usage: USAGE,
+  async run(argv: string[]): Promise<number> {
+    const { values, positionals } = parseOptions(argv, {
+      json: { type: "boolean" },
+      content: { type: "boolean" },
+      help: { type: "boolean", short: "h" },
+      ...TLS_OPTIONS,
+    });
+    if (values.help) {
+      await writeStdout(USAGE);
+      return 0;
+    }
+    if (positionals.length !== 1) throw new UsageError("list needs exactly one URI (see --help)");
+    return await showInfo(withTlsFlags(positionals[0]!, values), {
+      json: values.json ?? false,
+      list: true,
+      content: values.content ?? false,
+    });
+  },
+};

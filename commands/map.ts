@@ -1,0 +1,173 @@
+/**
+ * `nbd map URI`: the allocation map of an export (block status of a
+ * metadata context, `base:allocation` by default), like `nbdinfo --map`,
+ * with `--totals` for a summary per type and `--json` for scripts.
+ *
+ * @module
+ */
+
+import { BASE_ALLOCATION } from "../protocol/constants.ts";
+import { NbdClient } from "../client/client.ts";
+import { UsageError } from "../server/params.ts";
+import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import { type Command, parseOptions } from "./command.ts";
+import { writeStdout } from "./output.ts";
+
+const USAGE = `Usage: nbd map [OPTIONS] URI
+
+Print which parts of an export are allocated, holes or zeroes: one line
+per run of extents with the same type (offset, length, type, description).
+
+Options:
+      --context NAME   metadata context to map (default ${BASE_ALLOCATION}),
+                       e.g. qemu:allocation-depth or qemu:dirty-bitmap:NAME
+      --totals         sum the bytes of each type instead (with percentages)
+      --json           print JSON
+  -h, --help           show this help
+
+${TLS_USAGE}
+
+Examples:
+  nbd map nbd://localhost/disk
+  nbd map --totals --json "nbd+unix:///?socket=/tmp/nbd.sock"
+`;
+
+/** A run of the map: consecutive bytes of one type. */
+export interface MapEntry {
+  /** Offset of the run. */
+  offset: number;
+  /** Length in bytes. */
+  length: number;
+  /** The context's status value. */
+  type: number;
+}
+
+/** Options of `showMap`. */
+export interface MapOptions {
+  /** Metadata context to map. */
+  context: string;
+  /** Print totals per type instead of the runs. */
+  totals: boolean;
+  /** Print JSON. */
+  json: boolean;
+}
+
+/** Human description of a status value, for the contexts whose meaning is known. */
+export function extentDescription(context: string, type: number): string | undefined {
+  if (context === BASE_ALLOCATION) {
+    return ["data", "hole", "zero", "hole,zero"][type];
+  }
+  if (context.startsWith("qemu:dirty-bitmap:")) return ["clean", "dirty"][type];
+  if (context === "qemu:allocation-depth") {
+    if (type === 0) return "absent";
+    if (type === 1) return "local";
+    return `backing depth ${type}`;
+  }
+  return undefined;
+}
+
+/** Appends an extent to a map, merging it into the last run when the type is the same. */
+export function appendExtent(entries: MapEntry[], entry: MapEntry): void {
+  const last = entries[entries.length - 1];
+  if (last && last.type === entry.type && last.offset + last.length === entry.offset) {
+    last.length += entry.length;
+  } else {
+    entries.push({ ...entry });
+  }
+}
+
+function jsonDescription(context: string, type: number): string {
+  const description = extentDescription(context, type);
+  return description === undefined ? "" : `, "description": ${JSON.stringify(description)}`;
+}
+
+/** Formats the runs: a table like nbdinfo's, or a JSON array. */
+export function formatMap(entries: MapEntry[], context: string, json: boolean): string {
+  if (json) {
+    const lines = entries.map((e) =>
+      `{ "offset": ${e.offset}, "length": ${e.length}, "type": ${e.type}${
+        jsonDescription(context, e.type)
+      } }`
+    );
+    return lines.length === 0 ? "[]\n" : `[\n${lines.join(",\n")}\n]\n`;
+  }
+  return entries.map((e) => {
+    const description = extentDescription(context, e.type);
+    return `${String(e.offset).padStart(10)}  ${String(e.length).padStart(10)}  ${
+      String(e.type).padStart(3)
+    }${description === undefined ? "" : `  ${description}`}\n`;
+  }).join("");
+}
+
+/** Formats the bytes per type (ascending type) with their share of `size`. */
+export function formatTotals(
+  entries: MapEntry[],
+  size: number,
+  context: string,
+  json: boolean,
+): string {
+  const totals = new Map<number, number>();
+  for (const e of entries) totals.set(e.type, (totals.get(e.type) ?? 0) + e.length);
+  const types = [...totals.keys()].sort((a, b) => a - b);
+  if (size === 0) return json ? "[]\n" : "";
+  const lines = types.map((type) => {
+    const bytes = totals.get(type)!;
+    const percent = 100 * bytes / size;
+    if (json) {
+      // Six significant digits, as C's %g prints them.
+      const shown = Number(percent.toPrecision(6));
+      return `{ "size": ${bytes}, "percent": ${shown}, "type": ${type}${
+        jsonDescription(context, type)
+      } }`;
+    }
+    const description = extentDescription(context, type);
+    return `${String(bytes).padStart(10)} ${percent.toFixed(1).padStart(5)}% ${
+      String(type).padStart(3)
+    }${description === undefined ? "" : ` ${description}`}`;
+  });
+  if (json) return lines.length === 0 ? "[]\n" : `[\n${lines.join(",\n")}\n]\n`;
+  return lines.map((line) => `${line}\n`).join("");
+}
+
+/** Connects, maps the whole export and prints the result; resolves to the exit status. */
+export async function showMap(uri: string, options: MapOptions): Promise<number> {
+  await using client = await NbdClient.connect(uri, { metaContexts: [options.context] });
+  if (!client.canMetaContext(options.context)) {
+    throw new Error(`the server does not support metadata context "${options.context}"`);
+  }
+  const entries: MapEntry[] = [];
+  for await (const extent of client.iterateExtents(0, client.size(), options.context)) {
+    appendExtent(entries, { offset: extent.offset, length: extent.length, type: extent.flags });
+  }
+  const text = options.totals
+    ? formatTotals(entries, client.size(), options.context, options.json)
+    : formatMap(entries, options.context, options.json);
+  await writeStdout(text);
+  return 0;
+}
+
+/** The `nbd map` command. */
+export const mapCommand: Command = {
+  name: "map",
+  summary: "print the allocation map of an export (like nbdinfo --map)",
+  usage: USAGE,
+  async run(argv: string[]): Promise<number> {
+    const { values, positionals } = parseOptions(argv, {
+      context: { type: "string" },
+      totals: { type: "boolean" },
+      json: { type: "boolean" },
+      help: { type: "boolean", short: "h" },
+      ...TLS_OPTIONS,
+    });
+    if (values.help) {
+      await writeStdout(USAGE);
+      return 0;
+    }
+    if (positionals.length !== 1) throw new UsageError("map needs exactly one URI (see --help)");
+    return await showMap(withTlsFlags(positionals[0]!, values), {
+      context: values.context ?? BASE_ALLOCATION,
+      totals: values.totals ?? false,
+      json: values.json ?? false,
+    });
+  },
+};

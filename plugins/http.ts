@@ -1,0 +1,323 @@
+/**
+ * The `http` plugin (alias `curl`): a remote disk image over HTTP or
+ * HTTPS, read-only. The size comes from HEAD (or from the Content-Range of
+ * a first ranged GET), reads are Range GETs with several in flight, and
+ * transient failures (network errors, 408, 429, 5xx) are retried with
+ * exponential back-off. A server that ignores Range requests is refused
+ * at start-up with a clear error, since reading it would mean downloading
+ * the whole image for every request.
+ *
+ * ```
+ * nbd serve http https://example.com/disk.img
+ * nbd serve http url=https://example.com/disk.img header='Authorization: Bearer X' connections=8
+ * ```
+ *
+ * Parameters:
+ * - `[url=]URL` (required): http:// or https://.
+ * - `header=NAME: VALUE` (repeatable): extra request headers.
+ * - `cookie=COOKIE`: a Cookie header.
+ * - `user=NAME`, `password=PASSWORD|+FILE`: HTTP basic authentication.
+ * - `user-agent=TEXT`.
+ * - `cainfo=FILE`: trust the CA certificates in FILE (PEM).
+ * - `timeout=SECS`: per-request timeout (default 60).
+ * - `connections=N`: requests in flight at once (default 4).
+ * - `followlocation=false`: fail on redirects instead of following them.
+ * - `http-retries=N`: retries of a failed request (default 5).
+ * - `http-retry-delay=SECS|NNms`: first back-off wait (default 1s, doubling).
+ *
+ * @module
+ */
+
+import { NbdError } from "../protocol/errors.ts";
+import { completeBackend, type Plugin } from "../server/backend.ts";
+import { type Params, UsageError } from "../server/params.ts";
+import { sleep } from "../filters/delay.ts";
+
+/** Settings of one remote image. */
+export interface HttpOptions {
+  /** The image URL. */
+  url: string;
+  /** Headers sent with every request. */
+  headers: Headers;
+  /** Requests in flight at once. */
+  connections: number;
+  /** Per-request timeout in milliseconds. */
+  timeout: number;
+  /** Retries of a failed request. */
+  retries: number;
+  /** First back-off wait in milliseconds. */
+  retryDelay: number;
+  /** Follow redirects. */
+  follow: boolean;
+  /** Custom TLS client (cainfo=). */
+  client?: Deno.HttpClient;
+}
+
+/** A request failure worth retrying (network trouble or a transient status). */
+class TransientError extends Error {
+  /** Seconds the server asked us to wait (Retry-After), if any. */
+  retryAfter?: number;
+}
+
+const TRANSIENT_STATUS = new Set([408, 425, 429, 500, 502, 503, 504]);
+
+/** A counting semaphore. */
+class Slots {
+  #free: number;
+  readonly #waiters: Array<() => void> = [];
+  constructor(count: number) {
+    this.#free = count;
+  }
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.#free > 0) this.#free--;
+    else await new Promise<void>((resolve) => this.#waiters.push(resolve));
+    try {
+      return await fn();
+    } finally {
+      const next = this.#waiters.shift();
+      if (next) next();
+      else this.#free++;
+    }
+  }
+}
+
+/** A remote image: size discovery and ranged reads with retries. */
+export class HttpImage {
+  readonly options: HttpOptions;
+  readonly #slots: Slots;
+  /** Size in bytes, known after `open`. */
+  size = 0;
+
+  /** Prepares requests to `options.url`. */
+  constructor(options: HttpOptions) {
+    this.options = options;
+    this.#slots = new Slots(options.connections);
+  }
+
+  async #fetch(method: string, range?: [number, number]): Promise<Response> {
+    const headers = new Headers(this.options.headers);
+    if (range) headers.set("Range", `bytes=${range[0]}-${range[1]}`);
+    const init: RequestInit & { client?: Deno.HttpClient } = {
+      method,
+      headers,
+      redirect: this.options.follow ? "follow" : "error",
+      signal: AbortSignal.timeout(this.options.timeout),
+    };
+    if (this.options.client) init.client = this.options.client;
+    let response: Response;
+    try {
+      response = await fetch(this.options.url, init);
+    } catch (error) {
+      // The useful part ("invalid peer certificate", "connection refused") is in the cause.
+      const cause = (error as Error).cause;
+      const detail = cause instanceof Error ? cause.message : (error as Error).message;
+      const message = `${method} ${this.options.url}: ${detail}`;
+      // A certificate problem will not go away by waiting: fail at once.
+      if (/certificate|handshake|tls|ssl/i.test(message)) throw new NbdError("EIO", message);
+      throw new TransientError(message);
+    }
+    if (TRANSIENT_STATUS.has(response.status)) {
+      await response.body?.cancel();
+      const failure = new TransientError(
+        `${method} ${this.options.url}: ${response.status} ${response.statusText}`,
+      );
+      const after = Number(response.headers.get("Retry-After"));
+      if (after > 0) failure.retryAfter = after;
+      throw failure;
+    }
+    return response;
+  }
+
+  /** Runs `attempt`, retrying transient failures with exponential back-off. */
+  async #withRetries<T>(attempt: () => Promise<T>): Promise<T> {
+    let delay = this.options.retryDelay;
+    for (let tries = 0;; tries++) {
+      try {
+        return await attempt();
+      } catch (error) {
+        if (!(error instanceof TransientError) || tries >= this.options.retries) {
+          if (error instanceof TransientError) throw new NbdError("EIO", error.message);
+          throw error;
+        }
+        const wait = error.retryAfter !== undefined
+          ? Math.min(error.retryAfter * 1000, 60000)
+          : delay;
+        await sleep(wait);
+        delay *= 2;
+      }
+    }
+  }
+
+  /** Finds the size and checks that the server honours Range requests. */
+  async open(): Promise<void> {
+    let size: number | undefined;
+    await this.#withRetries(async () => {
+      const head = await this.#fetch("HEAD");
+      await head.body?.cancel();
+      const length = head.headers.get("Content-Length");
+      if (head.ok && length !== null && /^\d+$/.test(length)) size = Number(length);
+    });
+    // One-byte probe: proves Range works and gives the size when HEAD did not.
+    const probe = await this.#withRetries(() => this.#fetch("GET", [0, 0]));
+    const body = new Uint8Array(await probe.arrayBuffer());
+    if (probe.status === 200) {
+      throw new UsageError(
+        `http: the server ignores Range requests (it sent the whole ${this.options.url}), ` +
+          "so the image cannot be read at random",
+      );
+    }
+    if (probe.status === 416 && size === 0) {
+      this.size = 0;
+      return;
+    }
+    if (probe.status !== 206) {
+      throw new UsageError(`http: ${this.options.url}: ${probe.status} ${probe.statusText}`);
+    }
+    const total = /\/(\d+)\s*$/.exec(probe.headers.get("Content-Range") ?? "")?.[1];
+    size ??= total === undefined ? undefined : Number(total);
+    if (size === undefined) {
+      throw new UsageError(`http: cannot find the size of ${this.options.url}`);
+    }
+    if (body.length !== 1 && size > 0) {
+      throw new UsageError(`http: the server answered a 1-byte range with ${body.length} bytes`);
+    }
+    this.size = size;
+  }
+
+  /** Reads `buf.length` bytes at `offset` with a Range GET. */
+  read(buf: Uint8Array, offset: number): Promise<void> {
+    return this.#slots.run(() =>
+      this.#withRetries(async () => {
+        const response = await this.#fetch("GET", [offset, offset + buf.length - 1]);
+        if (response.status !== 206) {
+          await response.body?.cancel();
+          if (response.status === 200) {
+            throw new NbdError("EIO", "the server ignored the Range header");
+          }
+          throw new NbdError("EIO", `GET ${this.options.url}: ${response.status}`);
+        }
+        const start = /bytes\s+(\d+)-/.exec(response.headers.get("Content-Range") ?? "")?.[1];
+        if (start !== undefined && Number(start) !== offset) {
+          await response.body?.cancel();
+          throw new NbdError("EIO", `the server sent bytes from ${start}, not ${offset}`);
+        }
+        let done = 0;
+        try {
+          for await (const chunk of response.body!) {
+            const n = Math.min(chunk.length, buf.length - done);
+            buf.set(chunk.subarray(0, n), done);
+            done += n;
+            if (done >= buf.length) break;
+          }
+        } catch (error) {
+          throw new TransientError(`reading ${this.options.url}: ${(error as Error).message}`);
+        }
+        if (done < buf.length) {
+          throw new TransientError(`short read from ${this.options.url}: ${done} of ${buf.length}`);
+        }
+      })
+    );
+  }
+}
+
+function secretValue(value: string): string {
+  if (value.startsWith("+")) return Deno.readTextFileSync(value.slice(1)).replace(/\r?\n$/, "");
+  return value;
+}
+
+/** Reads the plugin's parameters. */
+export function httpOptions(params: Params): HttpOptions {
+  const url = params.take("url");
+  if (url === undefined) throw new UsageError("http: missing required parameter url=");
+  if (!/^https?:\/\//i.test(url)) throw new UsageError(`http: url must be http:// or https://`);
+  const headers = new Headers();
+  for (const header of params.takeAll("header")) {
+    const colon = header.indexOf(":");
+    if (colon <= 0) throw new UsageError(`header: expected "Name: value", got "${header}"`);
+    headers.append(header.slice(0, colon).trim(), header.slice(colon + 1).trim());
+  }
+  const cookie = params.take("cookie");
+  if (cookie !== undefined) headers.set("Cookie", secretValue(cookie));
+  const user = params.take("user");
+  const password = params.take("password");
+  if (user !== undefined) {
+    const credentials = `${user}:${password === undefined ? "" : secretValue(password)}`;
+    headers.set("Authorization", `Basic ${btoa(credentials)}`);
+  }
+  headers.set("User-Agent", params.take("user-agent") ?? "nbd-http");
+  const cainfo = params.take("cainfo");
+  const sslverify = params.takeBoolean("sslverify");
+  if (sslverify === false) {
+    throw new UsageError("sslverify=false is not supported; trust the server's CA with cainfo=");
+  }
+  const options: HttpOptions = {
+    url,
+    headers,
+    connections: params.takeInteger("connections", 1, 64) ?? 4,
+    timeout: params.takeDuration("timeout") ?? 60000,
+    retries: params.takeInteger("http-retries", 0, 100) ?? 5,
+    retryDelay: params.takeDuration("http-retry-delay") ?? 1000,
+    follow: params.takeBoolean("followlocation") ?? true,
+  };
+  if (cainfo) {
+    options.client = Deno.createHttpClient({ caCerts: [Deno.readTextFileSync(cainfo)] });
+  }
+  return options;
+}
+
+function makeHttpPlugin(name: string): Plugin {
+  return {
+    name,
+    summary: name === "http"
+      ? "remote disk image over HTTP(S) with Range requests (read-only)"
+      : "alias of http",
+    description: "Examples:\n  nbd serve http https://example.com/disk.img\n" +
+      "  nbd serve http url=https://example.com/disk.img header='Authorization: Bearer X'",
+    params: [
+      { name: "url", value: "URL", description: "the image (http:// or https://)", required: true },
+      { name: "header", value: "'NAME: VALUE'", description: "extra header", repeatable: true },
+      { name: "cookie", value: "COOKIE", description: "Cookie header (+FILE reads it from FILE)" },
+      { name: "user", value: "NAME", description: "basic authentication user" },
+      { name: "password", value: "PASSWORD|+FILE", description: "basic authentication password" },
+      { name: "user-agent", value: "TEXT", description: "User-Agent header" },
+      { name: "cainfo", value: "FILE", description: "trust the CA certificates in FILE (PEM)" },
+      { name: "timeout", value: "SECS", description: "per-request timeout (default 60)" },
+      { name: "connections", value: "N", description: "requests in flight at once (default 4)" },
+      { name: "followlocation", value: "BOOL", description: "follow redirects (default true)" },
+      { name: "http-retries", value: "N", description: "retries of a failed request (default 5)" },
+      {
+        name: "http-retry-delay",
+        value: "SECS|NNms",
+        description: "first back-off wait, doubling after each retry (default 1)",
+      },
+    ],
+    magicParam: "url",
+    async create(params) {
+      const image = new HttpImage(httpOptions(params));
+      try {
+        await image.open();
+      } catch (error) {
+        image.options.client?.close();
+        if (error instanceof UsageError) throw error;
+        throw new UsageError(`http: ${(error as Error).message}`);
+      }
+      return {
+        open: () =>
+          Promise.resolve(completeBackend({
+            size: () => image.size,
+            capabilities: () => ({ multiConn: true, cache: "none" }),
+            pread: (buf, offset) => image.read(buf, offset),
+          })),
+        close() {
+          image.options.client?.close();
+          return Promise.resolve();
+        },
+      };
+    },
+  };
+}
+
+/** The http plugin. */
+export const httpPlugin: Plugin = makeHttpPlugin("http");
+/** The curl plugin: the same as http, under nbdkit's name. */
+export const curlPlugin: Plugin = makeHttpPlugin("curl");

@@ -1,0 +1,177 @@
+import assert from "node:assert/strict";
+import { NbdError } from "../protocol/errors.ts";
+import { UsageError } from "../server/params.ts";
+import { peers, randomBytes, runOk } from "../tests/helpers.ts";
+import { assertBytes, openPlugin, read } from "../filters/_test_utils.ts";
+import { curlPlugin, httpPlugin } from "./http.ts";
+
+interface Behaviour {
+  /** Answer this many requests with 503 first. */
+  failures: number;
+  /** Send 200 and the whole body, ignoring Range. */
+  ignoreRange: boolean;
+  /** Refuse HEAD. */
+  noHead: boolean;
+}
+
+/** A small HTTP server with Range support and scripted misbehaviour. */
+function imageServer(data: Uint8Array, behaviour: Partial<Behaviour> = {}) {
+  const state = { requests: 0, inFlight: 0, maxInFlight: 0, failures: behaviour.failures ?? 0 };
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (req) => {
+    state.requests++;
+    if (state.failures > 0) {
+      state.failures--;
+      return new Response("busy", { status: 503 });
+    }
+    if (req.method === "HEAD") {
+      if (behaviour.noHead) return new Response(null, { status: 405 });
+      return new Response(null, { headers: { "Content-Length": String(data.length) } });
+    }
+    const range = /^bytes=(\d+)-(\d+)$/.exec(req.headers.get("Range") ?? "");
+    if (!range || behaviour.ignoreRange) return new Response(data.slice());
+    state.inFlight++;
+    state.maxInFlight = Math.max(state.maxInFlight, state.inFlight);
+    await new Promise((r) => setTimeout(r, 5));
+    state.inFlight--;
+    const start = Number(range[1]);
+    const end = Math.min(Number(range[2]), data.length - 1);
+    return new Response(data.slice(start, end + 1), {
+      status: 206,
+      headers: { "Content-Range": `bytes ${start}-${end}/${data.length}` },
+    });
+  });
+  const url = `http://127.0.0.1:${server.addr.port}/disk.img`;
+  return { state, url, [Symbol.asyncDispose]: () => server.shutdown() };
+}
+
+Deno.test("http plugin reads ranges, several in flight, byte-exact", async () => {
+  const data = randomBytes(1 << 20, 8);
+  await using server = imageServer(data);
+  const { backend, instance } = await openPlugin(httpPlugin, [server.url, "connections=3"]);
+  assert.equal(backend.size(), data.length);
+  assert.equal(backend.capabilities().writable, false);
+  const reads = Array.from({ length: 12 }, (_, i) => read(backend, i * 70000, 65536));
+  const results = await Promise.all(reads);
+  results.forEach((r, i) => assertBytes(r, data.subarray(i * 70000, i * 70000 + 65536)));
+  assert.equal(server.state.maxInFlight, 3);
+  await instance.close?.();
+});
+
+Deno.test("http plugin retries transient failures with back-off", async () => {
+  const data = randomBytes(4096, 9);
+  await using server = imageServer(data, { failures: 3 });
+  const start = performance.now();
+  const { backend, instance } = await openPlugin(curlPlugin, [
+    `url=${server.url}`,
+    "http-retry-delay=10ms",
+  ]);
+  // 10 + 20 + 40 ms of back-off before the HEAD succeeded.
+  assert.ok(performance.now() - start >= 65);
+  assertBytes(await read(backend, 100, 200), data.subarray(100, 300));
+  await instance.close?.();
+});
+
+Deno.test("http plugin gives up after http-retries", async () => {
+  await using server = imageServer(new Uint8Array(10), { failures: 100 });
+  await assert.rejects(
+    () => openPlugin(httpPlugin, [server.url, "http-retries=2", "http-retry-delay=1ms"]),
+    (e) => e instanceof UsageError && /503/.test(e.message),
+  );
+  assert.equal(server.state.requests, 3);
+});
+
+Deno.test("http plugin refuses servers that ignore Range, and finds the size without HEAD", async () => {
+  await using ignoring = imageServer(new Uint8Array(100), { ignoreRange: true });
+  await assert.rejects(() => openPlugin(httpPlugin, [ignoring.url]), /ignores Range/);
+  await using noHead = imageServer(randomBytes(5000, 1), { noHead: true });
+  const { backend, instance } = await openPlugin(httpPlugin, [noHead.url]);
+  assert.equal(backend.size(), 5000);
+  await instance.close?.();
+  await assert.rejects(() => openPlugin(httpPlugin, ["ftp://example.com/x"]), UsageError);
+});
+
+Deno.test("http plugin turns a failed read into EIO", async () => {
+  const data = randomBytes(4096, 2);
+  await using server = imageServer(data);
+  const { backend, instance } = await openPlugin(httpPlugin, [
+    server.url,
+    "http-retries=1",
+    "http-retry-delay=1ms",
+  ]);
+  server.state.failures = 10;
+  await assert.rejects(
+    () => read(backend, 0, 10),
+    (e) => e instanceof NbdError && e.errno === "EIO",
+  );
+  await instance.close?.();
+});
+
+/** A CA and a server certificate for localhost signed by it, made with openssl. */
+async function makeCertificates(dir: string): Promise<{ ca: string; cert: string; key: string }> {
+  const sh = (script: string) => runOk("sh", ["-c", script], { cwd: dir });
+  await sh(
+    "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=TestCA " +
+      "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null",
+  );
+  await sh(
+    "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null",
+  );
+  await Deno.writeTextFile(
+    `${dir}/ext.cnf`,
+    "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+  );
+  await sh(
+    "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem " +
+      "-days 2 -extfile ext.cnf 2>/dev/null",
+  );
+  return {
+    ca: `${dir}/ca.pem`,
+    cert: await Deno.readTextFile(`${dir}/server.pem`),
+    key: await Deno.readTextFile(`${dir}/server.key`),
+  };
+}
+
+Deno.test({
+  name: "http plugin over HTTPS trusts the CA given by cainfo= and refuses an unknown one",
+  ...peers("openssl"),
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-https-test" });
+    try {
+      const { ca, cert, key } = await makeCertificates(dir);
+      const data = randomBytes(10000, 6);
+      const server = Deno.serve(
+        { hostname: "127.0.0.1", port: 0, cert, key, onListen() {} },
+        (req) => {
+          const range = /^bytes=(\d+)-(\d+)$/.exec(req.headers.get("Range") ?? "");
+          if (req.method === "HEAD") {
+            return new Response(null, { headers: { "Content-Length": String(data.length) } });
+          }
+          const start = Number(range![1]);
+          const end = Math.min(Number(range![2]), data.length - 1);
+          return new Response(data.slice(start, end + 1), {
+            status: 206,
+            headers: { "Content-Range": `bytes ${start}-${end}/${data.length}` },
+          });
+        },
+      );
+      try {
+        const url = `https://localhost:${server.addr.port}/disk.img`;
+        const { backend, instance } = await openPlugin(httpPlugin, [url, `cainfo=${ca}`]);
+        assertBytes(await read(backend, 5000, 100), data.subarray(5000, 5100));
+        await instance.close?.();
+        // Without the CA the certificate is refused at once (no retries: default back-off
+        // would take half a minute).
+        const start = performance.now();
+        await assert.rejects(
+          () => openPlugin(httpPlugin, [url]),
+          (e) => e instanceof UsageError && /certificate/i.test(e.message),
+        );
+        assert.ok(performance.now() - start < 900);
+      } finally {
+        await server.shutdown();
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
