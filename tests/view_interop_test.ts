@@ -5,11 +5,19 @@
  */
 
 import { assertEquals, assertIncludes, assertOk } from "./assert.ts";
-import { NBDSH_ENV, peers, ROOT, run, runOk, startNbdServe, tempDir } from "./helpers.ts";
+import {
+  NBDSH_ENV,
+  peers,
+  ROOT,
+  run,
+  runOk,
+  startNbdServe,
+  startServer,
+  tempDir,
+} from "./helpers.ts";
 import { parsePrometheus, sampleValue } from "./prometheus.ts";
 import { serverViewUrl, startNbdView, withoutClock } from "./view_helpers.ts";
 import { SAMPLE_LOG } from "../view/_test_fixtures.ts";
-import { FILTERS } from "../filters/mod.ts";
 
 const MiB = 1024 * 1024;
 
@@ -178,7 +186,6 @@ Deno.test("nbd view replays a log: /metrics and nbd stats count its requests", a
 Deno.test({
   name: "nbd view replays what the log filter wrote for nbdsh's requests",
   ...peers("nbdsh"),
-  ignore: !FILTERS.has("log") || peers("nbdsh").ignore,
   async fn() {
     await using dir = await tempDir();
     const file = `${dir.path}/requests.log`;
@@ -209,8 +216,29 @@ Deno.test({
   },
 });
 
-if (!FILTERS.has("log")) {
-  console.error(
-    "\n*** SKIPPING the log filter replay test: this build has no log filter yet ***\n",
-  );
-}
+Deno.test({
+  name: "nbd proxy --view counts what passes through it",
+  ...peers("nbdsh"),
+  async fn() {
+    await using upstream = await startNbdServe(["memory", "16M"]);
+    await using proxy = await startServer(Deno.execPath(), [
+      "run",
+      "-A",
+      "--quiet",
+      `${ROOT}/main.ts`,
+      "proxy",
+      "--view",
+      "127.0.0.1:0",
+      "-U",
+      "$SOCKET",
+      upstream.uri,
+    ]);
+    const url = await serverViewUrl(proxy);
+    await nbdsh(proxy.uri, `h.pwrite(b"p" * 8192, 4096)\nh.pread(512, 0)\n`);
+    const m = parsePrometheus(await (await fetch(new URL("/metrics", url))).text());
+    const v = (name: string, command: string) => sampleValue(m, name, { export: "", command });
+    assertEquals(v("nbd_bytes_total", "write"), 8192);
+    assertEquals(v("nbd_bytes_total", "read"), 512);
+    assertEquals(sampleValue(m, "nbd_export_size_bytes", { export: "" }), 16 * MiB);
+  },
+});
