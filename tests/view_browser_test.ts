@@ -34,33 +34,32 @@ function trace(hex: string): string {
 }
 
 /**
- * Reads every cell's colour from the canvas: the centre pixel, plus whether
- * any pixel of the cell differs from it.
+ * Reads every cell's colour from the canvas bitmap (one pixel per cell,
+ * scaled up on screen by CSS), and how the canvas is laid out on the page.
  */
 const READ_CELLS = `(() => {
   const view = window.nbdView;
   const canvas = document.getElementById("map");
   const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
-  const px = view.layout.cellPx;
   const hex = (o) => "#" + [0, 1, 2].map((i) => data[o + i].toString(16).padStart(2, "0")).join("");
   const colours = [];
-  let mixed = 0;
   for (let i = 0; i < view.layout.cells; i++) {
-    const [x, y] = view.cellCentre(i);
-    const colour = hex((y * canvas.width + x) * 4);
-    colours.push(colour);
-    const x0 = x - Math.floor(px / 2), y0 = y - Math.floor(px / 2);
-    for (let dy = 0; dy < px; dy++) for (let dx = 0; dx < px; dx++) {
-      if (hex(((y0 + dy) * canvas.width + x0 + dx) * 4) !== colour) { mixed++; dy = px; break; }
-    }
+    const [x, y] = view.cellPixel(i);
+    colours.push(hex((y * canvas.width + x) * 4));
   }
-  return { colours, mixed, layout: view.layout };
+  const style = getComputedStyle(canvas);
+  const box = canvas.getBoundingClientRect();
+  return {
+    colours,
+    layout: view.layout,
+    canvas: [canvas.width, canvas.height, box.width, box.height, style.imageRendering],
+  };
 })()`;
 
 interface Cells {
   colours: string[];
-  mixed: number;
-  layout: { block: number; cells: number; cellPx: number };
+  layout: { block: number; cells: number; cellPx: number; cols: number; rows: number };
+  canvas: [number, number, number, number, string];
 }
 
 /** Polls the canvas until `check` holds (the page paints on animation frames). */
@@ -143,7 +142,9 @@ Deno.test({
     assertEquals(cells.layout.cells, SIZE / BLOCK);
     assertOk(cells.layout.cellPx >= 2, `cells of ${cells.layout.cellPx} px`);
     assertEquals(differences(cells.colours, expected), []);
-    assertEquals(cells.mixed, 0, "every pixel of a cell has its colour");
+    // Each cell is cellPx × cellPx crisp screen pixels.
+    const { cols, rows, cellPx } = cells.layout;
+    assertEquals(cells.canvas, [cols, rows, cols * cellPx, rows * cellPx, "pixelated"]);
 
     // Fading: with 0.5 s every painted cell settles on its kind's trace.
     await page.selectOption("#fade", "0.5");

@@ -50,15 +50,13 @@ export const PAGE_SCRIPT = String.raw`"use strict";
     for (var i = 0; i <= FADE_STEPS; i++) lut[i] = pack(mix(c, TRACE_RGB[k], i / FADE_STEPS));
     return lut;
   });
-  var DRAW_STEP_MS = 33; // at most 30 redraws a second
+  var DRAW_STEP_MS = 50; // at most 20 redraws a second, the rate frames arrive at
   var KIND_INDEX = {};
   KINDS.forEach(function (k, i) { KIND_INDEX[k[0]] = i; });
 
   var $ = function (id) { return document.getElementById(id); };
   var canvas = $("map");
   var ctx = canvas.getContext("2d");
-  var grid = document.createElement("canvas");
-  var gctx = grid.getContext("2d");
   var params = new URLSearchParams(location.search);
 
   var settings = {
@@ -154,13 +152,13 @@ export const PAGE_SCRIPT = String.raw`"use strict";
     while (px > 1 && Math.ceil(cells / Math.floor(area.width / px)) * px > area.height) px--;
     var cols = Math.max(1, Math.min(cells, Math.floor(area.width / px)));
     var rows = Math.ceil(cells / cols);
-    grid.width = cols;
-    grid.height = rows;
-    canvas.width = cols * px;
-    canvas.height = rows * px;
+    // One canvas pixel per cell, scaled up by CSS (image-rendering: pixelated):
+    // the page only ever writes cells, never scales them itself.
+    canvas.width = cols;
+    canvas.height = rows;
     canvas.style.width = cols * px + "px";
     canvas.style.height = rows * px + "px";
-    var image = gctx.createImageData(cols, rows);
+    var image = ctx.createImageData(cols, rows);
     var pixels = new Uint32Array(image.data.buffer);
     pixels.fill(pack(rgb(VOID)));
     pixels.fill(pack(BG), 0, cells);
@@ -253,9 +251,7 @@ export const PAGE_SCRIPT = String.raw`"use strict";
       // Only the rows that changed go to the canvas.
       var top = Math.floor(map.dirtyLow / map.cols);
       var rows = Math.floor(map.dirtyHigh / map.cols) - top + 1;
-      gctx.putImageData(map.image, 0, 0, 0, top, map.cols, rows);
-      ctx.imageSmoothingEnabled = false;
-      ctx.drawImage(grid, 0, top, map.cols, rows, 0, top * map.px, map.cols * map.px, rows * map.px);
+      ctx.putImageData(map.image, 0, 0, 0, top, map.cols, rows);
       map.dirtyLow = map.cells;
       map.dirtyHigh = -1;
     }
@@ -267,6 +263,11 @@ export const PAGE_SCRIPT = String.raw`"use strict";
     requestAnimationFrame(draw);
   }
 
+  // Where a cell is: its pixel on the canvas bitmap, and its centre on the page (CSS px).
+  view.cellPixel = function (index) {
+    if (!map) return null;
+    return [index % map.cols, Math.floor(index / map.cols)];
+  };
   view.cellCentre = function (index) {
     if (!map) return null;
     var col = index % map.cols;
