@@ -332,6 +332,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   const { values, plugin, params } = setup;
   const filterNames = values.filter ?? [];
   const filters: Filter[] = filterNames.map(lookupFilter);
+  const viewAddress = values.view === undefined ? undefined : viewAddressOption(values.view);
   const maxInFlight = integerOption(values["max-in-flight"], "--max-in-flight", 1, 65536) ??
     DEFAULT_MAX_IN_FLIGHT;
   const maxConnections = integerOption(
@@ -382,7 +383,6 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   }
   const exportName = values["export-name"] ?? "";
   let view: ViewServer | undefined;
-  const viewAddress = values.view === undefined ? undefined : viewAddressOption(values.view);
   // With --view the block map needs each export's size: a pass-through
   // layer outermost records it as connections open the export, and adds
   // nothing to the data path (it returns the backend unchanged).
@@ -412,6 +412,18 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     tls: tls.upgrader,
   });
   recordSize = (name, size) => server.state.stats.noteExportSize(name, size);
+  // The view starts first: if its address is taken, nothing else needs undoing.
+  if (viewAddress) {
+    try {
+      view = await startViewServer({
+        stats: server.state.stats,
+        listExports: async () => (await exports.list()).map((e) => e.name),
+      }, viewAddress);
+    } catch (error) {
+      await exports.close();
+      throw new Error(`Cannot serve the view on ${values.view}: ${(error as Error).message}`);
+    }
+  }
   const listenOptions = { nodeSockets: tls.mode !== "off" };
 
   const listeners: Listener[] = [];
@@ -459,19 +471,6 @@ export async function runServer(setup: ServerSetup): Promise<number> {
         }
       }
     }
-    if (viewAddress) {
-      try {
-        view = await startViewServer({
-          stats: server.state.stats,
-          listExports: async () => (await exports.list()).map((e) => e.name),
-        }, viewAddress);
-      } catch (error) {
-        throw new Error(
-          `Cannot serve the view on ${values.view}: ${(error as Error).message}`,
-        );
-      }
-      server.state.log(`view at ${view.url}`);
-    }
   } catch (error) {
     closeListeners();
     await view?.close();
@@ -484,6 +483,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   if (values["print-uri"] && uri) console.log(uri);
   if (values.pidfile) await Deno.writeTextFile(values.pidfile, `${Deno.pid}\n`);
   if (values.verbose && uri) server.state.log(`listening on ${uri}`);
+  if (view) server.state.log(`view at ${view.url}`);
 
   let stopRequested: (status: number) => void = () => {};
   const stopped = new Promise<number>((resolve) => stopRequested = resolve);

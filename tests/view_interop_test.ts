@@ -242,3 +242,27 @@ Deno.test({
     assertEquals(sampleValue(m, "nbd_export_size_bytes", { export: "" }), 16 * MiB);
   },
 });
+
+Deno.test("nbd serve --view: a bad or busy address is a one-line error", async () => {
+  const bad = await nbd(["serve", "--view=nowhere:99999", "memory", "1M"]);
+  assertEquals(bad.code, 2);
+  assertOk(/^nbd: --view: /.test(bad.stderr), bad.stderr);
+  const busy = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  try {
+    const port = (busy.addr as Deno.NetAddr).port;
+    const result = await nbd(["serve", "--view", String(port), "memory", "1M", "--run", "true"]);
+    assertEquals(result.code, 1);
+    assertOk(
+      result.stderr.startsWith(`nbd: Cannot serve the view on ${port}: `),
+      result.stderr,
+    );
+  } finally {
+    busy.close();
+  }
+  for (const command of ["stats", "view"]) {
+    const help = await nbd([command, "--help"]);
+    assertEquals(help.code, 0);
+    assertIncludes(help.stdout, `Usage: nbd ${command} `);
+  }
+  assertIncludes((await nbd(["serve", "--help"])).stdout, "--view [ADDR]");
+});

@@ -358,22 +358,27 @@ export async function startViewServer(
 ): Promise<ViewServer> {
   const interval = options.frameInterval ?? 50;
   const subscribers = new Set<() => void>();
+  // Listing exports may be expensive (a proxy asks its upstream), so the
+  // list is cached for a while and shared by every page and scrape.
   let exportList: string[] = [];
   let exportListAt = -Infinity;
-  const refreshExports = async (): Promise<string[]> => {
-    exportList = await source.listExports();
-    exportListAt = performance.now();
-    return exportList;
+  let refreshing: Promise<string[]> | undefined;
+  const currentExports = (): Promise<string[]> => {
+    if (performance.now() - exportListAt <= EXPORT_LIST_TTL_MS) return Promise.resolve(exportList);
+    refreshing ??= source.listExports()
+      .then((list) => exportList = list, () => exportList) // keep the old list on failure
+      .finally(() => {
+        exportListAt = performance.now();
+        refreshing = undefined;
+      });
+    return refreshing;
   };
   // Subscribers read the cached list synchronously; it is refreshed in the background.
   const cachedExports = (): string[] => {
-    if (performance.now() - exportListAt > EXPORT_LIST_TTL_MS) {
-      exportListAt = performance.now();
-      refreshExports().catch(() => {});
-    }
+    currentExports().catch(() => {});
     return exportList;
   };
-  await refreshExports().catch(() => {});
+  await currentExports();
 
   const events = (params: URLSearchParams): Response => {
     if (subscribers.size >= MAX_SUBSCRIBERS) {
@@ -449,10 +454,10 @@ export async function startViewServer(
         return text(PAGE_STYLE, "text/css; charset=utf-8");
       case "/stats":
         return json(
-          statsSnapshot(source.stats, await refreshExports(), source.replay ? "replay" : "serve"),
+          statsSnapshot(source.stats, await currentExports(), source.replay ? "replay" : "serve"),
         );
       case "/metrics":
-        return text(formatMetrics(source.stats, await refreshExports()), METRICS_CONTENT_TYPE);
+        return text(formatMetrics(source.stats, await currentExports()), METRICS_CONTENT_TYPE);
       case "/events":
         return events(url.searchParams);
       case "/favicon.ico":
