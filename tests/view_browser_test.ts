@@ -182,3 +182,45 @@ Deno.test({
     assertEquals(errors, []);
   },
 });
+
+Deno.test({
+  name: "view page: the export selector switches the map to another export",
+  ...peers("chromium", "nbdsh"),
+  async fn() {
+    await using dir = await tempDir();
+    await Deno.writeFile(`${dir.path}/a.img`, new Uint8Array(1024 * 1024));
+    await Deno.writeFile(`${dir.path}/b.img`, new Uint8Array(2 * 1024 * 1024));
+    await using server = await startNbdServe([
+      "--view",
+      "127.0.0.1:0",
+      "file",
+      `dir=${dir.path}`,
+    ]);
+    const url = await serverViewUrl(server);
+    await using browser = await launchChromium();
+    const { page, errors } = await openPage(browser, `${url}?fade=0`);
+    // The selector appears with the first counter snapshot.
+    await page.waitForSelector("#export-field:not([hidden])", { timeout: 10000 });
+    const options = await page.$$eval("#export option", (os) => os.map((o) => o.textContent));
+    assertEquals(options.sort(), ["a.img", "b.img"]);
+    await page.selectOption("#export", "b.img");
+    await page.waitForFunction(
+      () =>
+        (globalThis as unknown as { nbdView: { subscribed: string } }).nbdView.subscribed ===
+          "b.img",
+      null,
+      { timeout: 10000 },
+    );
+    assertOk(page.url().includes("export=b.img"), page.url());
+    const uri = server.uri.replace("nbd+unix:///", "nbd+unix:///b.img");
+    await runOk("nbdsh", ["-u", uri, "-c", `h.pwrite(b"y" * 8192, ${10 * BLOCK})`], {
+      env: NBDSH_ENV,
+    });
+    const expected: string[] = new Array(512).fill(BACKGROUND);
+    expected[10] = expected[11] = COLOURS.WRITE!;
+    const cells = await waitForCells(page, (c) => differences(c.colours, expected).length === 0);
+    assertEquals([cells.layout.block, cells.layout.cells], [BLOCK, 512]);
+    assertEquals(differences(cells.colours, expected), []);
+    assertEquals(errors, []);
+  },
+});

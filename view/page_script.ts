@@ -74,7 +74,7 @@ export const PAGE_SCRIPT = String.raw`"use strict";
   var lastStats = null;
   var rates = {};
   var rateWindow = [];
-  var view = { framesReceived: 0, framesApplied: 0, layout: null };
+  var view = { framesReceived: 0, framesApplied: 0, layout: null, subscribed: null };
   window.nbdView = view;
 
   // ---- formatting ----
@@ -410,6 +410,7 @@ export const PAGE_SCRIPT = String.raw`"use strict";
     source.addEventListener("hello", function (e) {
       var hello = JSON.parse(e.data);
       if (settings.exportName === null) settings.exportName = hello.export;
+      view.subscribed = hello.export; // the export this stream follows
     });
     source.addEventListener("frame", function (e) {
       view.framesReceived++;
