@@ -383,19 +383,9 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   }
   const exportName = values["export-name"] ?? "";
   let view: ViewServer | undefined;
-  // With --view the block map needs each export's size: a pass-through
-  // layer outermost records it as connections open the export, and adds
-  // nothing to the data path (it returns the backend unchanged).
-  let recordSize: (name: string, size: number) => void = () => {};
-  const sizeRecorder: FilterInstance = {
-    wrap(next, context) {
-      recordSize(context.exportName, next.size());
-      return Promise.resolve(next);
-    },
-  };
   const exports = new Exports({
     plugin: pluginInstance,
-    filters: viewAddress ? [sizeRecorder, ...filterInstances] : filterInstances,
+    filters: filterInstances,
     exportName,
     description: values.description,
   });
@@ -411,7 +401,6 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     tlsMode: tls.mode,
     tls: tls.upgrader,
   });
-  recordSize = (name, size) => server.state.stats.noteExportSize(name, size);
   // The view starts first: if its address is taken, nothing else needs undoing.
   if (viewAddress) {
     try {

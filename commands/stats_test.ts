@@ -35,9 +35,9 @@ Deno.test("formatStats() shows exports, commands and connections", () => {
     ),
     text,
   );
-  assertOk(lines.some((l) => /^  write +1 +0 +1 +0 +64\.0 KiB /.test(l)), text);
-  assertOk(lines.some((l) => /^  read +0 +0 +0 +0 +0 B /.test(l)), text);
-  assertOk(!lines.some((l) => /^  trim /.test(l)), "unused commands are left out");
+  assertOk(lines.some((l) => /^ {2}write +1 +0 +1 +0 +64\.0 KiB /.test(l)), text);
+  assertOk(lines.some((l) => /^ {2}read +0 +0 +0 +0 +0 B /.test(l)), text);
+  assertOk(!lines.some((l) => /^ {2}trim /.test(l)), "unused commands are left out");
   assertOk(lines.includes("connections:"), text);
   assertOk(
     lines.some((l) =>

@@ -137,7 +137,7 @@ Deno.test({
     const human = await nbd(["stats", url.replace(/\/$/, "")]);
     assertEquals(human.code, 0, human.stderr);
     assertIncludes(human.stdout, 'export "disk" (64.0 MiB): 0 connections, ');
-    assertOk(/^  write +3 +0 +3 +0 +68\.5 KiB /m.test(human.stdout), human.stdout);
+    assertOk(/^ {2}write +3 +0 +3 +0 +68\.5 KiB /m.test(human.stdout), human.stdout);
   },
 });
 
