@@ -5,6 +5,7 @@
  */
 
 import type { Command } from "./command.ts";
+import { copyCommand } from "./copy.ts";
 import { dumpCommand } from "./dump.ts";
 import { infoCommand } from "./info.ts";
 import { listCommand } from "./list.ts";
@@ -13,5 +14,7 @@ import { serveCommand } from "./serve.ts";
 
 /** Subcommands by name, in the order `nbd --help` lists them. */
 export const COMMANDS: ReadonlyMap<string, Command> = new Map(
-  [serveCommand, infoCommand, listCommand, mapCommand, dumpCommand].map((c) => [c.name, c]),
+  [serveCommand, infoCommand, listCommand, mapCommand, dumpCommand, copyCommand].map((
+    c,
+  ) => [c.name, c]),
 );

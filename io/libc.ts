@@ -1,7 +1,9 @@
 /**
  * The few libc calls Deno does not expose: lseek with SEEK_DATA/SEEK_HOLE,
- * fallocate (punch hole, zero range) and the block-device size ioctl. Loaded
- * lazily through FFI; when FFI is unavailable the callers fall back.
+ * fallocate (punch hole, zero range), the block-device size, and a listening
+ * Unix socket as a plain file descriptor (to hand to a child process for
+ * socket activation). Loaded lazily through FFI; when FFI is unavailable the
+ * callers fall back or report it.
  *
  * @module
  */
@@ -20,6 +22,11 @@ const SYMBOLS = {
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32", nonblocking: true },
   __errno_location: { parameters: [], result: "pointer" },
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  listen: { parameters: ["i32", "i32"], result: "i32" },
+  close: { parameters: ["i32"], result: "i32" },
+  strerror: { parameters: ["i32"], result: "pointer" },
 } as const;
 
 let lib: Deno.DynamicLibrary<typeof SYMBOLS> | null | undefined;
@@ -87,4 +94,51 @@ export async function fallocate(
   const l = libc();
   if (!l) return false;
   return (await l.symbols.fallocate(fd, mode, BigInt(offset), BigInt(length))) === 0;
+}
+
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+/** Keeps the descriptor out of other children; the one it is handed to gets a dup without it. */
+const SOCK_CLOEXEC = 0o2000000;
+/** sizeof(struct sockaddr_un) on Linux: a 2-byte family and a 108-byte path. */
+const SOCKADDR_UN_SIZE = 110;
+
+function osError(call: string): Error {
+  const l = libc()!;
+  const code = errno();
+  const text = l.symbols.strerror(code);
+  const reason = text ? new Deno.UnsafePointerView(text).getCString() : `errno ${code}`;
+  return new Error(`${call}: ${reason}`);
+}
+
+/**
+ * Creates a Unix socket listening at `path` and returns its file descriptor
+ * (close-on-exec). Throws when FFI is unavailable or a call fails.
+ */
+export function listenUnixFd(path: string, backlog = 128): number {
+  const l = libc();
+  if (!l) throw new Error("cannot create a listening socket: FFI (--allow-ffi) is not available");
+  const bytes = new TextEncoder().encode(path);
+  if (bytes.length >= SOCKADDR_UN_SIZE - 2) throw new Error(`socket path is too long: ${path}`);
+  const address = new Uint8Array(SOCKADDR_UN_SIZE);
+  new DataView(address.buffer).setUint16(0, AF_UNIX, true);
+  address.set(bytes, 2);
+  const fd = l.symbols.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) throw osError("socket");
+  if (l.symbols.bind(fd, address, SOCKADDR_UN_SIZE) !== 0) {
+    const error = osError(`bind ${path}`);
+    l.symbols.close(fd);
+    throw error;
+  }
+  if (l.symbols.listen(fd, backlog) !== 0) {
+    const error = osError("listen");
+    l.symbols.close(fd);
+    throw error;
+  }
+  return fd;
+}
+
+/** close(2) of a descriptor made by `listenUnixFd`. */
+export function closeFd(fd: number): void {
+  libc()?.symbols.close(fd);
 }
