@@ -1,0 +1,141 @@
+import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
+import { randomBytes, tempDir } from "../tests/helpers.ts";
+import { FileDestination, FileSource } from "./file.ts";
+import { copyImage } from "./scheduler.ts";
+
+const MiB = 1 << 20;
+
+/** Names in `dir` (to see temporary files). */
+async function names(dir: string): Promise<string[]> {
+  const out: string[] = [];
+  for await (const entry of Deno.readDir(dir)) out.push(entry.name);
+  return out.sort();
+}
+
+/** A 4 MiB sparse file with data at 1 MiB and at the last 4 KiB. */
+async function sparseFile(path: string): Promise<Uint8Array> {
+  const expected = new Uint8Array(4 * MiB);
+  const a = randomBytes(64 * 1024, 3);
+  const b = randomBytes(4096, 4);
+  expected.set(a, MiB);
+  expected.set(b, 4 * MiB - 4096);
+  const file = await Deno.open(path, { write: true, create: true, truncate: true });
+  await file.truncate(4 * MiB);
+  await file.seek(MiB, Deno.SeekMode.Start);
+  await file.write(a);
+  await file.seek(4 * MiB - 4096, Deno.SeekMode.Start);
+  await file.write(b);
+  file.close();
+  return expected;
+}
+
+const OPTIONS = {
+  requests: 8,
+  requestSize: 256 * 1024,
+  sparseSize: 4096,
+  allocated: false,
+  destinationIsZero: false,
+  extents: true,
+};
+
+Deno.test("FileSource reports the holes of a sparse file", async () => {
+  await using dir = await tempDir();
+  await sparseFile(`${dir.path}/in.img`);
+  const source = await FileSource.open(`${dir.path}/in.img`);
+  assertOk(source instanceof FileSource);
+  assertEquals(source.size, 4 * MiB);
+  assertOk(source.canExtents);
+  const extents = await source.extents(0, 4 * MiB);
+  const data = extents.filter((e) => !e.zero);
+  // Filesystems allocate in blocks of their own size: the data runs cover the writes.
+  assertOk(data.some((e) => e.offset <= MiB && e.offset + e.length >= MiB + 64 * 1024));
+  assertOk(data.reduce((n, e) => n + e.length, 0) < MiB, "most of the file is a hole");
+  let at = 0;
+  for (const e of extents) {
+    assertEquals(e.offset, at);
+    at += e.length;
+  }
+  assertEquals(at, 4 * MiB);
+  await source.close();
+});
+
+Deno.test("FileDestination writes a new file under a temporary name, renamed on success", async () => {
+  await using dir = await tempDir();
+  const expected = await sparseFile(`${dir.path}/in.img`);
+  const source = await FileSource.open(`${dir.path}/in.img`);
+  const destination = await FileDestination.open(`${dir.path}/out.img`, source.size);
+  assertEquals(destination.isZero, true);
+  const during = await names(dir.path);
+  assertEquals(during.length, 2);
+  assertOk(during.some((n) => n.startsWith(".out.img.nbd-copy-")), during.join(","));
+  await copyImage(source, destination, OPTIONS);
+  await destination.close(true);
+  await source.close();
+  assertEquals(await names(dir.path), ["in.img", "out.img"]);
+  assertBytes(await Deno.readFile(`${dir.path}/out.img`), expected);
+  const blocks = (await Deno.stat(`${dir.path}/out.img`)).blocks!;
+  assertOk(blocks * 512 < MiB, `the copy stayed sparse (${blocks} blocks)`);
+});
+
+Deno.test("FileDestination removes a new file when the copy fails", async () => {
+  await using dir = await tempDir();
+  const destination = await FileDestination.open(`${dir.path}/out.img`, MiB);
+  await destination.write(new Uint8Array(4096).fill(1), 0);
+  assertEquals(destination.incompleteNote(), `${dir.path}/out.img was not created`);
+  await destination.close(false);
+  assertEquals(await names(dir.path), []);
+});
+
+Deno.test("FileDestination truncates an existing file to the source size, in place", async () => {
+  await using dir = await tempDir();
+  const path = `${dir.path}/out.img`;
+  await Deno.writeFile(path, new Uint8Array(3 * MiB).fill(0xaa));
+  await Deno.chmod(path, 0o640);
+  const inode = (await Deno.stat(path)).ino;
+  const destination = await FileDestination.open(path, MiB + 5);
+  assertEquals(destination.isZero, true);
+  await destination.write(new Uint8Array([1, 2, 3]), MiB);
+  await destination.zero(0, 4096, false);
+  assertEquals(destination.incompleteNote(), `${path} is incomplete (it was partly overwritten)`);
+  await destination.close(true);
+  const after = await Deno.stat(path);
+  assertEquals([after.size, after.ino, after.mode! & 0o777], [MiB + 5, inode, 0o640]);
+  const bytes = await Deno.readFile(path);
+  assertEquals([bytes[0], bytes[MiB], bytes[MiB + 2], bytes[MiB + 4]], [0, 1, 3, 0]);
+});
+
+Deno.test("FileDestination zero() punches holes, or keeps them allocated when asked", async () => {
+  await using dir = await tempDir();
+  const path = `${dir.path}/out.img`;
+  const destination = await FileDestination.open(path, 2 * MiB);
+  await destination.write(new Uint8Array(2 * MiB).fill(7), 0);
+  await destination.zero(0, MiB, false);
+  await destination.zero(MiB, 64 * 1024, true);
+  await destination.flush();
+  await destination.close(true);
+  const bytes = await Deno.readFile(path);
+  assertEquals([bytes[0], bytes[MiB - 1], bytes[MiB], bytes[MiB + 65535], bytes[MiB + 65536]], [
+    0,
+    0,
+    0,
+    0,
+    7,
+  ]);
+  const blocks = (await Deno.stat(path)).blocks!;
+  assertOk(blocks * 512 <= MiB + 4096, `the punched half is a hole (${blocks} blocks)`);
+});
+
+Deno.test("FileDestination refuses to copy a file onto itself", async () => {
+  await using dir = await tempDir();
+  const path = `${dir.path}/disk.img`;
+  await Deno.writeFile(path, new Uint8Array(4096).fill(1));
+  const source = await FileSource.open(path);
+  assertOk(source instanceof FileSource);
+  await assertRejects(
+    () => FileDestination.open(path, source.size, source.identity),
+    Error,
+    "onto itself",
+  );
+  await source.close();
+  assertEquals((await Deno.readFile(path))[0], 1);
+});
