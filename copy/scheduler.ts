@@ -97,7 +97,9 @@ export function describeCause(error: unknown): string {
   if (!(error instanceof Error)) return String(error);
   const e = error as Error & { errno?: unknown; code?: unknown; serverMessage?: string };
   if (e.name === "NbdRequestError" && typeof e.errno === "string") {
-    return e.serverMessage ? `${e.errno} (${e.serverMessage})` : e.errno;
+    // Servers often repeat the errno name at the start of their message.
+    const text = e.serverMessage?.replace(new RegExp(`^${e.errno}:\\s*`), "");
+    return text ? `${e.errno} (${text})` : e.errno;
   }
   const message = e.message.replace(/\s*\(os error \d+\)$/, "");
   if (typeof e.code === "string" && /^E[A-Z]+$/.test(e.code) && !message.includes(e.code)) {
@@ -386,6 +388,17 @@ export async function copyImage(
           queue.endAt(item.offset + n);
         }
         if (n === 0) continue;
+        const room = destination.size;
+        if (room !== undefined && item.offset + n > room) {
+          // Only a stream source can get here: sized sources were checked before the copy.
+          throw new CopyError(
+            "destination",
+            destination.name,
+            "write",
+            Math.max(item.offset, room),
+            new Error(`the source is larger than the destination (${room} bytes)`),
+          );
+        }
         if (sparseSize === 0) {
           await writeRange(n === view.length ? view : view.subarray(0, n), item.offset);
         } else {
