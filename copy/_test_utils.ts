@@ -118,14 +118,14 @@ export class MemoryDestination extends BaseEndpoint {
   aborted = false;
   readonly #options: MemoryOptions;
 
-  /** A destination of `size` bytes, initially filled with `fill`. */
+  /** A destination of `size` bytes (undefined: grows as written), initially filled with `fill`. */
   constructor(
-    size: number,
+    size: number | undefined,
     options: MemoryOptions & { isZero?: boolean; fill?: number; sequential?: boolean } = {},
   ) {
     super();
     this.size = size;
-    this.data = new Uint8Array(size).fill(options.fill ?? 0);
+    this.data = new Uint8Array(size ?? 0).fill(options.fill ?? 0);
     this.isZero = options.isZero ?? false;
     this.sequential = options.sequential ?? false;
     this.blockSize = options.blockSize ?? DEFAULT_BLOCK_SIZE;
@@ -138,7 +138,7 @@ export class MemoryDestination extends BaseEndpoint {
       throw this.#options.error ?? new Error("injected write error");
     }
     if (offset + length > this.data.length) {
-      // Streams of unknown size: grow.
+      // A destination without a size grows.
       const grown = new Uint8Array(offset + length);
       grown.set(this.data);
       this.data = grown;

@@ -164,7 +164,7 @@ function chunkedReader(data: Uint8Array) {
 Deno.test("copyImage() copies a stream source of unknown size and sizes the destination", async () => {
   for (const size of [0, 1, 64 * 1024, 5 * 64 * 1024, 777777]) {
     const data = patterned(size, [{ offset: 0, length: Math.min(size, 70000), zero: true }]);
-    const destination = new MemoryDestination(0, { isZero: true, jitterMs: 1 });
+    const destination = new MemoryDestination(undefined, { isZero: true, jitterMs: 1 });
     const stats = await copyImage(
       new StreamSource("stdin", chunkedReader(data)),
       destination,
@@ -176,6 +176,17 @@ Deno.test("copyImage() copies a stream source of unknown size and sizes the dest
     copied.set(destination.data.subarray(0, size));
     assertBytes(copied, data, `size ${size}`);
   }
+});
+
+Deno.test("copyImage() refuses a stream source longer than a sized destination", async () => {
+  const data = patterned(100000);
+  const destination = new MemoryDestination(65536);
+  await assertRejects(
+    () => copyImage(new StreamSource("stdin", chunkedReader(data)), destination, options()),
+    CopyError,
+    "destination memory-destination: write at offset 65536 failed: " +
+      "the source is larger than the destination (65536 bytes)",
+  );
 });
 
 Deno.test("copyImage() writes a sequential destination in order, holes as zero bytes", async () => {
