@@ -2,7 +2,7 @@
  * The few libc calls Deno does not expose: lseek with SEEK_DATA/SEEK_HOLE,
  * fallocate (punch hole, zero range), the block-device size, and a listening
  * Unix socket as a plain file descriptor (to hand to a child process for
- * socket activation). Loaded lazily through FFI; when FFI is unavailable the
+ * socket activation), and pread/pwrite run on a worker thread. Loaded lazily through FFI; when FFI is unavailable the
  * callers fall back or report it.
  *
  * @module
@@ -27,6 +27,9 @@ const SYMBOLS = {
   listen: { parameters: ["i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
   strerror: { parameters: ["i32"], result: "pointer" },
+  // Positional I/O on a worker thread: the event loop keeps serving sockets meanwhile.
+  pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
+  pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
 } as const;
 
 let lib: Deno.DynamicLibrary<typeof SYMBOLS> | null | undefined;
@@ -141,4 +144,30 @@ export function listenUnixFd(path: string, backlog = 128): number {
 /** close(2) of a descriptor made by `listenUnixFd`. */
 export function closeFd(fd: number): void {
   libc()?.symbols.close(fd);
+}
+
+/**
+ * pread(2) on a worker thread: resolves to the count read, or -1 on failure
+ * (errno is the worker's and cannot be read here: callers that need the
+ * reason repeat the call with node:fs). Undefined when FFI is unavailable.
+ */
+export function preadAsync(
+  fd: number,
+  buf: Uint8Array,
+  offset: number,
+): Promise<number> | undefined {
+  const l = libc();
+  if (!l) return undefined;
+  return l.symbols.pread(fd, buf, BigInt(buf.length), BigInt(offset)).then(Number);
+}
+
+/** pwrite(2) on a worker thread, like `preadAsync`. */
+export function pwriteAsync(
+  fd: number,
+  buf: Uint8Array,
+  offset: number,
+): Promise<number> | undefined {
+  const l = libc();
+  if (!l) return undefined;
+  return l.symbols.pwrite(fd, buf, BigInt(buf.length), BigInt(offset)).then(Number);
 }
