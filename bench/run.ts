@@ -11,6 +11,7 @@
 
 import { parseArgs } from "node:util";
 import { hasCommand, runOk, startNbdServe, startServer } from "../tests/helpers.ts";
+import { makeCertificates } from "../tests/certs.ts";
 import { parseSize } from "../server/params.ts";
 
 const { values } = parseArgs({
@@ -70,13 +71,17 @@ for (const server of [ours, nbdkit]) {
 }
 
 const rows: Row[] = [];
-async function compare(name: string, args: (uri: string) => [string, string[]]): Promise<void> {
+async function compare(
+  name: string,
+  args: (uri: string) => [string, string[]],
+  uris: [string, string] = [ours.uri, nbdkit.uri],
+): Promise<void> {
   const a: number[] = [];
   const b: number[] = [];
   for (let i = 0; i < rounds; i++) {
-    const [cmdA, argsA] = args(ours.uri);
+    const [cmdA, argsA] = args(uris[0]);
     a.push(await timed(cmdA, argsA));
-    const [cmdB, argsB] = args(nbdkit.uri);
+    const [cmdB, argsB] = args(uris[1]);
     b.push(await timed(cmdB, argsB));
   }
   rows.push({ name, unit: "s", ours: median(a), theirs: median(b), lowerIsBetter: true });

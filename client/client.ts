@@ -203,6 +203,7 @@ export class NbdClient implements Backend, AsyncDisposable {
   readonly #protocol: HandshakeStyle;
   readonly #structured: boolean;
   readonly #extended: boolean;
+  readonly #tls: boolean;
   readonly #export: ExportDetails;
   readonly #contextIds: Map<number, string>;
   readonly #blockSize: BlockSize;
@@ -229,6 +230,7 @@ export class NbdClient implements Backend, AsyncDisposable {
     this.#protocol = negotiation.protocol;
     this.#structured = negotiation.structuredReplies || negotiation.extendedHeaders;
     this.#extended = negotiation.extendedHeaders;
+    this.#tls = negotiation.tls;
     this.#export = negotiation.export;
     this.#contextIds = negotiation.metaContexts;
     const advertised = negotiation.export.blockSize;
@@ -283,9 +285,9 @@ export class NbdClient implements Backend, AsyncDisposable {
   get extendedHeaders(): boolean {
     return this.#extended;
   }
-  /** Whether TLS is in use (never, until TLS support is added). */
+  /** Whether TLS is in use. */
   get tls(): boolean {
-    return false;
+    return this.#tls;
   }
   /** The export name that was requested. */
   get exportName(): string {
@@ -363,6 +365,10 @@ export class NbdClient implements Backend, AsyncDisposable {
   canMetaContext(name: string): boolean {
     for (const selected of this.#contextIds.values()) if (selected === name) return true;
     return false;
+  }
+  /** Why the connection became unusable, or undefined while it works. */
+  get failure(): Error | undefined {
+    return this.#failure;
   }
   /** Number of requests sent and not yet answered. */
   get inFlight(): number {

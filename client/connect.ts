@@ -5,7 +5,8 @@
  * @module
  */
 
-import { type ByteStream, fromDenoConn } from "../io/byte_stream.ts";
+import * as net from "node:net";
+import { type ByteStream, fromDenoConn, fromNodeSocket } from "../io/byte_stream.ts";
 import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { NbdConnectionError } from "./errors.ts";
 
@@ -36,17 +37,48 @@ function reason(error: unknown): string {
   return message.replace(/\s*\(os error \d+\)$/, "").toLowerCase();
 }
 
+/** Connects through node:net, whose sockets can be upgraded to TLS mid-stream. */
+function openNodeStream(uri: NbdUri): Promise<ByteStream> {
+  return new Promise((resolve, reject) => {
+    const socket = uri.transport === "unix"
+      ? net.connect({ path: uri.socket! })
+      : net.connect({ host: uri.host!, port: uri.port! });
+    socket.once("connect", () => {
+      socket.off("error", onError);
+      if (uri.transport === "tcp") socket.setNoDelay(true);
+      resolve(fromNodeSocket(socket));
+    });
+    const onError = (error: Error) => {
+      socket.destroy();
+      const code = (error as { code?: string }).code;
+      const why = code === "ENOENT"
+        ? "no such socket"
+        : code === "ECONNREFUSED"
+        ? "connection refused"
+        : code === "EACCES"
+        ? "permission denied"
+        : error.message.toLowerCase();
+      reject(
+        new NbdConnectionError(`Cannot connect to NBD server at ${describeServer(uri)}: ${why}`, {
+          cause: error,
+        }),
+      );
+    };
+    socket.once("error", onError);
+  });
+}
+
 /**
- * Connects to the server a URI names. TLS (`nbds` schemes) is refused here
- * with a clear error rather than silently connecting in plaintext.
+ * Connects to the server a URI names. For TLS (`nbds` schemes) the socket
+ * is one that can be upgraded after NBD_OPT_STARTTLS.
  */
 export async function openStream(uri: NbdUri): Promise<ByteStream> {
-  if (uri.tls) {
+  if (uri.transport === "vsock") {
     throw new NbdConnectionError(
-      `Cannot connect to ${formatNbdUri(uri)}: TLS is not supported yet ` +
-        `(use an nbd:// or nbd+unix:// URI for a plaintext server)`,
+      `Cannot connect to ${formatNbdUri(uri)}: vsock transport is not supported`,
     );
   }
+  if (uri.tls) return await openNodeStream(uri);
   let conn: Deno.Conn;
   try {
     switch (uri.transport) {
@@ -59,10 +91,6 @@ export async function openStream(uri: NbdUri): Promise<ByteStream> {
         conn = tcp;
         break;
       }
-      case "vsock":
-        throw new NbdConnectionError(
-          `Cannot connect to ${formatNbdUri(uri)}: vsock transport is not supported`,
-        );
     }
   } catch (error) {
     if (error instanceof NbdConnectionError) throw error;

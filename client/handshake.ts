@@ -30,6 +30,7 @@ import {
   NBD_OPT_LIST,
   NBD_OPT_LIST_META_CONTEXT,
   NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_OPTS_MAGIC,
   NBD_REP_ACK,
@@ -60,7 +61,8 @@ import {
 } from "../protocol/handshake.ts";
 import type { NbdUri } from "../protocol/uri.ts";
 import { NbdClient } from "./client.ts";
-import { openStream, toNbdUri } from "./connect.ts";
+import { describeServer, openStream, toNbdUri } from "./connect.ts";
+import { type ClientTlsSettings, clientTlsSettings, startClientTls } from "./tls.ts";
 import { NbdConnectionError, NbdOptionError } from "./errors.ts";
 
 /** How the server greeted us: libnbd's names for the three handshake styles. */
@@ -135,6 +137,8 @@ export interface Negotiation {
   structuredReplies: boolean;
   /** Extended headers are in use. */
   extendedHeaders: boolean;
+  /** TLS is in use. */
+  tls: boolean;
   /** The export. */
   export: ExportDetails;
   /** Selected metadata contexts, by the id the server gave them. */
@@ -164,6 +168,7 @@ export class NbdHandshake implements AsyncDisposable {
   #extended = false;
   #oldstyleExport: ExportDetails | undefined;
   #finished = false;
+  #tls = false;
 
   private constructor(stream: ByteStream, uri: NbdUri) {
     this.#stream = stream;
@@ -179,7 +184,13 @@ export class NbdHandshake implements AsyncDisposable {
    */
   static async open(uri: string | NbdUri, options: HandshakeOptions = {}): Promise<NbdHandshake> {
     const parsed = toNbdUri(uri);
-    return await NbdHandshake.fromStream(await openStream(parsed), { ...options, uri: parsed });
+    // Credential problems are reported before anything is sent.
+    const tls = parsed.tls ? clientTlsSettings(parsed) : undefined;
+    return await NbdHandshake.fromStream(await openStream(parsed), {
+      ...options,
+      uri: parsed,
+      tls,
+    });
   }
 
   /**
@@ -189,7 +200,7 @@ export class NbdHandshake implements AsyncDisposable {
    */
   static async fromStream(
     stream: ByteStream,
-    options: HandshakeOptions & { uri?: string | NbdUri } = {},
+    options: HandshakeOptions & { uri?: string | NbdUri; tls?: ClientTlsSettings } = {},
   ): Promise<NbdHandshake> {
     const parsed = options.uri === undefined
       ? { tls: false, transport: "unix" as const, socket: "-", exportName: "" }
@@ -199,7 +210,13 @@ export class NbdHandshake implements AsyncDisposable {
       await session.#greet(options);
     } catch (error) {
       stream.close();
-      throw session.#explain(error, "during the greeting");
+      // A server that wants a client certificate can only say so by hanging up right after TLS.
+      throw session.#explain(
+        error,
+        session.#tls
+          ? "right after the TLS handshake (does it require a client certificate? put client-cert.pem and client-key.pem in tls-certificates=DIR)"
+          : "during the greeting",
+      );
     }
     return session;
   }
@@ -224,9 +241,9 @@ export class NbdHandshake implements AsyncDisposable {
     return this.#extended;
   }
 
-  /** Whether TLS is in use (never, until TLS support is added). */
+  /** Whether TLS is in use. */
   get tls(): boolean {
-    return false;
+    return this.#tls;
   }
 
   /** Whether options (LIST, INFO, meta contexts) can be sent: fixed newstyle only. */
@@ -234,7 +251,7 @@ export class NbdHandshake implements AsyncDisposable {
     return this.#style === "newstyle-fixed";
   }
 
-  async #greet(options: HandshakeOptions): Promise<void> {
+  async #greet(options: HandshakeOptions & { tls?: ClientTlsSettings }): Promise<void> {
     const reader = this.#reader;
     if (!(await reader.ensure(GREETING_SIZE, "the greeting"))) {
       throw new NbdConnectionError(
@@ -274,6 +291,13 @@ export class NbdHandshake implements AsyncDisposable {
     const out = new Uint8Array(4);
     new DataView(out.buffer).setUint32(0, clientFlags);
     this.#writer.write(out);
+    if (this.#uri.tls) {
+      // An nbds URI never falls back to plaintext.
+      if (!fixed) {
+        throw new NbdConnectionError("the server cannot do TLS (it does not speak fixed newstyle)");
+      }
+      await this.#startTls(options.tls ?? clientTlsSettings(this.#uri));
+    }
     if (!fixed) return;
     if (options.extendedHeaders ?? true) {
       const reply = await this.#simpleOption(NBD_OPT_EXTENDED_HEADERS);
@@ -287,6 +311,25 @@ export class NbdHandshake implements AsyncDisposable {
       const reply = await this.#simpleOption(NBD_OPT_STRUCTURED_REPLY);
       this.#structured = reply === NBD_REP_ACK;
     }
+  }
+
+  /** NBD_OPT_STARTTLS, then the TLS handshake on the same socket. */
+  async #startTls(settings: ClientTlsSettings): Promise<void> {
+    this.#send(NBD_OPT_STARTTLS);
+    const reply = await this.#receive(NBD_OPT_STARTTLS);
+    if (reply.type !== NBD_REP_ACK) {
+      const said = messageOf(reply.data);
+      throw new NbdConnectionError(
+        `the server refused TLS (${replyTypeName(reply.type)}${
+          said ? `: ${said}` : ""
+        }); not connecting in plaintext`,
+      );
+    }
+    const secure = await startClientTls(this.#stream, settings, describeServer(this.#uri));
+    this.#stream = secure;
+    this.#reader = new BufferedReader(secure);
+    this.#writer = new CorkedWriter(secure);
+    this.#tls = true;
   }
 
   /** Sends an option without data and returns the reply type (ACK or an error). */
@@ -334,7 +377,8 @@ export class NbdHandshake implements AsyncDisposable {
     if (type === NBD_REP_ERR_UNKNOWN && exportName !== undefined) {
       message = `the server has no export named "${exportName}"${detail}`;
     } else if (type === NBD_REP_ERR_TLS_REQD) {
-      message = `the server requires TLS, which is not supported yet${detail}`;
+      message =
+        `the server requires TLS: connect with an nbds:// URI (and tls-certificates=DIR)${detail}`;
     } else if (type === NBD_REP_ERR_POLICY) {
       message = `the server refused option ${optionName(option)} by policy${detail}`;
     } else if ((type & NBD_REP_FLAG_ERROR) === 0) {
@@ -358,7 +402,11 @@ export class NbdHandshake implements AsyncDisposable {
     if (error instanceof ProtocolError) {
       return new ProtocolError(`${error.message} (${phase})`, { cause: error });
     }
-    if (error instanceof Deno.errors.ConnectionReset || error instanceof Deno.errors.BrokenPipe) {
+    const code = (error as { code?: unknown })?.code;
+    if (
+      error instanceof Deno.errors.ConnectionReset || error instanceof Deno.errors.BrokenPipe ||
+      code === "EPIPE" || code === "ECONNRESET"
+    ) {
       return new NbdConnectionError(`the connection was reset ${phase}`, { cause: error });
     }
     return error;
@@ -572,6 +620,7 @@ export class NbdHandshake implements AsyncDisposable {
       protocol: this.#style,
       structuredReplies: this.#structured,
       extendedHeaders: this.#extended,
+      tls: this.#tls,
       export: details,
       metaContexts,
     };

@@ -9,6 +9,7 @@
 import { NbdClient } from "../client/client.ts";
 import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { parseSize, UsageError } from "../server/params.ts";
+import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { type Command, parseOptions } from "./command.ts";
 import { BufferedTextWriter, writeStdout } from "./output.ts";
 
@@ -22,6 +23,8 @@ Options:
       --offset N       start at byte N (default 0; 512, 4K, 1M... accepted)
   -n, --length N       dump at most N bytes
   -h, --help           show this help
+
+${TLS_USAGE}
 
 Examples:
   nbd dump nbd://localhost/disk
@@ -253,13 +256,14 @@ export const dumpCommand: Command = {
       offset: { type: "string" },
       length: { type: "string", short: "n" },
       help: { type: "boolean", short: "h" },
+      ...TLS_OPTIONS,
     });
     if (values.help) {
       await writeStdout(USAGE);
       return 0;
     }
     if (positionals.length !== 1) throw new UsageError("dump needs exactly one URI (see --help)");
-    return await dumpExport(positionals[0]!, {
+    return await dumpExport(withTlsFlags(positionals[0]!, values), {
       offset: values.offset === undefined ? 0 : parseSize(values.offset, "--offset"),
       length: values.length === undefined ? undefined : parseSize(values.length, "--length"),
     });

@@ -26,6 +26,7 @@ import {
 } from "../protocol/constants.ts";
 import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { UsageError } from "../server/params.ts";
+import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { type Command, parseOptions, printError } from "./command.ts";
 import { showMap } from "./map.ts";
 import { writeStdout } from "./output.ts";
@@ -48,6 +49,8 @@ Options:
                          cache, structured-reply, extended-headers, block-status
       --is PROPERTY      exit 0 if true, 2 if not: read-only, rotational, tls
   -h, --help             show this help
+
+${TLS_USAGE}
 
 Examples:
   nbd info nbd://localhost/disk
@@ -305,13 +308,14 @@ export const infoCommand: Command = {
       can: { type: "string" },
       is: { type: "string" },
       help: { type: "boolean", short: "h" },
+      ...TLS_OPTIONS,
     });
     if (values.help) {
       await writeStdout(USAGE);
       return 0;
     }
     if (positionals.length !== 1) throw new UsageError("info needs exactly one URI (see --help)");
-    const uri = positionals[0]!;
+    const uri = withTlsFlags(positionals[0]!, values);
     const modes = [values.list, extracted.map !== undefined, values.size, values.can, values.is]
       .filter(Boolean).length;
     if (modes > 1) {

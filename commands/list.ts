@@ -6,6 +6,7 @@
  */
 
 import { UsageError } from "../server/params.ts";
+import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { type Command, parseOptions } from "./command.ts";
 import { showInfo } from "./info.ts";
 import { writeStdout } from "./output.ts";
@@ -19,6 +20,8 @@ Options:
       --json       print JSON (nbdinfo's field names)
       --content    also probe each export's content with file(1)
   -h, --help       show this help
+
+${TLS_USAGE}
 
 Examples:
   nbd list nbd://localhost
@@ -35,13 +38,14 @@ export const listCommand: Command = {
       json: { type: "boolean" },
       content: { type: "boolean" },
       help: { type: "boolean", short: "h" },
+      ...TLS_OPTIONS,
     });
     if (values.help) {
       await writeStdout(USAGE);
       return 0;
     }
     if (positionals.length !== 1) throw new UsageError("list needs exactly one URI (see --help)");
-    return await showInfo(positionals[0]!, {
+    return await showInfo(withTlsFlags(positionals[0]!, values), {
       json: values.json ?? false,
       list: true,
       content: values.content ?? false,

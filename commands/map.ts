@@ -9,6 +9,7 @@
 import { BASE_ALLOCATION } from "../protocol/constants.ts";
 import { NbdClient } from "../client/client.ts";
 import { UsageError } from "../server/params.ts";
+import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { type Command, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
 
@@ -23,6 +24,8 @@ Options:
       --totals         sum the bytes of each type instead (with percentages)
       --json           print JSON
   -h, --help           show this help
+
+${TLS_USAGE}
 
 Examples:
   nbd map nbd://localhost/disk
@@ -154,13 +157,14 @@ export const mapCommand: Command = {
       totals: { type: "boolean" },
       json: { type: "boolean" },
       help: { type: "boolean", short: "h" },
+      ...TLS_OPTIONS,
     });
     if (values.help) {
       await writeStdout(USAGE);
       return 0;
     }
     if (positionals.length !== 1) throw new UsageError("map needs exactly one URI (see --help)");
-    return await showMap(positionals[0]!, {
+    return await showMap(withTlsFlags(positionals[0]!, values), {
       context: values.context ?? BASE_ALLOCATION,
       totals: values.totals ?? false,
       json: values.json ?? false,

@@ -10,11 +10,12 @@ import { dumpCommand } from "./dump.ts";
 import { infoCommand } from "./info.ts";
 import { listCommand } from "./list.ts";
 import { mapCommand } from "./map.ts";
+import { proxyCommand } from "./proxy.ts";
 import { serveCommand } from "./serve.ts";
 
 /** Subcommands by name, in the order `nbd --help` lists them. */
 export const COMMANDS: ReadonlyMap<string, Command> = new Map(
-  [serveCommand, infoCommand, listCommand, mapCommand, dumpCommand, copyCommand].map((
+  [serveCommand, proxyCommand, infoCommand, listCommand, mapCommand, dumpCommand, copyCommand].map((
     c,
   ) => [c.name, c]),
 );

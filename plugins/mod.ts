@@ -11,6 +11,7 @@ import { filePlugin } from "./file.ts";
 import { floppyPlugin } from "./floppy.ts";
 import { curlPlugin, httpPlugin } from "./http.ts";
 import { memoryPlugin } from "./memory.ts";
+import { nbdPlugin } from "./nbd.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
 import { patternPlugin } from "./pattern.ts";
 import { randomPlugin } from "./random.ts";
@@ -28,6 +29,7 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     floppyPlugin,
     httpPlugin,
     memoryPlugin,
+    nbdPlugin,
     nullPlugin,
     patternPlugin,
     randomPlugin,

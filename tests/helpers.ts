@@ -153,9 +153,14 @@ export interface ServerProcess extends AsyncDisposable {
 }
 
 /** Waits until a Unix socket accepts connections. */
-export async function waitForSocket(path: string, timeoutMs = 15000): Promise<void> {
+export async function waitForSocket(
+  path: string,
+  timeoutMs = 15000,
+  gaveUp?: () => boolean,
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (true) {
+    if (gaveUp?.()) throw new Error(`the server exited before listening on ${path}`);
     try {
       const conn = await Deno.connect({ transport: "unix", path });
       conn.close();
@@ -191,7 +196,10 @@ export async function startServer(
     for await (const chunk of child.stderr) stderrText += decoder.decode(chunk, { stream: true });
   })();
   try {
-    await waitForSocket(socket);
+    // Stop waiting as soon as the server exits (a bad command line, say).
+    let exited = false;
+    child.status.then(() => exited = true);
+    await waitForSocket(socket, 15000, () => exited);
   } catch (error) {
     try {
       child.kill("SIGKILL");

@@ -335,7 +335,10 @@ Deno.test({
       [["info", "nbd://host:99999/"], /bad port "99999"/],
       [["info", "nbd+unix:///disk"], /needs a socket=PATH/],
       [["list", "http://example.com/"], /unknown scheme "http"/],
-      [["info", `nbds+unix:///?socket=${socket}`], /TLS is not supported yet/],
+      [
+        ["info", `nbds+unix:///?socket=${socket}`],
+        /refused TLS \(ERR_POLICY\); not connecting in plaintext/,
+      ],
       [["map", noSr.uri], /does not support metadata context "base:allocation"/],
     ];
     for (const [args, pattern] of cases) {
@@ -401,7 +404,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "nbd info says so in one line when the server requires TLS",
+  name:
+    "client commands say so in one line when the server requires TLS, and work with --tls-certificates",
   ...peers("nbdkit", "openssl"),
   async fn() {
     await using dir = await tempDir();
@@ -415,8 +419,11 @@ Deno.test({
     for (const command of ["info", "list", "map", "dump"]) {
       const result = await nbd(command, server.uri);
       assert.equal(result.code, 1, command);
-      assert.match(result.stderr, /^nbd: the server requires TLS, which is not supported yet/);
+      assert.match(result.stderr, /^nbd: the server requires TLS: connect with an nbds:\/\/ URI/);
       assert.equal(result.stderr.trimEnd().split("\n").length, 1, result.stderr);
+      // The same command with the TLS flags works.
+      const secure = await nbd(command, `--tls-certificates=${dir.path}`, server.uri);
+      assert.equal(secure.code, 0, `${command}: ${secure.stderr}`);
     }
   },
 });

@@ -8,7 +8,16 @@ import * as C from "../protocol/constants.ts";
 import { encodeInfoRequest } from "../protocol/handshake.ts";
 import { assertBytes, assertEquals, assertIncludes, assertOk } from "./assert.ts";
 import { makeCertificates } from "./certs.ts";
-import { eventually, peers, randomBytes, ROOT, run, runOk, startNbdServe, tempDir } from "./helpers.ts";
+import {
+  eventually,
+  peers,
+  randomBytes,
+  ROOT,
+  run,
+  runOk,
+  startNbdServe,
+  tempDir,
+} from "./helpers.ts";
 import { RawClient } from "./raw_client.ts";
 
 const MiB = 1024 * 1024;
@@ -208,7 +217,10 @@ Deno.test({
     const foreign = await run("nbdinfo", ["--size", tlsUri(server.socket!, foreignClient)]);
     assertOk(foreign.code !== 0 && foreign.stdout === "", "a foreign client certificate must fail");
     // The server logs the rejection as it closes the connection: give its stderr a moment.
-    assertOk(await eventually(() => server.stderr().includes("not signed by a trusted CA")), server.stderr());
+    assertOk(
+      await eventually(() => server.stderr().includes("not signed by a trusted CA")),
+      server.stderr(),
+    );
   },
 });
 

@@ -1,0 +1,46 @@
+/**
+ * TLS flags shared by the client commands (info, list, map, dump, copy):
+ * they adjust the NBD URI the same way its query parameters would.
+ *
+ * @module
+ */
+
+import { formatNbdUri, isNbdUri, parseNbdUri } from "../protocol/uri.ts";
+
+/** parseArgs options for the TLS flags. */
+export const TLS_OPTIONS = {
+  tls: { type: "boolean" },
+  "tls-certificates": { type: "string" },
+  "tls-hostname": { type: "string" },
+  "no-tls-verify-peer": { type: "boolean" },
+} as const;
+
+/** Help lines for the TLS flags. */
+export const TLS_USAGE = `TLS:
+      --tls                 require TLS (as an nbds:// URI does)
+      --tls-certificates DIR  ca-cert.pem, and client-cert.pem/client-key.pem if the
+                            server wants a client certificate (implies --tls)
+      --tls-hostname NAME   name to check the server certificate against
+      --no-tls-verify-peer  do not verify the server certificate (insecure)`;
+
+/** The parsed TLS flags. */
+export interface TlsFlags {
+  tls?: boolean;
+  "tls-certificates"?: string;
+  "tls-hostname"?: string;
+  "no-tls-verify-peer"?: boolean;
+}
+
+/** Applies the TLS flags to an NBD URI; other arguments (files, "-", "null:") pass unchanged. */
+export function withTlsFlags(uri: string, flags: TlsFlags): string {
+  const given = flags.tls || flags["tls-certificates"] !== undefined ||
+    flags["tls-hostname"] !== undefined ||
+    flags["no-tls-verify-peer"];
+  if (!given || !isNbdUri(uri)) return uri;
+  const parsed = parseNbdUri(uri);
+  parsed.tls = true;
+  if (flags["tls-certificates"] !== undefined) parsed.tlsCertificates = flags["tls-certificates"];
+  if (flags["tls-hostname"] !== undefined) parsed.tlsHostname = flags["tls-hostname"];
+  if (flags["no-tls-verify-peer"]) parsed.tlsVerifyPeer = false;
+  return formatNbdUri(parsed);
+}
