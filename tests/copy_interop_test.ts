@@ -545,3 +545,24 @@ Deno.test({
     assertOk(!ps.stdout.includes(`pattern ${size}`), "the server was stopped");
   },
 });
+
+Deno.test({
+  name: "nbds_to_file and file_to_nbds: TLS with X.509 certificates on both sides",
+  ...peers("nbdkit", "openssl"),
+  async fn() {
+    await using dir = await tempDir();
+    await makeCertificates(dir.path);
+    await using server = await nbdkit(
+      "--tls=require",
+      `--tls-certificates=${dir.path}`,
+      "memory",
+      "4M",
+    );
+    const uri = `nbds+unix:///?socket=${server.socket}&tls-certificates=${dir.path}`;
+    const input = randomBytes(4 * MiB, 91);
+    await Deno.writeFile(`${dir.path}/in.img`, input);
+    await nbdCopyOk([`${dir.path}/in.img`, uri]);
+    await nbdCopyOk([uri, `${dir.path}/out.img`]);
+    assertBytes(await Deno.readFile(`${dir.path}/out.img`), input);
+  },
+});
