@@ -44,7 +44,8 @@ least as large as the source.
 
 Options:
   -C, --connections N      connections per NBD endpoint when the server allows
-                           multi-conn (default 4)
+                           multi-conn (default 4; for a server on a Unix socket
+                           at most the number of processors)
   -R, --requests N         requests in flight in total (default 64)
       --request-size SIZE  largest read or write (default 256K; a power of two
                            from 512 to 32M, adjusted to the servers' block sizes)
@@ -79,8 +80,8 @@ export interface CopyCommandConfig {
   source: EndpointSpec;
   /** The destination. */
   destination: EndpointSpec;
-  /** Connections per NBD endpoint. */
-  connections: number;
+  /** Connections per NBD endpoint; undefined = each endpoint's default. */
+  connections: number | undefined;
   /** Requests in flight. */
   requests: number;
   /** Largest request. */
@@ -201,7 +202,7 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
     connections: synchronous
       ? 1
       : values.connections === undefined
-      ? 4
+      ? undefined
       : positiveInteger(values.connections, "--connections", 64),
     requests: synchronous
       ? 1

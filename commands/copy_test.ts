@@ -8,7 +8,7 @@ Deno.test("parseCopyArgs() applies nbdcopy's defaults", () => {
   assertEquals(config.destination, { kind: "nbd", uri: "nbd://host/x" });
   assertEquals(
     [config.connections, config.requests, config.requestSize, config.sparseSize],
-    [4, 64, 256 * 1024, 4096],
+    [undefined, 64, 256 * 1024, 4096],
   );
   assertEquals([config.extents, config.allocated, config.flush, config.progress], [
     true,

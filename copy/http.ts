@@ -12,8 +12,8 @@ import { BaseEndpoint } from "./endpoint.ts";
 
 /** Options of `HttpSource.open`. */
 export interface HttpSourceOptions {
-  /** Requests in flight at once. */
-  connections: number;
+  /** Requests in flight at once (default 4). */
+  connections?: number;
 }
 
 /** A remote image read with Range requests. */
@@ -36,7 +36,7 @@ export class HttpSource extends BaseEndpoint {
     const image = new HttpImage({
       url,
       headers: new Headers({ "User-Agent": "nbd-copy" }),
-      connections: Math.max(1, options.connections),
+      connections: Math.max(1, options.connections ?? 4),
       timeout: 60_000,
       retries: 5,
       retryDelay: 1000,

@@ -8,16 +8,34 @@
  * @module
  */
 
+import { toNbdUri } from "../client/connect.ts";
 import { NbdClientPool } from "../client/pool.ts";
 import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { ZERO_BUFFER } from "../server/backend.ts";
 import { BaseEndpoint, type CopyExtent, type Role } from "./endpoint.ts";
 
+/**
+ * Connections opened when none were asked for: 4, which hides network
+ * latency; but a server on a Unix socket runs on our own processors, and
+ * connections beyond their number only make it compete with the copy for
+ * them (measured on 2 cores: 2 connections copied ~10% faster than 4).
+ */
+export function defaultConnections(uri: string): number {
+  let transport: string;
+  try {
+    transport = toNbdUri(uri).transport;
+  } catch {
+    return 4;
+  }
+  if (transport !== "unix") return 4;
+  return Math.max(1, Math.min(4, navigator.hardwareConcurrency || 4));
+}
+
 /** Options of `NbdEndpoint.open`. */
 export interface NbdEndpointOptions {
-  /** Connections to open when the server allows several. */
-  connections: number;
+  /** Connections to open when the server allows several (default: `defaultConnections`). */
+  connections?: number;
   /** Runs after the connections are closed (e.g. stopping a server we started), once open. */
   cleanup?: () => Promise<void>;
 }
@@ -57,7 +75,8 @@ export class NbdEndpoint extends BaseEndpoint {
     options: NbdEndpointOptions,
   ): Promise<NbdEndpoint> {
     // When connecting fails, the clean-up is the caller's: it knows why better.
-    const pool = await NbdClientPool.connect(uri, { connections: options.connections });
+    const connections = options.connections ?? defaultConnections(uri);
+    const pool = await NbdClientPool.connect(uri, { connections });
     const endpoint = new NbdEndpoint(name, pool, options.cleanup);
     if (role === "destination" && pool.primary.readOnly) {
       await endpoint.close();

@@ -15,8 +15,11 @@ import { openCommandEndpoint } from "./subprocess.ts";
 
 /** Options of the openers. */
 export interface OpenOptions {
-  /** Connections per NBD endpoint (when the server allows several) and http requests in flight. */
-  connections: number;
+  /**
+   * Connections per NBD endpoint (when the server allows several) and http
+   * requests in flight; undefined picks a default for each endpoint.
+   */
+  connections?: number;
   /** Stops a server started for the copy while the copy is still connecting to it. */
   signal?: AbortSignal;
 }

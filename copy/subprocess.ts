@@ -91,7 +91,7 @@ export async function startActivatedServer(argv: string[]): Promise<ActivatedSer
 export async function openCommandEndpoint(
   argv: string[],
   role: Role,
-  options: { connections: number; signal?: AbortSignal },
+  options: { connections?: number; signal?: AbortSignal },
 ): Promise<NbdEndpoint> {
   const server = await startActivatedServer(argv);
   // Interrupted while connecting: stopping the server makes the connection attempt fail.
