@@ -301,7 +301,7 @@ export class Progress {
   }
 
   /** The last report: success (after flush and rename) or failure. */
-  finish(ok: boolean, done = this.#done): void {
+  finish(ok: boolean, done: number = this.#done): void {
     const elapsed = this.#now() - this.#start;
     for (const reporter of this.#reporters) reporter.finish(done, elapsed, ok);
   }
