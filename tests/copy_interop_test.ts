@@ -566,3 +566,48 @@ Deno.test({
     assertBytes(await Deno.readFile(`${dir.path}/out.img`), input);
   },
 });
+
+Deno.test({
+  name: "file_to_block_device and block_device_to_file: a loop device, holes zeroed on it",
+  ...peers("losetup", "fallocate", "nbdkit"),
+  async fn(t) {
+    await using dir = await tempDir();
+    const backing = `${dir.path}/backing.img`;
+    await Deno.writeFile(backing, new Uint8Array(8 * MiB).fill(0xff));
+    const attached = await run("losetup", ["-f", "--show", backing]);
+    if (attached.code !== 0) {
+      // Loop devices need root and the loop driver; without them there is nothing to test.
+      console.error(
+        `\n*** SKIPPING block device test: losetup failed: ${attached.stderr.trim()} ***\n`,
+      );
+      await t.step({ name: "loop device unavailable", ignore: true, fn() {} });
+      return;
+    }
+    const device = attached.stdout.trim();
+    try {
+      const input = randomBytes(6 * MiB, 99);
+      input.fill(0, MiB, 3 * MiB); // a hole in a sparse input file...
+      await Deno.writeFile(`${dir.path}/in.img`, input);
+      await runOk("fallocate", [
+        "--punch-hole",
+        "-o",
+        String(MiB),
+        "-l",
+        String(2 * MiB),
+        `${dir.path}/in.img`,
+      ]);
+      await nbdCopyOk([`${dir.path}/in.img`, device]);
+      // ...which must read back as zeroes from a device that held 0xff there.
+      const expected = new Uint8Array(8 * MiB).fill(0xff);
+      expected.set(input, 0);
+      const out = `${dir.path}/out.img`;
+      await nbdCopyOk([device, out]);
+      assertBytes(await Deno.readFile(out), expected);
+      const small = await nbdCopy(["--", "[", "nbdkit", "pattern", "16M", "]", device]);
+      assertEquals(small.code, 1);
+      assertIncludes(small.stderr, `the destination ${device} (${8 * MiB} bytes) is smaller`);
+    } finally {
+      await runOk("losetup", ["-d", device]);
+    }
+  },
+});
