@@ -39,11 +39,20 @@ import { StreamDestination, StreamSource } from "./pipe.ts";
 /** Files take any offset and length; 4 KiB is the page size the kernel likes. */
 const FILE_BLOCK_SIZE: BlockSize = { minimum: 1, preferred: 4096, maximum: 64 << 20 };
 
-/** An error from a file with the system's error code, as node:fs reports it. */
+/**
+ * An error from a file with the system's error code, as node:fs reports it,
+ * its message cut down to the reason ("ENOENT: no such file or directory,
+ * open 'x'" → "no such file or directory").
+ */
 function fsError(error: unknown, what: string): Error {
   const code = (error as { code?: string }).code;
-  const message = (error as Error).message ?? String(error);
-  const wrapped = new Error(`${what}: ${message}`, { cause: error });
+  const message = ((error as Error).message ?? String(error))
+    .replace(/^E[A-Z]+: /, "")
+    .replace(/, [a-z]+ '[^']*'$/, "")
+    .replace(/\s*\(os error \d+\)$/, "");
+  const wrapped = new Error(`${what}: ${message.charAt(0).toLowerCase()}${message.slice(1)}`, {
+    cause: error,
+  });
   if (code) (wrapped as Error & { code: string }).code = code;
   return wrapped;
 }

@@ -32,6 +32,8 @@ export interface ActivatedServer {
   uri: string;
   /** Resolves with a description of how the process ended. */
   exited: Promise<string>;
+  /** Whether `stop()` was called (so an exit is ours, not the server's own). */
+  readonly stopping: boolean;
   /** Stops the server (SIGTERM, then SIGKILL) and removes its directory. */
   stop(): Promise<void>;
 }
@@ -70,6 +72,7 @@ export async function startActivatedServer(argv: string[]): Promise<ActivatedSer
   let stopped: Promise<void> | undefined;
   const stop = () =>
     stopped ??= (async () => {
+      server.stopping = true;
       if (child.exitCode === null && child.signalCode === null) {
         try {
           child.kill("SIGTERM");
@@ -84,7 +87,8 @@ export async function startActivatedServer(argv: string[]): Promise<ActivatedSer
       }
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     })();
-  return { uri: `nbd+unix:///?socket=${socket}`, exited, stop };
+  const server = { uri: `nbd+unix:///?socket=${socket}`, exited, stop, stopping: false };
+  return server;
 }
 
 /** Starts the server and connects to it; the endpoint stops the server when closed. */
@@ -102,7 +106,9 @@ export async function openCommandEndpoint(
     connections: options.connections,
     cleanup: server.stop,
   });
-  const died = server.exited.then((how) => {
+  const died = server.exited.then((how): Promise<never> => {
+    // Stopped by us (e.g. closing a read-only destination): the other side explains why.
+    if (server.stopping) return new Promise<never>(() => {});
     throw new Error(`the server command ${name} ${how} before serving the copy`);
   });
   try {
@@ -113,14 +119,19 @@ export async function openCommandEndpoint(
     died.catch(() => {});
     // A server that is exiting by itself (bad arguments, missing file) closes the
     // socket first: how it exited explains the failure better than the lost connection.
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const how = await Promise.race([
-      server.exited,
-      new Promise<undefined>((resolve) =>
-        timer = setTimeout(() => resolve(undefined), EXIT_WAIT_MS)
-      ),
-    ]);
-    clearTimeout(timer);
+    let how: string | undefined;
+    if (!server.stopping) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      how = await Promise.race([
+        server.exited,
+        new Promise<undefined>((resolve) =>
+          timer = setTimeout(() => resolve(undefined), EXIT_WAIT_MS)
+        ),
+      ]);
+      clearTimeout(timer);
+      // Stopped by us meanwhile (an interrupt): the exit says nothing about the failure.
+      if (server.stopping) how = undefined;
+    }
     await server.stop();
     if (how !== undefined) {
       throw new Error(`the server command ${name} ${how} before serving the copy`);

@@ -611,3 +611,21 @@ Deno.test({
     }
   },
 });
+
+Deno.test("unwritable destinations: a read-only server started for the copy, a missing directory", async () => {
+  await using dir = await tempDir();
+  await Deno.writeFile(`${dir.path}/in.img`, new Uint8Array(4096));
+  const nbd = await nbdExecutable();
+  let result = await nbdCopy([`${dir.path}/in.img`, "[", nbd, "serve", "-r", "memory", "1M", "]"]);
+  assertEquals(result.code, 1);
+  assertEquals(
+    result.stderr.trim(),
+    `nbd: destination: Cannot write to [ ${nbd} serve -r memory 1M ]: the export is read-only`,
+  );
+  result = await nbdCopy([`${dir.path}/in.img`, `${dir.path}/missing/out.img`]);
+  assertEquals(result.code, 1);
+  assertEquals(
+    result.stderr.trim(),
+    `nbd: destination: Cannot create ${dir.path}/missing/out.img: no such file or directory`,
+  );
+});
