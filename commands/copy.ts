@@ -17,6 +17,7 @@ import {
   stderrOutput,
 } from "../copy/progress.ts";
 import { CopyError, copyImage, CopyInterrupted, describeCause } from "../copy/scheduler.ts";
+import { runCleanupsNow } from "../copy/cleanup.ts";
 import { parseSize, UsageError } from "../server/params.ts";
 import { type Command, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
@@ -257,14 +258,31 @@ async function opening<T>(role: string, open: () => Promise<T>): Promise<T> {
 export async function runCopy(config: CopyCommandConfig): Promise<number> {
   const progressConfig = progressOptions(config);
   const controller = new AbortController();
+  // The first signal stops the copy cleanly. A second one means the user will not
+  // wait (say, for a server that stopped answering): stop the servers we started,
+  // then let the signal do what it does by default.
   const onSignal = (signal: Deno.Signal) => () => {
-    if (!controller.signal.aborted) controller.abort(new CopyInterrupted(signal));
+    if (!controller.signal.aborted) {
+      controller.abort(new CopyInterrupted(signal));
+      return;
+    }
+    printError(`interrupted again: stopping at once`);
+    runCleanupsNow();
+    removeHandlers();
+    Deno.kill(Deno.pid, signal);
   };
   const handlers = (["SIGINT", "SIGTERM"] as const).map((signal) => {
     const handler = onSignal(signal);
     Deno.addSignalListener(signal, handler);
     return { signal, handler };
   });
+  const removeHandlers = () => {
+    for (const { signal, handler } of handlers) {
+      try {
+        Deno.removeSignalListener(signal, handler);
+      } catch { /* already removed */ }
+    }
+  };
   const openOptions = { connections: config.connections, signal: controller.signal };
   let source: Endpoint | undefined;
   let destination: Endpoint | undefined;
@@ -334,7 +352,7 @@ export async function runCopy(config: CopyCommandConfig): Promise<number> {
     printError(`${describeCause(error)}${suffix}`);
     return 1;
   } finally {
-    for (const { signal, handler } of handlers) Deno.removeSignalListener(signal, handler);
+    removeHandlers();
   }
 }
 

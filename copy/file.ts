@@ -33,6 +33,7 @@ import {
 } from "../io/libc.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { ZERO_BUFFER } from "../server/backend.ts";
+import { registerCleanup } from "./cleanup.ts";
 import { BaseEndpoint, type CopyExtent, type Endpoint } from "./endpoint.ts";
 import { StreamDestination, StreamSource } from "./pipe.ts";
 
@@ -210,6 +211,8 @@ export class FileDestination extends BaseEndpoint {
   #canPunch = true;
   #canZeroRange = true;
   #closed = false;
+  /** Removes the temporary file if the process is killed before `close`. */
+  readonly #unregister: () => void;
 
   private constructor(name: string, fd: number, mode: FileMode, writePath: string, size?: number) {
     super();
@@ -220,6 +223,9 @@ export class FileDestination extends BaseEndpoint {
     this.kind = mode === "device" ? "block device" : "file";
     this.size = size;
     this.isZero = mode === "new";
+    this.#unregister = mode === "new"
+      ? registerCleanup(() => Deno.removeSync(writePath))
+      : () => {};
   }
 
   /**
@@ -328,6 +334,7 @@ export class FileDestination extends BaseEndpoint {
   override async close(complete: boolean): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    this.#unregister();
     fs.closeSync(this.#fd);
     if (this.#mode !== "new") return;
     if (complete) {

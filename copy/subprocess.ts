@@ -14,6 +14,7 @@
 
 import { type ChildProcess, spawn } from "node:child_process";
 import { closeFd, listenUnixFd } from "../io/libc.ts";
+import { registerCleanup } from "./cleanup.ts";
 import type { Role } from "./endpoint.ts";
 import { NbdEndpoint } from "./nbd.ts";
 
@@ -65,6 +66,11 @@ export async function startActivatedServer(argv: string[]): Promise<ActivatedSer
     // The child has its own copy; ours would keep the socket open after it exits.
     closeFd(fd);
   }
+  // If we are killed before the orderly stop, the server must not outlive us.
+  const unregister = registerCleanup(() => {
+    child.kill("SIGTERM");
+    Deno.removeSync(dir, { recursive: true });
+  });
   const exited = new Promise<string>((resolve) => {
     child.on("exit", (code, signal) => resolve(describeExit(code, signal)));
     child.on("error", (error) => resolve(`could not be started: ${error.message}`));
@@ -86,6 +92,7 @@ export async function startActivatedServer(argv: string[]): Promise<ActivatedSer
         clearTimeout(timer);
       }
       await Deno.remove(dir, { recursive: true }).catch(() => {});
+      unregister();
     })();
   const server = { uri: `nbd+unix:///?socket=${socket}`, exited, stop, stopping: false };
   return server;

@@ -629,3 +629,57 @@ Deno.test("unwritable destinations: a read-only server started for the copy, a m
     `nbd: destination: Cannot create ${dir.path}/missing/out.img: no such file or directory`,
   );
 });
+
+Deno.test({
+  name: "nbdkit_stuck_to_file: a second Ctrl-C exits at once and still stops the server",
+  ...peers("nbdkit"),
+  async fn() {
+    await using dir = await tempDir();
+    const out = `${dir.path}/out.img`;
+    // Every read takes a minute: the first Ctrl-C alone would wait for them.
+    const size = String(64 * MiB + 4096 * (1 + Math.floor(Math.random() * 1000)));
+    const child = new Deno.Command(await nbdExecutable(), {
+      args: [
+        "copy",
+        "--progress-json",
+        "[",
+        "nbdkit",
+        "--filter=delay",
+        "pattern",
+        size,
+        "rdelay=60",
+        "]",
+        out,
+      ],
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    let stderr = "";
+    const decoder = new TextDecoder();
+    const reader = child.stderr.getReader();
+    const collect = (async () => {
+      while (true) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        stderr += decoder.decode(value, { stream: true });
+      }
+    })();
+    for (let i = 0; i < 300 && !stderr.includes('"state":"running"'); i++) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    child.kill("SIGINT");
+    await new Promise((r) => setTimeout(r, 300));
+    child.kill("SIGINT");
+    const status = await child.status;
+    await collect;
+    assertOk(status.signal === "SIGINT" || status.code === 130, JSON.stringify(status));
+    assertIncludes(stderr, "nbd: interrupted again: stopping at once");
+    assertEquals(await names(dir.path), [], "the temporary file is removed");
+    let gone = false;
+    for (let i = 0; i < 100 && !gone; i++) {
+      gone = !(await runOk("ps", ["-eo", "args"])).stdout.includes(`pattern ${size}`);
+      if (!gone) await new Promise((r) => setTimeout(r, 50));
+    }
+    assertOk(gone, "the server was stopped");
+  },
+});
