@@ -31,7 +31,7 @@ sparse.
 SOURCE and DESTINATION are each one of:
   FILE                   a file or block device (a FIFO or character device is a stream)
   nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (any NBD URI)
-  http://..., https://...  (source only) read with Range requests
+  http://URL, https://URL (source only) read with Range requests
   -                      stdin (source) or stdout (destination), in order
   null:                  (destination only) discard the data
   [ CMD ARGS ... ]       an NBD server started for the copy by socket
@@ -39,7 +39,7 @@ SOURCE and DESTINATION are each one of:
                          e.g. [ nbdkit memory 1G ] or [ qemu-nbd -f qcow2 disk.qcow2 ]
 
 A new destination file is written under a temporary name and renamed into
-place only when the copy succeeds. An existing file is truncated to the
+place only when the copy succeeds. An existing file is resized to the
 source size and written in place. A block device or NBD export must be at
 least as large as the source.
 
