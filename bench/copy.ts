@@ -9,7 +9,8 @@
  *
  * Cases: nbdkit memory (filled with random data) → null:, nbdkit memory →
  * a new file in the temporary directory, a file → nbdkit memory, and
- * nbdkit sparse-random → a new file.
+ * nbdkit sparse-random → a new file. Runs that write a file start after
+ * `sync` (untimed), so that none pays for the previous one's writeback.
  *
  * @module
  */
@@ -130,7 +131,13 @@ try {
   await runOk("sh", ["-c", `head -c ${size} /dev/urandom > "$0"`, input]);
   await runOk("nbdcopy", [input, memory.uri]);
   const output = `${dir}/output.img`;
-  const removeOutput = () => Deno.remove(output).catch(() => {});
+  // Before each run that writes a file: remove the last output and wait for the disk to
+  // take the dirty data, so no run pays for the writeback of the one before it (which
+  // slows everything on the machine, start-up included, by a varying amount).
+  const removeOutput = async () => {
+    await Deno.remove(output).catch(() => {});
+    await runOk("sync", []);
+  };
 
   await compare(`nbdkit memory ${values.size} → null:`, size, memory.uri, "null:");
   await compare(

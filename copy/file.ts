@@ -21,6 +21,7 @@
 import * as fs from "node:fs";
 import { basename, dirname, join } from "node:path";
 import {
+  dropCache,
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
@@ -30,6 +31,9 @@ import {
   seekData,
   seekEnd,
   seekHole,
+  SYNC_FILE_RANGE_WAIT_BEFORE,
+  SYNC_FILE_RANGE_WRITE,
+  syncFileRange,
 } from "../io/libc.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { ZERO_BUFFER } from "../server/backend.ts";
@@ -113,6 +117,53 @@ export function fileExtents(fd: number, offset: number, length: number): CopyExt
     pos += n;
   }
   return out;
+}
+
+/**
+ * Keeps the written data of a copy from piling up in the page cache. Left
+ * alone, the kernel lets gigabytes of dirty pages accumulate, then throttles
+ * every writer while it flushes them: single 256 KiB writes were measured
+ * stalling for up to 640 ms, turning a 0.7 s copy of 1 GiB into 2-5 s at
+ * random. So every `step` bytes written, the writer that crosses the mark
+ * waits for the writeback started at the previous mark, drops those pages
+ * from the cache (the copy will not read them back) and starts writeback
+ * of what was written since. Dirty data stays within about two steps.
+ * Whole-file calls keep it to three calls a step: each call costs a hop to
+ * a worker thread, too dear to make for every write.
+ */
+export class WriteBehind {
+  readonly #fd: number;
+  readonly #step: number;
+  #since = 0;
+  #running: Promise<void> | undefined;
+  #enabled = true;
+
+  /** Flushes behind writes to `fd` every `step` bytes. */
+  constructor(fd: number, step = 16 << 20) {
+    this.#fd = fd;
+    this.#step = step;
+  }
+
+  /** Called after each write of `length` bytes. */
+  async written(length: number): Promise<void> {
+    if (!this.#enabled) return;
+    this.#since += length;
+    if (this.#since < this.#step) return;
+    // A step is under way: wait for it, which holds writers back as the disk requires.
+    if (this.#running) return await this.#running;
+    this.#since = 0;
+    this.#running = this.#flush().finally(() => this.#running = undefined);
+    await this.#running;
+  }
+
+  async #flush(): Promise<void> {
+    const fd = this.#fd;
+    // nbytes 0 means "to the end of the file".
+    await syncFileRange(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE);
+    await dropCache(fd, 0, 0);
+    // Not supported here (or no FFI): the kernel's own writeback will do.
+    if (!(await syncFileRange(fd, 0, 0, SYNC_FILE_RANGE_WRITE))) this.#enabled = false;
+  }
 }
 
 /** What a path is, following symbolic links; undefined when it does not exist. */
@@ -211,6 +262,7 @@ export class FileDestination extends BaseEndpoint {
   #canPunch = true;
   #canZeroRange = true;
   #closed = false;
+  readonly #behind: WriteBehind;
   /** Removes the temporary file if the process is killed before `close`. */
   readonly #unregister: () => void;
 
@@ -223,6 +275,7 @@ export class FileDestination extends BaseEndpoint {
     this.kind = mode === "device" ? "block device" : "file";
     this.size = size;
     this.isZero = mode === "new";
+    this.#behind = new WriteBehind(fd);
     this.#unregister = mode === "new"
       ? registerCleanup(() => Deno.removeSync(writePath))
       : () => {};
@@ -293,9 +346,10 @@ export class FileDestination extends BaseEndpoint {
     return new FileDestination(path, fd, "existing", path, sourceSize);
   }
 
-  /** Positional write. */
-  override write(buf: Uint8Array, offset: number): Promise<void> {
-    return writeFully(this.#fd, buf, offset);
+  /** Positional write, then writeback behind it. */
+  override async write(buf: Uint8Array, offset: number): Promise<void> {
+    await writeFully(this.#fd, buf, offset);
+    await this.#behind.written(buf.length);
   }
 
   /**

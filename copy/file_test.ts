@@ -1,6 +1,7 @@
 import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import { randomBytes, tempDir } from "../tests/helpers.ts";
-import { FileDestination, FileSource } from "./file.ts";
+import * as fs from "node:fs";
+import { FileDestination, FileSource, WriteBehind } from "./file.ts";
 import { copyImage } from "./scheduler.ts";
 import { MemorySource, patterned } from "./_test_utils.ts";
 
@@ -140,4 +141,21 @@ Deno.test("FileDestination refuses to copy a file onto itself", async () => {
   );
   await source.close();
   assertEquals((await Deno.readFile(path))[0], 1);
+});
+
+Deno.test("WriteBehind flushes and drops written ranges without losing data", async () => {
+  await using dir = await tempDir();
+  const path = `${dir.path}/out.img`;
+  const fd = fs.openSync(path, "w");
+  const behind = new WriteBehind(fd, MiB);
+  const data = randomBytes(8 * MiB, 17);
+  // Out of order and concurrent, as the copy's lanes write.
+  const order = Array.from({ length: 32 }, (_, i) => (i * 13) % 32);
+  await Promise.all(order.map(async (i) => {
+    const piece = data.subarray(i * 256 * 1024, (i + 1) * 256 * 1024);
+    fs.writeSync(fd, piece, 0, piece.length, i * 256 * 1024);
+    await behind.written(piece.length);
+  }));
+  fs.closeSync(fd);
+  assertBytes(await Deno.readFile(path), data);
 });

@@ -2,7 +2,8 @@
  * The few libc calls Deno does not expose: lseek with SEEK_DATA/SEEK_HOLE,
  * fallocate (punch hole, zero range), the block-device size, and a listening
  * Unix socket as a plain file descriptor (to hand to a child process for
- * socket activation), and pread/pwrite run on a worker thread. Loaded lazily through FFI; when FFI is unavailable the
+ * socket activation), pread/pwrite run on a worker thread, and the calls
+ * that write back and drop a range of the page cache. Loaded lazily through FFI; when FFI is unavailable the
  * callers fall back or report it.
  *
  * @module
@@ -30,6 +31,8 @@ const SYMBOLS = {
   // Positional I/O on a worker thread: the event loop keeps serving sockets meanwhile.
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
+  sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32", nonblocking: true },
+  posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32", nonblocking: true },
 } as const;
 
 let lib: Deno.DynamicLibrary<typeof SYMBOLS> | null | undefined;
@@ -170,4 +173,37 @@ export function pwriteAsync(
   const l = libc();
   if (!l) return undefined;
   return l.symbols.pwrite(fd, buf, BigInt(buf.length), BigInt(offset)).then(Number);
+}
+
+/** sync_file_range flags: wait for writeback already under way on the range. */
+export const SYNC_FILE_RANGE_WAIT_BEFORE = 1;
+/** Start writeback of the dirty pages of the range. */
+export const SYNC_FILE_RANGE_WRITE = 2;
+/** Wait for the writeback of the range to finish. */
+export const SYNC_FILE_RANGE_WAIT_AFTER = 4;
+const POSIX_FADV_DONTNEED = 4;
+
+/** sync_file_range(2) on a worker thread; resolves to false if unsupported or failed. */
+export async function syncFileRange(
+  fd: number,
+  offset: number,
+  length: number,
+  flags: number,
+): Promise<boolean> {
+  const l = libc();
+  if (!l) return false;
+  return (await l.symbols.sync_file_range(fd, BigInt(offset), BigInt(length), flags)) === 0;
+}
+
+/** posix_fadvise(POSIX_FADV_DONTNEED): drops clean cached pages of the range. */
+export async function dropCache(fd: number, offset: number, length: number): Promise<boolean> {
+  const l = libc();
+  if (!l) return false;
+  return (await l.symbols.posix_fadvise(
+    fd,
+    BigInt(offset),
+    BigInt(length),
+    POSIX_FADV_DONTNEED,
+  )) ===
+    0;
 }
