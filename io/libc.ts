@@ -2,8 +2,8 @@
  * The few libc calls Deno does not expose: lseek with SEEK_DATA/SEEK_HOLE,
  * fallocate (punch hole, zero range), the block-device size, and a listening
  * Unix socket as a plain file descriptor (to hand to a child process for
- * socket activation), pread/pwrite run on a worker thread, and the calls
- * that write back and drop a range of the page cache. Loaded lazily through FFI; when FFI is unavailable the
+ * socket activation), plain pread/pwrite, and the calls that advise on,
+ * write back and drop ranges of the page cache. Loaded lazily through FFI; when FFI is unavailable the
  * callers fall back or report it.
  *
  * @module
@@ -28,9 +28,8 @@ const SYMBOLS = {
   listen: { parameters: ["i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
   strerror: { parameters: ["i32"], result: "pointer" },
-  // Positional I/O on a worker thread: the event loop keeps serving sockets meanwhile.
-  pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
-  pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
+  pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32", nonblocking: true },
   posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32", nonblocking: true },
 } as const;
@@ -150,29 +149,28 @@ export function closeFd(fd: number): void {
 }
 
 /**
- * pread(2) on a worker thread: resolves to the count read, or -1 on failure
- * (errno is the worker's and cannot be read here: callers that need the
- * reason repeat the call with node:fs). Undefined when FFI is unavailable.
+ * pread(2), synchronous: the count read, or -1 on failure (callers that need
+ * the reason repeat the call with node:fs, whose error carries it);
+ * undefined when FFI is unavailable.
  */
-export function preadAsync(
-  fd: number,
-  buf: Uint8Array,
-  offset: number,
-): Promise<number> | undefined {
+export function pread(fd: number, buf: Uint8Array, offset: number): number | undefined {
   const l = libc();
   if (!l) return undefined;
-  return l.symbols.pread(fd, buf, BigInt(buf.length), BigInt(offset)).then(Number);
+  return Number(l.symbols.pread(fd, buf, BigInt(buf.length), BigInt(offset)));
 }
 
-/** pwrite(2) on a worker thread, like `preadAsync`. */
-export function pwriteAsync(
-  fd: number,
-  buf: Uint8Array,
-  offset: number,
-): Promise<number> | undefined {
+/** pwrite(2), synchronous, like `pread`. */
+export function pwrite(fd: number, buf: Uint8Array, offset: number): number | undefined {
   const l = libc();
   if (!l) return undefined;
-  return l.symbols.pwrite(fd, buf, BigInt(buf.length), BigInt(offset)).then(Number);
+  return Number(l.symbols.pwrite(fd, buf, BigInt(buf.length), BigInt(offset)));
+}
+
+/** posix_fadvise(POSIX_FADV_SEQUENTIAL): the whole file will be read in order. */
+export async function adviseSequential(fd: number): Promise<boolean> {
+  const l = libc();
+  if (!l) return false;
+  return (await l.symbols.posix_fadvise(fd, 0n, 0n, POSIX_FADV_SEQUENTIAL)) === 0;
 }
 
 /** sync_file_range flags: wait for writeback already under way on the range. */
@@ -181,6 +179,7 @@ export const SYNC_FILE_RANGE_WAIT_BEFORE = 1;
 export const SYNC_FILE_RANGE_WRITE = 2;
 /** Wait for the writeback of the range to finish. */
 export const SYNC_FILE_RANGE_WAIT_AFTER = 4;
+const POSIX_FADV_SEQUENTIAL = 2;
 const POSIX_FADV_DONTNEED = 4;
 
 /** sync_file_range(2) on a worker thread; resolves to false if unsupported or failed. */
