@@ -116,6 +116,41 @@ await compare(
   ],
 );
 
+// TLS: the same read through --tls=require on both servers.
+const pki = await Deno.makeTempDir({ prefix: "nbd-bench-pki" });
+try {
+  await makeCertificates(pki);
+  await using oursTls = await startNbdServe([
+    "--tls=require",
+    `--tls-certificates=${pki}`,
+    "memory",
+    String(size),
+  ]);
+  await using nbdkitTls = await startServer("nbdkit", [
+    ...[
+      "-f",
+      "-U",
+      "$SOCKET",
+      "--tls=require",
+      `--tls-certificates=${pki}`,
+      "memory",
+      String(size),
+    ],
+  ]);
+  const tlsUri = (socket: string) => `nbds+unix:///?socket=${socket}&tls-certificates=${pki}`;
+  const uris: [string, string] = [tlsUri(oursTls.socket!), tlsUri(nbdkitTls.socket!)];
+  for (const uri of uris) {
+    await runOk("nbdcopy", ["--", "[", "nbdkit", "pattern", String(size), "]", uri]);
+  }
+  await compare(
+    `TLS: nbdcopy ${values.size} → null: (--tls=require)`,
+    (uri) => ["nbdcopy", [uri, "null:"]],
+    uris,
+  );
+} finally {
+  await Deno.remove(pki, { recursive: true });
+}
+
 console.log(
   `\nserver benchmark: ${rounds} rounds, medians; ratio = nbdkit time / our time (> 1.0: we are faster)\n`,
 );

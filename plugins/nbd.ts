@@ -32,7 +32,7 @@ import type {
   WriteFlags,
   ZeroFlags,
 } from "../server/backend.ts";
-import { Params, UsageError } from "../server/params.ts";
+import { type Params, UsageError } from "../server/params.ts";
 import { NbdHandshake } from "../client/handshake.ts";
 
 /** Longest wait between reconnection attempts. */

@@ -21,6 +21,8 @@ export class NbdError extends Error {
   readonly errno: ErrnoName | string;
   /** Wire value of the error. */
   readonly code: number;
+  /** The message without the error name in front (what a server sends to its client). */
+  readonly detail: string;
 
   /** Creates an error from an errno name ("EIO") or a wire value (5). */
   constructor(errno: ErrnoName | number, message?: string, options?: ErrorOptions) {
@@ -30,6 +32,7 @@ export class NbdError extends Error {
     this.name = "NbdError";
     this.errno = name;
     this.code = code;
+    this.detail = message ?? name;
   }
 }
 

@@ -43,6 +43,11 @@ export interface RequestHeader {
   offset: number;
   /** Length (effect or payload length); above 2^53 likewise. */
   length: number;
+  /**
+   * The offset's exact high and low 32 bits, kept only when it is not a safe
+   * integer: extended replies echo the request's offset bit for bit.
+   */
+  offsetBits?: [number, number];
 }
 
 /**
@@ -57,7 +62,7 @@ export function decodeRequest(
   const magic = view.getUint32(pos);
   if (extended) {
     if (magic !== NBD_EXTENDED_REQUEST_MAGIC) return undefined;
-    return {
+    const request: RequestHeader = {
       flags: view.getUint16(pos + 4),
       type: view.getUint16(pos + 6),
       cookieHi: view.getUint32(pos + 8),
@@ -65,6 +70,10 @@ export function decodeRequest(
       offset: getU64(view, pos + 16),
       length: getU64(view, pos + 24),
     };
+    if (!Number.isSafeInteger(request.offset)) {
+      request.offsetBits = [view.getUint32(pos + 16), view.getUint32(pos + 20)];
+    }
+    return request;
   }
   if (magic !== NBD_REQUEST_MAGIC) return undefined;
   return {
@@ -123,7 +132,7 @@ export function writeChunkHeader(
   extended: boolean,
   flags: number,
   type: number,
-  request: { cookieHi: number; cookieLo: number; offset: number },
+  request: { cookieHi: number; cookieLo: number; offset: number; offsetBits?: [number, number] },
   payloadLength: number,
 ): number {
   if (extended) {
@@ -132,7 +141,11 @@ export function writeChunkHeader(
     view.setUint16(pos + 6, type);
     view.setUint32(pos + 8, request.cookieHi);
     view.setUint32(pos + 12, request.cookieLo);
-    setU64(view, pos + 16, Number.isSafeInteger(request.offset) ? request.offset : 0);
+    if (Number.isSafeInteger(request.offset)) setU64(view, pos + 16, request.offset);
+    else {
+      view.setUint32(pos + 16, request.offsetBits?.[0] ?? 0);
+      view.setUint32(pos + 20, request.offsetBits?.[1] ?? 0);
+    }
     setU64(view, pos + 24, payloadLength);
     return EXTENDED_REPLY_SIZE;
   }

@@ -136,6 +136,7 @@ export class Connection implements ConnectionContext {
       if (negotiated) {
         this.#backend = negotiated.backend;
         this.info.exportName = negotiated.export.name;
+        this.server.stats.noteExportSize(negotiated.export.name, negotiated.backend.size());
         this.info.features = [
           negotiated.extended
             ? "extended headers"
@@ -163,7 +164,14 @@ export class Connection implements ConnectionContext {
       }
       await this.writer.flush().catch(() => {});
     } catch (error) {
-      if (!this.closing) this.log(`closed: ${(error as Error).message}`);
+      // A peer that hangs up without a word (a port probe, a killed client) is not worth a log line.
+      const code = (error as { code?: unknown })?.code;
+      const hungUp = error instanceof Deno.errors.BrokenPipe ||
+        error instanceof Deno.errors.ConnectionReset ||
+        code === "EPIPE" || code === "ECONNRESET";
+      if (!this.closing && (!hungUp || this.verbose)) {
+        this.log(`closed: ${(error as Error).message}`);
+      }
     } finally {
       if (this.#backend) {
         const backend = this.#backend;

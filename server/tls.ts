@@ -9,6 +9,7 @@
 import { X509Certificate } from "node:crypto";
 import * as tls from "node:tls";
 import { type ByteStream, fromNodeSocket } from "../io/byte_stream.ts";
+import { isRevoked, loadRevocationLists, type RevocationList } from "./crl.ts";
 import type { TlsUpgrader } from "./server.ts";
 
 /** Options for server TLS. */
@@ -45,6 +46,17 @@ export function serverTls(options: ServerTlsOptions): TlsUpgrader {
   }
   const verifyPeer = options.verifyPeer ?? false;
   const trusted = ca ? splitPem(ca).map((pem) => new X509Certificate(pem)) : [];
+  // Client certificates are checked by checkClientCertificate, so the CRL is applied there too.
+  let revocations: RevocationList[] = [];
+  if (crl && verifyPeer) {
+    try {
+      revocations = loadRevocationLists(crl, trusted);
+    } catch (error) {
+      throw new Error(
+        `Cannot load TLS credentials: ${dir}/ca-crl.pem: ${(error as Error).message}`,
+      );
+    }
+  }
   const timeoutMs = (options.handshakeTimeout ?? 30) * 1000;
   return {
     canUpgrade: (stream) => stream.detach !== undefined,
@@ -73,7 +85,7 @@ export function serverTls(options: ServerTlsOptions): TlsUpgrader {
         secure.once("secure", () => {
           clearTimeout(timer);
           if (verifyPeer) {
-            const problem = checkClientCertificate(secure, trusted);
+            const problem = checkClientCertificate(secure, trusted, revocations);
             if (problem) {
               secure.destroy();
               reject(new Error(`TLS client certificate rejected: ${problem}`));
@@ -98,13 +110,15 @@ function splitPem(text: string): string[] {
 
 /**
  * Checks the client's certificate chain against the trusted CAs: each link
- * signed by the next, all within their validity period, ending at a CA we
- * trust. (The TLS layer of this runtime requests client certificates but
- * does not verify them itself.) Returns a problem description, or undefined.
+ * signed by the next, none revoked by a CRL in ca-crl.pem, all within their
+ * validity period, ending at a CA we trust. (The TLS layer of this runtime
+ * requests client certificates but does not verify them itself.) Returns a
+ * problem description, or undefined.
  */
 function checkClientCertificate(
   socket: tls.TLSSocket,
   trusted: X509Certificate[],
+  revocations: RevocationList[],
 ): string | undefined {
   const peer = socket.getPeerCertificate(true);
   if (!peer || !peer.raw) return "the client sent no certificate";
@@ -128,10 +142,13 @@ function checkClientCertificate(
   for (let depth = 0; depth < 8; depth++) {
     if (!inPeriod(current)) return `certificate "${current.subject}" is expired or not yet valid`;
     const anchor = trusted.find((ca) => issuedBy(current, ca));
+    const issuer = anchor ?? chain.find((c) => c !== current && c.ca && issuedBy(current, c));
+    if (!issuer) return `certificate "${current.subject}" is not signed by a trusted CA`;
+    if (isRevoked(current, issuer, revocations)) {
+      return `certificate "${current.subject}" has been revoked`;
+    }
     if (anchor) return inPeriod(anchor) ? undefined : "the CA certificate is expired";
-    const next = chain.find((c) => c !== current && c.ca && issuedBy(current, c));
-    if (!next) return `certificate "${current.subject}" is not signed by a trusted CA`;
-    current = next;
+    current = issuer;
   }
   return "certificate chain is too long";
 }

@@ -72,8 +72,8 @@ const HARD_PAYLOAD_FACTOR = 2;
 const MIN_HOLE_CHUNK = 4096;
 /** At most this many descriptors in one block-status reply. */
 const MAX_EXTENTS = 1 << 20;
-/** Payload bytes of requests in flight on one connection before the loop waits. */
-const MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024;
+/** WRITE payload and READ reply bytes in flight on one connection before the loop waits. */
+export const MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024;
 
 /** Runs the transmission phase until the client disconnects or the server stops it. */
 export class Transmission {
@@ -192,14 +192,18 @@ export class Transmission {
     if (conn.server.shuttingDown && !failure) {
       failure = [NBD_ESHUTDOWN, "the server is shutting down"];
     }
+    // A READ's reply buffer counts like a WRITE's payload: a client that
+    // pipelines big READs and never reads the replies must not make the
+    // server allocate maxInFlight times maxRequest bytes.
+    const cost = failure ? 0 : payloadLength + (request.type === NBD_CMD_READ ? request.length : 0);
+    while (cost > 0 && this.#inFlight > 0 && this.#inFlightBytes + cost > MAX_IN_FLIGHT_BYTES) {
+      await this.#slot();
+    }
     let payload: Uint8Array | undefined;
     if (payloadLength > 0) {
       if (failure) {
         await conn.reader.skip(payloadLength, "a request payload");
       } else {
-        while (this.#inFlight > 0 && this.#inFlightBytes + payloadLength > MAX_IN_FLIGHT_BYTES) {
-          await this.#slot();
-        }
         payload = new Uint8Array(payloadLength);
         await conn.reader.readInto(payload, "a request payload");
         if (request.type === NBD_CMD_BLOCK_STATUS) {
@@ -225,7 +229,7 @@ export class Transmission {
       return true;
     }
     this.#inFlight++;
-    this.#inFlightBytes += payloadLength;
+    this.#inFlightBytes += cost;
     this.#execute(request, payload).then((ok) => {
       stats.finish(
         conn.info,
@@ -236,7 +240,7 @@ export class Transmission {
         ok,
         startedAt,
       );
-      this.#done(payloadLength);
+      this.#done(cost);
     });
     return true;
   }
@@ -326,7 +330,10 @@ export class Transmission {
         if (!this.#baseAllocation) {
           return [NBD_EINVAL, "no metadata context was negotiated for this export"];
         }
-        if (request.flags & NBD_CMD_FLAG_PAYLOAD_LEN) return undefined; // range checked once the payload is read
+        if (request.flags & NBD_CMD_FLAG_PAYLOAD_LEN) {
+          // The range is checked once the payload is read; without one there is no effect length.
+          return payloadLength > 0 ? undefined : [NBD_EINVAL, "BLOCK_STATUS payload is empty"];
+        }
         break;
     }
     return this.#validateRange(request);
@@ -407,16 +414,20 @@ export class Transmission {
       if (!(error instanceof NbdError)) {
         this.#conn.log(`${commandName(request.type)} failed: ${(error as Error)?.stack ?? error}`);
       }
-      const message = error instanceof Error ? error.message : String(error);
+      const message = error instanceof NbdError
+        ? error.detail
+        : error instanceof Error
+        ? error.message
+        : String(error);
       if (this.#conn.verbose) this.#logRequest(request, errno, message);
       this.#sendError(request, errno, message);
       return false;
     }
   }
 
-  #done(payloadLength: number): void {
+  #done(cost: number): void {
     this.#inFlight--;
-    this.#inFlightBytes -= payloadLength;
+    this.#inFlightBytes -= cost;
     const waiter = this.#slotWaiter;
     this.#slotWaiter = undefined;
     waiter?.();
