@@ -1,8 +1,8 @@
 /**
  * `nbd` as a library: the NBD wire format, the client (`NbdClient`,
  * option-mode `NbdHandshake`, the multi-conn `NbdClientPool`,
- * `inspectServer`), the server with its plugin and filter interface, and
- * the built-in plugins.
+ * `inspectServer`), the server with its plugin and filter interface, the
+ * built-in plugins, and the copy engine behind `nbd copy`.
  *
  * @example Read from an export and walk its allocation map
  * ```ts
@@ -55,3 +55,4 @@ export { filePlugin } from "./plugins/file.ts";
 export type { ByteStream } from "./io/byte_stream.ts";
 export type { BufferedReader } from "./io/buffered_reader.ts";
 export type { CorkedWriter } from "./io/corked_writer.ts";
+export * from "./copy/mod.ts";

@@ -5,6 +5,7 @@
  */
 
 import type { Command } from "./command.ts";
+import { copyCommand } from "./copy.ts";
 import { dumpCommand } from "./dump.ts";
 import { infoCommand } from "./info.ts";
 import { listCommand } from "./list.ts";
@@ -23,6 +24,7 @@ export const COMMANDS: ReadonlyMap<string, Command> = new Map(
     listCommand,
     mapCommand,
     dumpCommand,
+    copyCommand,
     statsCommand,
     viewCommand,
   ].map((c) => [c.name, c]),
