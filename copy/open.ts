@@ -6,12 +6,13 @@
 
 import { UsageError } from "../server/params.ts";
 import { describeSpec, type Endpoint, type EndpointSpec } from "./endpoint.ts";
-import { FileDestination, FileSource } from "./file.ts";
-import { HttpSource } from "./http.ts";
 import { NbdEndpoint } from "./nbd.ts";
 import { NullDestination } from "./null.ts";
 import { stdinSource, stdoutDestination } from "./pipe.ts";
-import { openCommandEndpoint } from "./subprocess.ts";
+
+// File, http and subprocess endpoints are loaded only when used: their
+// runtime modules (node:fs, node:child_process...) cost every start-up, and
+// a quick NBD → null: copy should not pay for them.
 
 /** Options of the openers. */
 export interface OpenOptions {
@@ -28,15 +29,19 @@ export interface OpenOptions {
 export async function openSource(spec: EndpointSpec, options: OpenOptions): Promise<Endpoint> {
   switch (spec.kind) {
     case "path":
-      return await FileSource.open(spec.path);
+      return await (await import("./file.ts")).FileSource.open(spec.path);
     case "nbd":
       return await NbdEndpoint.open(spec.uri, spec.uri, "source", options);
     case "http":
-      return await HttpSource.open(spec.url, options);
+      return await (await import("./http.ts")).HttpSource.open(spec.url, options);
     case "stdio":
       return stdinSource();
     case "command":
-      return await openCommandEndpoint(spec.argv, "source", options);
+      return await (await import("./subprocess.ts")).openCommandEndpoint(
+        spec.argv,
+        "source",
+        options,
+      );
     case "null":
       throw new UsageError('"null:" can only be the destination');
   }
@@ -52,12 +57,14 @@ export async function openDestination(
   options: OpenOptions,
 ): Promise<Endpoint> {
   switch (spec.kind) {
-    case "path":
+    case "path": {
+      const { FileDestination, FileSource } = await import("./file.ts");
       return await FileDestination.open(
         spec.path,
         source.size,
         source instanceof FileSource ? source.identity : undefined,
       );
+    }
     case "nbd":
       return await NbdEndpoint.open(spec.uri, spec.uri, "destination", options);
     case "stdio":
@@ -65,7 +72,11 @@ export async function openDestination(
     case "null":
       return new NullDestination();
     case "command":
-      return await openCommandEndpoint(spec.argv, "destination", options);
+      return await (await import("./subprocess.ts")).openCommandEndpoint(
+        spec.argv,
+        "destination",
+        options,
+      );
     case "http":
       throw new UsageError(`${describeSpec(spec)}: an http(s) URL can only be the source`);
   }
