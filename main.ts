@@ -33,7 +33,7 @@ export async function main(args: string[]): Promise<number> {
   const [first, ...rest] = args;
   if (first === undefined || first === "-h" || first === "--help" || first === "help") {
     if (first === "help" && rest[0] && COMMANDS.has(rest[0])) {
-      console.log(COMMANDS.get(rest[0])!.usage);
+      console.log((await COMMANDS.get(rest[0])!.load()).usage);
       return 0;
     }
     console.log(usage());
@@ -43,12 +43,13 @@ export async function main(args: string[]): Promise<number> {
     console.log(`nbd ${VERSION}`);
     return 0;
   }
-  const command = COMMANDS.get(first);
-  if (!command) {
+  const entry = COMMANDS.get(first);
+  if (!entry) {
     printError(`unknown command "${first}"; run "nbd --help" for the list`);
     return 2;
   }
   try {
+    const command = await entry.load();
     return await command.run(rest);
   } catch (error) {
     if (error instanceof UsageError) {

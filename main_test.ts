@@ -57,3 +57,11 @@ Deno.test("nbd serve PLUGIN --help shows the plugin's parameters", async () => {
   assertIncludes(serveHelp.stdout, "--run CMD");
   assertIncludes(serveHelp.stdout, "pattern");
 });
+
+Deno.test("the command registry's names and summaries match the commands it loads", async () => {
+  const { COMMANDS } = await import("./commands/mod.ts");
+  for (const [name, entry] of COMMANDS) {
+    const command = await entry.load();
+    assertEquals([command.name, command.summary], [name, entry.summary]);
+  }
+});

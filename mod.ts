@@ -2,8 +2,8 @@
  * `nbd` as a library: the NBD wire format, the client (`NbdClient`,
  * option-mode `NbdHandshake`, the multi-conn `NbdClientPool`,
  * `inspectServer`), the server with its plugin and filter interface, the
- * built-in plugins, and an export as a FUSE file (`ExportFile` served by
- * `FuseFileServer`; Linux, root).
+ * built-in plugins, the copy engine behind `nbd copy`, and an export as a
+ * FUSE file (`ExportFile` served by `FuseFileServer`; Linux, root).
  *
  * @example Read from an export and walk its allocation map
  * ```ts
@@ -56,6 +56,7 @@ export { filePlugin } from "./plugins/file.ts";
 export type { ByteStream } from "./io/byte_stream.ts";
 export type { BufferedReader } from "./io/buffered_reader.ts";
 export type { CorkedWriter } from "./io/corked_writer.ts";
+export * from "./copy/mod.ts";
 export { ExportFile, type ExportFileOptions } from "./mount/export_file.ts";
 export {
   type FileContents,

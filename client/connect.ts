@@ -5,7 +5,6 @@
  * @module
  */
 
-import * as net from "node:net";
 import { type ByteStream, fromDenoConn, fromNodeSocket } from "../io/byte_stream.ts";
 import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { NbdConnectionError } from "./errors.ts";
@@ -38,8 +37,10 @@ function reason(error: unknown): string {
 }
 
 /** Connects through node:net, whose sockets can be upgraded to TLS mid-stream. */
-function openNodeStream(uri: NbdUri): Promise<ByteStream> {
-  return new Promise((resolve, reject) => {
+async function openNodeStream(uri: NbdUri): Promise<ByteStream> {
+  // Loaded on demand: only TLS connections need it, and it slows every start-up.
+  const net = await import("node:net");
+  return await new Promise((resolve, reject) => {
     const socket = uri.transport === "unix"
       ? net.connect({ path: uri.socket! })
       : net.connect({ host: uri.host!, port: uri.port! });

@@ -62,7 +62,7 @@ import {
 import type { NbdUri } from "../protocol/uri.ts";
 import { NbdClient } from "./client.ts";
 import { describeServer, openStream, toNbdUri } from "./connect.ts";
-import { type ClientTlsSettings, clientTlsSettings, startClientTls } from "./tls.ts";
+import type { ClientTlsSettings } from "./tls.ts";
 import { NbdConnectionError, NbdOptionError } from "./errors.ts";
 
 /** How the server greeted us: libnbd's names for the three handshake styles. */
@@ -184,8 +184,9 @@ export class NbdHandshake implements AsyncDisposable {
    */
   static async open(uri: string | NbdUri, options: HandshakeOptions = {}): Promise<NbdHandshake> {
     const parsed = toNbdUri(uri);
-    // Credential problems are reported before anything is sent.
-    const tls = parsed.tls ? clientTlsSettings(parsed) : undefined;
+    // Credential problems are reported before anything is sent. The TLS
+    // module is loaded only when needed: it costs every start-up otherwise.
+    const tls = parsed.tls ? (await import("./tls.ts")).clientTlsSettings(parsed) : undefined;
     return await NbdHandshake.fromStream(await openStream(parsed), {
       ...options,
       uri: parsed,
@@ -296,7 +297,7 @@ export class NbdHandshake implements AsyncDisposable {
       if (!fixed) {
         throw new NbdConnectionError("the server cannot do TLS (it does not speak fixed newstyle)");
       }
-      await this.#startTls(options.tls ?? clientTlsSettings(this.#uri));
+      await this.#startTls(options.tls ?? (await import("./tls.ts")).clientTlsSettings(this.#uri));
     }
     if (!fixed) return;
     if (options.extendedHeaders ?? true) {
@@ -325,6 +326,7 @@ export class NbdHandshake implements AsyncDisposable {
         }); not connecting in plaintext`,
       );
     }
+    const { startClientTls } = await import("./tls.ts");
     const secure = await startClientTls(this.#stream, settings, describeServer(this.#uri));
     this.#stream = secure;
     this.#reader = new BufferedReader(secure);

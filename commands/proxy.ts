@@ -8,12 +8,13 @@
 import { nbdPlugin } from "../plugins/nbd.ts";
 import { Params, UsageError } from "../server/params.ts";
 import { type Command, parseOptions } from "./command.ts";
-import { runServer, SERVE_OPTIONS } from "./serve.ts";
+import { expandViewOption, runServer, SERVE_OPTIONS } from "./serve.ts";
 
 const USAGE = `Usage: nbd proxy [SERVE OPTIONS] UPSTREAM-URI [PARAM=VALUE ...]
 
 Serve the export UPSTREAM-URI names, forwarding every request. The listening
-side takes all of "nbd serve"'s options (-p, -i, -U, --run, --tls..., --filter);
+side takes all of "nbd serve"'s options (-p, -i, -U, --run, --tls..., --filter,
+--view);
 the upstream side follows the URI: nbds:// or nbds+unix:// for TLS, with
 ?tls-certificates=DIR. Each client gets its own upstream connection, so
 multi-connection clients work end to end. A lost upstream gives EIO replies
@@ -36,7 +37,7 @@ export const proxyCommand: Command = {
   summary: "forward an export from another NBD server, adding or stripping TLS",
   usage: USAGE,
   async run(argv) {
-    const { values, positionals } = parseOptions(argv, SERVE_OPTIONS);
+    const { values, positionals } = parseOptions(expandViewOption(argv), SERVE_OPTIONS);
     if (values.help) {
       console.log(USAGE);
       return 0;

@@ -28,6 +28,13 @@ import {
   type TlsUpgrader,
 } from "../server/server.ts";
 import { serverTls } from "../server/tls.ts";
+import {
+  DEFAULT_VIEW_ADDRESS,
+  looksLikeViewAddress,
+  parseViewAddress,
+  startViewServer,
+  type ViewServer,
+} from "../view/view_server.ts";
 import { type Command, parseOptions } from "./command.ts";
 
 const USAGE = `Usage: nbd serve [OPTIONS] PLUGIN [PARAM=VALUE | VALUE ...]
@@ -58,6 +65,10 @@ Options:
       --tls-certificates DIR  ca-cert.pem, server-cert.pem, server-key.pem (nbdkit's layout)
       --tls-verify-peer    require a client certificate signed by the CA
       --tls-psk FILE       TLS-PSK (not supported: use X.509 certificates)
+      --view [ADDR]        serve the live block-activity page, /stats and /metrics over
+                           HTTP on ADDR (default ${DEFAULT_VIEW_ADDRESS}; HOST:PORT, :PORT or PORT).
+                           A separate ADDR is taken only when it looks like one
+                           ("--view 9000 memory 1G"); "--view memory 1G" uses the default
   -v, --verbose            log options and requests to stderr
   -h, --help               show this help; with a plugin or --filter, show its parameters
 
@@ -98,6 +109,7 @@ export const SERVE_OPTIONS = {
   "tls-certificates": { type: "string" },
   "tls-verify-peer": { type: "boolean" },
   "tls-psk": { type: "string" },
+  view: { type: "string" },
   verbose: { type: "boolean", short: "v" },
   help: { type: "boolean", short: "h" },
 } as const;
@@ -124,7 +136,51 @@ export interface ServeValues {
   "tls-certificates"?: string;
   "tls-verify-peer"?: boolean;
   "tls-psk"?: string;
+  view?: string;
   verbose?: boolean;
+}
+
+/**
+ * Gives `--view` its optional value before parseArgs (which cannot express
+ * optional values) sees the arguments: `--view=ADDR` stays, `--view ADDR`
+ * becomes `--view=ADDR` when the next word looks like an address (a plugin
+ * name never does), and a bare `--view` gets the default address. Values
+ * of other options (`--run --view` runs a command named --view) and
+ * everything after `--` are left alone.
+ */
+export function expandViewOption(
+  argv: readonly string[],
+  options: Record<string, { type: string; short?: string }> = SERVE_OPTIONS,
+): string[] {
+  const takesValue = new Set<string>();
+  for (const [name, spec] of Object.entries(options)) {
+    if (spec.type !== "string" || name === "view") continue;
+    takesValue.add(`--${name}`);
+    if (spec.short) takesValue.add(`-${spec.short}`);
+  }
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const word = argv[i]!;
+    if (word === "--") {
+      out.push(...argv.slice(i));
+      break;
+    }
+    if (word === "--view") {
+      const next = argv[i + 1];
+      if (next !== undefined && looksLikeViewAddress(next)) {
+        out.push(`--view=${next}`);
+        i++;
+      } else {
+        out.push(`--view=${DEFAULT_VIEW_ADDRESS}`);
+      }
+      continue;
+    }
+    out.push(word);
+    // A short cluster such as -rU takes a value when its last letter does.
+    const valueOf = /^-[^-]/.test(word) ? `-${word.slice(-1)}` : word;
+    if (takesValue.has(valueOf) && i + 1 < argv.length) out.push(argv[++i]!);
+  }
+  return out;
 }
 
 function pluginHelp(plugin: Plugin): string {
@@ -173,6 +229,14 @@ function integerOption(
     throw new UsageError(`${name}: expected an integer from ${min} to ${max}, got "${text}"`);
   }
   return n;
+}
+
+function viewAddressOption(text: string): { hostname: string; port: number } {
+  try {
+    return parseViewAddress(text);
+  } catch (error) {
+    throw new UsageError(`--view: ${(error as Error).message}`);
+  }
 }
 
 function parsePort(text: string): number {
@@ -268,6 +332,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   const { values, plugin, params } = setup;
   const filterNames = values.filter ?? [];
   const filters: Filter[] = filterNames.map(lookupFilter);
+  const viewAddress = values.view === undefined ? undefined : viewAddressOption(values.view);
   const maxInFlight = integerOption(values["max-in-flight"], "--max-in-flight", 1, 65536) ??
     DEFAULT_MAX_IN_FLIGHT;
   const maxConnections = integerOption(
@@ -317,6 +382,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     throw error;
   }
   const exportName = values["export-name"] ?? "";
+  let view: ViewServer | undefined;
   const exports = new Exports({
     plugin: pluginInstance,
     filters: filterInstances,
@@ -335,6 +401,18 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     tlsMode: tls.mode,
     tls: tls.upgrader,
   });
+  // The view starts first: if its address is taken, nothing else needs undoing.
+  if (viewAddress) {
+    try {
+      view = await startViewServer({
+        stats: server.state.stats,
+        listExports: async () => (await exports.list()).map((e) => e.name),
+      }, viewAddress);
+    } catch (error) {
+      await exports.close();
+      throw new Error(`Cannot serve the view on ${values.view}: ${(error as Error).message}`);
+    }
+  }
   const listenOptions = { nodeSockets: tls.mode !== "off" };
 
   const listeners: Listener[] = [];
@@ -384,6 +462,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     }
   } catch (error) {
     closeListeners();
+    await view?.close();
     await exports.close();
     throw error;
   }
@@ -393,6 +472,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   if (values["print-uri"] && uri) console.log(uri);
   if (values.pidfile) await Deno.writeTextFile(values.pidfile, `${Deno.pid}\n`);
   if (values.verbose && uri) server.state.log(`listening on ${uri}`);
+  if (view) server.state.log(`view at ${view.url}`);
 
   let stopRequested: (status: number) => void = () => {};
   const stopped = new Promise<number>((resolve) => stopRequested = resolve);
@@ -431,6 +511,7 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     } catch { /* already exited */ }
   }
   closeListeners();
+  await view?.close();
   await server.shutdown();
   if (values.unix === "-" || (values.unix === undefined && values.run !== undefined)) {
     const address = primary.address;
@@ -461,7 +542,7 @@ export const serveCommand: Command = {
   summary: "serve a plugin (memory, file, pattern, ...) over NBD",
   usage: USAGE,
   async run(argv) {
-    const { values, positionals } = parseOptions(argv, SERVE_OPTIONS);
+    const { values, positionals } = parseOptions(expandViewOption(argv), SERVE_OPTIONS);
     const [pluginName, ...words] = positionals;
     if (values.help) {
       if (pluginName) {

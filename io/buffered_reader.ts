@@ -8,6 +8,15 @@
 
 import type { ByteStream } from "./byte_stream.ts";
 
+/** A payload at least this large is read straight into the caller's buffer. */
+const LARGE_PAYLOAD = 64 * 1024;
+/**
+ * Refill size while large payloads are flowing: enough for the next header
+ * and a little more. A full-capacity refill would pull most of the next
+ * payload into the internal buffer, only to copy it out again.
+ */
+const SMALL_REFILL = 4096;
+
 /** The stream ended in the middle of a message. */
 export class UnexpectedEofError extends Error {
   /** Creates the error; `what` names what was being read. */
@@ -24,6 +33,8 @@ export class BufferedReader {
   #start = 0;
   #end = 0;
   #eof = false;
+  /** The last payload was large: keep refills small (see SMALL_REFILL). */
+  #smallRefill = false;
   /** A DataView over the whole internal buffer, for parsing headers in place. */
   readonly view: DataView;
 
@@ -69,7 +80,10 @@ export class BufferedReader {
         if (this.#end === this.#start) return false;
         throw new UnexpectedEofError(what);
       }
-      const count = await this.#source.read(this.#buf.subarray(this.#end));
+      const limit = this.#smallRefill
+        ? Math.min(this.#buf.length, Math.max(this.#end + SMALL_REFILL, this.#start + n))
+        : this.#buf.length;
+      const count = await this.#source.read(this.#buf.subarray(this.#end, limit));
       if (count === null || count === 0) {
         if (count === null) this.#eof = true;
         continue;
@@ -92,6 +106,7 @@ export class BufferedReader {
 
   /** Fills `dst` completely: buffered bytes first, the rest read directly into it. */
   async readInto(dst: Uint8Array, what?: string): Promise<void> {
+    this.#smallRefill = dst.length >= LARGE_PAYLOAD;
     const fromBuffer = Math.min(dst.length, this.#end - this.#start);
     if (fromBuffer > 0) {
       dst.set(this.#buf.subarray(this.#start, this.#start + fromBuffer));

@@ -1,7 +1,10 @@
 /**
  * The few libc calls Deno does not expose: lseek with SEEK_DATA/SEEK_HOLE,
- * fallocate (punch hole, zero range) and the block-device size ioctl. Loaded
- * lazily through FFI; when FFI is unavailable the callers fall back.
+ * fallocate (punch hole, zero range), the block-device size, and a listening
+ * Unix socket as a plain file descriptor (to hand to a child process for
+ * socket activation), plain pread/pwrite, and the calls that advise on,
+ * write back and drop ranges of the page cache. Loaded lazily through FFI; when FFI is unavailable the
+ * callers fall back or report it.
  *
  * @module
  */
@@ -20,6 +23,15 @@ const SYMBOLS = {
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32", nonblocking: true },
   __errno_location: { parameters: [], result: "pointer" },
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  listen: { parameters: ["i32", "i32"], result: "i32" },
+  close: { parameters: ["i32"], result: "i32" },
+  strerror: { parameters: ["i32"], result: "pointer" },
+  pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32", nonblocking: true },
+  posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32", nonblocking: true },
 } as const;
 
 let lib: Deno.DynamicLibrary<typeof SYMBOLS> | null | undefined;
@@ -87,4 +99,110 @@ export async function fallocate(
   const l = libc();
   if (!l) return false;
   return (await l.symbols.fallocate(fd, mode, BigInt(offset), BigInt(length))) === 0;
+}
+
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+/** Keeps the descriptor out of other children; the one it is handed to gets a dup without it. */
+const SOCK_CLOEXEC = 0o2000000;
+/** sizeof(struct sockaddr_un) on Linux: a 2-byte family and a 108-byte path. */
+const SOCKADDR_UN_SIZE = 110;
+
+function osError(call: string): Error {
+  const l = libc()!;
+  const code = errno();
+  const text = l.symbols.strerror(code);
+  const reason = text ? new Deno.UnsafePointerView(text).getCString() : `errno ${code}`;
+  return new Error(`${call}: ${reason}`);
+}
+
+/**
+ * Creates a Unix socket listening at `path` and returns its file descriptor
+ * (close-on-exec). Throws when FFI is unavailable or a call fails.
+ */
+export function listenUnixFd(path: string, backlog = 128): number {
+  const l = libc();
+  if (!l) throw new Error("cannot create a listening socket: FFI (--allow-ffi) is not available");
+  const bytes = new TextEncoder().encode(path);
+  if (bytes.length >= SOCKADDR_UN_SIZE - 2) throw new Error(`socket path is too long: ${path}`);
+  const address = new Uint8Array(SOCKADDR_UN_SIZE);
+  new DataView(address.buffer).setUint16(0, AF_UNIX, true);
+  address.set(bytes, 2);
+  const fd = l.symbols.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) throw osError("socket");
+  if (l.symbols.bind(fd, address, SOCKADDR_UN_SIZE) !== 0) {
+    const error = osError(`bind ${path}`);
+    l.symbols.close(fd);
+    throw error;
+  }
+  if (l.symbols.listen(fd, backlog) !== 0) {
+    const error = osError("listen");
+    l.symbols.close(fd);
+    throw error;
+  }
+  return fd;
+}
+
+/** close(2) of a descriptor made by `listenUnixFd`. */
+export function closeFd(fd: number): void {
+  libc()?.symbols.close(fd);
+}
+
+/**
+ * pread(2), synchronous: the count read, or -1 on failure (callers that need
+ * the reason repeat the call with node:fs, whose error carries it);
+ * undefined when FFI is unavailable.
+ */
+export function pread(fd: number, buf: Uint8Array, offset: number): number | undefined {
+  const l = libc();
+  if (!l) return undefined;
+  return Number(l.symbols.pread(fd, buf, BigInt(buf.length), BigInt(offset)));
+}
+
+/** pwrite(2), synchronous, like `pread`. */
+export function pwrite(fd: number, buf: Uint8Array, offset: number): number | undefined {
+  const l = libc();
+  if (!l) return undefined;
+  return Number(l.symbols.pwrite(fd, buf, BigInt(buf.length), BigInt(offset)));
+}
+
+/** posix_fadvise(POSIX_FADV_SEQUENTIAL): the whole file will be read in order. */
+export async function adviseSequential(fd: number): Promise<boolean> {
+  const l = libc();
+  if (!l) return false;
+  return (await l.symbols.posix_fadvise(fd, 0n, 0n, POSIX_FADV_SEQUENTIAL)) === 0;
+}
+
+/** sync_file_range flags: wait for writeback already under way on the range. */
+export const SYNC_FILE_RANGE_WAIT_BEFORE = 1;
+/** Start writeback of the dirty pages of the range. */
+export const SYNC_FILE_RANGE_WRITE = 2;
+/** Wait for the writeback of the range to finish. */
+export const SYNC_FILE_RANGE_WAIT_AFTER = 4;
+const POSIX_FADV_SEQUENTIAL = 2;
+const POSIX_FADV_DONTNEED = 4;
+
+/** sync_file_range(2) on a worker thread; resolves to false if unsupported or failed. */
+export async function syncFileRange(
+  fd: number,
+  offset: number,
+  length: number,
+  flags: number,
+): Promise<boolean> {
+  const l = libc();
+  if (!l) return false;
+  return (await l.symbols.sync_file_range(fd, BigInt(offset), BigInt(length), flags)) === 0;
+}
+
+/** posix_fadvise(POSIX_FADV_DONTNEED): drops clean cached pages of the range. */
+export async function dropCache(fd: number, offset: number, length: number): Promise<boolean> {
+  const l = libc();
+  if (!l) return false;
+  return (await l.symbols.posix_fadvise(
+    fd,
+    BigInt(offset),
+    BigInt(length),
+    POSIX_FADV_DONTNEED,
+  )) ===
+    0;
 }

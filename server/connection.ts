@@ -136,6 +136,7 @@ export class Connection implements ConnectionContext {
       if (negotiated) {
         this.#backend = negotiated.backend;
         this.info.exportName = negotiated.export.name;
+        this.server.stats.noteExportSize(negotiated.export.name, negotiated.backend.size());
         this.info.features = [
           negotiated.extended
             ? "extended headers"

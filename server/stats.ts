@@ -26,7 +26,11 @@ export const COUNTED_COMMANDS = [
 export type CountedCommand = (typeof COUNTED_COMMANDS)[number] | "OTHER";
 
 /** Latency histogram buckets: upper bounds in microseconds, doubling from 8 µs. */
-const BUCKET_BOUNDS: number[] = Array.from({ length: 26 }, (_, i) => 8 * 2 ** i);
+export const LATENCY_BUCKETS_MICROS: readonly number[] = Array.from(
+  { length: 26 },
+  (_, i) => 8 * 2 ** i,
+);
+const BUCKET_BOUNDS = LATENCY_BUCKETS_MICROS;
 
 /** Counters of one command. */
 export class CommandCounters {
@@ -38,8 +42,10 @@ export class CommandCounters {
   failed = 0;
   /** Bytes covered by successful requests (read, written, trimmed, zeroed...). */
   bytes = 0;
-  /** Latency histogram (counts per bucket of BUCKET_BOUNDS, last = overflow). */
+  /** Latency histogram (counts per bucket of LATENCY_BUCKETS_MICROS, last = overflow). */
   readonly histogram: number[] = new Array(BUCKET_BOUNDS.length + 1).fill(0);
+  /** Sum of all latencies in microseconds (a Prometheus histogram needs it). */
+  latencySumMicros = 0;
 
   /** Requests received and not yet answered. */
   get inFlight(): number {
@@ -54,6 +60,7 @@ export class CommandCounters {
     } else {
       this.failed++;
     }
+    this.latencySumMicros += micros;
     let bucket = 0;
     while (bucket < BUCKET_BOUNDS.length && micros > BUCKET_BOUNDS[bucket]!) bucket++;
     this.histogram[bucket]!++;
@@ -144,10 +151,12 @@ export class ServerStats {
   readonly exports: Map<string, IoCounters> = new Map();
   /** Open connections. */
   readonly connections: Map<number, ConnectionInfo> = new Map();
+  /** Size in bytes of each export a connection has opened (for the block map). */
+  readonly exportSizes: Map<string, number> = new Map();
   /** Connections ever accepted. */
   connectionsTotal = 0;
   /** When the server started (Date.now()). */
-  readonly startedAt: number = Date.now();
+  startedAt: number = Date.now();
   /** Live listeners for finished requests (installed by the view). */
   readonly listeners: Set<(event: IoEvent) => void> = new Set();
 
@@ -164,6 +173,20 @@ export class ServerStats {
     this.connections.set(id, info);
     this.connectionsTotal++;
     return info;
+  }
+
+  /** Records the size of an export as a connection opened it. */
+  noteExportSize(name: string, size: number): void {
+    this.exportSizes.set(name, size);
+  }
+
+  /** Clears every counter and connection (a log replay starting over); listeners stay. */
+  reset(): void {
+    this.exports.clear();
+    this.connections.clear();
+    this.exportSizes.clear();
+    this.connectionsTotal = 0;
+    this.startedAt = Date.now();
   }
 
   /** Forgets a closed connection. */

@@ -1,0 +1,183 @@
+/**
+ * Copy benchmarks: `nbd copy` against nbdcopy on the same source in the
+ * same run, alternating, whole processes (start-up included). Prints the
+ * median time of each, the rates, the ratio of rates (ours/nbdcopy, above
+ * 1.0 means we are faster) and the peak memory (RSS) of each.
+ *
+ *   deno task bench:copy                       # 5 rounds, 1 GiB, sparse 4 GiB
+ *   deno task bench:copy --rounds 7 --size 512M --only null
+ *
+ * Cases: nbdkit memory (filled with random data) → null:, nbdkit memory →
+ * a new file in the temporary directory, a file → nbdkit memory, and
+ * nbdkit sparse-random → a new file. Runs that write a file start after
+ * `sync` (untimed), so that none pays for the previous one's writeback;
+ * runs that read the input file start with it in the page cache.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { hasCommand, nbdExecutable, runOk, startServer } from "../tests/helpers.ts";
+import { parseSize } from "../server/params.ts";
+
+const { values } = parseArgs({
+  args: Deno.args,
+  options: {
+    rounds: { type: "string", default: "5" },
+    size: { type: "string", default: "1G" },
+    "sparse-size": { type: "string", default: "4G" },
+    only: { type: "string" },
+    dir: { type: "string" },
+  },
+});
+const rounds = Number(values.rounds);
+const size = parseSize(values.size!);
+const sparseSize = parseSize(values["sparse-size"]!);
+
+for (const tool of ["nbdkit", "nbdcopy"]) {
+  if (!hasCommand(tool)) {
+    console.error(`bench/copy: ${tool} is needed (apt-get install nbdkit libnbd-bin)`);
+    Deno.exit(1);
+  }
+}
+/** GNU time gives the peak RSS of the measured process; without it only times are shown. */
+const TIME = ["/usr/bin/time", "/bin/time"].find((path) => {
+  try {
+    return Deno.statSync(path).isFile;
+  } catch {
+    return false;
+  }
+});
+
+function median(xs: number[]): number {
+  const sorted = [...xs].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)]!;
+}
+
+/** Runs a command; returns wall seconds and peak RSS in KiB (0 when unknown). */
+async function measure(cmd: string, args: string[]): Promise<{ seconds: number; peakKiB: number }> {
+  const wrapped = TIME ? [TIME, "-f", "@@peak %M", cmd, ...args] : [cmd, ...args];
+  const start = performance.now();
+  const output = await new Deno.Command(wrapped[0]!, {
+    args: wrapped.slice(1),
+    stdout: "null",
+    stderr: "piped",
+  }).output();
+  const seconds = (performance.now() - start) / 1000;
+  const stderr = new TextDecoder().decode(output.stderr);
+  if (!output.success) throw new Error(`${cmd} ${args.join(" ")} failed:\n${stderr}`);
+  const peak = /@@peak (\d+)/.exec(stderr);
+  return { seconds, peakKiB: peak ? Number(peak[1]) : 0 };
+}
+
+interface Row {
+  name: string;
+  bytes: number;
+  ours: number;
+  theirs: number;
+  oursPeak: number;
+  theirsPeak: number;
+}
+
+const rows: Row[] = [];
+const nbd = await nbdExecutable();
+const dir = values.dir ?? await Deno.makeTempDir({ prefix: "nbd-bench-copy" });
+
+/**
+ * Alternates ours and nbdcopy `rounds` times. `prepare` runs before each
+ * run, untimed (e.g. removing the previous output).
+ */
+async function compare(
+  name: string,
+  bytes: number,
+  source: string,
+  destination: string,
+  prepare: () => Promise<void> = () => Promise.resolve(),
+): Promise<void> {
+  if (values.only && !name.includes(values.only)) return;
+  const ours: number[] = [];
+  const theirs: number[] = [];
+  let oursPeak = 0;
+  let theirsPeak = 0;
+  // One untimed run each first: page cache, server memory, code caches.
+  await prepare();
+  await measure(nbd, ["copy", source, destination]);
+  await prepare();
+  await measure("nbdcopy", [source, destination]);
+  for (let i = 0; i < rounds; i++) {
+    await prepare();
+    const a = await measure(nbd, ["copy", source, destination]);
+    ours.push(a.seconds);
+    oursPeak = Math.max(oursPeak, a.peakKiB);
+    await prepare();
+    const b = await measure("nbdcopy", [source, destination]);
+    theirs.push(b.seconds);
+    theirsPeak = Math.max(theirsPeak, b.peakKiB);
+  }
+  rows.push({ name, bytes, ours: median(ours), theirs: median(theirs), oursPeak, theirsPeak });
+}
+
+try {
+  await using memory = await startServer("nbdkit", ["-f", "-U", "$SOCKET", "memory", String(size)]);
+  await using sparse = await startServer("nbdkit", [
+    "-f",
+    "-U",
+    "$SOCKET",
+    "sparse-random",
+    String(sparseSize),
+    "seed=1",
+  ]);
+  // Random data, so nothing is a hole or all-zero: every byte is read and written.
+  const input = `${dir}/input.img`;
+  await runOk("sh", ["-c", `head -c ${size} /dev/urandom > "$0"`, input]);
+  await runOk("nbdcopy", [input, memory.uri]);
+  const output = `${dir}/output.img`;
+  // Before each run that writes a file: remove the last output and wait for the disk to
+  // take the dirty data, so no run pays for the writeback of the one before it (which
+  // slows everything on the machine, start-up included, by a varying amount).
+  const removeOutput = async () => {
+    await Deno.remove(output).catch(() => {});
+    await runOk("sync", []);
+  };
+
+  await compare(`nbdkit memory ${values.size} → null:`, size, memory.uri, "null:");
+  await compare(
+    `nbdkit memory ${values.size} → file`,
+    size,
+    memory.uri,
+    output,
+    removeOutput,
+  );
+  // nbdcopy drops from the page cache what it read of a source file that was not cached
+  // before: each run starts by reading the input back in (untimed), so both find it cached.
+  const warmInput = () => runOk("sh", ["-c", 'cat "$0" > /dev/null', input]).then(() => {});
+  await compare(`file ${values.size} → nbdkit memory`, size, input, memory.uri, warmInput);
+  await compare(
+    `nbdkit sparse-random ${values["sparse-size"]} → file`,
+    sparseSize,
+    sparse.uri,
+    output,
+    removeOutput,
+  );
+  await removeOutput();
+} finally {
+  if (!values.dir) await Deno.remove(dir, { recursive: true }).catch(() => {});
+}
+
+const rate = (bytes: number, seconds: number) => `${(bytes / seconds / 1e6).toFixed(0)} MB/s`;
+const mib = (kib: number) => kib ? `${(kib / 1024).toFixed(0)} MiB` : "?";
+console.log(
+  `\ncopy benchmark: ${rounds} rounds each, alternating, medians of whole-process wall time; ` +
+    `ratio = our rate / nbdcopy's rate (> 1.0: we are faster)\n`,
+);
+console.log(`| case | nbd copy | nbdcopy | ratio | peak RSS nbd copy | peak RSS nbdcopy |`);
+console.log(`|---|---|---|---|---|---|`);
+for (const row of rows) {
+  console.log(
+    `| ${row.name} | ${row.ours.toFixed(3)} s (${rate(row.bytes, row.ours)}) | ${
+      row.theirs.toFixed(3)
+    } s (${rate(row.bytes, row.theirs)}) | ${(row.theirs / row.ours).toFixed(2)}x | ${
+      mib(row.oursPeak)
+    } | ${mib(row.theirsPeak)} |`,
+  );
+}

@@ -1,0 +1,372 @@
+/**
+ * `nbd copy SOURCE DESTINATION`: copies a disk image between files, block
+ * devices, NBD exports, http(s) URLs (source), pipes, `null:` and servers
+ * started for the copy (`[ CMD ARGS ... ]`), skipping holes, with progress
+ * reports for people and for programs. The work is done by copy/.
+ *
+ * @module
+ */
+
+import { type Endpoint, type EndpointSpec, parseEndpoint } from "../copy/endpoint.ts";
+import { openDestination, openSource } from "../copy/open.ts";
+import {
+  fdOutput,
+  Progress,
+  type ProgressOptions,
+  type ProgressOutput,
+  stderrOutput,
+} from "../copy/progress.ts";
+import { CopyError, copyImage, CopyInterrupted, describeCause } from "../copy/scheduler.ts";
+import { runCleanupsNow } from "../copy/cleanup.ts";
+import { parseSize, UsageError } from "../server/params.ts";
+import { type Command, parseOptions, printError } from "./command.ts";
+import { writeStdout } from "./output.ts";
+
+const USAGE = `Usage: nbd copy [OPTIONS] SOURCE DESTINATION
+
+Copy a disk image. Holes in the source are not read, and zero runs are
+skipped or written as zero requests, so sparse images copy fast and stay
+sparse.
+
+SOURCE and DESTINATION are each one of:
+  FILE                   a file or block device (a FIFO or character device is a stream)
+  nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (any NBD URI)
+  http://URL, https://URL (source only) read with Range requests
+  -                      stdin (source) or stdout (destination), in order
+  null:                  (destination only) discard the data
+  [ CMD ARGS ... ]       an NBD server started for the copy by socket
+                         activation on a private socket, stopped afterwards,
+                         e.g. [ nbdkit memory 1G ] or [ qemu-nbd -f qcow2 disk.qcow2 ]
+
+A new destination file is written under a temporary name and renamed into
+place only when the copy succeeds. An existing file is resized to the
+source size and written in place. A block device or NBD export must be at
+least as large as the source.
+
+Options:
+  -C, --connections N      connections per NBD endpoint when the server allows
+                           multi-conn (default 4; for a server on a Unix socket
+                           at most the number of processors)
+  -R, --requests N         requests in flight in total (default 64)
+      --request-size SIZE  largest read or write (default 256K; a power of two
+                           from 512 to 32M, adjusted to the servers' block sizes)
+  -S, --sparse SIZE        detect all-zero blocks of SIZE in the data read and
+                           skip them or zero them (default 4K; 0 turns it off)
+      --allocated          write zero runs as allocated zeroes, never holes
+      --destination-is-zero, --target-is-zero
+                           the destination already reads as zeroes: skip zero runs
+      --no-extents         read everything (ignore holes the source reports)
+      --flush              flush the destination at the end
+      --synchronous        one connection and one request at a time (debugging)
+  -p, --progress           progress bar on stderr (plain lines when not a terminal)
+      --progress=FD        write "N/100" lines to file descriptor FD
+      --progress-json[=FD] write a JSON object per update (bytes, total, percent,
+                           rate, elapsed, eta, state) to stderr or FD
+  -h, --help               show this help
+
+Exit status: 0 on success, 1 when the copy failed (the message names the
+endpoint, the offset and the error), 2 on usage errors, 130 when interrupted.
+
+Examples:
+  nbd copy nbd://server/disk disk.img
+  nbd copy disk.img nbd+unix:///?socket=/tmp/nbd.sock --flush
+  nbd copy [ qemu-nbd -f qcow2 disk.qcow2 ] disk.raw
+  nbd copy https://example.com/disk.img - | sha256sum
+  nbd copy --progress-json=3 nbd://server/disk disk.img 3>progress.log
+`;
+
+/** Everything `nbd copy` was asked to do. */
+export interface CopyCommandConfig {
+  /** The source. */
+  source: EndpointSpec;
+  /** The destination. */
+  destination: EndpointSpec;
+  /** Connections per NBD endpoint; undefined = each endpoint's default. */
+  connections: number | undefined;
+  /** Requests in flight. */
+  requests: number;
+  /** Largest request. */
+  requestSize: number;
+  /** Zero detection block size (0 = off). */
+  sparseSize: number;
+  /** Write zero runs allocated. */
+  allocated: boolean;
+  /** The destination is known to be zero. */
+  destinationIsZero: boolean;
+  /** Use the source's extents. */
+  extents: boolean;
+  /** Flush at the end. */
+  flush: boolean;
+  /** `-p`: human progress. */
+  progress: boolean;
+  /** `--progress=FD`. */
+  progressFd?: number;
+  /** `--progress-json`: undefined = off, "stderr" or a descriptor. */
+  progressJson?: number | "stderr";
+  /** `--help`. */
+  help: boolean;
+}
+
+function positiveInteger(text: string, what: string, max = 1 << 20): number {
+  if (!/^\d+$/.test(text) || Number(text) < 1 || Number(text) > max) {
+    throw new UsageError(`${what} must be a whole number from 1 to ${max}, got "${text}"`);
+  }
+  return Number(text);
+}
+
+function descriptor(text: string, what: string): number {
+  if (!/^\d+$/.test(text)) throw new UsageError(`${what}: "${text}" is not a file descriptor`);
+  return Number(text);
+}
+
+/**
+ * Parses the arguments of `nbd copy`. `[ CMD ARGS ... ]` groups are taken
+ * out first (their words are the server's, not ours), as are the options
+ * whose value is optional, which node's parseArgs cannot express.
+ */
+export function parseCopyArgs(argv: string[]): CopyCommandConfig {
+  const groups: string[][] = [];
+  const rest: string[] = [];
+  let progress = false;
+  let progressFd: number | undefined;
+  let progressJson: number | "stderr" | undefined;
+  let afterDashes = false;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (arg === "[") {
+      const close = argv.indexOf("]", i + 1);
+      if (close < 0) throw new UsageError('"[" without a matching "]"');
+      groups.push(argv.slice(i + 1, close));
+      // A placeholder no option can look like; replaced by the group below.
+      rest.push(`\0group:${groups.length - 1}`);
+      i = close;
+    } else if (afterDashes) {
+      rest.push(arg);
+    } else if (arg === "--") {
+      afterDashes = true;
+      rest.push(arg);
+    } else if (arg === "-p" || arg === "--progress") {
+      progress = true;
+    } else if (arg.startsWith("--progress=")) {
+      progressFd = descriptor(arg.slice("--progress=".length), "--progress");
+    } else if (arg === "--progress-json") {
+      progressJson = "stderr";
+    } else if (arg.startsWith("--progress-json=")) {
+      progressJson = descriptor(arg.slice("--progress-json=".length), "--progress-json");
+    } else {
+      rest.push(arg);
+    }
+  }
+  const { values, positionals } = parseOptions(rest, {
+    connections: { type: "string", short: "C" },
+    requests: { type: "string", short: "R" },
+    "request-size": { type: "string" },
+    sparse: { type: "string", short: "S" },
+    allocated: { type: "boolean" },
+    "destination-is-zero": { type: "boolean" },
+    "target-is-zero": { type: "boolean" },
+    "no-extents": { type: "boolean" },
+    flush: { type: "boolean" },
+    synchronous: { type: "boolean" },
+    help: { type: "boolean", short: "h" },
+  });
+  const specs = positionals.map((p) => {
+    const group = /^\0group:(\d+)$/.exec(p);
+    return group ? { kind: "command" as const, argv: groups[Number(group[1])]! } : parseEndpoint(p);
+  });
+  const help = values.help ?? false;
+  if (!help && specs.length !== 2) {
+    throw new UsageError("copy needs a SOURCE and a DESTINATION (see nbd copy --help)");
+  }
+  const synchronous = values.synchronous ?? false;
+  let requestSize = 256 * 1024;
+  if (values["request-size"] !== undefined) {
+    requestSize = parseSize(values["request-size"], "--request-size");
+    if (requestSize < 512 || requestSize > 32 << 20 || (requestSize & (requestSize - 1)) !== 0) {
+      throw new UsageError(
+        `--request-size must be a power of two from 512 to 32M, got "${values["request-size"]}"`,
+      );
+    }
+  }
+  let sparseSize = 4096;
+  if (values.sparse !== undefined) {
+    sparseSize = parseSize(values.sparse, "--sparse");
+    if (sparseSize !== 0 && (sparseSize % 512 !== 0 || sparseSize > 32 << 20)) {
+      throw new UsageError(
+        `--sparse must be 0 or a multiple of 512 up to 32M, got "${values.sparse}"`,
+      );
+    }
+  }
+  return {
+    source: specs[0] ?? { kind: "null" },
+    destination: specs[1] ?? { kind: "null" },
+    connections: synchronous
+      ? 1
+      : values.connections === undefined
+      ? undefined
+      : positiveInteger(values.connections, "--connections", 64),
+    requests: synchronous
+      ? 1
+      : values.requests === undefined
+      ? 64
+      : positiveInteger(values.requests, "--requests", 4096),
+    requestSize,
+    sparseSize,
+    allocated: values.allocated ?? false,
+    destinationIsZero: (values["destination-is-zero"] || values["target-is-zero"]) ?? false,
+    extents: !(values["no-extents"] ?? false),
+    flush: values.flush ?? false,
+    progress,
+    progressFd,
+    progressJson,
+    help,
+  };
+}
+
+function progressOptions(config: CopyCommandConfig): ProgressOptions {
+  const options: ProgressOptions = {};
+  const open = (fd: number, what: string): ProgressOutput => {
+    try {
+      return fdOutput(fd);
+    } catch (error) {
+      throw new UsageError(`${what}: ${(error as Error).message}`);
+    }
+  };
+  if (config.progress) {
+    options.human = { output: stderrOutput, terminal: Deno.stderr.isTerminal() };
+  }
+  if (config.progressFd !== undefined) options.percent = open(config.progressFd, "--progress");
+  if (config.progressJson !== undefined) {
+    options.json = config.progressJson === "stderr"
+      ? stderrOutput
+      : open(config.progressJson, "--progress-json");
+  }
+  return options;
+}
+
+/** Opens an endpoint, prefixing failures with its role (usage errors pass through). */
+async function opening<T>(role: string, open: () => Promise<T>): Promise<T> {
+  try {
+    return await open();
+  } catch (error) {
+    if (error instanceof UsageError) throw error;
+    throw new Error(`${role}: ${(error as Error).message}`, { cause: error });
+  }
+}
+
+/** Runs a copy as configured; resolves to the exit status. */
+export async function runCopy(config: CopyCommandConfig): Promise<number> {
+  const progressConfig = progressOptions(config);
+  const controller = new AbortController();
+  // The first signal stops the copy cleanly. A second one means the user will not
+  // wait (say, for a server that stopped answering): stop the servers we started,
+  // then let the signal do what it does by default.
+  const onSignal = (signal: Deno.Signal) => () => {
+    if (!controller.signal.aborted) {
+      controller.abort(new CopyInterrupted(signal));
+      return;
+    }
+    printError(`interrupted again: stopping at once`);
+    runCleanupsNow();
+    removeHandlers();
+    Deno.kill(Deno.pid, signal);
+  };
+  const handlers = (["SIGINT", "SIGTERM"] as const).map((signal) => {
+    const handler = onSignal(signal);
+    Deno.addSignalListener(signal, handler);
+    return { signal, handler };
+  });
+  const removeHandlers = () => {
+    for (const { signal, handler } of handlers) {
+      try {
+        Deno.removeSignalListener(signal, handler);
+      } catch { /* already removed */ }
+    }
+  };
+  const openOptions = { connections: config.connections, signal: controller.signal };
+  let source: Endpoint | undefined;
+  let destination: Endpoint | undefined;
+  let progress: Progress | undefined;
+  // Until the copy starts nothing was written, so a failure needs no note about the destination.
+  let started = false;
+  try {
+    source = await opening("source", () => openSource(config.source, openOptions));
+    const from = source;
+    destination = await opening(
+      "destination",
+      () => openDestination(config.destination, from, openOptions),
+    );
+    if (
+      destination.size !== undefined && source.size !== undefined &&
+      destination.size < source.size
+    ) {
+      throw new Error(
+        `the destination ${destination.name} (${destination.size} bytes) is smaller than ` +
+          `the source ${source.name} (${source.size} bytes)`,
+      );
+    }
+    if (controller.signal.aborted) throw controller.signal.reason;
+    progress = new Progress(source.size, progressConfig);
+    started = true;
+    const shown = progress;
+    const stats = await copyImage(source, destination, {
+      requests: config.requests,
+      requestSize: config.requestSize,
+      sparseSize: config.sparseSize,
+      allocated: config.allocated,
+      destinationIsZero: config.destinationIsZero,
+      extents: config.extents,
+      signal: controller.signal,
+      onProgress: shown.active ? (done) => shown.update(done) : undefined,
+    });
+    if (config.flush) {
+      try {
+        await destination.flush();
+      } catch (error) {
+        throw new CopyError("destination", destination.name, "flush", 0, error);
+      }
+    }
+    const finished = destination;
+    destination = undefined;
+    await finished.close(true);
+    const opened = source;
+    source = undefined;
+    await opened.close(true);
+    progress.finish(true, stats.size);
+    return 0;
+  } catch (error) {
+    progress?.finish(false);
+    const note = started ? destination?.incompleteNote() : undefined;
+    await destination?.close(false).catch(() => {});
+    await source?.close(false).catch(() => {});
+    const suffix = note ? `; ${note}` : "";
+    if (error instanceof CopyInterrupted) {
+      printError(`copy ${error.message}${suffix}`);
+      return 130;
+    }
+    if (error instanceof CopyError) {
+      printError(`copy failed: ${error.message}${suffix}`);
+      return 1;
+    }
+    if (error instanceof UsageError) throw error;
+    printError(`${describeCause(error)}${suffix}`);
+    return 1;
+  } finally {
+    removeHandlers();
+  }
+}
+
+/** The `nbd copy` command. */
+export const copyCommand: Command = {
+  name: "copy",
+  summary: "copy a disk image between files, NBD exports, URLs and pipes (like nbdcopy)",
+  usage: USAGE,
+  async run(argv: string[]): Promise<number> {
+    const config = parseCopyArgs(argv);
+    if (config.help) {
+      await writeStdout(USAGE);
+      return 0;
+    }
+    return await runCopy(config);
+  },
+};

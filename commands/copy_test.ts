@@ -1,0 +1,74 @@
+import { assertEquals, assertThrows } from "../tests/assert.ts";
+import { UsageError } from "../server/params.ts";
+import { parseCopyArgs } from "./copy.ts";
+
+Deno.test("parseCopyArgs() applies nbdcopy's defaults", () => {
+  const config = parseCopyArgs(["disk.img", "nbd://host/x"]);
+  assertEquals(config.source, { kind: "path", path: "disk.img" });
+  assertEquals(config.destination, { kind: "nbd", uri: "nbd://host/x" });
+  assertEquals(
+    [config.connections, config.requests, config.requestSize, config.sparseSize],
+    [undefined, 64, 256 * 1024, 4096],
+  );
+  assertEquals([config.extents, config.allocated, config.flush, config.progress], [
+    true,
+    false,
+    false,
+    false,
+  ]);
+});
+
+Deno.test("parseCopyArgs() takes [ CMD ] groups whole, options inside included", () => {
+  const config = parseCopyArgs([
+    "-C",
+    "2",
+    "--",
+    "[",
+    "qemu-nbd",
+    "-f",
+    "qcow2",
+    "--help-me",
+    "img.qcow2",
+    "]",
+    "[",
+    "nbdkit",
+    "memory",
+    "1G",
+    "]",
+  ]);
+  assertEquals(config.source, {
+    kind: "command",
+    argv: ["qemu-nbd", "-f", "qcow2", "--help-me", "img.qcow2"],
+  });
+  assertEquals(config.destination, { kind: "command", argv: ["nbdkit", "memory", "1G"] });
+  assertEquals(config.connections, 2);
+  assertThrows(
+    () => parseCopyArgs(["[", "nbdkit", "memory", "1G", "out.img"]),
+    UsageError,
+    "matching",
+  );
+});
+
+Deno.test("parseCopyArgs() reads the progress options with and without a descriptor", () => {
+  assertEquals(parseCopyArgs(["-p", "-", "null:"]).progress, true);
+  const config = parseCopyArgs(["--progress=3", "--progress-json", "https://h/x", "-"]);
+  assertEquals([config.progress, config.progressFd, config.progressJson], [false, 3, "stderr"]);
+  assertEquals(config.source, { kind: "http", url: "https://h/x" });
+  assertEquals(config.destination, { kind: "stdio" });
+  assertEquals(parseCopyArgs(["--progress-json=5", "a", "null:"]).progressJson, 5);
+  assertThrows(() => parseCopyArgs(["--progress=x", "a", "b"]), UsageError, "file descriptor");
+});
+
+Deno.test("parseCopyArgs() checks sizes and counts, and --synchronous means one of each", () => {
+  assertEquals(parseCopyArgs(["--request-size=1M", "-S", "0", "a", "b"]).requestSize, 1 << 20);
+  assertEquals(parseCopyArgs(["-S", "0", "a", "b"]).sparseSize, 0);
+  assertThrows(() => parseCopyArgs(["--request-size=3000", "a", "b"]), UsageError, "power of two");
+  assertThrows(() => parseCopyArgs(["--request-size=64M", "a", "b"]), UsageError, "power of two");
+  assertThrows(() => parseCopyArgs(["-R", "0", "a", "b"]), UsageError, "--requests");
+  assertThrows(() => parseCopyArgs(["-S", "1000", "a", "b"]), UsageError, "--sparse");
+  const sync = parseCopyArgs(["--synchronous", "-C", "8", "a", "b"]);
+  assertEquals([sync.connections, sync.requests], [1, 1]);
+  assertThrows(() => parseCopyArgs(["a"]), UsageError, "SOURCE and a DESTINATION");
+  assertThrows(() => parseCopyArgs(["--bogus", "a", "b"]), UsageError);
+  assertEquals(parseCopyArgs(["--target-is-zero", "a", "b"]).destinationIsZero, true);
+});

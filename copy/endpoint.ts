@@ -1,0 +1,155 @@
+/**
+ * The interface every kind of copy endpoint implements (file, block device,
+ * NBD, http, pipe, null, subprocess server), and the parsing of the
+ * SOURCE/DESTINATION arguments into a description of which kind to open.
+ *
+ * @module
+ */
+
+import type { BlockSize } from "../protocol/handshake.ts";
+import { isNbdUri } from "../protocol/uri.ts";
+
+/** A run of the source: allocated data, or bytes known to read as zero. */
+export interface CopyExtent {
+  /** Offset of the run. */
+  offset: number;
+  /** Length in bytes. */
+  length: number;
+  /** The run reads as zeroes (a hole or a zeroed range), so it need not be read. */
+  zero: boolean;
+}
+
+/** Which side of the copy an endpoint is. */
+export type Role = "source" | "destination";
+
+/**
+ * One side of a copy. A source implements `read` (and `extents` when it can
+ * describe its allocation); a destination implements `write`, `zero` and
+ * `flush`. Offsets and lengths the scheduler passes are aligned to
+ * `blockSize.minimum` except at the end of the image.
+ */
+export interface Endpoint {
+  /** The argument as given on the command line, for messages. */
+  readonly name: string;
+  /** Kind, for messages and decisions: "file", "block device", "nbd", "http", "pipe", "null". */
+  readonly kind: string;
+  /** Size in bytes; undefined for a stream whose length is known only at its end. */
+  readonly size: number | undefined;
+  /** Reads or writes must happen in offset order (pipes); the endpoint enforces the order. */
+  readonly sequential: boolean;
+  /** Request-size limits and preference. */
+  readonly blockSize: BlockSize;
+  /** The source can describe which ranges are holes or zeroes. */
+  readonly canExtents: boolean;
+  /** The destination reads as zeroes before the copy starts (so zero runs can be skipped). */
+  readonly isZero: boolean;
+  /**
+   * Fills `buf` from `offset`; resolves to the bytes read, which is less than
+   * `buf.length` only at the end of a stream.
+   */
+  read(buf: Uint8Array, offset: number): Promise<number>;
+  /** Allocation from `offset`: consecutive runs covering at least one byte of the range. */
+  extents(offset: number, length: number): Promise<CopyExtent[]>;
+  /** Writes `buf` at `offset`. */
+  write(buf: Uint8Array, offset: number): Promise<void>;
+  /** Makes a range read as zeroes; `allocate` asks for it to stay allocated (no hole). */
+  zero(offset: number, length: number, allocate: boolean): Promise<void>;
+  /** Makes what was written durable. */
+  flush(): Promise<void>;
+  /** Destination of a stream of unknown length: called once with the final size. */
+  finish(size: number): Promise<void>;
+  /** Stops waiting for turns (sequential endpoints) after a failure elsewhere. */
+  abort(reason: Error): void;
+  /**
+   * Releases everything. `complete` is false after a failed copy; a
+   * destination then undoes what it can (a new file is removed).
+   */
+  close(complete: boolean): Promise<void>;
+  /** What a failed copy left at this destination, for the error message. */
+  incompleteNote(): string;
+}
+
+/** A parsed SOURCE or DESTINATION argument. */
+export type EndpointSpec =
+  | { kind: "path"; path: string }
+  | { kind: "nbd"; uri: string }
+  | { kind: "http"; url: string }
+  | { kind: "stdio" }
+  | { kind: "null" }
+  | { kind: "command"; argv: string[] };
+
+/** Classifies one positional argument (not a `[ CMD ]` group, which the caller splits out). */
+export function parseEndpoint(text: string): EndpointSpec {
+  if (text === "-") return { kind: "stdio" };
+  if (text === "null:") return { kind: "null" };
+  if (isNbdUri(text)) return { kind: "nbd", uri: text };
+  if (/^https?:\/\//i.test(text)) return { kind: "http", url: text };
+  return { kind: "path", path: text };
+}
+
+/** How an endpoint is named in messages. */
+export function describeSpec(spec: EndpointSpec): string {
+  switch (spec.kind) {
+    case "path":
+      return spec.path;
+    case "nbd":
+      return spec.uri;
+    case "http":
+      return spec.url;
+    case "stdio":
+      return "-";
+    case "null":
+      return "null:";
+    case "command":
+      return `[ ${spec.argv.join(" ")} ]`;
+  }
+}
+
+/** Defaults for the optional members, so each endpoint states only what it does. */
+export abstract class BaseEndpoint implements Endpoint {
+  abstract readonly name: string;
+  abstract readonly kind: string;
+  abstract readonly size: number | undefined;
+  abstract readonly blockSize: BlockSize;
+  /** Random access unless a subclass says otherwise. */
+  readonly sequential: boolean = false;
+  /** No allocation information unless a subclass has it. */
+  readonly canExtents: boolean = false;
+  /** Not known to be zero unless a subclass knows better. */
+  readonly isZero: boolean = false;
+
+  /** Not a source unless overridden. */
+  read(_buf: Uint8Array, _offset: number): Promise<number> {
+    return Promise.reject(new Error(`${this.name} cannot be read`));
+  }
+  /** Everything is data unless overridden. */
+  extents(offset: number, length: number): Promise<CopyExtent[]> {
+    return Promise.resolve([{ offset, length, zero: false }]);
+  }
+  /** Not a destination unless overridden. */
+  write(_buf: Uint8Array, _offset: number): Promise<void> {
+    return Promise.reject(new Error(`${this.name} cannot be written`));
+  }
+  /** Not a destination unless overridden. */
+  zero(_offset: number, _length: number, _allocate: boolean): Promise<void> {
+    return Promise.reject(new Error(`${this.name} cannot be written`));
+  }
+  /** Nothing to make durable. */
+  flush(): Promise<void> {
+    return Promise.resolve();
+  }
+  /** Nothing to do. */
+  finish(_size: number): Promise<void> {
+    return Promise.resolve();
+  }
+  /** Nothing waits. */
+  abort(_reason: Error): void {}
+  /** Nothing to release. */
+  close(_complete: boolean): Promise<void> {
+    return Promise.resolve();
+  }
+  /** The generic note. */
+  incompleteNote(): string {
+    return `${this.name} is incomplete`;
+  }
+}

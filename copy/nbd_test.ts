@@ -1,0 +1,78 @@
+import { listenUnix } from "../server/listener.ts";
+import { Exports } from "../server/exports.ts";
+import { NbdServer } from "../server/server.ts";
+import { Params } from "../server/params.ts";
+import type { PluginInstance } from "../server/backend.ts";
+import { memoryPlugin } from "../plugins/memory.ts";
+import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
+import { randomBytes, tempDir } from "../tests/helpers.ts";
+import { defaultConnections, NbdEndpoint } from "./nbd.ts";
+
+/** Our server on a Unix socket, in this process: a memory export, optionally filtered. */
+async function serve(
+  dir: string,
+  options: { size?: string; readonly?: boolean } = {},
+) {
+  const plugin: PluginInstance = await memoryPlugin.create(
+    Params.parse([options.size ?? "4M"], "size"),
+  );
+  const server = new NbdServer({
+    exports: new Exports({ plugin }),
+    readonly: options.readonly ?? false,
+  });
+  const socket = `${dir}/sock`;
+  const listener = await listenUnix(server, socket);
+  return {
+    uri: `nbd+unix:///?socket=${socket}`,
+    async [Symbol.asyncDispose]() {
+      listener.close();
+      await server.shutdown();
+    },
+  };
+}
+
+Deno.test("defaultConnections() is 4, and at most the processors for a Unix socket", () => {
+  assertEquals(defaultConnections("nbd://example.com/disk"), 4);
+  assertEquals(
+    defaultConnections("nbd+unix:///?socket=/tmp/s"),
+    Math.min(4, navigator.hardwareConcurrency || 4),
+  );
+});
+
+Deno.test("NbdEndpoint reads, writes, zeroes and reports holes as zero runs", async () => {
+  await using dir = await tempDir();
+  await using server = await serve(dir.path);
+  const endpoint = await NbdEndpoint.open(server.uri, server.uri, "destination", {
+    connections: 2,
+  });
+  assertEquals([endpoint.size, endpoint.canExtents, endpoint.isZero], [4 << 20, true, false]);
+  const data = randomBytes(1 << 20, 7);
+  await endpoint.write(data, 1 << 20);
+  await endpoint.zero((1 << 20) + 4096, 8192, false);
+  await endpoint.flush();
+  const back = new Uint8Array(1 << 20);
+  assertEquals(await endpoint.read(back, 1 << 20), 1 << 20);
+  data.fill(0, 4096, 4096 + 8192);
+  assertBytes(back, data);
+  const extents = await endpoint.extents(0, 4 << 20);
+  assertEquals(extents[0], { offset: 0, length: 1 << 20, zero: true });
+  assertOk(extents.some((e) => !e.zero && e.offset === 1 << 20));
+  let at = 0;
+  for (const e of extents) {
+    assertEquals(e.offset, at);
+    at += e.length;
+  }
+  await endpoint.close();
+});
+
+Deno.test("NbdEndpoint refuses a read-only export as destination", async () => {
+  await using dir = await tempDir();
+  await using server = await serve(dir.path, { readonly: true });
+  await assertRejects(
+    () => NbdEndpoint.open("ro", server.uri, "destination", {}),
+    Error,
+    "Cannot write to ro: the export is read-only",
+  );
+  const source = await NbdEndpoint.open("ro", server.uri, "source", {});
+  await source.close();
+});

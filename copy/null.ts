@@ -1,0 +1,33 @@
+/**
+ * The `null:` destination: accepts everything and keeps nothing. Useful to
+ * check that a source can be read end to end, and for benchmarks.
+ *
+ * @module
+ */
+
+import type { BlockSize } from "../protocol/handshake.ts";
+import { BaseEndpoint } from "./endpoint.ts";
+
+/** Discards writes; reads as zero everywhere, so zero runs are skipped. */
+export class NullDestination extends BaseEndpoint {
+  readonly name = "null:";
+  readonly kind = "null";
+  readonly size: number | undefined = undefined;
+  readonly blockSize: BlockSize = { minimum: 1, preferred: 4096, maximum: 64 << 20 };
+  override readonly isZero = true;
+
+  /** Discards `buf`. */
+  override write(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  /** Nothing to do. */
+  override zero(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  /** Nothing was kept, so nothing can be incomplete. */
+  override incompleteNote(): string {
+    return "nothing was written";
+  }
+}

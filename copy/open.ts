@@ -1,0 +1,83 @@
+/**
+ * Opening the endpoint a SOURCE or DESTINATION argument names.
+ *
+ * @module
+ */
+
+import { UsageError } from "../server/params.ts";
+import { describeSpec, type Endpoint, type EndpointSpec } from "./endpoint.ts";
+import { NbdEndpoint } from "./nbd.ts";
+import { NullDestination } from "./null.ts";
+import { stdinSource, stdoutDestination } from "./pipe.ts";
+
+// File, http and subprocess endpoints are loaded only when used: their
+// runtime modules (node:fs, node:child_process...) cost every start-up, and
+// a quick NBD → null: copy should not pay for them.
+
+/** Options of the openers. */
+export interface OpenOptions {
+  /**
+   * Connections per NBD endpoint (when the server allows several) and http
+   * requests in flight; undefined picks a default for each endpoint.
+   */
+  connections?: number;
+  /** Stops a server started for the copy while the copy is still connecting to it. */
+  signal?: AbortSignal;
+}
+
+/** Opens the source of a copy. */
+export async function openSource(spec: EndpointSpec, options: OpenOptions): Promise<Endpoint> {
+  switch (spec.kind) {
+    case "path":
+      return await (await import("./file.ts")).FileSource.open(spec.path);
+    case "nbd":
+      return await NbdEndpoint.open(spec.uri, spec.uri, "source", options);
+    case "http":
+      return await (await import("./http.ts")).HttpSource.open(spec.url, options);
+    case "stdio":
+      return stdinSource();
+    case "command":
+      return await (await import("./subprocess.ts")).openCommandEndpoint(
+        spec.argv,
+        "source",
+        options,
+      );
+    case "null":
+      throw new UsageError('"null:" can only be the destination');
+  }
+}
+
+/**
+ * Opens the destination of a copy from `source`; a file destination is
+ * created or truncated to the source's size.
+ */
+export async function openDestination(
+  spec: EndpointSpec,
+  source: Endpoint,
+  options: OpenOptions,
+): Promise<Endpoint> {
+  switch (spec.kind) {
+    case "path": {
+      const { FileDestination, FileSource } = await import("./file.ts");
+      return await FileDestination.open(
+        spec.path,
+        source.size,
+        source instanceof FileSource ? source.identity : undefined,
+      );
+    }
+    case "nbd":
+      return await NbdEndpoint.open(spec.uri, spec.uri, "destination", options);
+    case "stdio":
+      return stdoutDestination();
+    case "null":
+      return new NullDestination();
+    case "command":
+      return await (await import("./subprocess.ts")).openCommandEndpoint(
+        spec.argv,
+        "destination",
+        options,
+      );
+    case "http":
+      throw new UsageError(`${describeSpec(spec)}: an http(s) URL can only be the source`);
+  }
+}

@@ -1,0 +1,496 @@
+/**
+ * The observability HTTP server that `nbd serve --view` and `nbd view`
+ * run in the same process as the data they show:
+ *
+ * - `GET /` the block-activity page (its script and style at `/view.js`
+ *   and `/view.css`, all compiled into the program);
+ * - `GET /stats` the counters as JSON;
+ * - `GET /metrics` the counters in the Prometheus text format;
+ * - `GET /events?export=NAME&cells=N|block=N` a Server-Sent Events stream
+ *   of block-map frames (every 50 ms while something happens), counter
+ *   snapshots (twice a second) and, for a replay, its position;
+ * - `GET /replay`, `POST /replay` the replay position and controls.
+ *
+ * Nothing is recorded for the map unless a page is subscribed: each
+ * subscriber hooks `ServerStats.listeners` for as long as its stream lasts.
+ *
+ * @module
+ */
+
+import type { ServerStats } from "../server/stats.ts";
+import { ActivityAggregator, MAX_CELLS } from "./activity.ts";
+import { formatMetrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
+import { PAGE_HTML } from "./page_html.ts";
+import { PAGE_SCRIPT } from "./page_script.ts";
+import { PAGE_STYLE } from "./page_style.ts";
+import { statsSnapshot } from "./stats_snapshot.ts";
+
+/** Where a replay stands, as `GET /replay` and the page's controls show it. */
+export interface ReplayState {
+  /** Log file being replayed. */
+  file: string;
+  /** Position in the log, in seconds from its first line. */
+  position: number;
+  /** Length of the log in seconds. */
+  duration: number;
+  /** Log seconds replayed per wall-clock second. */
+  speed: number;
+  /** Paused. */
+  paused: boolean;
+  /** Every line has been replayed. */
+  done: boolean;
+  /** Requests replayed so far, of `requests` in the log. */
+  replayed: number;
+  /** Requests in the log. */
+  requests: number;
+  /** Increments at every restart (the page clears its map). */
+  run: number;
+}
+
+/** Changes to a replay, as `POST /replay` takes them. */
+export interface ReplayChange {
+  /** New speed (log seconds per second, > 0). */
+  speed?: number;
+  /** Pause or resume. */
+  paused?: boolean;
+  /** Start again from the first line. */
+  restart?: boolean;
+}
+
+/** What a replay offers the view server. */
+export interface ReplayControl {
+  /** The current state. */
+  state(): ReplayState;
+  /** Applies a change; throws RangeError for a bad speed. */
+  change(change: ReplayChange): ReplayState;
+}
+
+/** What the view shows: the counters, the export list and, for a replay, its controls. */
+export interface ViewSource {
+  /** The counters (also the event hook). */
+  readonly stats: ServerStats;
+  /** Names of the exports the server offers. */
+  listExports(): Promise<string[]>;
+  /** Present when replaying a log. */
+  readonly replay?: ReplayControl;
+}
+
+/** Options of `startViewServer`. */
+export interface ViewServerOptions {
+  /** Address to listen on (default 127.0.0.1). */
+  hostname?: string;
+  /** Port (default 8080; 0 = any free port). */
+  port?: number;
+  /** Frame interval in milliseconds (default 50: 20 frames a second). */
+  frameInterval?: number;
+}
+
+/** A running view server. */
+export interface ViewServer extends AsyncDisposable {
+  /** Base URL, e.g. http://127.0.0.1:8080/. */
+  readonly url: string;
+  /** Pages currently subscribed to the event stream. */
+  readonly subscribers: number;
+  /** Ends every event stream and stops listening. */
+  close(): Promise<void>;
+}
+
+/** Most event streams at once; more are refused with 503, which bounds memory. */
+export const MAX_SUBSCRIBERS = 16;
+const STATS_EVERY = 10; // frames: twice a second at the default interval
+const REPLAY_EVERY = 5;
+const EXPORT_LIST_TTL_MS = 2000;
+
+/** The default view address. */
+export const DEFAULT_VIEW_ADDRESS = "127.0.0.1:8080";
+
+/**
+ * Parses a view address: `HOST:PORT`, `[IPV6]:PORT`, `:PORT` or `PORT`
+ * (host 127.0.0.1), or `HOST` (port 8080). Throws RangeError when invalid.
+ *
+ * @example
+ * ```ts
+ * parseViewAddress("0.0.0.0:9000"); // { hostname: "0.0.0.0", port: 9000 }
+ * parseViewAddress("8081");         // { hostname: "127.0.0.1", port: 8081 }
+ * ```
+ */
+export function parseViewAddress(text: string): { hostname: string; port: number } {
+  let host = "127.0.0.1";
+  let port = "8080";
+  const v6 = /^\[([0-9a-fA-F:.]+)\](?::(\d+))?$/.exec(text);
+  if (v6) {
+    host = v6[1]!;
+    port = v6[2] ?? port;
+  } else if (/^\d+$/.test(text)) {
+    port = text;
+  } else {
+    const m = /^([^:\s]*):(\d+)$/.exec(text) ?? /^([^:\s]+)()$/.exec(text);
+    if (!m) throw new RangeError(`Cannot parse view address: "${text}" is not HOST:PORT`);
+    if (m[1]) host = m[1];
+    if (m[2]) port = m[2];
+  }
+  const n = Number(port);
+  if (n > 65535) throw new RangeError(`Cannot parse view address: bad port "${port}"`);
+  return { hostname: host, port: n };
+}
+
+/** Whether a command-line word looks like a view address (so `--view ADDR` may take it). */
+export function looksLikeViewAddress(word: string): boolean {
+  return /^(\[[0-9a-fA-F:.]+\]:\d+|[^:\s/=]*:\d+|\d+)$/.test(word);
+}
+
+const encoder = new TextEncoder();
+
+function sse(event: string, data: unknown): Uint8Array {
+  return encoder.encode(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+}
+
+/** One page's event stream. */
+class Subscriber {
+  readonly #source: ViewSource;
+  readonly #aggregator: ActivityAggregator;
+  readonly #controller: ReadableStreamDefaultController<Uint8Array>;
+  readonly #exports: () => string[];
+  readonly #onClose: () => void;
+  readonly #listener: (event: Parameters<ActivityAggregator["add"]>[0]) => void;
+  readonly #timer: ReturnType<typeof setInterval>;
+  #ticks = 0;
+  #layoutSent = "";
+  #run = -1;
+  #closed = false;
+
+  constructor(
+    source: ViewSource,
+    aggregator: ActivityAggregator,
+    controller: ReadableStreamDefaultController<Uint8Array>,
+    options: { interval: number; exports: () => string[]; onClose: () => void },
+  ) {
+    this.#source = source;
+    this.#aggregator = aggregator;
+    this.#controller = controller;
+    this.#exports = options.exports;
+    this.#onClose = options.onClose;
+    const sizes = source.stats.exportSizes;
+    const name = aggregator.exportName;
+    // The data-path hook: a name check, then bit setting in the aggregator.
+    this.#listener = (event) => {
+      if (event.exportName !== name) return;
+      if (aggregator.cells === 0) {
+        const size = sizes.get(name);
+        if (size === undefined || !this.#layout(size)) return;
+      }
+      aggregator.add(event);
+    };
+    source.stats.listeners.add(this.#listener);
+    this.#run = source.replay?.state().run ?? -1;
+    this.#send("hello", { export: name, replay: source.replay !== undefined });
+    this.#sendStats();
+    this.#tick();
+    this.#timer = setInterval(() => this.#tick(), options.interval);
+  }
+
+  /** Lays the map out for `size`; on failure tells the page and closes. */
+  #layout(size: number): boolean {
+    try {
+      this.#aggregator.resize(size);
+      return true;
+    } catch (error) {
+      this.#send("failure", { message: (error as Error).message });
+      this.close();
+      return false;
+    }
+  }
+
+  #send(event: string, data: unknown): void {
+    if (this.#closed) return;
+    try {
+      this.#controller.enqueue(sse(event, data));
+    } catch {
+      this.close();
+    }
+  }
+
+  #sendStats(): void {
+    this.#send("stats", statsSnapshot(this.#source.stats, this.#exports(), this.#mode));
+  }
+
+  get #mode(): "serve" | "replay" {
+    return this.#source.replay ? "replay" : "serve";
+  }
+
+  #tick(): void {
+    if (this.#closed) return;
+    // A page that does not keep up gets no new frames until it does: the
+    // bits keep accumulating, so the next frame still covers everything.
+    if ((this.#controller.desiredSize ?? 1) <= 0) return;
+    const ticks = this.#ticks++;
+    const replay = this.#source.replay?.state();
+    if (replay && replay.run !== this.#run) {
+      this.#run = replay.run;
+      this.#aggregator.take(); // what is pending belongs to the previous run
+      this.#send("reset", { run: replay.run });
+    }
+    const aggregator = this.#aggregator;
+    const size = this.#source.stats.exportSizes.get(aggregator.exportName);
+    if (size !== undefined && size !== aggregator.size) {
+      if (aggregator.pending) this.#send("frame", aggregator.take());
+      if (!this.#layout(size)) return;
+    }
+    const layout = `${aggregator.size}/${aggregator.block}`;
+    if (aggregator.cells > 0 && (aggregator.pending || layout !== this.#layoutSent)) {
+      this.#layoutSent = layout;
+      this.#send("frame", aggregator.take());
+    }
+    if (replay && ticks % REPLAY_EVERY === 0) this.#send("replay", replay);
+    if (ticks % STATS_EVERY === 0 && ticks > 0) this.#sendStats();
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearInterval(this.#timer);
+    this.#source.stats.listeners.delete(this.#listener);
+    try {
+      this.#controller.close();
+    } catch { /* the page went away first */ }
+    this.#onClose();
+  }
+}
+
+/** Options of `eventStream`. */
+export interface EventStreamOptions {
+  /** Export whose block map is streamed. */
+  exportName: string;
+  /** Fixed bytes per cell; otherwise chosen from `maxCells`. */
+  block?: number;
+  /** Most cells the page can show (when `block` is not given). */
+  maxCells?: number;
+  /** Frame interval in milliseconds (default 50). */
+  interval?: number;
+  /** Export names for the counter snapshots (synchronous: a cached list). */
+  exports?: () => string[];
+  /** Called once the stream starts, with a function that ends it. */
+  onOpen?: (close: () => void) => void;
+  /** Called when the stream ends, whichever side ended it. */
+  onClose?: () => void;
+}
+
+/** Chunks a page may leave unread before frames are held back (and merged). */
+export const EVENT_QUEUE_CHUNKS = 8;
+
+/**
+ * The `/events` stream of one page: "hello", then "frame" events (block
+ * runs per kind, at most every `interval` ms while something happens),
+ * "stats" snapshots twice a second, and for a replay "replay" positions and
+ * a "reset" at each restart. At most EVENT_QUEUE_CHUNKS chunks wait unread;
+ * beyond that, frames are held back and merged into the next one, so a
+ * slow page costs bounded memory and still sees every block.
+ */
+export function eventStream(
+  source: ViewSource,
+  options: EventStreamOptions,
+): ReadableStream<Uint8Array> {
+  const aggregator = new ActivityAggregator(options.exportName, {
+    block: options.block,
+    maxCells: options.maxCells,
+  });
+  let subscriber: Subscriber | undefined;
+  return new ReadableStream<Uint8Array>({
+    start(controller) {
+      subscriber = new Subscriber(source, aggregator, controller, {
+        interval: options.interval ?? 50,
+        exports: options.exports ?? (() => []),
+        onClose: () => options.onClose?.(),
+      });
+      const s = subscriber;
+      // It may have ended already (an export too large for a fixed block size).
+      if (!s.closed) options.onOpen?.(() => s.close());
+    },
+    cancel() {
+      subscriber?.close();
+    },
+  }, new CountQueuingStrategy({ highWaterMark: EVENT_QUEUE_CHUNKS }));
+}
+
+function text(body: string, type: string, status = 200): Response {
+  return new Response(body, {
+    status,
+    headers: {
+      "content-type": type,
+      "cache-control": "no-store",
+      "x-content-type-options": "nosniff",
+    },
+  });
+}
+
+function json(body: unknown, status = 200): Response {
+  return text(JSON.stringify(body, null, 2) + "\n", "application/json; charset=utf-8", status);
+}
+
+function problem(status: number, message: string): Response {
+  return text(`${message}\n`, "text/plain; charset=utf-8", status);
+}
+
+/** Parses an optional positive integer query parameter; undefined when absent. */
+function integerParam(
+  params: URLSearchParams,
+  name: string,
+  min: number,
+  max: number,
+): number | undefined {
+  const value = params.get(name);
+  if (value === null || value === "" || value === "auto") return undefined;
+  const n = Number(value);
+  if (!/^\d+$/.test(value) || n < min || n > max) {
+    throw new RangeError(`${name}: expected an integer from ${min} to ${max}, got "${value}"`);
+  }
+  return n;
+}
+
+/** Starts the view server for `source`. */
+export async function startViewServer(
+  source: ViewSource,
+  options: ViewServerOptions = {},
+): Promise<ViewServer> {
+  const interval = options.frameInterval ?? 50;
+  const subscribers = new Set<() => void>();
+  // Listing exports may be expensive (a proxy asks its upstream), so the
+  // list is cached for a while and shared by every page and scrape.
+  let exportList: string[] = [];
+  let exportListAt = -Infinity;
+  let refreshing: Promise<string[]> | undefined;
+  const currentExports = (): Promise<string[]> => {
+    if (performance.now() - exportListAt <= EXPORT_LIST_TTL_MS) return Promise.resolve(exportList);
+    refreshing ??= source.listExports()
+      .then((list) => exportList = list, () => exportList) // keep the old list on failure
+      .finally(() => {
+        exportListAt = performance.now();
+        refreshing = undefined;
+      });
+    return refreshing;
+  };
+  // Subscribers read the cached list synchronously; it is refreshed in the background.
+  const cachedExports = (): string[] => {
+    currentExports().catch(() => {});
+    return exportList;
+  };
+  await currentExports();
+
+  const events = (params: URLSearchParams): Response => {
+    if (subscribers.size >= MAX_SUBSCRIBERS) {
+      return problem(503, `too many pages open (at most ${MAX_SUBSCRIBERS})`);
+    }
+    let block: number | undefined;
+    let cells: number | undefined;
+    try {
+      block = integerParam(params, "block", 512, 2 ** 50);
+      cells = integerParam(params, "cells", 1, MAX_CELLS);
+    } catch (error) {
+      return problem(400, (error as Error).message);
+    }
+    let closer: (() => void) | undefined;
+    const body = eventStream(source, {
+      exportName: params.get("export") ?? cachedExports()[0] ?? "",
+      block,
+      maxCells: cells,
+      interval,
+      exports: cachedExports,
+      onOpen: (close) => subscribers.add(closer = close),
+      onClose: () => closer && subscribers.delete(closer),
+    });
+    return new Response(body, {
+      headers: {
+        "content-type": "text/event-stream; charset=utf-8",
+        "cache-control": "no-store",
+        "x-accel-buffering": "no",
+      },
+    });
+  };
+
+  const replay = async (request: Request): Promise<Response> => {
+    const control = source.replay;
+    if (!control) return problem(404, "not replaying a log (this is a live server)");
+    if (request.method === "GET" || request.method === "HEAD") return json(control.state());
+    if (request.method !== "POST") return problem(405, "use GET or POST");
+    let change: ReplayChange;
+    try {
+      change = await request.json();
+      if (typeof change !== "object" || change === null) throw new TypeError("not an object");
+    } catch (error) {
+      return problem(400, `expected a JSON object: ${(error as Error).message}`);
+    }
+    try {
+      return json(control.change(change));
+    } catch (error) {
+      return problem(400, (error as Error).message);
+    }
+  };
+
+  const handler = async (request: Request): Promise<Response> => {
+    const url = new URL(request.url);
+    if (url.pathname === "/replay") return await replay(request);
+    if (request.method !== "GET" && request.method !== "HEAD") {
+      return problem(405, "only GET (and POST /replay) are served");
+    }
+    switch (url.pathname) {
+      case "/":
+      case "/index.html":
+        return new Response(PAGE_HTML, {
+          headers: {
+            "content-type": "text/html; charset=utf-8",
+            "cache-control": "no-store",
+            // The page needs nothing from elsewhere: forbid it outright.
+            "content-security-policy":
+              "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:",
+          },
+        });
+      case "/view.js":
+        return text(PAGE_SCRIPT, "text/javascript; charset=utf-8");
+      case "/view.css":
+        return text(PAGE_STYLE, "text/css; charset=utf-8");
+      case "/stats":
+        return json(
+          statsSnapshot(source.stats, await currentExports(), source.replay ? "replay" : "serve"),
+        );
+      case "/metrics":
+        return text(formatMetrics(source.stats, await currentExports()), METRICS_CONTENT_TYPE);
+      case "/events":
+        return events(url.searchParams);
+      case "/favicon.ico":
+        return new Response(null, { status: 204 });
+      default:
+        return problem(404, `no such page: ${url.pathname}`);
+    }
+  };
+
+  const { promise: listening, resolve: onListening } = Promise.withResolvers<Deno.NetAddr>();
+  const server = Deno.serve({
+    hostname: options.hostname ?? "127.0.0.1",
+    port: options.port ?? 8080,
+    onListen: (addr) => onListening(addr as Deno.NetAddr),
+    onError: (error) => problem(500, (error as Error).message),
+  }, handler);
+  const addr = await listening;
+  const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
+  const url = `http://${host}:${addr.port}/`;
+  let closed: Promise<void> | undefined;
+  const close = () => {
+    closed ??= (async () => {
+      for (const close of [...subscribers]) close();
+      await server.shutdown();
+    })();
+    return closed;
+  };
+  return {
+    url,
+    get subscribers() {
+      return subscribers.size;
+    },
+    close,
+    [Symbol.asyncDispose]: close,
+  };
+}
