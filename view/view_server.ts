@@ -7,7 +7,7 @@
  * - `GET /stats` the counters as JSON;
  * - `GET /metrics` the counters in the Prometheus text format;
  * - `GET /events?export=NAME&cells=N|block=N` a Server-Sent Events stream
- *   of block-map frames (every 50 ms while something happens), counter
+ *   of block-map frames (every 80 ms while something happens), counter
  *   snapshots (twice a second) and, for a replay, its position;
  * - `GET /replay`, `POST /replay` the replay position and controls.
  *
@@ -81,7 +81,7 @@ export interface ViewServerOptions {
   hostname?: string;
   /** Port (default 8080; 0 = any free port). */
   port?: number;
-  /** Frame interval in milliseconds (default 50: 20 frames a second). */
+  /** Frame interval in milliseconds (default 80: 12.5 frames a second). */
   frameInterval?: number;
 }
 
@@ -269,7 +269,7 @@ export interface EventStreamOptions {
   block?: number;
   /** Most cells the page can show (when `block` is not given). */
   maxCells?: number;
-  /** Frame interval in milliseconds (default 50). */
+  /** Frame interval in milliseconds (default 80). */
   interval?: number;
   /** Export names for the counter snapshots (synchronous: a cached list). */
   exports?: () => string[];
@@ -302,7 +302,7 @@ export function eventStream(
   return new ReadableStream<Uint8Array>({
     start(controller) {
       subscriber = new Subscriber(source, aggregator, controller, {
-        interval: options.interval ?? 50,
+        interval: options.interval ?? 80,
         exports: options.exports ?? (() => []),
         onClose: () => options.onClose?.(),
       });
@@ -356,7 +356,7 @@ export async function startViewServer(
   source: ViewSource,
   options: ViewServerOptions = {},
 ): Promise<ViewServer> {
-  const interval = options.frameInterval ?? 50;
+  const interval = options.frameInterval ?? 80;
   const subscribers = new Set<() => void>();
   // Listing exports may be expensive (a proxy asks its upstream), so the
   // list is cached for a while and shared by every page and scrape.
