@@ -8,6 +8,7 @@
 
 import * as net from "node:net";
 import { fromDenoConn, fromNodeSocket, fromStdio } from "../io/byte_stream.ts";
+import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
 import type { NbdServer } from "./server.ts";
 
 /** A running listener. */
@@ -43,6 +44,7 @@ function acceptLoop(listener: Deno.Listener, server: NbdServer, tcp: boolean): P
         await new Promise((r) => setTimeout(r, 100));
         continue;
       }
+      enlargeNewSocketBuffers();
       let peer = "unix";
       if (tcp) {
         try {
@@ -72,6 +74,7 @@ function listenNode(
 ): Promise<{ server: net.Server; done: Promise<void> }> {
   const netServer = net.createServer((socket) => {
     if ("port" in where) socket.setNoDelay(true);
+    enlargeNewSocketBuffers();
     const peer = "port" in where ? `${socket.remoteAddress}:${socket.remotePort}` : "unix";
     server.serve(fromNodeSocket(socket), peer);
   });
@@ -188,6 +191,7 @@ export function listenActivated(server: NbdServer, fds: number): Listener {
   for (let fd = 3; fd < 3 + fds; fd++) {
     const s = net.createServer({ pauseOnConnect: false }, (socket) => {
       socket.setNoDelay?.(true);
+      enlargeNewSocketBuffers();
       server.serve(fromNodeSocket(socket), socket.remoteAddress ?? "activation");
     });
     done.push(new Promise((resolve) => s.on("close", () => resolve())));
