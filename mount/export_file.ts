@@ -24,7 +24,8 @@ import { NbdError } from "../protocol/errors.ts";
 import { formatNbdUri } from "../protocol/uri.ts";
 import type { FileContents } from "./fuse_file_server.ts";
 import { type ConnectionStatus, IoCounters, type IoStats } from "./io_counters.ts";
-import { EOPNOTSUPP, EROFS, setSendBuffer, socketFds } from "./syscalls.ts";
+import { EOPNOTSUPP, EROFS } from "./syscalls.ts";
+import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
 
 /** Options of `ExportFile.open`. */
 export interface ExportFileOptions {
@@ -57,19 +58,6 @@ const RECONNECT_MAX_MS = 10_000;
 
 /** Send buffer for the NBD sockets: room for a whole 1 MiB WRITE, twice. */
 const SEND_BUFFER = 2 << 20;
-
-/**
- * Gives the sockets opened since `before` a large send buffer. Deno hides
- * a connection's descriptor, so the new ones are found in /proc. With the
- * default buffer (about 200 KiB on a Unix socket) a 1 MiB WRITE goes out
- * in five rounds, each waiting for the server to read and for the event
- * loop to come back to it; in one piece it is about a tenth faster. The
- * mount runs as root, so the system's maximum does not apply. Any other
- * socket that happened to be opened meanwhile only gets a larger buffer.
- */
-function enlargeNewSockets(before: Set<number>): void {
-  for (const fd of socketFds()) if (!before.has(fd)) setSendBuffer(fd, SEND_BUFFER);
-}
 
 /** One NBD connection and what is known about its health. */
 class Connection {
@@ -163,9 +151,9 @@ export class ExportFile implements FileContents {
 
   /** Connects to the export a URI names. */
   static async open(uri: string, options: ExportFileOptions = {}): Promise<ExportFile> {
-    const before = socketFds();
     const pool = await NbdClientPool.connect(uri, { connections: options.connections ?? 4 });
-    enlargeNewSockets(before);
+    // A 1 MiB WRITE then leaves in one piece rather than five (see io/socket_buffers.ts).
+    enlargeNewSocketBuffers({ bytes: SEND_BUFFER });
     return new ExportFile(uri, pool.clients, options);
   }
 
@@ -411,9 +399,8 @@ export class ExportFile implements FileContents {
   async #connectOnce(timeoutMs: number): Promise<NbdClient> {
     const uri = toNbdUri(this.#target);
     const tls = uri.tls ? clientTlsSettings(uri) : undefined;
-    const before = socketFds();
     const stream = await openStream(uri);
-    enlargeNewSockets(before);
+    enlargeNewSocketBuffers({ bytes: SEND_BUFFER });
     if (this.#closed) {
       stream.close();
       throw new Error("closing");

@@ -114,7 +114,6 @@ const SYMBOLS = {
   mount: { parameters: ["buffer", "buffer", "buffer", "u64", "buffer"], result: "i32" },
   umount2: { parameters: ["buffer", "i32"], result: "i32", nonblocking: true },
   umount2_sync: { name: "umount2", parameters: ["buffer", "i32"], result: "i32" },
-  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
@@ -259,35 +258,4 @@ export function umount2Sync(target: string, flags: number): void {
   if (libc().symbols.umount2_sync(cString(target), flags) !== 0) {
     throw new SyscallError("umount", errno(), target);
   }
-}
-
-/** The descriptors of this process that are sockets. */
-export function socketFds(): Set<number> {
-  const fds = new Set<number>();
-  try {
-    for (const entry of Deno.readDirSync("/proc/self/fd")) {
-      try {
-        if (Deno.readLinkSync(`/proc/self/fd/${entry.name}`).startsWith("socket:")) {
-          fds.add(Number(entry.name));
-        }
-      } catch { /* closed meanwhile */ }
-    }
-  } catch { /* no /proc */ }
-  return fds;
-}
-
-const SOL_SOCKET = 1;
-const SO_SNDBUF = 7;
-const SO_SNDBUFFORCE = 32;
-
-/**
- * Raises a socket's send buffer to `bytes` (beyond the system maximum when
- * privileged); returns whether it worked.
- */
-export function setSendBuffer(fd: number, bytes: number): boolean {
-  const value = new Uint8Array(4);
-  new DataView(value.buffer).setInt32(0, bytes, true);
-  const symbols = libc().symbols;
-  return symbols.setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, value, 4) === 0 ||
-    symbols.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, value, 4) === 0;
 }
