@@ -10,6 +10,7 @@ import { NbdClient } from "../client/client.ts";
 import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { parseSize, UsageError } from "../server/params.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import { withUriArgument } from "./uri_argument.ts";
 import { type Command, parseOptions } from "./command.ts";
 import { BufferedTextWriter, writeStdout } from "./output.ts";
 
@@ -23,6 +24,9 @@ Options:
       --offset N       start at byte N (default 0; 512, 4K, 1M... accepted)
   -n, --length N       dump at most N bytes
   -h, --help           show this help
+
+URI may also be a server command, started for the command by socket activation
+and stopped afterwards: nbd dump [OPTIONS] -- [ CMD ARGS ... ]
 
 ${TLS_USAGE}
 
@@ -262,10 +266,14 @@ export const dumpCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
-    if (positionals.length !== 1) throw new UsageError("dump needs exactly one URI (see --help)");
-    return await dumpExport(withTlsFlags(positionals[0]!, values), {
+    const options = {
       offset: values.offset === undefined ? 0 : parseSize(values.offset, "--offset"),
       length: values.length === undefined ? undefined : parseSize(values.length, "--length"),
-    });
+    };
+    return await withUriArgument(
+      positionals,
+      "dump",
+      (uri) => dumpExport(withTlsFlags(uri, values), options),
+    );
   },
 };

@@ -27,6 +27,7 @@ import {
 import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { UsageError } from "../server/params.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import { withUriArgument } from "./uri_argument.ts";
 import { type Command, parseOptions, printError } from "./command.ts";
 import { showMap } from "./map.ts";
 import { writeStdout } from "./output.ts";
@@ -49,6 +50,9 @@ Options:
                          cache, structured-reply, extended-headers, block-status
       --is PROPERTY      exit 0 if true, 2 if not: read-only, rotational, tls
   -h, --help             show this help
+
+URI may also be a server command, started for the command by socket activation
+and stopped afterwards: nbd info [OPTIONS] -- [ CMD ARGS ... ]
 
 ${TLS_USAGE}
 
@@ -314,8 +318,6 @@ export const infoCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
-    if (positionals.length !== 1) throw new UsageError("info needs exactly one URI (see --help)");
-    const uri = withTlsFlags(positionals[0]!, values);
     const modes = [values.list, extracted.map !== undefined, values.size, values.can, values.is]
       .filter(Boolean).length;
     if (modes > 1) {
@@ -327,25 +329,46 @@ export const infoCommand: Command = {
     if (values.totals && extracted.map === undefined) {
       throw new UsageError("--totals only makes sense with --map");
     }
-    if (values.can !== undefined) return await testFeature(uri, "can", values.can);
-    if (values.is !== undefined) return await testFeature(uri, "is", values.is);
-    if (extracted.map !== undefined) {
-      return await showMap(uri, {
-        context: extracted.map,
-        totals: values.totals ?? false,
-        json: values.json ?? false,
-      });
-    }
-    if (values.size) {
-      await using client = await NbdClient.connect(uri, { metaContexts: [] });
-      await writeStdout(`${client.size()}\n`);
-      return 0;
-    }
-    const list = values.list ?? false;
-    return await showInfo(uri, {
-      json: values.json ?? false,
-      list,
-      content: values["no-content"] ? false : (values.content ?? !list),
+    return await withUriArgument(positionals, "info", (uriText) => {
+      const uri = withTlsFlags(uriText, values);
+      return runInfo(uri, values, extracted.map);
     });
   },
 };
+
+/** The body of `nbd info` once the URI is known. */
+async function runInfo(
+  uri: string,
+  values: {
+    can?: string;
+    is?: string;
+    size?: boolean;
+    list?: boolean;
+    json?: boolean;
+    totals?: boolean;
+    content?: boolean;
+    "no-content"?: boolean;
+  },
+  map: string | undefined,
+): Promise<number> {
+  if (values.can !== undefined) return await testFeature(uri, "can", values.can);
+  if (values.is !== undefined) return await testFeature(uri, "is", values.is);
+  if (map !== undefined) {
+    return await showMap(uri, {
+      context: map,
+      totals: values.totals ?? false,
+      json: values.json ?? false,
+    });
+  }
+  if (values.size) {
+    await using client = await NbdClient.connect(uri, { metaContexts: [] });
+    await writeStdout(`${client.size()}\n`);
+    return 0;
+  }
+  const list = values.list ?? false;
+  return await showInfo(uri, {
+    json: values.json ?? false,
+    list,
+    content: values["no-content"] ? false : (values.content ?? !list),
+  });
+}

@@ -7,6 +7,7 @@
 
 import { UsageError } from "../server/params.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import { withUriArgument } from "./uri_argument.ts";
 import { type Command, parseOptions } from "./command.ts";
 import { showInfo } from "./info.ts";
 import { writeStdout } from "./output.ts";
@@ -20,6 +21,9 @@ Options:
       --json       print JSON (nbdinfo's field names)
       --content    also probe each export's content with file(1)
   -h, --help       show this help
+
+URI may also be a server command, started for the command by socket activation
+and stopped afterwards: nbd list [OPTIONS] -- [ CMD ARGS ... ]
 
 ${TLS_USAGE}
 
@@ -44,11 +48,11 @@ export const listCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
-    if (positionals.length !== 1) throw new UsageError("list needs exactly one URI (see --help)");
-    return await showInfo(withTlsFlags(positionals[0]!, values), {
-      json: values.json ?? false,
-      list: true,
-      content: values.content ?? false,
-    });
+    return await withUriArgument(positionals, "list", (uri) =>
+      showInfo(withTlsFlags(uri, values), {
+        json: values.json ?? false,
+        list: true,
+        content: values.content ?? false,
+      }));
   },
 };

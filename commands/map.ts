@@ -10,6 +10,7 @@ import { BASE_ALLOCATION } from "../protocol/constants.ts";
 import { NbdClient } from "../client/client.ts";
 import { UsageError } from "../server/params.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import { withUriArgument } from "./uri_argument.ts";
 import { type Command, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
 
@@ -24,6 +25,9 @@ Options:
       --totals         sum the bytes of each type instead (with percentages)
       --json           print JSON
   -h, --help           show this help
+
+URI may also be a server command, started for the command by socket activation
+and stopped afterwards: nbd map [OPTIONS] -- [ CMD ARGS ... ]
 
 ${TLS_USAGE}
 
@@ -163,11 +167,11 @@ export const mapCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
-    if (positionals.length !== 1) throw new UsageError("map needs exactly one URI (see --help)");
-    return await showMap(withTlsFlags(positionals[0]!, values), {
-      context: values.context ?? BASE_ALLOCATION,
-      totals: values.totals ?? false,
-      json: values.json ?? false,
-    });
+    return await withUriArgument(positionals, "map", (uri) =>
+      showMap(withTlsFlags(uri, values), {
+        context: values.context ?? BASE_ALLOCATION,
+        totals: values.totals ?? false,
+        json: values.json ?? false,
+      }));
   },
 };

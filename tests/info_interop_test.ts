@@ -427,3 +427,27 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "client commands start a server for themselves: nbd info/list/map -- [ CMD ARGS ]",
+  ...peers("nbdkit", "nbdinfo"),
+  async fn() {
+    const info = await nbd("info", "--json", "--", "[", "nbdkit", "memory", "3M", "]");
+    assert.equal(info.code, 0, info.stderr);
+    assert.equal(JSON.parse(info.stdout).exports[0]["export-size"], 3 * 1024 * 1024);
+    const expected = await runOk("nbdinfo", [
+      "--map",
+      "--",
+      "[",
+      "nbdkit",
+      "data",
+      "data=1 @1048576 2",
+      "]",
+    ]);
+    const map = await nbd("map", "--", "[", "nbdkit", "data", "data=1 @1048576 2", "]");
+    assert.equal(map.stdout, expected.stdout);
+    const bad = await nbd("info", "--", "[", "nbdkit", "memory", "1M");
+    assert.equal(bad.code, 2);
+    assert.match(bad.stderr, /needs one URI, or a server command/);
+  },
+});
