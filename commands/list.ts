@@ -5,7 +5,6 @@
  * @module
  */
 
-import { UsageError } from "../server/params.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
 import { type Command, parseOptions } from "./command.ts";

@@ -8,7 +8,6 @@
 
 import { BASE_ALLOCATION } from "../protocol/constants.ts";
 import { NbdClient } from "../client/client.ts";
-import { UsageError } from "../server/params.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
 import { type Command, parseOptions } from "./command.ts";
