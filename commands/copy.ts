@@ -16,7 +16,15 @@ import {
   type ProgressOutput,
   stderrOutput,
 } from "../copy/progress.ts";
-import { CopyError, copyImage, CopyInterrupted, describeCause } from "../copy/scheduler.ts";
+import { defaultConnections } from "../copy/nbd.ts";
+import {
+  CopyError,
+  copyImage,
+  CopyInterrupted,
+  type CopyOptions,
+  describeCause,
+} from "../copy/scheduler.ts";
+import { copyShared, shareableThreads } from "../copy/shares.ts";
 import { runCleanupsNow } from "../copy/cleanup.ts";
 import { parseSize, UsageError } from "../server/params.ts";
 import { type Command, parseOptions, printError } from "./command.ts";
@@ -254,6 +262,32 @@ async function opening<T>(role: string, open: () => Promise<T>): Promise<T> {
   }
 }
 
+/** Whether threads can share a copy from or to this kind of endpoint. */
+function canShare(spec: EndpointSpec): boolean {
+  return spec.kind === "nbd" || spec.kind === "command" || spec.kind === "path" ||
+    spec.kind === "null";
+}
+
+/**
+ * Threads (one connection each) when `-C` is not given: what the NBD
+ * endpoints would use as connections, and for files alone the number of
+ * processors, at most 4.
+ */
+function defaultThreads(...specs: EndpointSpec[]): number {
+  const processors = Math.max(1, Math.min(4, navigator.hardwareConcurrency || 4));
+  let threads: number | undefined;
+  for (const spec of specs) {
+    // A server started for the copy listens on a Unix socket.
+    const connections = spec.kind === "nbd"
+      ? defaultConnections(spec.uri)
+      : spec.kind === "command"
+      ? processors
+      : undefined;
+    if (connections !== undefined) threads = Math.min(threads ?? connections, connections);
+  }
+  return threads ?? processors;
+}
+
 /** Runs a copy as configured; resolves to the exit status. */
 export async function runCopy(config: CopyCommandConfig): Promise<number> {
   const progressConfig = progressOptions(config);
@@ -283,7 +317,14 @@ export async function runCopy(config: CopyCommandConfig): Promise<number> {
       } catch { /* already removed */ }
     }
   };
-  const openOptions = { connections: config.connections, signal: controller.signal };
+  // Endpoints that threads can share are opened with one connection here: each
+  // thread then adds its own (see copy/shares.ts).
+  const shareable = config.connections !== 1 && canShare(config.source) &&
+    canShare(config.destination);
+  const openOptions = {
+    connections: shareable ? 1 : config.connections,
+    signal: controller.signal,
+  };
   let source: Endpoint | undefined;
   let destination: Endpoint | undefined;
   let progress: Progress | undefined;
@@ -309,7 +350,17 @@ export async function runCopy(config: CopyCommandConfig): Promise<number> {
     progress = new Progress(source.size, progressConfig);
     started = true;
     const shown = progress;
-    const stats = await copyImage(source, destination, {
+    const threads = shareable
+      ? shareableThreads(
+        source,
+        destination,
+        config.connections ?? defaultThreads(config.source, config.destination),
+      )
+      : 1;
+    const copy = threads > 1
+      ? (s: Endpoint, d: Endpoint, o: CopyOptions) => copyShared(s, d, o, threads)
+      : copyImage;
+    const stats = await copy(source, destination, {
       requests: config.requests,
       requestSize: config.requestSize,
       sparseSize: config.sparseSize,

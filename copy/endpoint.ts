@@ -67,7 +67,39 @@ export interface Endpoint {
   close(complete: boolean): Promise<void>;
   /** What a failed copy left at this destination, for the error message. */
   incompleteNote(): string;
+  /**
+   * How another thread opens this same endpoint for its share of the copy
+   * (shares.ts); undefined when it cannot (streams, http). `threads`, once
+   * the copy is about to be shared, lets the endpoint divide what it must
+   * between them.
+   */
+  shareSpec(threads?: number): ShareSpec | undefined;
 }
+
+/**
+ * An opened endpoint as another thread reopens it: plain data, so that it
+ * can be posted to a worker.
+ */
+export type ShareSpec =
+  /** The same export, over one more connection. */
+  | { kind: "nbd"; name: string; uri: string }
+  /** The same file or block device, read with its own descriptor. */
+  | { kind: "file-source"; path: string }
+  /**
+   * The file being written (for a new file, its temporary name), written
+   * with its own descriptor and never resized, created or removed.
+   */
+  | {
+    kind: "file-destination";
+    name: string;
+    path: string;
+    size: number | undefined;
+    isZero: boolean;
+    /** This thread's share of the dirty data the copy may leave behind. */
+    writeBehindBudget: number;
+  }
+  /** Discards everything. */
+  | { kind: "null" };
 
 /** A parsed SOURCE or DESTINATION argument. */
 export type EndpointSpec =
@@ -151,5 +183,9 @@ export abstract class BaseEndpoint implements Endpoint {
   /** The generic note. */
   incompleteNote(): string {
     return `${this.name} is incomplete`;
+  }
+  /** Not shared unless a subclass can be reopened. */
+  shareSpec(_threads?: number): ShareSpec | undefined {
+    return undefined;
   }
 }

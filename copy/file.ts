@@ -18,28 +18,37 @@
  * @module
  */
 
-import * as fs from "node:fs";
-import { basename, dirname, join } from "node:path";
 import {
   adviseSequential,
+  closeFd,
   dropCache,
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
   fallocate,
+  lastError,
+  O_CREAT,
+  O_EXCL,
+  O_RDONLY,
+  O_RDWR,
+  O_WRONLY,
+  openFd,
   pread,
   pwrite,
   seekData,
   seekEnd,
   seekHole,
+  SYNC_FILE_RANGE_WAIT_AFTER,
   SYNC_FILE_RANGE_WAIT_BEFORE,
   SYNC_FILE_RANGE_WRITE,
+  syncFd,
   syncFileRange,
+  truncateFd,
 } from "../io/libc.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { ZERO_BUFFER } from "../server/backend.ts";
 import { registerCleanup } from "./cleanup.ts";
-import { BaseEndpoint, type CopyExtent, type Endpoint } from "./endpoint.ts";
+import { BaseEndpoint, type CopyExtent, type Endpoint, type ShareSpec } from "./endpoint.ts";
 import { StreamDestination, StreamSource } from "./pipe.ts";
 
 /** Files take any offset and length; 4 KiB is the page size the kernel likes. */
@@ -64,32 +73,45 @@ function fsError(error: unknown, what: string): Error {
 }
 
 /*
- * Reads and writes are plain synchronous pread/pwrite through FFI. In Deno
- * node:fs runs positional I/O on the event loop's thread anyway, with more
- * overhead, and handing a call to a worker thread (FFI "nonblocking") cost
- * the event loop more than the copy it saves: for 1 GiB in 256 KiB pieces,
- * ~85 ms of event-loop time against ~55 ms for reading from the page cache
- * directly. Sources are read in order with POSIX_FADV_SEQUENTIAL, so the
- * kernel's readahead keeps cold files streaming. A failed call is repeated
- * with node:fs, whose error carries the errno.
+ * Files are opened, read, written and resized with plain synchronous libc
+ * calls through FFI, never node:fs: loading the Node compatibility layer
+ * alone costs a copy ~25 ms of start-up, and node:fs runs positional I/O
+ * on the event loop's thread anyway, with more overhead. Handing each call
+ * to a worker thread (FFI "nonblocking") cost the event loop more than the
+ * copy it saves: for 1 GiB in 256 KiB pieces, ~85 ms of event-loop time
+ * against ~55 ms for reading from the page cache directly. Sources are
+ * read in order with POSIX_FADV_SEQUENTIAL, so the kernel's readahead keeps
+ * cold files streaming.
  */
 
 function readAt(fd: number, buf: Uint8Array, position: number): number {
-  const n = pread(fd, buf, position);
-  if (n !== undefined && n >= 0) return n;
-  return fs.readSync(fd, buf, 0, buf.length, position);
+  const n = pread(fd, buf, position)!;
+  if (n < 0) throw lastError();
+  return n;
 }
 
 function writeAt(fd: number, buf: Uint8Array, position: number): number {
-  const n = pwrite(fd, buf, position);
-  if (n !== undefined && n >= 0) return n;
-  return fs.writeSync(fd, buf, 0, buf.length, position);
+  const n = pwrite(fd, buf, position)!;
+  if (n < 0) throw lastError();
+  return n;
 }
 
-function fsync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) =>
-    fs.fsync(fd, (error) => error ? reject(error) : resolve())
-  );
+/** Opens `path` with open(2) `flags`; FFI is required. */
+function openPath(path: string, flags: number, what: string): number {
+  let fd: number | undefined;
+  try {
+    fd = openFd(path, flags);
+  } catch (error) {
+    throw fsError(error, what);
+  }
+  if (fd === undefined) throw new Error(`${what}: file access needs FFI (run nbd with -A)`);
+  return fd;
+}
+
+/** The directory part of `path` ("." when it has none). */
+function directoryOf(path: string): string {
+  const slash = path.lastIndexOf("/");
+  return slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
 }
 
 /** Writes all of `buf` at `position`. */
@@ -123,49 +145,104 @@ export function fileExtents(fd: number, offset: number, length: number): CopyExt
 }
 
 /**
+ * How much written data a copy may leave dirty in the page cache: half of
+ * what the kernel lets accumulate before its own background writeback
+ * starts (vm.dirty_background_bytes, or _ratio of the available memory),
+ * so that the kernel never has to throttle the copy; 128 MiB when that
+ * cannot be read.
+ */
+export function dirtyBudget(): number {
+  const fallback = 128 << 20;
+  try {
+    const read = (name: string) => Number(Deno.readTextFileSync(`/proc/sys/vm/${name}`).trim());
+    const bytes = read("dirty_background_bytes");
+    if (bytes > 0) return Math.max(16 << 20, Math.floor(bytes / 2));
+    const ratio = read("dirty_background_ratio");
+    const available = /MemAvailable:\s+(\d+) kB/.exec(Deno.readTextFileSync("/proc/meminfo"));
+    if (!(ratio > 0) || !available) return fallback;
+    return Math.max(16 << 20, Math.floor(Number(available[1]) * 1024 * ratio / 100 / 2));
+  } catch {
+    return fallback;
+  }
+}
+
+/**
  * Keeps the written data of a copy from piling up in the page cache. Left
- * alone, the kernel lets gigabytes of dirty pages accumulate, then throttles
- * every writer while it flushes them: single 256 KiB writes were measured
- * stalling for up to 640 ms, turning a 0.7 s copy of 1 GiB into 2-5 s at
- * random. So every `step` bytes written, the writer that crosses the mark
- * waits for the writeback started at the previous mark, drops those pages
- * from the cache (the copy will not read them back) and starts writeback
- * of what was written since. Dirty data stays within about two steps.
- * Whole-file calls keep it to three calls a step: each call costs a hop to
- * a worker thread, too dear to make for every write.
+ * alone, the kernel lets gigabytes of dirty pages accumulate, then makes
+ * every writer pay for their writeback: copies of 2 GiB and more were
+ * measured taking 3-4 times as long, nearly all of it system time. So the
+ * writes are grouped in windows of `step` bytes, and once more than
+ * `budget` bytes are in windows not yet retired, the oldest are written
+ * back, waited for and dropped from the cache (the copy will not read them
+ * back), which recycles the same memory for the rest of the copy. Writers
+ * only wait when the disk falls more than a budget behind. The calls run
+ * on a helper thread, two per window, never one per write.
  */
 export class WriteBehind {
   readonly #fd: number;
   readonly #step: number;
-  #since = 0;
-  #running: Promise<void> | undefined;
+  #budget: number;
+  /** The window being filled: the range its writes cover, and their bytes. */
+  #start = Infinity;
+  #end = 0;
+  #bytes = 0;
+  /** Full windows not yet retired, oldest first, and their bytes. */
+  #windows: { start: number; end: number; bytes: number }[] = [];
+  #pending = 0;
+  #retiring: Promise<void> | undefined;
   #enabled = true;
 
-  /** Flushes behind writes to `fd` every `step` bytes. */
-  constructor(fd: number, step = 16 << 20) {
+  /** Writes back behind writes to `fd` in windows of `step` bytes, `budget` bytes behind. */
+  constructor(fd: number, step = 16 << 20, budget = dirtyBudget()) {
     this.#fd = fd;
     this.#step = step;
+    this.#budget = Math.max(budget, step);
   }
 
-  /** Called after each write of `length` bytes. */
-  async written(length: number): Promise<void> {
+  /** The budget in bytes. */
+  get budget(): number {
+    return this.#budget;
+  }
+  set budget(bytes: number) {
+    this.#budget = Math.max(bytes, this.#step);
+  }
+
+  /**
+   * Called after each write of `length` bytes at `offset`: a promise when
+   * the writer must wait for the disk, else undefined.
+   */
+  written(offset: number, length: number): Promise<void> | undefined {
     if (!this.#enabled) return;
-    this.#since += length;
-    if (this.#since < this.#step) return;
-    // A step is under way: wait for it, which holds writers back as the disk requires.
-    if (this.#running) return await this.#running;
-    this.#since = 0;
-    this.#running = this.#flush().finally(() => this.#running = undefined);
-    await this.#running;
+    if (offset < this.#start) this.#start = offset;
+    if (offset + length > this.#end) this.#end = offset + length;
+    this.#bytes += length;
+    if (this.#bytes < this.#step) return;
+    this.#windows.push({ start: this.#start, end: this.#end, bytes: this.#bytes });
+    this.#pending += this.#bytes;
+    this.#start = Infinity;
+    this.#end = 0;
+    this.#bytes = 0;
+    if (this.#pending <= this.#budget) return;
+    const retiring = this.#retire();
+    return this.#pending > 2 * this.#budget ? retiring : undefined;
   }
 
-  async #flush(): Promise<void> {
-    const fd = this.#fd;
-    // nbytes 0 means "to the end of the file".
-    await syncFileRange(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE);
-    await dropCache(fd, 0, 0);
-    // Not supported here (or no FFI): the kernel's own writeback will do.
-    if (!(await syncFileRange(fd, 0, 0, SYNC_FILE_RANGE_WRITE))) this.#enabled = false;
+  /** Writes back, waits for and drops the oldest windows until a budget at most is pending. */
+  #retire(): Promise<void> {
+    this.#retiring ??= (async () => {
+      const fd = this.#fd;
+      while (this.#pending > this.#budget && this.#enabled) {
+        const window = this.#windows.shift()!;
+        const length = window.end - window.start;
+        const flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+          SYNC_FILE_RANGE_WAIT_AFTER;
+        // Not supported here (or no FFI): the kernel's own writeback will do.
+        if (!(await syncFileRange(fd, window.start, length, flags))) this.#enabled = false;
+        await dropCache(fd, window.start, length);
+        this.#pending -= window.bytes;
+      }
+    })().finally(() => this.#retiring = undefined);
+    return this.#retiring;
   }
 }
 
@@ -190,15 +267,15 @@ export class FileSource extends BaseEndpoint {
   readonly identity: { dev: number; ino: number };
   readonly #fd: number;
 
-  private constructor(name: string, fd: number, stat: fs.Stats) {
+  private constructor(name: string, fd: number, stat: Deno.FileInfo) {
     super();
     this.name = name;
     this.#fd = fd;
-    const block = stat.isBlockDevice();
+    const block = stat.isBlockDevice === true;
     this.kind = block ? "block device" : "file";
     this.size = block ? (seekEnd(fd) ?? 0) : stat.size;
     this.canExtents = !block && seekData(fd, 0) !== undefined;
-    this.identity = { dev: stat.dev, ino: stat.ino };
+    this.identity = { dev: stat.dev, ino: stat.ino ?? 0 };
   }
 
   /** Opens `path`: a FIFO or character device becomes a stream source. */
@@ -212,14 +289,9 @@ export class FileSource extends BaseEndpoint {
       });
       return new StreamSource(path, file);
     }
-    let fd: number;
-    try {
-      fd = fs.openSync(path, "r");
-    } catch (error) {
-      throw fsError(error, `Cannot open ${path}`);
-    }
+    const fd = openPath(path, O_RDONLY, `Cannot open ${path}`);
     await adviseSequential(fd);
-    return new FileSource(path, fd, fs.fstatSync(fd));
+    return new FileSource(path, fd, info);
   }
 
   /** Positional read of the whole buffer; a file that shrank is an error, not zeroes. */
@@ -246,15 +318,24 @@ export class FileSource extends BaseEndpoint {
     );
   }
 
+  /** The same file, through another descriptor. */
+  override shareSpec(): ShareSpec {
+    return { kind: "file-source", path: this.name };
+  }
+
   /** Closes the descriptor. */
   override close(): Promise<void> {
-    fs.closeSync(this.#fd);
+    closeFd(this.#fd);
     return Promise.resolve();
   }
 }
 
-/** How a file destination was opened, which decides what a failure leaves behind. */
-type FileMode = "new" | "existing" | "device";
+/**
+ * How a file destination was opened, which decides what a failure leaves
+ * behind; "shared" is another thread's descriptor for a file that the
+ * main thread opened, and owns.
+ */
+type FileMode = "new" | "existing" | "device" | "shared";
 
 /** A regular file or block device written with positional writes. */
 export class FileDestination extends BaseEndpoint {
@@ -267,6 +348,8 @@ export class FileDestination extends BaseEndpoint {
   readonly #mode: FileMode;
   /** Where the data goes until the copy succeeds (a new file); otherwise the path. */
   readonly #writePath: string;
+  /** A block device (so never resized). */
+  #device: boolean;
   #canPunch = true;
   #canZeroRange = true;
   #closed = false;
@@ -274,7 +357,14 @@ export class FileDestination extends BaseEndpoint {
   /** Removes the temporary file if the process is killed before `close`. */
   readonly #unregister: () => void;
 
-  private constructor(name: string, fd: number, mode: FileMode, writePath: string, size?: number) {
+  private constructor(
+    name: string,
+    fd: number,
+    mode: FileMode,
+    writePath: string,
+    size: number | undefined,
+    isZero = mode === "new",
+  ) {
     super();
     this.name = name;
     this.#fd = fd;
@@ -282,7 +372,8 @@ export class FileDestination extends BaseEndpoint {
     this.#writePath = writePath;
     this.kind = mode === "device" ? "block device" : "file";
     this.size = size;
-    this.isZero = mode === "new";
+    this.isZero = isZero;
+    this.#device = mode === "device";
     this.#behind = new WriteBehind(fd);
     this.#unregister = mode === "new"
       ? registerCleanup(() => Deno.removeSync(writePath))
@@ -312,52 +403,78 @@ export class FileDestination extends BaseEndpoint {
     }
     if (!info) {
       // A new file: written under a temporary name, renamed into place on success.
-      const temporary = join(
-        dirname(path),
-        `.${basename(path)}.nbd-copy-${crypto.randomUUID().slice(0, 8)}`,
-      );
-      let fd: number;
+      const directory = directoryOf(path);
+      const base = path.slice(path.lastIndexOf("/") + 1);
+      const temporary = `${directory}/.${base}.nbd-copy-${crypto.randomUUID().slice(0, 8)}`;
+      const fd = openPath(temporary, O_WRONLY | O_CREAT | O_EXCL, `Cannot create ${path}`);
       try {
-        fd = fs.openSync(temporary, "wx");
+        if (sourceSize !== undefined) truncateFd(fd, sourceSize);
       } catch (error) {
-        throw fsError(error, `Cannot create ${path}`);
-      }
-      try {
-        if (sourceSize !== undefined) fs.ftruncateSync(fd, sourceSize);
-      } catch (error) {
-        fs.closeSync(fd);
-        fs.rmSync(temporary, { force: true });
+        closeFd(fd);
+        try {
+          Deno.removeSync(temporary);
+        } catch { /* already gone */ }
         throw fsError(error, `Cannot size ${path}`);
       }
       return new FileDestination(path, fd, "new", temporary, sourceSize);
     }
-    let fd: number;
-    try {
-      // Never O_CREAT here: a device node must not be replaced by a regular file.
-      fd = fs.openSync(path, "r+");
-    } catch (error) {
-      throw fsError(error, `Cannot open ${path}`);
-    }
-    const stat = fs.fstatSync(fd);
-    if (stat.isBlockDevice()) {
+    // Never O_CREAT here: a device node must not be replaced by a regular file.
+    const fd = openPath(path, O_RDWR, `Cannot open ${path}`);
+    if (info?.isBlockDevice) {
       return new FileDestination(path, fd, "device", path, seekEnd(fd) ?? 0);
     }
     try {
       // Only resized, not emptied: zero runs are punched as they come. Emptying
       // first would free every block and, on ext4, make close() wait for the
       // new data to reach the disk (its "replace via truncate" heuristic).
-      if (sourceSize !== undefined) fs.ftruncateSync(fd, sourceSize);
+      if (sourceSize !== undefined) truncateFd(fd, sourceSize);
     } catch (error) {
-      fs.closeSync(fd);
+      closeFd(fd);
       throw fsError(error, `Cannot truncate ${path}`);
     }
     return new FileDestination(path, fd, "existing", path, sourceSize);
   }
 
+  /**
+   * Opens the file that another thread's `shareSpec()` describes, for a
+   * share of the same copy: written through its own descriptor, never
+   * created, resized or removed from here.
+   */
+  static openShared(spec: Extract<ShareSpec, { kind: "file-destination" }>): FileDestination {
+    const fd = openPath(spec.path, O_RDWR, `Cannot open ${spec.name}`);
+    const destination = new FileDestination(
+      spec.name,
+      fd,
+      "shared",
+      spec.path,
+      spec.size,
+      spec.isZero,
+    );
+    destination.#behind.budget = spec.writeBehindBudget;
+    destination.#device = Deno.statSync(spec.path).isBlockDevice === true;
+    return destination;
+  }
+
+  /**
+   * The file being written, through another descriptor. With `threads`,
+   * the write-behind budget is split between them, this one included.
+   */
+  override shareSpec(threads?: number): ShareSpec {
+    if (threads) this.#behind.budget = Math.floor(this.#behind.budget / threads);
+    return {
+      kind: "file-destination",
+      name: this.name,
+      path: this.#writePath,
+      size: this.size,
+      isZero: this.isZero,
+      writeBehindBudget: this.#behind.budget,
+    };
+  }
+
   /** Positional write, then writeback behind it. */
   override async write(buf: Uint8Array, offset: number): Promise<void> {
     writeFully(this.#fd, buf, offset);
-    await this.#behind.written(buf.length);
+    await this.#behind.written(offset, buf.length);
   }
 
   /**
@@ -382,13 +499,17 @@ export class FileDestination extends BaseEndpoint {
   }
 
   /** fsync. */
-  override flush(): Promise<void> {
-    return fsync(this.#fd);
+  override async flush(): Promise<void> {
+    try {
+      await syncFd(this.#fd);
+    } catch (error) {
+      throw fsError(error, "fsync");
+    }
   }
 
   /** Sizes the file once a stream source has ended (what lies beyond the stream goes). */
   override finish(size: number): Promise<void> {
-    if (this.#mode !== "device") fs.ftruncateSync(this.#fd, size);
+    if (!this.#device) truncateFd(this.#fd, size);
     return Promise.resolve();
   }
 
@@ -397,7 +518,7 @@ export class FileDestination extends BaseEndpoint {
     if (this.#closed) return;
     this.#closed = true;
     this.#unregister();
-    fs.closeSync(this.#fd);
+    closeFd(this.#fd);
     if (this.#mode !== "new") return;
     if (complete) {
       try {

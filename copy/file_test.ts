@@ -147,14 +147,14 @@ Deno.test("WriteBehind flushes and drops written ranges without losing data", as
   await using dir = await tempDir();
   const path = `${dir.path}/out.img`;
   const fd = fs.openSync(path, "w");
-  const behind = new WriteBehind(fd, MiB);
+  const behind = new WriteBehind(fd, MiB, 2 * MiB);
   const data = randomBytes(8 * MiB, 17);
   // Out of order and concurrent, as the copy's lanes write.
   const order = Array.from({ length: 32 }, (_, i) => (i * 13) % 32);
   await Promise.all(order.map(async (i) => {
     const piece = data.subarray(i * 256 * 1024, (i + 1) * 256 * 1024);
     fs.writeSync(fd, piece, 0, piece.length, i * 256 * 1024);
-    await behind.written(piece.length);
+    await behind.written(i * 256 * 1024, piece.length);
   }));
   fs.closeSync(fd);
   assertBytes(await Deno.readFile(path), data);

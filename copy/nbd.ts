@@ -13,7 +13,7 @@ import { NbdClientPool } from "../client/pool.ts";
 import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { ZERO_BUFFER } from "../server/backend.ts";
-import { BaseEndpoint, type CopyExtent, type Role } from "./endpoint.ts";
+import { BaseEndpoint, type CopyExtent, type Role, type ShareSpec } from "./endpoint.ts";
 
 /**
  * Connections opened when none were asked for: 4, which hides network
@@ -52,11 +52,18 @@ export class NbdEndpoint extends BaseEndpoint {
   readonly #canZero: boolean;
   readonly #canFlush: boolean;
   readonly #cleanup: (() => Promise<void>) | undefined;
+  readonly #uri: string;
   #closed: Promise<void> | undefined;
 
-  private constructor(name: string, pool: NbdClientPool, cleanup?: () => Promise<void>) {
+  private constructor(
+    name: string,
+    uri: string,
+    pool: NbdClientPool,
+    cleanup?: () => Promise<void>,
+  ) {
     super();
     this.name = name;
+    this.#uri = uri;
     this.pool = pool;
     const client = pool.primary;
     this.size = client.size();
@@ -77,12 +84,21 @@ export class NbdEndpoint extends BaseEndpoint {
     // When connecting fails, the clean-up is the caller's: it knows why better.
     const connections = options.connections ?? defaultConnections(uri);
     const pool = await NbdClientPool.connect(uri, { connections });
-    const endpoint = new NbdEndpoint(name, pool, options.cleanup);
+    const endpoint = new NbdEndpoint(name, uri, pool, options.cleanup);
     if (role === "destination" && pool.primary.readOnly) {
       await endpoint.close();
       throw new Error(`Cannot write to ${name}: the export is read-only`);
     }
     return endpoint;
+  }
+
+  /**
+   * The same export over another connection, when the server allows
+   * several (multi-conn: what one connection flushes, all have).
+   */
+  override shareSpec(): ShareSpec | undefined {
+    if (!this.pool.primary.canMultiConn) return undefined;
+    return { kind: "nbd", name: this.name, uri: this.#uri };
   }
 
   /** Number of connections in use. */

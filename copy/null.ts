@@ -6,7 +6,7 @@
  */
 
 import type { BlockSize } from "../protocol/handshake.ts";
-import { BaseEndpoint } from "./endpoint.ts";
+import { BaseEndpoint, type ShareSpec } from "./endpoint.ts";
 
 /** Discards writes; reads as zero everywhere, so zero runs are skipped. */
 export class NullDestination extends BaseEndpoint {
@@ -24,6 +24,11 @@ export class NullDestination extends BaseEndpoint {
   /** Nothing to do. */
   override zero(): Promise<void> {
     return Promise.resolve();
+  }
+
+  /** Another null. */
+  override shareSpec(): ShareSpec {
+    return { kind: "null" };
   }
 
   /** Nothing was kept, so nothing can be incomplete. */

@@ -34,6 +34,21 @@ export interface CopyOptions {
   signal?: AbortSignal;
   /** Called after each piece with the bytes of the image done so far. */
   onProgress?: (done: number) => void;
+  /**
+   * Hands out the parts of the image this copy does, in turn; undefined
+   * when none is left. Without it the copy does the whole image. Parts are
+   * how threads share a copy (shards.ts): each claims the next part when
+   * it runs out, so none sits idle while another has a backlog.
+   */
+  claim?: () => ImagePart | undefined;
+}
+
+/** A range of the image: `[offset, end)`. */
+export interface ImagePart {
+  /** First byte. */
+  offset: number;
+  /** One past the last byte. */
+  end: number;
 }
 
 /** What a copy did. */
@@ -136,7 +151,11 @@ class WorkQueue {
   readonly #requestSize: number;
   readonly #align: number;
   readonly #useExtents: boolean;
+  readonly #claim: (() => ImagePart | undefined) | undefined;
+  /** End of the image. */
   #end: number;
+  /** End of the part being handed out. */
+  #partEnd: number;
   #offset = 0;
   /** Normalized runs not yet handed out; the first may be partly consumed. */
   #runs: CopyExtent[] = [];
@@ -146,17 +165,39 @@ class WorkQueue {
   #lookahead: Promise<CopyExtent[]> | undefined;
   #lock: Promise<unknown> = Promise.resolve();
 
-  constructor(source: Endpoint, requestSize: number, align: number, useExtents: boolean) {
+  constructor(
+    source: Endpoint,
+    requestSize: number,
+    align: number,
+    useExtents: boolean,
+    claim?: () => ImagePart | undefined,
+  ) {
     this.#source = source;
     this.#requestSize = requestSize;
     this.#align = align;
     this.#end = source.size ?? Infinity;
+    this.#partEnd = this.#end;
     this.#useExtents = useExtents && source.size !== undefined;
+    this.#claim = claim;
+    if (claim) this.#partEnd = this.#offset = this.#fetchFrom = 0;
   }
 
   /** The source is a stream that ended at `size`. */
   endAt(size: number): void {
     if (size < this.#end) this.#end = size;
+    if (size < this.#partEnd) this.#partEnd = size;
+  }
+
+  /** Moves on to the next claimed part; false when there is none. */
+  #nextPart(): boolean {
+    const part = this.#claim?.();
+    if (!part) return false;
+    this.#offset = this.#fetchFrom = part.offset;
+    this.#partEnd = Math.min(part.end, this.#end);
+    this.#runs = [];
+    this.#runIndex = 0;
+    this.#lookahead = undefined;
+    return true;
   }
 
   /** The next item, or undefined at the end. */
@@ -167,11 +208,13 @@ class WorkQueue {
   }
 
   async #next(): Promise<WorkItem | undefined> {
+    while (this.#offset >= this.#partEnd) {
+      if (!this.#claim || !this.#nextPart()) return undefined;
+    }
     const offset = this.#offset;
-    if (offset >= this.#end) return undefined;
     const rs = this.#requestSize;
     if (!this.#useExtents) {
-      const length = Math.min(rs - (offset % rs), this.#end - offset);
+      const length = Math.min(rs - (offset % rs), this.#partEnd - offset);
       this.#offset += length;
       return { offset, length, zero: false };
     }
@@ -198,7 +241,7 @@ class WorkQueue {
     this.#lookahead = undefined;
     const last = runs[runs.length - 1]!;
     this.#fetchFrom = last.offset + last.length;
-    if (this.#fetchFrom < this.#end) {
+    if (this.#fetchFrom < this.#partEnd) {
       this.#lookahead = this.#query(this.#fetchFrom);
       // Failures surface when the lookahead is awaited, not as unhandled rejections.
       this.#lookahead.catch(() => {});
@@ -212,7 +255,7 @@ class WorkQueue {
    * window cut at an aligned offset, neighbours of one kind merged.
    */
   async #query(from: number): Promise<CopyExtent[]> {
-    const end = this.#end;
+    const end = this.#partEnd;
     const align = this.#align;
     let raw: CopyExtent[];
     try {
@@ -296,6 +339,7 @@ export async function copyImage(
     requestSize,
     plan.align,
     options.extents && source.canExtents,
+    options.claim,
   );
   const skipZeroes = !options.allocated &&
     (destination.isZero || options.destinationIsZero) && !destination.sequential;

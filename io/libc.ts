@@ -32,6 +32,9 @@ const SYMBOLS = {
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32", nonblocking: true },
   posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32", nonblocking: true },
+  open: { parameters: ["buffer", "i32", "u32"], result: "i32" },
+  ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+  fsync: { parameters: ["i32"], result: "i32" },
 } as const;
 
 let lib: Deno.DynamicLibrary<typeof SYMBOLS> | null | undefined;
@@ -205,4 +208,103 @@ export async function dropCache(fd: number, offset: number, length: number): Pro
     POSIX_FADV_DONTNEED,
   )) ===
     0;
+}
+
+/** Names of the errno values a file operation commonly meets (Linux numbering). */
+const ERRNO_NAMES: Record<number, string> = {
+  1: "EPERM",
+  2: "ENOENT",
+  5: "EIO",
+  6: "ENXIO",
+  9: "EBADF",
+  12: "ENOMEM",
+  13: "EACCES",
+  16: "EBUSY",
+  17: "EEXIST",
+  20: "ENOTDIR",
+  21: "EISDIR",
+  22: "EINVAL",
+  24: "EMFILE",
+  26: "ETXTBSY",
+  27: "EFBIG",
+  28: "ENOSPC",
+  30: "EROFS",
+  36: "ENAMETOOLONG",
+  40: "ELOOP",
+  95: "EOPNOTSUPP",
+  122: "EDQUOT",
+};
+
+/** A failed system call: `code` is the errno name ("ENOSPC"), the message the system's text. */
+export class SystemError extends Error {
+  /** The errno name, or "E" and the number when it has no name here. */
+  readonly code: string;
+  /** The errno number. */
+  readonly errno: number;
+
+  /** Describes errno `errno`. */
+  constructor(errno: number) {
+    const l = libc();
+    const text = l?.symbols.strerror(errno);
+    super(text ? new Deno.UnsafePointerView(text).getCString() : `error ${errno}`);
+    this.name = "SystemError";
+    this.errno = errno;
+    this.code = ERRNO_NAMES[errno] ?? `E${errno}`;
+  }
+}
+
+/** The error of the libc call just made on this thread. */
+export function lastError(): SystemError {
+  return new SystemError(errno());
+}
+
+/** open(2) flags. */
+export const O_RDONLY = 0;
+/** Read and write. */
+export const O_RDWR = 2;
+/** Write only. */
+export const O_WRONLY = 1;
+/** Create the file if it does not exist. */
+export const O_CREAT = 0o100;
+/** With O_CREAT: fail if it exists. */
+export const O_EXCL = 0o200;
+/** Not inherited by child processes. */
+export const O_CLOEXEC = 0o2000000;
+
+/**
+ * open(2): the descriptor; throws `SystemError`. Undefined when FFI is
+ * unavailable.
+ */
+export function openFd(path: string, flags: number, mode = 0o666): number | undefined {
+  const l = libc();
+  if (!l) return undefined;
+  const bytes = new TextEncoder().encode(path + "\0");
+  const fd = l.symbols.open(bytes, flags | O_CLOEXEC, mode);
+  if (fd < 0) throw lastError();
+  return fd;
+}
+
+/** ftruncate(2); throws `SystemError`. */
+export function truncateFd(fd: number, size: number): void {
+  const l = libc();
+  if (!l) throw new Error("ftruncate: FFI (--allow-ffi) is not available");
+  if (l.symbols.ftruncate(fd, BigInt(size)) !== 0) throw lastError();
+}
+
+/**
+ * Makes the file durable: the bulk of its dirty data is written and waited
+ * for on a helper thread (sync_file_range), then fsync(2) runs here, where
+ * its error can still be read: it reports any writeback error of the file.
+ * Throws `SystemError`.
+ */
+export async function syncFd(fd: number): Promise<void> {
+  const l = libc();
+  if (!l) throw new Error("fsync: FFI (--allow-ffi) is not available");
+  await l.symbols.sync_file_range(
+    fd,
+    0n,
+    0n,
+    SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER,
+  );
+  if (l.symbols.fsync(fd) !== 0) throw lastError();
 }

@@ -19,6 +19,7 @@ import {
   nbdExecutable,
   peers,
   randomBytes,
+  readExport,
   run,
   runOk,
   type RunResult,
@@ -55,14 +56,6 @@ async function fill(uri: string, chunks: Array<[number, Uint8Array]>): Promise<v
   await using client = await NbdClient.connect(uri);
   await Promise.all(chunks.map(([offset, bytes]) => client.pwrite(bytes, offset)));
   await client.flush().catch(() => {});
-}
-
-/** Reads a whole export. */
-async function readExport(uri: string): Promise<Uint8Array> {
-  await using client = await NbdClient.connect(uri);
-  const out = new Uint8Array(client.size());
-  await client.pread(out, 0);
-  return out;
 }
 
 /** Bytes a file really occupies on disk. */
@@ -670,6 +663,8 @@ Deno.test({
     for (let i = 0; i < 300 && !stderr.includes('"state":"running"'); i++) {
       await new Promise((r) => setTimeout(r, 20));
     }
+    // Time for every thread of the copy to have its reads on the way.
+    await new Promise((r) => setTimeout(r, 1000));
     child.kill("SIGINT");
     await new Promise((r) => setTimeout(r, 300));
     child.kill("SIGINT");

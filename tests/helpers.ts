@@ -7,6 +7,7 @@
  */
 
 import { fileURLToPath } from "node:url";
+import { NbdClient } from "../client/client.ts";
 
 /** Absolute path of the repository root. */
 export const ROOT: string = fileURLToPath(new URL("../", import.meta.url)).replace(/\/$/, "");
@@ -271,4 +272,12 @@ export async function eventually(condition: () => boolean, timeoutMs = 5000): Pr
     await new Promise((r) => setTimeout(r, 20));
   }
   return true;
+}
+
+/** Reads a whole export. */
+export async function readExport(uri: string): Promise<Uint8Array> {
+  await using client = await NbdClient.connect(uri);
+  const out = new Uint8Array(client.size());
+  await client.pread(out, 0);
+  return out;
 }

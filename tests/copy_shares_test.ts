@@ -1,0 +1,161 @@
+/**
+ * `nbd copy` shared between threads (copy/shares.ts): each thread opens
+ * its own connection, so the server's log counts them; results are
+ * compared byte for byte, sparse results by allocated size, and a failure
+ * in any thread must end the copy with the usual one-line message.
+ *
+ * @module
+ */
+
+import { NbdClient } from "../client/client.ts";
+import { assertBytes, assertEquals, assertOk } from "./assert.ts";
+import {
+  nbdExecutable,
+  peers,
+  randomBytes,
+  readExport,
+  run,
+  type RunResult,
+  type ServerProcess,
+  startServer,
+  tempDir,
+} from "./helpers.ts";
+
+const MiB = 1 << 20;
+
+async function nbdCopy(args: string[]): Promise<RunResult> {
+  return await run(await nbdExecutable(), ["copy", ...args]);
+}
+
+function nbdkit(...args: string[]): Promise<ServerProcess> {
+  return startServer("nbdkit", ["-f", "-U", "$SOCKET", ...args]);
+}
+
+/** Connections nbdkit's log filter recorded. */
+async function connections(log: string): Promise<number> {
+  return (await Deno.readTextFile(log)).split("\n").filter((line) => / Connect /.test(line))
+    .length;
+}
+
+/** An image of `size` bytes: random data in a few places, holes elsewhere. */
+function sparseImage(size: number): { image: Uint8Array; data: number } {
+  const image = new Uint8Array(size);
+  let data = 0;
+  for (const [offset, length] of [[0, 3 * MiB], [70 * MiB, 9 * MiB], [size - MiB, MiB]]) {
+    image.set(randomBytes(length!, offset! + 1), offset!);
+    data += length!;
+  }
+  return { image, data };
+}
+
+Deno.test({
+  name: "shared copy: nbdkit memory → a new file over 4 threads, 4 connections, exact and sparse",
+  ...peers("nbdkit"),
+  async fn() {
+    await using dir = await tempDir();
+    const size = 160 * MiB;
+    const { image, data } = sparseImage(size);
+    const log = `${dir.path}/nbdkit.log`;
+    await using server = await nbdkit("--filter=log", "memory", String(size), `logfile=${log}`);
+    {
+      await using client = await NbdClient.connect(server.uri);
+      for (let offset = 0; offset < size; offset += 8 * MiB) {
+        const piece = image.subarray(offset, offset + 8 * MiB);
+        if (piece.some((b) => b !== 0)) await client.pwrite(piece, offset);
+      }
+    }
+    const before = await connections(log);
+    const out = `${dir.path}/out.img`;
+    const result = await nbdCopy(["-C", "4", server.uri, out]);
+    assertEquals(result.code, 0, result.stderr);
+    assertEquals(await connections(log) - before, 4, "one connection per thread");
+    assertBytes(await Deno.readFile(out), image);
+    const used = (await Deno.stat(out)).blocks! * 512;
+    assertOk(used <= data + MiB, `${used} bytes allocated for ${data} bytes of data`);
+  },
+});
+
+Deno.test({
+  name: "shared copy: a file → nbdkit memory over 3 threads, exact; zeroes become holes",
+  ...peers("nbdkit"),
+  async fn() {
+    await using dir = await tempDir();
+    const size = 130 * MiB;
+    const { image } = sparseImage(size);
+    const input = `${dir.path}/in.img`;
+    await Deno.writeFile(input, image);
+    const log = `${dir.path}/nbdkit.log`;
+    await using server = await nbdkit("--filter=log", "memory", String(size), `logfile=${log}`);
+    const result = await nbdCopy(["-C", "3", "--flush", input, server.uri]);
+    assertEquals(result.code, 0, result.stderr);
+    assertEquals(await connections(log), 3);
+    assertBytes(await readExport(server.uri), image);
+    const map = await run("nbdinfo", ["--map", "--totals", server.uri]);
+    // Data is allocated; the all-zero stretches of the file did not become writes.
+    assertOk(/^\s*\d+\s+[\d.]+%\s+0\s+data/m.test(map.stdout), map.stdout);
+    assertOk(/^\s*\d+\s+[\d.]+%\s+3\s+hole,zero/m.test(map.stdout), map.stdout);
+  },
+});
+
+Deno.test({
+  name: "shared copy: a server without multi-conn gets a single connection",
+  ...peers("nbdkit"),
+  async fn() {
+    await using dir = await tempDir();
+    const log = `${dir.path}/nbdkit.log`;
+    await using server = await nbdkit(
+      "--filter=log",
+      "--filter=multi-conn",
+      "pattern",
+      String(200 * MiB),
+      `logfile=${log}`,
+      "multi-conn-mode=disable",
+    );
+    const out = `${dir.path}/out.img`;
+    const result = await nbdCopy(["-C", "4", server.uri, out]);
+    assertEquals(result.code, 0, result.stderr);
+    assertEquals(await connections(log), 1);
+    assertEquals((await Deno.stat(out)).size, 200 * MiB);
+  },
+});
+
+Deno.test({
+  name: "shared copy: a read error in any thread stops every thread with one line; no file is left",
+  ...peers("nbdkit"),
+  async fn() {
+    await using dir = await tempDir();
+    const size = 256 * MiB;
+    const failAt = 200 * MiB;
+    // Reads at or beyond failAt fail with EIO; everything else reads as zeroes.
+    const script = `
+case "$1" in
+  get_size) echo ${size} ;;
+  can_multi_conn) exit 0 ;;
+  pread)
+    if [ "$4" -ge ${failAt} ]; then echo "EIO injected failure" >&2; exit 1; fi
+    head -c "$3" /dev/zero ;;
+  *) exit 2 ;;
+esac`;
+    const plugin = `${dir.path}/plugin.sh`;
+    await Deno.writeTextFile(plugin, `#!/bin/sh${script}`);
+    await Deno.chmod(plugin, 0o755);
+    await using server = await nbdkit("sh", plugin);
+    const out = `${dir.path}/out.img`;
+    const result = await nbdCopy(["-C", "4", "--no-extents", "--sparse=0", server.uri, out]);
+    assertEquals(result.code, 1, result.stderr);
+    const lines = result.stderr.trim().split("\n");
+    assertEquals(lines.length, 1, result.stderr);
+    const match =
+      /^nbd: copy failed: source (.+): read at offset (\d+) failed: EIO; (.+) was not created$/
+        .exec(lines[0]!);
+    assertOk(match, lines[0]);
+    assertEquals(match[1], server.uri);
+    assertOk(Number(match[2]) >= failAt, lines[0]);
+    assertEquals(match[3], out);
+    assertEquals(
+      [...Deno.readDirSync(dir.path)].map((entry) => entry.name),
+      ["plugin.sh"],
+      "no output, not even a temporary file",
+    );
+  },
+});
