@@ -115,7 +115,18 @@ export interface ReadOptions {
 export interface WriteOptions {
   /** Force unit access: reply only once durable (needs `canFua`). */
   fua?: boolean;
+  /**
+   * For `pwrite`: the `WRITE_HEADROOM` bytes before `buf` in its buffer are
+   * the client's to overwrite until the write completes, so the request
+   * header is written there and header and data go to the socket as one
+   * piece, without a copy. Writes in flight at the same time must not share
+   * those bytes.
+   */
+  headroom?: boolean;
 }
+
+/** Room in front of write data for a request header (the larger, extended one). */
+export const WRITE_HEADROOM = EXTENDED_REQUEST_SIZE;
 
 /** Options of a zero request; the names follow the `Backend` interface. */
 export interface ZeroOptions extends WriteOptions {
@@ -431,6 +442,13 @@ export class NbdClient implements Backend, AsyncDisposable {
     if (flags < 0) return this.#refuse(NBD_CMD_WRITE, offset, buf.length, "FUA");
     const invalid = this.#validate(NBD_CMD_WRITE, offset, buf.length);
     if (invalid) return Promise.reject(invalid);
+    if (
+      (options as WriteOptions).headroom && buf.byteOffset >= WRITE_HEADROOM &&
+      buf.length > 0 && buf.length <= this.#splitSize
+    ) {
+      // One request: its header can go in front of the data, in the caller's buffer.
+      return this.#submit(new Pending(NBD_CMD_WRITE, offset, buf.length), flags, buf, true);
+    }
     return this.#split(buf.length, (start, n) =>
       this.#submit(
         new Pending(NBD_CMD_WRITE, offset + start, n),
@@ -681,7 +699,12 @@ export class NbdClient implements Backend, AsyncDisposable {
   }
 
   /** Sends one request (and its payload) and resolves when its reply is complete. */
-  #submit(pending: Pending, flags: number, payload?: Uint8Array): Promise<void> {
+  #submit(
+    pending: Pending,
+    flags: number,
+    payload?: Uint8Array,
+    headerInFront = false,
+  ): Promise<void> {
     if (this.#failure) {
       return Promise.reject(this.#lost(pending.type, pending.offset, pending.length));
     }
@@ -691,13 +714,15 @@ export class NbdClient implements Backend, AsyncDisposable {
       return Promise.reject(this.#lost(pending.type, pending.offset, pending.length));
     }
     const cookie = this.#cookie();
-    const header = new Uint8Array(this.#headerSize);
+    const header = headerInFront
+      ? new Uint8Array(payload!.buffer, payload!.byteOffset - this.#headerSize, this.#headerSize)
+      : new Uint8Array(this.#headerSize);
     let length = pending.length;
     if (payload && this.#extended) {
       flags |= NBD_CMD_FLAG_PAYLOAD_LEN;
       length = payload.length;
     }
-    encodeRequest(new DataView(header.buffer), 0, this.#extended, {
+    encodeRequest(new DataView(header.buffer, header.byteOffset), 0, this.#extended, {
       flags,
       type: pending.type,
       cookieHi: 0,
@@ -706,7 +731,11 @@ export class NbdClient implements Backend, AsyncDisposable {
       length,
     });
     this.#inFlight.set(cookie, pending);
-    if (payload) writer.write(header, payload);
+    if (headerInFront) {
+      writer.write(
+        new Uint8Array(payload!.buffer, header.byteOffset, header.length + payload!.length),
+      );
+    } else if (payload) writer.write(header, payload);
     else writer.write(header);
     if (writer.full) {
       // Backpressure: the caller's promise also waits for the queue to drain,

@@ -65,6 +65,13 @@ import { describeServer, openStream, toNbdUri } from "./connect.ts";
 import type { ClientTlsSettings } from "./tls.ts";
 import { NbdConnectionError, NbdOptionError } from "./errors.ts";
 
+/**
+ * A client's large chunks are write payloads, often sent with their header
+ * in front in one piece (`WriteOptions.headroom`): written as they are, not
+ * copied into the writer's staging buffer. Headers alone are still batched.
+ */
+const CLIENT_SMALL_CHUNK = 64 * 1024;
+
 /** How the server greeted us: libnbd's names for the three handshake styles. */
 export type HandshakeStyle = "oldstyle" | "newstyle" | "newstyle-fixed";
 
@@ -173,7 +180,7 @@ export class NbdHandshake implements AsyncDisposable {
   private constructor(stream: ByteStream, uri: NbdUri) {
     this.#stream = stream;
     this.#reader = new BufferedReader(stream);
-    this.#writer = new CorkedWriter(stream);
+    this.#writer = new CorkedWriter(stream, undefined, CLIENT_SMALL_CHUNK);
     this.#uri = uri;
   }
 
@@ -330,7 +337,7 @@ export class NbdHandshake implements AsyncDisposable {
     const secure = await startClientTls(this.#stream, settings, describeServer(this.#uri));
     this.#stream = secure;
     this.#reader = new BufferedReader(secure);
-    this.#writer = new CorkedWriter(secure);
+    this.#writer = new CorkedWriter(secure, undefined, CLIENT_SMALL_CHUNK);
     this.#tls = true;
   }
 

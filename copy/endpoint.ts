@@ -7,6 +7,7 @@
  */
 
 import type { BlockSize } from "../protocol/handshake.ts";
+import { EXTENDED_REQUEST_SIZE } from "../protocol/transmission.ts";
 import { isNbdUri } from "../protocol/uri.ts";
 
 /** A run of the source: allocated data, or bytes known to read as zero. */
@@ -18,6 +19,9 @@ export interface CopyExtent {
   /** The run reads as zeroes (a hole or a zeroed range), so it need not be read. */
   zero: boolean;
 }
+
+/** Room the copy leaves in front of the data it writes (see `Endpoint.write`). */
+export const WRITE_HEADROOM = EXTENDED_REQUEST_SIZE;
 
 /** Which side of the copy an endpoint is. */
 export type Role = "source" | "destination";
@@ -50,8 +54,12 @@ export interface Endpoint {
   read(buf: Uint8Array, offset: number): Promise<number>;
   /** Allocation from `offset`: consecutive runs covering at least one byte of the range. */
   extents(offset: number, length: number): Promise<CopyExtent[]>;
-  /** Writes `buf` at `offset`. */
-  write(buf: Uint8Array, offset: number): Promise<void>;
+  /**
+   * Writes `buf` at `offset`. With `headroom`, the `WRITE_HEADROOM` bytes
+   * before `buf` in its buffer may be overwritten (an NBD endpoint puts the
+   * request header there, to send header and data in one piece).
+   */
+  write(buf: Uint8Array, offset: number, headroom?: boolean): Promise<void>;
   /** Makes a range read as zeroes; `allocate` asks for it to stay allocated (no hole). */
   zero(offset: number, length: number, allocate: boolean): Promise<void>;
   /** Makes what was written durable. */
@@ -159,7 +167,7 @@ export abstract class BaseEndpoint implements Endpoint {
     return Promise.resolve([{ offset, length, zero: false }]);
   }
   /** Not a destination unless overridden. */
-  write(_buf: Uint8Array, _offset: number): Promise<void> {
+  write(_buf: Uint8Array, _offset: number, _headroom?: boolean): Promise<void> {
     return Promise.reject(new Error(`${this.name} cannot be written`));
   }
   /** Not a destination unless overridden. */

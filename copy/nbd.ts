@@ -12,6 +12,7 @@ import { toNbdUri } from "../client/connect.ts";
 import { NbdClientPool } from "../client/pool.ts";
 import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
+import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
 import { ZERO_BUFFER } from "../server/backend.ts";
 import { BaseEndpoint, type CopyExtent, type Role, type ShareSpec } from "./endpoint.ts";
 
@@ -85,6 +86,9 @@ export class NbdEndpoint extends BaseEndpoint {
     const connections = options.connections ?? defaultConnections(uri);
     const pool = await NbdClientPool.connect(uri, { connections });
     const endpoint = new NbdEndpoint(name, uri, pool, options.cleanup);
+    // Writes of 256 KiB and their headers then leave in one piece: with the default
+    // 208 KiB send buffer each one stalled for a wake-up from the server's read.
+    if (role === "destination") enlargeNewSocketBuffers();
     if (role === "destination" && pool.primary.readOnly) {
       await endpoint.close();
       throw new Error(`Cannot write to ${name}: the export is read-only`);
@@ -128,9 +132,9 @@ export class NbdEndpoint extends BaseEndpoint {
     return out;
   }
 
-  /** Writes the buffer. */
-  override write(buf: Uint8Array, offset: number): Promise<void> {
-    return this.pool.pwrite(buf, offset);
+  /** Writes the buffer; with `headroom`, its request header goes in front of it. */
+  override write(buf: Uint8Array, offset: number, headroom = false): Promise<void> {
+    return this.pool.pwrite(buf, offset, headroom ? { headroom } : undefined);
   }
 
   /** WRITE_ZEROES, or writes of zeroes when the server has no WRITE_ZEROES. */

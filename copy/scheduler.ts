@@ -13,7 +13,7 @@
  * @module
  */
 
-import type { CopyExtent, Endpoint, Role } from "./endpoint.ts";
+import { type CopyExtent, type Endpoint, type Role, WRITE_HEADROOM } from "./endpoint.ts";
 import { zeroRuns } from "./zero_scan.ts";
 
 /** Options of `copyImage`. */
@@ -389,7 +389,7 @@ export async function copyImage(
 
   const writeRange = async (buf: Uint8Array, offset: number) => {
     try {
-      await destination.write(buf, offset);
+      await destination.write(buf, offset, true);
     } catch (error) {
       throw new CopyError("destination", destination.name, "write", offset, error);
     }
@@ -415,9 +415,10 @@ export async function copyImage(
           continue;
         }
         if (!bytes) {
-          const buffer = new ArrayBuffer(requestSize);
-          bytes = new Uint8Array(buffer);
-          words = new Int32Array(buffer, 0, requestSize >>> 2);
+          // Room in front of the data for the destination's request header.
+          const buffer = new ArrayBuffer(WRITE_HEADROOM + requestSize);
+          bytes = new Uint8Array(buffer, WRITE_HEADROOM, requestSize);
+          words = new Int32Array(buffer, WRITE_HEADROOM, requestSize >>> 2);
         }
         const view = bytes.subarray(0, item.length);
         let n: number;

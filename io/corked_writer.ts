@@ -8,8 +8,9 @@
 
 import { type ByteStream, writeAll } from "./byte_stream.ts";
 
-// Chunks below this are copied into one staging buffer: fewer, larger writes
-// cost both sides fewer syscalls and wake-ups than a write per page view.
+// By default chunks below this are copied into one staging buffer: fewer,
+// larger writes cost both sides fewer syscalls and wake-ups than a write per
+// page view.
 const SMALL_CHUNK = 512 * 1024;
 const STAGING_SIZE = 1024 * 1024;
 
@@ -21,14 +22,24 @@ export class CorkedWriter {
   #running = false;
   #error: unknown = undefined;
   #highWater: number;
+  #smallChunk: number;
   #staging = new Uint8Array(STAGING_SIZE);
   #drainWaiters: Array<() => void> = [];
   #idleWaiters: Array<() => void> = [];
 
-  /** Creates a writer; `write` callers are told to wait past `highWater` queued bytes. */
-  constructor(sink: Pick<ByteStream, "write">, highWater = 8 * 1024 * 1024) {
+  /**
+   * Creates a writer; `write` callers are told to wait past `highWater`
+   * queued bytes. Chunks below `smallChunk` bytes are concatenated, larger
+   * ones written as they are.
+   */
+  constructor(
+    sink: Pick<ByteStream, "write">,
+    highWater = 8 * 1024 * 1024,
+    smallChunk = SMALL_CHUNK,
+  ) {
     this.#sink = sink;
     this.#highWater = highWater;
+    this.#smallChunk = Math.min(smallChunk, STAGING_SIZE);
   }
 
   /** Bytes queued and not yet handed to the socket. */
@@ -84,7 +95,7 @@ export class CorkedWriter {
         let i = 0;
         while (i < batch.length) {
           const chunk = batch[i]!;
-          if (chunk.length >= SMALL_CHUNK || i + 1 === batch.length) {
+          if (chunk.length >= this.#smallChunk || i + 1 === batch.length) {
             await writeAll(this.#sink, chunk);
             this.#release(chunk.length);
             i++;
@@ -93,7 +104,7 @@ export class CorkedWriter {
           // Concatenate a run of small chunks into the staging buffer.
           let used = 0;
           while (
-            i < batch.length && batch[i]!.length < SMALL_CHUNK &&
+            i < batch.length && batch[i]!.length < this.#smallChunk &&
             used + batch[i]!.length <= STAGING_SIZE
           ) {
             this.#staging.set(batch[i]!, used);

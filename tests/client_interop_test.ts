@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { NbdClient } from "../client/client.ts";
+import { NbdClient, WRITE_HEADROOM } from "../client/client.ts";
 import { NbdOptionError, NbdRequestError } from "../client/errors.ts";
 import { NbdHandshake } from "../client/handshake.ts";
 import { NbdClientPool } from "../client/pool.ts";
@@ -372,4 +372,35 @@ Deno.test("client negotiates extended headers with our own server", async () => 
   const small = new Uint8Array(100);
   await compact.pread(small, 3 * MiB + 1);
   assert.deepEqual(small, new Uint8Array(100));
+});
+
+Deno.test({
+  name: "pwrite with headroom: header and data in one piece, only the headroom overwritten",
+  ...peers("nbdkit"),
+  async fn() {
+    // nbdkit negotiates compact 28-byte headers, our server extended 32-byte ones.
+    await using nbdkit = await startServer("nbdkit", ["-f", "-U", "$SOCKET", "memory", "8M"]);
+    await using ours = await startNbdServe(["memory", "8M"]);
+    for (const uri of [nbdkit.uri, ours.uri]) {
+      await using client = await NbdClient.connect(uri);
+      const guard = 64;
+      const data = randomBytes(256 * 1024 + 4096, 7);
+      const buffer = new Uint8Array(guard + WRITE_HEADROOM + data.length).fill(0xaa);
+      buffer.set(data, guard + WRITE_HEADROOM);
+      const view = buffer.subarray(guard + WRITE_HEADROOM);
+      await client.pwrite(view, 4096, { headroom: true });
+      assert.ok(buffer.subarray(0, guard).every((b) => b === 0xaa), `${uri}: guard bytes kept`);
+      assert.deepEqual(view, data, `${uri}: the data is untouched`);
+      // As the copy does after a zero run: the next write's header goes over data already sent.
+      const tail = 100 * 1024;
+      await client.pwrite(view.subarray(tail), 2 * 1024 * 1024, { headroom: true });
+      for (
+        const [offset, expected] of [[4096, data], [2 * 1024 * 1024, data.subarray(tail)]] as const
+      ) {
+        const back = new Uint8Array(expected.length);
+        await client.pread(back, offset);
+        assert.equal(firstDifference(back, expected), -1, `${uri} at ${offset}`);
+      }
+    }
+  },
 });
