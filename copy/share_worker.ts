@@ -53,7 +53,7 @@ async function run(job: ShareJob): Promise<ShareReport> {
     const stats = await copyImage(source, destination, {
       ...job.options,
       signal: controller.signal,
-      claim: partClaimer(job.parts, job.size, job.partSize),
+      claim: partClaimer(job.parts, job.size, job.partSize, job.unit, job.threads),
       onProgress: (bytes) => {
         Atomics.add(done, 0, BigInt(bytes - reported));
         reported = bytes;

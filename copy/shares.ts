@@ -30,6 +30,8 @@ import {
 
 /** How much of the image a thread claims at a time (rounded to whole requests). */
 const PART_SIZE = 32 << 20;
+/** Parts are whole multiples of this, rounded up to whole requests. */
+const UNIT_SIZE = 1 << 20;
 
 /** What a worker is asked to do. */
 export interface ShareJob {
@@ -41,9 +43,13 @@ export interface ShareJob {
   options: Omit<CopyOptions, "signal" | "onProgress" | "claim">;
   /** Size of the image. */
   size: number;
-  /** Size of a part. */
+  /** Largest part. */
   partSize: number;
-  /** Int32 [next part index]. */
+  /** Parts are whole multiples of this (the request size). */
+  unit: number;
+  /** Threads sharing the copy. */
+  threads: number;
+  /** Int32 [next offset, in units]. */
   parts: SharedArrayBuffer;
   /** BigInt64 [bytes done by the workers]. */
   progress: SharedArrayBuffer;
@@ -70,17 +76,33 @@ export type ShareReport =
 /** Messages to a worker. */
 export type ShareCommand = { type: "start"; job: ShareJob } | { type: "stop" };
 
-/** Hands out the parts of an image of `size` bytes from the shared counter. */
+/**
+ * Hands out the parts of an image of `size` bytes from the shared counter
+ * (the next offset, in `unit`s): at most `partSize` bytes, less towards
+ * the end (an eighth of what is left per thread, down to 8 units), so
+ * that the threads finish together instead of one copying the last large
+ * part alone.
+ */
 export function partClaimer(
   parts: SharedArrayBuffer,
   size: number,
   partSize: number,
+  unit: number,
+  threads: number,
 ): () => ImagePart | undefined {
   const next = new Int32Array(parts);
+  const units = Math.ceil(size / unit);
+  const largest = Math.max(1, Math.floor(partSize / unit));
+  const smallest = Math.min(largest, 8);
   return () => {
-    const offset = Atomics.add(next, 0, 1) * partSize;
-    if (offset >= size) return undefined;
-    return { offset, end: Math.min(offset + partSize, size) };
+    while (true) {
+      const first = Atomics.load(next, 0);
+      if (first >= units) return undefined;
+      const share = Math.ceil((units - first) / (8 * threads));
+      const count = Math.min(units - first, Math.max(smallest, Math.min(largest, share)));
+      if (Atomics.compareExchange(next, 0, first, first + count) !== first) continue;
+      return { offset: first * unit, end: Math.min((first + count) * unit, size) };
+    }
   };
 }
 
@@ -124,6 +146,8 @@ function failureError(failure: ShareFailure): Error {
  */
 export function shareableThreads(source: Endpoint, destination: Endpoint, wanted: number): number {
   if (wanted <= 1 || source.size === undefined) return 1;
+  // Beyond what the shared counter can count (2 PiB): one thread.
+  if (source.size / UNIT_SIZE >= 2 ** 31 - 1) return 1;
   if (!source.shareSpec() || !destination.shareSpec()) return 1;
   return Math.max(1, Math.min(wanted, Math.floor(source.size / PART_SIZE)));
 }
@@ -144,6 +168,8 @@ export async function copyShared(
   const destinationSpec = destination.shareSpec(threads)!;
   const { requestSize } = planSizes(source, destination, options.requestSize, options.sparseSize);
   const partSize = Math.max(1, Math.floor(PART_SIZE / requestSize)) * requestSize;
+  // Whole requests of at least 1 MiB, so that the counter's 2^31 units cover any image.
+  const unit = Math.ceil(UNIT_SIZE / requestSize) * requestSize;
   const parts = new SharedArrayBuffer(4);
   const progressBuffer = new SharedArrayBuffer(8);
   const workerDone = new BigInt64Array(progressBuffer);
@@ -155,6 +181,8 @@ export async function copyShared(
     options: { ...plain, requests },
     size,
     partSize,
+    unit,
+    threads,
     parts,
     progress: progressBuffer,
   };
@@ -178,7 +206,28 @@ export async function copyShared(
 
   const results: Promise<CopyStats | undefined>[] = [];
   try {
-    for (let i = 1; i < threads; i++) {
+    if (signal?.aborted) onAbort();
+    // This thread starts at once; creating a worker costs it several milliseconds,
+    // better spent after its first requests are on their way.
+    results.push(
+      copyImage(source, destination, {
+        ...options,
+        requests,
+        signal: local.signal,
+        claim: partClaimer(parts, size, partSize, unit, threads),
+        onProgress: onProgress
+          ? (done) => {
+            mainDone = done;
+            report();
+          }
+          : undefined,
+      }).catch((error) => {
+        stopAll(error as Error);
+        return undefined;
+      }),
+    );
+    await new Promise((resolve) => setTimeout(resolve, 0));
+    for (let i = 1; i < threads && !failure; i++) {
       const worker = new Worker(new URL("./share_worker.ts", import.meta.url).href, {
         type: "module",
       });
@@ -202,24 +251,6 @@ export async function copyShared(
       );
       worker.postMessage({ type: "start", job } satisfies ShareCommand);
     }
-    if (signal?.aborted) onAbort();
-    results.unshift(
-      copyImage(source, destination, {
-        ...options,
-        requests,
-        signal: local.signal,
-        claim: partClaimer(parts, size, partSize),
-        onProgress: onProgress
-          ? (done) => {
-            mainDone = done;
-            report();
-          }
-          : undefined,
-      }).catch((error) => {
-        stopAll(error as Error);
-        return undefined;
-      }),
-    );
     const all = await Promise.all(results);
     if (failure) throw failure;
     const stats: CopyStats = {
