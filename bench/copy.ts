@@ -131,6 +131,8 @@ try {
   const input = `${dir}/input.img`;
   await runOk("sh", ["-c", `head -c ${size} /dev/urandom > "$0"`, input]);
   await runOk("nbdcopy", [input, memory.uri]);
+  // The new input's dirty pages would otherwise be written back during the first case.
+  await runOk("sync", []);
   const output = `${dir}/output.img`;
   // Before each run that writes a file: remove the last output and wait for the disk to
   // take the dirty data, so no run pays for the writeback of the one before it (which

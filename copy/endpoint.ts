@@ -105,6 +105,8 @@ export type ShareSpec =
     isZero: boolean;
     /** This thread's share of the dirty data the copy may leave behind. */
     writeBehindBudget: number;
+    /** Int32 [locked]: the threads writing the file take turns. */
+    writeLock?: SharedArrayBuffer;
   }
   /** Discards everything. */
   | { kind: "null" };
