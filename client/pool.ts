@@ -37,11 +37,35 @@ export interface PoolOptions extends ConnectOptions {
  * ```
  */
 export class NbdClientPool implements Backend, AsyncDisposable {
-  /** The open connections; the first one decided the pool's size. */
-  readonly clients: readonly NbdClient[];
+  readonly #clients: NbdClient[];
+  readonly #uri: NbdUri;
+  readonly #options: PoolOptions;
 
-  private constructor(clients: NbdClient[]) {
-    this.clients = clients;
+  private constructor(clients: NbdClient[], uri: NbdUri, options: PoolOptions) {
+    this.#clients = clients;
+    this.#uri = uri;
+    this.#options = options;
+  }
+
+  /** The open connections; the first one decided the pool's size. */
+  get clients(): readonly NbdClient[] {
+    return this.#clients;
+  }
+
+  /**
+   * Opens more connections, up to `connections` in all, if the server
+   * advertises multi-conn. Connections that cannot be opened are left out:
+   * the pool works with those it has.
+   */
+  async grow(connections: number): Promise<void> {
+    const missing = Math.floor(connections) - this.#clients.length;
+    if (missing <= 0 || !this.primary.canMultiConn) return;
+    const opened = await Promise.allSettled(
+      Array.from({ length: missing }, () => NbdClient.connect(this.#uri, this.#options)),
+    );
+    for (const result of opened) {
+      if (result.status === "fulfilled") this.#clients.push(result.value);
+    }
   }
 
   /**
@@ -52,7 +76,7 @@ export class NbdClientPool implements Backend, AsyncDisposable {
     const parsed = toNbdUri(uri);
     const wanted = Math.max(1, Math.floor(options.connections ?? 4));
     const first = await NbdClient.connect(parsed, options);
-    if (wanted === 1 || !first.canMultiConn) return new NbdClientPool([first]);
+    if (wanted === 1 || !first.canMultiConn) return new NbdClientPool([first], parsed, options);
     const others = await Promise.allSettled(
       Array.from({ length: wanted - 1 }, () => NbdClient.connect(parsed, options)),
     );
@@ -66,7 +90,7 @@ export class NbdClientPool implements Backend, AsyncDisposable {
       await Promise.all(clients.map((c) => c.close().catch(() => {})));
       throw failure;
     }
-    return new NbdClientPool(clients);
+    return new NbdClientPool(clients, parsed, options);
   }
 
   /** The first connection (what the export looks like). */

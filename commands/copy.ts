@@ -357,6 +357,11 @@ export async function runCopy(config: CopyCommandConfig): Promise<number> {
         config.connections ?? defaultThreads(config.source, config.destination),
       )
       : 1;
+    if (shareable && threads === 1) {
+      // Not shared after all: each NBD endpoint gets its connections as it would alone.
+      await source.useConnections(config.connections);
+      await destination.useConnections(config.connections);
+    }
     const copy = threads > 1
       ? (s: Endpoint, d: Endpoint, o: CopyOptions) => copyShared(s, d, o, threads)
       : copyImage;

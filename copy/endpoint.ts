@@ -82,6 +82,11 @@ export interface Endpoint {
    * between them.
    */
   shareSpec(threads?: number): ShareSpec | undefined;
+  /**
+   * Opens up to `connections` connections (undefined: the default) where the
+   * endpoint was opened with fewer, expecting to share the copy between threads.
+   */
+  useConnections(connections?: number): Promise<void>;
 }
 
 /**
@@ -197,5 +202,9 @@ export abstract class BaseEndpoint implements Endpoint {
   /** Not shared unless a subclass can be reopened. */
   shareSpec(_threads?: number): ShareSpec | undefined {
     return undefined;
+  }
+  /** One connection or none: nothing to open. */
+  useConnections(_connections?: number): Promise<void> {
+    return Promise.resolve();
   }
 }

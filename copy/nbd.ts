@@ -54,17 +54,20 @@ export class NbdEndpoint extends BaseEndpoint {
   readonly #canFlush: boolean;
   readonly #cleanup: (() => Promise<void>) | undefined;
   readonly #uri: string;
+  readonly #role: Role;
   #closed: Promise<void> | undefined;
 
   private constructor(
     name: string,
     uri: string,
+    role: Role,
     pool: NbdClientPool,
     cleanup?: () => Promise<void>,
   ) {
     super();
     this.name = name;
     this.#uri = uri;
+    this.#role = role;
     this.pool = pool;
     const client = pool.primary;
     this.size = client.size();
@@ -85,7 +88,7 @@ export class NbdEndpoint extends BaseEndpoint {
     // When connecting fails, the clean-up is the caller's: it knows why better.
     const connections = options.connections ?? defaultConnections(uri);
     const pool = await NbdClientPool.connect(uri, { connections });
-    const endpoint = new NbdEndpoint(name, uri, pool, options.cleanup);
+    const endpoint = new NbdEndpoint(name, uri, role, pool, options.cleanup);
     // Writes of 256 KiB and their headers then leave in one piece: with the default
     // 208 KiB send buffer each one stalled for a wake-up from the server's read.
     if (role === "destination") enlargeNewSocketBuffers();
@@ -103,6 +106,16 @@ export class NbdEndpoint extends BaseEndpoint {
   override shareSpec(): ShareSpec | undefined {
     if (!this.pool.primary.canMultiConn) return undefined;
     return { kind: "nbd", name: this.name, uri: this.#uri };
+  }
+
+  /**
+   * Opens more connections, up to `connections` (default: `defaultConnections`),
+   * when the server allows several: for a copy that cannot be shared between
+   * threads, after all.
+   */
+  override async useConnections(connections?: number): Promise<void> {
+    await this.pool.grow(connections ?? defaultConnections(this.#uri));
+    if (this.#role === "destination") enlargeNewSocketBuffers();
   }
 
   /** Number of connections in use. */

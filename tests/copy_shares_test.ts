@@ -159,3 +159,36 @@ esac`;
     );
   },
 });
+
+Deno.test({
+  name: "shared copy: when one side lacks multi-conn, the other still gets its connections",
+  ...peers("nbdkit"),
+  async fn() {
+    await using dir = await tempDir();
+    const size = 100 * MiB;
+    const sourceLog = `${dir.path}/source.log`;
+    const destinationLog = `${dir.path}/destination.log`;
+    await using source = await nbdkit(
+      "--filter=log",
+      "pattern",
+      String(size),
+      `logfile=${sourceLog}`,
+    );
+    await using destination = await nbdkit(
+      "--filter=log",
+      "--filter=multi-conn",
+      "memory",
+      String(size),
+      `logfile=${destinationLog}`,
+      "multi-conn-mode=disable",
+    );
+    const result = await nbdCopy(["-C", "3", source.uri, destination.uri]);
+    assertEquals(result.code, 0, result.stderr);
+    assertEquals(await connections(sourceLog), 3);
+    assertEquals(await connections(destinationLog), 1);
+    const expected = new Uint8Array(size);
+    const view = new DataView(expected.buffer);
+    for (let offset = 0; offset < size; offset += 8) view.setBigUint64(offset, BigInt(offset));
+    assertBytes(await readExport(destination.uri), expected);
+  },
+});
