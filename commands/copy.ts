@@ -53,8 +53,9 @@ least as large as the source.
 
 Options:
   -C, --connections N      connections per NBD endpoint when the server allows
-                           multi-conn (default 4; for a server on a Unix socket
-                           at most the number of processors)
+                           multi-conn, and threads sharing the copy (default 4;
+                           for a server on a Unix socket or files alone at most
+                           the number of processors)
   -R, --requests N         requests in flight in total (default 64)
       --request-size SIZE  largest read or write (default 256K; a power of two
                            from 512 to 32M, adjusted to the servers' block sizes)
