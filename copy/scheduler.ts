@@ -34,6 +34,8 @@ export interface CopyOptions {
   signal?: AbortSignal;
   /** Called after each piece with the bytes of the image done so far. */
   onProgress?: (done: number) => void;
+  /** Called after each read with the bytes read. */
+  onRead?: (bytes: number) => void;
   /**
    * Hands out the parts of the image this copy does, in turn; undefined
    * when none is left. Without it the copy does the whole image. Parts are
@@ -428,6 +430,7 @@ export async function copyImage(
           throw new CopyError("source", source.name, "read", item.offset, error);
         }
         stats.read += n;
+        options.onRead?.(n);
         if (n < item.length) {
           streamEnd = Math.min(streamEnd ?? Infinity, item.offset + n);
           queue.endAt(item.offset + n);

@@ -32,6 +32,8 @@ import {
 const PART_SIZE = 32 << 20;
 /** Parts are whole multiples of this, rounded up to whole requests. */
 const UNIT_SIZE = 1 << 20;
+/** Data this thread reads before it starts the workers. */
+const SPAWN_AFTER = 16 << 20;
 
 /** What a worker is asked to do. */
 export interface ShareJob {
@@ -204,35 +206,21 @@ export async function copyShared(
   const report = () => onProgress?.(mainDone + Number(Atomics.load(workerDone, 0)));
   const ticker = onProgress ? setInterval(report, 100) : undefined;
 
-  const results: Promise<CopyStats | undefined>[] = [];
-  try {
-    if (signal?.aborted) onAbort();
-    // This thread starts at once; creating a worker costs it several milliseconds,
-    // better spent after its first requests are on their way.
-    results.push(
-      copyImage(source, destination, {
-        ...options,
-        requests,
-        signal: local.signal,
-        claim: partClaimer(parts, size, partSize, unit, threads),
-        onProgress: onProgress
-          ? (done) => {
-            mainDone = done;
-            report();
-          }
-          : undefined,
-      }).catch((error) => {
-        stopAll(error as Error);
-        return undefined;
-      }),
-    );
-    await new Promise((resolve) => setTimeout(resolve, 0));
+  // Workers start only once this thread has read some data with parts still
+  // unclaimed: a worker costs ~40 ms of processor time to start, more than an
+  // image of holes takes to copy.
+  const next = new Int32Array(parts);
+  const workerResults: Promise<CopyStats | undefined>[] = [];
+  let spawned = false;
+  let readHere = 0;
+  const spawnWorkers = () => {
+    spawned = true;
     for (let i = 1; i < threads && !failure; i++) {
       const worker = new Worker(new URL("./share_worker.ts", import.meta.url).href, {
         type: "module",
       });
       workers.push(worker);
-      results.push(
+      workerResults.push(
         new Promise<CopyStats | undefined>((resolve) => {
           worker.onmessage = (event: MessageEvent<ShareReport>) => {
             const message = event.data;
@@ -251,7 +239,31 @@ export async function copyShared(
       );
       worker.postMessage({ type: "start", job } satisfies ShareCommand);
     }
-    const all = await Promise.all(results);
+  };
+  try {
+    if (signal?.aborted) onAbort();
+    const here = await copyImage(source, destination, {
+      ...options,
+      requests,
+      signal: local.signal,
+      claim: partClaimer(parts, size, partSize, unit, threads),
+      onProgress: onProgress
+        ? (done) => {
+          mainDone = done;
+          report();
+        }
+        : undefined,
+      onRead: (bytes) => {
+        readHere += bytes;
+        if (!spawned && readHere >= SPAWN_AFTER && Atomics.load(next, 0) * unit < size) {
+          spawnWorkers();
+        }
+      },
+    }).catch((error) => {
+      stopAll(error as Error);
+      return undefined;
+    });
+    const all = [here, ...await Promise.all(workerResults)];
     if (failure) throw failure;
     const stats: CopyStats = {
       size,
@@ -260,7 +272,7 @@ export async function copyShared(
       zeroed: 0,
       skipped: 0,
       requestSize,
-      lanes: requests * threads,
+      lanes: requests * (1 + workers.length),
     };
     for (const part of all) {
       stats.read += part!.read;

@@ -41,7 +41,7 @@ async function connections(log: string): Promise<number> {
 function sparseImage(size: number): { image: Uint8Array; data: number } {
   const image = new Uint8Array(size);
   let data = 0;
-  for (const [offset, length] of [[0, 3 * MiB], [70 * MiB, 9 * MiB], [size - MiB, MiB]]) {
+  for (const [offset, length] of [[0, 24 * MiB], [70 * MiB, 9 * MiB], [size - MiB, MiB]]) {
     image.set(randomBytes(length!, offset! + 1), offset!);
     data += length!;
   }

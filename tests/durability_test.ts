@@ -52,7 +52,13 @@ async function straceServe(
     pidfile,
     ...serveArgs,
   ]);
-  const pid = Number((await Deno.readTextFile(pidfile)).trim());
+  // The pidfile is written once the server listens, which may be just after the socket appears.
+  let pid = 0;
+  for (let i = 0; i < 250 && !pid; i++) {
+    pid = Number((await Deno.readTextFile(pidfile).catch(() => "")).trim());
+    if (!pid) await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  if (!pid) throw new Error(`${pidfile} was not written`);
   let stopped: Promise<Deno.CommandStatus> | undefined;
   const stop = () => {
     stopped ??= (async () => {
