@@ -42,12 +42,12 @@ export interface ShareJob {
   /** How to open the destination. */
   destination: ShareSpec;
   /** The copy's options, with this thread's share of the requests. */
-  options: Omit<CopyOptions, "signal" | "onProgress" | "claim">;
+  options: Omit<CopyOptions, "signal" | "onProgress" | "onRead" | "claim">;
   /** Size of the image. */
   size: number;
   /** Largest part. */
   partSize: number;
-  /** Parts are whole multiples of this (the request size). */
+  /** Parts are whole multiples of this (whole requests, at least 1 MiB). */
   unit: number;
   /** Threads sharing the copy. */
   threads: number;
@@ -176,7 +176,7 @@ export async function copyShared(
   const progressBuffer = new SharedArrayBuffer(8);
   const workerDone = new BigInt64Array(progressBuffer);
   const requests = Math.max(1, Math.floor(options.requests / threads));
-  const { signal, onProgress, claim: _ignored, ...plain } = options;
+  const { signal, onProgress, onRead: _onRead, claim: _claim, ...plain } = options;
   const job: ShareJob = {
     source: sourceSpec,
     destination: destinationSpec,
