@@ -9,6 +9,7 @@
 
 import { NbdClient } from "../client/client.ts";
 import { assertBytes, assertEquals, assertOk } from "./assert.ts";
+import { makeCertificates } from "./certs.ts";
 import {
   nbdExecutable,
   peers,
@@ -190,5 +191,34 @@ Deno.test({
     const view = new DataView(expected.buffer);
     for (let offset = 0; offset < size; offset += 8) view.setBigUint64(offset, BigInt(offset));
     assertBytes(await readExport(destination.uri), expected);
+  },
+});
+
+Deno.test({
+  name: "shared copy over TLS: every thread makes its own TLS connection, both ways exact",
+  ...peers("nbdkit", "openssl"),
+  async fn() {
+    await using dir = await tempDir();
+    await makeCertificates(dir.path);
+    const size = 100 * MiB;
+    const log = `${dir.path}/nbdkit.log`;
+    await using server = await nbdkit(
+      "--tls=require",
+      `--tls-certificates=${dir.path}`,
+      "--filter=log",
+      "memory",
+      String(size),
+      `logfile=${log}`,
+    );
+    const uri = `nbds+unix:///?socket=${server.socket}&tls-certificates=${dir.path}`;
+    const input = randomBytes(size, 5);
+    await Deno.writeFile(`${dir.path}/in.img`, input);
+    let result = await nbdCopy(["-C", "3", `${dir.path}/in.img`, uri]);
+    assertEquals(result.code, 0, result.stderr);
+    assertEquals(await connections(log), 3);
+    result = await nbdCopy(["-C", "3", uri, `${dir.path}/out.img`]);
+    assertEquals(result.code, 0, result.stderr);
+    assertEquals(await connections(log), 6);
+    assertBytes(await Deno.readFile(`${dir.path}/out.img`), input);
   },
 });
