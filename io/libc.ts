@@ -246,7 +246,9 @@ export class SystemError extends Error {
   constructor(errno: number) {
     const l = libc();
     const text = l?.symbols.strerror(errno);
-    super(text ? new Deno.UnsafePointerView(text).getCString() : `error ${errno}`);
+    // In the lower case of the rest of our messages: "no space left on device".
+    const reason = text ? new Deno.UnsafePointerView(text).getCString() : `error ${errno}`;
+    super(reason.charAt(0).toLowerCase() + reason.slice(1));
     this.name = "SystemError";
     this.errno = errno;
     this.code = ERRNO_NAMES[errno] ?? `E${errno}`;

@@ -11,6 +11,7 @@ import { NbdClient } from "../client/client.ts";
 import { assertBytes, assertEquals, assertOk } from "./assert.ts";
 import { makeCertificates } from "./certs.ts";
 import {
+  INTEROP_REQUIRED,
   nbdExecutable,
   peers,
   randomBytes,
@@ -220,5 +221,41 @@ Deno.test({
     assertEquals(result.code, 0, result.stderr);
     assertEquals(await connections(log), 6);
     assertBytes(await Deno.readFile(`${dir.path}/out.img`), input);
+  },
+});
+
+Deno.test({
+  name: "shared copy: a full filesystem (ENOSPC) in any thread stops the copy; no file is left",
+  ...peers("mount", "umount"),
+  async fn(t) {
+    await using dir = await tempDir();
+    const small = `${dir.path}/small`;
+    await Deno.mkdir(small);
+    const mounted = await run("mount", ["-t", "tmpfs", "-o", "size=40M", "tmpfs", small]);
+    if (mounted.code !== 0) {
+      // A tmpfs of our own needs root; CI (NBD_INTEROP=require) does not accept going without.
+      if (INTEROP_REQUIRED) throw new Error(`mount failed: ${mounted.stderr.trim()}`);
+      console.error(`\n*** SKIPPING ENOSPC test: mount failed: ${mounted.stderr.trim()} ***\n`);
+      await t.step({ name: "tmpfs unavailable", ignore: true, fn() {} });
+      return;
+    }
+    try {
+      const input = `${dir.path}/in.img`;
+      await Deno.writeFile(input, randomBytes(100 * MiB, 3));
+      const out = `${small}/out.img`;
+      const result = await nbdCopy(["-C", "3", input, out]);
+      assertEquals(result.code, 1, result.stderr);
+      const lines = result.stderr.trim().split("\n");
+      assertEquals(lines.length, 1, result.stderr);
+      const pattern = new RegExp(
+        `^nbd: copy failed: destination ${out}: write at offset (\\d+) failed: ` +
+          `ENOSPC \\(no space left on device\\); ${out} was not created$`,
+      );
+      const match = pattern.exec(lines[0]!);
+      assertOk(match, lines[0]);
+      assertEquals([...Deno.readDirSync(small)], [], "not even a temporary file");
+    } finally {
+      await run("umount", [small]);
+    }
   },
 });
