@@ -259,3 +259,42 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "shared copy: Ctrl-C while every thread is copying stops them all; no file is left",
+  ...peers("nbdkit"),
+  async fn() {
+    await using dir = await tempDir();
+    const out = `${dir.path}/out.img`;
+    // About 10 s of copying at 200 MB/s: long enough to be interrupted mid-way.
+    await using server = await nbdkit("--filter=rate", "pattern", "2G", "rate=1600M");
+    const child = new Deno.Command(await nbdExecutable(), {
+      args: ["copy", "-C", "3", "--progress-json", server.uri, out],
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    let stderr = "";
+    const decoder = new TextDecoder();
+    const reader = child.stderr.getReader();
+    // Past 64 MiB the copy has read far beyond what starts the workers.
+    const copied = () =>
+      Math.max(0, ...[...stderr.matchAll(/"bytes":(\d+)/g)].map((m) => Number(m[1])));
+    while (copied() < 64 * MiB) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      stderr += decoder.decode(value, { stream: true });
+    }
+    const stopped = performance.now();
+    child.kill("SIGINT");
+    while (true) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      stderr += decoder.decode(value, { stream: true });
+    }
+    const status = await child.status;
+    assertEquals(status.code, 130, stderr);
+    assertOk(performance.now() - stopped < 5000, "stopped promptly");
+    assertOk(stderr.includes(`nbd: copy interrupted by SIGINT; ${out} was not created`), stderr);
+    assertEquals([...Deno.readDirSync(dir.path)], [], "not even a temporary file");
+  },
+});
