@@ -63,6 +63,7 @@ import {
   type Extent,
   isErrorChunk,
   replyHeaderSize,
+  WRITE_HEADROOM,
 } from "../protocol/transmission.ts";
 import type { NbdUri } from "../protocol/uri.ts";
 import type {
@@ -125,8 +126,7 @@ export interface WriteOptions {
   headroom?: boolean;
 }
 
-/** Room in front of write data for a request header (the larger, extended one). */
-export const WRITE_HEADROOM = EXTENDED_REQUEST_SIZE;
+export { WRITE_HEADROOM };
 
 /** Options of a zero request; the names follow the `Backend` interface. */
 export interface ZeroOptions extends WriteOptions {

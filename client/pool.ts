@@ -58,14 +58,24 @@ export class NbdClientPool implements Backend, AsyncDisposable {
    * the pool works with those it has.
    */
   async grow(connections: number): Promise<void> {
-    const missing = Math.floor(connections) - this.#clients.length;
-    if (missing <= 0 || !this.primary.canMultiConn) return;
+    await this.#addConnections(Math.floor(connections) - this.#clients.length);
+  }
+
+  /**
+   * Opens up to `count` more connections (none without multi-conn) and keeps
+   * those that opened; resolves to the first failure, if any.
+   */
+  async #addConnections(count: number): Promise<unknown> {
+    if (count <= 0 || !this.primary.canMultiConn) return undefined;
     const opened = await Promise.allSettled(
-      Array.from({ length: missing }, () => NbdClient.connect(this.#uri, this.#options)),
+      Array.from({ length: count }, () => NbdClient.connect(this.#uri, this.#options)),
     );
+    let failure: unknown;
     for (const result of opened) {
       if (result.status === "fulfilled") this.#clients.push(result.value);
+      else failure ??= result.reason;
     }
+    return failure;
   }
 
   /**
@@ -75,22 +85,13 @@ export class NbdClientPool implements Backend, AsyncDisposable {
   static async connect(uri: string | NbdUri, options: PoolOptions = {}): Promise<NbdClientPool> {
     const parsed = toNbdUri(uri);
     const wanted = Math.max(1, Math.floor(options.connections ?? 4));
-    const first = await NbdClient.connect(parsed, options);
-    if (wanted === 1 || !first.canMultiConn) return new NbdClientPool([first], parsed, options);
-    const others = await Promise.allSettled(
-      Array.from({ length: wanted - 1 }, () => NbdClient.connect(parsed, options)),
-    );
-    const clients = [first];
-    let failure: unknown;
-    for (const result of others) {
-      if (result.status === "fulfilled") clients.push(result.value);
-      else failure ??= result.reason;
-    }
+    const pool = new NbdClientPool([await NbdClient.connect(parsed, options)], parsed, options);
+    const failure = await pool.#addConnections(wanted - 1);
     if (failure !== undefined) {
-      await Promise.all(clients.map((c) => c.close().catch(() => {})));
+      await Promise.all(pool.clients.map((c) => c.close().catch(() => {})));
       throw failure;
     }
-    return new NbdClientPool(clients, parsed, options);
+    return pool;
   }
 
   /** The first connection (what the export looks like). */

@@ -16,7 +16,7 @@ import {
   type ProgressOutput,
   stderrOutput,
 } from "../copy/progress.ts";
-import { defaultConnections } from "../copy/nbd.ts";
+import { defaultConnections, localConnections } from "../copy/nbd.ts";
 import {
   CopyError,
   copyImage,
@@ -275,7 +275,7 @@ function canShare(spec: EndpointSpec): boolean {
  * processors, at most 4.
  */
 function defaultThreads(...specs: EndpointSpec[]): number {
-  const processors = Math.max(1, Math.min(4, navigator.hardwareConcurrency || 4));
+  const processors = localConnections();
   let threads: number | undefined;
   for (const spec of specs) {
     // A server started for the copy listens on a Unix socket.

@@ -7,7 +7,6 @@
  */
 
 import type { BlockSize } from "../protocol/handshake.ts";
-import { EXTENDED_REQUEST_SIZE } from "../protocol/transmission.ts";
 import { isNbdUri } from "../protocol/uri.ts";
 
 /** A run of the source: allocated data, or bytes known to read as zero. */
@@ -19,9 +18,6 @@ export interface CopyExtent {
   /** The run reads as zeroes (a hole or a zeroed range), so it need not be read. */
   zero: boolean;
 }
-
-/** Room the copy leaves in front of the data it writes (see `Endpoint.write`). */
-export const WRITE_HEADROOM = EXTENDED_REQUEST_SIZE;
 
 /** Which side of the copy an endpoint is. */
 export type Role = "source" | "destination";

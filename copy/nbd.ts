@@ -30,6 +30,11 @@ export function defaultConnections(uri: string): number {
     return 4;
   }
   if (transport !== "unix") return 4;
+  return localConnections();
+}
+
+/** Connections (or threads) worth running against work on our own processors: their number, at most 4. */
+export function localConnections(): number {
   return Math.max(1, Math.min(4, navigator.hardwareConcurrency || 4));
 }
 

@@ -13,7 +13,8 @@
  * @module
  */
 
-import { type CopyExtent, type Endpoint, type Role, WRITE_HEADROOM } from "./endpoint.ts";
+import { WRITE_HEADROOM } from "../protocol/transmission.ts";
+import type { CopyExtent, Endpoint, Role } from "./endpoint.ts";
 import { zeroRuns } from "./zero_scan.ts";
 
 /** Options of `copyImage`. */

@@ -50,11 +50,6 @@ function libc(): Deno.DynamicLibrary<typeof SYMBOLS> | null {
   return lib;
 }
 
-/** Whether the libc calls are available (Linux with FFI permission). */
-export function hasLibc(): boolean {
-  return libc() !== null;
-}
-
 function errno(): number {
   const l = libc();
   if (!l) return 0;
@@ -111,12 +106,14 @@ const SOCK_CLOEXEC = 0o2000000;
 /** sizeof(struct sockaddr_un) on Linux: a 2-byte family and a 108-byte path. */
 const SOCKADDR_UN_SIZE = 110;
 
+/** The system's text for errno `code` ("No such file or directory"). */
+function strerror(code: number): string {
+  const text = libc()?.symbols.strerror(code);
+  return text ? new Deno.UnsafePointerView(text).getCString() : `errno ${code}`;
+}
+
 function osError(call: string): Error {
-  const l = libc()!;
-  const code = errno();
-  const text = l.symbols.strerror(code);
-  const reason = text ? new Deno.UnsafePointerView(text).getCString() : `errno ${code}`;
-  return new Error(`${call}: ${reason}`);
+  return new Error(`${call}: ${strerror(errno())}`);
 }
 
 /**
@@ -146,7 +143,7 @@ export function listenUnixFd(path: string, backlog = 128): number {
   return fd;
 }
 
-/** close(2) of a descriptor made by `listenUnixFd`. */
+/** close(2) of a descriptor made here (`listenUnixFd`, `openFd`). */
 export function closeFd(fd: number): void {
   libc()?.symbols.close(fd);
 }
@@ -244,10 +241,8 @@ export class SystemError extends Error {
 
   /** Describes errno `errno`. */
   constructor(errno: number) {
-    const l = libc();
-    const text = l?.symbols.strerror(errno);
     // In the lower case of the rest of our messages: "no space left on device".
-    const reason = text ? new Deno.UnsafePointerView(text).getCString() : `error ${errno}`;
+    const reason = strerror(errno);
     super(reason.charAt(0).toLowerCase() + reason.slice(1));
     this.name = "SystemError";
     this.errno = errno;

@@ -22,6 +22,11 @@ import { decodeString, encodeString, getU64, setU64 } from "./handshake.ts";
 export const COMPACT_REQUEST_SIZE = 28;
 /** Size of an extended request header. */
 export const EXTENDED_REQUEST_SIZE = 32;
+/**
+ * Room a writer leaves in front of write data so that a request header of
+ * either size can be put there and both sent in one piece.
+ */
+export const WRITE_HEADROOM = EXTENDED_REQUEST_SIZE;
 /** Size of a simple reply header. */
 export const SIMPLE_REPLY_SIZE = 16;
 /** Size of a structured reply chunk header. */

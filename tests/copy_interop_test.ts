@@ -27,6 +27,7 @@ import {
   startNbdServe,
   startServer,
   tempDir,
+  watchStderr,
 } from "./helpers.ts";
 
 const MiB = 1 << 20;
@@ -515,21 +516,11 @@ Deno.test({
       stdout: "null",
       stderr: "piped",
     }).spawn();
-    let stderr = "";
-    const decoder = new TextDecoder();
-    const reader = child.stderr.getReader();
+    const watch = watchStderr(child);
     // The first progress record means the copy is under way.
-    while (!stderr.includes('"state":"running"')) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      stderr += decoder.decode(value, { stream: true });
-    }
+    await watch.until((text) => text.includes('"state":"running"'));
     child.kill("SIGINT");
-    while (true) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      stderr += decoder.decode(value, { stream: true });
-    }
+    const stderr = await watch.ended;
     const status = await child.status;
     assertEquals(status.code, 130, stderr);
     assertIncludes(stderr, `nbd: copy interrupted by SIGINT; ${out} was not created`);
@@ -650,26 +641,15 @@ Deno.test({
       stdout: "null",
       stderr: "piped",
     }).spawn();
-    let stderr = "";
-    const decoder = new TextDecoder();
-    const reader = child.stderr.getReader();
-    const collect = (async () => {
-      while (true) {
-        const { value, done } = await reader.read();
-        if (done) return;
-        stderr += decoder.decode(value, { stream: true });
-      }
-    })();
-    for (let i = 0; i < 300 && !stderr.includes('"state":"running"'); i++) {
-      await new Promise((r) => setTimeout(r, 20));
-    }
-    // Time for every thread of the copy to have its reads on the way.
+    const watch = watchStderr(child);
+    await watch.until((text) => text.includes('"state":"running"'));
+    // Time for the copy's reads to be on their way (each takes a minute).
     await new Promise((r) => setTimeout(r, 1000));
     child.kill("SIGINT");
     await new Promise((r) => setTimeout(r, 300));
     child.kill("SIGINT");
     const status = await child.status;
-    await collect;
+    const stderr = await watch.ended;
     assertOk(status.signal === "SIGINT" || status.code === 130, JSON.stringify(status));
     assertIncludes(stderr, "nbd: interrupted again: stopping at once");
     assertEquals(await names(dir.path), [], "the temporary file is removed");

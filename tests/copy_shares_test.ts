@@ -21,6 +21,7 @@ import {
   type ServerProcess,
   startServer,
   tempDir,
+  watchStderr,
 } from "./helpers.ts";
 
 const MiB = 1 << 20;
@@ -273,24 +274,14 @@ Deno.test({
       stdout: "null",
       stderr: "piped",
     }).spawn();
-    let stderr = "";
-    const decoder = new TextDecoder();
-    const reader = child.stderr.getReader();
+    const watch = watchStderr(child);
     // Past 64 MiB the copy has read far beyond what starts the workers.
-    const copied = () =>
-      Math.max(0, ...[...stderr.matchAll(/"bytes":(\d+)/g)].map((m) => Number(m[1])));
-    while (copied() < 64 * MiB) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      stderr += decoder.decode(value, { stream: true });
-    }
+    const copied = (text: string) =>
+      Math.max(0, ...[...text.matchAll(/"bytes":(\d+)/g)].map((m) => Number(m[1])));
+    await watch.until((text) => copied(text) >= 64 * MiB);
     const stopped = performance.now();
     child.kill("SIGINT");
-    while (true) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      stderr += decoder.decode(value, { stream: true });
-    }
+    const stderr = await watch.ended;
     const status = await child.status;
     assertEquals(status.code, 130, stderr);
     assertOk(performance.now() - stopped < 5000, "stopped promptly");

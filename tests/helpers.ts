@@ -281,3 +281,57 @@ export async function readExport(uri: string): Promise<Uint8Array> {
   await client.pread(out, 0);
   return out;
 }
+
+/** A child's stderr, gathered as it arrives. */
+export interface StderrWatch {
+  /** What arrived so far. */
+  readonly text: string;
+  /**
+   * Resolves once `predicate` holds for what arrived, or the stream ended;
+   * rejects after `timeoutMs` (default 30 s) rather than wait for ever.
+   */
+  until(predicate: (text: string) => boolean, timeoutMs?: number): Promise<void>;
+  /** Resolves with everything once the stream ends. */
+  readonly ended: Promise<string>;
+}
+
+/** Starts gathering `child.stderr` (which must be piped). */
+export function watchStderr(child: Deno.ChildProcess): StderrWatch {
+  let text = "";
+  let done = false;
+  let waiters: Array<() => void> = [];
+  const wake = () => {
+    const woken = waiters;
+    waiters = [];
+    for (const waiter of woken) waiter();
+  };
+  const ended = (async () => {
+    const decoder = new TextDecoder();
+    for await (const chunk of child.stderr) {
+      text += decoder.decode(chunk, { stream: true });
+      wake();
+    }
+    done = true;
+    wake();
+    return text;
+  })();
+  return {
+    get text() {
+      return text;
+    },
+    async until(predicate, timeoutMs = 30_000) {
+      const deadline = Date.now() + timeoutMs;
+      while (!done && !predicate(text)) {
+        const left = deadline - Date.now();
+        if (left <= 0) throw new Error(`stderr did not show what was awaited:\n${text}`);
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await new Promise<void>((resolve) => {
+          waiters.push(resolve);
+          timer = setTimeout(resolve, left);
+        });
+        clearTimeout(timer);
+      }
+    },
+    ended,
+  };
+}
