@@ -43,6 +43,8 @@ export interface Endpoint {
   readonly canExtents: boolean;
   /** The destination reads as zeroes before the copy starts (so zero runs can be skipped). */
   readonly isZero: boolean;
+  /** The destination keeps nothing (`null:`), so looking for zeroes in the data is wasted. */
+  readonly discards: boolean;
   /**
    * Fills `buf` from `offset`; resolves to the bytes read, which is less than
    * `buf.length` only at the end of a stream.
@@ -160,6 +162,8 @@ export abstract class BaseEndpoint implements Endpoint {
   readonly canExtents: boolean = false;
   /** Not known to be zero unless a subclass knows better. */
   readonly isZero: boolean = false;
+  /** Keeps what it is given unless a subclass says otherwise. */
+  readonly discards: boolean = false;
 
   /** Not a source unless overridden. */
   read(_buf: Uint8Array, _offset: number): Promise<number> {

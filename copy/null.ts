@@ -15,6 +15,7 @@ export class NullDestination extends BaseEndpoint {
   readonly size: number | undefined = undefined;
   readonly blockSize: BlockSize = { minimum: 1, preferred: 4096, maximum: 64 << 20 };
   override readonly isZero = true;
+  override readonly discards = true;
 
   /** Discards `buf`. */
   override write(): Promise<void> {

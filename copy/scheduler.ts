@@ -346,8 +346,9 @@ export async function copyImage(
   );
   const skipZeroes = !options.allocated &&
     (destination.isZero || options.destinationIsZero) && !destination.sequential;
-  // Zero detection is pointless when every byte must be written out in order anyway.
-  const sparseSize = destination.sequential ? 0 : plan.sparseSize;
+  // Zero detection is pointless when every byte must be written out in order anyway,
+  // or when the destination keeps nothing.
+  const sparseSize = destination.sequential || destination.discards ? 0 : plan.sparseSize;
   const stats: CopyStats = {
     size: 0,
     read: 0,

@@ -262,3 +262,16 @@ Deno.test("copyImage() reports progress up to the size of the image", async () =
   for (let i = 1; i < seen.length; i++) assertOk(seen[i]! > seen[i - 1]!);
   assertEquals(seen[seen.length - 1], 2 * MiB);
 });
+
+Deno.test("copyImage() to null: hands on zero data without scanning it, and skips holes", async () => {
+  const { NullDestination } = await import("./null.ts");
+  const holes = [{ offset: MiB, length: MiB, zero: true }];
+  // Zeroes in the data itself (not reported as holes) would be found by a scan.
+  const data = patterned(4 * MiB, holes);
+  data.fill(0, 2 * MiB, 3 * MiB);
+  const source = new MemorySource(data, holes);
+  const stats = await copyImage(source, new NullDestination(), options());
+  assertEquals(stats.skipped, MiB);
+  assertEquals(stats.read, 3 * MiB);
+  assertEquals(stats.written, 3 * MiB);
+});
