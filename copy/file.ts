@@ -144,39 +144,45 @@ export function fileExtents(fd: number, offset: number, length: number): CopyExt
   return out;
 }
 
+/** Most written data a copy leaves in the page cache, whatever the memory (see `WriteBehind`). */
+export const WRITE_BEHIND_BUDGET = 64 << 20;
+
 /**
- * How much written data a copy may leave dirty in the page cache: half of
- * what the kernel lets accumulate before its own background writeback
- * starts (vm.dirty_background_bytes, or _ratio of the available memory),
- * so that the kernel never has to throttle the copy; 128 MiB when that
- * cannot be read.
+ * How much written data a copy may leave in the page cache: `WRITE_BEHIND_BUDGET`,
+ * or less on a machine where half of what the kernel lets accumulate before
+ * its own background writeback starts (vm.dirty_background_bytes, or _ratio
+ * of the available memory) is less, so that the kernel never has to
+ * throttle the copy.
  */
 export function dirtyBudget(): number {
-  const fallback = 128 << 20;
   try {
     const read = (name: string) => Number(Deno.readTextFileSync(`/proc/sys/vm/${name}`).trim());
-    const bytes = read("dirty_background_bytes");
-    if (bytes > 0) return Math.max(16 << 20, Math.floor(bytes / 2));
-    const ratio = read("dirty_background_ratio");
-    const available = /MemAvailable:\s+(\d+) kB/.exec(Deno.readTextFileSync("/proc/meminfo"));
-    if (!(ratio > 0) || !available) return fallback;
-    return Math.max(16 << 20, Math.floor(Number(available[1]) * 1024 * ratio / 100 / 2));
+    let limit = read("dirty_background_bytes");
+    if (!(limit > 0)) {
+      const ratio = read("dirty_background_ratio");
+      const available = /MemAvailable:\s+(\d+) kB/.exec(Deno.readTextFileSync("/proc/meminfo"));
+      if (!(ratio > 0) || !available) return WRITE_BEHIND_BUDGET;
+      limit = Number(available[1]) * 1024 * ratio / 100;
+    }
+    return Math.max(16 << 20, Math.min(WRITE_BEHIND_BUDGET, Math.floor(limit / 2)));
   } catch {
-    return fallback;
+    return WRITE_BEHIND_BUDGET;
   }
 }
 
 /**
- * Keeps the written data of a copy from piling up in the page cache. Left
- * alone, the kernel lets gigabytes of dirty pages accumulate, then makes
- * every writer pay for their writeback: copies of 2 GiB and more were
- * measured taking 3-4 times as long, nearly all of it system time. So the
- * writes are grouped in windows of `step` bytes, and once more than
- * `budget` bytes are in windows not yet retired, the oldest are written
- * back, waited for and dropped from the cache (the copy will not read them
- * back), which recycles the same memory for the rest of the copy. Writers
- * only wait when the disk falls more than a budget behind. The calls run
- * on a helper thread, two per window, never one per write.
+ * Keeps the written data of a copy from piling up in the page cache, as
+ * nbdcopy does. The writes are grouped in windows of `step` bytes; as each
+ * window fills, its writeback starts (asynchronously); once more than
+ * `budget` bytes are in windows not yet retired, the oldest are waited for
+ * and dropped from the cache (the copy will not read them back). So a copy
+ * of any size cycles through the same few MiB of memory, and neither
+ * crowds other programs out of the cache nor waits for fresh memory: on
+ * virtual machines whose free memory goes back to the host, each page
+ * touched for the first time is slow, and a 1 GiB copy left in the cache
+ * was measured taking 2-4 times as long. Writers only wait when the disk
+ * falls more than a budget behind. The calls run on a helper thread, three
+ * per window, never one per write.
  */
 export class WriteBehind {
   readonly #fd: number;
@@ -195,7 +201,7 @@ export class WriteBehind {
   /** Writes back behind writes to `fd` in windows of `step` bytes, `budget` bytes behind. */
   constructor(
     fd: number,
-    step = 16 << 20,
+    step = 8 << 20,
     budget = dirtyBudget(),
   ) {
     this.#fd = fd;
@@ -221,17 +227,20 @@ export class WriteBehind {
     if (offset + length > this.#end) this.#end = offset + length;
     this.#bytes += length;
     if (this.#bytes < this.#step) return;
-    this.#windows.push({ start: this.#start, end: this.#end, bytes: this.#bytes });
-    this.#pending += this.#bytes;
+    const window = { start: this.#start, end: this.#end, bytes: this.#bytes };
+    this.#windows.push(window);
+    this.#pending += window.bytes;
     this.#start = Infinity;
     this.#end = 0;
     this.#bytes = 0;
+    // Started now, the window's writeback is usually over by the time it is retired.
+    void syncFileRange(this.#fd, window.start, window.end - window.start, SYNC_FILE_RANGE_WRITE);
     if (this.#pending <= this.#budget) return;
     const retiring = this.#retire();
     return this.#pending > 2 * this.#budget ? retiring : undefined;
   }
 
-  /** Writes back, waits for and drops the oldest windows until a budget at most is pending. */
+  /** Waits for and drops the oldest windows until a budget at most is pending. */
   #retire(): Promise<void> {
     this.#retiring ??= (async () => {
       const fd = this.#fd;

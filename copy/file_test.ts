@@ -1,7 +1,7 @@
 import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import { randomBytes, tempDir } from "../tests/helpers.ts";
 import * as fs from "node:fs";
-import { FileDestination, FileSource, WriteBehind } from "./file.ts";
+import { FileDestination, FileSource, WRITE_BEHIND_BUDGET, WriteBehind } from "./file.ts";
 import { copyImage } from "./scheduler.ts";
 import { MemorySource, patterned } from "./_test_utils.ts";
 
@@ -158,4 +158,27 @@ Deno.test("WriteBehind flushes and drops written ranges without losing data", as
   }));
   fs.closeSync(fd);
   assertBytes(await Deno.readFile(path), data);
+});
+
+Deno.test("a copy into a file leaves at most the write-behind budget of it in the page cache", async () => {
+  await using dir = await tempDir();
+  const size = 192 * MiB;
+  const data = patterned(size);
+  const destination = await FileDestination.open(`${dir.path}/out.img`, size);
+  await copyImage(new MemorySource(data), destination, OPTIONS);
+  await destination.close(true);
+  const fincore = await new Deno.Command("fincore", {
+    args: ["--bytes", "--noheadings", "--output", "RES", `${dir.path}/out.img`],
+  }).output();
+  assertOk(
+    fincore.success,
+    `fincore (util-linux) failed: ${new TextDecoder().decode(fincore.stderr)}`,
+  );
+  const resident = Number(new TextDecoder().decode(fincore.stdout).trim());
+  // The budget, the window being filled and one the writers may run ahead by.
+  assertOk(
+    resident <= WRITE_BEHIND_BUDGET + 16 * MiB,
+    `${resident >> 20} MiB of the ${size >> 20} MiB copy stayed in the page cache`,
+  );
+  assertBytes(await Deno.readFile(`${dir.path}/out.img`), data);
 });
