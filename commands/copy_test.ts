@@ -1,6 +1,7 @@
 import { assertEquals, assertThrows } from "../tests/assert.ts";
 import { UsageError } from "../server/params.ts";
-import { parseCopyArgs } from "./copy.ts";
+import { defaultThreads, parseCopyArgs } from "./copy.ts";
+import { localConnections } from "../copy/nbd.ts";
 
 Deno.test("parseCopyArgs() applies nbdcopy's defaults", () => {
   const config = parseCopyArgs(["disk.img", "nbd://host/x"]);
@@ -71,4 +72,19 @@ Deno.test("parseCopyArgs() checks sizes and counts, and --synchronous means one 
   assertThrows(() => parseCopyArgs(["a"]), UsageError, "SOURCE and a DESTINATION");
   assertThrows(() => parseCopyArgs(["--bogus", "a", "b"]), UsageError);
   assertEquals(parseCopyArgs(["--target-is-zero", "a", "b"]).destinationIsZero, true);
+});
+
+Deno.test("defaultThreads(): one from a server on this machine to a file, else as connections", () => {
+  const unix = { kind: "nbd", uri: "nbd+unix:///?socket=/tmp/s" } as const;
+  const tcp = { kind: "nbd", uri: "nbd://example.com/disk" } as const;
+  const command = { kind: "command" as const, argv: ["nbdkit", "memory", "1G"] };
+  const file = { kind: "path", path: "out.img" } as const;
+  const nul = { kind: "null" } as const;
+  const processors = localConnections();
+  assertEquals(defaultThreads(unix, file), 1);
+  assertEquals(defaultThreads(command, file), 1);
+  assertEquals(defaultThreads(unix, nul), processors);
+  assertEquals(defaultThreads(file, unix), processors);
+  assertEquals(defaultThreads(tcp, file), 4);
+  assertEquals(defaultThreads(file, { kind: "path", path: "copy.img" }), processors);
 });

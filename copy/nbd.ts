@@ -23,14 +23,16 @@ import { BaseEndpoint, type CopyExtent, type Role, type ShareSpec } from "./endp
  * them (measured on 2 cores: 2 connections copied ~10% faster than 4).
  */
 export function defaultConnections(uri: string): number {
-  let transport: string;
+  return onUnixSocket(uri) ? localConnections() : 4;
+}
+
+/** Whether `uri` names a server on a Unix socket, and so on this machine. */
+export function onUnixSocket(uri: string): boolean {
   try {
-    transport = toNbdUri(uri).transport;
+    return toNbdUri(uri).transport === "unix";
   } catch {
-    return 4;
+    return false;
   }
-  if (transport !== "unix") return 4;
-  return localConnections();
 }
 
 /** Connections (or threads) worth running against work on our own processors: their number, at most 4. */
