@@ -108,6 +108,11 @@ Deno.test({
     await Deno.chmod(scratch.dir, 0o755);
     await Deno.chmod(denoDir, 0o777);
     await Deno.chmod(scratch.mnt, 0o777);
+    // The runtime may live under a home the unprivileged user cannot enter
+    // (npx keeps it in root's cache), so it runs from a copy.
+    const deno = `${scratch.dir}/deno`;
+    await Deno.copyFile(Deno.execPath(), deno);
+    await Deno.chmod(deno, 0o755);
     const result = await run("setpriv", [
       "--reuid=65534",
       "--regid=65534",
@@ -115,7 +120,7 @@ Deno.test({
       "env",
       `DENO_DIR=${denoDir}`,
       `HOME=${denoDir}`,
-      Deno.execPath(),
+      deno,
       "run",
       "-A",
       "--quiet",
