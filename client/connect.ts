@@ -8,6 +8,7 @@
 import { type ByteStream, fromDenoConn, fromNodeSocket } from "../io/byte_stream.ts";
 import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { NbdConnectionError } from "./errors.ts";
+import { connectWithFd } from "../io/socket_fast.ts";
 
 /** Parses `uri` if it is a string; URI syntax errors name the part that is wrong. */
 export function toNbdUri(uri: string | NbdUri): NbdUri {
@@ -81,15 +82,20 @@ export async function openStream(uri: NbdUri): Promise<ByteStream> {
   }
   if (uri.tls) return await openNodeStream(uri);
   let conn: Deno.Conn;
+  let fd: number | undefined;
   try {
     switch (uri.transport) {
       case "unix":
-        conn = await Deno.connect({ transport: "unix", path: uri.socket! });
+        ({ conn, fd } = await connectWithFd(() =>
+          Deno.connect({ transport: "unix", path: uri.socket! })
+        ));
         break;
       case "tcp": {
-        const tcp = await Deno.connect({ hostname: uri.host!, port: uri.port! });
-        tcp.setNoDelay(true);
-        conn = tcp;
+        const opened = await connectWithFd(() =>
+          Deno.connect({ hostname: uri.host!, port: uri.port! })
+        );
+        opened.conn.setNoDelay(true);
+        ({ conn, fd } = opened);
         break;
       }
     }
@@ -100,5 +106,5 @@ export async function openStream(uri: NbdUri): Promise<ByteStream> {
       { cause: error },
     );
   }
-  return fromDenoConn(conn);
+  return fromDenoConn(conn, fd);
 }

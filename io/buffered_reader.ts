@@ -16,6 +16,12 @@ const LARGE_PAYLOAD = 64 * 1024;
  * payload into the internal buffer, only to copy it out again.
  */
 const SMALL_REFILL = 4096;
+/**
+ * Reads served by the source's synchronous path in a row before one goes
+ * through the event loop: a stream that always has data would otherwise
+ * run on microtasks alone and starve timers, signals and other I/O.
+ */
+const SYNC_READS_PER_TURN = 32;
 
 /** The stream ended in the middle of a message. */
 export class UnexpectedEofError extends Error {
@@ -28,7 +34,8 @@ export class UnexpectedEofError extends Error {
 
 /** Buffered reader with exact-length reads. */
 export class BufferedReader {
-  #source: Pick<ByteStream, "read">;
+  #source: Pick<ByteStream, "read" | "tryRead">;
+  #syncReads = 0;
   #buf: Uint8Array;
   #start = 0;
   #end = 0;
@@ -39,7 +46,7 @@ export class BufferedReader {
   readonly view: DataView;
 
   /** Creates a reader with an internal buffer of `capacity` bytes. */
-  constructor(source: Pick<ByteStream, "read">, capacity = 256 * 1024) {
+  constructor(source: Pick<ByteStream, "read" | "tryRead">, capacity = 256 * 1024) {
     this.#source = source;
     this.#buf = new Uint8Array(capacity);
     this.view = new DataView(this.#buf.buffer);
@@ -83,7 +90,7 @@ export class BufferedReader {
       const limit = this.#smallRefill
         ? Math.min(this.#buf.length, Math.max(this.#end + SMALL_REFILL, this.#start + n))
         : this.#buf.length;
-      const count = await this.#source.read(this.#buf.subarray(this.#end, limit));
+      const count = await this.#read(this.#buf.subarray(this.#end, limit));
       if (count === null || count === 0) {
         if (count === null) this.#eof = true;
         continue;
@@ -91,6 +98,19 @@ export class BufferedReader {
       this.#end += count;
     }
     return true;
+  }
+
+  /** One read from the source: synchronous when it can, but not forever in a row. */
+  #read(buf: Uint8Array): Promise<number | null> | number | null {
+    if (this.#source.tryRead && this.#syncReads < SYNC_READS_PER_TURN) {
+      const count = this.#source.tryRead(buf);
+      if (count !== undefined) {
+        this.#syncReads++;
+        return count;
+      }
+    }
+    this.#syncReads = 0;
+    return this.#source.read(buf);
   }
 
   /** A view of the next `n` buffered bytes (call `ensure` first); valid until the next read. */
@@ -115,7 +135,7 @@ export class BufferedReader {
     let filled = fromBuffer;
     while (filled < dst.length) {
       if (this.#eof) throw new UnexpectedEofError(what);
-      const count = await this.#source.read(dst.subarray(filled));
+      const count = await this.#read(dst.subarray(filled));
       if (count === null) {
         this.#eof = true;
         throw new UnexpectedEofError(what);

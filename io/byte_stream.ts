@@ -7,6 +7,7 @@
  */
 
 import type { Socket } from "node:net";
+import { SocketFastPath } from "./socket_fast.ts";
 
 /** A bidirectional byte stream: the subset of `Deno.Conn` the protocol code uses. */
 export interface ByteStream {
@@ -14,6 +15,14 @@ export interface ByteStream {
   read(buf: Uint8Array): Promise<number | null>;
   /** Writes some of `buf`; resolves to the count written. */
   write(buf: Uint8Array): Promise<number>;
+  /**
+   * Where supported, reads only what is already there, without waiting:
+   * the count (> 0), null at end of stream, or undefined when `read` must
+   * be used (nothing there now, or an error for `read` to report).
+   */
+  tryRead?(buf: Uint8Array): number | null | undefined;
+  /** Where supported, writes only what fits now, without waiting: the count (0 if none). */
+  tryWrite?(buf: Uint8Array): number;
   /** Closes both directions. Safe to call more than once. */
   close(): void;
   /** Closes the write side only, where supported. */
@@ -26,22 +35,32 @@ export interface ByteStream {
 }
 
 /** Writes all of `buf` to `stream`, looping over partial writes. */
-export async function writeAll(stream: Pick<ByteStream, "write">, buf: Uint8Array): Promise<void> {
-  let done = 0;
+export async function writeAll(
+  stream: Pick<ByteStream, "write" | "tryWrite">,
+  buf: Uint8Array,
+): Promise<void> {
+  let done = stream.tryWrite?.(buf) ?? 0;
   while (done < buf.length) {
     done += await stream.write(done === 0 ? buf : buf.subarray(done));
   }
 }
 
-/** Wraps a Deno connection (TCP or Unix) so that close() is idempotent. */
-export function fromDenoConn(conn: Deno.Conn): ByteStream {
+/**
+ * Wraps a Deno connection (TCP or Unix) so that close() is idempotent.
+ * Given the connection's descriptor (see `connectWithFd`), reads and
+ * writes that need no waiting take a faster synchronous path.
+ */
+export function fromDenoConn(conn: Deno.Conn, fd?: number): ByteStream {
   let closed = false;
+  const fast = SocketFastPath.create(fd);
   return {
     read: (buf) => conn.read(buf),
     write: (buf) => conn.write(buf),
+    ...(fast ? { tryRead: (buf) => fast.read(buf), tryWrite: (buf) => fast.write(buf) } : {}),
     close() {
       if (closed) return;
       closed = true;
+      fast?.disable();
       try {
         conn.close();
       } catch {

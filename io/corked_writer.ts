@@ -16,7 +16,7 @@ const STAGING_SIZE = 1024 * 1024;
 
 /** Serialising, batching writer over a `ByteStream`. */
 export class CorkedWriter {
-  #sink: Pick<ByteStream, "write">;
+  #sink: Pick<ByteStream, "write" | "tryWrite">;
   #queue: Uint8Array[] = [];
   #queuedBytes = 0;
   #running = false;
@@ -33,7 +33,7 @@ export class CorkedWriter {
    * ones written as they are.
    */
   constructor(
-    sink: Pick<ByteStream, "write">,
+    sink: Pick<ByteStream, "write" | "tryWrite">,
     highWater = 8 * 1024 * 1024,
     smallChunk = SMALL_CHUNK,
   ) {

@@ -14,6 +14,8 @@
  * @module
  */
 
+import { lazyLibc } from "./ffi.ts";
+
 /** Buffer size asked for (the kernel doubles it for bookkeeping); 1 MiB measured as good as 4. */
 export const SOCKET_BUFFER_BYTES = 1024 * 1024;
 
@@ -27,17 +29,7 @@ const SYMBOLS = {
   setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
 } as const;
 
-let lib: Deno.DynamicLibrary<typeof SYMBOLS> | null | undefined;
-function libc(): Deno.DynamicLibrary<typeof SYMBOLS> | null {
-  if (lib === undefined) {
-    try {
-      lib = Deno.build.os === "linux" ? Deno.dlopen("libc.so.6", SYMBOLS) : null;
-    } catch {
-      lib = null;
-    }
-  }
-  return lib;
-}
+const libc = lazyLibc(SYMBOLS);
 
 /** Socket inodes already handled (bounded: cleared when large, re-raising is harmless). */
 const seen = new Set<string>();

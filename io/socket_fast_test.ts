@@ -1,0 +1,142 @@
+import { assertBytes, assertEquals, assertOk as assert } from "../tests/assert.ts";
+import { BufferedReader } from "./buffered_reader.ts";
+import { fromDenoConn, writeAll } from "./byte_stream.ts";
+import { connectWithFd, SocketFastPath } from "./socket_fast.ts";
+
+const linux = Deno.build.os === "linux";
+
+/**
+ * A Unix socket echo server in another process (sockets of this process
+ * appearing on accept would hide which one a connection got); stopped on
+ * dispose.
+ */
+async function echoServer() {
+  const dir = await Deno.makeTempDir({ prefix: "nbd-fast" });
+  const path = `${dir}/echo.sock`;
+  const script = `
+    const listener = Deno.listen({ transport: "unix", path: ${JSON.stringify(path)} });
+    console.log("ready");
+    for await (const conn of listener) {
+      (async () => {
+        const buf = new Uint8Array(65536);
+        try {
+          while (true) {
+            const n = await conn.read(buf);
+            if (n === null) break;
+            let done = 0;
+            while (done < n) done += await conn.write(buf.subarray(done, n));
+          }
+        } catch { /* the client went away */ }
+        conn.close();
+      })();
+    }`;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", script],
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const reader = child.stdout.getReader();
+  const { value } = await reader.read();
+  reader.releaseLock();
+  if (!new TextDecoder().decode(value).includes("ready")) throw new Error("echo server failed");
+  return {
+    path,
+    async [Symbol.asyncDispose]() {
+      child.kill();
+      await child.status;
+      await child.stdout.cancel().catch(() => {});
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
+Deno.test({
+  name: "connectWithFd: connections opened together never get each other's descriptor",
+  ignore: !linux,
+  async fn() {
+    await using server = await echoServer();
+    const opened = await Promise.all(
+      Array.from(
+        { length: 8 },
+        () => connectWithFd(() => Deno.connect({ transport: "unix", path: server.path })),
+      ),
+    );
+    try {
+      const fds = opened.map((o) => o.fd).filter((fd) => fd !== undefined);
+      assertEquals(new Set(fds).size, fds.length, "a descriptor was given to two connections");
+      // Each connection's token, sent through the runtime, comes back on the descriptor found.
+      for (const [i, { conn, fd }] of opened.entries()) {
+        if (fd === undefined) continue;
+        const fast = SocketFastPath.create(fd)!;
+        const token = new TextEncoder().encode(`connection ${i}`);
+        await writeAll(conn, token);
+        const got = new Uint8Array(token.length);
+        let filled = 0;
+        while (filled < got.length) {
+          const n = fast.read(got.subarray(filled)) ?? await conn.read(got.subarray(filled));
+          assert(n !== null, "unexpected end of stream");
+          filled += n;
+        }
+        assertBytes(got, token);
+      }
+      // Opened one at a time, every connection is found.
+      const alone = await connectWithFd(() =>
+        Deno.connect({ transport: "unix", path: server.path })
+      );
+      assert(alone.fd !== undefined, "a lone connection's descriptor was not found");
+      alone.conn.close();
+    } finally {
+      for (const { conn } of opened) conn.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "fromDenoConn: synchronous reads and writes carry the data; none after close",
+  ignore: !linux,
+  async fn() {
+    await using server = await echoServer();
+    const { conn, fd } = await connectWithFd(() =>
+      Deno.connect({ transport: "unix", path: server.path })
+    );
+    assert(fd !== undefined);
+    const stream = fromDenoConn(conn, fd);
+    assert(stream.tryRead && stream.tryWrite, "no fast path on a plain Unix connection");
+    const data = new Uint8Array(3 << 20);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 7 + (i >>> 12)) & 0xff;
+    // More than the socket buffers hold: the writes must fall back to waiting.
+    const writing = writeAll(stream, data);
+    const back = new Uint8Array(data.length);
+    await new BufferedReader(stream).readInto(back);
+    await writing;
+    assertBytes(back, data);
+    stream.close();
+    assertEquals(stream.tryRead(new Uint8Array(1)), undefined);
+    assertEquals(stream.tryWrite(new Uint8Array(1)), 0);
+  },
+});
+
+Deno.test("BufferedReader: a source that always has data still lets timers run", async () => {
+  let asyncReads = 0;
+  const source = {
+    // Like the runtime's own reads, an asynchronous read completes on a later turn of the event loop.
+    read(buf: Uint8Array): Promise<number | null> {
+      asyncReads++;
+      buf.fill(1);
+      return new Promise((resolve) => setTimeout(() => resolve(buf.length), 0));
+    },
+    tryRead(buf: Uint8Array): number {
+      buf.fill(1);
+      return Math.min(buf.length, 4096);
+    },
+  };
+  const reader = new BufferedReader(source, 8192);
+  let timerRan = false;
+  setTimeout(() => timerRan = true, 0);
+  const started = performance.now();
+  while (!timerRan && performance.now() - started < 5000) {
+    await reader.readInto(new Uint8Array(1 << 20));
+  }
+  assert(timerRan, "a timer never ran while the reader had data");
+  assert(asyncReads > 0);
+});
