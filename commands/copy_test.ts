@@ -74,16 +74,18 @@ Deno.test("parseCopyArgs() checks sizes and counts, and --synchronous means one 
   assertEquals(parseCopyArgs(["--target-is-zero", "a", "b"]).destinationIsZero, true);
 });
 
-Deno.test("defaultThreads(): one from a server on this machine to a file, else as connections", () => {
+Deno.test("defaultThreads(): as connections, one processor fewer from a server here to null:", () => {
   const unix = { kind: "nbd", uri: "nbd+unix:///?socket=/tmp/s" } as const;
   const tcp = { kind: "nbd", uri: "nbd://example.com/disk" } as const;
   const command = { kind: "command" as const, argv: ["nbdkit", "memory", "1G"] };
   const file = { kind: "path", path: "out.img" } as const;
   const nul = { kind: "null" } as const;
   const processors = localConnections();
-  assertEquals(defaultThreads(unix, file), 1);
-  assertEquals(defaultThreads(command, file), 1);
-  assertEquals(defaultThreads(unix, nul), processors);
+  assertEquals(defaultThreads(unix, nul), Math.max(1, processors - 1));
+  assertEquals(defaultThreads(command, nul), Math.max(1, processors - 1));
+  assertEquals(defaultThreads(tcp, nul), 4);
+  assertEquals(defaultThreads(unix, file), processors);
+  assertEquals(defaultThreads(command, file), processors);
   assertEquals(defaultThreads(file, unix), processors);
   assertEquals(defaultThreads(tcp, file), 4);
   assertEquals(defaultThreads(file, { kind: "path", path: "copy.img" }), processors);
