@@ -90,7 +90,9 @@ export class BufferedReader {
       const limit = this.#smallRefill
         ? Math.min(this.#buf.length, Math.max(this.#end + SMALL_REFILL, this.#start + n))
         : this.#buf.length;
-      const count = await this.#read(this.#buf.subarray(this.#end, limit));
+      const read = this.#read(this.#buf.subarray(this.#end, limit));
+      // A synchronous result needs no trip through the microtask queue.
+      const count = typeof read === "object" && read !== null ? await read : read;
       if (count === null || count === 0) {
         if (count === null) this.#eof = true;
         continue;
@@ -135,7 +137,8 @@ export class BufferedReader {
     let filled = fromBuffer;
     while (filled < dst.length) {
       if (this.#eof) throw new UnexpectedEofError(what);
-      const count = await this.#read(dst.subarray(filled));
+      const read = this.#read(dst.subarray(filled));
+      const count = typeof read === "object" && read !== null ? await read : read;
       if (count === null) {
         this.#eof = true;
         throw new UnexpectedEofError(what);
