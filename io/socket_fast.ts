@@ -13,7 +13,8 @@
  * compares the process's sockets (through /proc) before and after the
  * connection opens: only when exactly one socket appeared is it known to be
  * this connection's; otherwise (a connection opened meanwhile by another
- * task or thread) the connection simply goes without the fast path.
+ * thread) the connection simply goes without the fast path. Within a
+ * thread, connections are opened one at a time for this.
  *
  * @module
  */
@@ -53,7 +54,18 @@ function sockets(): Map<number, string> | undefined {
  * socket that appeared meanwhile, or undefined when that is not certain
  * (or FFI is unavailable).
  */
-export async function connectWithFd<T>(
+export function connectWithFd<T>(
+  connect: () => Promise<T>,
+): Promise<{ conn: T; fd: number | undefined }> {
+  // One at a time in this thread, so that connections opened together all find theirs.
+  const opened = connecting.then(() => connectAndFind(connect));
+  connecting = opened.catch(() => {});
+  return opened;
+}
+
+let connecting: Promise<unknown> = Promise.resolve();
+
+async function connectAndFind<T>(
   connect: () => Promise<T>,
 ): Promise<{ conn: T; fd: number | undefined }> {
   const before = libc() ? sockets() : undefined;
