@@ -91,8 +91,10 @@ export async function openStream(uri: NbdUri): Promise<ByteStream> {
         ));
         break;
       case "tcp": {
-        const opened = await connectWithFd(() =>
-          Deno.connect({ hostname: uri.host!, port: uri.port! })
+        // Not in turn: each TCP connection takes a round trip to open.
+        const opened = await connectWithFd(
+          () => Deno.connect({ hostname: uri.host!, port: uri.port! }),
+          false,
         );
         opened.conn.setNoDelay(true);
         ({ conn, fd } = opened);

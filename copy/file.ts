@@ -114,7 +114,6 @@ function directoryOf(path: string): string {
   return slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
 }
 
-/** Writes all of `buf` at `position`. */
 /**
  * Resolves when `lock` is seen released or after a millisecond, whichever
  * comes first: the wake-up of an asynchronous wait comes through the event
@@ -130,6 +129,7 @@ function lockReleased(lock: Int32Array): Promise<unknown> {
   ]).finally(() => clearTimeout(timer));
 }
 
+/** Writes all of `buf` at `position`. */
 function writeFully(fd: number, buf: Uint8Array, position: number): void {
   let done = 0;
   while (done < buf.length) done += writeAt(fd, buf.subarray(done), position + done);

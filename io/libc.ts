@@ -9,6 +9,8 @@
  * @module
  */
 
+import { lazyLibc } from "./ffi.ts";
+
 const SEEK_END = 2;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
@@ -37,18 +39,7 @@ const SYMBOLS = {
   fsync: { parameters: ["i32"], result: "i32" },
 } as const;
 
-let lib: Deno.DynamicLibrary<typeof SYMBOLS> | null | undefined;
-
-function libc(): Deno.DynamicLibrary<typeof SYMBOLS> | null {
-  if (lib === undefined) {
-    try {
-      lib = Deno.dlopen("libc.so.6", SYMBOLS);
-    } catch {
-      lib = null;
-    }
-  }
-  return lib;
-}
+const libc = lazyLibc(SYMBOLS);
 
 function errno(): number {
   const l = libc();

@@ -12,9 +12,10 @@
  * The runtime does not expose a connection's descriptor, so `connectWithFd`
  * compares the process's sockets (through /proc) before and after the
  * connection opens: only when exactly one socket appeared is it known to be
- * this connection's; otherwise (a connection opened meanwhile by another
- * thread) the connection simply goes without the fast path. Within a
- * thread, connections are opened one at a time for this.
+ * this connection's; otherwise (a connection opened meanwhile) the
+ * connection simply goes without the fast path. Unix connections, which
+ * open at once, are opened one at a time within a thread for this; TCP
+ * connections, which take a round trip each, are not held up.
  *
  * @module
  */
@@ -52,12 +53,14 @@ function sockets(): Map<number, string> | undefined {
 /**
  * Opens a connection with `connect` and finds its descriptor: the one
  * socket that appeared meanwhile, or undefined when that is not certain
- * (or FFI is unavailable).
+ * (or FFI is unavailable). With `oneAtATime`, connections of this thread
+ * open in turn, so that those opened together all find theirs.
  */
 export function connectWithFd<T>(
   connect: () => Promise<T>,
+  oneAtATime = true,
 ): Promise<{ conn: T; fd: number | undefined }> {
-  // One at a time in this thread, so that connections opened together all find theirs.
+  if (!oneAtATime) return connectAndFind(connect);
   const opened = connecting.then(() => connectAndFind(connect));
   connecting = opened.catch(() => {});
   return opened;
