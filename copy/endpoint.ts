@@ -46,6 +46,11 @@ export interface Endpoint {
   /** The destination keeps nothing (`null:`), so looking for zeroes in the data is wasted. */
   readonly discards: boolean;
   /**
+   * Reads and writes do their work before they return (files, `null:`):
+   * more than one of them in flight gains nothing.
+   */
+  readonly synchronous: boolean;
+  /**
    * Fills `buf` from `offset`; resolves to the bytes read, which is less than
    * `buf.length` only at the end of a stream.
    */
@@ -164,6 +169,8 @@ export abstract class BaseEndpoint implements Endpoint {
   readonly isZero: boolean = false;
   /** Keeps what it is given unless a subclass says otherwise. */
   readonly discards: boolean = false;
+  /** Requests complete asynchronously unless a subclass says otherwise. */
+  readonly synchronous: boolean = false;
 
   /** Not a source unless overridden. */
   read(_buf: Uint8Array, _offset: number): Promise<number> {

@@ -211,6 +211,8 @@ export class WriteBehind {
   #windows: { start: number; end: number; bytes: number }[] = [];
   #pending = 0;
   #retiring: Promise<void> | undefined;
+  /** Writebacks started and not yet returned. */
+  readonly #started = new Set<Promise<unknown>>();
   #enabled = true;
 
   /** Writes back behind writes to `fd` in windows of `step` bytes, `budget` bytes behind. */
@@ -249,7 +251,14 @@ export class WriteBehind {
     this.#end = 0;
     this.#bytes = 0;
     // Started now, the window's writeback is usually over by the time it is retired.
-    void syncFileRange(this.#fd, window.start, window.end - window.start, SYNC_FILE_RANGE_WRITE);
+    const started = syncFileRange(
+      this.#fd,
+      window.start,
+      window.end - window.start,
+      SYNC_FILE_RANGE_WRITE,
+    );
+    this.#started.add(started);
+    void started.finally(() => this.#started.delete(started));
     if (this.#pending <= this.#budget) return;
     const retiring = this.#retire();
     return this.#pending > 2 * this.#budget ? retiring : undefined;
@@ -266,11 +275,23 @@ export class WriteBehind {
           SYNC_FILE_RANGE_WAIT_AFTER;
         // Not supported here (or no FFI): the kernel's own writeback will do.
         if (!(await syncFileRange(fd, window.start, length, flags))) this.#enabled = false;
+        if (!this.#enabled) break;
         await dropCache(fd, window.start, length);
         this.#pending -= window.bytes;
       }
     })().finally(() => this.#retiring = undefined);
     return this.#retiring;
+  }
+
+  /**
+   * Stops for good and resolves once no call on the descriptor is left
+   * running, so that it can be closed: a call made after the close would
+   * reach whatever file reused its number.
+   */
+  async stop(): Promise<void> {
+    this.#enabled = false;
+    await this.#retiring;
+    await Promise.all(this.#started);
   }
 }
 
@@ -291,6 +312,7 @@ export class FileSource extends BaseEndpoint {
   readonly size: number;
   readonly blockSize: BlockSize = FILE_BLOCK_SIZE;
   override readonly canExtents: boolean;
+  override readonly synchronous = true;
   /** Device and inode, to refuse copying a file onto itself. */
   readonly identity: { dev: number; ino: number };
   readonly #fd: number;
@@ -372,6 +394,7 @@ export class FileDestination extends BaseEndpoint {
   readonly size: number | undefined;
   readonly blockSize: BlockSize = FILE_BLOCK_SIZE;
   override readonly isZero: boolean;
+  override readonly synchronous = true;
   readonly #fd: number;
   readonly #mode: FileMode;
   /** Where the data goes until the copy succeeds (a new file); otherwise the path. */
@@ -566,6 +589,7 @@ export class FileDestination extends BaseEndpoint {
     if (this.#closed) return;
     this.#closed = true;
     this.#unregister();
+    await this.#behind.stop();
     closeFd(this.#fd);
     if (this.#mode !== "new") return;
     if (complete) {

@@ -1,5 +1,5 @@
 import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
-import { randomBytes, tempDir } from "../tests/helpers.ts";
+import { peers, randomBytes, tempDir } from "../tests/helpers.ts";
 import * as fs from "node:fs";
 import { FileDestination, FileSource, WRITE_BEHIND_BUDGET, WriteBehind } from "./file.ts";
 import { copyImage } from "./scheduler.ts";
@@ -181,4 +181,69 @@ Deno.test("a copy into a file leaves at most the write-behind budget of it in th
     `${resident >> 20} MiB of the ${size >> 20} MiB copy stayed in the page cache`,
   );
   assertBytes(await Deno.readFile(`${dir.path}/out.img`), data);
+});
+
+Deno.test({
+  name: "WriteBehind: nothing reaches the descriptor once stop() has resolved",
+  ...peers("strace"),
+  async fn() {
+    await using dir = await tempDir();
+    const script = `${dir.path}/behind.ts`;
+    // Windows of 1 MiB with a 1 MiB budget: every write past the first starts a retire.
+    await Deno.writeTextFile(
+      script,
+      `import { WriteBehind } from ${JSON.stringify(new URL("./file.ts", import.meta.url).href)};
+import { closeFd, O_CREAT, O_WRONLY, openFd, pwrite } from ${
+        JSON.stringify(new URL("../io/libc.ts", import.meta.url).href)
+      };
+const fd = openFd(${JSON.stringify(`${dir.path}/data`)}, O_WRONLY | O_CREAT)!;
+const behind = new WriteBehind(fd, ${MiB}, ${MiB});
+const chunk = new Uint8Array(${MiB}).fill(7);
+const write = (i: number) => {
+  pwrite(fd, chunk, i * ${MiB});
+  void behind.written(i * ${MiB}, ${MiB});
+};
+for (let i = 0; i < 4; i++) write(i);
+// Time for the first windows to be retired; the next ones are still on their way at the close.
+await new Promise((resolve) => setTimeout(resolve, 100));
+for (let i = 4; i < 8; i++) write(i);
+await behind.stop();
+closeFd(fd);
+console.log(fd);
+await new Promise((resolve) => setTimeout(resolve, 200));
+`,
+    );
+    const log = `${dir.path}/trace`;
+    const output = await new Deno.Command("strace", {
+      args: [
+        "-f",
+        "-qq",
+        "-o",
+        log,
+        "-e",
+        "trace=close,pwrite64,sync_file_range,fadvise64",
+        Deno.execPath(),
+        "run",
+        "-A",
+        "--quiet",
+        script,
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assertOk(output.success, new TextDecoder().decode(output.stderr));
+    const fd = Number(new TextDecoder().decode(output.stdout).trim());
+    const lines = (await Deno.readTextFile(log)).split("\n");
+    // The descriptor's number may have been used and closed before: the close that counts
+    // is the first one after the script's writes.
+    const lastWrite = lines.findLastIndex((line) => line.includes(`pwrite64(${fd},`));
+    const closed = lines.findIndex((line, i) => i > lastWrite && line.includes(`close(${fd})`));
+    assertOk(lastWrite >= 0 && closed >= 0, `no write and close of ${fd} in the trace`);
+    const retired = lines.slice(0, closed).filter((line) => line.includes(`fadvise64(${fd},`));
+    assertOk(retired.length > 0, "no window was retired before the close");
+    const late = lines.slice(closed).filter((line) =>
+      new RegExp(`(sync_file_range|fadvise64)\\(${fd},`).test(line)
+    );
+    assertEquals(late, []);
+  },
 });

@@ -16,6 +16,7 @@ export class NullDestination extends BaseEndpoint {
   readonly blockSize: BlockSize = { minimum: 1, preferred: 4096, maximum: 64 << 20 };
   override readonly isZero = true;
   override readonly discards = true;
+  override readonly synchronous = true;
 
   /** Discards `buf`. */
   override write(): Promise<void> {

@@ -275,3 +275,25 @@ Deno.test("copyImage() to null: hands on zero data without scanning it, and skip
   assertEquals(stats.read, 3 * MiB);
   assertEquals(stats.written, 3 * MiB);
 });
+
+Deno.test("copyImage() runs one lane between endpoints that complete synchronously", async () => {
+  class SyncSource extends MemorySource {
+    override readonly synchronous = true;
+  }
+  class SyncDestination extends MemoryDestination {
+    override readonly synchronous = true;
+  }
+  const data = patterned(2 * MiB + 777);
+  const both = new SyncSource(data);
+  const into = new SyncDestination(data.length);
+  const one = await copyImage(both, into, options());
+  assertBytes(into.data, data);
+  assertEquals(one.lanes, 1);
+  assertEquals(both.maxInFlight, 1);
+  // One side that completes asynchronously is enough for every lane to be used.
+  const source = new SyncSource(data);
+  const destination = new MemoryDestination(data.length, { jitterMs: 1 });
+  const many = await copyImage(source, destination, options());
+  assertBytes(destination.data, data);
+  assertEquals(many.lanes, 16);
+});
