@@ -74,19 +74,22 @@ Deno.test("parseCopyArgs() checks sizes and counts, and --synchronous means one 
   assertEquals(parseCopyArgs(["--target-is-zero", "a", "b"]).destinationIsZero, true);
 });
 
-Deno.test("defaultThreads(): as connections, one processor fewer from a server here to null:", () => {
+Deno.test("defaultThreads(): one into a file, the processors shared with a server here", () => {
   const unix = { kind: "nbd", uri: "nbd+unix:///?socket=/tmp/s" } as const;
   const tcp = { kind: "nbd", uri: "nbd://example.com/disk" } as const;
   const command = { kind: "command" as const, argv: ["nbdkit", "memory", "1G"] };
   const file = { kind: "path", path: "out.img" } as const;
   const nul = { kind: "null" } as const;
   const processors = localConnections();
+  const half = Math.max(1, Math.floor(processors / 2));
   assertEquals(defaultThreads(unix, nul), Math.max(1, processors - 1));
   assertEquals(defaultThreads(command, nul), Math.max(1, processors - 1));
   assertEquals(defaultThreads(tcp, nul), 4);
-  assertEquals(defaultThreads(unix, file), processors);
-  assertEquals(defaultThreads(command, file), processors);
-  assertEquals(defaultThreads(file, unix), processors);
-  assertEquals(defaultThreads(tcp, file), 4);
-  assertEquals(defaultThreads(file, { kind: "path", path: "copy.img" }), processors);
+  assertEquals(defaultThreads(file, nul), processors);
+  for (const source of [unix, command, tcp, file]) assertEquals(defaultThreads(source, file), 1);
+  assertEquals(defaultThreads(file, unix), half);
+  assertEquals(defaultThreads(unix, command), half);
+  assertEquals(defaultThreads(tcp, unix), half);
+  assertEquals(defaultThreads(file, tcp), 4);
+  assertEquals(defaultThreads(tcp, tcp), 4);
 });
