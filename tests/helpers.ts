@@ -126,7 +126,10 @@ let wrapperPath: string | undefined;
 /**
  * Path of an `nbd` executable wrapper for this checkout (so peers such as
  * `nbdinfo -- [ nbd serve ... ]` can start it). It execs Deno, keeping the
- * pid, which socket activation relies on.
+ * pid, which socket activation relies on. Like the compiled executable, it
+ * does not look for a newer runtime (`deno run` otherwise does so in the
+ * background half a second in: a DNS lookup and the parsing of the system's
+ * certificates, in the middle of a benchmark).
  */
 export async function nbdExecutable(): Promise<string> {
   if (wrapperPath) return wrapperPath;
@@ -134,7 +137,7 @@ export async function nbdExecutable(): Promise<string> {
   const path = `${dir}/nbd`;
   await Deno.writeTextFile(
     path,
-    `#!/bin/sh\nexec '${Deno.execPath()}' run -A --quiet '${ROOT}/main.ts' "$@"\n`,
+    `#!/bin/sh\nDENO_NO_UPDATE_CHECK=1 exec '${Deno.execPath()}' run -A --quiet '${ROOT}/main.ts' "$@"\n`,
   );
   await Deno.chmod(path, 0o755);
   wrapperPath = path;
