@@ -53,11 +53,12 @@ least as large as the source.
 
 Options:
   -C, --connections N      connections per NBD endpoint when the server allows
-                           multi-conn, and threads sharing the copy (default 4;
-                           for a server on a Unix socket or files alone at most
-                           the number of processors; threads: one into a file or
-                           block device, with a server on this machine half the
-                           processors, or all but one to null:)
+                           multi-conn, and threads sharing the copy (default:
+                           over TCP 4, and as many threads; to a server on this
+                           machine (Unix socket, [ CMD ]) one per thread, and
+                           half the processors as threads, all but one to
+                           null:; one thread into a file or block device; for
+                           files alone a thread per processor, at most 4)
   -R, --requests N         requests in flight in total (default 64)
       --request-size SIZE  largest read or write (default 256K; a power of two
                            from 512 to 32M, adjusted to the servers' block sizes)
