@@ -80,7 +80,11 @@ export interface Backend {
    * the range in order, valid until the reply is sent; undefined = use pread.
    */
   readView?(offset: number, length: number): ReadSegment[] | undefined;
-  /** Writes `buf` at `offset`. */
+  /**
+   * Writes `buf` at `offset`. Once the returned promise has resolved, `buf`
+   * is the caller's again (the server reuses it for the next write): what
+   * an implementation keeps, it copies.
+   */
   pwrite(buf: Uint8Array, offset: number, flags: WriteFlags): Promise<void>;
   /** Makes every completed write durable. */
   flush(): Promise<void>;
@@ -263,7 +267,7 @@ export interface PluginBackend {
   pread(buf: Uint8Array, offset: number): Promise<void>;
   /** Zero-copy read. */
   readView?(offset: number, length: number): ReadSegment[] | undefined;
-  /** Writes; absent = read-only. */
+  /** Writes; absent = read-only. `buf` is the caller's again once the promise resolves. */
   pwrite?(buf: Uint8Array, offset: number, flags: WriteFlags): Promise<void>;
   /** Flush; absent = FLUSH not advertised. */
   flush?(): Promise<void>;

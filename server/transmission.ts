@@ -65,6 +65,7 @@ import { type Backend, type Capabilities, type ReadSegment, ZERO_BUFFER } from "
 import type { ConnectionContext } from "./connection.ts";
 import type { IoCounters } from "./stats.ts";
 import { BASE_ALLOCATION_ID, type Negotiated } from "./negotiate.ts";
+import { PayloadPool } from "./payload_pool.ts";
 
 /** A WRITE payload beyond twice the accepted maximum is not drained: the connection is dropped. */
 const HARD_PAYLOAD_FACTOR = 2;
@@ -91,6 +92,7 @@ export class Transmission {
   #idleTimer: ReturnType<typeof setTimeout> | undefined;
   #inFlight = 0;
   #inFlightBytes = 0;
+  readonly #payloads = new PayloadPool();
   #slotWaiter: (() => void) | undefined;
   #idleWaiters: Array<() => void> = [];
 
@@ -204,7 +206,9 @@ export class Transmission {
       if (failure) {
         await conn.reader.skip(payloadLength, "a request payload");
       } else {
-        payload = new Uint8Array(payloadLength);
+        payload = request.type === NBD_CMD_WRITE
+          ? this.#payloads.take(payloadLength)
+          : new Uint8Array(payloadLength);
         await conn.reader.readInto(payload, "a request payload");
         if (request.type === NBD_CMD_BLOCK_STATUS) {
           failure = this.#blockStatusPayload(request, payload);
@@ -231,6 +235,8 @@ export class Transmission {
     this.#inFlight++;
     this.#inFlightBytes += cost;
     this.#execute(request, payload).then((ok) => {
+      // Only a write that succeeded is known to have let go of its buffer.
+      if (ok && payload && request.type === NBD_CMD_WRITE) this.#payloads.give(payload);
       stats.finish(
         conn.info,
         this.#counters,

@@ -1,0 +1,55 @@
+/**
+ * Reuse of WRITE payload buffers. A fresh buffer for each WRITE costs the
+ * runtime zeroing it and the kernel faulting its pages in (a large buffer
+ * is fresh memory from the system every time): measured with nbdcopy
+ * writing 1 GiB into `nbd serve memory`, a sixth of the server's time went
+ * there. Clients send runs of equal-sized writes, so a connection keeps the
+ * buffers of the last size it saw, up to a byte budget.
+ *
+ * A buffer is given back only after the backend's pwrite succeeded: the
+ * Backend contract is that a write's buffer is not used once its promise
+ * has settled, and after a failure nothing is assumed.
+ *
+ * @module
+ */
+
+/** Bytes of idle buffers one connection keeps at most. */
+const POOL_BUDGET = 16 << 20;
+
+/** Idle payload buffers of one size. */
+export class PayloadPool {
+  readonly #budget: number;
+  #size = 0;
+  #free: Uint8Array[] = [];
+
+  /** A pool keeping at most `budget` bytes of idle buffers. */
+  constructor(budget = POOL_BUDGET) {
+    this.#budget = budget;
+  }
+
+  /** Idle buffers held now. */
+  get idle(): number {
+    return this.#free.length;
+  }
+
+  /** A buffer of exactly `length` bytes, with unspecified contents. */
+  take(length: number): Uint8Array {
+    if (length === this.#size) {
+      const buffer = this.#free.pop();
+      if (buffer) return buffer;
+    }
+    return new Uint8Array(length);
+  }
+
+  /** Gives back a buffer from `take` that nothing refers to any more. */
+  give(buffer: Uint8Array): void {
+    const length = buffer.length;
+    if (length === 0 || length > this.#budget) return;
+    if (length !== this.#size) {
+      // The client moved to another size: the old buffers go to the garbage collector.
+      this.#size = length;
+      this.#free = [];
+    }
+    if ((this.#free.length + 1) * length <= this.#budget) this.#free.push(buffer);
+  }
+}
