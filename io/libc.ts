@@ -32,6 +32,19 @@ const SYMBOLS = {
   strerror: { parameters: ["i32"], result: "pointer" },
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  preadv2: { parameters: ["i32", "buffer", "i32", "i64", "i32"], result: "isize" },
+  pread_on_thread: {
+    name: "pread",
+    parameters: ["i32", "buffer", "usize", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
+  pwrite_on_thread: {
+    name: "pwrite",
+    parameters: ["i32", "buffer", "usize", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
   sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32", nonblocking: true },
   posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32", nonblocking: true },
   open: { parameters: ["buffer", "i32", "u32"], result: "i32" },
@@ -148,6 +161,61 @@ export function pread(fd: number, buf: Uint8Array, offset: number): number | und
   const l = libc();
   if (!l) return undefined;
   return Number(l.symbols.pread(fd, buf, BigInt(buf.length), BigInt(offset)));
+}
+
+/** preadv2 flag: only what is in the page cache, EAGAIN instead of waiting for the disk. */
+const RWF_NOWAIT = 0x08;
+const EAGAIN = 11;
+
+/**
+ * Reads what of `buf.length` bytes at `offset` the page cache holds, without
+ * waiting for the disk (preadv2 with RWF_NOWAIT): the count (0 at the end of
+ * the file); undefined when the range is not cached; null when reads of this
+ * descriptor cannot be made that way (not supported, no FFI, or an error,
+ * which a plain read then reports).
+ */
+export function preadCached(
+  fd: number,
+  buf: Uint8Array,
+  offset: number,
+): number | undefined | null {
+  const l = libc();
+  if (!l) return null;
+  if (buf.length === 0) return 0;
+  // One struct iovec { void *base; size_t len }.
+  const iovec = new BigUint64Array(2);
+  iovec[0] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf)));
+  iovec[1] = BigInt(buf.length);
+  const n = Number(l.symbols.preadv2(fd, iovec, 1, BigInt(offset), RWF_NOWAIT));
+  if (n >= 0) return n;
+  return errno() === EAGAIN ? undefined : null;
+}
+
+/**
+ * pread(2) on one of the runtime's threads, so that waiting for the disk
+ * does not stop the event loop: the count, or -1 on failure (the error is
+ * that thread's; repeat the call with node:fs to learn it); undefined
+ * without FFI.
+ */
+export async function preadOnThread(
+  fd: number,
+  buf: Uint8Array,
+  offset: number,
+): Promise<number | undefined> {
+  const l = libc();
+  if (!l) return undefined;
+  return Number(await l.symbols.pread_on_thread(fd, buf, BigInt(buf.length), BigInt(offset)));
+}
+
+/** pwrite(2) on one of the runtime's threads, like `preadOnThread`. */
+export async function pwriteOnThread(
+  fd: number,
+  buf: Uint8Array,
+  offset: number,
+): Promise<number | undefined> {
+  const l = libc();
+  if (!l) return undefined;
+  return Number(await l.symbols.pwrite_on_thread(fd, buf, BigInt(buf.length), BigInt(offset)));
 }
 
 /** pwrite(2), synchronous, like `pread`. */

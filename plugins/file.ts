@@ -30,6 +30,9 @@ import {
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
   fallocate,
+  preadCached,
+  preadOnThread,
+  pwriteOnThread,
   seekData,
   seekEnd,
   seekHole,
@@ -102,6 +105,8 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
   const blockDevice = stat.isBlockDevice();
   const size = blockDevice ? (seekEnd(fd) ?? 0) : stat.size;
   let canPunch = !blockDevice;
+  /** Reads try the page cache first (RWF_NOWAIT) until the descriptor turns out not to support it. */
+  let readCached = true;
   let canZeroRange = !blockDevice;
   const extentsSupported = !blockDevice && seekData(fd, 0) !== undefined;
 
@@ -117,7 +122,15 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
     async pread(buf, offset) {
       let done = 0;
       while (done < buf.length) {
-        const n = await readAt(fd, buf.subarray(done), offset + done);
+        const view = buf.subarray(done);
+        const position = offset + done;
+        // What the page cache holds is read at once; the rest on a runtime thread, so
+        // that the event loop never waits for the disk.
+        let n = readCached ? preadCached(fd, view, position) : null;
+        if (n === null) readCached = false;
+        if (n === undefined || n === null) n = await preadOnThread(fd, view, position);
+        // Failed (or no FFI): node:fs repeats the read and reports the error.
+        if (n === undefined || n < 0) n = await readAt(fd, view, position);
         if (n === 0) {
           // The file shrank under us: what is past its end reads as zeroes.
           buf.fill(0, done);
@@ -138,7 +151,13 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
   if (writable) {
     backend.pwrite = async (buf, offset) => {
       let done = 0;
-      while (done < buf.length) done += await writeAt(fd, buf.subarray(done), offset + done);
+      while (done < buf.length) {
+        const view = buf.subarray(done);
+        let n = await pwriteOnThread(fd, view, offset + done);
+        // Failed (or no FFI): node:fs repeats the write and reports the error.
+        if (n === undefined || n < 0) n = await writeAt(fd, view, offset + done);
+        done += n;
+      }
     };
     backend.trim = async (offset, length) => {
       // Trim is advisory: if holes cannot be punched, doing nothing is correct.
