@@ -191,31 +191,39 @@ export function preadCached(
   return errno() === EAGAIN ? undefined : null;
 }
 
+/** pread or pwrite on one of the runtime's threads: the count, -1 on failure, undefined without FFI. */
+async function onThread(
+  call: "pread_on_thread" | "pwrite_on_thread",
+  fd: number,
+  buf: Uint8Array,
+  offset: number,
+): Promise<number | undefined> {
+  const l = libc();
+  if (!l) return undefined;
+  return Number(await l.symbols[call](fd, buf, BigInt(buf.length), BigInt(offset)));
+}
+
 /**
  * pread(2) on one of the runtime's threads, so that waiting for the disk
  * does not stop the event loop: the count, or -1 on failure (the error is
  * that thread's; repeat the call with node:fs to learn it); undefined
  * without FFI.
  */
-export async function preadOnThread(
+export function preadOnThread(
   fd: number,
   buf: Uint8Array,
   offset: number,
 ): Promise<number | undefined> {
-  const l = libc();
-  if (!l) return undefined;
-  return Number(await l.symbols.pread_on_thread(fd, buf, BigInt(buf.length), BigInt(offset)));
+  return onThread("pread_on_thread", fd, buf, offset);
 }
 
 /** pwrite(2) on one of the runtime's threads, like `preadOnThread`. */
-export async function pwriteOnThread(
+export function pwriteOnThread(
   fd: number,
   buf: Uint8Array,
   offset: number,
 ): Promise<number | undefined> {
-  const l = libc();
-  if (!l) return undefined;
-  return Number(await l.symbols.pwrite_on_thread(fd, buf, BigInt(buf.length), BigInt(offset)));
+  return onThread("pwrite_on_thread", fd, buf, offset);
 }
 
 /** pwrite(2), synchronous, like `pread`. */
