@@ -26,6 +26,8 @@ export class CorkedWriter {
   #staging = new Uint8Array(STAGING_SIZE);
   #drainWaiters: Array<() => void> = [];
   #idleWaiters: Array<() => void> = [];
+  /** What to call once a chunk queued by `writeReleasing` is no longer needed here. */
+  readonly #releases = new Map<Uint8Array, () => void>();
 
   /**
    * Creates a writer; `write` callers are told to wait past `highWater`
@@ -72,6 +74,17 @@ export class CorkedWriter {
     }
   }
 
+  /**
+   * Queues `chunk` like `write`, and calls `release` once the writer no
+   * longer needs it: when it has been handed to the stream, or copied to
+   * go out with others. Never called after a failure (nothing is assumed).
+   */
+  writeReleasing(chunk: Uint8Array, release: () => void): void {
+    if (this.#error !== undefined || chunk.length === 0) return;
+    this.#releases.set(chunk, release);
+    this.write(chunk);
+  }
+
   /** Resolves once the queue is below the high-water mark (or the writer failed). */
   drain(): Promise<void> {
     if (!this.full || this.#error !== undefined) return Promise.resolve();
@@ -97,6 +110,7 @@ export class CorkedWriter {
           const chunk = batch[i]!;
           if (chunk.length >= this.#smallChunk || i + 1 === batch.length) {
             await writeAll(this.#sink, chunk);
+            this.#released(chunk);
             this.#release(chunk.length);
             i++;
             continue;
@@ -109,6 +123,7 @@ export class CorkedWriter {
           ) {
             this.#staging.set(batch[i]!, used);
             used += batch[i]!.length;
+            this.#released(batch[i]!);
             i++;
           }
           await writeAll(this.#sink, this.#staging.subarray(0, used));
@@ -119,12 +134,22 @@ export class CorkedWriter {
       this.#error = error;
       this.#queue = [];
       this.#queuedBytes = 0;
+      this.#releases.clear();
     }
     this.#running = false;
     this.#wakeDrain();
     const idle = this.#idleWaiters;
     this.#idleWaiters = [];
     for (const wake of idle) wake();
+  }
+
+  /** Calls the release of `chunk`, if it has one. */
+  #released(chunk: Uint8Array): void {
+    if (this.#releases.size === 0) return;
+    const release = this.#releases.get(chunk);
+    if (!release) return;
+    this.#releases.delete(chunk);
+    release();
   }
 
   #release(n: number): void {

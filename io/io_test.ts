@@ -73,6 +73,44 @@ Deno.test("CorkedWriter keeps order, batches small chunks and reports backpressu
   assertEquals(writer.queuedBytes, 0);
 });
 
+Deno.test("CorkedWriter releases a chunk only once it is written or copied, never after a failure", async () => {
+  const written: number[] = [];
+  let open!: () => void;
+  const gate = new Promise<void>((resolve) => open = resolve);
+  const sink = {
+    async write(buf: Uint8Array) {
+      await gate;
+      // Half of what is asked at a time: a large chunk takes several writes.
+      const n = Math.max(1, Math.floor(buf.length / 2));
+      written.push(...buf.subarray(0, n));
+      return n;
+    },
+  };
+  // Chunks of 8 bytes and more go out as they are; smaller ones are copied together.
+  const writer = new CorkedWriter(sink, 1 << 20, 8);
+  const released: string[] = [];
+  const big = new Uint8Array(16).fill(1);
+  const small = Uint8Array.from([2, 2]);
+  const last = Uint8Array.from([3]);
+  writer.writeReleasing(big, () => released.push(`big after ${written.length}`));
+  writer.writeReleasing(small, () => released.push(`small after ${written.length}`));
+  writer.write(last);
+  await Promise.resolve();
+  assertEquals(released, []);
+  open();
+  await writer.flush();
+  assertEquals(written, [...big, ...small, ...last]);
+  // The large chunk when all 16 bytes were written; the small one once copied, before it went.
+  assertEquals(released, ["big after 16", "small after 16"]);
+
+  const failing = new CorkedWriter({ write: () => Promise.reject(new Error("broken pipe")) });
+  let calls = 0;
+  failing.writeReleasing(new Uint8Array(64), () => calls++);
+  await assertRejects(() => failing.flush(), Error, "broken pipe");
+  failing.writeReleasing(new Uint8Array(64), () => calls++);
+  assertEquals(calls, 0);
+});
+
 Deno.test("CorkedWriter stops and surfaces the error when the sink fails", async () => {
   const writer = new CorkedWriter({ write: () => Promise.reject(new Error("broken pipe")) });
   writer.write(Uint8Array.from([1]));

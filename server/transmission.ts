@@ -93,6 +93,8 @@ export class Transmission {
   #inFlight = 0;
   #inFlightBytes = 0;
   readonly #payloads = new PayloadPool();
+  /** READ reply buffers (header and data), given back once written to the socket. */
+  readonly #replies = new PayloadPool();
   #slotWaiter: (() => void) | undefined;
   #idleWaiters: Array<() => void> = [];
 
@@ -511,7 +513,10 @@ export class Transmission {
     }
     // One buffer holds the reply header and the data, so one write sends both.
     const header = this.#structured ? chunkHeaderSize(this.#extended) + 8 : SIMPLE_REPLY_SIZE;
-    const out = new Uint8Array(header + length);
+    // A reused buffer is zeroed first, as a new one would be, so that a backend that
+    // leaves part of it alone sends zeroes, never an earlier reply's data.
+    const out = this.#replies.take(header + length);
+    out.fill(0, header);
     await this.#backend.pread(out.subarray(header), offset);
     const view = new DataView(out.buffer);
     if (this.#structured) {
@@ -528,7 +533,7 @@ export class Transmission {
     } else {
       writeSimpleReply(view, 0, 0, request.cookieHi, request.cookieLo);
     }
-    this.#conn.writer.write(out);
+    this.#conn.writer.writeReleasing(out, () => this.#replies.give(out));
   }
 
   /** Sends a READ reply from zero-copy segments: views are written as they are, zero runs as holes. */
