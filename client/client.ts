@@ -124,6 +124,12 @@ export interface WriteOptions {
    * those bytes.
    */
   headroom?: boolean;
+  /**
+   * For `pwrite` with `headroom`: called once the request has been handed
+   * to the socket, after which `buf` (and its headroom) may be reused while
+   * the reply is awaited. Not called when the write is split or fails.
+   */
+  sent?: () => void;
 }
 
 export { WRITE_HEADROOM };
@@ -447,7 +453,13 @@ export class NbdClient implements Backend, AsyncDisposable {
       buf.length > 0 && buf.length <= this.#splitSize
     ) {
       // One request: its header can go in front of the data, in the caller's buffer.
-      return this.#submit(new Pending(NBD_CMD_WRITE, offset, buf.length), flags, buf, true);
+      return this.#submit(
+        new Pending(NBD_CMD_WRITE, offset, buf.length),
+        flags,
+        buf,
+        true,
+        (options as WriteOptions).sent,
+      );
     }
     return this.#split(buf.length, (start, n) =>
       this.#submit(
@@ -704,6 +716,7 @@ export class NbdClient implements Backend, AsyncDisposable {
     flags: number,
     payload?: Uint8Array,
     headerInFront = false,
+    sent?: () => void,
   ): Promise<void> {
     if (this.#failure) {
       return Promise.reject(this.#lost(pending.type, pending.offset, pending.length));
@@ -732,9 +745,13 @@ export class NbdClient implements Backend, AsyncDisposable {
     });
     this.#inFlight.set(cookie, pending);
     if (headerInFront) {
-      writer.write(
-        new Uint8Array(payload!.buffer, header.byteOffset, header.length + payload!.length),
+      const chunk = new Uint8Array(
+        payload!.buffer,
+        header.byteOffset,
+        header.length + payload!.length,
       );
+      if (sent) writer.writeReleasing(chunk, sent);
+      else writer.write(chunk);
     } else if (payload) writer.write(header, payload);
     else writer.write(header);
     if (writer.full) {

@@ -60,9 +60,12 @@ export interface Endpoint {
   /**
    * Writes `buf` at `offset`. With `headroom`, the `WRITE_HEADROOM` bytes
    * before `buf` in its buffer may be overwritten (an NBD endpoint puts the
-   * request header there, to send header and data in one piece).
+   * request header there, to send header and data in one piece). `sent`, if
+   * the endpoint calls it, says that `buf` is no longer needed before the
+   * promise settles (an NBD endpoint: handed to the socket, the reply still
+   * to come); otherwise it is free once the promise has resolved.
    */
-  write(buf: Uint8Array, offset: number, headroom?: boolean): Promise<void>;
+  write(buf: Uint8Array, offset: number, headroom?: boolean, sent?: () => void): Promise<void>;
   /** Makes a range read as zeroes; `allocate` asks for it to stay allocated (no hole). */
   zero(offset: number, length: number, allocate: boolean): Promise<void>;
   /** Makes what was written durable. */

@@ -155,9 +155,17 @@ export class NbdEndpoint extends BaseEndpoint {
     return out;
   }
 
-  /** Writes the buffer; with `headroom`, its request header goes in front of it. */
-  override write(buf: Uint8Array, offset: number, headroom = false): Promise<void> {
-    return this.pool.pwrite(buf, offset, headroom ? { headroom } : undefined);
+  /**
+   * Writes the buffer; with `headroom`, its request header goes in front of
+   * it, and `sent` is called once both have been handed to the socket.
+   */
+  override write(
+    buf: Uint8Array,
+    offset: number,
+    headroom = false,
+    sent?: () => void,
+  ): Promise<void> {
+    return this.pool.pwrite(buf, offset, headroom ? { headroom, sent } : undefined);
   }
 
   /** WRITE_ZEROES, or writes of zeroes when the server has no WRITE_ZEROES. */

@@ -397,18 +397,35 @@ export async function copyImage(
     stats.zeroed += length;
   };
 
-  const writeRange = async (buf: Uint8Array, offset: number) => {
+  const writeRange = async (buf: Uint8Array, offset: number, sent?: () => void) => {
     try {
-      await destination.write(buf, offset, true);
+      await destination.write(buf, offset, true, sent);
     } catch (error) {
       throw new CopyError("destination", destination.name, "write", offset, error);
     }
     stats.written += buf.length;
   };
 
+  /**
+   * Read buffers not in use, the most recently freed last. A lane takes one
+   * per piece of data and gives it back as soon as the destination no
+   * longer needs it — for an NBD destination, once the write has been handed
+   * to the socket, before its reply — so that the next read goes into a
+   * buffer still in the processor's cache.
+   */
+  const spare: { bytes: Uint8Array; words: Int32Array }[] = [];
+  const takeBuffer = () => {
+    const reused = spare.pop();
+    if (reused) return reused;
+    // Room in front of the data for the destination's request header.
+    const buffer = new ArrayBuffer(WRITE_HEADROOM + requestSize);
+    return {
+      bytes: new Uint8Array(buffer, WRITE_HEADROOM, requestSize),
+      words: new Int32Array(buffer, WRITE_HEADROOM, requestSize >>> 2),
+    };
+  };
+
   const lane = async () => {
-    let bytes: Uint8Array | undefined;
-    let words: Int32Array | undefined;
     while (!failure) {
       let item: WorkItem | undefined;
       try {
@@ -424,12 +441,15 @@ export async function copyImage(
           progress(item.length);
           continue;
         }
-        if (!bytes) {
-          // Room in front of the data for the destination's request header.
-          const buffer = new ArrayBuffer(WRITE_HEADROOM + requestSize);
-          bytes = new Uint8Array(buffer, WRITE_HEADROOM, requestSize);
-          words = new Int32Array(buffer, WRITE_HEADROOM, requestSize >>> 2);
-        }
+        // After a failure a buffer is never given back: a write may still hold it.
+        const buffer = takeBuffer();
+        let given = false;
+        const giveBack = () => {
+          if (given) return;
+          given = true;
+          spare.push(buffer);
+        };
+        const { bytes, words } = buffer;
         const view = bytes.subarray(0, item.length);
         let n: number;
         try {
@@ -443,7 +463,10 @@ export async function copyImage(
           streamEnd = Math.min(streamEnd ?? Infinity, item.offset + n);
           queue.endAt(item.offset + n);
         }
-        if (n === 0) continue;
+        if (n === 0) {
+          giveBack();
+          continue;
+        }
         const room = destination.size;
         if (room !== undefined && item.offset + n > room) {
           // Only a stream source can get here: sized sources were checked before the copy.
@@ -456,13 +479,25 @@ export async function copyImage(
           );
         }
         if (sparseSize === 0) {
-          await writeRange(n === view.length ? view : view.subarray(0, n), item.offset);
+          await writeRange(n === view.length ? view : view.subarray(0, n), item.offset, giveBack);
         } else {
-          for (const run of zeroRuns(bytes, words!, n, sparseSize)) {
+          // Each write is awaited before the next, so only the last one's data may still be
+          // in use when it is sent: that one gives the buffer back.
+          const runs = zeroRuns(bytes, words, n, sparseSize);
+          const lastData = runs.findLastIndex((run) => !run.zero);
+          for (let i = 0; i < runs.length; i++) {
+            const run = runs[i]!;
             if (run.zero) await zeroRange(item.offset + run.start, run.end - run.start);
-            else await writeRange(bytes.subarray(run.start, run.end), item.offset + run.start);
+            else {
+              await writeRange(
+                bytes.subarray(run.start, run.end),
+                item.offset + run.start,
+                i === lastData ? giveBack : undefined,
+              );
+            }
           }
         }
+        giveBack();
         progress(n);
       } catch (error) {
         fail(error as Error);

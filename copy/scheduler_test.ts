@@ -297,3 +297,36 @@ Deno.test("copyImage() runs one lane between endpoints that complete synchronous
   assertBytes(destination.data, data);
   assertEquals(many.lanes, 16);
 });
+
+Deno.test("copyImage() reuses a buffer as soon as the destination has sent its data", async () => {
+  class SyncSource extends MemorySource {
+    override readonly synchronous = true;
+    /** The distinct buffers read into. */
+    readonly buffers = new Set<ArrayBufferLike>();
+    override read(buf: Uint8Array, offset: number): Promise<number> {
+      this.buffers.add(buf.buffer);
+      return super.read(buf, offset);
+    }
+  }
+  /** Takes the data at once (as a socket would), says so, and answers later. */
+  class SendingDestination extends MemoryDestination {
+    override async write(
+      buf: Uint8Array,
+      offset: number,
+      _headroom?: boolean,
+      sent?: () => void,
+    ): Promise<void> {
+      this.data.set(buf, offset);
+      sent?.();
+      await new Promise((resolve) => setTimeout(resolve, 2));
+    }
+  }
+  const data = patterned(4 * MiB + 100, [{ offset: MiB, length: 64 * 1024, zero: true }]);
+  const source = new SyncSource(data);
+  const destination = new SendingDestination(data.length, { fill: 0xff });
+  const stats = await copyImage(source, destination, options());
+  assertBytes(destination.data, data);
+  assertEquals(stats.lanes, 16);
+  // 16 writes in flight at a time, but each buffer was free again once its data was sent.
+  assertOk(source.buffers.size <= 2, `${source.buffers.size} buffers`);
+});

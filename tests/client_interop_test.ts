@@ -375,6 +375,37 @@ Deno.test("client negotiates extended headers with our own server", async () => 
 });
 
 Deno.test({
+  name: "pwrite with headroom: sent() comes once the data is handed over, before the reply",
+  ...peers("nbdkit"),
+  async fn() {
+    await using nbdkit = await startServer("nbdkit", ["-f", "-U", "$SOCKET", "memory", "8M"]);
+    await using client = await NbdClient.connect(nbdkit.uri);
+    const data = randomBytes(256 * 1024, 9);
+    const buffer = new Uint8Array(WRITE_HEADROOM + data.length);
+    buffer.set(data, WRITE_HEADROOM);
+    const view = buffer.subarray(WRITE_HEADROOM);
+    const events: string[] = [];
+    const write = client.pwrite(view, 65536, {
+      headroom: true,
+      sent: () => {
+        events.push("sent");
+        // The buffer is ours again: what the server gets was taken before this.
+        buffer.fill(0xee);
+      },
+    });
+    await write.then(() => events.push("replied"));
+    assert.deepEqual(events, ["sent", "replied"]);
+    const back = new Uint8Array(data.length);
+    await client.pread(back, 65536);
+    assert.equal(firstDifference(back, data), -1);
+    // Without headroom nothing is promised: sent() is not called.
+    let called = false;
+    await client.pwrite(data, 0, { sent: () => called = true });
+    assert.equal(called, false);
+  },
+});
+
+Deno.test({
   name: "pwrite with headroom: header and data in one piece, only the headroom overwritten",
   ...peers("nbdkit"),
   async fn() {
