@@ -297,14 +297,11 @@ export function defaultThreads(source: EndpointSpec, destination: EndpointSpec):
       ? Math.max(1, processors - 1)
       : Math.max(1, Math.floor(processors / 2));
   }
-  let threads: number | undefined;
+  // Only exports over TCP are left: as many threads as connections to one.
   for (const spec of [source, destination]) {
-    if (spec.kind === "nbd") {
-      const connections = defaultConnections(spec.uri);
-      threads = Math.min(threads ?? connections, connections);
-    }
+    if (spec.kind === "nbd") return defaultConnections(spec.uri);
   }
-  return threads ?? processors;
+  return processors;
 }
 
 /** Runs a copy as configured; resolves to the exit status. */

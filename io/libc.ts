@@ -166,6 +166,8 @@ export function pread(fd: number, buf: Uint8Array, offset: number): number | und
 /** preadv2 flag: only what is in the page cache, EAGAIN instead of waiting for the disk. */
 const RWF_NOWAIT = 0x08;
 const EAGAIN = 11;
+/** The one struct iovec { void *base; size_t len } of `preadCached`, filled anew by each call. */
+const IOVEC = new BigUint64Array(2);
 
 /**
  * Reads what of `buf.length` bytes at `offset` the page cache holds, without
@@ -182,11 +184,9 @@ export function preadCached(
   const l = libc();
   if (!l) return null;
   if (buf.length === 0) return 0;
-  // One struct iovec { void *base; size_t len }.
-  const iovec = new BigUint64Array(2);
-  iovec[0] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf)));
-  iovec[1] = BigInt(buf.length);
-  const n = Number(l.symbols.preadv2(fd, iovec, 1, BigInt(offset), RWF_NOWAIT));
+  IOVEC[0] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf)));
+  IOVEC[1] = BigInt(buf.length);
+  const n = Number(l.symbols.preadv2(fd, IOVEC, 1, BigInt(offset), RWF_NOWAIT));
   if (n >= 0) return n;
   return errno() === EAGAIN ? undefined : null;
 }

@@ -37,11 +37,15 @@ export class PayloadPool {
     return this.#free.length;
   }
 
-  /** A buffer of exactly `length` bytes, with unspecified contents. */
-  take(length: number): Uint8Array {
+  /**
+   * A buffer of exactly `length` bytes: all zero with `zeroed` (a reused
+   * one is cleared, a new one already is), otherwise with unspecified
+   * contents.
+   */
+  take(length: number, zeroed = false): Uint8Array {
     if (length === this.#size) {
       const buffer = this.#free.pop();
-      if (buffer) return buffer;
+      if (buffer) return zeroed ? buffer.fill(0) : buffer;
     }
     return new Uint8Array(length);
   }

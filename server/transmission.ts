@@ -513,10 +513,9 @@ export class Transmission {
     }
     // One buffer holds the reply header and the data, so one write sends both.
     const header = this.#structured ? chunkHeaderSize(this.#extended) + 8 : SIMPLE_REPLY_SIZE;
-    // A reused buffer is zeroed first, as a new one would be, so that a backend that
-    // leaves part of it alone sends zeroes, never an earlier reply's data.
-    const out = this.#replies.take(header + length);
-    out.fill(0, header);
+    // Zeroed, as a new buffer would be, so that a backend that leaves part of it alone
+    // sends zeroes, never an earlier reply's data.
+    const out = this.#replies.take(header + length, true);
     await this.#backend.pread(out.subarray(header), offset);
     const view = new DataView(out.buffer);
     if (this.#structured) {
