@@ -92,4 +92,11 @@ Deno.test("defaultThreads(): one into a file, the processors shared with a serve
   assertEquals(defaultThreads(tcp, unix), half);
   assertEquals(defaultThreads(file, tcp), 4);
   assertEquals(defaultThreads(tcp, tcp), 4);
+  // TCP to this machine counts as local.
+  for (const uri of ["nbd://localhost/", "nbd://127.0.0.1:10809/disk", "nbds://[::1]/"]) {
+    const loopback = { kind: "nbd", uri } as const;
+    assertEquals(defaultThreads(loopback, nul), Math.max(1, processors - 1), uri);
+    assertEquals(defaultThreads(file, loopback), half, uri);
+    assertEquals(defaultThreads(loopback, tcp), half, uri);
+  }
 });

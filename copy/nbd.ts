@@ -38,6 +38,33 @@ export function onUnixSocket(uri: string): boolean {
   }
 }
 
+/**
+ * Whether `uri` names a server on this machine: on a Unix socket, or over
+ * TCP at a loopback address ("localhost", 127.0.0.0/8, ::1) or at an
+ * address of one of this machine's interfaces. Host names other than
+ * localhost are not resolved: they count as remote.
+ */
+export function onThisMachine(uri: string): boolean {
+  let parsed;
+  try {
+    parsed = toNbdUri(uri);
+  } catch {
+    return false;
+  }
+  if (parsed.transport === "unix") return true;
+  if (parsed.transport !== "tcp" || parsed.host === undefined) return false;
+  const host = parsed.host.toLowerCase().replace(/\.$/, "");
+  if (host === "localhost" || host.endsWith(".localhost")) return true;
+  if (/^127\.\d+\.\d+\.\d+$/.test(host) || host === "::1" || host === "0.0.0.0" || host === "::") {
+    return true;
+  }
+  try {
+    return Deno.networkInterfaces().some((entry) => entry.address.toLowerCase() === host);
+  } catch {
+    return false; // no permission to list the interfaces
+  }
+}
+
 /** Connections (or threads) worth running against work on our own processors: their number, at most 4. */
 export function localConnections(): number {
   return Math.max(1, Math.min(4, navigator.hardwareConcurrency || 4));

@@ -6,7 +6,7 @@ import type { PluginInstance } from "../server/backend.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import { randomBytes, tempDir } from "../tests/helpers.ts";
-import { defaultConnections, NbdEndpoint } from "./nbd.ts";
+import { defaultConnections, NbdEndpoint, onThisMachine } from "./nbd.ts";
 
 /** Our server on a Unix socket, in this process: a memory export, optionally filtered. */
 async function serve(
@@ -30,6 +30,29 @@ async function serve(
     },
   };
 }
+
+Deno.test("onThisMachine(): Unix sockets, loopback and local addresses; other hosts are remote", () => {
+  for (
+    const uri of [
+      "nbd+unix:///?socket=/tmp/s",
+      "nbd://localhost/",
+      "nbd://LOCALHOST:10809/disk",
+      "nbd://127.0.0.1/",
+      "nbd://127.1.2.3:10809/",
+      "nbds://[::1]:10809/",
+    ]
+  ) assertEquals(onThisMachine(uri), true, uri);
+  for (
+    const uri of ["nbd://example.com/disk", "nbd://192.0.2.1/", "nbd://[2001:db8::1]/", "nbd://"]
+  ) {
+    assertEquals(onThisMachine(uri), uri === "nbd://", uri);
+  }
+  const own = Deno.networkInterfaces().find((entry) => !entry.address.startsWith("127."));
+  if (own) {
+    const host = own.family === "IPv6" ? `[${own.address}]` : own.address;
+    assertEquals(onThisMachine(`nbd://${host}:10809/`), true, own.address);
+  }
+});
 
 Deno.test("defaultConnections() is 4, and 1 for a Unix socket", () => {
   assertEquals(defaultConnections("nbd://example.com/disk"), 4);
