@@ -1,6 +1,6 @@
 import { assertEquals, assertThrows } from "../tests/assert.ts";
 import { UsageError } from "../server/params.ts";
-import { defaultThreads, parseCopyArgs } from "./copy.ts";
+import { defaultSourceConnections, defaultThreads, parseCopyArgs } from "./copy.ts";
 import { localConnections } from "../copy/nbd.ts";
 
 Deno.test("parseCopyArgs() applies nbdcopy's defaults", () => {
@@ -72,6 +72,20 @@ Deno.test("parseCopyArgs() checks sizes and counts, and --synchronous means one 
   assertThrows(() => parseCopyArgs(["a"]), UsageError, "SOURCE and a DESTINATION");
   assertThrows(() => parseCopyArgs(["--bogus", "a", "b"]), UsageError);
   assertEquals(parseCopyArgs(["--target-is-zero", "a", "b"]).destinationIsZero, true);
+});
+
+Deno.test("defaultSourceConnections(): 4 from TCP into a file, else the endpoint's default", () => {
+  const file = { kind: "path", path: "out.img" } as const;
+  const nul = { kind: "null" } as const;
+  for (const uri of ["nbd://localhost/", "nbd://example.com/disk"]) {
+    assertEquals(defaultSourceConnections({ kind: "nbd", uri }, file), 4, uri);
+    assertEquals(defaultSourceConnections({ kind: "nbd", uri }, nul), undefined, uri);
+  }
+  assertEquals(
+    defaultSourceConnections({ kind: "nbd", uri: "nbd+unix:///?socket=/tmp/s" }, file),
+    undefined,
+  );
+  assertEquals(defaultSourceConnections({ kind: "path", path: "in.img" }, file), undefined);
 });
 
 Deno.test("defaultThreads(): one into a file, the processors shared with a server here", () => {

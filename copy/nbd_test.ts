@@ -54,9 +54,11 @@ Deno.test("onThisMachine(): Unix sockets, loopback and local addresses; other ho
   }
 });
 
-Deno.test("defaultConnections() is 4, and 1 for a Unix socket", () => {
+Deno.test("defaultConnections() is 4, and 1 for a server on this machine", () => {
   assertEquals(defaultConnections("nbd://example.com/disk"), 4);
   assertEquals(defaultConnections("nbd+unix:///?socket=/tmp/s"), 1);
+  assertEquals(defaultConnections("nbd://localhost:10809/"), 1);
+  assertEquals(defaultConnections("nbd://127.0.0.1/disk"), 1);
 });
 
 Deno.test("NbdEndpoint reads, writes, zeroes and reports holes as zero runs", async () => {
