@@ -39,7 +39,8 @@ sparse.
 SOURCE and DESTINATION are each one of:
   FILE                   a file or block device (a FIFO or character device is a stream)
   nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (any NBD URI)
-  http://URL, https://URL (source only) read with Range requests
+  http://URL, https://URL (source only) read with Range requests, or in
+                         order when the server ignores them
   -                      stdin (source) or stdout (destination), in order
   null:                  (destination only) discard the data
   [ CMD ARGS ... ]       an NBD server started for the copy by socket

@@ -2,13 +2,16 @@
  * An http(s) URL as a copy source: the size from HEAD (or the first ranged
  * GET), then Range requests with several in flight, retried on transient
  * failures. This reuses the http plugin's `HttpImage`, so both behave alike.
+ * A server that ignores Range requests (many simple static file servers) is
+ * read in order instead, through one plain GET, like a pipe of known size.
  *
  * @module
  */
 
-import { HttpImage } from "../plugins/http.ts";
+import { HttpImage, RangesIgnoredError } from "../plugins/http.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
-import { BaseEndpoint } from "./endpoint.ts";
+import { BaseEndpoint, type Endpoint } from "./endpoint.ts";
+import { type StreamReader, StreamSource } from "./pipe.ts";
 
 /** Options of `HttpSource.open`. */
 export interface HttpSourceOptions {
@@ -31,8 +34,11 @@ export class HttpSource extends BaseEndpoint {
     this.size = image.size;
   }
 
-  /** Finds the size of `url` and checks that the server honours Range requests. */
-  static async open(url: string, options: HttpSourceOptions): Promise<HttpSource> {
+  /**
+   * Finds the size of `url` and whether the server honours Range requests:
+   * an `HttpSource` when it does, else a source reading one plain GET in order.
+   */
+  static async open(url: string, options: HttpSourceOptions): Promise<Endpoint> {
     const image = new HttpImage({
       url,
       headers: new Headers({ "User-Agent": "nbd-copy" }),
@@ -47,6 +53,7 @@ export class HttpSource extends BaseEndpoint {
     try {
       await image.open();
     } catch (error) {
+      if (error instanceof RangesIgnoredError) return await openInOrder(url, image, error.size);
       // The plugin's messages start with "http: " or an errno name; here the URL says enough.
       const message = (error as Error).message.replace(/^http: /, "").replace(/^E[A-Z]+: /, "");
       throw new Error(message, { cause: error });
@@ -59,4 +66,60 @@ export class HttpSource extends BaseEndpoint {
     await this.#image.read(buf, offset);
     return buf.length;
   }
+}
+
+/** How long a plain GET's body may stall before the copy gives up on it. */
+const STALL_TIMEOUT_MS = 60_000;
+
+/**
+ * The whole image through one GET, read in order: its length (from HEAD or
+ * the response) sizes the destination, and a body that ends early or
+ * stalls for a minute fails the copy.
+ */
+async function openInOrder(
+  url: string,
+  image: HttpImage,
+  announced: number | undefined,
+): Promise<Endpoint> {
+  const controller = new AbortController();
+  let response: Response;
+  try {
+    response = await image.fetchWhole(controller.signal);
+  } catch (error) {
+    throw new Error((error as Error).message.replace(/^E[A-Z]+: /, ""), { cause: error });
+  }
+  const length = response.headers.get("Content-Length");
+  const size = length !== null && /^\d+$/.test(length) ? Number(length) : announced;
+  const body = response.body!.getReader();
+  /** What is left of the last chunk the response delivered. */
+  let rest = new Uint8Array(0);
+  const reader: StreamReader = {
+    async read(buf: Uint8Array): Promise<number | null> {
+      if (rest.length === 0) {
+        const timer = setTimeout(
+          () => controller.abort(new Error(`no data from ${url} for ${STALL_TIMEOUT_MS / 1000} s`)),
+          STALL_TIMEOUT_MS,
+        );
+        try {
+          const { value, done } = await body.read();
+          if (done) return null;
+          rest = value;
+        } catch (error) {
+          const reason = controller.signal.reason;
+          throw reason instanceof Error ? reason : error;
+        } finally {
+          clearTimeout(timer);
+        }
+      }
+      const n = Math.min(buf.length, rest.length);
+      buf.set(rest.subarray(0, n));
+      rest = rest.subarray(n);
+      return n;
+    },
+    close(): void {
+      controller.abort(new Error("closed"));
+      body.cancel().catch(() => {});
+    },
+  };
+  return new StreamSource(url, reader, { size, kind: "http" });
 }

@@ -33,21 +33,27 @@ export interface StreamWriter {
   close?(): void;
 }
 
-/** A source read in order, whose size is known once it ends. */
+/**
+ * A source read in order. Its size is known once it ends, or from the
+ * start when the stream announces it (an http response's length): then
+ * a stream that ends early is an error, not a shorter image.
+ */
 export class StreamSource extends BaseEndpoint {
   readonly name: string;
-  readonly kind = "pipe";
-  readonly size: number | undefined = undefined;
+  readonly kind: string;
+  readonly size: number | undefined;
   override readonly sequential = true;
   readonly blockSize: BlockSize = STREAM_BLOCK_SIZE;
   readonly #reader: StreamReader;
   readonly #turns = new Turns();
 
-  /** Reads from `reader`; `name` is used in messages. */
-  constructor(name: string, reader: StreamReader) {
+  /** Reads from `reader`; `name` is used in messages, `size` is the announced length. */
+  constructor(name: string, reader: StreamReader, options: { size?: number; kind?: string } = {}) {
     super();
     this.name = name;
     this.#reader = reader;
+    this.size = options.size;
+    this.kind = options.kind ?? "pipe";
   }
 
   /** Fills `buf` with the bytes at `offset` once all earlier bytes were read; short at the end. */
@@ -59,6 +65,13 @@ export class StreamSource extends BaseEndpoint {
       const n = await this.#reader.read(buf.subarray(done));
       if (n === null) break;
       done += n;
+    }
+    if (done < buf.length && this.size !== undefined && offset + done < this.size) {
+      const error = new Error(
+        `the stream ended after ${offset + done} of the ${this.size} bytes announced`,
+      );
+      this.#turns.abort(error);
+      throw error;
     }
     this.#turns.advance(offset + done);
     if (done < buf.length) this.#turns.open();

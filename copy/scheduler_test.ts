@@ -178,6 +178,23 @@ Deno.test("copyImage() copies a stream source of unknown size and sizes the dest
   }
 });
 
+Deno.test("copyImage() copies a stream of announced size; one that ends early fails", async () => {
+  const data = patterned(777777, [{ offset: 100000, length: 200000, zero: true }]);
+  const destination = new MemoryDestination(data.length, { isZero: true, jitterMs: 1 });
+  const sized = new StreamSource("http://h/disk", chunkedReader(data), { size: data.length });
+  const stats = await copyImage(sized, destination, options());
+  assertEquals(stats.size, data.length);
+  assertBytes(destination.data.subarray(0, data.length), data);
+  const short = new StreamSource("http://h/disk", chunkedReader(data.subarray(0, 500000)), {
+    size: data.length,
+  });
+  await assertRejects(
+    () => copyImage(short, new MemoryDestination(data.length), options()),
+    CopyError,
+    "the stream ended after 500000 of the 777777 bytes announced",
+  );
+});
+
 Deno.test("copyImage() refuses a stream source longer than a sized destination", async () => {
   const data = patterned(100000);
   const destination = new MemoryDestination(65536);

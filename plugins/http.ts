@@ -53,6 +53,22 @@ export interface HttpOptions {
   client?: Deno.HttpClient;
 }
 
+/**
+ * The server answered a ranged request with the whole image, so it cannot
+ * be read at random; `size` is its length when the server gave one.
+ */
+export class RangesIgnoredError extends UsageError {
+  /** The image's length from HEAD or the answer, when known. */
+  readonly size: number | undefined;
+
+  /** Creates the error. */
+  constructor(message: string, size: number | undefined) {
+    super(message);
+    this.name = "RangesIgnoredError";
+    this.size = size;
+  }
+}
+
 /** A request failure worth retrying (network trouble or a transient status). */
 class TransientError extends Error {
   /** Seconds the server asked us to wait (Retry-After), if any. */
@@ -94,14 +110,18 @@ export class HttpImage {
     this.#slots = new Slots(options.connections);
   }
 
-  async #fetch(method: string, range?: [number, number]): Promise<Response> {
+  async #fetch(
+    method: string,
+    range?: [number, number],
+    signal: AbortSignal = AbortSignal.timeout(this.options.timeout),
+  ): Promise<Response> {
     const headers = new Headers(this.options.headers);
     if (range) headers.set("Range", `bytes=${range[0]}-${range[1]}`);
     const init: RequestInit & { client?: Deno.HttpClient } = {
       method,
       headers,
       redirect: this.options.follow ? "follow" : "error",
-      signal: AbortSignal.timeout(this.options.timeout),
+      signal,
     };
     if (this.options.client) init.client = this.options.client;
     let response: Response;
@@ -159,13 +179,18 @@ export class HttpImage {
     });
     // One-byte probe: proves Range works and gives the size when HEAD did not.
     const probe = await this.#withRetries(() => this.#fetch("GET", [0, 0]));
-    const body = new Uint8Array(await probe.arrayBuffer());
     if (probe.status === 200) {
-      throw new UsageError(
+      // The whole image is on its way: stop it rather than read it.
+      await probe.body?.cancel();
+      const length = probe.headers.get("Content-Length");
+      if (size === undefined && length !== null && /^\d+$/.test(length)) size = Number(length);
+      throw new RangesIgnoredError(
         `http: the server ignores Range requests (it sent the whole ${this.options.url}), ` +
           "so the image cannot be read at random",
+        size,
       );
     }
+    const body = new Uint8Array(await probe.arrayBuffer());
     if (probe.status === 416 && size === 0) {
       this.size = 0;
       return;
@@ -182,6 +207,39 @@ export class HttpImage {
       throw new UsageError(`http: the server answered a 1-byte range with ${body.length} bytes`);
     }
     this.size = size;
+  }
+
+  /**
+   * A plain GET of the whole image, to be read in order (for a server that
+   * ignores Range requests), retried like the others until its headers
+   * arrive; `signal` stops it, body included.
+   */
+  async fetchWhole(signal: AbortSignal): Promise<Response> {
+    const response = await this.#withRetries(async () => {
+      // The timeout covers the wait for the headers only: the body may take as long as it
+      // needs (the caller watches for a stall).
+      const controller = new AbortController();
+      const stop = () => controller.abort(signal.reason);
+      if (signal.aborted) stop();
+      signal.addEventListener("abort", stop, { once: true });
+      const timer = setTimeout(
+        () => controller.abort(new DOMException("timed out", "TimeoutError")),
+        this.options.timeout,
+      );
+      try {
+        return await this.#fetch("GET", undefined, controller.signal);
+      } catch (error) {
+        signal.removeEventListener("abort", stop);
+        throw error;
+      } finally {
+        clearTimeout(timer);
+      }
+    });
+    if (response.status !== 200) {
+      await response.body?.cancel();
+      throw new NbdError("EIO", `GET ${this.options.url}: ${response.status}`);
+    }
+    return response;
   }
 
   /** Reads `buf.length` bytes at `offset` with a Range GET. */

@@ -284,6 +284,100 @@ Deno.test("http_to_file: Range requests, byte-exact", async () => {
   assertOk(server.ranged() >= 13, `${server.ranged()} ranged requests`);
 });
 
+/** python3's static file server (which ignores Range requests) serving `dir` on a free port. */
+async function pythonHttpServer(dir: string): Promise<{ port: number } & AsyncDisposable> {
+  const child = new Deno.Command("python3", {
+    args: ["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", dir],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let seen = "";
+  let port: number | undefined;
+  while (port === undefined) {
+    const { value, done } = await lines.read();
+    if (done) throw new Error(`python3 http.server did not start: ${seen}`);
+    seen += value;
+    const match = /port (\d+)/.exec(seen);
+    if (match) port = Number(match[1]);
+  }
+  lines.releaseLock();
+  void child.stdout.cancel().catch(() => {});
+  return {
+    port,
+    async [Symbol.asyncDispose]() {
+      child.kill("SIGTERM");
+      await child.status;
+    },
+  };
+}
+
+Deno.test({
+  name: "http_to_file without Range: a static server that ignores it is read in order, sparse",
+  ...peers("python3"),
+  async fn() {
+    await using dir = await tempDir();
+    await Deno.mkdir(`${dir.path}/www`);
+    const data = new Uint8Array(5 * MiB + 100);
+    data.set(randomBytes(2 * MiB, 53), 0);
+    data.set(randomBytes(MiB + 100, 54), 4 * MiB);
+    await Deno.writeFile(`${dir.path}/www/disk.img`, data);
+    await using server = await pythonHttpServer(`${dir.path}/www`);
+    const url = `http://127.0.0.1:${server.port}/disk.img`;
+    const out = `${dir.path}/out.img`;
+    await nbdCopyOk([url, out]);
+    assertBytes(await Deno.readFile(out), data);
+    // The 2 MiB of zeroes in the middle stay a hole of the new file.
+    const allocated = ((await Deno.stat(out)).blocks ?? 0) * 512;
+    assertOk(allocated <= data.length - MiB, `${allocated} bytes allocated`);
+    const piped = await new Deno.Command(await nbdExecutable(), {
+      args: ["copy", url, "-"],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assertEquals(piped.code, 0, new TextDecoder().decode(piped.stderr));
+    assertBytes(piped.stdout, data);
+  },
+});
+
+Deno.test("http_to_file without Range: a body shorter than announced fails the copy", async () => {
+  await using dir = await tempDir();
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const announced = 3 * MiB;
+  const serving = (async () => {
+    for await (const conn of listener) {
+      (async () => {
+        const request = new Uint8Array(4096);
+        const n = (await conn.read(request)) ?? 0;
+        const head = new TextDecoder().decode(request.subarray(0, n));
+        const header =
+          `HTTP/1.1 200 OK\r\nContent-Length: ${announced}\r\nConnection: close\r\n\r\n`;
+        await conn.write(new TextEncoder().encode(header));
+        // Every GET, ranged or not, gets the start of the whole image, then the connection closes.
+        if (head.startsWith("GET")) {
+          const part = randomBytes(MiB, 55);
+          for (let done = 0; done < part.length;) done += await conn.write(part.subarray(done));
+        }
+        conn.close();
+      })().catch(() => {});
+    }
+  })();
+  try {
+    const out = `${dir.path}/out.img`;
+    const url = `http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}/disk.img`;
+    const result = await nbdCopy([url, out]);
+    assertEquals(result.code, 1, result.stderr);
+    assertIncludes(result.stderr, url);
+    assertIncludes(result.stderr, "out.img was not created");
+    assertEquals(result.stderr.trim().split("\n").length, 1, result.stderr);
+    assertEquals(await Deno.stat(out).then(() => true, () => false), false);
+  } finally {
+    listener.close();
+    await serving.catch(() => {});
+  }
+});
+
 Deno.test({
   name: "https_to_stdout: a private CA trusted through DENO_CERT",
   ...peers("openssl"),
