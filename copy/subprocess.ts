@@ -39,6 +39,42 @@ export interface ActivatedServer {
   stop(): Promise<void>;
 }
 
+/** Whether an executable `name` is on PATH. */
+function onPath(name: string): boolean {
+  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
+    try {
+      const info = Deno.statSync(`${dir || "."}/${name}`);
+      if (info.isFile && ((info.mode ?? 0o111) & 0o111) !== 0) return true;
+    } catch {
+      // not there
+    }
+  }
+  return false;
+}
+
+/**
+ * The command line that runs this program: the executable itself when
+ * compiled, else the runtime running main.ts.
+ */
+export function selfCommand(): string[] {
+  const runtime = Deno.execPath();
+  const main = new URL("../main.ts", import.meta.url);
+  if (/(^|\/)deno$/.test(runtime) && main.protocol === "file:") {
+    return [runtime, "run", "-A", "--quiet", decodeURIComponent(main.pathname)];
+  }
+  return [runtime];
+}
+
+/**
+ * `[ nbd ... ]` runs the `nbd` on PATH, or this same program when there is
+ * none (run from a checkout without a wrapper), so the example commands
+ * work however `nbd` was started.
+ */
+export function resolveServerCommand(argv: string[]): string[] {
+  if (argv[0] !== "nbd" || onPath("nbd")) return argv;
+  return [...selfCommand(), ...argv.slice(1)];
+}
+
 function describeExit(code: number | null, signal: string | null): string {
   return signal ? `was killed by ${signal}` : `exited with status ${code}`;
 }
@@ -58,7 +94,7 @@ export async function startActivatedServer(argv: string[]): Promise<ActivatedSer
   let child: ChildProcess;
   try {
     // The server's output goes to our stderr: our stdout may be the copy's destination.
-    child = spawn("sh", ["-c", ACTIVATE, "sh", ...argv], {
+    child = spawn("sh", ["-c", ACTIVATE, "sh", ...resolveServerCommand(argv)], {
       stdio: ["ignore", 2, "inherit", fd],
       detached: true,
     });

@@ -216,6 +216,31 @@ Deno.test("command_to_file: [ nbd serve pattern ] started by socket activation",
   assertBytes(await Deno.readFile(`${dir.path}/out.img`), pattern(3 * MiB));
 });
 
+Deno.test("command_to_file: [ nbd serve ... ] runs this program when no nbd is on PATH", async () => {
+  await using dir = await tempDir();
+  const out = `${dir.path}/out.img`;
+  // Run from the checkout, as the README's first steps do, with a PATH that has no nbd.
+  const result = await run(
+    Deno.execPath(),
+    [
+      "run",
+      "-A",
+      new URL("../main.ts", import.meta.url).pathname,
+      "copy",
+      "[",
+      "nbd",
+      "serve",
+      "pattern",
+      "2M",
+      "]",
+      out,
+    ],
+    { env: { PATH: "/usr/bin:/bin", DENO_NO_UPDATE_CHECK: "1" } },
+  );
+  assertEquals(result.code, 0, result.stderr);
+  assertBytes(await Deno.readFile(out), pattern(2 * MiB));
+});
+
 Deno.test("stdin_to_file and nbd_to_stdout: pipes in both directions", async () => {
   await using dir = await tempDir();
   const input = randomBytes(3 * MiB + 777, 41);
