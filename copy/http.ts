@@ -90,9 +90,10 @@ async function openInOrder(
   }
   const length = response.headers.get("Content-Length");
   const size = length !== null && /^\d+$/.test(length) ? Number(length) : announced;
-  const body = response.body!.getReader();
+  const body = (response.body ?? new ReadableStream<Uint8Array>({ start: (c) => c.close() }))
+    .getReader();
   /** What is left of the last chunk the response delivered. */
-  let rest = new Uint8Array(0);
+  let rest: Uint8Array = new Uint8Array(0);
   const reader: StreamReader = {
     async read(buf: Uint8Array): Promise<number | null> {
       if (rest.length === 0) {

@@ -61,9 +61,12 @@ export function onThisMachine(uri: string): boolean {
     return true;
   }
   try {
+    // Asked only when allowed already: a library user must not get a permission prompt.
+    const allowed = Deno.permissions.querySync({ name: "sys", kind: "networkInterfaces" });
+    if (allowed.state !== "granted") return false;
     return Deno.networkInterfaces().some((entry) => entry.address.toLowerCase() === host);
   } catch {
-    return false; // no permission to list the interfaces
+    return false;
   }
 }
 
