@@ -72,15 +72,21 @@ async function openNodeStream(uri: NbdUri): Promise<ByteStream> {
 
 /**
  * Connects to the server a URI names. For TLS (`nbds` schemes) the socket
- * is one that can be upgraded after NBD_OPT_STARTTLS.
+ * is one that can be upgraded after NBD_OPT_STARTTLS: a plain TCP
+ * connection with `nativeTls`, else a node:net socket.
  */
-export async function openStream(uri: NbdUri): Promise<ByteStream> {
+export async function openStream(
+  uri: NbdUri,
+  options: { nativeTls?: boolean } = {},
+): Promise<ByteStream> {
   if (uri.transport === "vsock") {
     throw new NbdConnectionError(
       `Cannot connect to ${formatNbdUri(uri)}: vsock transport is not supported`,
     );
   }
-  if (uri.tls) return await openNodeStream(uri);
+  // TLS over TCP that the runtime's own TLS can do (see tls.ts) starts on a plain connection.
+  const native = uri.tls && options.nativeTls === true && uri.transport === "tcp";
+  if (uri.tls && !native) return await openNodeStream(uri);
   let conn: Deno.Conn;
   let fd: number | undefined;
   try {
@@ -108,5 +114,5 @@ export async function openStream(uri: NbdUri): Promise<ByteStream> {
       { cause: error },
     );
   }
-  return fromDenoConn(conn, fd);
+  return fromDenoConn(conn, fd, { upgradable: native });
 }

@@ -105,6 +105,14 @@ export interface HandshakeOptions {
   structuredReplies?: boolean;
   /** Ask for extended (64-bit) headers (default true); falls back when refused. */
   extendedHeaders?: boolean;
+  /**
+   * For TLS over TCP, use the runtime's own TLS when it can make the
+   * connection (default true): it receives about twice as fast as node:tls.
+   * node:tls sends large writes in fewer system calls (a copy of 1 GiB
+   * into a server measured ~5% faster), so a connection that mostly writes
+   * may prefer false.
+   */
+  nativeTls?: boolean;
 }
 
 /** Options of `go()`. */
@@ -193,8 +201,11 @@ export class NbdHandshake implements AsyncDisposable {
     const parsed = toNbdUri(uri);
     // Credential problems are reported before anything is sent. The TLS
     // module is loaded only when needed: it costs every start-up otherwise.
-    const tls = parsed.tls ? (await import("./tls.ts")).clientTlsSettings(parsed) : undefined;
-    return await NbdHandshake.fromStream(await openStream(parsed), {
+    const tlsModule = parsed.tls ? await import("./tls.ts") : undefined;
+    const tls = tlsModule?.clientTlsSettings(parsed);
+    const nativeTls = tls !== undefined && (options.nativeTls ?? true) &&
+      tlsModule!.nativeTlsPossible(parsed, tls);
+    return await NbdHandshake.fromStream(await openStream(parsed, { nativeTls }), {
       ...options,
       uri: parsed,
       tls,
@@ -331,6 +342,11 @@ export class NbdHandshake implements AsyncDisposable {
         `the server refused TLS (${replyTypeName(reply.type)}${
           said ? `: ${said}` : ""
         }); not connecting in plaintext`,
+      );
+    }
+    if (this.#reader.buffered > 0) {
+      throw new NbdConnectionError(
+        "the server sent data after its STARTTLS reply before the TLS handshake",
       );
     }
     const { startClientTls } = await import("./tls.ts");

@@ -129,7 +129,11 @@ export class NbdEndpoint extends BaseEndpoint {
   ): Promise<NbdEndpoint> {
     // When connecting fails, the clean-up is the caller's: it knows why better.
     const connections = options.connections ?? defaultConnections(uri);
-    const pool = await NbdClientPool.connect(uri, { connections });
+    // Over TLS a destination mostly writes, which node:tls does in fewer system calls.
+    const pool = await NbdClientPool.connect(uri, {
+      connections,
+      nativeTls: role === "source",
+    });
     const endpoint = new NbdEndpoint(name, uri, role, pool, options.cleanup);
     // Writes of 256 KiB and their headers then leave in one piece: with the default
     // 208 KiB send buffer each one stalled for a wake-up from the server's read.

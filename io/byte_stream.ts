@@ -32,6 +32,12 @@ export interface ByteStream {
    * socket with any bytes received but not yet read (to start TLS on it).
    */
   detach?(): { socket: Socket; unread: Uint8Array[] };
+  /**
+   * For plain TCP connections opened to be upgraded: stops this wrapper
+   * (and its synchronous path) and hands back the connection, to start TLS
+   * on it with the runtime's own TLS.
+   */
+  takeConn?(): Deno.TcpConn;
 }
 
 /** Writes all of `buf` to `stream`, looping over partial writes. */
@@ -50,10 +56,25 @@ export async function writeAll(
  * Given the connection's descriptor (see `connectWithFd`), reads and
  * writes that need no waiting take a faster synchronous path.
  */
-export function fromDenoConn(conn: Deno.Conn, fd?: number): ByteStream {
+export function fromDenoConn(
+  conn: Deno.Conn,
+  fd?: number,
+  options: { upgradable?: boolean } = {},
+): ByteStream {
   let closed = false;
   const fast = SocketFastPath.create(fd);
+  const takeConn = options.upgradable && conn.remoteAddr.transport === "tcp"
+    ? {
+      takeConn(): Deno.TcpConn {
+        // The TLS connection owns the socket from now on: no raw reads or writes on it.
+        fast?.disable();
+        closed = true;
+        return conn as Deno.TcpConn;
+      },
+    }
+    : {};
   return {
+    ...takeConn,
     read: (buf) => conn.read(buf),
     write: (buf) => conn.write(buf),
     ...(fast ? { tryRead: (buf) => fast.read(buf), tryWrite: (buf) => fast.write(buf) } : {}),

@@ -672,6 +672,54 @@ Deno.test({
 });
 
 Deno.test({
+  name: "nbds:// over TCP with only a CA: both directions byte-exact; a wrong name is refused",
+  ...peers("nbdkit", "openssl"),
+  async fn() {
+    await using dir = await tempDir();
+    await makeCertificates(dir.path);
+    // Only the CA: no client certificate, so the client may use the runtime's own TLS.
+    await Deno.mkdir(`${dir.path}/ca`);
+    await Deno.copyFile(`${dir.path}/ca-cert.pem`, `${dir.path}/ca/ca-cert.pem`);
+    const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = (probe.addr as Deno.NetAddr).port;
+    probe.close();
+    const server = new Deno.Command("nbdkit", {
+      args: [
+        ...["-f", "-p", String(port), "-i", "127.0.0.1"],
+        ...["--tls=require", `--tls-certificates=${dir.path}`, "memory", "6M"],
+      ],
+      stdout: "null",
+      stderr: "null",
+    }).spawn();
+    await using _stop = {
+      async [Symbol.asyncDispose]() {
+        server.kill("SIGTERM");
+        await server.status;
+      },
+    };
+    for (let i = 0;; i++) {
+      try {
+        (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+        break;
+      } catch (error) {
+        if (i >= 300) throw error;
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+    }
+    const uri = `nbds://localhost:${port}/?tls-certificates=${dir.path}/ca`;
+    const input = randomBytes(6 * MiB, 92);
+    await Deno.writeFile(`${dir.path}/in.img`, input);
+    await nbdCopyOk([`${dir.path}/in.img`, uri]);
+    await nbdCopyOk([uri, `${dir.path}/out.img`]);
+    assertBytes(await Deno.readFile(`${dir.path}/out.img`), input);
+    const wrong = await nbdCopy([`${uri}&tls-hostname=wrong.example`, "null:"]);
+    assertEquals(wrong.code, 1, wrong.stderr);
+    assertIncludes(wrong.stderr, "TLS handshake with localhost:");
+    assertIncludes(wrong.stderr, "wrong.example");
+  },
+});
+
+Deno.test({
   name: "file_to_block_device and block_device_to_file: a loop device, holes zeroed on it",
   ...peers("losetup", "fallocate", "nbdkit"),
   async fn(t) {
