@@ -116,8 +116,6 @@ export type ShareSpec =
     isZero: boolean;
     /** This thread's share of the dirty data the copy may leave behind. */
     writeBehindBudget: number;
-    /** This thread's share of what is written before the write-behind starts. */
-    writeBehindStart: number;
     /** Int32 [locked]: the threads writing the file take turns. */
     writeLock?: SharedArrayBuffer;
   }

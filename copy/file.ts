@@ -162,72 +162,42 @@ export function fileExtents(fd: number, offset: number, length: number): CopyExt
 /** Most written data a copy leaves in the page cache, whatever the memory (see `WriteBehind`). */
 export const WRITE_BEHIND_BUDGET = 64 << 20;
 
-/** Most data written before the write-behind starts (see `WriteBehind`). */
-export const WRITE_BEHIND_START = 256 << 20;
-
 /**
- * Half of what the kernel lets accumulate before its own background
- * writeback starts (vm.dirty_background_bytes, or _ratio of the available
- * memory); undefined when unknown.
+ * How much written data a copy may leave in the page cache: `WRITE_BEHIND_BUDGET`,
+ * or less on a machine where half of what the kernel lets accumulate before
+ * its own background writeback starts (vm.dirty_background_bytes, or _ratio
+ * of the available memory) is less, so that the kernel never has to
+ * throttle the copy.
  */
-function dirtyHalf(): number | undefined {
+export function dirtyBudget(): number {
   try {
     const read = (name: string) => Number(Deno.readTextFileSync(`/proc/sys/vm/${name}`).trim());
     let limit = read("dirty_background_bytes");
     if (!(limit > 0)) {
       const ratio = read("dirty_background_ratio");
       const available = /MemAvailable:\s+(\d+) kB/.exec(Deno.readTextFileSync("/proc/meminfo"));
-      if (!(ratio > 0) || !available) return undefined;
+      if (!(ratio > 0) || !available) return WRITE_BEHIND_BUDGET;
       limit = Number(available[1]) * 1024 * ratio / 100;
     }
-    return Math.floor(limit / 2);
+    return Math.max(16 << 20, Math.min(WRITE_BEHIND_BUDGET, Math.floor(limit / 2)));
   } catch {
-    return undefined;
+    return WRITE_BEHIND_BUDGET;
   }
 }
 
 /**
- * How much written data a copy may leave in the page cache once its
- * write-behind runs: `WRITE_BEHIND_BUDGET`, or less on a machine where
- * half the kernel's background writeback threshold is less, so that the
- * kernel never has to throttle the copy.
- */
-export function dirtyBudget(): number {
-  const half = dirtyHalf();
-  return half === undefined
-    ? WRITE_BEHIND_BUDGET
-    : Math.max(16 << 20, Math.min(WRITE_BEHIND_BUDGET, half));
-}
-
-/**
- * How much a copy writes before its write-behind starts: `WRITE_BEHIND_START`,
- * or what is left of half the kernel's background writeback threshold
- * after the budget, so that the two together stay below it.
- */
-export function writeBehindStart(budget = dirtyBudget()): number {
-  const half = dirtyHalf();
-  return half === undefined
-    ? WRITE_BEHIND_START
-    : Math.max(0, Math.min(WRITE_BEHIND_START, half - budget));
-}
-
-/**
  * Keeps the written data of a copy from piling up in the page cache, as
- * nbdcopy does. The first `start` bytes are left to the kernel, as any
- * copy of a file would: writeback started while the copy is still writing
- * competes with it, and a copy of 300 MB into a new file took 0.31 s with
- * write-behind from the first byte against 0.26 s with it starting after
- * 256 MiB (1 GiB: 0.90 s against 0.86 s, on 2 processors). After that the
- * writes are grouped in windows of `step` bytes; as each window fills, its
- * writeback starts (asynchronously); once more than `budget` bytes are in
- * windows not yet retired, the oldest are waited for and dropped from the
- * cache (the copy will not read them back). So a copy of any size cycles
- * through the same memory, and neither crowds other programs out of the
- * cache nor waits for fresh memory: on virtual machines whose free memory
- * goes back to the host, each page touched for the first time is slow, and
- * a 1 GiB copy left in the cache was measured taking 2-4 times as long.
- * Writers only wait when the disk falls more than a budget behind. The
- * calls run on a helper thread, three per window, never one per write.
+ * nbdcopy does. The writes are grouped in windows of `step` bytes; as each
+ * window fills, its writeback starts (asynchronously); once more than
+ * `budget` bytes are in windows not yet retired, the oldest are waited for
+ * and dropped from the cache (the copy will not read them back). So a copy
+ * of any size cycles through the same few MiB of memory, and neither
+ * crowds other programs out of the cache nor waits for fresh memory: on
+ * virtual machines whose free memory goes back to the host, each page
+ * touched for the first time is slow, and a 1 GiB copy left in the cache
+ * was measured taking 2-4 times as long. Writers only wait when the disk
+ * falls more than a budget behind. The calls run on a helper thread, three
+ * per window, never one per write.
  */
 export class WriteBehind {
   readonly #fd: number;
@@ -244,31 +214,16 @@ export class WriteBehind {
   /** Writebacks started and not yet returned. */
   readonly #started = new Set<Promise<unknown>>();
   #enabled = true;
-  /** Bytes still to be written before the write-behind starts. */
-  #headStart: number;
 
-  /**
-   * Writes back behind writes to `fd` in windows of `step` bytes, `budget`
-   * bytes behind, once `start` bytes were written.
-   */
+  /** Writes back behind writes to `fd` in windows of `step` bytes, `budget` bytes behind. */
   constructor(
     fd: number,
     step = 8 << 20,
     budget = dirtyBudget(),
-    start = writeBehindStart(budget),
   ) {
     this.#fd = fd;
     this.#step = step;
     this.#budget = Math.max(budget, step);
-    this.#headStart = start;
-  }
-
-  /** Bytes still to be written before the write-behind starts. */
-  get headStart(): number {
-    return this.#headStart;
-  }
-  set headStart(bytes: number) {
-    this.#headStart = Math.max(0, bytes);
   }
 
   /** The budget in bytes. */
@@ -285,10 +240,6 @@ export class WriteBehind {
    */
   written(offset: number, length: number): Promise<void> | undefined {
     if (!this.#enabled) return;
-    if (this.#headStart > 0) {
-      this.#headStart -= length;
-      return;
-    }
     if (offset < this.#start) this.#start = offset;
     if (offset + length > this.#end) this.#end = offset + length;
     this.#bytes += length;
@@ -553,7 +504,6 @@ export class FileDestination extends BaseEndpoint {
       spec.isZero,
     );
     destination.#behind.budget = spec.writeBehindBudget;
-    destination.#behind.headStart = spec.writeBehindStart;
     if (spec.writeLock) destination.#writeLock = new Int32Array(spec.writeLock);
     destination.#device = Deno.statSync(spec.path).isBlockDevice === true;
     return destination;
@@ -566,7 +516,6 @@ export class FileDestination extends BaseEndpoint {
   override shareSpec(threads?: number): ShareSpec {
     if (threads) {
       this.#behind.budget = Math.floor(this.#behind.budget / threads);
-      this.#behind.headStart = Math.floor(this.#behind.headStart / threads);
       this.#writeLock ??= new Int32Array(new SharedArrayBuffer(4));
     }
     return {
@@ -576,7 +525,6 @@ export class FileDestination extends BaseEndpoint {
       size: this.size,
       isZero: this.isZero,
       writeBehindBudget: this.#behind.budget,
-      writeBehindStart: this.#behind.headStart,
       writeLock: this.#writeLock?.buffer as SharedArrayBuffer | undefined,
     };
   }

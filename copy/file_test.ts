@@ -1,13 +1,7 @@
 import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import { peers, randomBytes, tempDir } from "../tests/helpers.ts";
 import * as fs from "node:fs";
-import {
-  FileDestination,
-  FileSource,
-  WRITE_BEHIND_BUDGET,
-  WriteBehind,
-  writeBehindStart,
-} from "./file.ts";
+import { FileDestination, FileSource, WRITE_BEHIND_BUDGET, WriteBehind } from "./file.ts";
 import { copyImage } from "./scheduler.ts";
 import { MemorySource, patterned } from "./_test_utils.ts";
 
@@ -153,7 +147,7 @@ Deno.test("WriteBehind flushes and drops written ranges without losing data", as
   await using dir = await tempDir();
   const path = `${dir.path}/out.img`;
   const fd = fs.openSync(path, "w");
-  const behind = new WriteBehind(fd, MiB, 2 * MiB, 0);
+  const behind = new WriteBehind(fd, MiB, 2 * MiB);
   const data = randomBytes(8 * MiB, 17);
   // Out of order and concurrent, as the copy's lanes write.
   const order = Array.from({ length: 32 }, (_, i) => (i * 13) % 32);
@@ -166,10 +160,9 @@ Deno.test("WriteBehind flushes and drops written ranges without losing data", as
   assertBytes(await Deno.readFile(path), data);
 });
 
-Deno.test("a copy into a file leaves at most the head start and the budget in the page cache", async () => {
+Deno.test("a copy into a file leaves at most the write-behind budget of it in the page cache", async () => {
   await using dir = await tempDir();
-  const start = writeBehindStart();
-  const size = start + 192 * MiB;
+  const size = 192 * MiB;
   const data = patterned(size);
   const destination = await FileDestination.open(`${dir.path}/out.img`, size);
   await copyImage(new MemorySource(data), destination, OPTIONS);
@@ -182,22 +175,21 @@ Deno.test("a copy into a file leaves at most the head start and the budget in th
     `fincore (util-linux) failed: ${new TextDecoder().decode(fincore.stderr)}`,
   );
   const resident = Number(new TextDecoder().decode(fincore.stdout).trim());
-  // The head start, the budget, the window being filled and one the writers may run ahead by.
+  // The budget, the window being filled and one the writers may run ahead by.
   assertOk(
-    resident <= start + WRITE_BEHIND_BUDGET + 16 * MiB,
+    resident <= WRITE_BEHIND_BUDGET + 16 * MiB,
     `${resident >> 20} MiB of the ${size >> 20} MiB copy stayed in the page cache`,
   );
   assertBytes(await Deno.readFile(`${dir.path}/out.img`), data);
 });
 
 Deno.test({
-  name: "WriteBehind: starts after its head start; nothing reaches the descriptor after stop()",
+  name: "WriteBehind: nothing reaches the descriptor once stop() has resolved",
   ...peers("strace"),
   async fn() {
     await using dir = await tempDir();
     const script = `${dir.path}/behind.ts`;
-    // A 2 MiB head start, then windows of 1 MiB with a 1 MiB budget: every write past the
-    // fourth starts a retire.
+    // Windows of 1 MiB with a 1 MiB budget: every write past the first starts a retire.
     await Deno.writeTextFile(
       script,
       `import { WriteBehind } from ${JSON.stringify(new URL("./file.ts", import.meta.url).href)};
@@ -205,7 +197,7 @@ import { closeFd, O_CREAT, O_WRONLY, openFd, pwrite } from ${
         JSON.stringify(new URL("../io/libc.ts", import.meta.url).href)
       };
 const fd = openFd(${JSON.stringify(`${dir.path}/data`)}, O_WRONLY | O_CREAT)!;
-const behind = new WriteBehind(fd, ${MiB}, ${MiB}, ${2 * MiB});
+const behind = new WriteBehind(fd, ${MiB}, ${MiB});
 const chunk = new Uint8Array(${MiB}).fill(7);
 const write = (i: number) => {
   pwrite(fd, chunk, i * ${MiB});
@@ -247,14 +239,6 @@ await new Promise((resolve) => setTimeout(resolve, 200));
     const lastWrite = lines.findLastIndex((line) => line.includes(`pwrite64(${fd},`));
     const closed = lines.findIndex((line, i) => i > lastWrite && line.includes(`close(${fd})`));
     assertOk(lastWrite >= 0 && closed >= 0, `no write and close of ${fd} in the trace`);
-    // Nothing for the first 2 MiB: the third write is the first one behind which writeback starts.
-    const writes = lines.map((line, i) => line.includes(`pwrite64(${fd},`) ? i : -1)
-      .filter((i) => i >= 0);
-    const firstSync = lines.findIndex((line) => line.includes(`sync_file_range(${fd},`));
-    assertOk(
-      writes.length === 8 && firstSync > writes[2]!,
-      "writeback started within the head start",
-    );
     const retired = lines.slice(0, closed).filter((line) => line.includes(`fadvise64(${fd},`));
     assertOk(retired.length > 0, "no window was retired before the close");
     const late = lines.slice(closed).filter((line) =>
