@@ -8,10 +8,16 @@
  * @module
  */
 
-import { HttpImage, RangesIgnoredError } from "../plugins/http.ts";
+import { contentLength, HttpImage, RangesIgnoredError } from "../plugins/http.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { BaseEndpoint, type Endpoint } from "./endpoint.ts";
 import { type StreamReader, StreamSource } from "./pipe.ts";
+
+/** The plugin's messages start with "http: " or an errno name; here the URL says enough. */
+function plainError(error: unknown): Error {
+  const message = (error as Error).message.replace(/^http: /, "").replace(/^E[A-Z]+: /, "");
+  return new Error(message, { cause: error });
+}
 
 /** Options of `HttpSource.open`. */
 export interface HttpSourceOptions {
@@ -54,9 +60,7 @@ export class HttpSource extends BaseEndpoint {
       await image.open();
     } catch (error) {
       if (error instanceof RangesIgnoredError) return await openInOrder(url, image, error.size);
-      // The plugin's messages start with "http: " or an errno name; here the URL says enough.
-      const message = (error as Error).message.replace(/^http: /, "").replace(/^E[A-Z]+: /, "");
-      throw new Error(message, { cause: error });
+      throw plainError(error);
     }
     return new HttpSource(url, image);
   }
@@ -86,10 +90,9 @@ async function openInOrder(
   try {
     response = await image.fetchWhole(controller.signal);
   } catch (error) {
-    throw new Error((error as Error).message.replace(/^E[A-Z]+: /, ""), { cause: error });
+    throw plainError(error);
   }
-  const length = response.headers.get("Content-Length");
-  const size = length !== null && /^\d+$/.test(length) ? Number(length) : announced;
+  const size = contentLength(response.headers) ?? announced;
   const body = (response.body ?? new ReadableStream<Uint8Array>({ start: (c) => c.close() }))
     .getReader();
   /** What is left of the last chunk the response delivered. */

@@ -14,6 +14,7 @@
 
 import { type ChildProcess, spawn } from "node:child_process";
 import { closeFd, listenUnixFd } from "../io/libc.ts";
+import { selfCommand } from "../mount/daemon.ts";
 import { registerCleanup } from "./cleanup.ts";
 import type { Role } from "./endpoint.ts";
 import { NbdEndpoint } from "./nbd.ts";
@@ -53,26 +54,14 @@ function onPath(name: string): boolean {
 }
 
 /**
- * The command line that runs this program: the executable itself when
- * compiled, else the runtime running main.ts.
- */
-export function selfCommand(): string[] {
-  const runtime = Deno.execPath();
-  const main = new URL("../main.ts", import.meta.url);
-  if (/(^|\/)deno$/.test(runtime) && main.protocol === "file:") {
-    return [runtime, "run", "-A", "--quiet", decodeURIComponent(main.pathname)];
-  }
-  return [runtime];
-}
-
-/**
  * `[ nbd ... ]` runs the `nbd` on PATH, or this same program when there is
  * none (run from a checkout without a wrapper), so the example commands
  * work however `nbd` was started.
  */
 export function resolveServerCommand(argv: string[]): string[] {
   if (argv[0] !== "nbd" || onPath("nbd")) return argv;
-  return [...selfCommand(), ...argv.slice(1)];
+  const [command, args] = selfCommand(argv.slice(1));
+  return [command, ...args];
 }
 
 function describeExit(code: number | null, signal: string | null): string {

@@ -69,6 +69,12 @@ export class RangesIgnoredError extends UsageError {
   }
 }
 
+/** A response's Content-Length, when it has a valid one. */
+export function contentLength(headers: Headers): number | undefined {
+  const length = headers.get("Content-Length");
+  return length !== null && /^\d+$/.test(length) ? Number(length) : undefined;
+}
+
 /** A request failure worth retrying (network trouble or a transient status). */
 class TransientError extends Error {
   /** Seconds the server asked us to wait (Retry-After), if any. */
@@ -174,16 +180,14 @@ export class HttpImage {
     await this.#withRetries(async () => {
       const head = await this.#fetch("HEAD");
       await head.body?.cancel();
-      const length = head.headers.get("Content-Length");
-      if (head.ok && length !== null && /^\d+$/.test(length)) size = Number(length);
+      if (head.ok) size = contentLength(head.headers);
     });
     // One-byte probe: proves Range works and gives the size when HEAD did not.
     const probe = await this.#withRetries(() => this.#fetch("GET", [0, 0]));
     if (probe.status === 200) {
       // The whole image is on its way: stop it rather than read it.
       await probe.body?.cancel();
-      const length = probe.headers.get("Content-Length");
-      if (size === undefined && length !== null && /^\d+$/.test(length)) size = Number(length);
+      size ??= contentLength(probe.headers);
       throw new RangesIgnoredError(
         `http: the server ignores Range requests (it sent the whole ${this.options.url}), ` +
           "so the image cannot be read at random",

@@ -15,6 +15,7 @@ import { FileSource } from "../copy/file.ts";
 import { assertBytes, assertEquals, assertIncludes, assertOk } from "./assert.ts";
 import { makeCertificates } from "./certs.ts";
 import {
+  freePort,
   INTEROP_REQUIRED,
   nbdExecutable,
   peers,
@@ -680,9 +681,7 @@ Deno.test({
     // Only the CA: no client certificate, so the client may use the runtime's own TLS.
     await Deno.mkdir(`${dir.path}/ca`);
     await Deno.copyFile(`${dir.path}/ca-cert.pem`, `${dir.path}/ca/ca-cert.pem`);
-    const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    const port = (probe.addr as Deno.NetAddr).port;
-    probe.close();
+    const port = freePort();
     const server = new Deno.Command("nbdkit", {
       args: [
         ...["-f", "-p", String(port), "-i", "127.0.0.1"],

@@ -53,6 +53,14 @@ export function peers(...names: string[]): { ignore: boolean } {
   return { ignore: true };
 }
 
+/** A TCP port nothing listens on right now. */
+export function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  return port;
+}
+
 /** A temporary directory removed on dispose. */
 export async function tempDir(prefix = "nbd-test"): Promise<{ path: string } & AsyncDisposable> {
   const path = await Deno.makeTempDir({ prefix });

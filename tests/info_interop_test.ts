@@ -5,6 +5,7 @@
 
 import assert from "node:assert/strict";
 import {
+  freePort,
   peers,
   randomBytes,
   ROOT,
@@ -359,14 +360,6 @@ Deno.test({
     }
   },
 });
-
-/** A TCP port nothing listens on right now. */
-function freePort(): number {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (listener.addr as Deno.NetAddr).port;
-  listener.close();
-  return port;
-}
 
 Deno.test({
   name: "nbd info over TCP agrees with nbdinfo, including the export URI",
