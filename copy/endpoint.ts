@@ -68,6 +68,13 @@ export interface Endpoint {
   write(buf: Uint8Array, offset: number, headroom?: boolean, sent?: () => void): Promise<void>;
   /** Makes a range read as zeroes; `allocate` asks for it to stay allocated (no hole). */
   zero(offset: number, length: number, allocate: boolean): Promise<void>;
+  /**
+   * Memory for `count` read buffers of `bytes` each, laid end to end, that
+   * a destination writes from more cheaply than from other memory (a file
+   * written by a thread of its own: no copy between the threads); undefined
+   * when it has none to offer. Asked once, before the copy starts.
+   */
+  sharedBuffers?(count: number, bytes: number): SharedArrayBuffer | undefined;
   /** Makes what was written durable. */
   flush(): Promise<void>;
   /** Destination of a stream of unknown length: called once with the final size. */

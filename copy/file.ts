@@ -50,6 +50,22 @@ import { ZERO_BUFFER } from "../server/backend.ts";
 import { registerCleanup } from "./cleanup.ts";
 import { BaseEndpoint, type CopyExtent, type Endpoint, type ShareSpec } from "./endpoint.ts";
 import { StreamDestination, StreamSource } from "./pipe.ts";
+import { WriteThread } from "./write_thread.ts";
+import {
+  dirtyBudget,
+  WRITE_BEHIND_STEP,
+  type WritebackWindow,
+  WritebackWindows,
+} from "./writeback.ts";
+
+/** Bytes written before a destination's write thread starts (see `FileDestination.write`). */
+const WRITE_THREAD_AFTER = 32 << 20;
+
+/** Destinations of this size or more start their write thread with the copy. */
+const WRITE_THREAD_SIZE = 64 << 20;
+
+/** Largest arena of read buffers a destination offers (beyond it, ordinary buffers). */
+const MAX_ARENA = 256 << 20;
 
 /** Files take any offset and length; 4 KiB is the page size the kernel likes. */
 const FILE_BLOCK_SIZE: BlockSize = { minimum: 1, preferred: 4096, maximum: 64 << 20 };
@@ -159,57 +175,20 @@ export function fileExtents(fd: number, offset: number, length: number): CopyExt
   return out;
 }
 
-/** Most written data a copy leaves in the page cache, whatever the memory (see `WriteBehind`). */
-export const WRITE_BEHIND_BUDGET = 64 << 20;
-
-/**
- * How much written data a copy may leave in the page cache: `WRITE_BEHIND_BUDGET`,
- * or less on a machine where half of what the kernel lets accumulate before
- * its own background writeback starts (vm.dirty_background_bytes, or _ratio
- * of the available memory) is less, so that the kernel never has to
- * throttle the copy.
- */
-export function dirtyBudget(): number {
-  try {
-    const read = (name: string) => Number(Deno.readTextFileSync(`/proc/sys/vm/${name}`).trim());
-    let limit = read("dirty_background_bytes");
-    if (!(limit > 0)) {
-      const ratio = read("dirty_background_ratio");
-      const available = /MemAvailable:\s+(\d+) kB/.exec(Deno.readTextFileSync("/proc/meminfo"));
-      if (!(ratio > 0) || !available) return WRITE_BEHIND_BUDGET;
-      limit = Number(available[1]) * 1024 * ratio / 100;
-    }
-    return Math.max(16 << 20, Math.min(WRITE_BEHIND_BUDGET, Math.floor(limit / 2)));
-  } catch {
-    return WRITE_BEHIND_BUDGET;
-  }
-}
-
 /**
  * Keeps the written data of a copy from piling up in the page cache, as
- * nbdcopy does. The writes are grouped in windows of `step` bytes; as each
- * window fills, its writeback starts (asynchronously); once more than
- * `budget` bytes are in windows not yet retired, the oldest are waited for
- * and dropped from the cache (the copy will not read them back). So a copy
- * of any size cycles through the same few MiB of memory, and neither
- * crowds other programs out of the cache nor waits for fresh memory: on
- * virtual machines whose free memory goes back to the host, each page
- * touched for the first time is slow, and a 1 GiB copy left in the cache
- * was measured taking 2-4 times as long. Writers only wait when the disk
- * falls more than a budget behind. The calls run on a helper thread, three
- * per window, never one per write.
+ * nbdcopy does (see writeback.ts). So a copy of any size cycles through the
+ * same few MiB of memory, and neither crowds other programs out of the
+ * cache nor waits for fresh memory: on virtual machines whose free memory
+ * goes back to the host, each page touched for the first time is slow, and
+ * a 1 GiB copy left in the cache was measured taking 2-4 times as long.
+ * Writers only wait when the disk falls more than a budget behind. The
+ * calls run on a helper thread of the runtime, three per window, never one
+ * per write.
  */
 export class WriteBehind {
   readonly #fd: number;
-  readonly #step: number;
-  #budget: number;
-  /** The window being filled: the range its writes cover, and their bytes. */
-  #start = Infinity;
-  #end = 0;
-  #bytes = 0;
-  /** Full windows not yet retired, oldest first, and their bytes. */
-  #windows: { start: number; end: number; bytes: number }[] = [];
-  #pending = 0;
+  readonly #windows: WritebackWindows;
   #retiring: Promise<void> | undefined;
   /** Writebacks started and not yet returned. */
   readonly #started = new Set<Promise<unknown>>();
@@ -218,20 +197,19 @@ export class WriteBehind {
   /** Writes back behind writes to `fd` in windows of `step` bytes, `budget` bytes behind. */
   constructor(
     fd: number,
-    step = 8 << 20,
+    step = WRITE_BEHIND_STEP,
     budget = dirtyBudget(),
   ) {
     this.#fd = fd;
-    this.#step = step;
-    this.#budget = Math.max(budget, step);
+    this.#windows = new WritebackWindows(step, budget);
   }
 
   /** The budget in bytes. */
   get budget(): number {
-    return this.#budget;
+    return this.#windows.budget;
   }
   set budget(bytes: number) {
-    this.#budget = Math.max(bytes, this.#step);
+    this.#windows.budget = bytes;
   }
 
   /**
@@ -240,17 +218,16 @@ export class WriteBehind {
    */
   written(offset: number, length: number): Promise<void> | undefined {
     if (!this.#enabled) return;
-    if (offset < this.#start) this.#start = offset;
-    if (offset + length > this.#end) this.#end = offset + length;
-    this.#bytes += length;
-    if (this.#bytes < this.#step) return;
-    const window = { start: this.#start, end: this.#end, bytes: this.#bytes };
-    this.#windows.push(window);
-    this.#pending += window.bytes;
-    this.#start = Infinity;
-    this.#end = 0;
-    this.#bytes = 0;
-    // Started now, the window's writeback is usually over by the time it is retired.
+    const window = this.#windows.add(offset, length);
+    if (!window) return;
+    this.#startWriteback(window);
+    if (!this.#windows.due()) return;
+    const retiring = this.#retire();
+    return this.#windows.pending > 2 * this.#windows.budget ? retiring : undefined;
+  }
+
+  /** Starts the writeback of a window: usually over by the time the window is retired. */
+  #startWriteback(window: WritebackWindow): void {
     const started = syncFileRange(
       this.#fd,
       window.start,
@@ -259,17 +236,28 @@ export class WriteBehind {
     );
     this.#started.add(started);
     void started.finally(() => this.#started.delete(started));
-    if (this.#pending <= this.#budget) return;
-    const retiring = this.#retire();
-    return this.#pending > 2 * this.#budget ? retiring : undefined;
+  }
+
+  /**
+   * Writes back and drops all that was written so far, in the background:
+   * another writer (a write thread, with a budget of its own) takes over.
+   */
+  drain(): void {
+    if (!this.#enabled) return;
+    const last = this.#windows.drain();
+    if (last) this.#startWriteback(last);
+    void this.#retire();
   }
 
   /** Waits for and drops the oldest windows until a budget at most is pending. */
   #retire(): Promise<void> {
     this.#retiring ??= (async () => {
       const fd = this.#fd;
-      while (this.#pending > this.#budget && this.#enabled) {
-        const window = this.#windows.shift()!;
+      for (
+        let window = this.#windows.due();
+        window && this.#enabled;
+        window = this.#windows.due()
+      ) {
         const length = window.end - window.start;
         const flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
           SYNC_FILE_RANGE_WAIT_AFTER;
@@ -277,7 +265,7 @@ export class WriteBehind {
         if (!(await syncFileRange(fd, window.start, length, flags))) this.#enabled = false;
         if (!this.#enabled) break;
         await dropCache(fd, window.start, length);
-        this.#pending -= window.bytes;
+        this.#windows.retired();
       }
     })().finally(() => this.#retiring = undefined);
     return this.#retiring;
@@ -405,6 +393,14 @@ export class FileDestination extends BaseEndpoint {
   #canZeroRange = true;
   #closed = false;
   readonly #behind: WriteBehind;
+  /** The read buffers' memory, when the copy took it (`sharedBuffers`). */
+  #arena: SharedArrayBuffer | undefined;
+  #thread: WriteThread | undefined;
+  #threadTried = false;
+  /** The write thread has taken over (this thread's write-behind drained). */
+  #handedOver = false;
+  /** Bytes written from the arena on this thread before a write thread started. */
+  #writtenHere = 0;
   /** Shared with the other threads writing this file (shares.ts): one writes at a time. */
   #writeLock: Int32Array | undefined;
   /** Removes the temporary file if the process is killed before `close`. */
@@ -529,8 +525,61 @@ export class FileDestination extends BaseEndpoint {
     };
   }
 
+  /**
+   * The copy's read buffers, in memory that a write thread can write from:
+   * for a file or device written by this thread alone (threads sharing the
+   * copy take turns on it instead).
+   */
+  sharedBuffers(count: number, bytes: number): SharedArrayBuffer | undefined {
+    if (this.#writeLock || this.#arena || count * bytes > MAX_ARENA) return undefined;
+    this.#arena = new SharedArrayBuffer(count * bytes);
+    // An image this large pays for the thread's start (~15 ms holding this thread up)
+    // whenever it comes; here it measured no slower than after the first requests.
+    if (this.size !== undefined && this.size >= WRITE_THREAD_SIZE) this.#startThread();
+    return this.#arena;
+  }
+
+  #startThread(): WriteThread | undefined {
+    if (this.#threadTried || this.#closed) return this.#thread;
+    this.#threadTried = true;
+    this.#thread = WriteThread.start(
+      this.#fd,
+      this.#arena!,
+      WRITE_BEHIND_STEP,
+      this.#behind.budget,
+    );
+    return this.#thread;
+  }
+
+  /**
+   * The write thread, started once enough was written here to be worth
+   * its start when the size was not known to be large.
+   */
+  #threadFor(length: number): WriteThread | undefined {
+    if (this.#threadTried) return this.#thread;
+    this.#writtenHere += length;
+    return this.#writtenHere < WRITE_THREAD_AFTER ? undefined : this.#startThread();
+  }
+
+  /** Whether writes have gone to a write thread (for tests). */
+  get threaded(): boolean {
+    return this.#thread?.ready === true;
+  }
+
   /** Positional write, then writeback behind it. */
   override async write(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.#arena && buf.buffer === this.#arena) {
+      const thread = this.#threadFor(buf.length);
+      // Until the thread has loaded, this one writes.
+      if (thread?.ready) {
+        if (!this.#handedOver) {
+          // What this thread wrote is written back and dropped as the thread's would be.
+          this.#handedOver = true;
+          this.#behind.drain();
+        }
+        return await thread.write(buf, offset);
+      }
+    }
     const lock = this.#writeLock;
     if (lock) {
       // Threads sharing the file take turns here: in the kernel each write holds the
@@ -589,6 +638,7 @@ export class FileDestination extends BaseEndpoint {
     if (this.#closed) return;
     this.#closed = true;
     this.#unregister();
+    await this.#thread?.stop();
     await this.#behind.stop();
     closeFd(this.#fd);
     if (this.#mode !== "new") return;

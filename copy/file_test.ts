@@ -1,7 +1,8 @@
 import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import { peers, randomBytes, tempDir } from "../tests/helpers.ts";
 import * as fs from "node:fs";
-import { FileDestination, FileSource, WRITE_BEHIND_BUDGET, WriteBehind } from "./file.ts";
+import { FileDestination, FileSource, WriteBehind } from "./file.ts";
+import { WRITE_BEHIND_BUDGET } from "./writeback.ts";
 import { copyImage } from "./scheduler.ts";
 import { MemorySource, patterned } from "./_test_utils.ts";
 

@@ -414,14 +414,26 @@ export async function copyImage(
    * buffer still in the processor's cache.
    */
   const spare: { bytes: Uint8Array; words: Int32Array }[] = [];
+  // Room in front of the data for the destination's request header; whole pages each.
+  const slotBytes = roundUp(WRITE_HEADROOM + requestSize, 4096);
+  // A source that waits for its data (not a file: one lane there) leaves time for a
+  // destination's own thread to write the last buffers while the next ones arrive.
+  const shared = source.synchronous
+    ? undefined
+    : destination.sharedBuffers?.(stats.lanes, slotBytes);
+  let sharedTaken = 0;
   const takeBuffer = () => {
     const reused = spare.pop();
     if (reused) return reused;
-    // Room in front of the data for the destination's request header.
-    const buffer = new ArrayBuffer(WRITE_HEADROOM + requestSize);
+    let buffer: ArrayBufferLike;
+    let start = 0;
+    if (shared && (sharedTaken + 1) * slotBytes <= shared.byteLength) {
+      buffer = shared;
+      start = sharedTaken++ * slotBytes;
+    } else buffer = new ArrayBuffer(WRITE_HEADROOM + requestSize);
     return {
-      bytes: new Uint8Array(buffer, WRITE_HEADROOM, requestSize),
-      words: new Int32Array(buffer, WRITE_HEADROOM, requestSize >>> 2),
+      bytes: new Uint8Array(buffer, start + WRITE_HEADROOM, requestSize),
+      words: new Int32Array(buffer, start + WRITE_HEADROOM, requestSize >>> 2),
     };
   };
 

@@ -47,6 +47,16 @@ const SYMBOLS = {
   },
   sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32", nonblocking: true },
   posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32", nonblocking: true },
+  sync_file_range_here: {
+    name: "sync_file_range",
+    parameters: ["i32", "i64", "i64", "u32"],
+    result: "i32",
+  },
+  posix_fadvise_here: {
+    name: "posix_fadvise",
+    parameters: ["i32", "i64", "i64", "i32"],
+    result: "i32",
+  },
   open: { parameters: ["buffer", "i32", "u32"], result: "i32" },
   ftruncate: { parameters: ["i32", "i64"], result: "i32" },
   fsync: { parameters: ["i32"], result: "i32" },
@@ -272,6 +282,34 @@ export async function dropCache(fd: number, offset: number, length: number): Pro
     POSIX_FADV_DONTNEED,
   )) ===
     0;
+}
+
+/**
+ * sync_file_range(2) on the calling thread, which waits as long as the
+ * call does: for a thread of its own (write_worker.ts), not the event
+ * loop's. False if unsupported or failed.
+ */
+export function syncFileRangeHere(
+  fd: number,
+  offset: number,
+  length: number,
+  flags: number,
+): boolean {
+  const l = libc();
+  if (!l) return false;
+  return l.symbols.sync_file_range_here(fd, BigInt(offset), BigInt(length), flags) === 0;
+}
+
+/** posix_fadvise(POSIX_FADV_DONTNEED) on the calling thread, like `syncFileRangeHere`. */
+export function dropCacheHere(fd: number, offset: number, length: number): boolean {
+  const l = libc();
+  if (!l) return false;
+  return l.symbols.posix_fadvise_here(
+    fd,
+    BigInt(offset),
+    BigInt(length),
+    POSIX_FADV_DONTNEED,
+  ) === 0;
 }
 
 /** Names of the errno values a file operation commonly meets (Linux numbering). */

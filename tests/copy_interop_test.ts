@@ -29,6 +29,7 @@ import {
   startServer,
   tempDir,
   watchStderr,
+  withTmpfs,
 } from "./helpers.ts";
 
 const MiB = 1 << 20;
@@ -825,5 +826,28 @@ Deno.test({
       if (!gone) await new Promise((r) => setTimeout(r, 50));
     }
     assertOk(gone, "the server was stopped");
+  },
+});
+
+Deno.test({
+  name: "nbdkit_to_full_filesystem: a write thread's ENOSPC stops the copy; no file is left",
+  ...peers("nbdkit", "mount", "umount"),
+  async fn(t) {
+    await using dir = await tempDir();
+    await withTmpfs(t, dir.path, "40M", async (small) => {
+      // Large enough for the destination's write thread, which then meets the full disk.
+      await using server = await nbdkit("pattern", "100M");
+      const out = `${small}/out.img`;
+      const result = await nbdCopy([server.uri, out]);
+      assertEquals(result.code, 1, result.stderr);
+      const lines = result.stderr.trim().split("\n");
+      assertEquals(lines.length, 1, result.stderr);
+      const pattern = new RegExp(
+        `^nbd: copy failed: destination ${out}: write at offset (\\d+) failed: ` +
+          `ENOSPC \\(no space left on device\\); ${out} was not created$`,
+      );
+      assertOk(pattern.exec(lines[0]!), lines[0]);
+      assertEquals([...Deno.readDirSync(small)], [], "not even a temporary file");
+    });
   },
 });

@@ -11,7 +11,6 @@ import { NbdClient } from "../client/client.ts";
 import { assertBytes, assertEquals, assertOk } from "./assert.ts";
 import { makeCertificates } from "./certs.ts";
 import {
-  INTEROP_REQUIRED,
   nbdExecutable,
   peers,
   randomBytes,
@@ -22,6 +21,7 @@ import {
   startServer,
   tempDir,
   watchStderr,
+  withTmpfs,
 } from "./helpers.ts";
 
 const MiB = 1 << 20;
@@ -230,17 +230,7 @@ Deno.test({
   ...peers("mount", "umount"),
   async fn(t) {
     await using dir = await tempDir();
-    const small = `${dir.path}/small`;
-    await Deno.mkdir(small);
-    const mounted = await run("mount", ["-t", "tmpfs", "-o", "size=40M", "tmpfs", small]);
-    if (mounted.code !== 0) {
-      // A tmpfs of our own needs root; CI (NBD_INTEROP=require) does not accept going without.
-      if (INTEROP_REQUIRED) throw new Error(`mount failed: ${mounted.stderr.trim()}`);
-      console.error(`\n*** SKIPPING ENOSPC test: mount failed: ${mounted.stderr.trim()} ***\n`);
-      await t.step({ name: "tmpfs unavailable", ignore: true, fn() {} });
-      return;
-    }
-    try {
+    await withTmpfs(t, dir.path, "40M", async (small) => {
       const input = `${dir.path}/in.img`;
       await Deno.writeFile(input, randomBytes(100 * MiB, 3));
       const out = `${small}/out.img`;
@@ -255,9 +245,7 @@ Deno.test({
       const match = pattern.exec(lines[0]!);
       assertOk(match, lines[0]);
       assertEquals([...Deno.readDirSync(small)], [], "not even a temporary file");
-    } finally {
-      await run("umount", [small]);
-    }
+    });
   },
 });
 

@@ -346,3 +346,31 @@ export function watchStderr(child: Deno.ChildProcess): StderrWatch {
     ended,
   };
 }
+
+/**
+ * Runs `fn` with a tmpfs of `size` (e.g. "40M") mounted on a new directory
+ * in `parent`, unmounted afterwards; a full filesystem for ENOSPC tests.
+ * Mounting needs root: without it the test step is reported ignored,
+ * unless NBD_INTEROP=require makes that a failure.
+ */
+export async function withTmpfs(
+  t: Deno.TestContext,
+  parent: string,
+  size: string,
+  fn: (mountpoint: string) => Promise<void>,
+): Promise<void> {
+  const mountpoint = `${parent}/tmpfs`;
+  await Deno.mkdir(mountpoint);
+  const mounted = await run("mount", ["-t", "tmpfs", "-o", `size=${size}`, "tmpfs", mountpoint]);
+  if (mounted.code !== 0) {
+    if (INTEROP_REQUIRED) throw new Error(`mount failed: ${mounted.stderr.trim()}`);
+    console.error(`\n*** SKIPPING: mount of a tmpfs failed: ${mounted.stderr.trim()} ***\n`);
+    await t.step({ name: "tmpfs unavailable", ignore: true, fn() {} });
+    return;
+  }
+  try {
+    await fn(mountpoint);
+  } finally {
+    await run("umount", [mountpoint]);
+  }
+}

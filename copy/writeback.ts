@@ -1,0 +1,120 @@
+/**
+ * How much of a copy's written data may wait in the page cache, and the
+ * bookkeeping that keeps it there: writes are grouped in windows whose
+ * writeback starts as each one fills, and the oldest are retired (waited
+ * for and dropped from the cache) once more than a budget is pending. The
+ * calls themselves are made by the writer: on a helper thread of the
+ * runtime for writes made on the event loop's thread (`WriteBehind` in
+ * file.ts), or in line by the write thread (write_worker.ts).
+ *
+ * @module
+ */
+
+/** Most written data a copy leaves in the page cache, whatever the memory. */
+export const WRITE_BEHIND_BUDGET = 64 << 20;
+
+/** Bytes of writes grouped into one writeback window. */
+export const WRITE_BEHIND_STEP = 8 << 20;
+
+/**
+ * How much written data a copy may leave in the page cache: `WRITE_BEHIND_BUDGET`,
+ * or less on a machine where half of what the kernel lets accumulate before
+ * its own background writeback starts (vm.dirty_background_bytes, or _ratio
+ * of the available memory) is less, so that the kernel never has to
+ * throttle the copy.
+ */
+export function dirtyBudget(): number {
+  try {
+    const read = (name: string) => Number(Deno.readTextFileSync(`/proc/sys/vm/${name}`).trim());
+    let limit = read("dirty_background_bytes");
+    if (!(limit > 0)) {
+      const ratio = read("dirty_background_ratio");
+      const available = /MemAvailable:\s+(\d+) kB/.exec(Deno.readTextFileSync("/proc/meminfo"));
+      if (!(ratio > 0) || !available) return WRITE_BEHIND_BUDGET;
+      limit = Number(available[1]) * 1024 * ratio / 100;
+    }
+    return Math.max(16 << 20, Math.min(WRITE_BEHIND_BUDGET, Math.floor(limit / 2)));
+  } catch {
+    return WRITE_BEHIND_BUDGET;
+  }
+}
+
+/** A range of the file that writes covered, and how many bytes they wrote in it. */
+export interface WritebackWindow {
+  start: number;
+  end: number;
+  bytes: number;
+}
+
+/** Which ranges to write back and when to retire them; makes no calls itself. */
+export class WritebackWindows {
+  readonly #step: number;
+  #budget: number;
+  /** The window being filled. */
+  #start = Infinity;
+  #end = 0;
+  #bytes = 0;
+  /** Full windows not yet retired, oldest first, and their bytes. */
+  readonly #full: WritebackWindow[] = [];
+  #pending = 0;
+  /** Every window is due, whatever the budget (another writer took over). */
+  #draining = false;
+
+  /** Windows of `step` bytes, retired once more than `budget` bytes are pending. */
+  constructor(step: number, budget: number) {
+    this.#step = step;
+    this.#budget = Math.max(budget, step);
+  }
+
+  /** Bytes allowed in windows not yet retired. */
+  get budget(): number {
+    return this.#budget;
+  }
+  set budget(bytes: number) {
+    this.#budget = Math.max(bytes, this.#step);
+  }
+
+  /** Bytes in full windows not yet retired. */
+  get pending(): number {
+    return this.#pending;
+  }
+
+  /** Records a write; returns the window it filled, whose writeback should start now. */
+  add(offset: number, length: number): WritebackWindow | undefined {
+    if (offset < this.#start) this.#start = offset;
+    if (offset + length > this.#end) this.#end = offset + length;
+    this.#bytes += length;
+    return this.#bytes < this.#step ? undefined : this.#close();
+  }
+
+  /** Closes the window being filled; returns it. */
+  #close(): WritebackWindow {
+    const window = { start: this.#start, end: this.#end, bytes: this.#bytes };
+    this.#full.push(window);
+    this.#pending += window.bytes;
+    this.#start = Infinity;
+    this.#end = 0;
+    this.#bytes = 0;
+    return window;
+  }
+
+  /** The oldest window while more than the budget is pending; `retired` once it is done. */
+  due(): WritebackWindow | undefined {
+    return this.#draining || this.#pending > this.#budget ? this.#full[0] : undefined;
+  }
+
+  /**
+   * Makes every window due, from now on, whatever the budget: returns the
+   * one being filled, now closed, whose writeback should start now.
+   */
+  drain(): WritebackWindow | undefined {
+    this.#draining = true;
+    return this.#bytes === 0 ? undefined : this.#close();
+  }
+
+  /** Forgets the oldest window (what `due` returned), now written back and dropped. */
+  retired(): void {
+    const window = this.#full.shift();
+    if (window) this.#pending -= window.bytes;
+  }
+}
