@@ -422,9 +422,7 @@ export async function copyImage(
     ? undefined
     : destination.sharedBuffers?.(stats.lanes, slotBytes);
   let sharedTaken = 0;
-  const takeBuffer = () => {
-    const reused = spare.pop();
-    if (reused) return reused;
+  const newBuffer = () => {
     let buffer: ArrayBufferLike;
     let start = 0;
     if (shared && (sharedTaken + 1) * slotBytes <= shared.byteLength) {
@@ -436,6 +434,10 @@ export async function copyImage(
       words: new Int32Array(buffer, start + WRITE_HEADROOM, requestSize >>> 2),
     };
   };
+  // A destination that keeps nothing never looks at the data (nor does the zero scan,
+  // off for it): every read can go into one buffer, which stays in the processor's cache.
+  const discarded = destination.discards ? newBuffer() : undefined;
+  const takeBuffer = () => discarded ?? spare.pop() ?? newBuffer();
 
   const lane = async () => {
     while (!failure) {
@@ -457,7 +459,7 @@ export async function copyImage(
         const buffer = takeBuffer();
         let given = false;
         const giveBack = () => {
-          if (given) return;
+          if (given || buffer === discarded) return;
           given = true;
           spare.push(buffer);
         };

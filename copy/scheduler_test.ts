@@ -1,6 +1,7 @@
 import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import { MemoryDestination, MemorySource, patterned } from "./_test_utils.ts";
 import type { CopyExtent } from "./endpoint.ts";
+import { NullDestination } from "./null.ts";
 import { StreamDestination, StreamSource } from "./pipe.ts";
 import { CopyError, copyImage, CopyInterrupted, type CopyOptions, planSizes } from "./scheduler.ts";
 
@@ -346,4 +347,22 @@ Deno.test("copyImage() reuses a buffer as soon as the destination has sent its d
   assertEquals(stats.lanes, 16);
   // 16 writes in flight at a time, but each buffer was free again once its data was sent.
   assertOk(source.buffers.size <= 2, `${source.buffers.size} buffers`);
+});
+
+Deno.test("copyImage() reads into one buffer for a destination that keeps nothing", async () => {
+  class RecordingSource extends MemorySource {
+    /** The distinct buffers read into. */
+    readonly buffers = new Set<ArrayBufferLike>();
+    override read(buf: Uint8Array, offset: number): Promise<number> {
+      this.buffers.add(buf.buffer);
+      return super.read(buf, offset);
+    }
+  }
+  const data = patterned(4 * MiB + 100);
+  const source = new RecordingSource(data, undefined, { jitterMs: 1 });
+  const stats = await copyImage(source, new NullDestination(), options());
+  assertEquals(stats.read, data.length);
+  assertEquals(stats.lanes, 16);
+  assertOk(source.maxInFlight > 1, `${source.maxInFlight} reads in flight`);
+  assertEquals(source.buffers.size, 1);
 });
