@@ -374,3 +374,29 @@ export async function withTmpfs(
     await run("umount", [mountpoint]);
   }
 }
+
+/**
+ * Runs `fn` with a loop device backed by the file `backing`, detached
+ * afterwards. Loop devices need root and the loop driver: without them the
+ * test step is reported ignored, unless NBD_INTEROP=require makes that a
+ * failure.
+ */
+export async function withLoopDevice(
+  t: Deno.TestContext,
+  backing: string,
+  fn: (device: string) => Promise<void>,
+): Promise<void> {
+  const attached = await run("losetup", ["-f", "--show", backing]);
+  if (attached.code !== 0) {
+    if (INTEROP_REQUIRED) throw new Error(`losetup failed: ${attached.stderr.trim()}`);
+    console.error(`\n*** SKIPPING: losetup failed: ${attached.stderr.trim()} ***\n`);
+    await t.step({ name: "loop device unavailable", ignore: true, fn() {} });
+    return;
+  }
+  const device = attached.stdout.trim();
+  try {
+    await fn(device);
+  } finally {
+    await runOk("losetup", ["-d", device]);
+  }
+}
