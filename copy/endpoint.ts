@@ -72,9 +72,10 @@ export interface Endpoint {
    * Memory for `count` read buffers of `bytes` each, laid end to end, that
    * a destination writes from more cheaply than from other memory (a file
    * written by a thread of its own: no copy between the threads); undefined
-   * when it has none to offer. Asked once, before the copy starts.
+   * when it has none to offer. Asked once, before a copy of `total` bytes
+   * (undefined for a stream) starts.
    */
-  sharedBuffers?(count: number, bytes: number): SharedArrayBuffer | undefined;
+  sharedBuffers?(count: number, bytes: number, total?: number): SharedArrayBuffer | undefined;
   /** Makes what was written durable. */
   flush(): Promise<void>;
   /** Destination of a stream of unknown length: called once with the final size. */

@@ -58,10 +58,10 @@ import {
   WritebackWindows,
 } from "./writeback.ts";
 
-/** Bytes written before a destination's write thread starts (see `FileDestination.write`). */
+/** Bytes of a stream written before its destination's write thread starts. */
 const WRITE_THREAD_AFTER = 32 << 20;
 
-/** Destinations of this size or more start their write thread with the copy. */
+/** Copies of this size or more start their destination's write thread with the copy. */
 const WRITE_THREAD_SIZE = 64 << 20;
 
 /** Largest arena of read buffers a destination offers (beyond it, ordinary buffers). */
@@ -530,12 +530,15 @@ export class FileDestination extends BaseEndpoint {
    * for a file or device written by this thread alone (threads sharing the
    * copy take turns on it instead).
    */
-  sharedBuffers(count: number, bytes: number): SharedArrayBuffer | undefined {
+  sharedBuffers(count: number, bytes: number, total?: number): SharedArrayBuffer | undefined {
     if (this.#writeLock || this.#arena || count * bytes > MAX_ARENA) return undefined;
+    // A copy this small would not pay for the thread's start (~15 ms holding this
+    // thread up); a large one pays whenever it comes, and measured no slower starting
+    // it now than after the first requests. A stream's is started once it has shown
+    // its size (`#threadFor`).
+    if (total !== undefined && total < WRITE_THREAD_SIZE) return undefined;
     this.#arena = new SharedArrayBuffer(count * bytes);
-    // An image this large pays for the thread's start (~15 ms holding this thread up)
-    // whenever it comes; here it measured no slower than after the first requests.
-    if (this.size !== undefined && this.size >= WRITE_THREAD_SIZE) this.#startThread();
+    if (total !== undefined) this.#startThread();
     return this.#arena;
   }
 
@@ -551,19 +554,21 @@ export class FileDestination extends BaseEndpoint {
     return this.#thread;
   }
 
-  /**
-   * The write thread, started once enough was written here to be worth
-   * its start when the size was not known to be large.
-   */
+  /** The write thread of a stream's copy, started once enough was written here. */
   #threadFor(length: number): WriteThread | undefined {
     if (this.#threadTried) return this.#thread;
     this.#writtenHere += length;
     return this.#writtenHere < WRITE_THREAD_AFTER ? undefined : this.#startThread();
   }
 
-  /** Whether writes have gone to a write thread (for tests). */
+  /** Whether a write thread was started (for tests). */
+  get writeThreadStarted(): boolean {
+    return this.#thread !== undefined;
+  }
+
+  /** Whether writes have gone to the write thread (for tests). */
   get threaded(): boolean {
-    return this.#thread?.ready === true;
+    return this.#handedOver;
   }
 
   /** Positional write, then writeback behind it. */

@@ -420,7 +420,7 @@ export async function copyImage(
   // destination's own thread to write the last buffers while the next ones arrive.
   const shared = source.synchronous
     ? undefined
-    : destination.sharedBuffers?.(stats.lanes, slotBytes);
+    : destination.sharedBuffers?.(stats.lanes, slotBytes, source.size);
   let sharedTaken = 0;
   const newBuffer = () => {
     let buffer: ArrayBufferLike;
