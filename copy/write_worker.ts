@@ -31,6 +31,8 @@ function writeAll(fd: number, data: Uint8Array, position: number): number {
     const n = pwrite(fd, data.subarray(done), position + done);
     if (n === undefined) return EIO;
     if (n < 0) return lastError().errno || EIO;
+    // Nothing written and no error: give up rather than spin.
+    if (n === 0) return EIO;
     done += n;
   }
   return 0;
