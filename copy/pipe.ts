@@ -8,6 +8,7 @@
  * @module
  */
 
+import { enlargePipe } from "../io/pipes.ts";
 import { writeAll } from "../io/byte_stream.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { ZERO_BUFFER } from "../server/backend.ts";
@@ -146,8 +147,13 @@ export class StreamDestination extends BaseEndpoint {
   }
 }
 
+const STDIN = 0;
+const STDOUT = 1;
+
 /** stdin as a source. */
 export function stdinSource(): StreamSource {
+  // When stdin is a pipe, its writer may then run ahead of the copy by a MiB.
+  enlargePipe(STDIN);
   return new StreamSource("stdin", { read: (buf) => Deno.stdin.read(buf) });
 }
 
@@ -156,5 +162,6 @@ export function stdoutDestination(): StreamDestination {
   if (Deno.stdout.isTerminal()) {
     throw new Error("refusing to write a disk image to a terminal (redirect stdout)");
   }
+  enlargePipe(STDOUT);
   return new StreamDestination("stdout", { write: (buf) => Deno.stdout.write(buf) });
 }

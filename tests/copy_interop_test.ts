@@ -265,6 +265,32 @@ Deno.test("stdin_to_file and nbd_to_stdout: pipes in both directions", async () 
   assertBytes(output.stdout, await readExport(server.uri));
 });
 
+Deno.test({
+  name: "pipes: stdin and stdout pipes are enlarged to 1 MiB, so their other end can run ahead",
+  ...peers("strace"),
+  async fn() {
+    await using dir = await tempDir();
+    const input = `${dir.path}/in.img`;
+    await Deno.writeFile(input, randomBytes(4 * MiB, 43));
+    const nbd = await nbdExecutable();
+    const log = `${dir.path}/fcntl.log`;
+    const traced = `strace -f -e trace=fcntl -o "${log}" "${nbd}" copy`;
+    // In through a pipe, out through a pipe, and compared on the way out.
+    await runOk("sh", [
+      "-c",
+      `cat "$0" | ${traced} - "$0.out" && ${traced} "$0.out" - | cmp - "$0"`,
+      input,
+    ]);
+    // The log holds the last command's calls: the copy out to the pipe.
+    const enlarged = (fd: number) =>
+      new RegExp(`fcntl\\(${fd}, F_SETPIPE_SZ, 1048576\\)\\s*= 1048576`);
+    assertOk(enlarged(1).test(await Deno.readTextFile(log)), "stdout enlarged");
+    await runOk("sh", ["-c", `cat "$0" | ${traced} - "$0.again"`, input]);
+    assertOk(enlarged(0).test(await Deno.readTextFile(log)), "stdin enlarged");
+    assertBytes(await Deno.readFile(`${input}.again`), await Deno.readFile(input));
+  },
+});
+
 Deno.test("stdin_to_nbd: a stream longer than the destination is an error", async () => {
   await using server = await startNbdServe(["memory", "1M"]);
   const result = await nbdCopy(["-R", "1", "-", server.uri], { stdin: randomBytes(MiB + 1, 5) });
