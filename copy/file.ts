@@ -29,6 +29,7 @@ import {
   lastError,
   O_CREAT,
   O_EXCL,
+  O_NONBLOCK,
   O_RDONLY,
   O_RDWR,
   O_WRONLY,
@@ -47,6 +48,7 @@ import {
 } from "../io/libc.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { ZERO_BUFFER } from "../server/backend.ts";
+import { enlargePipe } from "../io/pipes.ts";
 import { registerCleanup } from "./cleanup.ts";
 import { BaseEndpoint, type CopyExtent, type Endpoint, type ShareSpec } from "./endpoint.ts";
 import { StreamDestination, StreamSource } from "./pipe.ts";
@@ -122,6 +124,23 @@ function openPath(path: string, flags: number, what: string): number {
   }
   if (fd === undefined) throw new Error(`${what}: file access needs FFI (run nbd with -A)`);
   return fd;
+}
+
+/**
+ * Enlarges the pipe of a FIFO that is open at both ends (see io/pipes.ts),
+ * through a descriptor of its own: the runtime does not give out the one
+ * it reads or writes through, and the size belongs to the pipe, not to a
+ * descriptor. Opened for reading and writing, a FIFO never blocks the open.
+ */
+function enlargeFifo(path: string): void {
+  try {
+    const fd = openFd(path, O_RDWR | O_NONBLOCK);
+    if (fd === undefined) return;
+    enlargePipe(fd);
+    closeFd(fd);
+  } catch {
+    // Gone or not ours to open: it keeps its size.
+  }
 }
 
 /** The directory part of `path` ("." when it has none). */
@@ -325,6 +344,7 @@ export class FileSource extends BaseEndpoint {
       const file = await Deno.open(path, { read: true }).catch((error) => {
         throw fsError(error, `Cannot open ${path}`);
       });
+      if (info.isFifo) enlargeFifo(path);
       return new StreamSource(path, file);
     }
     const fd = openPath(path, O_RDONLY, `Cannot open ${path}`);
@@ -445,6 +465,7 @@ export class FileDestination extends BaseEndpoint {
       const file = await Deno.open(path, { write: true }).catch((error) => {
         throw fsError(error, `Cannot open ${path}`);
       });
+      if (info.isFifo) enlargeFifo(path);
       return new StreamDestination(path, file);
     }
     if (info && source && info.dev === source.dev && info.ino === source.ino) {

@@ -372,6 +372,8 @@ export const O_CREAT = 0o100;
 export const O_EXCL = 0o200;
 /** Not inherited by child processes. */
 export const O_CLOEXEC = 0o2000000;
+/** Opens without waiting (a FIFO with no peer yet, say). */
+export const O_NONBLOCK = 0o4000;
 
 /**
  * open(2): the descriptor; throws `SystemError`. Undefined when FFI is

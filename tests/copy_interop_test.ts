@@ -266,8 +266,8 @@ Deno.test("stdin_to_file and nbd_to_stdout: pipes in both directions", async () 
 });
 
 Deno.test({
-  name: "pipes: stdin and stdout pipes are enlarged to 1 MiB, so their other end can run ahead",
-  ...peers("strace"),
+  name: "pipes: stdin, stdout and FIFOs are enlarged to 1 MiB, so their other end can run ahead",
+  ...peers("strace", "mkfifo"),
   async fn() {
     await using dir = await tempDir();
     const input = `${dir.path}/in.img`;
@@ -288,6 +288,15 @@ Deno.test({
     await runOk("sh", ["-c", `cat "$0" | ${traced} - "$0.again"`, input]);
     assertOk(enlarged(0).test(await Deno.readTextFile(log)), "stdin enlarged");
     assertBytes(await Deno.readFile(`${input}.again`), await Deno.readFile(input));
+    // A FIFO given by name, read and written, through a descriptor opened for it.
+    const fifo = `${dir.path}/fifo`;
+    await runOk("mkfifo", [fifo]);
+    const someFd = /fcntl\(\d+, F_SETPIPE_SZ, 1048576\)\s*= 1048576/;
+    await runOk("sh", ["-c", `cat "$0" > "$1" & ${traced} "$1" "$0.fifo"; wait`, input, fifo]);
+    assertOk(someFd.test(await Deno.readTextFile(log)), "FIFO source enlarged");
+    assertBytes(await Deno.readFile(`${input}.fifo`), await Deno.readFile(input));
+    await runOk("sh", ["-c", `cmp "$0" "$1" & ${traced} "$0" "$1"; wait $!`, input, fifo]);
+    assertOk(someFd.test(await Deno.readTextFile(log)), "FIFO destination enlarged");
   },
 });
 
