@@ -15,6 +15,7 @@ import { FileSource } from "../copy/file.ts";
 import { assertBytes, assertEquals, assertIncludes, assertOk } from "./assert.ts";
 import { makeCertificates } from "./certs.ts";
 import {
+  assertCopyFailedFull,
   freePort,
   nbdExecutable,
   peers,
@@ -882,16 +883,7 @@ Deno.test({
       // Large enough for the destination's write thread, which then meets the full disk.
       await using server = await nbdkit("pattern", "100M");
       const out = `${small}/out.img`;
-      const result = await nbdCopy([server.uri, out]);
-      assertEquals(result.code, 1, result.stderr);
-      const lines = result.stderr.trim().split("\n");
-      assertEquals(lines.length, 1, result.stderr);
-      const pattern = new RegExp(
-        `^nbd: copy failed: destination ${out}: write at offset (\\d+) failed: ` +
-          `ENOSPC \\(no space left on device\\); ${out} was not created$`,
-      );
-      assertOk(pattern.exec(lines[0]!), lines[0]);
-      assertEquals([...Deno.readDirSync(small)], [], "not even a temporary file");
+      assertCopyFailedFull(await nbdCopy([server.uri, out]), out, small);
     });
   },
 });

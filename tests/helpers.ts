@@ -8,6 +8,7 @@
 
 import { fileURLToPath } from "node:url";
 import { NbdClient } from "../client/client.ts";
+import { assertEquals, assertOk } from "./assert.ts";
 
 /** Absolute path of the repository root. */
 export const ROOT: string = fileURLToPath(new URL("../", import.meta.url)).replace(/\/$/, "");
@@ -399,4 +400,21 @@ export async function withLoopDevice(
   } finally {
     await runOk("losetup", ["-d", device]);
   }
+}
+
+/**
+ * Asserts how `nbd copy` ended on a full filesystem: status 1, one line
+ * naming the destination `out`, the write offset and ENOSPC, and nothing
+ * left in `dir` (the mount point), not even the temporary file.
+ */
+export function assertCopyFailedFull(result: RunResult, out: string, dir: string): void {
+  assertEquals(result.code, 1, result.stderr);
+  const lines = result.stderr.trim().split("\n");
+  assertEquals(lines.length, 1, result.stderr);
+  const pattern = new RegExp(
+    `^nbd: copy failed: destination ${out}: write at offset (\\d+) failed: ` +
+      `ENOSPC \\(no space left on device\\); ${out} was not created$`,
+  );
+  assertOk(pattern.exec(lines[0]!), lines[0]);
+  assertEquals([...Deno.readDirSync(dir)], [], "not even a temporary file");
 }
