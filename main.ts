@@ -6,8 +6,9 @@
  */
 
 import { COMMANDS } from "./commands/mod.ts";
-import { printError, VERSION } from "./commands/command.ts";
-import { UsageError } from "./server/params.ts";
+import { printError } from "./commands/command.ts";
+import { VERSION } from "./util/version.ts";
+import { UsageError } from "./util/usage_error.ts";
 
 function usage(): string {
   const width = Math.max(...[...COMMANDS.keys()].map((n) => n.length));

@@ -39,8 +39,12 @@ export * from "./client/handshake.ts";
 export * from "./client/inspect.ts";
 export * from "./client/pool.ts";
 export { describeServer, openStream, toNbdUri } from "./client/connect.ts";
-export * from "./server/backend.ts";
-export * from "./server/params.ts";
+export * from "./core/backend.ts";
+export * from "./core/params.ts";
+export * from "./util/usage_error.ts";
+export * from "./util/parse.ts";
+export { ZERO_BUFFER } from "./util/zero_buffer.ts";
+export { VERSION } from "./util/version.ts";
 export { Exports, type ExportsOptions } from "./server/exports.ts";
 export {
   NbdServer,

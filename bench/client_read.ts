@@ -13,7 +13,7 @@
 
 import { parseArgs } from "node:util";
 import { NbdClient } from "../client/client.ts";
-import { parseSize } from "../server/params.ts";
+import { parseSize } from "../util/parse.ts";
 import { hasCommand, runOk, startServer } from "../tests/helpers.ts";
 
 const { values } = parseArgs({

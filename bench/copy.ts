@@ -18,7 +18,7 @@
 
 import { parseArgs } from "node:util";
 import { hasCommand, nbdExecutable, runOk, startServer } from "../tests/helpers.ts";
-import { parseSize } from "../server/params.ts";
+import { parseSize } from "../util/parse.ts";
 
 const { values } = parseArgs({
   args: Deno.args,

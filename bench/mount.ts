@@ -12,7 +12,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { parseSize } from "../server/params.ts";
+import { parseSize } from "../util/parse.ts";
 import { hasCommand, nbdExecutable, runOk, startServer } from "../tests/helpers.ts";
 
 const { values } = parseArgs({

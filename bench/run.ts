@@ -13,7 +13,7 @@
 import { parseArgs } from "node:util";
 import { hasCommand, runOk, startNbdServe, startServer } from "../tests/helpers.ts";
 import { makeCertificates } from "../tests/certs.ts";
-import { parseSize } from "../server/params.ts";
+import { parseSize } from "../util/parse.ts";
 
 const { values } = parseArgs({
   args: Deno.args,

@@ -18,7 +18,7 @@ import { parseArgs } from "node:util";
 import { hasCommand, runOk, startNbdServe } from "../tests/helpers.ts";
 import { CHROMIUM, launchChromium } from "../tests/browser.ts";
 import { serverViewUrl } from "../tests/view_helpers.ts";
-import { parseSize } from "../server/params.ts";
+import { parseSize } from "../util/parse.ts";
 
 const { values } = parseArgs({
   args: Deno.args,

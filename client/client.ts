@@ -72,7 +72,7 @@ import type {
   ExtentsFlags,
   WriteFlags,
   ZeroFlags,
-} from "../server/backend.ts";
+} from "../core/backend.ts";
 import {
   describeRequest,
   NbdConnectionError,
@@ -237,7 +237,7 @@ export class NbdClient implements Backend, AsyncDisposable {
 
   /**
    * Takes over a negotiated connection. Use `NbdClient.connect` or
-   * `NbdHandshake.go` rather than calling this directly.
+   * `NbdClient.fromHandshake` rather than calling this directly.
    */
   constructor(negotiation: Negotiation) {
     this.#stream = negotiation.stream;
@@ -277,11 +277,19 @@ export class NbdClient implements Backend, AsyncDisposable {
   static async connect(uri: string | NbdUri, options: ConnectOptions = {}): Promise<NbdClient> {
     const session = await NbdHandshake.open(uri, options);
     try {
-      return await session.go(options);
+      return await NbdClient.fromHandshake(session, options);
     } catch (error) {
       await session.abort();
       throw error;
     }
+  }
+
+  /**
+   * Selects an export on a session in option mode (NBD_OPT_GO, or
+   * NBD_OPT_EXPORT_NAME for old servers) and returns the client for it.
+   */
+  static async fromHandshake(session: NbdHandshake, options: GoOptions = {}): Promise<NbdClient> {
+    return new NbdClient(await session.select(options));
   }
 
   // ---- what was negotiated -------------------------------------------------

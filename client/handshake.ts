@@ -3,7 +3,7 @@
  * a connection: it has read the greeting and negotiated structured replies
  * (or extended headers), and can then list exports, query them with
  * NBD_OPT_INFO and list metadata contexts without choosing one, before
- * `go()` enters transmission and returns an `NbdClient`.
+ * `select()` enters transmission; `NbdClient.fromHandshake` wraps it in a client.
  *
  * @module
  */
@@ -60,7 +60,6 @@ import {
   OPTION_REPLY_HEADER_SIZE,
 } from "../protocol/handshake.ts";
 import type { NbdUri } from "../protocol/uri.ts";
-import { NbdClient } from "./client.ts";
 import { describeServer, openStream, toNbdUri } from "./connect.ts";
 import type { ClientTlsSettings } from "./tls.ts";
 import { NbdConnectionError, NbdOptionError } from "./errors.ts";
@@ -115,7 +114,7 @@ export interface HandshakeOptions {
   nativeTls?: boolean;
 }
 
-/** Options of `go()`. */
+/** Options of `select()`. */
 export interface GoOptions {
   /** Export to open (default: the one the URI names). */
   exportName?: string;
@@ -195,7 +194,7 @@ export class NbdHandshake implements AsyncDisposable {
   /**
    * Connects to the server a URI names and performs the greeting, then asks
    * for extended headers or structured replies (unless told not to).
-   * Oldstyle servers are recognised; they only allow `go()`.
+   * Oldstyle servers are recognised; they only allow `select()`.
    */
   static async open(uri: string | NbdUri, options: HandshakeOptions = {}): Promise<NbdHandshake> {
     const parsed = toNbdUri(uri);
@@ -567,15 +566,17 @@ export class NbdHandshake implements AsyncDisposable {
   /**
    * Selects an export and enters transmission (NBD_OPT_GO, or
    * NBD_OPT_EXPORT_NAME for servers without GO), after selecting the
-   * metadata contexts. Returns the client; this session is then finished.
+   * metadata contexts. Returns what was negotiated, which
+   * `NbdClient.fromHandshake` turns into a client; this session is then
+   * finished.
    */
-  async go(options: GoOptions = {}): Promise<NbdClient> {
+  async select(options: GoOptions = {}): Promise<Negotiation> {
     if (this.#finished) throw new Error("Cannot select an export: the handshake is over");
     const exportName = options.exportName ?? this.#uri.exportName;
     const uri = { ...this.#uri, exportName };
     if (this.#oldstyleExport) {
       this.#finished = true;
-      return new NbdClient(this.#negotiation(uri, this.#oldstyleExport, new Map()));
+      return (this.#negotiation(uri, this.#oldstyleExport, new Map()));
     }
     if (this.#style === "newstyle") {
       return await this.#guard(NBD_OPT_EXPORT_NAME, () => this.#exportName(uri));
@@ -605,11 +606,11 @@ export class NbdHandshake implements AsyncDisposable {
         throw error;
       }
       this.#finished = true;
-      return new NbdClient(this.#negotiation(uri, details, contexts));
+      return (this.#negotiation(uri, details, contexts));
     });
   }
 
-  async #exportName(uri: NbdUri): Promise<NbdClient> {
+  async #exportName(uri: NbdUri): Promise<Negotiation> {
     const name = uri.exportName;
     this.#send(NBD_OPT_EXPORT_NAME, encodeString(name));
     await this.#writer.flush();
@@ -629,7 +630,7 @@ export class NbdHandshake implements AsyncDisposable {
       throw new ProtocolError("export size is larger than 2^53 bytes, which is not supported");
     }
     // Without GO the server cannot have sent metadata contexts or block sizes.
-    return new NbdClient(this.#negotiation(uri, { name, size, flags }, new Map()));
+    return (this.#negotiation(uri, { name, size, flags }, new Map()));
   }
 
   #negotiation(
@@ -671,7 +672,7 @@ export class NbdHandshake implements AsyncDisposable {
     }
   }
 
-  /** Aborts the session unless `go()` already took the connection over. */
+  /** Aborts the session unless `select()` already took the connection over. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.abort();
   }

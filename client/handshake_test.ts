@@ -147,7 +147,7 @@ Deno.test("NbdHandshake names the missing export and stays usable", async () => 
     await peer.reply(NBD_OPT_ABORT, NBD_REP_ACK);
   });
   const session = await NbdHandshake.open(server.uri);
-  const error = await session.go({ exportName: "nope" }).catch((e) => e);
+  const error = await NbdClient.fromHandshake(session, { exportName: "nope" }).catch((e) => e);
   assert.ok(error instanceof NbdOptionError, String(error));
   assert.equal(error.reply, "ERR_UNKNOWN");
   assert.equal(error.option, "GO");
@@ -225,7 +225,7 @@ Deno.test("NbdHandshake speaks plain (non-fixed) newstyle with the 124 zero byte
   assert.equal(session.protocol, "newstyle");
   assert.equal(session.canSendOptions, false);
   await assert.rejects(session.list(), /newstyle handshake, which has no LIST option/);
-  const client = await session.go();
+  const client = await NbdClient.fromHandshake(session);
   assert.equal(client.size(), 4096);
   assert.equal(client.structuredReplies, false);
   await client.close();
@@ -242,7 +242,7 @@ Deno.test("NbdHandshake recognises an oldstyle server", async () => {
   const session = await NbdHandshake.open(server.uri);
   assert.equal(session.protocol, "oldstyle");
   await assert.rejects(session.info(), /oldstyle handshake, which has no INFO option/);
-  const client = await session.go();
+  const client = await NbdClient.fromHandshake(session);
   assert.equal(client.protocol, "oldstyle");
   assert.equal(client.size(), 1 << 20);
   assert.equal(client.canFlush, true);

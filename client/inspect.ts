@@ -11,7 +11,7 @@
 import { NBD_REP_ERR_UNSUP } from "../protocol/constants.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import type { NbdUri } from "../protocol/uri.ts";
-import type { NbdClient } from "./client.ts";
+import { NbdClient } from "./client.ts";
 import { toNbdUri } from "./connect.ts";
 import { NbdOptionError } from "./errors.ts";
 import {
@@ -192,7 +192,7 @@ async function reportBySelecting(
 ): Promise<ExportReport> {
   let client: NbdClient;
   try {
-    client = await session.go({ exportName: name, metaContexts: [] });
+    client = await NbdClient.fromHandshake(session, { exportName: name, metaContexts: [] });
   } catch (error) {
     await session.abort();
     throw error;

@@ -7,7 +7,7 @@
  * @module
  */
 
-import type { Capabilities, ExtentsFlags } from "../server/backend.ts";
+import type { Capabilities, ExtentsFlags } from "../core/backend.ts";
 import type { Extent } from "../protocol/transmission.ts";
 import {
   type ConnectOptions,
@@ -16,7 +16,7 @@ import {
   type WriteOptions,
   type ZeroOptions,
 } from "./client.ts";
-import type { Backend } from "../server/backend.ts";
+import type { Backend } from "../core/backend.ts";
 import { toNbdUri } from "./connect.ts";
 import type { NbdUri } from "../protocol/uri.ts";
 

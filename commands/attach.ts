@@ -9,7 +9,7 @@
 import { startDaemon } from "../mount/daemon.ts";
 import { sessionDir } from "../mount/registry.ts";
 import { MountSession, requireMountPrivilege } from "../mount/session.ts";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { type Command, parseOptions } from "./command.ts";
 import {
   MOUNT_OPTIONS,

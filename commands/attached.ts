@@ -7,7 +7,8 @@
 
 import type { IoStats } from "../mount/io_counters.ts";
 import { controlRequest, listSessions, type SessionRecord } from "../mount/registry.ts";
-import { formatSize, UsageError } from "../server/params.ts";
+import { formatSize } from "../util/parse.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { type Command, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
 

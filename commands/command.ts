@@ -5,7 +5,7 @@
  * @module
  */
 
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 /** A subcommand of `nbd`. */
 export interface Command {
@@ -18,9 +18,6 @@ export interface Command {
   /** Runs the command; resolves to the exit status. Never calls Deno.exit. */
   run(argv: string[]): Promise<number>;
 }
-
-/** Version of this program. */
-export const VERSION = "0.1.0";
 
 /** One option of `parseOptions`, as node:util's parseArgs describes it. */
 export interface OptionSpec {

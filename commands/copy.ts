@@ -26,7 +26,8 @@ import {
 } from "../copy/scheduler.ts";
 import { copyShared, shareableThreads } from "../copy/shares.ts";
 import { runCleanupsNow } from "../copy/cleanup.ts";
-import { parseSize, UsageError } from "../server/params.ts";
+import { parseSize } from "../util/parse.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { type Command, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
 

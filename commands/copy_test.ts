@@ -1,5 +1,5 @@
 import { assertEquals, assertThrows } from "../tests/assert.ts";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { defaultSourceConnections, defaultThreads, parseCopyArgs } from "./copy.ts";
 import { localConnections } from "../copy/nbd.ts";
 

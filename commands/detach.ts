@@ -27,7 +27,7 @@ import {
 import { absoluteUri, requireMountPrivilege } from "../mount/session.ts";
 import * as sys from "../mount/syscalls.ts";
 import { isNbdUri } from "../protocol/uri.ts";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { type Command, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
 

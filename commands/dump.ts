@@ -8,7 +8,7 @@
 
 import { NbdClient } from "../client/client.ts";
 import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
-import { parseSize } from "../server/params.ts";
+import { parseSize } from "../util/parse.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
 import { type Command, parseOptions } from "./command.ts";

@@ -25,7 +25,7 @@ import {
   NBD_REP_ERR_UNKNOWN,
 } from "../protocol/constants.ts";
 import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
 import { type Command, parseOptions, printError } from "./command.ts";

@@ -6,7 +6,8 @@
  * @module
  */
 
-import { formatSize, parseDuration, UsageError } from "../server/params.ts";
+import { formatSize, parseDuration } from "../util/parse.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { DEFAULT_TIMEOUT_MS } from "../mount/export_file.ts";
 import { MountSession, requireMountPrivilege } from "../mount/session.ts";
 import * as sys from "../mount/syscalls.ts";

@@ -6,7 +6,8 @@
  */
 
 import { nbdPlugin } from "../plugins/nbd.ts";
-import { Params, UsageError } from "../server/params.ts";
+import { Params } from "../core/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { type Command, parseOptions } from "./command.ts";
 import { expandViewOption, runServer, SERVE_OPTIONS } from "./serve.ts";
 

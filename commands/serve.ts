@@ -8,7 +8,7 @@
 import { FILTERS } from "../filters/mod.ts";
 import { PLUGINS } from "../plugins/mod.ts";
 import { formatNbdUri, type NbdUri } from "../protocol/uri.ts";
-import type { Filter, FilterInstance, Plugin } from "../server/backend.ts";
+import type { Filter, FilterInstance, Plugin } from "../core/backend.ts";
 import { Exports } from "../server/exports.ts";
 import {
   activationFds,
@@ -18,7 +18,9 @@ import {
   listenUnix,
   serveStdio,
 } from "../server/listener.ts";
-import { formatParams, Params, parseSize, UsageError } from "../server/params.ts";
+import { formatParams, Params } from "../core/params.ts";
+import { parseSize } from "../util/parse.ts";
+import { UsageError } from "../util/usage_error.ts";
 import {
   DEFAULT_HANDSHAKE_TIMEOUT,
   DEFAULT_MAX_CONNECTIONS,

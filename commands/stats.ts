@@ -5,7 +5,7 @@
  * @module
  */
 
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import type {
   CommandSnapshot,
   CountersSnapshot,

@@ -1,6 +1,6 @@
 import { assertEquals, assertOk, assertThrows } from "../tests/assert.ts";
 import { NBD_CMD_WRITE } from "../protocol/constants.ts";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { ServerStats } from "../server/stats.ts";
 import { statsSnapshot } from "../view/stats_snapshot.ts";
 import { formatStats, statsUrl } from "./stats.ts";

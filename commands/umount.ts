@@ -17,7 +17,7 @@ import {
 } from "../mount/registry.ts";
 import { requireMountPrivilege } from "../mount/session.ts";
 import * as sys from "../mount/syscalls.ts";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { type Command, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
 

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 /** Runs `body` with the URI the positional arguments name. */
 export async function withUriArgument(

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { ServerStats } from "../server/stats.ts";
 import { MAX_SPEED, Replayer, ReplayLog } from "../view/replay.ts";
 import { DEFAULT_VIEW_ADDRESS, parseViewAddress, startViewServer } from "../view/view_server.ts";

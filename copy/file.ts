@@ -47,7 +47,7 @@ import {
   truncateFd,
 } from "../io/libc.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
-import { ZERO_BUFFER } from "../server/backend.ts";
+import { ZERO_BUFFER } from "../util/zero_buffer.ts";
 import { enlargePipe } from "../io/pipes.ts";
 import { registerCleanup } from "./cleanup.ts";
 import { BaseEndpoint, type CopyExtent, type Endpoint, type ShareSpec } from "./endpoint.ts";

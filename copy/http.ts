@@ -8,7 +8,7 @@
  * @module
  */
 
-import { contentLength, HttpImage, RangesIgnoredError } from "../plugins/http.ts";
+import { contentLength, HttpImage, RangesIgnoredError } from "../io/http_image.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { BaseEndpoint, type Endpoint } from "./endpoint.ts";
 import { type StreamReader, StreamSource } from "./pipe.ts";

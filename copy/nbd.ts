@@ -13,7 +13,7 @@ import { NbdClientPool } from "../client/pool.ts";
 import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
-import { ZERO_BUFFER } from "../server/backend.ts";
+import { ZERO_BUFFER } from "../util/zero_buffer.ts";
 import { BaseEndpoint, type CopyExtent, type Role, type ShareSpec } from "./endpoint.ts";
 
 /**

@@ -1,8 +1,8 @@
 import { listenUnix } from "../server/listener.ts";
 import { Exports } from "../server/exports.ts";
 import { NbdServer } from "../server/server.ts";
-import { Params } from "../server/params.ts";
-import type { PluginInstance } from "../server/backend.ts";
+import { Params } from "../core/params.ts";
+import type { PluginInstance } from "../core/backend.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import { randomBytes, tempDir } from "../tests/helpers.ts";

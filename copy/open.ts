@@ -4,7 +4,7 @@
  * @module
  */
 
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { describeSpec, type Endpoint, type EndpointSpec } from "./endpoint.ts";
 import { NbdEndpoint } from "./nbd.ts";
 import { NullDestination } from "./null.ts";

@@ -11,7 +11,7 @@
 import { enlargePipe } from "../io/pipes.ts";
 import { writeAll } from "../io/byte_stream.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
-import { ZERO_BUFFER } from "../server/backend.ts";
+import { ZERO_BUFFER } from "../util/zero_buffer.ts";
 import { BaseEndpoint } from "./endpoint.ts";
 import { Turns } from "./turns.ts";
 

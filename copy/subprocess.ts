@@ -14,7 +14,7 @@
 
 import { type ChildProcess, spawn } from "node:child_process";
 import { closeFd, listenUnixFd } from "../io/libc.ts";
-import { selfCommand } from "../mount/daemon.ts";
+import { selfCommand } from "../util/self_command.ts";
 import { registerCleanup } from "./cleanup.ts";
 import type { Role } from "./endpoint.ts";
 import { NbdEndpoint } from "./nbd.ts";

@@ -13,8 +13,8 @@ import type {
   Plugin,
   PluginInstance,
   Reopen,
-} from "../server/backend.ts";
-import { Params } from "../server/params.ts";
+} from "../core/backend.ts";
+import { Params } from "../core/params.ts";
 
 /** A context as a plain read-write connection would get it. */
 export const CTX: OpenContext = { exportName: "", readonly: false, tls: false, connectionId: 1 };

@@ -30,9 +30,9 @@ import {
   PassthroughBackend,
   type WriteFlags,
   type ZeroFlags,
-} from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
-import { RwLock } from "./_locks.ts";
+} from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { RwLock } from "../util/locks.ts";
 
 /** Alignment and limits used for one connection. */
 export interface BlockLimits {

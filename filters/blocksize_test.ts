@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { memoryPlugin } from "../plugins/memory.ts";
-import { PassthroughBackend, type WriteFlags } from "../server/backend.ts";
+import { PassthroughBackend, type WriteFlags } from "../core/backend.ts";
 import { randomBytes } from "../tests/helpers.ts";
 import { openPlugin, read, stack } from "./_test_utils.ts";
 import { blocksizeFilter } from "./blocksize.ts";

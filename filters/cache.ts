@@ -36,9 +36,9 @@ import {
   PassthroughBackend,
   type WriteFlags,
   type ZeroFlags,
-} from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
-import { KeyedLocks, RwLock } from "./_locks.ts";
+} from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { KeyedLocks, RwLock } from "../util/locks.ts";
 import { parseToggle, type Toggle, toggleOn } from "./cow.ts";
 
 /** How writes and flushes are handled. */

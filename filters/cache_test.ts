@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { nullPlugin } from "../plugins/null.ts";
-import { type Backend, PassthroughBackend, type WriteFlags } from "../server/backend.ts";
+import { type Backend, PassthroughBackend, type WriteFlags } from "../core/backend.ts";
 import { randomBytes } from "../tests/helpers.ts";
 import {
   assertBytes,

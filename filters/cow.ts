@@ -37,9 +37,10 @@ import {
   PassthroughBackend,
   type WriteFlags,
   type ZeroFlags,
-} from "../server/backend.ts";
-import { parseBoolean, UsageError } from "../server/params.ts";
-import { KeyedLocks } from "./_locks.ts";
+} from "../core/backend.ts";
+import { parseBoolean } from "../util/parse.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { KeyedLocks } from "../util/locks.ts";
 
 /** State of an overlay block: its data is in the file, or it reads as zeroes. */
 const DATA = 1;

@@ -3,7 +3,7 @@ import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { nullPlugin } from "../plugins/null.ts";
 import { fillPattern, patternPlugin } from "../plugins/pattern.ts";
-import type { Backend } from "../server/backend.ts";
+import type { Backend } from "../core/backend.ts";
 import { randomBytes } from "../tests/helpers.ts";
 import {
   assertBytes,

@@ -16,6 +16,7 @@
  * @module
  */
 
+import { sleep } from "../util/sleep.ts";
 import { NbdError } from "../protocol/errors.ts";
 import {
   type Backend,
@@ -26,14 +27,8 @@ import {
   PassthroughBackend,
   type WriteFlags,
   type ZeroFlags,
-} from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
-
-/** Resolves after `ms` milliseconds (immediately for 0). */
-export function sleep(ms: number): Promise<void> {
-  if (ms <= 0) return Promise.resolve();
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
+} from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 /** Delays in milliseconds per kind of request. */
 export interface Delays {

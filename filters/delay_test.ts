@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { NbdError } from "../protocol/errors.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { createFilter, openPlugin, read, stack } from "./_test_utils.ts";
 import { delayFilter } from "./delay.ts";
 

@@ -32,8 +32,9 @@ import {
   PassthroughBackend,
   type WriteFlags,
   type ZeroFlags,
-} from "../server/backend.ts";
-import { type Params, UsageError } from "../server/params.ts";
+} from "../core/backend.ts";
+import type { Params } from "../core/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 /** The kinds of request the filter can fail, by the suffix of their parameters. */
 export const ERROR_COMMANDS = [

@@ -20,8 +20,8 @@ import { open as openFile } from "node:fs/promises";
 import zlib from "node:zlib";
 import type { FileHandle } from "node:fs/promises";
 import { NbdError } from "../protocol/errors.ts";
-import type { Backend, Capabilities, Filter } from "../server/backend.ts";
-import { PassthroughBackend } from "../server/backend.ts";
+import type { Backend, Capabilities, Filter } from "../core/backend.ts";
+import { PassthroughBackend } from "../core/backend.ts";
 
 const CHUNK = 1 << 20;
 

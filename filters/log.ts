@@ -40,8 +40,8 @@ import {
   PassthroughBackend,
   type WriteFlags,
   type ZeroFlags,
-} from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+} from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 /** Formats a wall-clock time (milliseconds since the epoch) with microseconds. */
 export function formatTimestamp(ms: number): string {

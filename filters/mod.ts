@@ -4,7 +4,7 @@
  * @module
  */
 
-import type { Filter } from "../server/backend.ts";
+import type { Filter } from "../core/backend.ts";
 import { blocksizeFilter } from "./blocksize.ts";
 import { cacheFilter } from "./cache.ts";
 import { cowFilter } from "./cow.ts";

@@ -22,7 +22,7 @@ import {
   PassthroughBackend,
   type WriteFlags,
   type ZeroFlags,
-} from "../server/backend.ts";
+} from "../core/backend.ts";
 
 /**
  * A window of the backend below: every offset is shifted by `start`.

@@ -14,8 +14,8 @@
  */
 
 import { NbdError } from "../protocol/errors.ts";
-import type { Backend, Filter } from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+import type { Backend, Filter } from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { WindowBackend } from "./offset.ts";
 
 const SECTOR = 512;

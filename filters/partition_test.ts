@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { NbdError } from "../protocol/errors.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
-import type { Backend } from "../server/backend.ts";
+import type { Backend } from "../core/backend.ts";
 import { filled, openPlugin, read, stack } from "./_test_utils.ts";
 import { findPartition, partitionFilter } from "./partition.ts";
 

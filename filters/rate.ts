@@ -21,14 +21,10 @@
  * @module
  */
 
-import {
-  type Backend,
-  type Filter,
-  PassthroughBackend,
-  type WriteFlags,
-} from "../server/backend.ts";
-import { parseSize, UsageError } from "../server/params.ts";
-import { sleep } from "./delay.ts";
+import { type Backend, type Filter, PassthroughBackend, type WriteFlags } from "../core/backend.ts";
+import { parseSize } from "../util/parse.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { sleep } from "../util/sleep.ts";
 
 /** A token bucket measured in bits; requests may overdraw it and then wait. */
 export class TokenBucket {

@@ -19,7 +19,7 @@ import {
   PassthroughBackend,
   type WriteFlags,
   type ZeroFlags,
-} from "../server/backend.ts";
+} from "../core/backend.ts";
 
 const READ_ONLY = "the export is read-only";
 

@@ -31,9 +31,9 @@ import type {
   Reopen,
   WriteFlags,
   ZeroFlags,
-} from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
-import { sleep } from "./delay.ts";
+} from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { sleep } from "../util/sleep.ts";
 
 /** Retry settings. */
 export interface RetrySettings {

@@ -32,8 +32,8 @@ import {
   PassthroughBackend,
   type WriteFlags,
   type ZeroFlags,
-} from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+} from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 /** Counters of one kind of request. */
 export interface Counter {

@@ -26,8 +26,8 @@ import {
   PassthroughBackend,
   type WriteFlags,
   type ZeroFlags,
-} from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+} from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 function allZero(bytes: Uint8Array): boolean {
   for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;

@@ -3,7 +3,7 @@ import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { NbdError } from "../protocol/errors.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { fillPattern, patternPlugin } from "../plugins/pattern.ts";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { createFilter, filled, openPlugin, read, stack } from "./_test_utils.ts";
 import { truncateFilter } from "./truncate.ts";
 

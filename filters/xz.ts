@@ -23,9 +23,9 @@
  */
 
 import { NbdError } from "../protocol/errors.ts";
-import type { Backend, Capabilities, Filter } from "../server/backend.ts";
-import { PassthroughBackend } from "../server/backend.ts";
-import { formatSize } from "../server/params.ts";
+import type { Backend, Capabilities, Filter } from "../core/backend.ts";
+import { PassthroughBackend } from "../core/backend.ts";
+import { formatSize } from "../util/parse.ts";
 import { LzmaError } from "./_lzma2.ts";
 import { decodeXzBlock, type ReadAt, readXzIndex, type XzBlock } from "./_xz_format.ts";
 

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { NbdError } from "../protocol/errors.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
-import type { Backend } from "../server/backend.ts";
+import type { Backend } from "../core/backend.ts";
 import { assertBytes, createFilter, CTX, openPlugin, read, stack } from "./_test_utils.ts";
 import { xzFixtureContent } from "./_xz_fixture.ts";
 import { crc32, crc64 } from "./_xz_format.ts";

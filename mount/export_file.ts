@@ -13,7 +13,7 @@
  * @module
  */
 
-import type { NbdClient } from "../client/client.ts";
+import { NbdClient } from "../client/client.ts";
 import { openStream, toNbdUri } from "../client/connect.ts";
 import { NbdHandshake } from "../client/handshake.ts";
 import { NbdClientPool } from "../client/pool.ts";
@@ -409,7 +409,7 @@ export class ExportFile implements FileContents {
     const timer = setTimeout(() => stream.close(), timeoutMs);
     try {
       const session = await NbdHandshake.fromStream(stream, { uri, tls });
-      return await session.go();
+      return await NbdClient.fromHandshake(session);
     } catch (error) {
       stream.close();
       throw error;

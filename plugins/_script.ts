@@ -20,9 +20,11 @@ import {
   type PluginBackend,
   type PluginInstance,
   type Support,
-} from "../server/backend.ts";
-import { type Params, parseSize, UsageError } from "../server/params.ts";
-import { Mutex } from "../filters/_locks.ts";
+} from "../core/backend.ts";
+import type { Params } from "../core/params.ts";
+import { parseSize } from "../util/parse.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { Mutex } from "../util/locks.ts";
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 
 /** What a script call came back with. */

@@ -21,8 +21,8 @@
  * @module
  */
 
-import { completeBackend, type Plugin } from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+import { completeBackend, type Plugin } from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { storeBackend } from "./memory.ts";
 import { SparseStore } from "./sparse_store.ts";
 

@@ -19,8 +19,8 @@
  * @module
  */
 
-import type { Plugin } from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+import type { Plugin } from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { runProcess, ScriptPlugin } from "./_script.ts";
 
 /** The methods an eval snippet can define. */

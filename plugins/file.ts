@@ -23,8 +23,8 @@ import {
   type OpenContext,
   type Plugin,
   type PluginBackend,
-} from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+} from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,

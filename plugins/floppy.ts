@@ -23,8 +23,9 @@
 import { open as openFile } from "node:fs/promises";
 import type { FileHandle } from "node:fs/promises";
 import { NbdError } from "../protocol/errors.ts";
-import { completeBackend, type Plugin } from "../server/backend.ts";
-import { formatSize, UsageError } from "../server/params.ts";
+import { completeBackend, type Plugin } from "../core/backend.ts";
+import { formatSize } from "../util/parse.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 const SECTOR = 512;
 /** The partition starts at 1 MiB, as partitioning tools place it. */

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import type { Backend } from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+import type { Backend } from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { randomBytes } from "../tests/helpers.ts";
 import { assertBytes, openPlugin, read } from "../filters/_test_utils.ts";
 import { floppyPlugin } from "./floppy.ts";

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { NbdError } from "../protocol/errors.ts";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { peers, randomBytes, runOk } from "../tests/helpers.ts";
 import { assertBytes, openPlugin, read } from "../filters/_test_utils.ts";
 import { curlPlugin, httpPlugin } from "./http.ts";

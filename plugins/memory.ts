@@ -11,9 +11,9 @@
  * @module
  */
 
-import type { Plugin, PluginBackend } from "../server/backend.ts";
-import { completeBackend } from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+import type { Plugin, PluginBackend } from "../core/backend.ts";
+import { completeBackend } from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { SparseStore } from "./sparse_store.ts";
 
 /** Largest size accepted: the store indexes pages with safe integers. */

@@ -4,7 +4,7 @@
  * @module
  */
 
-import type { Plugin } from "../server/backend.ts";
+import type { Plugin } from "../core/backend.ts";
 import { dataPlugin } from "./data.ts";
 import { evalPlugin } from "./eval.ts";
 import { filePlugin } from "./file.ts";

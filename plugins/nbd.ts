@@ -31,8 +31,9 @@ import type {
   Plugin,
   WriteFlags,
   ZeroFlags,
-} from "../server/backend.ts";
-import { type Params, UsageError } from "../server/params.ts";
+} from "../core/backend.ts";
+import type { Params } from "../core/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { NbdHandshake } from "../client/handshake.ts";
 
 /** Longest wait between reconnection attempts. */

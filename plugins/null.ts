@@ -12,7 +12,7 @@
  */
 
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
-import { completeBackend, type Plugin, type PluginBackend } from "../server/backend.ts";
+import { completeBackend, type Plugin, type PluginBackend } from "../core/backend.ts";
 
 function nullBackend(size: number): PluginBackend {
   return {

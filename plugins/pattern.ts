@@ -10,8 +10,8 @@
  * @module
  */
 
-import { completeBackend, type Plugin } from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+import { completeBackend, type Plugin } from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 /** Fills `buf` with the pattern for the bytes starting at `offset`. */
 export function fillPattern(buf: Uint8Array, offset: number): void {

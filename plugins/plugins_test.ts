@@ -1,5 +1,6 @@
 import { assertBytes, assertEquals, assertThrows } from "../tests/assert.ts";
-import { Params, UsageError } from "../server/params.ts";
+import { Params } from "../core/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { dataPlugin, evaluateData, parseDataExpression } from "./data.ts";
 import { fillPattern } from "./pattern.ts";
 import { fillRandom } from "./random.ts";

@@ -10,8 +10,8 @@
  * @module
  */
 
-import { completeBackend, type Plugin } from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+import { completeBackend, type Plugin } from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 /** Mixes a 32-bit value (a fast, well-distributed integer hash). */
 function mix32(x: number): number {

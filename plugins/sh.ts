@@ -27,8 +27,8 @@
  * @module
  */
 
-import type { Plugin } from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+import type { Plugin } from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { runProcess, ScriptPlugin } from "./_script.ts";
 
 async function readStdin(): Promise<Uint8Array> {

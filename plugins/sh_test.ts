@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { NbdError } from "../protocol/errors.ts";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { openPlugin, read } from "../filters/_test_utils.ts";
 import { parseExportList, parseExtents, scriptError } from "./_script.ts";
 import { shPlugin } from "./sh.ts";

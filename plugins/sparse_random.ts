@@ -28,8 +28,8 @@
 
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { NbdError } from "../protocol/errors.ts";
-import { completeBackend, type Extent, type Plugin } from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+import { completeBackend, type Extent, type Plugin } from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 /** Granularity of data and holes. */
 export const SPARSE_BLOCK = 4096;

@@ -7,7 +7,7 @@
  * @module
  */
 
-import type { Extent, ReadSegment } from "../server/backend.ts";
+import type { Extent, ReadSegment } from "../core/backend.ts";
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 
 /** Page size of the store. */

@@ -16,8 +16,8 @@
 
 import { open as openFile } from "node:fs/promises";
 import type { FileHandle } from "node:fs/promises";
-import { completeBackend, type Plugin } from "../server/backend.ts";
-import { UsageError } from "../server/params.ts";
+import { completeBackend, type Plugin } from "../core/backend.ts";
+import { UsageError } from "../util/usage_error.ts";
 
 interface Part {
   path: string;

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { UsageError } from "../server/params.ts";
+import { UsageError } from "../util/usage_error.ts";
 import { randomBytes } from "../tests/helpers.ts";
 import { assertBytes, openPlugin, read } from "../filters/_test_utils.ts";
 import { splitPlugin } from "./split.ts";

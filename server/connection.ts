@@ -8,39 +8,11 @@
 import { BufferedReader } from "../io/buffered_reader.ts";
 import type { ByteStream } from "../io/byte_stream.ts";
 import { CorkedWriter } from "../io/corked_writer.ts";
-import type { Backend } from "./backend.ts";
+import type { Backend } from "../core/backend.ts";
 import { negotiate } from "./negotiate.ts";
-import type { ServerState } from "./server.ts";
+import type { ConnectionContext, ServerState } from "./context.ts";
 import type { ConnectionInfo } from "./stats.ts";
 import { Transmission } from "./transmission.ts";
-
-/** What the handshake and the request loop need from their connection. */
-export interface ConnectionContext {
-  /** Buffered reader over the current stream (replaced by STARTTLS). */
-  reader: BufferedReader;
-  /** Corked writer over the current stream (replaced by STARTTLS). */
-  writer: CorkedWriter;
-  /** The server this connection belongs to. */
-  server: ServerState;
-  /** TLS has been negotiated. */
-  tls: boolean;
-  /** STARTTLS is possible on this transport. */
-  canStartTls: boolean;
-  /** The connection is being closed by the server. */
-  closing: boolean;
-  /** Log requests and options. */
-  verbose: boolean;
-  /** Logs a line prefixed with the connection id. */
-  log(message: string): void;
-  /** Sends the STARTTLS ACK and upgrades the stream to TLS. */
-  startTls(ack: Uint8Array): Promise<void>;
-  /** Opens the backend stack for an export. */
-  openBackend(exportName: string): Promise<Backend>;
-  /** Closes the connection at once (limits, timeouts). */
-  abort(): void;
-  /** This connection's entry in the server's counters. */
-  readonly info: ConnectionInfo;
-}
 
 /** A client connection being served. */
 export class Connection implements ConnectionContext {

@@ -11,7 +11,7 @@ import type {
   FilterInstance,
   OpenContext,
   PluginInstance,
-} from "./backend.ts";
+} from "../core/backend.ts";
 
 /** Options of an export table. */
 export interface ExportsOptions {

@@ -67,8 +67,8 @@ import {
   MAX_STRING_LENGTH,
   OPTION_HEADER_SIZE,
 } from "../protocol/handshake.ts";
-import type { Backend, Capabilities, ExportInfo } from "./backend.ts";
-import type { ConnectionContext } from "./connection.ts";
+import type { Backend, Capabilities, ExportInfo } from "../core/backend.ts";
+import type { ConnectionContext } from "./context.ts";
 
 /** Largest option payload read into memory; larger ones are skipped and refused. */
 export const MAX_OPTION_LENGTH = 1024 * 1024;

@@ -10,47 +10,9 @@ import type { ByteStream } from "../io/byte_stream.ts";
 import { Connection } from "./connection.ts";
 import type { Exports } from "./exports.ts";
 import { ServerStats } from "./stats.ts";
+import type { ServerState, TlsMode, TlsUpgrader } from "./context.ts";
 
-/** How TLS is offered: off, optional, or required before anything else. */
-export type TlsMode = "off" | "on" | "require";
-
-/** Upgrades accepted streams to TLS (server side of STARTTLS). */
-export interface TlsUpgrader {
-  /** Whether this stream's transport can be upgraded. */
-  canUpgrade(stream: ByteStream): boolean;
-  /** Sends `ack` (the STARTTLS reply), performs the TLS handshake and returns the encrypted stream. */
-  upgrade(stream: ByteStream, ack: Uint8Array): Promise<ByteStream>;
-}
-
-/** Shared state every connection of a server sees. */
-export interface ServerState {
-  /** The exports being served. */
-  exports: Exports;
-  /** Serve read-only whatever the backend can do. */
-  readonly: boolean;
-  /** TLS mode. */
-  tlsMode: TlsMode;
-  /** TLS upgrader, when TLS is enabled. */
-  tls?: TlsUpgrader;
-  /** Log options and requests. */
-  verbose: boolean;
-  /** Requests in flight per connection before the request loop stops reading. */
-  maxInFlight: number;
-  /** Largest payload advertised in NBD_INFO_BLOCK_SIZE. */
-  maxPayload: number;
-  /** Largest READ/WRITE accepted (real clients exceed the advertised maximum). */
-  maxRequest: number;
-  /** Milliseconds a client may take to finish the handshake (0 = no limit). */
-  handshakeTimeoutMs: number;
-  /** Milliseconds without requests before an idle connection is closed (0 = never). */
-  idleTimeoutMs: number;
-  /** Set once shutdown has started. */
-  shuttingDown: boolean;
-  /** IO counters. */
-  stats: ServerStats;
-  /** Writes a log line (to stderr by default). */
-  log(message: string): void;
-}
+export type { ServerState, TlsMode, TlsUpgrader } from "./context.ts";
 
 /** Options of an `NbdServer`. */
 export interface NbdServerOptions {

@@ -12,10 +12,10 @@ import {
 } from "../protocol/handshake.ts";
 import { decodeBlockStatusPayload } from "../protocol/transmission.ts";
 import { PLUGINS } from "../plugins/mod.ts";
-import { completeBackend, type Plugin } from "./backend.ts";
+import { completeBackend, type Plugin } from "../core/backend.ts";
 import { Exports } from "./exports.ts";
 import { listenUnix } from "./listener.ts";
-import { Params } from "./params.ts";
+import { Params } from "../core/params.ts";
 import { NbdServer, type NbdServerOptions } from "./server.ts";
 
 interface Fixture extends AsyncDisposable {

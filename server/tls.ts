@@ -10,7 +10,7 @@ import { X509Certificate } from "node:crypto";
 import * as tls from "node:tls";
 import { type ByteStream, fromNodeSocket } from "../io/byte_stream.ts";
 import { isRevoked, loadRevocationLists, type RevocationList } from "./crl.ts";
-import type { TlsUpgrader } from "./server.ts";
+import type { TlsUpgrader } from "./context.ts";
 
 /** Options for server TLS. */
 export interface ServerTlsOptions {

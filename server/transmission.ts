@@ -61,8 +61,9 @@ import {
   writeSimpleReply,
 } from "../protocol/transmission.ts";
 import { UnexpectedEofError } from "../io/buffered_reader.ts";
-import { type Backend, type Capabilities, type ReadSegment, ZERO_BUFFER } from "./backend.ts";
-import type { ConnectionContext } from "./connection.ts";
+import type { Backend, Capabilities, ReadSegment } from "../core/backend.ts";
+import { ZERO_BUFFER } from "../util/zero_buffer.ts";
+import type { ConnectionContext } from "./context.ts";
 import type { IoCounters } from "./stats.ts";
 import { BASE_ALLOCATION_ID, type Negotiated } from "./negotiate.ts";
 import { PayloadPool } from "./payload_pool.ts";

@@ -146,7 +146,7 @@ Deno.test({
       session.info("zzz"),
       (e) => e instanceof NbdOptionError && /no export named "zzz"/.test(e.message),
     );
-    const client = await session.go({ exportName: "a" });
+    const client = await NbdClient.fromHandshake(session, { exportName: "a" });
     assert.equal(client.exportName, "a");
     await client.pwrite(new Uint8Array([1, 2, 3]), 0);
     await client.close();

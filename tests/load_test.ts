@@ -5,10 +5,10 @@ import { assertEquals, assertOk } from "./assert.ts";
 import { formatResult, runLoad } from "../bench/load.ts";
 import { PipelinedClient } from "./pipelined_client.ts";
 import { blockContents, checkBlock, VerifiedWorker } from "./verified_io.ts";
-import { completeBackend, type Plugin } from "../server/backend.ts";
+import { completeBackend, type Plugin } from "../core/backend.ts";
 import { Exports } from "../server/exports.ts";
 import { listenUnix } from "../server/listener.ts";
-import { Params } from "../server/params.ts";
+import { Params } from "../core/params.ts";
 import { NbdServer } from "../server/server.ts";
 import { tempDir } from "./helpers.ts";
 

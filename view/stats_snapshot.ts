@@ -5,7 +5,7 @@
  * @module
  */
 
-import { VERSION } from "../commands/command.ts";
+import { VERSION } from "../util/version.ts";
 import {
   COUNTED_COMMANDS,
   type CountedCommand,

@@ -9,6 +9,7 @@ import type { BlockSize } from "../protocol/handshake.ts";
 import type { Extent } from "../protocol/transmission.ts";
 import { NbdError } from "../protocol/errors.ts";
 import type { Params, ParamSpec } from "./params.ts";
+import { ZERO_BUFFER } from "../util/zero_buffer.ts";
 
 export type { BlockSize, Extent };
 
@@ -282,9 +283,6 @@ export interface PluginBackend {
   /** Per-connection clean-up. */
   close?(): Promise<void>;
 }
-
-/** A shared buffer of zeroes for emulated zeroing and simple-reply holes; never written. */
-export const ZERO_BUFFER: Uint8Array = new Uint8Array(1024 * 1024);
 
 /**
  * Supplies the defaults a plugin does not implement, in one place: zero by

@@ -1,0 +1,260 @@
+/**
+ * A disk image behind an HTTP(S) URL: size discovery, and ranged reads
+ * with several in flight and retries with back-off. Used by the http
+ * plugin and by the http source of `nbd copy`.
+ *
+ * @module
+ */
+
+import { NbdError } from "../protocol/errors.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { sleep } from "../util/sleep.ts";
+
+/** Settings of one remote image. */
+export interface HttpOptions {
+  /** The image URL. */
+  url: string;
+  /** Headers sent with every request. */
+  headers: Headers;
+  /** Requests in flight at once. */
+  connections: number;
+  /** Per-request timeout in milliseconds. */
+  timeout: number;
+  /** Retries of a failed request. */
+  retries: number;
+  /** First back-off wait in milliseconds. */
+  retryDelay: number;
+  /** Follow redirects. */
+  follow: boolean;
+  /** Custom TLS client (cainfo=). */
+  client?: Deno.HttpClient;
+}
+
+/**
+ * The server answered a ranged request with the whole image, so it cannot
+ * be read at random; `size` is its length when the server gave one.
+ */
+export class RangesIgnoredError extends UsageError {
+  /** The image's length from HEAD or the answer, when known. */
+  readonly size: number | undefined;
+
+  /** Creates the error. */
+  constructor(message: string, size: number | undefined) {
+    super(message);
+    this.name = "RangesIgnoredError";
+    this.size = size;
+  }
+}
+
+/** A response's Content-Length, when it has a valid one. */
+export function contentLength(headers: Headers): number | undefined {
+  const length = headers.get("Content-Length");
+  return length !== null && /^\d+$/.test(length) ? Number(length) : undefined;
+}
+
+/** A request failure worth retrying (network trouble or a transient status). */
+class TransientError extends Error {
+  /** Seconds the server asked us to wait (Retry-After), if any. */
+  retryAfter?: number;
+}
+
+const TRANSIENT_STATUS = new Set([408, 425, 429, 500, 502, 503, 504]);
+
+/** A counting semaphore. */
+class Slots {
+  #free: number;
+  readonly #waiters: Array<() => void> = [];
+  constructor(count: number) {
+    this.#free = count;
+  }
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.#free > 0) this.#free--;
+    else await new Promise<void>((resolve) => this.#waiters.push(resolve));
+    try {
+      return await fn();
+    } finally {
+      const next = this.#waiters.shift();
+      if (next) next();
+      else this.#free++;
+    }
+  }
+}
+
+/** A remote image: size discovery and ranged reads with retries. */
+export class HttpImage {
+  readonly options: HttpOptions;
+  readonly #slots: Slots;
+  /** Size in bytes, known after `open`. */
+  size = 0;
+
+  /** Prepares requests to `options.url`. */
+  constructor(options: HttpOptions) {
+    this.options = options;
+    this.#slots = new Slots(options.connections);
+  }
+
+  async #fetch(
+    method: string,
+    range?: [number, number],
+    signal: AbortSignal = AbortSignal.timeout(this.options.timeout),
+  ): Promise<Response> {
+    const headers = new Headers(this.options.headers);
+    if (range) headers.set("Range", `bytes=${range[0]}-${range[1]}`);
+    const init: RequestInit & { client?: Deno.HttpClient } = {
+      method,
+      headers,
+      redirect: this.options.follow ? "follow" : "error",
+      signal,
+    };
+    if (this.options.client) init.client = this.options.client;
+    let response: Response;
+    try {
+      response = await fetch(this.options.url, init);
+    } catch (error) {
+      // The useful part ("invalid peer certificate", "connection refused") is in the cause.
+      const cause = (error as Error).cause;
+      const detail = cause instanceof Error ? cause.message : (error as Error).message;
+      const message = `${method} ${this.options.url}: ${detail}`;
+      // A certificate problem will not go away by waiting: fail at once.
+      if (/certificate|handshake|tls|ssl/i.test(message)) throw new NbdError("EIO", message);
+      throw new TransientError(message);
+    }
+    if (TRANSIENT_STATUS.has(response.status)) {
+      await response.body?.cancel();
+      const failure = new TransientError(
+        `${method} ${this.options.url}: ${response.status} ${response.statusText}`,
+      );
+      const after = Number(response.headers.get("Retry-After"));
+      if (after > 0) failure.retryAfter = after;
+      throw failure;
+    }
+    return response;
+  }
+
+  /** Runs `attempt`, retrying transient failures with exponential back-off. */
+  async #withRetries<T>(attempt: () => Promise<T>): Promise<T> {
+    let delay = this.options.retryDelay;
+    for (let tries = 0;; tries++) {
+      try {
+        return await attempt();
+      } catch (error) {
+        if (!(error instanceof TransientError) || tries >= this.options.retries) {
+          if (error instanceof TransientError) throw new NbdError("EIO", error.message);
+          throw error;
+        }
+        const wait = error.retryAfter !== undefined
+          ? Math.min(error.retryAfter * 1000, 60000)
+          : delay;
+        await sleep(wait);
+        delay *= 2;
+      }
+    }
+  }
+
+  /** Finds the size and checks that the server honours Range requests. */
+  async open(): Promise<void> {
+    let size: number | undefined;
+    await this.#withRetries(async () => {
+      const head = await this.#fetch("HEAD");
+      await head.body?.cancel();
+      if (head.ok) size = contentLength(head.headers);
+    });
+    // One-byte probe: proves Range works and gives the size when HEAD did not.
+    const probe = await this.#withRetries(() => this.#fetch("GET", [0, 0]));
+    if (probe.status === 200) {
+      // The whole image is on its way: stop it rather than read it.
+      await probe.body?.cancel();
+      size ??= contentLength(probe.headers);
+      throw new RangesIgnoredError(
+        `http: the server ignores Range requests (it sent the whole ${this.options.url}), ` +
+          "so the image cannot be read at random",
+        size,
+      );
+    }
+    const body = new Uint8Array(await probe.arrayBuffer());
+    if (probe.status === 416 && size === 0) {
+      this.size = 0;
+      return;
+    }
+    if (probe.status !== 206) {
+      throw new UsageError(`http: ${this.options.url}: ${probe.status} ${probe.statusText}`);
+    }
+    const total = /\/(\d+)\s*$/.exec(probe.headers.get("Content-Range") ?? "")?.[1];
+    size ??= total === undefined ? undefined : Number(total);
+    if (size === undefined) {
+      throw new UsageError(`http: cannot find the size of ${this.options.url}`);
+    }
+    if (body.length !== 1 && size > 0) {
+      throw new UsageError(`http: the server answered a 1-byte range with ${body.length} bytes`);
+    }
+    this.size = size;
+  }
+
+  /**
+   * A plain GET of the whole image, to be read in order (for a server that
+   * ignores Range requests), retried like the others until its headers
+   * arrive; `signal` stops it, body included.
+   */
+  async fetchWhole(signal: AbortSignal): Promise<Response> {
+    const response = await this.#withRetries(async () => {
+      // The timeout covers the wait for the headers only: the body may take as long as it
+      // needs (the caller watches for a stall).
+      const controller = new AbortController();
+      const stop = () => controller.abort(signal.reason);
+      if (signal.aborted) stop();
+      signal.addEventListener("abort", stop, { once: true });
+      const timer = setTimeout(
+        () => controller.abort(new DOMException("timed out", "TimeoutError")),
+        this.options.timeout,
+      );
+      try {
+        return await this.#fetch("GET", undefined, controller.signal);
+      } catch (error) {
+        signal.removeEventListener("abort", stop);
+        throw error;
+      } finally {
+        clearTimeout(timer);
+      }
+    });
+    if (response.status !== 200) {
+      await response.body?.cancel();
+      throw new NbdError("EIO", `GET ${this.options.url}: ${response.status}`);
+    }
+    return response;
+  }
+
+  /** Reads `buf.length` bytes at `offset` with a Range GET. */
+  read(buf: Uint8Array, offset: number): Promise<void> {
+    return this.#slots.run(() =>
+      this.#withRetries(async () => {
+        const response = await this.#fetch("GET", [offset, offset + buf.length - 1]);
+        if (response.status !== 206) {
+          await response.body?.cancel();
+          if (response.status === 200) {
+            throw new NbdError("EIO", "the server ignored the Range header");
+          }
+          throw new NbdError("EIO", `GET ${this.options.url}: ${response.status}`);
+        }
+        const start = /bytes\s+(\d+)-/.exec(response.headers.get("Content-Range") ?? "")?.[1];
+        if (start !== undefined && Number(start) !== offset) {
+          await response.body?.cancel();
+          throw new NbdError("EIO", `the server sent bytes from ${start}, not ${offset}`);
+        }
+        let done = 0;
+        try {
+          for await (const chunk of response.body!) {
+            const n = Math.min(chunk.length, buf.length - done);
+            buf.set(chunk.subarray(0, n), done);
+            done += n;
+            if (done >= buf.length) break;
+          }
+        } catch (error) {
+          throw new TransientError(`reading ${this.options.url}: ${(error as Error).message}`);
+        }
+        if (done < buf.length) {
+          throw new TransientError(`short read from ${this.options.url}: ${done} of ${buf.length}`);
+        }
+      })
+    );
+  }
+}
