@@ -1,4 +1,4 @@
-import assert from "node:assert/strict";
+import { assertEquals, assertMatch, assertOk, assertRejects } from "../tests/assert.ts";
 import {
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_FLAG_DF,
@@ -47,9 +47,9 @@ Deno.test("NbdClient assembles out-of-order data and hole chunks into the caller
     await peer.greet();
     await peer.serveOptions(EXPORT);
     const read = await peer.request();
-    assert.equal(read.type, NBD_CMD_READ);
-    assert.equal(read.offset, 4096);
-    assert.equal(read.length, 3 * 4096);
+    assertEquals(read.type, NBD_CMD_READ);
+    assertEquals(read.offset, 4096);
+    assertEquals(read.length, 3 * 4096);
     await peer.data(read, 4096 + 8192, filled(4096, 0xcc));
     await peer.hole(read, 4096, 4096);
     await peer.data(read, 4096 + 4096, filled(4096, 0xdd), true);
@@ -58,9 +58,9 @@ Deno.test("NbdClient assembles out-of-order data and hole chunks into the caller
   const client = await NbdClient.connect(server.uri);
   const buf = filled(3 * 4096, 0xff); // stale bytes the hole must overwrite
   await client.pread(buf, 4096);
-  assert.deepEqual(buf.subarray(0, 4096), filled(4096, 0));
-  assert.deepEqual(buf.subarray(4096, 8192), filled(4096, 0xdd));
-  assert.deepEqual(buf.subarray(8192), filled(4096, 0xcc));
+  assertEquals(buf.subarray(0, 4096), filled(4096, 0));
+  assertEquals(buf.subarray(4096, 8192), filled(4096, 0xdd));
+  assertEquals(buf.subarray(8192), filled(4096, 0xcc));
   await client.close();
   await server.done;
 });
@@ -73,7 +73,7 @@ Deno.test("NbdClient keeps many requests in flight and matches replies by cookie
     // All requests arrive before any reply is sent: they were pipelined.
     const requests = [];
     for (let i = 0; i < count; i++) requests.push(await peer.request());
-    assert.equal(new Set(requests.map((r) => r.cookieLo)).size, count, "cookies are unique");
+    assertEquals(new Set(requests.map((r) => r.cookieLo)).size, count, "cookies are unique");
     for (const r of requests.reverse()) {
       await peer.data(r, r.offset, filled(r.length, r.offset / 512), true);
     }
@@ -82,9 +82,9 @@ Deno.test("NbdClient keeps many requests in flight and matches replies by cookie
   const client = await NbdClient.connect(server.uri);
   const buffers = Array.from({ length: count }, () => new Uint8Array(512));
   const reads = buffers.map((b, i) => client.pread(b, i * 512));
-  assert.equal(client.inFlight, count);
+  assertEquals(client.inFlight, count);
   await Promise.all(reads);
-  buffers.forEach((b, i) => assert.deepEqual(b, filled(512, i)));
+  buffers.forEach((b, i) => assertEquals(b, filled(512, i)));
   await client.close();
   await server.done;
 });
@@ -104,16 +104,16 @@ Deno.test("NbdClient reports an error chunk with errno, request and server messa
   const ok = new Uint8Array(512);
   const working = client.pread(ok, 0);
   const error = await failing.then(() => undefined, (e) => e);
-  assert.ok(error instanceof NbdRequestError, String(error));
-  assert.equal(error.errno, "EIO");
-  assert.equal(error.command, "READ");
-  assert.equal(error.offset, 2048);
-  assert.equal(error.length, 1024);
-  assert.equal(error.serverMessage, "disk on fire");
-  assert.equal(error.local, false);
-  assert.match(error.message, /READ of 1024 bytes at offset 2048 failed: EIO: disk on fire/);
+  assertOk(error instanceof NbdRequestError, String(error));
+  assertEquals(error.errno, "EIO");
+  assertEquals(error.command, "READ");
+  assertEquals(error.offset, 2048);
+  assertEquals(error.length, 1024);
+  assertEquals(error.serverMessage, "disk on fire");
+  assertEquals(error.local, false);
+  assertMatch(error.message, /READ of 1024 bytes at offset 2048 failed: EIO: disk on fire/);
   await working; // the connection survives an error reply
-  assert.deepEqual(ok, filled(512, 7));
+  assertEquals(ok, filled(512, 7));
   await client.close();
   await server.done;
 });
@@ -123,17 +123,17 @@ Deno.test("NbdClient accepts error chunks for commands that could have had simpl
     await peer.greet();
     await peer.serveOptions(EXPORT);
     const flush = await peer.request();
-    assert.equal(flush.type, NBD_CMD_FLUSH);
-    assert.equal(flush.offset, 0);
-    assert.equal(flush.length, 0);
+    assertEquals(flush.type, NBD_CMD_FLUSH);
+    assertEquals(flush.offset, 0);
+    assertEquals(flush.length, 0);
     await peer.error(flush, 22, "no flushing today");
     const trim = await peer.request();
-    assert.equal(trim.type, NBD_CMD_TRIM);
+    assertEquals(trim.type, NBD_CMD_TRIM);
     await peer.none(trim);
     await peer.request();
   });
   const client = await NbdClient.connect(server.uri);
-  await assert.rejects(client.flush(), (e) => e instanceof NbdRequestError && e.errno === "EINVAL");
+  await assertRejects(client.flush(), (e) => e instanceof NbdRequestError && e.errno === "EINVAL");
   await client.trim(0, 4096);
   await client.close();
   await server.done;
@@ -146,17 +146,17 @@ Deno.test("NbdClient handles simple replies when structured replies are refused"
     const read = await peer.request();
     await peer.simple(read, 0, filled(read.length, 9));
     const write = await peer.request();
-    assert.deepEqual(write.payload, filled(100, 3));
+    assertEquals(write.payload, filled(100, 3));
     await peer.simple(write, NBD_EPERM);
     await peer.request();
   });
   const client = await NbdClient.connect(server.uri);
-  assert.equal(client.structuredReplies, false);
-  assert.deepEqual(client.metaContexts, []);
+  assertEquals(client.structuredReplies, false);
+  assertEquals(client.metaContexts, []);
   const buf = new Uint8Array(300);
   await client.pread(buf, 10);
-  assert.deepEqual(buf, filled(300, 9));
-  await assert.rejects(
+  assertEquals(buf, filled(300, 9));
+  await assertRejects(
     client.pwrite(filled(100, 3), 0),
     (e) => e instanceof NbdRequestError && e.errno === "EPERM" && e.command === "WRITE",
   );
@@ -178,8 +178,8 @@ Deno.test("NbdClient sends the flags asked for", async () => {
     ];
     for (const [type, flags] of expected) {
       const r = await peer.request();
-      assert.equal(r.type, type);
-      assert.equal(r.flags, flags, `flags of command ${type}`);
+      assertEquals(r.type, type);
+      assertEquals(r.flags, flags, `flags of command ${type}`);
       if (type === NBD_CMD_READ) await peer.data(r, r.offset, new Uint8Array(r.length), true);
       else if (type === NBD_CMD_BLOCK_STATUS) await peer.status(r, 7, [{ length: 512, flags: 3 }]);
       else await peer.simple(r);
@@ -192,7 +192,7 @@ Deno.test("NbdClient sends the flags asked for", async () => {
   await client.zero(0, 4096);
   await client.trim(0, 4096, { fua: true });
   await client.pread(new Uint8Array(512), 0, { df: true });
-  assert.deepEqual(await client.extents(0, 4096, { reqOne: true }), [{ length: 512, flags: 3 }]);
+  assertEquals(await client.extents(0, 4096, { reqOne: true }), [{ length: 512, flags: 3 }]);
   await client.close();
   await server.done;
 });
@@ -211,26 +211,26 @@ Deno.test("NbdClient splits large requests at the server's maximum and refuses m
       seen.push([r.offset, r.length]);
       await peer.data(r, r.offset, filled(r.length, i + 1), true);
     }
-    assert.deepEqual(seen, [[0, maximum], [maximum, maximum], [2 * maximum, maximum], [
+    assertEquals(seen, [[0, maximum], [maximum, maximum], [2 * maximum, maximum], [
       3 * maximum,
       8192,
     ]]);
     const write = await peer.request();
-    assert.equal(write.length, 512);
+    assertEquals(write.length, 512);
     await peer.simple(write);
     await peer.request();
   });
   const client = await NbdClient.connect(server.uri);
-  assert.deepEqual(client.blockSize, { minimum: 512, preferred: 4096, maximum });
+  assertEquals(client.blockSize, { minimum: 512, preferred: 4096, maximum });
   const buf = new Uint8Array(3 * maximum + 8192);
   await client.pread(buf, 0);
-  assert.equal(buf[0], 1);
-  assert.equal(buf[buf.length - 1], 4);
+  assertEquals(buf[0], 1);
+  assertEquals(buf[buf.length - 1], 4);
   for (const [offset, length] of [[100, 512], [0, 100]]) {
     const error = await client.pread(new Uint8Array(length), offset).catch((e) => e);
-    assert.ok(error instanceof NbdRequestError && error.local, String(error));
-    assert.equal(error.errno, "EINVAL");
-    assert.match(error.message, /512-byte minimum block size/);
+    assertOk(error instanceof NbdRequestError && error.local, String(error));
+    assertEquals(error.errno, "EINVAL");
+    assertMatch(error.message, /512-byte minimum block size/);
   }
   await client.pwrite(new Uint8Array(512), 512); // aligned: sent
   await client.close();
@@ -246,7 +246,7 @@ Deno.test("NbdClient refuses requests the export cannot take without sending the
       contexts: [],
     });
     const next = await peer.request(); // only DISC may arrive
-    assert.equal(next.type, 2);
+    assertEquals(next.type, 2);
   });
   const client = await NbdClient.connect(server.uri);
   const attempts: Array<[Promise<void>, string]> = [
@@ -261,11 +261,11 @@ Deno.test("NbdClient refuses requests the export cannot take without sending the
   ];
   for (const [attempt, errno] of attempts) {
     const error = await attempt.then(() => undefined, (e) => e);
-    assert.ok(error instanceof NbdRequestError, String(error));
-    assert.equal(error.local, true);
-    assert.equal(error.errno, errno, error.message);
+    assertOk(error instanceof NbdRequestError, String(error));
+    assertEquals(error.local, true);
+    assertEquals(error.errno, errno, error.message);
   }
-  await assert.rejects(client.blockStatus(0, 512), NbdRequestError);
+  await assertRejects(client.blockStatus(0, 512), NbdRequestError);
   await client.pread(new Uint8Array(0), 4096); // empty: nothing to send
   await client.close();
   await server.done;
@@ -281,9 +281,9 @@ Deno.test("NbdClient treats a reply with an unknown cookie as fatal for the conn
   });
   const client = await NbdClient.connect(server.uri);
   const error = await client.pread(new Uint8Array(512), 0).catch((e) => e);
-  assert.ok(error instanceof NbdConnectionError, String(error));
-  assert.match(error.message, /not in flight/);
-  await assert.rejects(client.pread(new Uint8Array(512), 0), NbdConnectionError);
+  assertOk(error instanceof NbdConnectionError, String(error));
+  assertMatch(error.message, /not in flight/);
+  await assertRejects(client.pread(new Uint8Array(512), 0), NbdConnectionError);
   await client.close();
   await server.done;
 });
@@ -303,8 +303,8 @@ Deno.test("NbdClient fails requests in flight when the server hangs up mid-reply
     client.pread(new Uint8Array(4096), 4096),
   ]);
   for (const result of results) {
-    assert.equal(result.status, "rejected");
-    assert.ok((result as PromiseRejectedResult).reason instanceof NbdConnectionError);
+    assertEquals(result.status, "rejected");
+    assertOk((result as PromiseRejectedResult).reason instanceof NbdConnectionError);
   }
   await client.close();
   await server.done;
@@ -319,7 +319,7 @@ Deno.test("NbdClient rejects a READ reply that leaves part of the buffer uncover
     await peer.request();
   });
   const client = await NbdClient.connect(server.uri);
-  await assert.rejects(client.pread(new Uint8Array(2048), 0), ProtocolError);
+  await assertRejects(client.pread(new Uint8Array(2048), 0), ProtocolError);
   await client.close();
   await server.done;
 });
@@ -335,12 +335,12 @@ Deno.test("NbdClient fails the request on an unknown error chunk but drops the c
     await peer.reader.ensure(1).catch(() => {});
   });
   const client = await NbdClient.connect(server.uri);
-  await assert.rejects(
+  await assertRejects(
     client.flush(),
     (e) => e instanceof NbdRequestError && e.errno === "EIO" && e.serverMessage === "odd",
   );
-  await assert.rejects(client.flush(), (e) => e instanceof ProtocolError || e instanceof Error);
-  await assert.rejects(client.flush(), NbdConnectionError);
+  await assertRejects(client.flush(), (e) => e instanceof ProtocolError || e instanceof Error);
+  await assertRejects(client.flush(), NbdConnectionError);
   await client.close();
   await server.done;
 });
@@ -350,26 +350,26 @@ Deno.test("NbdClient uses extended headers when the server accepts them", async 
     await peer.greet();
     await peer.serveOptions({ ...EXPORT, extended: true, size: 2 ** 40 });
     const write = await peer.request();
-    assert.equal(write.type, NBD_CMD_WRITE);
-    assert.equal(write.flags, NBD_CMD_FLAG_PAYLOAD_LEN);
-    assert.equal(write.offset, 2 ** 33);
-    assert.deepEqual(write.payload, filled(600, 5));
+    assertEquals(write.type, NBD_CMD_WRITE);
+    assertEquals(write.flags, NBD_CMD_FLAG_PAYLOAD_LEN);
+    assertEquals(write.offset, 2 ** 33);
+    assertEquals(write.payload, filled(600, 5));
     await peer.none(write);
     const zero = await peer.request();
-    assert.equal(zero.length, 2 ** 33, "64-bit effect length in one request");
+    assertEquals(zero.length, 2 ** 33, "64-bit effect length in one request");
     await peer.none(zero);
     const status = await peer.request();
-    assert.equal(status.length, 2 ** 40 - 4096);
+    assertEquals(status.length, 2 ** 40 - 4096);
     await peer.status(status, 7, [{ length: 2 ** 34, flags: 3 }, { length: 512, flags: 0 }]);
     await peer.request();
   });
   const client = await NbdClient.connect(server.uri);
-  assert.equal(client.extendedHeaders, true);
-  assert.equal(client.structuredReplies, true);
+  assertEquals(client.extendedHeaders, true);
+  assertEquals(client.structuredReplies, true);
   await client.pwrite(filled(600, 5), 2 ** 33);
   await client.zero(0, 2 ** 33);
   const statuses = await client.blockStatus(4096, 2 ** 40 - 4096);
-  assert.deepEqual(statuses.get("base:allocation"), [
+  assertEquals(statuses.get("base:allocation"), [
     { length: 2 ** 34, flags: 3 },
     { length: 512, flags: 0 },
   ]);
@@ -382,19 +382,19 @@ Deno.test("NbdClient iterateExtents asks again where the server stopped and clip
     await peer.greet();
     await peer.serveOptions({ ...EXPORT, contexts: [[3, "qemu:allocation-depth"]] });
     const first = await peer.request();
-    assert.deepEqual([first.offset, first.length], [1000, 9000]);
+    assertEquals([first.offset, first.length], [1000, 9000]);
     await peer.status(first, 3, [{ length: 3000, flags: 1 }]);
     const second = await peer.request();
-    assert.deepEqual([second.offset, second.length], [4000, 6000]);
+    assertEquals([second.offset, second.length], [4000, 6000]);
     await peer.status(second, 3, [{ length: 1000, flags: 0 }, { length: 90000, flags: 2 }]);
     await peer.request();
   });
   const client = await NbdClient.connect(server.uri, { metaContexts: ["qemu:allocation-depth"] });
-  assert.deepEqual(client.metaContexts, ["qemu:allocation-depth"]);
-  assert.equal(client.capabilities().extents, false, "no base:allocation");
+  assertEquals(client.metaContexts, ["qemu:allocation-depth"]);
+  assertEquals(client.capabilities().extents, false, "no base:allocation");
   const seen = [];
   for await (const e of client.iterateExtents(1000, 9000, "qemu:allocation-depth")) seen.push(e);
-  assert.deepEqual(seen, [
+  assertEquals(seen, [
     { offset: 1000, length: 3000, flags: 1 },
     { offset: 4000, length: 1000, flags: 0 },
     { offset: 5000, length: 5000, flags: 2 },
@@ -413,7 +413,7 @@ Deno.test("NbdClient capabilities follow the transmission flags", async () => {
     await peer.request();
   });
   const client = await NbdClient.connect(server.uri);
-  assert.deepEqual(client.capabilities(), {
+  assertEquals(client.capabilities(), {
     writable: true,
     flush: true,
     trim: false,
@@ -426,11 +426,11 @@ Deno.test("NbdClient capabilities follow the transmission flags", async () => {
     rotational: false,
     blockSize: { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 },
   });
-  await assert.rejects(
+  await assertRejects(
     client.zero(0, 512, { fast: true }),
     (e) => e instanceof NbdRequestError && e.errno === "ENOTSUP" && e.local,
   );
-  await assert.rejects(client.pwrite(new Uint8Array(1), 0, { fua: true }), NbdRequestError);
+  await assertRejects(client.pwrite(new Uint8Array(1), 0, { fua: true }), NbdRequestError);
   await client.close();
   await server.done;
 });

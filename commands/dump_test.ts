@@ -1,4 +1,4 @@
-import assert from "node:assert/strict";
+import { assertEquals } from "../tests/assert.ts";
 import { formatLine, HexDumper } from "./dump.ts";
 
 function dump(bytes: Uint8Array, start = 0): string {
@@ -10,22 +10,22 @@ function dump(bytes: Uint8Array, start = 0): string {
 
 Deno.test("formatLine() prints hex in two groups of eight and a padded ASCII column", () => {
   const bytes = new Uint8Array([...new TextEncoder().encode("hello, world!"), 0, 0x7f, 0xff]);
-  assert.equal(
+  assertEquals(
     formatLine(0x100, bytes, 16),
     "0000000100: 68 65 6c 6c 6f 2c 20 77  6f 72 6c 64 21 00 7f ff |hello, world!...|\n",
   );
-  assert.equal(
+  assertEquals(
     formatLine(0x1f40, new Uint8Array([1, 2, 3]), 3),
     "0000001f40: 01 02 03                                         |...             |\n",
   );
-  assert.equal(formatLine(2 ** 44, bytes, 1).slice(0, 13), "100000000000:");
+  assertEquals(formatLine(2 ** 44, bytes, 1).slice(0, 13), "100000000000:");
 });
 
 Deno.test("HexDumper collapses repeated lines but never the first or the last", () => {
   const bytes = new Uint8Array(16 * 6);
   bytes[0] = 1;
   const text = dump(bytes);
-  assert.equal(
+  assertEquals(
     text,
     [
       "0000000000: 01 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00 |................|",
@@ -38,7 +38,7 @@ Deno.test("HexDumper collapses repeated lines but never the first or the last", 
   // Non-zero repeats collapse too, and a line that differs ends the run.
   const pattern = new Uint8Array(16 * 4).fill(0x41);
   pattern[16 * 3] = 0x42;
-  assert.deepEqual(dump(pattern).split("\n").map((l) => l.slice(0, 12)), [
+  assertEquals(dump(pattern).split("\n").map((l) => l.slice(0, 12)), [
     "0000000000: ",
     "*",
     "0000000030: ",
@@ -48,12 +48,12 @@ Deno.test("HexDumper collapses repeated lines but never the first or the last", 
 
 Deno.test("HexDumper prints addresses from the start offset and a partial last line", () => {
   const bytes = new Uint8Array(20).map((_, i) => 0x61 + i);
-  assert.equal(
+  assertEquals(
     dump(bytes, 0x1000),
     "0000001000: 61 62 63 64 65 66 67 68  69 6a 6b 6c 6d 6e 6f 70 |abcdefghijklmnop|\n" +
       "0000001010: 71 72 73 74                                      |qrst            |\n",
   );
-  assert.equal(dump(new Uint8Array()), "");
+  assertEquals(dump(new Uint8Array()), "");
 });
 
 Deno.test("HexDumper.zeros() prints exactly what the same bytes fed as data would", () => {
@@ -89,7 +89,7 @@ Deno.test("HexDumper.zeros() prints exactly what the same bytes fed as data woul
       }
     }
     viaZeros.finish();
-    assert.equal(viaZeros.take(), dump(bytes, start), `round ${round}`);
+    assertEquals(viaZeros.take(), dump(bytes, start), `round ${round}`);
   }
 });
 
@@ -98,7 +98,7 @@ Deno.test("HexDumper.zeros() skips a huge zero run without materialising it", ()
   dumper.data(new Uint8Array(16));
   dumper.zeros(2 ** 50 - 16);
   dumper.finish();
-  assert.equal(
+  assertEquals(
     dumper.take(),
     "0000000000: 00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00 |................|\n" +
       "*\n" +

@@ -1,27 +1,27 @@
-import assert from "node:assert/strict";
+import { assertEquals } from "../tests/assert.ts";
 import type { ServerReport } from "../client/inspect.ts";
 import { parseNbdUri } from "../protocol/uri.ts";
 import { exportUri, formatReport, formatReportJson, humanSize } from "./info.ts";
 
 Deno.test("humanSize() uses the largest unit that divides the size exactly", () => {
-  assert.deepEqual(humanSize(1048576), { text: "1M", scaled: true });
-  assert.deepEqual(humanSize(2125119488), { text: "2075312K", scaled: true });
-  assert.deepEqual(humanSize(8003), { text: "8003", scaled: false });
-  assert.deepEqual(humanSize(0), { text: "0", scaled: false });
-  assert.deepEqual(humanSize(2 ** 50), { text: "1P", scaled: true });
+  assertEquals(humanSize(1048576), { text: "1M", scaled: true });
+  assertEquals(humanSize(2125119488), { text: "2075312K", scaled: true });
+  assertEquals(humanSize(8003), { text: "8003", scaled: false });
+  assertEquals(humanSize(0), { text: "0", scaled: false });
+  assertEquals(humanSize(2 ** 50), { text: "1P", scaled: true });
 });
 
 Deno.test("exportUri() names the export and spells out the TCP port", () => {
-  assert.equal(
+  assertEquals(
     exportUri(parseNbdUri("nbd+unix://?socket=/tmp/s"), ""),
     "nbd+unix:///?socket=/tmp/s",
   );
-  assert.equal(
+  assertEquals(
     exportUri(parseNbdUri("nbd+unix:///x?socket=/tmp/s"), "a b"),
     "nbd+unix:///a%20b?socket=/tmp/s",
   );
-  assert.equal(exportUri(parseNbdUri("nbd://localhost"), "disk"), "nbd://localhost:10809/disk");
-  assert.equal(exportUri(parseNbdUri("nbd://[::1]:2000/x"), "y"), "nbd://[::1]:2000/y");
+  assertEquals(exportUri(parseNbdUri("nbd://localhost"), "disk"), "nbd://localhost:10809/disk");
+  assertEquals(exportUri(parseNbdUri("nbd://[::1]:2000/x"), "y"), "nbd://[::1]:2000/y");
 });
 
 const REPORT: ServerReport = {
@@ -44,7 +44,7 @@ const REPORT: ServerReport = {
 
 Deno.test("formatReport() follows nbdinfo's layout", () => {
   const uri = parseNbdUri("nbd+unix:///?socket=/tmp/q.sock");
-  assert.equal(
+  assertEquals(
     formatReport(REPORT, uri),
     [
       "protocol: newstyle-fixed without TLS, using structured packets",
@@ -77,10 +77,10 @@ Deno.test("formatReport() follows nbdinfo's layout", () => {
 Deno.test("formatReportJson() uses nbdinfo's field names", () => {
   const uri = parseNbdUri("nbd+unix:///?socket=/tmp/q.sock");
   const json = JSON.parse(formatReportJson(REPORT, uri));
-  assert.equal(json.protocol, "newstyle-fixed");
-  assert.equal(json.TLS, false);
-  assert.equal(json.structured, true);
-  assert.deepEqual(json.exports[0], {
+  assertEquals(json.protocol, "newstyle-fixed");
+  assertEquals(json.TLS, false);
+  assertEquals(json.structured, true);
+  assertEquals(json.exports[0], {
     "export-name": "disk",
     description: "my disk",
     content: "data",

@@ -117,15 +117,3 @@ export async function concurrentWrites(
   await Promise.all(writers);
   return expected;
 }
-
-/** Asserts two byte arrays are equal, naming the first differing offset (cheap on large arrays). */
-export function assertBytes(actual: Uint8Array, expected: Uint8Array, message = ""): void {
-  if (actual.length !== expected.length) {
-    throw new Error(`${message} length ${actual.length} != expected ${expected.length}`);
-  }
-  for (let i = 0; i < actual.length; i++) {
-    if (actual[i] !== expected[i]) {
-      throw new Error(`${message} differs at offset ${i}: ${actual[i]} != expected ${expected[i]}`);
-    }
-  }
-}

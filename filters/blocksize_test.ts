@@ -1,4 +1,4 @@
-import assert from "node:assert/strict";
+import { assertEquals, assertOk } from "../tests/assert.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { PassthroughBackend, type WriteFlags } from "../core/backend.ts";
 import { randomBytes } from "../tests/helpers.ts";
@@ -41,9 +41,9 @@ Deno.test("blocksize filter aligns and splits reads and writes, byte-exact", asy
   await mem.pwrite(reference, 0, { fua: false });
   const rec = new Recorder(mem, 4096, 16384);
   const { backend } = await stack(blocksizeFilter, ["minblock=4K", "maxdata=16K"], rec);
-  assert.equal(backend.capabilities().blockSize.minimum, 1);
+  assertEquals(backend.capabilities().blockSize.minimum, 1);
   for (const [offset, length] of [[1, 10], [4095, 2], [100, 70000], [8192, 4096], [5000, 3000]]) {
-    assert.deepEqual(
+    assertEquals(
       await read(backend, offset!, length!),
       reference.subarray(offset!, offset! + length!),
     );
@@ -53,17 +53,17 @@ Deno.test("blocksize filter aligns and splits reads and writes, byte-exact", asy
   reference.set(patch, 12345);
   await backend.zero(70001, 9000, { fua: false, fast: false, mayTrim: true });
   reference.fill(0, 70001, 79001);
-  assert.deepEqual(await read(mem, 0, 1 << 20), reference);
-  assert.ok(rec.calls.some((c) => c.startsWith("write")));
+  assertEquals(await read(mem, 0, 1 << 20), reference);
+  assertOk(rec.calls.some((c) => c.startsWith("write")));
 });
 
 Deno.test("blocksize filter drops unaligned trim edges and rounds the size down", async () => {
   const { backend: mem } = await openPlugin(memoryPlugin, ["10000"]);
   const rec = new Recorder(mem, 4096, 1 << 20);
   const { backend } = await stack(blocksizeFilter, ["minblock=4096"], rec);
-  assert.equal(backend.size(), 8192);
+  assertEquals(backend.size(), 8192);
   await backend.trim(100, 8092, { fua: false });
-  assert.deepEqual(rec.calls, ["trim 4096 4096"]);
+  assertEquals(rec.calls, ["trim 4096 4096"]);
 });
 
 Deno.test("blocksize filter keeps concurrent unaligned writes to one block intact", async () => {
@@ -77,5 +77,5 @@ Deno.test("blocksize filter keeps concurrent unaligned writes to one block intac
     ),
   );
   const block = await read(mem, 0, 4096);
-  for (let i = 0; i < 64; i++) assert.equal(block[i * 3], i + 1, `byte ${i * 3}`);
+  for (let i = 0; i < 64; i++) assertEquals(block[i * 3], i + 1, `byte ${i * 3}`);
 });

@@ -1,11 +1,10 @@
-import assert from "node:assert/strict";
+import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { nullPlugin } from "../plugins/null.ts";
 import { type Backend, PassthroughBackend, type WriteFlags } from "../core/backend.ts";
 import { randomBytes } from "../tests/helpers.ts";
 import {
-  assertBytes,
   concurrentWrites,
   createFilter,
   CTX,
@@ -40,13 +39,13 @@ Deno.test("cache filter in writeback mode holds writes until flush", async () =>
   const below = new Counting(mem);
   const { backend } = await stack(cacheFilter, [], below);
   await backend.pwrite(filled(100, 7), 65500, { fua: false }); // two partial blocks: read below
-  assert.equal(below.writes, 0);
-  assert.deepEqual(await read(backend, 65500, 100), filled(100, 7));
-  assert.deepEqual(await read(mem, 65500, 100), new Uint8Array(100));
+  assertEquals(below.writes, 0);
+  assertEquals(await read(backend, 65500, 100), filled(100, 7));
+  assertEquals(await read(mem, 65500, 100), new Uint8Array(100));
   await backend.flush();
-  assert.equal(below.writes, 2);
-  assert.equal(below.flushes, 1);
-  assert.deepEqual(await read(mem, 65500, 100), filled(100, 7));
+  assertEquals(below.writes, 2);
+  assertEquals(below.flushes, 1);
+  assertEquals(await read(mem, 65500, 100), filled(100, 7));
 });
 
 Deno.test("cache filter in writethrough mode writes at once; cache-on-read serves repeats", async () => {
@@ -54,13 +53,13 @@ Deno.test("cache filter in writethrough mode writes at once; cache-on-read serve
   const below = new Counting(mem);
   const { backend } = await stack(cacheFilter, ["cache=writethrough", "cache-on-read=true"], below);
   await backend.pwrite(filled(10, 3), 0, { fua: false });
-  assert.deepEqual(await read(mem, 0, 10), filled(10, 3));
+  assertEquals(await read(mem, 0, 10), filled(10, 3));
   await read(backend, 0, 4096);
   const reads = below.reads;
-  assert.deepEqual(await read(backend, 0, 10), filled(10, 3));
-  assert.equal(below.reads, reads); // served from the cache
+  assertEquals(await read(backend, 0, 10), filled(10, 3));
+  assertEquals(below.reads, reads); // served from the cache
   await backend.pwrite(filled(10, 4), 5, { fua: false });
-  assert.deepEqual(await read(backend, 0, 15), new Uint8Array([...filled(5, 3), ...filled(10, 4)]));
+  assertEquals(await read(backend, 0, 15), new Uint8Array([...filled(5, 3), ...filled(10, 4)]));
 });
 
 Deno.test("cache filter in unsafe mode ignores flush; eviction writes dirty blocks back", async () => {
@@ -76,7 +75,7 @@ Deno.test("cache filter in unsafe mode ignores flush; eviction writes dirty bloc
   // At most 256K stays in the cache; the rest had to be written back.
   const inBelow = await read(mem, 0, 1 << 20);
   const same = inBelow.filter((b, i) => b === data[i]).length;
-  assert.ok(same >= (1 << 20) - 256 * 1024, `${same}`);
+  assertOk(same >= (1 << 20) - 256 * 1024, `${same}`);
   assertBytes(await read(backend, 0, 1 << 20), data);
 });
 
@@ -86,9 +85,9 @@ Deno.test("cache filter zeroes pass below and clear cached copies", async () => 
   await backend.pwrite(filled(200000, 9), 0, { fua: false });
   await backend.zero(1000, 150000, { fua: false, fast: false, mayTrim: true });
   const expected = filled(200000, 9).fill(0, 1000, 151000);
-  assert.deepEqual(await read(backend, 0, 200000), expected);
+  assertEquals(await read(backend, 0, 200000), expected);
   await backend.flush();
-  assert.deepEqual(await read(mem, 0, 200000), expected);
+  assertEquals(await read(mem, 0, 200000), expected);
 });
 
 Deno.test("cache filter keeps concurrent writers on several connections coherent", async () => {
@@ -122,8 +121,8 @@ Deno.test("cache filter keeps concurrent writers on several connections coherent
 });
 
 Deno.test("cache filter rejects bad modes and thresholds", async () => {
-  await assert.rejects(() => createFilter(cacheFilter, ["cache=sometimes"]), UsageError);
-  await assert.rejects(
+  await assertRejects(() => createFilter(cacheFilter, ["cache=sometimes"]), UsageError);
+  await assertRejects(
     () => createFilter(cacheFilter, ["cache-high-threshold=50", "cache-low-threshold=60"]),
     UsageError,
   );
@@ -135,5 +134,5 @@ Deno.test("cache filter: zeroing a huge disk only visits the cached blocks", asy
   await backend.pwrite(filled(100, 5), 2 ** 40, { fua: false });
   await backend.zero(0, 2 ** 50, { fua: false, fast: false, mayTrim: true });
   await backend.trim(0, 2 ** 50, { fua: false });
-  assert.deepEqual(await read(backend, 2 ** 40, 100), new Uint8Array(100));
+  assertEquals(await read(backend, 2 ** 40, 100), new Uint8Array(100));
 });

@@ -1,4 +1,4 @@
-import assert from "node:assert/strict";
+import { assertBytes, assertEquals } from "../tests/assert.ts";
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { nullPlugin } from "../plugins/null.ts";
@@ -6,7 +6,6 @@ import { fillPattern, patternPlugin } from "../plugins/pattern.ts";
 import type { Backend } from "../core/backend.ts";
 import { randomBytes } from "../tests/helpers.ts";
 import {
-  assertBytes,
   concurrentWrites,
   createFilter,
   CTX,
@@ -27,18 +26,18 @@ Deno.test("cow filter makes a read-only layer writable without writing it", asyn
   const { backend: pat } = await openPlugin(patternPlugin, ["1M"]);
   const { backend, instance } = await stack(cowFilter, ["cow-block-size=4K"], pat);
   try {
-    assert.equal(backend.capabilities().writable, true);
+    assertEquals(backend.capabilities().writable, true);
     await backend.pwrite(filled(10, 0xee), 4090, { fua: false }); // straddles two blocks
     const expected = pattern(0, 12288);
     expected.fill(0xee, 4090, 4100);
-    assert.deepEqual(await read(backend, 0, 12288), expected);
+    assertEquals(await read(backend, 0, 12288), expected);
     // The layer below is unchanged.
-    assert.deepEqual(await read(pat, 4090, 10), pattern(4090, 10));
+    assertEquals(await read(pat, 4090, 10), pattern(4090, 10));
     await backend.zero(8192, 4096, { fua: false, fast: false, mayTrim: true });
     expected.fill(0, 8192);
-    assert.deepEqual(await read(backend, 0, 12288), expected);
+    assertEquals(await read(backend, 0, 12288), expected);
     const extents = await backend.extents(0, 1 << 20, { reqOne: false });
-    assert.deepEqual(extents.slice(0, 2), [
+    assertEquals(extents.slice(0, 2), [
       { length: 8192, flags: 0 },
       { length: 4096, flags: NBD_STATE_HOLE | NBD_STATE_ZERO },
     ]);
@@ -63,7 +62,7 @@ Deno.test("cow filter never writes the layer below", async () => {
     await backend.trim(0, 65536, { fua: false });
     await backend.flush();
     await read(backend, 0, 256 * 1024);
-    assert.deepEqual(await read(mem, 0, 256 * 1024), original);
+    assertEquals(await read(mem, 0, 256 * 1024), original);
   } finally {
     await instance.close?.();
   }
@@ -85,7 +84,7 @@ Deno.test("cow filter keeps concurrent writers on several connections coherent",
     }
     const expected = await concurrentWrites(conns, 512 * 1024);
     for (const conn of conns) assertBytes(await read(conn, 0, 512 * 1024), expected);
-    assert.deepEqual(await read(pat, 0, 4096), pattern(0, 4096));
+    assertEquals(await read(pat, 0, 4096), pattern(0, 4096));
   } finally {
     await instance.close?.();
   }
@@ -99,12 +98,12 @@ Deno.test("cow filter: zeroing or trimming a huge disk that is already zero cost
     await backend.zero(0, 2 ** 50, { fua: false, fast: false, mayTrim: true });
     await backend.trim(0, 2 ** 50, { fua: false });
     await backend.pwrite(filled(10, 3), 2 ** 49, { fua: false });
-    assert.deepEqual(
+    assertEquals(
       await read(backend, 2 ** 49 - 5, 20),
       new Uint8Array([...filled(5, 0), ...filled(10, 3), ...filled(5, 0)]),
     );
     await backend.zero(2 ** 49, 65536, { fua: false, fast: false, mayTrim: true });
-    assert.deepEqual(await read(backend, 2 ** 49, 10), new Uint8Array(10));
+    assertEquals(await read(backend, 2 ** 49, 10), new Uint8Array(10));
   } finally {
     await instance.close?.();
   }

@@ -1,4 +1,4 @@
-import assert from "node:assert/strict";
+import { assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import { NbdError } from "../protocol/errors.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { UsageError } from "../util/usage_error.ts";
@@ -25,13 +25,13 @@ async function finishingOrder(ops: Record<string, () => Promise<unknown>>): Prom
 Deno.test("delay filter delays each kind of request by its own amount", async () => {
   const { backend: mem } = await openPlugin(memoryPlugin, ["1M"]);
   const { backend } = await stack(delayFilter, ["rdelay=200ms", "delay-zero=0.1"], mem);
-  assert.ok(await timed(() => read(backend, 0, 512)) >= 195);
-  assert.ok(
+  assertOk(await timed(() => read(backend, 0, 512)) >= 195);
+  assertOk(
     await timed(() => backend.zero(0, 512, { fua: false, fast: false, mayTrim: true })) >= 95,
   );
   // Writes have no delay: they finish before a zero started at the same time, which
   // finishes before the read.
-  assert.deepEqual(
+  assertEquals(
     await finishingOrder({
       read: () => read(backend, 0, 512),
       zero: () => backend.zero(0, 512, { fua: false, fast: false, mayTrim: true }),
@@ -44,14 +44,14 @@ Deno.test("delay filter delays each kind of request by its own amount", async ()
 Deno.test("delay filter: wdelay covers writes, trims and zeroes; fast zero can fail at once", async () => {
   const { backend: mem } = await openPlugin(memoryPlugin, ["1M"]);
   const { backend } = await stack(delayFilter, ["wdelay=100ms", "delay-fast-zero=false"], mem);
-  assert.ok(await timed(() => backend.pwrite(new Uint8Array(8), 0, { fua: false })) >= 95);
-  assert.ok(await timed(() => backend.trim(0, 8, { fua: false })) >= 95);
-  assert.equal(backend.capabilities().fastZero, false);
-  await assert.rejects(
+  assertOk(await timed(() => backend.pwrite(new Uint8Array(8), 0, { fua: false })) >= 95);
+  assertOk(await timed(() => backend.trim(0, 8, { fua: false })) >= 95);
+  assertEquals(backend.capabilities().fastZero, false);
+  await assertRejects(
     () => backend.zero(0, 8, { fua: false, fast: true, mayTrim: false }),
     (e) => e instanceof NbdError && e.errno === "ENOTSUP",
   );
-  assert.deepEqual(
+  assertEquals(
     await finishingOrder({
       zero: () => backend.zero(0, 8, { fua: false, fast: false, mayTrim: false }),
       fastZero: () => backend.zero(0, 8, { fua: false, fast: true, mayTrim: false }),
@@ -61,6 +61,6 @@ Deno.test("delay filter: wdelay covers writes, trims and zeroes; fast zero can f
 });
 
 Deno.test("delay filter rejects bad durations and duplicate names", async () => {
-  await assert.rejects(() => createFilter(delayFilter, ["rdelay=fast"]), UsageError);
-  await assert.rejects(() => createFilter(delayFilter, ["rdelay=1", "delay-read=2"]), UsageError);
+  await assertRejects(() => createFilter(delayFilter, ["rdelay=fast"]), UsageError);
+  await assertRejects(() => createFilter(delayFilter, ["rdelay=1", "delay-read=2"]), UsageError);
 });

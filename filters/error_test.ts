@@ -1,4 +1,4 @@
-import assert from "node:assert/strict";
+import { assertEquals, assertOk, assertRejects, assertThrows } from "../tests/assert.ts";
 import { NbdError } from "../protocol/errors.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { UsageError } from "../util/usage_error.ts";
@@ -6,17 +6,17 @@ import { createFilter, openPlugin, read, stack, tempDirSync } from "./_test_util
 import { errorFilter, parseRate } from "./error.ts";
 
 Deno.test("parseRate reads percentages and probabilities", () => {
-  assert.equal(parseRate("10%", "r"), 0.1);
-  assert.equal(parseRate("0.25", "r"), 0.25);
-  assert.equal(parseRate("100%", "r"), 1);
-  assert.throws(() => parseRate("150%", "r"), UsageError);
-  assert.throws(() => parseRate("2", "r"), UsageError);
+  assertEquals(parseRate("10%", "r"), 0.1);
+  assertEquals(parseRate("0.25", "r"), 0.25);
+  assertEquals(parseRate("100%", "r"), 1);
+  assertThrows(() => parseRate("150%", "r"), UsageError);
+  assertThrows(() => parseRate("2", "r"), UsageError);
 });
 
 Deno.test("error filter fails every request of a kind at rate 100%", async () => {
   const { backend: mem } = await openPlugin(memoryPlugin, ["1M"]);
   const { backend } = await stack(errorFilter, ["error=ENOSPC", "error-pwrite-rate=100%"], mem);
-  await assert.rejects(
+  await assertRejects(
     () => backend.pwrite(new Uint8Array(8), 0, { fua: false }),
     (e) => e instanceof NbdError && e.errno === "ENOSPC",
   );
@@ -31,7 +31,7 @@ Deno.test("error filter with error-file fails only while the file exists", async
     const { backend } = await stack(errorFilter, ["error-rate=1", `error-file=${trigger}`], mem);
     await read(backend, 0, 8);
     Deno.writeTextFileSync(trigger, "");
-    await assert.rejects(
+    await assertRejects(
       () => read(backend, 0, 8),
       (e) => e instanceof NbdError && e.errno === "EIO",
     );
@@ -54,9 +54,9 @@ Deno.test("error filter at a partial rate fails some requests, not all", async (
     }
   }
   // 400 draws at p=0.5: outside [100, 300] has a probability far below 1e-20.
-  assert.ok(failed > 100 && failed < 300, `failed ${failed} of 400`);
+  assertOk(failed > 100 && failed < 300, `failed ${failed} of 400`);
 });
 
 Deno.test("error filter rejects unknown errors", async () => {
-  await assert.rejects(() => createFilter(errorFilter, ["error=EFOO"]), UsageError);
+  await assertRejects(() => createFilter(errorFilter, ["error=EFOO"]), UsageError);
 });

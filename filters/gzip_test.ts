@@ -1,9 +1,9 @@
-import assert from "node:assert/strict";
+import { assertBytes, assertEquals, assertRejects } from "../tests/assert.ts";
 import { NbdError } from "../protocol/errors.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import type { Backend } from "../core/backend.ts";
 import { randomBytes } from "../tests/helpers.ts";
-import { assertBytes, openPlugin, read, stack } from "./_test_utils.ts";
+import { openPlugin, read, stack } from "./_test_utils.ts";
 import { gzipFilter } from "./gzip.ts";
 
 async function compress(data: Uint8Array): Promise<Uint8Array> {
@@ -24,11 +24,11 @@ Deno.test("gzip filter serves the decompressed bytes, read-only", async () => {
   original.set(randomBytes(500000, 4), 1000000);
   const { backend, instance } = await stack(gzipFilter, [], await diskOf(await compress(original)));
   try {
-    assert.equal(backend.size(), original.length);
+    assertEquals(backend.size(), original.length);
     assertBytes(await read(backend, 0, original.length), original);
     assertBytes(await read(backend, 1200000, 1000), original.subarray(1200000, 1201000));
-    assert.equal(backend.capabilities().writable, false);
-    await assert.rejects(() => backend.pwrite(new Uint8Array(1), 0, { fua: false }), NbdError);
+    assertEquals(backend.capabilities().writable, false);
+    await assertRejects(() => backend.pwrite(new Uint8Array(1), 0, { fua: false }), NbdError);
   } finally {
     await instance.close?.();
   }
@@ -41,11 +41,11 @@ Deno.test("gzip filter decodes concatenated members and rejects garbage", async 
   const { backend, instance } = await stack(gzipFilter, [], await diskOf(joined));
   assertBytes(await read(backend, 0, 3000), new Uint8Array([...a, ...b]));
   await instance.close?.();
-  await assert.rejects(() =>
+  await assertRejects(() =>
     stack(gzipFilter, [], undefined as never).catch((e) => {
       throw e;
     })
   );
   const garbage = await diskOf(new Uint8Array(1000).fill(7));
-  await assert.rejects(() => stack(gzipFilter, [], garbage), NbdError);
+  await assertRejects(() => stack(gzipFilter, [], garbage), NbdError);
 });

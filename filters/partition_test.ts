@@ -1,4 +1,4 @@
-import assert from "node:assert/strict";
+import { assertEquals, assertRejects } from "../tests/assert.ts";
 import { NbdError } from "../protocol/errors.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import type { Backend } from "../core/backend.ts";
@@ -40,21 +40,21 @@ Deno.test("partition filter finds MBR primary and logical partitions", async () 
   await put(disk, 4096 + 64, filled(S, 5));
   await put(disk, 4096 + 1024 + 32, filled(S, 6));
 
-  assert.deepEqual(await findPartition(disk, 1), { offset: 2048 * S, length: 100 * S });
-  assert.deepEqual(await findPartition(disk, 5), { offset: (4096 + 64) * S, length: 200 * S });
-  assert.deepEqual(await findPartition(disk, 6), {
+  assertEquals(await findPartition(disk, 1), { offset: 2048 * S, length: 100 * S });
+  assertEquals(await findPartition(disk, 5), { offset: (4096 + 64) * S, length: 200 * S });
+  assertEquals(await findPartition(disk, 6), {
     offset: (4096 + 1024 + 32) * S,
     length: 300 * S,
   });
-  await assert.rejects(() => findPartition(disk, 2), NbdError); // extended itself
-  await assert.rejects(() => findPartition(disk, 3), NbdError); // unused
-  await assert.rejects(() => findPartition(disk, 7), NbdError); // end of chain
+  await assertRejects(() => findPartition(disk, 2), NbdError); // extended itself
+  await assertRejects(() => findPartition(disk, 3), NbdError); // unused
+  await assertRejects(() => findPartition(disk, 7), NbdError); // end of chain
 
   const { backend } = await stack(partitionFilter, ["partition=6"], disk);
-  assert.equal(backend.size(), 300 * S);
-  assert.deepEqual(await read(backend, 0, S), filled(S, 6));
+  assertEquals(backend.size(), 300 * S);
+  assertEquals(await read(backend, 0, S), filled(S, 6));
   await backend.pwrite(filled(S, 9), S, { fua: false });
-  assert.deepEqual(await read(disk, (4096 + 1024 + 33) * S, S), filled(S, 9));
+  assertEquals(await read(disk, (4096 + 1024 + 33) * S, S), filled(S, 9));
 });
 
 Deno.test("partition filter reads GPT partition entries", async () => {
@@ -77,14 +77,14 @@ Deno.test("partition filter reads GPT partition entries", async () => {
   ev.setBigUint64(4 * 128 + 40, 3999n, true);
   await put(disk, 2, entries);
   await put(disk, 3000, filled(S, 0x55));
-  assert.deepEqual(await findPartition(disk, 5), { offset: 3000 * S, length: 1000 * S });
-  await assert.rejects(() => findPartition(disk, 1), NbdError); // unused entry
-  await assert.rejects(() => findPartition(disk, 129), NbdError);
+  assertEquals(await findPartition(disk, 5), { offset: 3000 * S, length: 1000 * S });
+  await assertRejects(() => findPartition(disk, 1), NbdError); // unused entry
+  await assertRejects(() => findPartition(disk, 129), NbdError);
   const { backend } = await stack(partitionFilter, ["partition=5"], disk);
-  assert.deepEqual(await read(backend, 0, S), filled(S, 0x55));
+  assertEquals(await read(backend, 0, S), filled(S, 0x55));
 });
 
 Deno.test("partition filter refuses a disk without a partition table", async () => {
   const { backend: disk } = await openPlugin(memoryPlugin, ["1M"]);
-  await assert.rejects(() => findPartition(disk, 1), /no MBR or GPT/);
+  await assertRejects(() => findPartition(disk, 1), Error, /no MBR or GPT/);
 });

@@ -1,4 +1,4 @@
-import assert from "node:assert/strict";
+import { assertEquals, assertRejects } from "../tests/assert.ts";
 import { NbdError } from "../protocol/errors.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { type Backend, type OpenContext, PassthroughBackend } from "../core/backend.ts";
@@ -37,9 +37,9 @@ Deno.test("retry filter reopens the layer below and retries until it works", asy
     reopen: source.open,
   });
   // Two opens fail, the third works: two retries.
-  assert.deepEqual(await read(backend, 0, 16), filled(16, 4));
-  assert.equal(source.state.opens, 3);
-  assert.equal(source.state.closes, 2);
+  assertEquals(await read(backend, 0, 16), filled(16, 4));
+  assertEquals(source.state.opens, 3);
+  assertEquals(source.state.closes, 2);
 });
 
 Deno.test("retry filter gives up after the configured retries", async () => {
@@ -49,8 +49,8 @@ Deno.test("retry filter gives up after the configured retries", async () => {
   const { backend } = await stack(retryFilter, ["retry-delay=1ms", "retries=1"], first, {
     reopen: source.open,
   });
-  await assert.rejects(() => read(backend, 0, 16), NbdError);
-  assert.equal(source.state.opens, 2);
+  await assertRejects(() => read(backend, 0, 16), NbdError);
+  assertEquals(source.state.opens, 2);
 });
 
 Deno.test("retry filter with retry-readonly reopens read-only and refuses writes", async () => {
@@ -68,8 +68,8 @@ Deno.test("retry filter with retry-readonly reopens read-only and refuses writes
     { reopen: source.open },
   );
   await read(backend, 0, 16);
-  assert.equal(source.state.contexts.at(-1)!.readonly, true);
-  await assert.rejects(
+  assertEquals(source.state.contexts.at(-1)!.readonly, true);
+  await assertRejects(
     () => backend.pwrite(filled(4, 1), 0, { fua: false }),
     (e) => e instanceof NbdError && e.errno === "EPERM",
   );

@@ -1,11 +1,11 @@
-import assert from "node:assert/strict";
+import { assertEquals, assertMatch, assertNotMatch, assertOk } from "../tests/assert.ts";
 import { memoryPlugin } from "../plugins/memory.ts";
 import { openPlugin, read, stack, tempDirSync } from "./_test_utils.ts";
 import { humanBytes, statsFilter } from "./stats.ts";
 
 Deno.test("humanBytes uses binary units", () => {
-  assert.equal(humanBytes(512), "512 bytes");
-  assert.equal(humanBytes(3 * 1024 * 1024 + 512 * 1024), "3.50 MiB");
+  assertEquals(humanBytes(512), "512 bytes");
+  assertEquals(humanBytes(3 * 1024 * 1024 + 512 * 1024), "3.50 MiB");
 });
 
 Deno.test("stats filter counts requests of all connections and writes them at close", async () => {
@@ -29,11 +29,11 @@ Deno.test("stats filter counts requests of all connections and writes them at cl
     await b.flush();
     await instance.close!();
     const text = Deno.readTextFileSync(statsfile);
-    assert.match(text, /^write: 2 ops, 0 errors, [\d.]+ s, 3.00 KiB, /m);
-    assert.match(text, /^read: 1 ops, 0 errors, [\d.]+ s, 4.00 KiB, /m);
-    assert.match(text, /^flush: 1 ops, 0 errors, /m);
-    assert.match(text, /^total: 4 ops, [\d.]+ s, 7.00 KiB, /m);
-    assert.doesNotMatch(text, /^trim:/m);
+    assertMatch(text, /^write: 2 ops, 0 errors, [\d.]+ s, 3.00 KiB, /m);
+    assertMatch(text, /^read: 1 ops, 0 errors, [\d.]+ s, 4.00 KiB, /m);
+    assertMatch(text, /^flush: 1 ops, 0 errors, /m);
+    assertMatch(text, /^total: 4 ops, [\d.]+ s, 7.00 KiB, /m);
+    assertNotMatch(text, /^trim:/m);
   } finally {
     Deno.removeSync(dir, { recursive: true });
   }
@@ -45,10 +45,10 @@ Deno.test("stats filter counts zero-copy reads too", async () => {
     const statsfile = `${dir}/stats`;
     const { backend: mem } = await openPlugin(memoryPlugin, ["1M"]);
     const { backend, instance } = await stack(statsFilter, [`statsfile=${statsfile}`], mem);
-    assert.ok(backend.readView, "the memory plugin's zero-copy read is kept");
+    assertOk(backend.readView, "the memory plugin's zero-copy read is kept");
     backend.readView!(0, 8192);
     await instance.close!();
-    assert.match(Deno.readTextFileSync(statsfile), /^read: 1 ops, 0 errors, [\d.]+ s, 8.00 KiB, /m);
+    assertMatch(Deno.readTextFileSync(statsfile), /^read: 1 ops, 0 errors, [\d.]+ s, 8.00 KiB, /m);
   } finally {
     Deno.removeSync(dir, { recursive: true });
   }

@@ -1,4 +1,4 @@
-import { assertBytes, assertEquals, assertOk as assert } from "../tests/assert.ts";
+import { assertBytes, assertEquals, assertOk } from "../tests/assert.ts";
 import { BufferedReader } from "./buffered_reader.ts";
 import { fromDenoConn, writeAll } from "./byte_stream.ts";
 import { connectWithFd, SocketFastPath } from "./socket_fast.ts";
@@ -75,7 +75,7 @@ Deno.test({
         let filled = 0;
         while (filled < got.length) {
           const n = fast.read(got.subarray(filled)) ?? await conn.read(got.subarray(filled));
-          assert(n !== null, "unexpected end of stream");
+          assertOk(n !== null, "unexpected end of stream");
           filled += n;
         }
         assertBytes(got, token);
@@ -83,7 +83,7 @@ Deno.test({
       const alone = await connectWithFd(() =>
         Deno.connect({ transport: "unix", path: server.path })
       );
-      assert(alone.fd !== undefined, "a lone connection's descriptor was not found");
+      assertOk(alone.fd !== undefined, "a lone connection's descriptor was not found");
       alone.conn.close();
     } finally {
       for (const { conn } of opened) conn.close();
@@ -99,9 +99,9 @@ Deno.test({
     const { conn, fd } = await connectWithFd(() =>
       Deno.connect({ transport: "unix", path: server.path })
     );
-    assert(fd !== undefined);
+    assertOk(fd !== undefined);
     const stream = fromDenoConn(conn, fd);
-    assert(stream.tryRead && stream.tryWrite, "no fast path on a plain Unix connection");
+    assertOk(stream.tryRead && stream.tryWrite, "no fast path on a plain Unix connection");
     const data = new Uint8Array(3 << 20);
     for (let i = 0; i < data.length; i++) data[i] = (i * 7 + (i >>> 12)) & 0xff;
     // More than the socket buffers hold: the writes must fall back to waiting.
@@ -137,6 +137,6 @@ Deno.test("BufferedReader: a source that always has data still lets timers run",
   while (!timerRan && performance.now() - started < 5000) {
     await reader.readInto(new Uint8Array(1 << 20));
   }
-  assert(timerRan, "a timer never ran while the reader had data");
-  assert(asyncReads > 0);
+  assertOk(timerRan, "a timer never ran while the reader had data");
+  assertOk(asyncReads > 0);
 });

@@ -1,4 +1,4 @@
-import assert from "node:assert/strict";
+import { assertEquals, assertRejects } from "../tests/assert.ts";
 import { NbdError } from "../protocol/errors.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { openPlugin, read } from "../filters/_test_utils.ts";
@@ -11,15 +11,15 @@ Deno.test("eval plugin runs snippets and infers can_* from the methods given", a
     "pwrite=cat > /dev/null",
     "zero=echo ENOTSUP >&2; exit 1",
   ]);
-  assert.equal(backend.capabilities().writable, true);
-  assert.deepEqual(await read(backend, 10, 3), new TextEncoder().encode("AAA"));
+  assertEquals(backend.capabilities().writable, true);
+  assertEquals(await read(backend, 10, 3), new TextEncoder().encode("AAA"));
   await backend.pwrite(new Uint8Array(10), 0, { fua: false });
   // The zero snippet says ENOTSUP: a normal zero falls back to writes, a fast one fails.
   await backend.zero(0, 10, { fua: false, fast: false, mayTrim: false });
-  await assert.rejects(
+  await assertRejects(
     () => backend.zero(0, 10, { fua: false, fast: true, mayTrim: false }),
     (e) => e instanceof NbdError && e.errno === "ENOTSUP",
   );
   await instance.close?.();
-  await assert.rejects(() => openPlugin(evalPlugin, ["get_size=echo 1"]), UsageError);
+  await assertRejects(() => openPlugin(evalPlugin, ["get_size=echo 1"]), UsageError);
 });

@@ -1,16 +1,16 @@
-import assert from "node:assert/strict";
+import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import type { Backend } from "../core/backend.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { randomBytes } from "../tests/helpers.ts";
-import { assertBytes, openPlugin, read } from "../filters/_test_utils.ts";
+import { openPlugin, read } from "../filters/_test_utils.ts";
 import { floppyPlugin } from "./floppy.ts";
 
 /** A minimal FAT32 reader, enough to check the generated volume from the outside. */
 async function fatReader(disk: Backend) {
   const mbr = await read(disk, 0, 512);
   const mv = new DataView(mbr.buffer);
-  assert.equal(mbr[510], 0x55);
-  assert.equal(mbr[446 + 4], 0x0c);
+  assertEquals(mbr[510], 0x55);
+  assertEquals(mbr[446 + 4], 0x0c);
   const base = mv.getUint32(446 + 8, true) * 512;
   const boot = await read(disk, base, 512);
   const bv = new DataView(boot.buffer);
@@ -81,21 +81,21 @@ Deno.test("floppy plugin builds a FAT32 volume whose files read back byte-exact"
     await Deno.writeTextFile(`${dir}/Sub Dir/deeper/x`, "x");
     await Deno.writeFile(`${dir}/empty`, new Uint8Array());
     const { backend, instance } = await openPlugin(floppyPlugin, [dir, "label=mydisk"]);
-    assert.equal(backend.capabilities().writable, false);
+    assertEquals(backend.capabilities().writable, false);
     const fat = await fatReader(backend);
-    assert.equal(fat.label, "MYDISK     ");
+    assertEquals(fat.label, "MYDISK     ");
     const root = await fat.list(fat.root);
-    assert.deepEqual([...root.keys()].sort(), ["MYDISK", "README.TXT", "Sub Dir", "empty"]);
+    assertEquals([...root.keys()].sort(), ["MYDISK", "README.TXT", "Sub Dir", "empty"]);
     const [readme, readmeSize] = root.get("README.TXT")!;
-    assert.equal(new TextDecoder().decode(await fat.chain(readme, readmeSize)), "hello\n");
-    assert.deepEqual(root.get("empty"), [0, 0, false]);
+    assertEquals(new TextDecoder().decode(await fat.chain(readme, readmeSize)), "hello\n");
+    assertEquals(root.get("empty"), [0, 0, false]);
     const sub = await fat.list(root.get("Sub Dir")![0]);
-    assert.ok(sub.has(".") && sub.has(".."));
+    assertOk(sub.has(".") && sub.has(".."));
     const [bigCluster, bigSize] = sub.get("a long file name with spaces.bin")!;
-    assert.equal(bigSize, big.length);
+    assertEquals(bigSize, big.length);
     assertBytes(await fat.chain(bigCluster, bigSize), big);
     const deeper = await fat.list(sub.get("deeper")![0]);
-    assert.equal(deeper.get("..")![0], sub.get(".")![0]);
+    assertEquals(deeper.get("..")![0], sub.get(".")![0]);
     await instance.close?.();
   } finally {
     await Deno.remove(dir, { recursive: true });
@@ -106,13 +106,13 @@ Deno.test("floppy plugin honours size= and rejects bad labels and missing direct
   const dir = await Deno.makeTempDir({ prefix: "nbd-floppy-test" });
   try {
     const { backend, instance } = await openPlugin(floppyPlugin, [`dir=${dir}`, "size=64M"]);
-    assert.equal(backend.size(), 64 * 1024 * 1024);
+    assertEquals(backend.size(), 64 * 1024 * 1024);
     await instance.close?.();
-    await assert.rejects(
+    await assertRejects(
       () => openPlugin(floppyPlugin, [dir, "label=far too long a label"]),
       UsageError,
     );
-    await assert.rejects(() => openPlugin(floppyPlugin, [`${dir}/missing`]), UsageError);
+    await assertRejects(() => openPlugin(floppyPlugin, [`${dir}/missing`]), UsageError);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

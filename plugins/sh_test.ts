@@ -1,4 +1,4 @@
-import assert from "node:assert/strict";
+import { assertEquals, assertRejects } from "../tests/assert.ts";
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { NbdError } from "../protocol/errors.ts";
 import { UsageError } from "../util/usage_error.ts";
@@ -43,22 +43,22 @@ Deno.test("sh plugin follows nbdkit's calling convention", async () => {
       tls: false,
       connectionId: 1,
     });
-    assert.equal(backend.size(), 65536);
+    assertEquals(backend.size(), 65536);
     const caps = backend.capabilities();
-    assert.equal(caps.writable, true);
-    assert.equal(caps.trim, false);
-    assert.equal(caps.extents, true);
+    assertEquals(caps.writable, true);
+    assertEquals(caps.trim, false);
+    assertEquals(caps.extents, true);
     const data = new TextEncoder().encode("hello, world");
     await backend.pwrite(data, 1000, { fua: false });
-    assert.deepEqual(await read(backend, 1000, data.length), data);
-    await assert.rejects(
+    assertEquals(await read(backend, 1000, data.length), data);
+    await assertRejects(
       () => backend.pwrite(data, 61000, { fua: false }),
       (e) => e instanceof NbdError && e.errno === "ENOSPC" && /out of space/.test(e.message),
     );
     // zero is not implemented: emulated by writing zeroes.
     await backend.zero(1000, 5, { fua: false, fast: false, mayTrim: true });
-    assert.deepEqual(await read(backend, 1000, 7), new Uint8Array([0, 0, 0, 0, 0, 44, 32]));
-    assert.deepEqual(await backend.extents(0, 65536, { reqOne: false }), [
+    assertEquals(await read(backend, 1000, 7), new Uint8Array([0, 0, 0, 0, 0, 44, 32]));
+    assertEquals(await backend.extents(0, 65536, { reqOne: false }), [
       { length: 32768, flags: 0 },
       { length: 32768, flags: NBD_STATE_HOLE | NBD_STATE_ZERO },
     ]);
@@ -72,13 +72,13 @@ Deno.test("sh plugin follows nbdkit's calling convention", async () => {
 Deno.test("sh plugin passes other parameters to config and reports its errors", async () => {
   const { path, dir } = await scriptFile(SCRIPT);
   try {
-    await assert.rejects(
+    await assertRejects(
       () => openPlugin(shPlugin, [path, "colour=red"]),
       (e) => e instanceof UsageError && /unknown key colour/.test(e.message),
     );
     const { instance } = await openPlugin(shPlugin, [path, "fill=x"]);
     await instance.close?.();
-    await assert.rejects(() => openPlugin(shPlugin, [`${dir}/nothing.sh`]), UsageError);
+    await assertRejects(() => openPlugin(shPlugin, [`${dir}/nothing.sh`]), UsageError);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -94,8 +94,8 @@ esac
 `);
   try {
     const { backend } = await openPlugin(shPlugin, [path]);
-    assert.equal(backend.capabilities().writable, false);
-    await assert.rejects(
+    assertEquals(backend.capabilities().writable, false);
+    await assertRejects(
       () => read(backend, 0, 10),
       (e) => e instanceof NbdError && e.errno === "EIO",
     );
@@ -105,16 +105,16 @@ esac
 });
 
 Deno.test("script output parsers", () => {
-  assert.deepEqual(parseExportList("INTERLEAVED\na\nfirst\nb\nsecond\n"), [
+  assertEquals(parseExportList("INTERLEAVED\na\nfirst\nb\nsecond\n"), [
     { name: "a", description: "first" },
     { name: "b", description: "second" },
   ]);
-  assert.deepEqual(parseExportList("NAMES+DESCRIPTIONS\na\nb\nA\nB\n"), [
+  assertEquals(parseExportList("NAMES+DESCRIPTIONS\na\nb\nA\nB\n"), [
     { name: "a", description: "A" },
     { name: "b", description: "B" },
   ]);
-  assert.deepEqual(parseExportList("x\ny\n"), [{ name: "x" }, { name: "y" }]);
-  assert.deepEqual(parseExtents("0 1M\n1M 9M hole,zero\n", 512, 2 * 1048576), [
+  assertEquals(parseExportList("x\ny\n"), [{ name: "x" }, { name: "y" }]);
+  assertEquals(parseExtents("0 1M\n1M 9M hole,zero\n", 512, 2 * 1048576), [
     { length: 1048576 - 512, flags: 0 },
     { length: 1048576 + 512, flags: 3 },
   ]);
@@ -123,8 +123,8 @@ Deno.test("script output parsers", () => {
     stdout: new Uint8Array(),
     stderr: "ENOSPC full\n",
   });
-  assert.equal(e.errno, "ENOSPC");
-  assert.equal(
+  assertEquals(e.errno, "ENOSPC");
+  assertEquals(
     scriptError("pread", { status: "error", stdout: new Uint8Array(), stderr: "oops" }).errno,
     "EIO",
   );

@@ -1,7 +1,7 @@
-import assert from "node:assert/strict";
+import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
 import { NBD_STATE_HOLE } from "../protocol/constants.ts";
 import { NbdError } from "../protocol/errors.ts";
-import { assertBytes, openPlugin, read } from "../filters/_test_utils.ts";
+import { openPlugin, read } from "../filters/_test_utils.ts";
 import { SPARSE_BLOCK, sparseRandomPlugin } from "./sparse_random.ts";
 
 Deno.test("sparse-random is reproducible from its seed and roughly honours percent", async () => {
@@ -16,20 +16,20 @@ Deno.test("sparse-random is reproducible from its seed and roughly honours perce
     "runlength=1M",
   ]);
   const extents = await a.extents(0, size, { reqOne: false });
-  assert.equal(extents.reduce((n, e) => n + e.length, 0), size);
+  assertEquals(extents.reduce((n, e) => n + e.length, 0), size);
   const data = extents.filter((e) => !(e.flags & NBD_STATE_HOLE)).reduce((n, e) => n + e.length, 0);
-  assert.ok(data > size * 0.15 && data < size * 0.35, `${data / size}`);
+  assertOk(data > size * 0.15 && data < size * 0.35, `${data / size}`);
   // Reads agree with extents, and two instances with one seed agree byte for byte.
   let pos = 0;
   for (const e of extents.slice(0, 20)) {
     const sample = await read(a, pos, Math.min(e.length, 3 * SPARSE_BLOCK));
-    assert.equal(sample.every((x) => x === 0), (e.flags & NBD_STATE_HOLE) !== 0);
+    assertEquals(sample.every((x) => x === 0), (e.flags & NBD_STATE_HOLE) !== 0);
     pos += e.length;
   }
   const first = await read(a, 0, 8 * 1024 * 1024);
   assertBytes(await read(b, 0, 8 * 1024 * 1024), first);
   const other = await read(c, 0, 8 * 1024 * 1024);
-  assert.ok(other.some((x, i) => x !== first[i]));
+  assertOk(other.some((x, i) => x !== first[i]));
 });
 
 Deno.test("sparse-random accepts writes of its own data and refuses others", async () => {
@@ -44,11 +44,11 @@ Deno.test("sparse-random accepts writes of its own data and refuses others", asy
   const dataAt = extents.findIndex((e) => !(e.flags & NBD_STATE_HOLE));
   const offset = extents.slice(0, dataAt).reduce((n, e) => n + e.length, 0);
   const same = await read(backend, offset + 100, 5000);
-  assert.ok(new Set(same).size > 50); // random content really is random
+  assertOk(new Set(same).size > 50); // random content really is random
   await backend.pwrite(same, offset + 100, { fua: false });
   same[4000] ^= 1;
-  await assert.rejects(() => backend.pwrite(same, offset + 100, { fua: false }), NbdError);
-  await assert.rejects(
+  await assertRejects(() => backend.pwrite(same, offset + 100, { fua: false }), NbdError);
+  await assertRejects(
     () => backend.zero(offset, 4096, { fua: false, fast: false, mayTrim: false }),
     NbdError,
   );
@@ -59,7 +59,7 @@ Deno.test("sparse-random accepts writes of its own data and refuses others", asy
 
 Deno.test("sparse-random with percent 0 and 100", async () => {
   const { backend: empty } = await openPlugin(sparseRandomPlugin, ["1M", "percent=0"]);
-  assert.deepEqual(await empty.extents(0, 1 << 20, { reqOne: false }), [{
+  assertEquals(await empty.extents(0, 1 << 20, { reqOne: false }), [{
     length: 1 << 20,
     flags: 3,
   }]);
@@ -68,9 +68,9 @@ Deno.test("sparse-random with percent 0 and 100", async () => {
     "percent=100",
     "runlength=64K",
   ]);
-  assert.deepEqual(await full.extents(0, 1 << 20, { reqOne: false }), [{
+  assertEquals(await full.extents(0, 1 << 20, { reqOne: false }), [{
     length: 1 << 20,
     flags: 0,
   }]);
-  assert.ok((await read(full, 0, 1 << 20)).every((x) => x !== 0));
+  assertOk((await read(full, 0, 1 << 20)).every((x) => x !== 0));
 });

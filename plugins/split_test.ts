@@ -1,7 +1,7 @@
-import assert from "node:assert/strict";
+import { assertBytes, assertEquals, assertRejects } from "../tests/assert.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { randomBytes } from "../tests/helpers.ts";
-import { assertBytes, openPlugin, read } from "../filters/_test_utils.ts";
+import { openPlugin, read } from "../filters/_test_utils.ts";
 import { splitPlugin } from "./split.ts";
 
 Deno.test("split plugin joins files and writes across their boundaries", async () => {
@@ -12,7 +12,7 @@ Deno.test("split plugin joins files and writes across their boundaries", async (
     parts.forEach((p, i) => Deno.writeFileSync(paths[i]!, p));
     const joined = new Uint8Array([...parts[0]!, ...parts[1]!, ...parts[2]!]);
     const { backend, instance } = await openPlugin(splitPlugin, paths.map((p) => `file=${p}`));
-    assert.equal(backend.size(), 5097);
+    assertEquals(backend.size(), 5097);
     assertBytes(await read(backend, 0, 5097), joined);
     assertBytes(await read(backend, 990, 20), joined.subarray(990, 1010));
     const patch = randomBytes(30, 9);
@@ -24,7 +24,7 @@ Deno.test("split plugin joins files and writes across their boundaries", async (
     await instance.close?.();
     // A bare word is the file (magic parameter).
     const single = await openPlugin(splitPlugin, [paths[2]!]);
-    assert.equal(single.backend.size(), 4096);
+    assertEquals(single.backend.size(), 4096);
     await single.instance.close?.();
   } finally {
     await Deno.remove(dir, { recursive: true });
@@ -32,6 +32,6 @@ Deno.test("split plugin joins files and writes across their boundaries", async (
 });
 
 Deno.test("split plugin reports missing files as usage errors", async () => {
-  await assert.rejects(() => openPlugin(splitPlugin, ["file=/nonexistent/disk.img"]), UsageError);
-  await assert.rejects(() => openPlugin(splitPlugin, []), UsageError);
+  await assertRejects(() => openPlugin(splitPlugin, ["file=/nonexistent/disk.img"]), UsageError);
+  await assertRejects(() => openPlugin(splitPlugin, []), UsageError);
 });

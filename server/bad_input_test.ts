@@ -53,6 +53,15 @@ async function serve(
   };
 }
 
+/** Waits (up to 10 s) for a log line containing `text`. */
+async function logged(f: Fixture, text: string): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (!f.logs.some((line) => line.includes(text))) {
+    assertOk(Date.now() < deadline, `no log line "${text}" in: ${f.logs.join(" | ")}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
 async function client(path: string): Promise<RawClient & Disposable> {
   const c = await RawClient.connect(path);
   return Object.assign(c, { [Symbol.dispose]: () => c.close() });
@@ -120,15 +129,15 @@ Deno.test("extended replies echo a 64-bit request offset exactly, even beyond 2^
 
 Deno.test("limits: no more than --max-in-flight requests reach the backend at once", async () => {
   const gate = gatedPlugin();
-  await using f = await serve(gate.plugin, [], { maxInFlight: 2 });
+  await using f = await serve(gate.plugin, [], { maxInFlight: 2, verbose: true });
   using c = await client(f.path);
   await c.start();
   await c.go();
   for (let i = 1; i <= 5; i++) {
     await c.request(C.NBD_CMD_WRITE, { offset: i * 512, payload: new Uint8Array(512), cookie: i });
   }
-  // Give the server every chance to read further than it should.
-  await new Promise((r) => setTimeout(r, 300));
+  // The server says when it stops reading; only then is the count final.
+  await logged(f, "2 requests in flight: reading no more yet");
   assertEquals(gate.started(), 2);
   gate.release();
   const cookies = [];
@@ -163,7 +172,7 @@ Deno.test("limits: READ replies count against the in-flight byte budget (a clien
           })),
       }),
   };
-  await using f = await serve(slow, []);
+  await using f = await serve(slow, [], { verbose: true });
   using c = await client(f.path);
   await c.start();
   await c.go();
@@ -171,7 +180,7 @@ Deno.test("limits: READ replies count against the in-flight byte budget (a clien
   for (let i = 0; i < 64; i++) {
     await c.request(C.NBD_CMD_READ, { offset: i * size, length: size, cookie: i + 1 });
   }
-  await new Promise((r) => setTimeout(r, 300));
+  await logged(f, "bytes of requests in flight: reading no more yet");
   const before = started;
   release();
   assertEquals(before, MAX_IN_FLIGHT_BYTES / size);

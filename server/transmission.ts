@@ -131,7 +131,10 @@ export class Transmission {
     const headerSize = this.#extended ? EXTENDED_REQUEST_SIZE : COMPACT_REQUEST_SIZE;
     try {
       while (true) {
-        if (this.#inFlight >= this.#maxInFlight) await this.#slot();
+        if (this.#inFlight >= this.#maxInFlight) {
+          if (conn.verbose) conn.log(`${this.#inFlight} requests in flight: reading no more yet`);
+          await this.#slot();
+        }
         if (conn.writer.full) await conn.writer.drain();
         if (conn.writer.error !== undefined) break;
         const reader = conn.reader;
@@ -202,6 +205,9 @@ export class Transmission {
     // server allocate maxInFlight times maxRequest bytes.
     const cost = failure ? 0 : payloadLength + (request.type === NBD_CMD_READ ? request.length : 0);
     while (cost > 0 && this.#inFlight > 0 && this.#inFlightBytes + cost > MAX_IN_FLIGHT_BYTES) {
+      if (conn.verbose) {
+        conn.log(`${this.#inFlightBytes} bytes of requests in flight: reading no more yet`);
+      }
       await this.#slot();
     }
     let payload: Uint8Array | undefined;

@@ -17,11 +17,34 @@ export function assertOk(value: unknown, message?: string): asserts value {
   assert.ok(value, message);
 }
 
-/** Asserts that `fn` throws an instance of `type` whose message contains `includes`. */
+/** An error class, or a predicate the error must satisfy. */
+export type ErrorExpectation =
+  | (abstract new (...args: never[]) => Error)
+  | ((error: unknown) => boolean);
+
+function checkError(thrown: unknown, expected: ErrorExpectation, includes?: string | RegExp): void {
+  if (expected === Error || expected.prototype instanceof Error) {
+    const type = expected as abstract new (...args: never[]) => Error;
+    assert.ok(thrown instanceof type, `expected ${type.name}, got ${thrown}`);
+  } else {
+    assert.ok((expected as (error: unknown) => boolean)(thrown), `unexpected error: ${thrown}`);
+  }
+  if (includes === undefined) return;
+  const message = thrown instanceof Error ? thrown.message : String(thrown);
+  assert.ok(
+    typeof includes === "string" ? message.includes(includes) : includes.test(message),
+    `"${message}" lacks ${includes}`,
+  );
+}
+
+/**
+ * Asserts that `fn` throws an error of `expected` (a class or a predicate)
+ * whose message contains `includes` (a substring or a pattern).
+ */
 export function assertThrows(
   fn: () => unknown,
-  type: abstract new (...args: never[]) => Error = Error,
-  includes?: string,
+  expected: ErrorExpectation = Error,
+  includes?: string | RegExp,
 ): Error {
   let thrown: unknown;
   try {
@@ -32,39 +55,39 @@ export function assertThrows(
   if (thrown === undefined) {
     throw new assert.AssertionError({ message: "expected the function to throw" });
   }
-  assert.ok(thrown instanceof type, `expected ${type.name}, got ${thrown}`);
-  if (includes !== undefined) {
-    assert.ok(
-      (thrown as Error).message.includes(includes),
-      `"${(thrown as Error).message}" lacks "${includes}"`,
-    );
-  }
+  checkError(thrown, expected, includes);
   return thrown as Error;
 }
 
-/** Async version of assertThrows. */
+/** Async version of assertThrows: `fn` (or the promise itself) must reject. */
 export async function assertRejects(
-  fn: () => Promise<unknown>,
-  type: abstract new (...args: never[]) => Error = Error,
-  includes?: string,
+  fn: Promise<unknown> | (() => Promise<unknown>),
+  expected: ErrorExpectation = Error,
+  includes?: string | RegExp,
 ): Promise<Error> {
   let thrown: unknown;
+  let rejected = false;
   try {
-    await fn();
+    await (typeof fn === "function" ? fn() : fn);
   } catch (error) {
     thrown = error;
+    rejected = true;
   }
-  if (thrown === undefined) {
+  if (!rejected) {
     throw new assert.AssertionError({ message: "expected the promise to reject" });
   }
-  assert.ok(thrown instanceof type, `expected ${type.name}, got ${thrown}`);
-  if (includes !== undefined) {
-    assert.ok(
-      (thrown as Error).message.includes(includes),
-      `"${(thrown as Error).message}" lacks "${includes}"`,
-    );
-  }
+  checkError(thrown, expected, includes);
   return thrown as Error;
+}
+
+/** Asserts that a string matches a pattern. */
+export function assertMatch(text: string, pattern: RegExp, message?: string): void {
+  assert.match(text, pattern, message);
+}
+
+/** Asserts that a string does not match a pattern. */
+export function assertNotMatch(text: string, pattern: RegExp, message?: string): void {
+  assert.doesNotMatch(text, pattern, message);
 }
 
 /** Asserts that a string contains a substring. */

@@ -4,7 +4,7 @@
  * and our own server for extended headers.
  */
 
-import assert from "node:assert/strict";
+import { assertEquals, assertMatch, assertOk, assertRejects } from "./assert.ts";
 import { NbdClient, WRITE_HEADROOM } from "../client/client.ts";
 import { NbdOptionError, NbdRequestError } from "../client/errors.ts";
 import { NbdHandshake } from "../client/handshake.ts";
@@ -43,10 +43,10 @@ Deno.test({
   async fn() {
     await using server = await nbdkit(["memory", "64M"]);
     await using client = await NbdClient.connect(server.uri);
-    assert.equal(client.size(), 64 * MiB);
-    assert.equal(client.protocol, "newstyle-fixed");
-    assert.equal(client.structuredReplies, true);
-    assert.deepEqual(client.metaContexts, ["base:allocation"]);
+    assertEquals(client.size(), 64 * MiB);
+    assertEquals(client.protocol, "newstyle-fixed");
+    assertEquals(client.structuredReplies, true);
+    assertEquals(client.metaContexts, ["base:allocation"]);
     const data = randomBytes(16 * MiB, 7);
     // 256 writes of 64 KiB, all in flight at once, scattered over the export.
     const writes = [];
@@ -62,7 +62,7 @@ Deno.test({
       reads.push(client.pread(back.subarray(offset, offset + 256 * 1024), 8 * MiB + offset));
     }
     await Promise.all(reads);
-    assert.equal(firstDifference(back, data), -1);
+    assertEquals(firstDifference(back, data), -1);
 
     await client.pwrite(data.subarray(0, 4096), 0, { fua: true });
     await client.zero(4096, 8 * MiB - 4096);
@@ -70,15 +70,15 @@ Deno.test({
     await client.cache(0, MiB);
     const extents = [];
     for await (const e of client.iterateExtents(0, client.size())) extents.push(e);
-    assert.equal(extents.reduce((n, e) => n + e.length, 0), client.size());
-    assert.equal(extents[0]!.flags & NBD_STATE_HOLE, 0, "written data is allocated");
+    assertEquals(extents.reduce((n, e) => n + e.length, 0), client.size());
+    assertEquals(extents[0]!.flags & NBD_STATE_HOLE, 0, "written data is allocated");
     // (nbdkit tracks allocation in pages, so look well inside the zeroed range.)
     const zeroed = extents.find((e) => e.offset <= MiB && e.offset + e.length > MiB)!;
-    assert.ok(zeroed.flags & NBD_STATE_ZERO, "zeroed range reads as zero");
+    assertOk(zeroed.flags & NBD_STATE_ZERO, "zeroed range reads as zero");
     const sample = new Uint8Array(8192);
     await client.pread(sample, 0, { df: true });
-    assert.deepEqual(sample.subarray(0, 4096), data.subarray(0, 4096));
-    assert.deepEqual(sample.subarray(4096), new Uint8Array(4096));
+    assertEquals(sample.subarray(0, 4096), data.subarray(0, 4096));
+    assertEquals(sample.subarray(4096), new Uint8Array(4096));
   },
 });
 
@@ -88,14 +88,14 @@ Deno.test({
   async fn() {
     await using server = await nbdkit(["-r", "pattern", "1G"]);
     await using client = await NbdClient.connect(server.uri);
-    assert.equal(client.readOnly, true);
+    assertEquals(client.readOnly, true);
     for (const [offset, length] of [[0, 64], [3, 13], [900 * MiB + 5, 40 * MiB + 3]]) {
       const buf = new Uint8Array(length!);
       await client.pread(buf, offset!);
-      assert.equal(firstDifference(buf, pattern(offset!, length!)), -1, `at ${offset}`);
+      assertEquals(firstDifference(buf, pattern(offset!, length!)), -1, `at ${offset}`);
     }
     const error = await client.pwrite(new Uint8Array(1), 0).catch((e) => e);
-    assert.ok(error instanceof NbdRequestError && error.errno === "EPERM" && error.local);
+    assertOk(error instanceof NbdRequestError && error.errno === "EPERM" && error.local);
   },
 });
 
@@ -110,12 +110,12 @@ Deno.test({
     await using client = await NbdClient.connect(server.uri);
     const buf = new Uint8Array(client.size()).fill(0xee);
     await client.pread(buf, 0);
-    assert.equal(firstDifference(buf, expected), -1);
+    assertEquals(firstDifference(buf, expected), -1);
     let holes = 0;
     for await (const e of client.iterateExtents(0, client.size())) {
       if (e.flags & NBD_STATE_HOLE) holes += e.length;
     }
-    assert.ok(holes > 0 && holes < client.size(), `holes: ${holes}`);
+    assertOk(holes > 0 && holes < client.size(), `holes: ${holes}`);
   },
 });
 
@@ -134,20 +134,20 @@ Deno.test({
       "exportname-strict=true",
     ]);
     const session = await NbdHandshake.open(server.uri);
-    assert.deepEqual(await session.list(), [
+    assertEquals(await session.list(), [
       { name: "a", description: "hello" },
       { name: "b", description: "hello" },
     ]);
     const info = await session.info("b");
-    assert.equal(info.size, MiB);
-    assert.equal(info.description, "hello");
-    assert.deepEqual(await session.listMetaContexts("b"), ["base:allocation"]);
-    await assert.rejects(
+    assertEquals(info.size, MiB);
+    assertEquals(info.description, "hello");
+    assertEquals(await session.listMetaContexts("b"), ["base:allocation"]);
+    await assertRejects(
       session.info("zzz"),
       (e) => e instanceof NbdOptionError && /no export named "zzz"/.test(e.message),
     );
     const client = await NbdClient.fromHandshake(session, { exportName: "a" });
-    assert.equal(client.exportName, "a");
+    assertEquals(client.exportName, "a");
     await client.pwrite(new Uint8Array([1, 2, 3]), 0);
     await client.close();
   },
@@ -167,16 +167,16 @@ Deno.test({
     ) {
       await using server = await nbdkit([flag, "memory", "4M"]);
       await using client = await NbdClient.connect(server.uri);
-      assert.equal(client.protocol, protocol, flag);
-      assert.equal(client.structuredReplies, structured, flag);
+      assertEquals(client.protocol, protocol, flag);
+      assertEquals(client.structuredReplies, structured, flag);
       const data = randomBytes(MiB + 17, 3);
       await client.pwrite(data, 1000);
       const back = new Uint8Array(data.length);
       await client.pread(back, 1000);
-      assert.equal(firstDifference(back, data), -1, flag);
+      assertEquals(firstDifference(back, data), -1, flag);
       // Without block status everything is reported as allocated data.
       const extents = await client.extents(0, client.size());
-      if (!structured) assert.deepEqual(extents, [{ length: client.size(), flags: 0 }]);
+      if (!structured) assertEquals(extents, [{ length: client.size(), flags: 0 }]);
     }
   },
 });
@@ -195,7 +195,7 @@ Deno.test({
       "blocksize-error-policy=error",
     ]);
     await using client = await NbdClient.connect(server.uri);
-    assert.deepEqual(client.advertisedBlockSize, {
+    assertEquals(client.advertisedBlockSize, {
       minimum: 512,
       preferred: 4096,
       maximum: 65536,
@@ -205,10 +205,10 @@ Deno.test({
     await client.pwrite(data, MiB);
     const back = new Uint8Array(3 * MiB);
     await client.pread(back, MiB);
-    assert.equal(firstDifference(back, data), -1);
+    assertEquals(firstDifference(back, data), -1);
     const error = await client.pread(new Uint8Array(100), 512).catch((e) => e);
-    assert.ok(error instanceof NbdRequestError && error.local, String(error));
-    assert.match(error.message, /512-byte minimum block size/);
+    assertOk(error instanceof NbdRequestError && error.local, String(error));
+    assertMatch(error.message, /512-byte minimum block size/);
   },
 });
 
@@ -227,13 +227,13 @@ Deno.test({
     ]);
     await using client = await NbdClient.connect(server.uri);
     const error = await client.pread(new Uint8Array(4096), 8192).catch((e) => e);
-    assert.ok(error instanceof NbdRequestError, String(error));
-    assert.equal(error.errno, "EIO");
-    assert.equal(error.command, "READ");
-    assert.equal(error.offset, 8192);
-    assert.equal(error.length, 4096);
-    assert.equal(error.local, false);
-    await assert.rejects(
+    assertOk(error instanceof NbdRequestError, String(error));
+    assertEquals(error.errno, "EIO");
+    assertEquals(error.command, "READ");
+    assertEquals(error.offset, 8192);
+    assertEquals(error.length, 4096);
+    assertEquals(error.local, false);
+    await assertRejects(
       client.zero(0, 4096),
       (e) => e instanceof NbdRequestError && e.errno === "ENOSPC" && e.command === "WRITE_ZEROES",
     );
@@ -257,12 +257,12 @@ Deno.test({
     await using client = await NbdClient.connect(server.uri, {
       metaContexts: ["base:allocation", "qemu:allocation-depth"],
     });
-    assert.equal(client.size(), 4 * MiB);
-    assert.equal(client.canMultiConn, false);
-    assert.deepEqual(client.metaContexts.sort(), ["base:allocation", "qemu:allocation-depth"]);
+    assertEquals(client.size(), 4 * MiB);
+    assertEquals(client.canMultiConn, false);
+    assertEquals(client.metaContexts.sort(), ["base:allocation", "qemu:allocation-depth"]);
     const map = [];
     for await (const e of client.iterateExtents(0, client.size())) map.push(e);
-    assert.deepEqual(map, [
+    assertEquals(map, [
       { offset: 0, length: MiB, flags: 3 },
       { offset: MiB, length: 65536, flags: 0 },
       { offset: MiB + 65536, length: 3 * MiB - 65536, flags: 3 },
@@ -271,16 +271,16 @@ Deno.test({
     for await (const e of client.iterateExtents(0, client.size(), "qemu:allocation-depth")) {
       depth.push([e.length, e.flags]);
     }
-    assert.deepEqual(depth, [[MiB, 0], [65536, 1], [3 * MiB - 65536, 0]]);
+    assertEquals(depth, [[MiB, 0], [65536, 1], [3 * MiB - 65536, 0]]);
     const buf = new Uint8Array(2 * MiB).fill(0x55);
     await client.pread(buf, 0);
-    assert.deepEqual(buf.subarray(0, MiB), new Uint8Array(MiB));
-    assert.deepEqual(buf.subarray(MiB, MiB + 65536), new Uint8Array(65536).fill(0xab));
-    assert.deepEqual(buf.subarray(MiB + 65536), new Uint8Array(MiB - 65536));
+    assertEquals(buf.subarray(0, MiB), new Uint8Array(MiB));
+    assertEquals(buf.subarray(MiB, MiB + 65536), new Uint8Array(65536).fill(0xab));
+    assertEquals(buf.subarray(MiB + 65536), new Uint8Array(MiB - 65536));
     // qemu-nbd allows one client at a time by default: the pool stays at one.
     await client.close();
     await using pool = await NbdClientPool.connect(server.uri, { connections: 4 });
-    assert.equal(pool.clients.length, 1);
+    assertEquals(pool.clients.length, 1);
   },
 });
 
@@ -294,21 +294,21 @@ Deno.test({
     await Deno.writeFile(image, content);
     await using server = await startNbdServer(image);
     const session = await NbdHandshake.open(server.uri);
-    assert.equal(session.structuredReplies, false);
-    assert.deepEqual(await session.list(), [{ name: "disk", description: "" }]);
+    assertEquals(session.structuredReplies, false);
+    assertEquals(await session.list(), [{ name: "disk", description: "" }]);
     const info = await session.info("disk");
-    assert.equal(info.size, 0, "nbd-server's INFO quirk (if this fails, the quirk is gone)");
+    assertEquals(info.size, 0, "nbd-server's INFO quirk (if this fails, the quirk is gone)");
     await session.abort(); // nbd-server closes instead of acknowledging
     await using client = await NbdClient.connect(server.uri);
-    assert.equal(client.size(), 2 * MiB, "GO reports the real size");
+    assertEquals(client.size(), 2 * MiB, "GO reports the real size");
     const back = new Uint8Array(2 * MiB);
     await client.pread(back, 0);
-    assert.equal(firstDifference(back, content), -1);
+    assertEquals(firstDifference(back, content), -1);
     await client.pwrite(new Uint8Array(512).fill(7), 512, { fua: true });
     await client.flush();
     await client.close();
     const after = await Deno.readFile(image);
-    assert.deepEqual(after.subarray(512, 1024), new Uint8Array(512).fill(7));
+    assertEquals(after.subarray(512, 1024), new Uint8Array(512).fill(7));
   },
 });
 
@@ -318,7 +318,7 @@ Deno.test({
   async fn() {
     await using server = await nbdkit(["memory", "16M"]);
     await using pool = await NbdClientPool.connect(server.uri, { connections: 4 });
-    assert.equal(pool.clients.length, 4);
+    assertEquals(pool.clients.length, 4);
     const data = randomBytes(8 * MiB, 11);
     await Promise.all(
       Array.from({ length: 32 }, (_, i) => {
@@ -326,7 +326,7 @@ Deno.test({
         return pool.pwrite(data.subarray(offset, offset + 256 * 1024), offset);
       }),
     );
-    assert.ok(pool.clients.every((c) => c.inFlight === 0));
+    assertOk(pool.clients.every((c) => c.inFlight === 0));
     await pool.flush();
     const back = new Uint8Array(8 * MiB);
     await Promise.all(
@@ -335,7 +335,7 @@ Deno.test({
         (_, i) => pool.pread(back.subarray(i * MiB, (i + 1) * MiB), i * MiB),
       ),
     );
-    assert.equal(firstDifference(back, data), -1);
+    assertEquals(firstDifference(back, data), -1);
 
     await using single = await nbdkit([
       "--filter=multi-conn",
@@ -344,34 +344,34 @@ Deno.test({
       "multi-conn-mode=disable",
     ]);
     await using one = await NbdClientPool.connect(single.uri, { connections: 4 });
-    assert.equal(one.clients.length, 1);
+    assertEquals(one.clients.length, 1);
   },
 });
 
 Deno.test("client negotiates extended headers with our own server", async () => {
   await using server = await startNbdServe(["memory", "64M"]);
   await using client = await NbdClient.connect(server.uri);
-  assert.equal(client.extendedHeaders, true);
-  assert.equal(client.structuredReplies, true);
+  assertEquals(client.extendedHeaders, true);
+  assertEquals(client.structuredReplies, true);
   const data = randomBytes(5 * MiB, 13);
   await client.pwrite(data, 3 * MiB + 1);
   const back = new Uint8Array(data.length);
   await client.pread(back, 3 * MiB + 1);
-  assert.equal(firstDifference(back, data), -1);
+  assertEquals(firstDifference(back, data), -1);
   await client.zero(0, 64 * MiB - 1);
   const extents = await client.extents(0, 64 * MiB);
-  assert.ok(extents.length >= 1 && extents[0]!.flags & NBD_STATE_ZERO);
-  await assert.rejects(
+  assertOk(extents.length >= 1 && extents[0]!.flags & NBD_STATE_ZERO);
+  await assertRejects(
     client.pread(new Uint8Array(10), 64 * MiB - 5),
     (e) => e instanceof NbdRequestError && e.local,
   );
 
   await using compact = await NbdClient.connect(server.uri, { extendedHeaders: false });
-  assert.equal(compact.extendedHeaders, false);
-  assert.equal(compact.structuredReplies, true);
+  assertEquals(compact.extendedHeaders, false);
+  assertEquals(compact.structuredReplies, true);
   const small = new Uint8Array(100);
   await compact.pread(small, 3 * MiB + 1);
-  assert.deepEqual(small, new Uint8Array(100));
+  assertEquals(small, new Uint8Array(100));
 });
 
 Deno.test({
@@ -394,14 +394,14 @@ Deno.test({
       },
     });
     await write.then(() => events.push("replied"));
-    assert.deepEqual(events, ["sent", "replied"]);
+    assertEquals(events, ["sent", "replied"]);
     const back = new Uint8Array(data.length);
     await client.pread(back, 65536);
-    assert.equal(firstDifference(back, data), -1);
+    assertEquals(firstDifference(back, data), -1);
     // Without headroom nothing is promised: sent() is not called.
     let called = false;
     await client.pwrite(data, 0, { sent: () => called = true });
-    assert.equal(called, false);
+    assertEquals(called, false);
   },
 });
 
@@ -420,8 +420,8 @@ Deno.test({
       buffer.set(data, guard + WRITE_HEADROOM);
       const view = buffer.subarray(guard + WRITE_HEADROOM);
       await client.pwrite(view, 4096, { headroom: true });
-      assert.ok(buffer.subarray(0, guard).every((b) => b === 0xaa), `${uri}: guard bytes kept`);
-      assert.deepEqual(view, data, `${uri}: the data is untouched`);
+      assertOk(buffer.subarray(0, guard).every((b) => b === 0xaa), `${uri}: guard bytes kept`);
+      assertEquals(view, data, `${uri}: the data is untouched`);
       // As the copy does after a zero run: the next write's header goes over data already sent.
       const tail = 100 * 1024;
       await client.pwrite(view.subarray(tail), 2 * 1024 * 1024, { headroom: true });
@@ -430,7 +430,7 @@ Deno.test({
       ) {
         const back = new Uint8Array(expected.length);
         await client.pread(back, offset);
-        assert.equal(firstDifference(back, expected), -1, `${uri} at ${offset}`);
+        assertEquals(firstDifference(back, expected), -1, `${uri} at ${offset}`);
       }
     }
   },

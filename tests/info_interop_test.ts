@@ -3,7 +3,7 @@
  * and nbddump run against the same servers, plus the one-line errors.
  */
 
-import assert from "node:assert/strict";
+import { assertEquals, assertMatch, assertOk } from "./assert.ts";
 import {
   freePort,
   peers,
@@ -28,7 +28,7 @@ function nbd(...args: string[]): Promise<RunResult> {
 
 async function nbdOk(...args: string[]): Promise<string> {
   const result = await nbd(...args);
-  assert.equal(result.code, 0, `nbd ${args.join(" ")} failed:\n${result.stderr}`);
+  assertEquals(result.code, 0, `nbd ${args.join(" ")} failed:\n${result.stderr}`);
   return result.stdout;
 }
 
@@ -44,15 +44,15 @@ type Json = Record<string, unknown> & { exports: Array<Record<string, unknown>> 
  */
 function assertSameInfo(ours: Json, theirs: Json, differ: string[] = []): void {
   for (const key of ["protocol", "TLS", "structured"]) {
-    assert.deepEqual(ours[key], theirs[key], `top-level field ${key}`);
+    assertEquals(ours[key], theirs[key], `top-level field ${key}`);
   }
-  assert.equal(ours.exports.length, theirs.exports.length, "number of exports");
+  assertEquals(ours.exports.length, theirs.exports.length, "number of exports");
   theirs.exports.forEach((expected, i) => {
     const actual = ours.exports[i]!;
     for (const [key, value] of Object.entries(expected)) {
-      assert.ok(key in actual, `export ${i}: field "${key}" is missing`);
+      assertOk(key in actual, `export ${i}: field "${key}" is missing`);
       if (!differ.includes(key)) {
-        assert.deepEqual(actual[key], value, `export ${i}: field "${key}"`);
+        assertEquals(actual[key], value, `export ${i}: field "${key}"`);
       }
     }
   });
@@ -85,7 +85,7 @@ Deno.test({
     for (const args of variants) {
       await using server = await nbdkit(args);
       const ours = await compareInfo(server.uri);
-      assert.ok(ours.exports[0]!["export-size"]! as number > 0, args.join(" "));
+      assertOk(ours.exports[0]!["export-size"]! as number > 0, args.join(" "));
     }
   },
 });
@@ -104,9 +104,9 @@ Deno.test({
       "exportdesc=fixed:hello",
     ]);
     const listed = await compareInfo(named.uri);
-    assert.deepEqual(listed.exports.map((e) => e["export-name"]), [""]);
+    assertEquals(listed.exports.map((e) => e["export-name"]), [""]);
     const ours = JSON.parse(await nbdOk("list", "--json", named.uri)) as Json;
-    assert.deepEqual(ours.exports.map((e) => [e["export-name"], e.description]), [
+    assertEquals(ours.exports.map((e) => [e["export-name"], e.description]), [
       ["a", "hello"],
       ["b", "hello"],
     ]);
@@ -116,9 +116,9 @@ Deno.test({
       const theirs = JSON.parse((await runOk("nbdinfo", ["--json", server.uri])).stdout);
       assertSameInfo(JSON.parse(await nbdOk("info", "--json", server.uri)), theirs);
       const list = await nbd("list", server.uri);
-      assert.equal(list.code, 1);
-      assert.equal((await run("nbdinfo", ["--list", server.uri])).code, 1);
-      assert.match(
+      assertEquals(list.code, 1);
+      assertEquals((await run("nbdinfo", ["--list", server.uri])).code, 1);
+      assertMatch(
         list.stderr,
         /^nbd: the server uses the \w+ handshake, which has no LIST option\n$/,
       );
@@ -145,8 +145,8 @@ Deno.test({
     await using dir = await tempDir();
     await using server = await qemuServer(dir.path);
     const ours = await compareInfo(server.uri);
-    assert.deepEqual(ours.exports[0]!.contexts, ["base:allocation", "qemu:allocation-depth"]);
-    assert.equal(ours.exports[0]!.description, "my disk");
+    assertEquals(ours.exports[0]!.contexts, ["base:allocation", "qemu:allocation-depth"]);
+    assertEquals(ours.exports[0]!.description, "my disk");
     for (
       const args of [
         ["--map"],
@@ -158,14 +158,14 @@ Deno.test({
     ) {
       const theirs = (await runOk("nbdinfo", [...args, server.uri])).stdout;
       const mine = await nbdOk("info", ...args, server.uri);
-      if (args.includes("--json")) assert.deepEqual(JSON.parse(mine), JSON.parse(theirs));
-      else assert.equal(mine, theirs, args.join(" "));
+      if (args.includes("--json")) assertEquals(JSON.parse(mine), JSON.parse(theirs));
+      else assertEquals(mine, theirs, args.join(" "));
     }
-    assert.equal(
+    assertEquals(
       await nbdOk("map", "--context", "qemu:allocation-depth", server.uri),
       (await runOk("nbdinfo", ["--map=qemu:allocation-depth", server.uri])).stdout,
     );
-    assert.equal(
+    assertEquals(
       await nbdOk("dump", server.uri),
       (await runOk("nbddump", [server.uri])).stdout,
     );
@@ -178,13 +178,13 @@ Deno.test({
   async fn() {
     await using server = await nbdkit(["sparse-random", "64M", "runlength=262144", "seed=7"]);
     const theirs = (await runOk("nbdinfo", ["--map", server.uri])).stdout;
-    assert.ok(theirs.split("\n").length > 10, "the map has many runs");
-    assert.equal(await nbdOk("map", server.uri), theirs);
-    assert.equal(
+    assertOk(theirs.split("\n").length > 10, "the map has many runs");
+    assertEquals(await nbdOk("map", server.uri), theirs);
+    assertEquals(
       await nbdOk("map", "--totals", server.uri),
       (await runOk("nbdinfo", ["--map", "--totals", server.uri])).stdout,
     );
-    assert.deepEqual(
+    assertEquals(
       JSON.parse(await nbdOk("map", "--json", server.uri)),
       JSON.parse((await runOk("nbdinfo", ["--map", "--json", server.uri])).stdout),
     );
@@ -192,12 +192,12 @@ Deno.test({
     const theirTotals = JSON.parse(
       (await runOk("nbdinfo", ["--map", "--totals", "--json", server.uri])).stdout,
     );
-    assert.equal(totals.length, theirTotals.length);
+    assertEquals(totals.length, theirTotals.length);
     totals.forEach((t: Record<string, number>, i: number) => {
       const expected = theirTotals[i];
-      assert.equal(t.size, expected.size);
-      assert.equal(t.type, expected.type);
-      assert.ok(Math.abs(t.percent! - expected.percent) < 1e-3, `percent ${t.percent}`);
+      assertEquals(t.size, expected.size);
+      assertEquals(t.type, expected.type);
+      assertOk(Math.abs(t.percent! - expected.percent) < 1e-3, `percent ${t.percent}`);
     });
   },
 });
@@ -220,7 +220,7 @@ function undump(text: string, start: number, end: number): Uint8Array {
       continue;
     }
     const match = /^([0-9a-f]{10,}): (.{49})\|/.exec(line);
-    assert.ok(match, `unexpected dump line: ${line}`);
+    assertOk(match, `unexpected dump line: ${line}`);
     const address = parseInt(match[1]!, 16);
     const bytes = new Uint8Array(match[2]!.trim().split(/\s+/).map((h) => parseInt(h, 16)));
     if (splat) repeatUntil(address);
@@ -249,19 +249,19 @@ Deno.test({
     await Deno.writeFile(file, content);
     await using server = await nbdkit(["file", file]);
     const ours = await nbdOk("dump", server.uri);
-    assert.equal(ours, (await runOk("nbddump", [server.uri])).stdout);
-    assert.deepEqual(undump(ours, 0, content.length), content);
+    assertEquals(ours, (await runOk("nbddump", [server.uri])).stdout);
+    assertEquals(undump(ours, 0, content.length), content);
 
     const part = await nbdOk("dump", "--offset", "4000", "--length", String(MiB), server.uri);
-    assert.match(part, /^0000000fa0: /);
-    assert.deepEqual(undump(part, 4000, 4000 + MiB), content.subarray(4000, 4000 + MiB));
+    assertMatch(part, /^0000000fa0: /);
+    assertEquals(undump(part, 4000, 4000 + MiB), content.subarray(4000, 4000 + MiB));
 
     // A sparse export: block status lets zero regions go unread, output is unchanged.
     await using sparse = await nbdkit(["sparse-random", "8M", "runlength=262144", "seed=3"]);
     await runOk("nbdcopy", [sparse.uri, `${dir.path}/sparse.bin`]);
     const sparseDump = await nbdOk("dump", sparse.uri);
-    assert.equal(sparseDump, (await runOk("nbddump", [sparse.uri])).stdout);
-    assert.deepEqual(
+    assertEquals(sparseDump, (await runOk("nbddump", [sparse.uri])).stdout);
+    assertEquals(
       undump(sparseDump, 0, 8 * MiB),
       await Deno.readFile(`${dir.path}/sparse.bin`),
     );
@@ -289,8 +289,8 @@ Deno.test({
       ];
       for (const check of checks) {
         const theirs = (await run("nbdinfo", [...check, server.uri])).code;
-        assert.ok(theirs === 0 || theirs === 2, `nbdinfo ${check.join(" ")}: ${theirs}`);
-        assert.equal((await nbd("info", ...check, server.uri)).code, theirs, check.join(" "));
+        assertOk(theirs === 0 || theirs === 2, `nbdinfo ${check.join(" ")}: ${theirs}`);
+        assertEquals((await nbd("info", ...check, server.uri)).code, theirs, check.join(" "));
       }
     }
   },
@@ -306,11 +306,11 @@ Deno.test({
     await using server = await startNbdServer(image);
     // nbdinfo shows nbd-server's INFO size (0) and probes 0 bytes; we show the real size.
     const ours = await compareInfo(server.uri, ["export-size", "export-size-str", "content"]);
-    assert.equal(ours.exports[0]!["export-size"], 2 * MiB);
-    assert.equal(ours.exports[0]!["export-size-str"], "2M");
+    assertEquals(ours.exports[0]!["export-size"], 2 * MiB);
+    assertEquals(ours.exports[0]!["export-size-str"], "2M");
     const list = JSON.parse(await nbdOk("list", "--json", server.uri)) as Json;
-    assert.equal(list.exports[0]!["export-size"], 2 * MiB);
-    assert.equal(await nbdOk("info", "--size", server.uri), `${2 * MiB}\n`);
+    assertEquals(list.exports[0]!["export-size"], 2 * MiB);
+    assertEquals(await nbdOk("info", "--size", server.uri), `${2 * MiB}\n`);
   },
 });
 
@@ -344,19 +344,19 @@ Deno.test({
     ];
     for (const [args, pattern] of cases) {
       const result = await nbd(...args);
-      assert.equal(result.code, 1, `${args.join(" ")}: ${result.stderr}`);
-      assert.equal(result.stdout, "", args.join(" "));
+      assertEquals(result.code, 1, `${args.join(" ")}: ${result.stderr}`);
+      assertEquals(result.stdout, "", args.join(" "));
       const lines = result.stderr.trimEnd().split("\n");
-      assert.equal(lines.length, 1, `one line: ${result.stderr}`);
-      assert.match(lines[0]!, /^nbd: /);
-      assert.match(lines[0]!, pattern);
+      assertEquals(lines.length, 1, `one line: ${result.stderr}`);
+      assertMatch(lines[0]!, /^nbd: /);
+      assertMatch(lines[0]!, pattern);
     }
     for (
       const args of [["info"], ["dump", "--length", "lots", "nbd://x/"], ["map", "--bogus", "x"]]
     ) {
       const result = await nbd(...args);
-      assert.equal(result.code, 2, args.join(" "));
-      assert.match(result.stderr, /^nbd: /);
+      assertEquals(result.code, 2, args.join(" "));
+      assertMatch(result.stderr, /^nbd: /);
     }
   },
 });
@@ -388,7 +388,7 @@ Deno.test({
         await new Promise((r) => setTimeout(r, 50));
       }
       const ours = await compareInfo(uri);
-      assert.equal(ours.exports[0]!.uri, `nbd://127.0.0.1:${port}/disk`);
+      assertEquals(ours.exports[0]!.uri, `nbd://127.0.0.1:${port}/disk`);
     } finally {
       server.kill("SIGTERM");
       await server.status;
@@ -411,12 +411,12 @@ Deno.test({
     ]);
     for (const command of ["info", "list", "map", "dump"]) {
       const result = await nbd(command, server.uri);
-      assert.equal(result.code, 1, command);
-      assert.match(result.stderr, /^nbd: the server requires TLS: connect with an nbds:\/\/ URI/);
-      assert.equal(result.stderr.trimEnd().split("\n").length, 1, result.stderr);
+      assertEquals(result.code, 1, command);
+      assertMatch(result.stderr, /^nbd: the server requires TLS: connect with an nbds:\/\/ URI/);
+      assertEquals(result.stderr.trimEnd().split("\n").length, 1, result.stderr);
       // The same command with the TLS flags works.
       const secure = await nbd(command, `--tls-certificates=${dir.path}`, server.uri);
-      assert.equal(secure.code, 0, `${command}: ${secure.stderr}`);
+      assertEquals(secure.code, 0, `${command}: ${secure.stderr}`);
     }
   },
 });
@@ -426,8 +426,8 @@ Deno.test({
   ...peers("nbdkit", "nbdinfo"),
   async fn() {
     const info = await nbd("info", "--json", "--", "[", "nbdkit", "memory", "3M", "]");
-    assert.equal(info.code, 0, info.stderr);
-    assert.equal(JSON.parse(info.stdout).exports[0]["export-size"], 3 * 1024 * 1024);
+    assertEquals(info.code, 0, info.stderr);
+    assertEquals(JSON.parse(info.stdout).exports[0]["export-size"], 3 * 1024 * 1024);
     const expected = await runOk("nbdinfo", [
       "--map",
       "--",
@@ -438,9 +438,9 @@ Deno.test({
       "]",
     ]);
     const map = await nbd("map", "--", "[", "nbdkit", "data", "data=1 @1048576 2", "]");
-    assert.equal(map.stdout, expected.stdout);
+    assertEquals(map.stdout, expected.stdout);
     const bad = await nbd("info", "--", "[", "nbdkit", "memory", "1M");
-    assert.equal(bad.code, 2);
-    assert.match(bad.stderr, /needs one URI, or a server command/);
+    assertEquals(bad.code, 2);
+    assertMatch(bad.stderr, /needs one URI, or a server command/);
   },
 });

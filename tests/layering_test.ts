@@ -4,7 +4,7 @@
  * imports itself through others (no import cycles, type-only ones included).
  */
 
-import { assertEquals, assertOk as assert } from "./assert.ts";
+import { assertEquals, assertOk } from "./assert.ts";
 import { fileURLToPath } from "node:url";
 
 const ROOT = fileURLToPath(new URL("../", import.meta.url));
@@ -98,7 +98,7 @@ Deno.test("layering: the layer table only allows edges downwards (no two folders
   const table = readLayerTable(Deno.readTextFileSync(ROOT + "docs/architecture.md"));
   for (const [folder, allowed] of table) {
     for (const other of allowed) {
-      assert(!table.get(other)?.has(folder), `${folder} and ${other} allow each other`);
+      assertOk(!table.get(other)?.has(folder), `${folder} and ${other} allow each other`);
     }
   }
 });
@@ -110,8 +110,8 @@ Deno.test("layering: the table's check catches an upward import", () => {
     'import { serveCommand } from "../commands/serve.ts";\nnew Worker(new URL("../copy/w.ts", import.meta.url));',
   );
   assertEquals(imports, ["commands/serve.ts", "copy/w.ts"]);
-  assert(!table.get("core")!.has("commands"));
-  assert(!table.get("core")!.has("copy"));
+  assertOk(!table.get("core")!.has("commands"));
+  assertOk(!table.get("core")!.has("copy"));
 });
 
 Deno.test("layering: no import cycles", () => {
