@@ -421,9 +421,13 @@ function flatten(
         // A link's text (often a page name, `nbd-copy(1)`) is not hyphenated.
         const start = out.length;
         flatten(node.children, style, out);
-        for (let k = start; k < out.length; k++) out[k]!.nobreak = true;
         const shown = plainText(node.children);
         const address = node.href.replace(/^mailto:/, "");
+        for (let k = start; k < out.length; k++) {
+          // An address shown as the link's text breaks like one.
+          if (shown === address) out[k]!.url = true;
+          else out[k]!.nobreak = true;
+        }
         if (isExternal(node.href) && shown !== address) {
           out.push({ text: " ", bold: false, italic: false, code: false });
           out.push({ text: `<${address}>`, bold: false, italic: false, code: false, url: true });
@@ -735,6 +739,16 @@ function roffEscape(text: string, code: boolean): string {
   return out;
 }
 
+/** Lets roff break a line after the slashes of a path or address (`\:` is an invisible break point). */
+function breakAfterSlashes(word: string): string {
+  return word.replace(/(?<!\/)\/(?=[^/\s])/g, "/\\:");
+}
+
+/** Break points in words too long for a narrow column: paths and addresses. */
+function breakLongWords(text: string): string {
+  return text.replace(/\S{20,}/g, breakAfterSlashes);
+}
+
 /** Roff for inline runs: font changes as escapes, ending in the roman font. */
 function roffInline(runs: Run[]): string {
   let out = "";
@@ -749,9 +763,10 @@ function roffInline(runs: Run[]): string {
     }
     // Code and link text are not hyphenated (`\%` before each word).
     const escaped = roffEscape(run.text, run.code);
-    if (run.url) out += "\\%" + escaped.replace(/(?<!\/)\/(?=[^/])/g, "/\\:");
-    else if (run.code || run.nobreak) out += escaped.replace(/(^|\s)(?=\S)/g, "$1\\%");
-    else out += escaped;
+    if (run.url) out += "\\%" + breakAfterSlashes(escaped);
+    else if (run.code || run.nobreak) {
+      out += breakLongWords(escaped).replace(/(^|\s)(?=\S)/g, "$1\\%");
+    } else out += breakLongWords(escaped);
   }
   if (font !== "R") out += "\\fR";
   return out;
@@ -799,6 +814,8 @@ export function renderRoff(markdown: string, options: RoffOptions = {}): string 
       roffQuote(roffEscape(options.manual ?? "", false)),
     ].join(" "),
   );
+  // Ragged right: a line holding only part of a long address or path cannot be justified.
+  out.push(".ad l");
   let skippedTitle = title === undefined;
   let afterHeading = true;
   for (const block of blocks) {
@@ -873,15 +890,14 @@ export function renderRoff(markdown: string, options: RoffOptions = {}): string 
             Array.from({ length: count }, (_, k) => "l" + font + (k === count - 1 ? "x" : "")).join(
               " ",
             );
-          // Ragged right inside the table: a narrow column cannot always be justified.
-          out.push(".ad l", ".TS", "allbox;", columnsSpec("b"), columnsSpec("") + ".");
+          out.push(".TS", "allbox;", columnsSpec("b"), columnsSpec("") + ".");
           const cell = (markdown: string, style?: { bold: boolean; italic: boolean }) => {
             const lines = roffText(markdown, style);
             return ["T{", ...(lines.length > 0 ? lines : ["\\&"]), "T}"].join("\n");
           };
           out.push(block.header.map((h) => cell(h)).join("\t"));
           for (const row of block.rows) out.push(row.map((c) => cell(c)).join("\t"));
-          out.push(".TE", ".ad");
+          out.push(".TE");
         }
         break;
     }

@@ -212,13 +212,13 @@ Deno.test("renderTerminal: a link outside the docs shows its address; a page lin
 Deno.test("renderRoff: .TH from the title, sections, tagged paragraphs for option tables", () => {
   const roff = renderRoff(PAGE, { source: "nbd 1.2.3", manual: "nbd manual" });
   const lines = roff.split("\n");
-  assertEquals(lines[0], '.TH "NBD-DEMO" "1" "" "nbd 1.2.3" "nbd manual"');
+  assertEquals(lines.slice(0, 2), ['.TH "NBD-DEMO" "1" "" "nbd 1.2.3" "nbd manual"', ".ad l"]);
   assertIncludes(roff, ".SH\nNAME\nnbd demo \\- a page with \\fIevery\\fR element\n");
   assertIncludes(roff, ".nf\nnbd demo [\\-\\-fast] FILE\n\\&.dotted line\n.fi");
   assertIncludes(roff, ".TP\n\\fB\\%\\-f, \\%\\-\\-fast\\fR\ngo \\fBfast\\fR\n");
   assertIncludes(roff, ".TP\n\\fB\\%\\-\\-pipe \\%A|B\\fR\n");
   assertIncludes(roff, ".IP \\(bu 2\none\ntwo\n.PD 0\n.IP \\(bu 2\nthree\n.PD\n");
-  assertIncludes(roff, ".SH\nSEE ALSO\n\\%nbd(1), \\%https://example.com/x\n");
+  assertIncludes(roff, ".SH\nSEE ALSO\n\\%nbd(1), \\%https://example.com/\\:x\n");
   assertOk(!roff.includes("<!--"));
   assertOk(!roff.startsWith("'\\\" t"), "no tbl preprocessor line without a tbl table");
 });
@@ -233,4 +233,61 @@ Deno.test("renderRoff: a table of three or more columns goes through tbl", () =>
   assertOk(roff.startsWith("'\\\" t\n"), "the tbl preprocessor line comes first");
   assertIncludes(roff, ".TS\nallbox;\nlb lb lbx\nl l lx.\n");
   assertIncludes(roff, "T{\n1\nT}\tT{\n\\fB\\%\\-x\\fR\nT}\tT{\n\\&\nT}\n.TE\n");
+});
+
+Deno.test("renderers: random mixes of the subset never throw or emit stray roff requests", () => {
+  const pieces = [
+    "# t(1)",
+    "## H",
+    "### s",
+    "text",
+    ".dot",
+    "'quote",
+    "back\\slash",
+    "- item",
+    "  - nested",
+    "1. one",
+    "```",
+    "~~~",
+    "| a | b | c |",
+    "| --- | :-: | --: |",
+    "| x | y |",
+    "<!-- c -->",
+    "<!--",
+    "-->",
+    "",
+    "**b",
+    "*i*",
+    "`c`",
+    "[l](u.md)",
+    "<https://e.com/p>",
+    "a_b_c",
+    "averyveryverylongwordwithoutanyspacesatall/and/a/path/too",
+    "— é",
+    "\t",
+  ];
+  let seed = 42;
+  const random = (n: number) => {
+    seed = (seed * 1103515245 + 12345) % 2147483648;
+    return seed % n;
+  };
+  const macros = /^\.(TH|SH|SS|PP|TP|IP|RS|RE|PD|nf|fi|TS|TE|ad)( |$)|^\.\\" /;
+  for (let round = 0; round < 300; round++) {
+    const lines = Array.from(
+      { length: 1 + random(12) },
+      () => Array.from({ length: 1 + random(3) }, () => pieces[random(pieces.length)]).join(" "),
+    );
+    const markdown = lines.join("\n");
+    const text = renderTerminal(markdown, { width: 30, ansi: random(2) === 0 });
+    assertOk(text.endsWith("\n"), markdown);
+    const roff = renderRoff(markdown, { comment: "from a test" });
+    let inTable = false;
+    for (const line of roff.split("\n")) {
+      if (line === ".TS") inTable = true;
+      if (line === ".TE") inTable = false;
+      if (/^[.']/.test(line) && !inTable && line !== `'\\" t`) {
+        assertOk(macros.test(line), `stray request "${line}" from:\n${markdown}`);
+      }
+    }
+  }
 });
