@@ -741,7 +741,7 @@ function roffEscape(text: string, code: boolean): string {
 
 /** Lets roff break a line after the slashes of a path or address (`\:` is an invisible break point). */
 function breakAfterSlashes(word: string): string {
-  return word.replace(/(?<!\/)\/(?=[^/\s])/g, "/\\:");
+  return word.replace(/(?<=[^/\s])\/(?=[^/\s])/g, "/\\:");
 }
 
 /** Break points in words too long for a narrow column: paths and addresses. */
@@ -787,6 +787,26 @@ function roffQuote(text: string): string {
   return `"${text.replace(/"/g, "\\(dq")}"`;
 }
 
+/** Columns that a tbl table may take in all: narrow enough for a terminal of 80 columns or less. */
+const TBL_WIDTH = 48;
+
+/**
+ * Whether a table is set with tbl: when it has more than two columns and
+ * its cells fit on one line each. Other tables become tagged paragraphs,
+ * which wrap at any width (tbl cannot break a long word in a narrow column).
+ */
+function usesTbl(block: Extract<Block, { kind: "table" }>): boolean {
+  if (block.header.length <= 2) return false;
+  const widths = block.header.map((_, c) =>
+    Math.max(
+      ...[block.header, ...block.rows].map((row) =>
+        columns(flatten(parseInline(row[c] ?? "")).map((r) => r.text).join(""))
+      ),
+    )
+  );
+  return widths.reduce((a, b) => a + b, 0) + 3 * block.header.length + 1 <= TBL_WIDTH;
+}
+
 /** Renders a page as a man(7) page; its `# name(section)` title becomes `.TH`. */
 export function renderRoff(markdown: string, options: RoffOptions = {}): string {
   const blocks = parseBlocks(markdown);
@@ -798,9 +818,8 @@ export function renderRoff(markdown: string, options: RoffOptions = {}): string 
     name = first?.kind === "heading" ? plainText(parseInline(first.text)) : "untitled";
   }
   const out: string[] = [];
-  const wide = blocks.some((b) => b.kind === "table" && b.header.length > 2);
   // The first line tells man(1) to run tbl; groff needs -t.
-  if (wide) out.push(`'\\" t`);
+  if (blocks.some((b) => b.kind === "table" && usesTbl(b))) out.push(`'\\" t`);
   if (options.comment) {
     for (const line of options.comment.split("\n")) out.push(`.\\" ${roffEscape(line, false)}`);
   }
@@ -872,33 +891,38 @@ export function renderRoff(markdown: string, options: RoffOptions = {}): string 
         break;
       }
       case "table":
-        if (block.header.length <= 2) {
-          // Two columns (options, parameters) read best as a man page's tagged paragraphs.
-          if (!wasAfterHeading) out.push(".PP");
+        if (!wasAfterHeading) out.push(".PP");
+        if (usesTbl(block)) {
+          const count = block.header.length;
+          const spec = (font: string) => Array.from({ length: count }, () => "l" + font).join(" ");
+          out.push(".TS", "allbox;", spec("b"), spec("") + ".");
+          // `\&` first: an entry of `_`, `=` or `\^` would otherwise draw a rule or span.
+          const cell = (markdown: string) =>
+            "\\&" + roffText(markdown).join(" ").replace(/^\\&/, "");
+          for (const row of [block.header, ...block.rows]) out.push(row.map(cell).join("\t"));
+          out.push(".TE");
+        } else {
+          // Tagged paragraphs fit any width: the first column is the tag (an
+          // option, a parameter); the middle ones are labelled lines; the last
+          // is the text.
           for (const row of block.rows) {
             out.push(".TP");
             const tag = roffText(row[0]!).join(" ");
             out.push(tag === "" ? "\\&" : tag);
-            const text = roffText(row[1] ?? "");
-            out.push(...(text.length > 0 ? text : ["\\&"]));
-          }
-          out.push(".PP");
-        } else {
-          if (!wasAfterHeading) out.push(".PP");
-          const count = block.header.length;
-          const columnsSpec = (font: string) =>
-            Array.from({ length: count }, (_, k) => "l" + font + (k === count - 1 ? "x" : "")).join(
-              " ",
+            const body: string[][] = [];
+            for (let c = 1; c < row.length; c++) {
+              const text = roffText(row[c]!);
+              if (text.length === 0) continue;
+              const last = c === row.length - 1;
+              const label = roffText(block.header[c]!, { bold: false, italic: true }).join(" ");
+              body.push(last || label === "" ? text : [`${label}: ${text[0]}`, ...text.slice(1)]);
+            }
+            out.push(
+              ...(body.length > 0 ? body.flatMap((b, k) => k > 0 ? [".br", ...b] : b) : ["\\&"]),
             );
-          out.push(".TS", "allbox;", columnsSpec("b"), columnsSpec("") + ".");
-          const cell = (markdown: string, style?: { bold: boolean; italic: boolean }) => {
-            const lines = roffText(markdown, style);
-            return ["T{", ...(lines.length > 0 ? lines : ["\\&"]), "T}"].join("\n");
-          };
-          out.push(block.header.map((h) => cell(h)).join("\t"));
-          for (const row of block.rows) out.push(row.map((c) => cell(c)).join("\t"));
-          out.push(".TE");
+          }
         }
+        out.push(".PP");
         break;
     }
   }

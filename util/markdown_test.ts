@@ -228,11 +228,28 @@ Deno.test("renderRoff: escapes backslashes, leading dots and quotes, dashes and 
   assertIncludes(roff, "\\&.a\n\\&'b\nc\\ed \\-e one-two \\[u2014] \\[u00E9]\n");
 });
 
-Deno.test("renderRoff: a table of three or more columns goes through tbl", () => {
-  const roff = renderRoff("# x(1)\n\n| a | b | c |\n|---|---|---|\n| 1 | `-x` | |\n");
+Deno.test("renderRoff: a narrow table of three or more columns goes through tbl", () => {
+  const roff = renderRoff(
+    "# x(1)\n\n| a | b | c |\n|---|---|---|\n| 1 | `-x` | |\n| _ | = | . |\n",
+  );
   assertOk(roff.startsWith("'\\\" t\n"), "the tbl preprocessor line comes first");
-  assertIncludes(roff, ".TS\nallbox;\nlb lb lbx\nl l lx.\n");
-  assertIncludes(roff, "T{\n1\nT}\tT{\n\\fB\\%\\-x\\fR\nT}\tT{\n\\&\nT}\n.TE\n");
+  assertIncludes(
+    roff,
+    ".TS\nallbox;\nlb lb lb\nl l l.\n\\&a\t\\&b\t\\&c\n\\&1\t\\&\\fB\\%\\-x\\fR\t\\&\n" +
+      "\\&_\t\\&=\t\\&.\n.TE\n",
+  );
+});
+
+Deno.test("renderRoff: a wide table becomes tagged paragraphs with labelled middle columns", () => {
+  const long = "a description long enough that the table would not fit a terminal";
+  const roff = renderRoff(
+    `# x(1)\n\n| option | default | description |\n|---|---|---|\n| \`-x\` | 60 | ${long} |\n| \`-y\` | | |\n`,
+  );
+  assertOk(!roff.includes(".TS") && !roff.startsWith("'"), "no tbl");
+  assertIncludes(
+    roff,
+    `.TP\n\\fB\\%\\-x\\fR\n\\fIdefault\\fR: 60\n.br\n${long}\n.TP\n\\fB\\%\\-y\\fR\n\\&\n`,
+  );
 });
 
 Deno.test("renderers: random mixes of the subset never throw or emit stray roff requests", () => {
