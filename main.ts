@@ -20,7 +20,7 @@ Commands:
 ${[...COMMANDS.values()].map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`).join("\n")}
 
 Global options:
-  -h, --help     show this help (or "nbd COMMAND --help")
+  -h, --help     show this help (or "nbd COMMAND --help", "nbd help TOPIC")
   -V, --version  print the version
 
 Examples:
@@ -32,11 +32,7 @@ Examples:
 /** Runs the CLI with `args`; resolves to the exit status. */
 export async function main(args: string[]): Promise<number> {
   const [first, ...rest] = args;
-  if (first === undefined || first === "-h" || first === "--help" || first === "help") {
-    if (first === "help" && rest[0] && COMMANDS.has(rest[0])) {
-      console.log((await COMMANDS.get(rest[0])!.load()).usage);
-      return 0;
-    }
+  if (first === undefined || first === "-h" || first === "--help") {
     console.log(usage());
     return first === undefined ? 2 : 0;
   }

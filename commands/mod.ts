@@ -101,6 +101,13 @@ const ENTRIES: CommandEntry[] = [
     load: async () =>
       (await importCommand<typeof import("./attached.ts")>("attached")).attachedCommand,
   },
+  {
+    name: "help",
+    summary: "show the manual page of a command, plugin, filter or topic",
+    // The help command describes the other commands, so it is given the registry.
+    load: async () =>
+      (await importCommand<typeof import("./help.ts")>("help")).helpCommand(COMMANDS),
+  },
 ];
 
 /** Subcommands by name, in the order `nbd --help` lists them. */
