@@ -107,9 +107,8 @@ export interface HandshakeOptions {
   /**
    * For TLS over TCP, use the runtime's own TLS when it can make the
    * connection (default true): it receives about twice as fast as node:tls.
-   * node:tls sends large writes in fewer system calls (a copy of 1 GiB
-   * into a server measured ~5% faster), so a connection that mostly writes
-   * may prefer false.
+   * node:tls sends large writes in fewer system calls, so a connection that
+   * mostly writes may prefer false (docs/performance.md).
    */
   nativeTls?: boolean;
 }

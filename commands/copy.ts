@@ -286,16 +286,12 @@ function canShare(spec: EndpointSpec): boolean {
 export function defaultThreads(source: EndpointSpec, destination: EndpointSpec): number {
   const processors = localConnections();
   // Writes into one file take turns in the kernel, so more threads add only their own
-  // cost (measured on 2 processors, 1 GiB into a new file: from a file 0.98 s on one
-  // thread against 1.15 s on two, from nbdkit memory 1.74 s against 1.82 s, sparse-random
-  // 4 GiB 0.58 s against 0.64 s, each time with a third less processor time).
+  // cost (figures in docs/performance.md).
   if (destination.kind === "path") return 1;
   // A server on this machine (on a Unix socket, as one started for the copy, or over
   // TCP at a loopback or local address) needs processors of its own to read or write
   // the data and to move it through its socket. To null: only receiving is left here,
-  // and one processor is enough for the server (measured on 2 processors: 1 GiB ~15%
-  // faster on one thread than on two; over TCP to localhost, from a file 0.50 s on one
-  // thread against 0.53 s on four).
+  // and one processor is enough for the server (figures in docs/performance.md).
   const local = (spec: EndpointSpec) =>
     spec.kind === "command" || (spec.kind === "nbd" && onThisMachine(spec.uri));
   if (local(source) || local(destination)) {
@@ -314,9 +310,8 @@ export function defaultThreads(source: EndpointSpec, destination: EndpointSpec):
  * Connections to an NBD source when `-C` is not given, where they differ
  * from the endpoint's own default: 4 over TCP into a file or block device,
  * even from a server on this machine. There one TCP connection made the
- * file writes nearly three times as costly (1 GiB from nbdkit over
- * localhost: 1.24 s against 0.89 s over four; over a Unix socket one
- * connection was as fast as four).
+ * file writes far more costly, where over a Unix socket one connection was
+ * as fast as four (docs/performance.md).
  */
 export function defaultSourceConnections(
   source: EndpointSpec,

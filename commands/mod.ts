@@ -20,8 +20,8 @@ export interface CommandEntry {
 /**
  * Imports a command's module by a computed specifier. With literal
  * specifiers the runtime would read and analyse every command's whole
- * module graph at start-up, whichever command runs (a quarter of the
- * start-up of `nbd --version`). A compiled binary carries the modules
+ * module graph at start-up, whichever command runs (docs/performance.md).
+ * A compiled binary carries the modules
  * because the compile task includes commands/.
  */
 function importCommand<T>(name: string): Promise<T> {

@@ -93,11 +93,10 @@ function fsError(error: unknown, what: string): Error {
 /*
  * Files are opened, read, written and resized with plain synchronous libc
  * calls through FFI, never node:fs: loading the Node compatibility layer
- * alone costs a copy ~25 ms of start-up, and node:fs runs positional I/O
- * on the event loop's thread anyway, with more overhead. Handing each call
- * to a worker thread (FFI "nonblocking") cost the event loop more than the
- * copy it saves: for 1 GiB in 256 KiB pieces, ~85 ms of event-loop time
- * against ~55 ms for reading from the page cache directly. Sources are
+ * alone slows a copy's start-up, and node:fs runs positional I/O on the
+ * event loop's thread anyway, with more overhead. Handing each call to a
+ * worker thread (FFI "nonblocking") cost the event loop more than the copy
+ * it saves (docs/performance.md). Sources are
  * read in order with POSIX_FADV_SEQUENTIAL, so the kernel's readahead keeps
  * cold files streaming.
  */
@@ -199,8 +198,8 @@ export function fileExtents(fd: number, offset: number, length: number): CopyExt
  * nbdcopy does (see writeback.ts). So a copy of any size cycles through the
  * same few MiB of memory, and neither crowds other programs out of the
  * cache nor waits for fresh memory: on virtual machines whose free memory
- * goes back to the host, each page touched for the first time is slow, and
- * a 1 GiB copy left in the cache was measured taking 2-4 times as long.
+ * goes back to the host, each page touched for the first time is slow
+ * (docs/performance.md).
  * Writers only wait when the disk falls more than a budget behind. The
  * calls run on a helper thread of the runtime, three per window, never one
  * per write.
@@ -553,9 +552,9 @@ export class FileDestination extends BaseEndpoint {
    */
   sharedBuffers(count: number, bytes: number, total?: number): SharedArrayBuffer | undefined {
     if (this.#writeLock || this.#arena || count * bytes > MAX_ARENA) return undefined;
-    // A copy this small would not pay for the thread's start (~15 ms holding this
-    // thread up); a large one pays whenever it comes, and measured no slower starting
-    // it now than after the first requests. A stream's is started once it has shown
+    // A copy this small would not pay for the thread's start, which holds this
+    // thread up; a large one pays whenever it comes, and is no slower starting it
+    // now than after the first requests. A stream's is started once it has shown
     // its size (`#threadFor`).
     if (total !== undefined && total < WRITE_THREAD_SIZE) return undefined;
     this.#arena = new SharedArrayBuffer(count * bytes);
@@ -609,8 +608,8 @@ export class FileDestination extends BaseEndpoint {
     const lock = this.#writeLock;
     if (lock) {
       // Threads sharing the file take turns here: in the kernel each write holds the
-      // file's lock while copying, and a thread waiting there spins on a processor
-      // (measured: system time tripled on 2 processors). The wait is asynchronous,
+      // file's lock while copying, and a thread waiting there spins on a processor,
+      // multiplying the system time. The wait is asynchronous,
       // so that this thread goes on receiving meanwhile.
       while (Atomics.compareExchange(lock, 0, 0, 1) !== 0) await lockReleased(lock);
       try {

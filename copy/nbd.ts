@@ -21,10 +21,7 @@ import { BaseEndpoint, type CopyExtent, type Role, type ShareSpec } from "./endp
  * latency; but to a server on this machine (a Unix socket, or TCP at a
  * loopback or local address: `onThisMachine`), one. Such a server runs on
  * our own processors, has no latency to hide, and each connection more only
- * made it and the copy work harder (measured on 2 cores with nbdkit memory,
- * one thread: 1 GiB to null: over a Unix socket in 0.73 s over one
- * connection against 0.78 s over two, the server spending ~10% less
- * processor time; over TCP to localhost 0.43 s against 0.54 s over four).
+ * made it and the copy work harder (figures in docs/performance.md).
  * Threads have one each.
  */
 export function defaultConnections(uri: string): number {

@@ -207,8 +207,8 @@ export async function copyShared(
   const ticker = onProgress ? setInterval(report, 100) : undefined;
 
   // Workers start only once this thread has read some data with parts still
-  // unclaimed: a worker costs ~40 ms of processor time to start, more than an
-  // image of holes takes to copy.
+  // unclaimed: a worker costs more processor time to start than an image of
+  // holes takes to copy.
   const next = new Int32Array(parts);
   const workerResults: Promise<CopyStats | undefined>[] = [];
   let spawned = false;

@@ -7,7 +7,7 @@
  * goes, through a ring in shared memory. The thread also makes the
  * write-behind calls (writeback.ts) itself, in line with its writes, as
  * nbdcopy's threads do: started from another thread, the writeback made
- * the writes ~40% slower (measured on 2 processors).
+ * the writes slower (docs/performance.md).
  *
  * @module
  */

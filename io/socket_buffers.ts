@@ -3,8 +3,7 @@
  * socket send buffer (208 KiB) a 256 KiB reply never fits: every reply
  * stalls the event loop on "socket full" and waits for a wake-up from the
  * peer's read. Room for a MiB lets a batch of replies leave in one call
- * while the peer is still reading the previous one: large reads by nbdcopy
- * went from 0.86x of nbdkit's rate to about 1.2x.
+ * while the peer is still reading the previous one (docs/performance.md).
  *
  * The runtime does not expose a connection's file descriptor, so the
  * process's descriptors are scanned (through /proc) for sockets not seen

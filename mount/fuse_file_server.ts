@@ -453,7 +453,7 @@ export class FuseFileServer {
    * Called when the last request in progress has been answered. A program
    * doing one request at a time (dd, cp) sends its next one right after our
    * reply; waiting for it briefly on this thread saves the hand-over from
-   * the polling thread, about a tenth of the time of a 1 MiB write.
+   * the polling thread (docs/performance.md).
    */
   #awaitNext(): void {
     if (this.#stopping || this.#unmounted || this.#fd < 0) return;

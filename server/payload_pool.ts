@@ -1,9 +1,8 @@
 /**
  * Reuse of request buffers: WRITE payloads and READ replies. A fresh buffer
  * for each request costs the runtime zeroing it and the kernel faulting its
- * pages in (a large buffer is fresh memory from the system every time):
- * measured with nbdcopy writing 1 GiB into `nbd serve memory`, a sixth of
- * the server's time went there. Clients send runs of equal-sized requests,
+ * pages in (a large buffer is fresh memory from the system every time), a
+ * large share of the server's time (docs/performance.md). Clients send runs of equal-sized requests,
  * so a pool keeps the buffers of the last size it saw, up to a byte budget.
  *
  * A buffer is given back only once nothing uses it: a WRITE payload after
@@ -16,7 +15,7 @@
 
 /**
  * Bytes of idle buffers one pool keeps at most: the requests one connection
- * usually has in flight (16 of 256 KiB; 16 MiB measured no faster), and
+ * usually has in flight (16 of 256 KiB; a larger budget was no faster), and
  * little for a connection that goes quiet to hold on to.
  */
 const POOL_BUDGET = 4 << 20;

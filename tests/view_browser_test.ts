@@ -16,7 +16,7 @@ import { SAMPLE_LOG } from "../view/_test_fixtures.ts";
 const BLOCK = 4096;
 const SIZE = 64 * 1024 * 1024;
 
-// The documented palette (docs/observability.md).
+// The documented palette (docs/nbd-view.md).
 const BACKGROUND = "#7a8089";
 const COLOURS: Record<string, string> = {
   READ: "#000000",
