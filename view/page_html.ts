@@ -1,7 +1,7 @@
 /**
- * The block-activity page's HTML. Kept as a string module (like its script
- * and style) so the compiled program carries it and the page needs nothing
- * from the network but the server it came from.
+ * The block-activity page's HTML. Kept as a string module (like its style;
+ * its script is view/page/main.ts) so the compiled program carries it and
+ * the page needs nothing from the network but the server it came from.
  *
  * @module
  */
