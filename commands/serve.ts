@@ -8,7 +8,7 @@
 import { FILTERS } from "../filters/mod.ts";
 import { PLUGINS } from "../plugins/mod.ts";
 import { formatNbdUri, type NbdUri } from "../protocol/uri.ts";
-import type { Filter, FilterInstance, Plugin } from "../core/backend.ts";
+import type { Filter, Plugin } from "../core/backend.ts";
 import { Exports } from "../server/exports.ts";
 import {
   activationFds,
@@ -29,6 +29,7 @@ import {
   type TlsMode,
   type TlsUpgrader,
 } from "../server/server.ts";
+import { startLayers } from "../server/stack.ts";
 import { serverTls } from "../server/tls.ts";
 import {
   DEFAULT_VIEW_ADDRESS,
@@ -374,20 +375,12 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     );
   }
 
-  const filterInstances: FilterInstance[] = [];
-  for (const filter of filters) filterInstances.push(await filter.create(params));
-  const pluginInstance = await plugin.create(params);
-  try {
-    params.assertEmpty();
-  } catch (error) {
-    await pluginInstance.close?.();
-    throw error;
-  }
+  const layers = await startLayers(filters, plugin, params);
   const exportName = values["export-name"] ?? "";
   let view: ViewServer | undefined;
   const exports = new Exports({
-    plugin: pluginInstance,
-    filters: filterInstances,
+    plugin: layers.plugin,
+    filters: layers.filters,
     exportName,
     description: values.description,
   });
