@@ -1,6 +1,7 @@
-import { assertEquals, assertIncludes, assertOk } from "../tests/assert.ts";
+import { assertEquals, assertIncludes, assertOk, assertThrows } from "../tests/assert.ts";
 import { nbdExecutable, run, tempDir } from "../tests/helpers.ts";
-import { expandViewOption } from "./serve.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { expandViewOption, parseServeConfig, type ServeValues } from "./serve.ts";
 
 Deno.test("expandViewOption() gives --view its optional address", () => {
   const cases: Array<[string[], string[]]> = [
@@ -118,4 +119,97 @@ Deno.exit(await main(Deno.args));
   // Closed last started first; the layers after the broken one never started.
   assertEquals(await Deno.readTextFile(closes), "record2\nrecord1\n");
   assertIncludes(await Deno.readTextFile(stats), "total: 0 ops");
+});
+
+const NO_ACTIVATION = { listenFds: 0 };
+
+Deno.test("parseServeConfig() fills in the defaults", () => {
+  const config = parseServeConfig({}, NO_ACTIVATION);
+  assertEquals(config.listen, {
+    transport: "sockets",
+    tcp: { port: 10809, hosts: ["127.0.0.1", "::1"], optional: ["::1"] },
+  });
+  assertEquals(config.filters, []);
+  assertEquals(config.exportName, "");
+  assertEquals(config.readonly, false);
+  assertEquals(config.limits, {
+    maxInFlight: 64,
+    maxConnections: undefined,
+    maxPayload: undefined,
+    handshakeTimeout: undefined,
+    idleTimeout: undefined,
+  });
+  assertEquals(config.tls, { mode: "off", certificates: undefined, verifyPeer: false });
+  assertEquals(config.view, undefined);
+});
+
+Deno.test("parseServeConfig() resolves where to listen", () => {
+  const listen = (values: ServeValues, listenFds = 0) =>
+    parseServeConfig(values, { listenFds }).listen;
+  // Captive mode without an address: a private Unix socket only.
+  assertEquals(listen({ run: "true" }), { transport: "sockets", unix: {} });
+  assertEquals(listen({ unix: "-" }), { transport: "sockets", unix: {} });
+  assertEquals(listen({ unix: "/run/nbd.sock", port: "0" }), {
+    transport: "sockets",
+    unix: { path: "/run/nbd.sock" },
+    tcp: { port: 0, hosts: ["127.0.0.1", "::1"], optional: ["::1"] },
+  });
+  // Addresses given by the user are all required.
+  assertEquals(listen({ ip: ["0.0.0.0", "[::]"], run: "true" }), {
+    transport: "sockets",
+    tcp: { port: 10809, hosts: ["0.0.0.0", "[::]"], optional: [] },
+  });
+  assertEquals(listen({ single: true }), { transport: "stdio" });
+  assertEquals(listen({}, 2), { transport: "activation", fds: 2 });
+});
+
+Deno.test("parseServeConfig() reads the other options without touching the system", () => {
+  const config = parseServeConfig({
+    filter: ["cow", "cache"],
+    "export-name": "disk",
+    description: "a disk",
+    readonly: true,
+    "max-in-flight": "8",
+    "max-payload": "1M",
+    "idle-timeout": "30",
+    // Neither directory exists: they are looked at only when the server starts.
+    "tls-certificates": "/nonexistent/pki",
+    "tls-verify-peer": true,
+    view: ":9000",
+    pidfile: "/nonexistent/nbd.pid",
+    "print-uri": true,
+  }, NO_ACTIVATION);
+  assertEquals(config.filters.map((f) => f.name), ["cow", "cache"]);
+  assertEquals([config.exportName, config.description, config.readonly], [
+    "disk",
+    "a disk",
+    true,
+  ]);
+  assertEquals(config.limits.maxInFlight, 8);
+  assertEquals(config.limits.maxPayload, 1024 * 1024);
+  assertEquals(config.limits.idleTimeout, 30);
+  assertEquals(config.tls, { mode: "on", certificates: "/nonexistent/pki", verifyPeer: true });
+  assertEquals(config.view?.text, ":9000");
+  assertEquals(config.view?.port, 9000);
+  assertEquals([config.pidfile, config.printUri], ["/nonexistent/nbd.pid", true]);
+});
+
+Deno.test("parseServeConfig() rejects bad and conflicting options as usage errors", () => {
+  const cases: Array<[ServeValues, number, string]> = [
+    [{ single: true, port: "10809" }, 0, "--single cannot be combined with -p, -i or -U"],
+    [{ single: true, run: "true" }, 0, "--single cannot be combined with --run"],
+    [{ single: true, tls: "on" }, 0, "--single cannot be combined with TLS"],
+    [{ unix: "/run/nbd.sock" }, 1, "with socket activation (LISTEN_FDS)"],
+    [{ port: "65536" }, 0, '--port: bad port "65536"'],
+    [{ filter: ["nope"] }, 0, 'unknown filter "nope"'],
+    [{ tls: "maybe" }, 0, '--tls: expected off, on or require, got "maybe"'],
+    [{ "tls-verify-peer": true }, 0, "--tls-verify-peer needs --tls=on or --tls=require"],
+    [{ "tls-psk": "keys.psk" }, 0, "--tls-psk: TLS-PSK is not supported"],
+    [{ "max-payload": "1K" }, 0, "--max-payload: expected a size from 4K to 2G"],
+    [{ "max-in-flight": "0" }, 0, "--max-in-flight: expected an integer from 1 to 65536"],
+    [{ view: "host:port" }, 0, "--view: "],
+  ];
+  for (const [values, listenFds, message] of cases) {
+    assertThrows(() => parseServeConfig(values, { listenFds }), UsageError, message);
+  }
 });
