@@ -7,17 +7,9 @@
 
 import { FILTERS } from "../filters/mod.ts";
 import { PLUGINS } from "../plugins/mod.ts";
-import { formatNbdUri, type NbdUri } from "../protocol/uri.ts";
-import type { Filter, FilterInstance, Plugin } from "../core/backend.ts";
+import type { Filter, Plugin } from "../core/backend.ts";
 import { Exports } from "../server/exports.ts";
-import {
-  activationFds,
-  listenActivated,
-  type Listener,
-  listenTcp,
-  listenUnix,
-  serveStdio,
-} from "../server/listener.ts";
+import { activationFds, listenerUri, type ListenPlan, openListeners } from "../server/listener.ts";
 import { formatParams, Params } from "../core/params.ts";
 import { parseSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
@@ -29,6 +21,7 @@ import {
   type TlsMode,
   type TlsUpgrader,
 } from "../server/server.ts";
+import { startLayers } from "../server/stack.ts";
 import { serverTls } from "../server/tls.ts";
 import {
   DEFAULT_VIEW_ADDRESS,
@@ -248,93 +241,66 @@ function parsePort(text: string): number {
   return Number(text);
 }
 
-/** The URI clients use for a listener. */
-function uriFor(
-  listener: Listener,
-  exportName: string,
-  tls: boolean,
-  certificates?: string,
-): string | undefined {
-  const address = listener.address;
-  // With TLS the URI carries the certificate directory so libnbd clients can connect as is.
-  const base: NbdUri = { tls, transport: "tcp", exportName, tlsCertificates: certificates };
-  if (address.transport === "unix") {
-    return formatNbdUri({ ...base, transport: "unix", socket: address.path });
-  }
-  if (address.transport === "tcp") {
-    const wildcard = address.hostname === "0.0.0.0" || address.hostname === "::";
-    const loopbackV6 = address.hostname === "::1";
-    const host = wildcard || loopbackV6 ? "localhost" : address.hostname;
-    return formatNbdUri({ ...base, host, port: address.port });
-  }
-  return undefined;
+/** The TLS options, checked but not yet looked up on disk. */
+export interface TlsConfig {
+  /** off, on (the client chooses) or require. */
+  mode: TlsMode;
+  /** The certificate directory; absent = look in nbdkit's default places. */
+  certificates?: string;
+  /** Require a client certificate signed by the CA. */
+  verifyPeer: boolean;
 }
 
-/** Everything `runServer` needs: the parsed options and the configured plugin and filters. */
-export interface ServerSetup {
-  /** Parsed options. */
-  values: ServeValues;
-  /** The plugin to serve. */
-  plugin: Plugin;
-  /** Its parameters (filters take theirs first). */
-  params: Params;
+/** What `nbd serve` is asked to do: its options checked, resolved and defaulted. */
+export interface ServeConfig {
+  /** Filters to stack, outermost (nearest the client) first. */
+  filters: Filter[];
+  /** Name of the export. */
+  exportName: string;
+  /** Description of the export. */
+  description?: string;
+  /** Serve read-only. */
+  readonly: boolean;
+  /** Log options and requests. */
+  verbose: boolean;
+  /** Per-server limits (absent = the server's defaults). */
+  limits: {
+    maxInFlight: number;
+    maxConnections?: number;
+    maxPayload?: number;
+    handshakeTimeout?: number;
+    idleTimeout?: number;
+  };
+  /** TLS. */
+  tls: TlsConfig;
+  /** Where to listen. */
+  listen: ListenPlan;
+  /** The captive command (`--run`). */
+  run?: string;
+  /** Print the URI on stdout once listening. */
+  printUri: boolean;
+  /** File to write the process id to once listening. */
+  pidfile?: string;
+  /** The view's address, as given and as parsed. */
+  view?: { text: string; hostname: string; port: number };
 }
 
-/** Default certificate directories, as nbdkit looks them up. */
-function defaultCertificateDirs(): string[] {
-  const home = Deno.env.get("HOME");
-  const dirs = home ? [`${home}/.pki/nbdkit`, `${home}/.config/pki/nbdkit`] : [];
-  return [...dirs, "/etc/pki/nbdkit"];
-}
-
-/** Resolves the TLS options: mode, and the upgrader when TLS is on. */
-export function configureTls(
-  values: ServeValues,
-): { mode: TlsMode; upgrader?: TlsUpgrader; certificates?: string } {
-  if (values["tls-psk"] !== undefined) {
-    throw new UsageError(
-      "--tls-psk: TLS-PSK is not supported by this build's TLS library; use X.509 certificates (--tls-certificates)",
-    );
-  }
-  const mode = (values.tls ?? (values["tls-certificates"] ? "on" : "off")) as TlsMode;
-  if (!["off", "on", "require"].includes(mode)) {
-    throw new UsageError(`--tls: expected off, on or require, got "${mode}"`);
-  }
-  if (mode === "off") {
-    if (values["tls-verify-peer"]) {
-      throw new UsageError("--tls-verify-peer needs --tls=on or --tls=require");
-    }
-    return { mode };
-  }
-  let certificates = values["tls-certificates"];
-  if (certificates === undefined) {
-    certificates = defaultCertificateDirs().find((d) => {
-      try {
-        return Deno.statSync(`${d}/server-cert.pem`).isFile;
-      } catch {
-        return false;
-      }
-    });
-    if (certificates === undefined) {
-      throw new UsageError(
-        `--tls=${mode} needs --tls-certificates DIR (with ca-cert.pem, server-cert.pem, server-key.pem)`,
-      );
-    }
-  }
-  const upgrader = serverTls({ certificates, verifyPeer: values["tls-verify-peer"] ?? false });
-  return { mode, upgrader, certificates };
+/** What the options are checked against besides themselves. */
+export interface ServeEnvironment {
+  /** Sockets passed by socket activation (0 = none). */
+  listenFds: number;
 }
 
 /**
- * Configures the filters and the plugin, listens, serves until a signal,
- * the captive command or the single connection ends, and shuts down
- * cleanly. Resolves to the exit status.
+ * Checks `nbd serve`'s options and turns them into a `ServeConfig`. Pure:
+ * it reads no files or environment (socket activation comes in
+ * `environment`), so every usage error is found before anything starts.
  */
-export async function runServer(setup: ServerSetup): Promise<number> {
-  const { values, plugin, params } = setup;
-  const filterNames = values.filter ?? [];
-  const filters: Filter[] = filterNames.map(lookupFilter);
-  const viewAddress = values.view === undefined ? undefined : viewAddressOption(values.view);
+export function parseServeConfig(values: ServeValues, environment: ServeEnvironment): ServeConfig {
+  const filters = (values.filter ?? []).map(lookupFilter);
+  const view = values.view === undefined
+    ? undefined
+    : { text: values.view, ...viewAddressOption(values.view) };
   const maxInFlight = integerOption(values["max-in-flight"], "--max-in-flight", 1, 65536) ??
     DEFAULT_MAX_IN_FLIGHT;
   const maxConnections = integerOption(
@@ -356,14 +322,13 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   if (maxPayload !== undefined && (maxPayload < 4096 || maxPayload > 0x7fffffff)) {
     throw new UsageError("--max-payload: expected a size from 4K to 2G");
   }
-  const tls = configureTls(values);
+  const tls = parseTlsOptions(values);
   if (tls.mode !== "off" && values.single) {
     throw new UsageError("--single cannot be combined with TLS");
   }
-  const fds = activationFds();
-  const modes =
-    [values.single, values.unix !== undefined, values.port !== undefined || values.ip !== undefined]
-      .filter(Boolean).length;
+  const fds = environment.listenFds;
+  const tcpGiven = values.port !== undefined || values.ip !== undefined;
+  const modes = [values.single, values.unix !== undefined, tcpGiven].filter(Boolean).length;
   if (values.single && modes > 1) {
     throw new UsageError("--single cannot be combined with -p, -i or -U");
   }
@@ -373,122 +338,225 @@ export async function runServer(setup: ServerSetup): Promise<number> {
       "with socket activation (LISTEN_FDS), -p, -i, -U, -s and --run cannot be used",
     );
   }
+  let listen: ListenPlan;
+  if (values.single) {
+    listen = { transport: "stdio" };
+  } else if (fds > 0) {
+    listen = { transport: "activation", fds };
+  } else {
+    let unix = values.unix;
+    // Captive mode without an address uses a private Unix socket: no port to collide on.
+    if (unix === undefined && values.run !== undefined && !tcpGiven) unix = "-";
+    listen = { transport: "sockets" };
+    if (unix !== undefined) listen.unix = unix === "-" ? {} : { path: unix };
+    if (tcpGiven || unix === undefined) {
+      listen.tcp = {
+        port: values.port === undefined ? 10809 : parsePort(values.port),
+        hosts: values.ip ?? ["127.0.0.1", "::1"],
+        // ::1 is optional in the default pair: some hosts have no IPv6.
+        optional: values.ip === undefined ? ["::1"] : [],
+      };
+    }
+  }
+  return {
+    filters,
+    exportName: values["export-name"] ?? "",
+    description: values.description,
+    readonly: values.readonly ?? false,
+    verbose: values.verbose ?? false,
+    limits: { maxInFlight, maxConnections, maxPayload, handshakeTimeout, idleTimeout },
+    tls,
+    listen,
+    run: values.run,
+    printUri: values["print-uri"] ?? false,
+    pidfile: values.pidfile,
+    view,
+  };
+}
 
-  const filterInstances: FilterInstance[] = [];
-  for (const filter of filters) filterInstances.push(await filter.create(params));
-  const pluginInstance = await plugin.create(params);
+/** Checks the TLS options. */
+function parseTlsOptions(values: ServeValues): TlsConfig {
+  if (values["tls-psk"] !== undefined) {
+    throw new UsageError(
+      "--tls-psk: TLS-PSK is not supported by this build's TLS library; use X.509 certificates (--tls-certificates)",
+    );
+  }
+  const mode = (values.tls ?? (values["tls-certificates"] ? "on" : "off")) as TlsMode;
+  if (!["off", "on", "require"].includes(mode)) {
+    throw new UsageError(`--tls: expected off, on or require, got "${mode}"`);
+  }
+  const verifyPeer = values["tls-verify-peer"] ?? false;
+  if (mode === "off" && verifyPeer) {
+    throw new UsageError("--tls-verify-peer needs --tls=on or --tls=require");
+  }
+  return { mode, certificates: values["tls-certificates"], verifyPeer };
+}
+
+/** Everything `runServer` needs: the parsed options and the configured plugin and filters. */
+export interface ServerSetup {
+  /** Parsed options. */
+  values: ServeValues;
+  /** The plugin to serve. */
+  plugin: Plugin;
+  /** Its parameters (filters take theirs first). */
+  params: Params;
+}
+
+/** Default certificate directories, as nbdkit looks them up. */
+function defaultCertificateDirs(): string[] {
+  const home = Deno.env.get("HOME");
+  const dirs = home ? [`${home}/.pki/nbdkit`, `${home}/.config/pki/nbdkit`] : [];
+  return [...dirs, "/etc/pki/nbdkit"];
+}
+
+/** TLS ready to serve: the mode, and with TLS on the upgrader and where its certificates are. */
+export interface TlsSetup {
+  /** off, on or require. */
+  mode: TlsMode;
+  /** Upgrades connections; absent when TLS is off. */
+  upgrader?: TlsUpgrader;
+  /** The certificate directory in use. */
+  certificates?: string;
+}
+
+/** Finds and loads the certificates of `config`. */
+export function configureTls(config: TlsConfig): TlsSetup {
+  const { mode, verifyPeer } = config;
+  if (mode === "off") return { mode };
+  let certificates = config.certificates;
+  if (certificates === undefined) {
+    certificates = defaultCertificateDirs().find((d) => {
+      try {
+        return Deno.statSync(`${d}/server-cert.pem`).isFile;
+      } catch {
+        return false;
+      }
+    });
+    if (certificates === undefined) {
+      throw new UsageError(
+        `--tls=${mode} needs --tls-certificates DIR (with ca-cert.pem, server-cert.pem, server-key.pem)`,
+      );
+    }
+  }
+  const upgrader = serverTls({ certificates, verifyPeer });
+  return { mode, upgrader, certificates };
+}
+
+/**
+ * Configures the filters and the plugin, listens, serves until a signal,
+ * the captive command or the single connection ends, and shuts down
+ * cleanly. Resolves to the exit status.
+ */
+export async function runServer(setup: ServerSetup): Promise<number> {
+  const config = parseServeConfig(setup.values, { listenFds: activationFds() });
+  return await serve(config, setup.plugin, setup.params);
+}
+
+const STOP_SIGNALS: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+
+/**
+ * The server's lifecycle. Everything `serveUntilStopped` starts is
+ * registered on one stack as it is started, so that on every way out (a
+ * signal, the end of the captive command or of the single connection, an
+ * error at any step) it is released in reverse order: the captive
+ * command, the signal handlers, the listeners, the view, then the
+ * connections and the layers, and last the pidfile.
+ */
+async function serve(config: ServeConfig, plugin: Plugin, params: Params): Promise<number> {
+  const tls = configureTls(config.tls);
+  const stack = new AsyncDisposableStack();
+  let status: number;
   try {
-    params.assertEmpty();
+    status = await serveUntilStopped(config, tls, plugin, params, stack);
   } catch (error) {
-    await pluginInstance.close?.();
+    // What stopped the server is what the user must see, not a failure to undo it.
+    await stack.disposeAsync().catch(() => {});
     throw error;
   }
-  const exportName = values["export-name"] ?? "";
-  let view: ViewServer | undefined;
+  try {
+    await stack.disposeAsync();
+  } catch (error) {
+    // Several failures while stopping: report the last, as one line.
+    throw error instanceof SuppressedError ? error.error : error;
+  }
+  return status;
+}
+
+/** Starts everything, registering each part's release on `stack`, and waits for the stop. */
+async function serveUntilStopped(
+  config: ServeConfig,
+  tls: TlsSetup,
+  plugin: Plugin,
+  params: Params,
+  stack: AsyncDisposableStack,
+): Promise<number> {
+  const pidfile = config.pidfile;
+  let pidfileWritten = false;
+  if (pidfile !== undefined) {
+    stack.defer(async () => {
+      if (pidfileWritten) await Deno.remove(pidfile).catch(() => {});
+    });
+  }
+
+  const layers = await startLayers(config.filters, plugin, params);
   const exports = new Exports({
-    plugin: pluginInstance,
-    filters: filterInstances,
-    exportName,
-    description: values.description,
+    plugin: layers.plugin,
+    filters: layers.filters,
+    exportName: config.exportName,
+    description: config.description,
   });
   const server = new NbdServer({
     exports,
-    readonly: values.readonly ?? false,
-    verbose: values.verbose ?? false,
-    maxInFlight,
-    maxConnections,
-    maxPayload,
-    handshakeTimeout,
-    idleTimeout,
+    readonly: config.readonly,
+    verbose: config.verbose,
+    ...config.limits,
     tlsMode: tls.mode,
     tls: tls.upgrader,
   });
-  // The view starts first: if its address is taken, nothing else needs undoing.
-  if (viewAddress) {
+  // Shutting the server down closes the layers too.
+  stack.defer(() => server.shutdown());
+
+  let view: ViewServer | undefined;
+  if (config.view) {
     try {
       view = await startViewServer({
         stats: server.state.stats,
         listExports: async () => (await exports.list()).map((e) => e.name),
-      }, viewAddress);
+      }, { hostname: config.view.hostname, port: config.view.port });
     } catch (error) {
-      await exports.close();
-      throw new Error(`Cannot serve the view on ${values.view}: ${(error as Error).message}`);
+      throw new Error(`Cannot serve the view on ${config.view.text}: ${(error as Error).message}`);
     }
-  }
-  const listenOptions = { nodeSockets: tls.mode !== "off" };
-
-  const listeners: Listener[] = [];
-  const closeListeners = () => listeners.forEach((l) => l.close());
-  try {
-    if (values.single) {
-      listeners.push(serveStdio(server));
-    } else if (fds > 0) {
-      listeners.push(listenActivated(server, fds));
-    } else {
-      let unix = values.unix;
-      // Captive mode without an address uses a private Unix socket: no port to collide on.
-      if (
-        unix === undefined && values.run !== undefined && values.port === undefined &&
-        values.ip === undefined
-      ) {
-        unix = "-";
-      }
-      if (unix !== undefined) {
-        let path = unix;
-        if (unix === "-") {
-          const dir = await Deno.makeTempDir({ prefix: "nbd" });
-          path = `${dir}/socket`;
-        }
-        listeners.push(await listenUnix(server, path, listenOptions));
-      }
-      if (values.port !== undefined || values.ip !== undefined || unix === undefined) {
-        const port = values.port === undefined ? 10809 : parsePort(values.port);
-        const ips = values.ip ?? ["127.0.0.1", "::1"];
-        for (const ip of ips) {
-          try {
-            // With port 0 every address must share the port the first one got.
-            const chosen =
-              port === 0 && listeners.length > 0 && listeners[0]!.address.transport === "tcp"
-                ? listeners[0]!.address.port
-                : port;
-            listeners.push(
-              await listenTcp(server, ip.replace(/^\[(.*)\]$/, "$1"), chosen, listenOptions),
-            );
-          } catch (error) {
-            // ::1 is optional in the default pair: some hosts have no IPv6.
-            if (values.ip === undefined && ip === "::1") continue;
-            throw new Error(`Cannot listen on ${ip} port ${port}: ${(error as Error).message}`);
-          }
-        }
-      }
-    }
-  } catch (error) {
-    closeListeners();
-    await view?.close();
-    await exports.close();
-    throw error;
+    stack.use(view);
   }
 
-  const primary = listeners.find((l) => l.address.transport === "unix") ?? listeners[0]!;
-  const uri = uriFor(primary, exportName, tls.mode === "require", tls.certificates);
-  if (values["print-uri"] && uri) console.log(uri);
-  if (values.pidfile) await Deno.writeTextFile(values.pidfile, `${Deno.pid}\n`);
-  if (values.verbose && uri) server.state.log(`listening on ${uri}`);
+  const listeners = stack.use(
+    await openListeners(server, config.listen, { nodeSockets: tls.mode !== "off" }),
+  );
+  const address = listeners.primary.address;
+  const uri = listenerUri(address, config.exportName, {
+    tls: tls.mode === "require",
+    certificates: tls.certificates,
+  });
+  if (config.printUri && uri) console.log(uri);
+  if (pidfile !== undefined) {
+    await Deno.writeTextFile(pidfile, `${Deno.pid}\n`);
+    pidfileWritten = true;
+  }
+  if (config.verbose && uri) server.state.log(`listening on ${uri}`);
   if (view) server.state.log(`view at ${view.url}`);
 
-  let stopRequested: (status: number) => void = () => {};
-  const stopped = new Promise<number>((resolve) => stopRequested = resolve);
-  const onSignal = () => stopRequested(0);
-  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
-  for (const signal of signals) Deno.addSignalListener(signal, onSignal);
+  const stopped = Promise.withResolvers<number>();
+  const onSignal = () => stopped.resolve(0);
+  for (const signal of STOP_SIGNALS) Deno.addSignalListener(signal, onSignal);
+  stack.defer(() => {
+    for (const signal of STOP_SIGNALS) Deno.removeSignalListener(signal, onSignal);
+  });
 
-  let child: Deno.ChildProcess | undefined;
-  if (values.run !== undefined) {
-    const address = primary.address;
+  if (config.run !== undefined) {
     const env: Record<string, string> = {
       uri: uri ?? "",
       nbd: uri ?? "",
-      exportname: exportName,
+      exportname: config.exportName,
       unixsocket: address.transport === "unix" ? address.path : "",
       port: address.transport === "tcp" ? String(address.port) : "",
     };
@@ -496,33 +564,20 @@ export async function runServer(setup: ServerSetup): Promise<number> {
       env.tls = tls.mode === "require" ? "2" : "1";
       env.tls_certificates = tls.certificates!;
     }
-    child = new Deno.Command("/bin/sh", { args: ["-c", values.run], env, stdin: "inherit" })
+    const child = new Deno.Command("/bin/sh", { args: ["-c", config.run], env, stdin: "inherit" })
       .spawn();
+    stack.defer(() => {
+      try {
+        child.kill("SIGTERM");
+      } catch { /* already exited */ }
+    });
     child.status.then((status) =>
-      stopRequested(status.signal ? 128 + signalNumber(status.signal) : status.code)
+      stopped.resolve(status.signal ? 128 + signalNumber(status.signal) : status.code)
     );
-  } else if (values.single) {
-    listeners[0]!.done.then(() => stopRequested(0));
+  } else if (config.listen.transport === "stdio") {
+    listeners.primary.done.then(() => stopped.resolve(0));
   }
-
-  const status = await stopped;
-  for (const signal of signals) Deno.removeSignalListener(signal, onSignal);
-  if (child) {
-    try {
-      child.kill("SIGTERM");
-    } catch { /* already exited */ }
-  }
-  closeListeners();
-  await view?.close();
-  await server.shutdown();
-  if (values.unix === "-" || (values.unix === undefined && values.run !== undefined)) {
-    const address = primary.address;
-    if (address.transport === "unix") {
-      await Deno.remove(address.path.replace(/\/socket$/, ""), { recursive: true }).catch(() => {});
-    }
-  }
-  if (values.pidfile) await Deno.remove(values.pidfile).catch(() => {});
-  return status;
+  return await stopped.promise;
 }
 
 function signalNumber(signal: Deno.Signal): number {

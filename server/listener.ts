@@ -1,13 +1,15 @@
 /**
  * Listeners that feed accepted connections to an `NbdServer`: TCP, Unix
  * sockets (including a private one in a temporary directory), systemd-style
- * socket activation, and a single connection over stdin/stdout.
+ * socket activation, and a single connection over stdin/stdout; and
+ * `openListeners`, which opens the set a server is configured with.
  *
  * @module
  */
 
 import * as net from "node:net";
 import { fromDenoConn, fromNodeSocket, fromStdio } from "../io/byte_stream.ts";
+import { formatNbdUri, type NbdUri } from "../protocol/uri.ts";
 import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
 import type { NbdServer } from "./server.ts";
 
@@ -213,4 +215,116 @@ export function serveStdio(server: NbdServer): Listener {
     close: () => {},
     done: server.serve(fromStdio(), "stdio"),
   };
+}
+
+/** Where a server listens: one connection on stdio, activated sockets, or sockets it opens. */
+export type ListenPlan =
+  | { transport: "stdio" }
+  | { transport: "activation"; fds: number }
+  | {
+    transport: "sockets";
+    /** A Unix socket at `path`, or without a path a private one in a new temporary directory. */
+    unix?: { path?: string };
+    /** TCP on `port` (0 picks one) at each of `hosts` ("[::1]" or "::1" for IPv6). */
+    tcp?: {
+      port: number;
+      hosts: string[];
+      /** Hosts that are skipped when they cannot be listened on (IPv6 loopback on hosts without IPv6). */
+      optional?: string[];
+    };
+  };
+
+/** The listeners of a server, closed (and a private socket's directory removed) on dispose. */
+export interface ListenerSet extends AsyncDisposable {
+  /** Every listener, the Unix socket first. */
+  readonly listeners: readonly Listener[];
+  /** The one clients are pointed at: the Unix socket when there is one. */
+  readonly primary: Listener;
+}
+
+/**
+ * Opens the listeners of `plan` for `server`. When one fails, those
+ * already opened are closed again before the error is thrown.
+ */
+export async function openListeners(
+  server: NbdServer,
+  plan: ListenPlan,
+  options: ListenOptions = {},
+): Promise<ListenerSet> {
+  const listeners: Listener[] = [];
+  let privateDir: string | undefined;
+  const close = async () => {
+    for (const listener of listeners.toReversed()) listener.close();
+    if (privateDir) await Deno.remove(privateDir, { recursive: true }).catch(() => {});
+  };
+  try {
+    if (plan.transport === "stdio") {
+      listeners.push(serveStdio(server));
+    } else if (plan.transport === "activation") {
+      listeners.push(listenActivated(server, plan.fds));
+    } else {
+      if (plan.unix) {
+        let path = plan.unix.path;
+        if (path === undefined) {
+          privateDir = await Deno.makeTempDir({ prefix: "nbd" });
+          path = `${privateDir}/socket`;
+        }
+        listeners.push(await listenUnix(server, path, options));
+      }
+      if (plan.tcp) {
+        const { port, hosts, optional = [] } = plan.tcp;
+        let chosen = port;
+        for (const host of hosts) {
+          try {
+            const listener = await listenTcp(
+              server,
+              host.replace(/^\[(.*)\]$/, "$1"),
+              chosen,
+              options,
+            );
+            // With port 0 every address must share the port the first one got.
+            if (listener.address.transport === "tcp") chosen = listener.address.port;
+            listeners.push(listener);
+          } catch (error) {
+            if (optional.includes(host)) continue;
+            throw new Error(`Cannot listen on ${host} port ${port}: ${(error as Error).message}`);
+          }
+        }
+      }
+    }
+  } catch (error) {
+    await close();
+    throw error;
+  }
+  if (listeners.length === 0) throw new Error("nothing to listen on");
+  return {
+    listeners,
+    primary: listeners.find((l) => l.address.transport === "unix") ?? listeners[0]!,
+    [Symbol.asyncDispose]: close,
+  };
+}
+
+/** The NBD URI clients use to reach `address`, if it has one (stdio and activation have none). */
+export function listenerUri(
+  address: ListenAddress,
+  exportName: string,
+  options: { tls?: boolean; certificates?: string } = {},
+): string | undefined {
+  // With TLS the URI carries the certificate directory so libnbd clients can connect as is.
+  const base: NbdUri = {
+    tls: options.tls ?? false,
+    transport: "tcp",
+    exportName,
+    tlsCertificates: options.certificates,
+  };
+  if (address.transport === "unix") {
+    return formatNbdUri({ ...base, transport: "unix", socket: address.path });
+  }
+  if (address.transport === "tcp") {
+    const wildcard = address.hostname === "0.0.0.0" || address.hostname === "::";
+    const loopbackV6 = address.hostname === "::1";
+    const host = wildcard || loopbackV6 ? "localhost" : address.hostname;
+    return formatNbdUri({ ...base, host, port: address.port });
+  }
+  return undefined;
 }
