@@ -62,6 +62,7 @@ export function decompressCluster(
     if (type === "zlib") {
       const result = zlib.inflateRawSync(data, {
         finishFlush: zlib.constants.Z_SYNC_FLUSH,
+        chunkSize: out.length,
         maxOutputLength: out.length,
       });
       out.set(result);
@@ -72,6 +73,7 @@ export function decompressCluster(
         const n = zstdFrameLength(data.subarray(at));
         if (n < 0) break;
         const result = zlib.zstdDecompressSync(data.subarray(at, at + n), {
+          chunkSize: out.length - produced,
           maxOutputLength: out.length - produced,
         });
         out.set(result, produced);

@@ -429,13 +429,17 @@ export class Qcow2Image {
   async read(store: ImageStore, buf: Uint8Array, offset: number): Promise<void> {
     const end = offset + buf.length;
     if (end > this.size) fail("read past the end of the image");
+    // The mapping is mostly in memory; the pieces are then read all at once.
+    const reads: Promise<void>[] = [];
     let pos = offset;
     while (pos < end) {
       const run = await this.lookup(store, pos, end - pos);
       const piece = buf.subarray(pos - offset, pos - offset + run.length);
-      await this.#readRun(store, run, piece, pos);
+      reads.push(this.#readRun(store, run, piece, pos));
       pos += run.length;
     }
+    const results = await Promise.allSettled(reads);
+    for (const r of results) if (r.status === "rejected") throw r.reason;
   }
 
   async #readRun(store: ImageStore, run: Run, piece: Uint8Array, pos: number): Promise<void> {
