@@ -58,6 +58,12 @@ export class Params {
     return this.#values.has(key);
   }
 
+  /** The value of a single-valued key without taking it (for a filter that needs to know the plugin's). */
+  peek(key: string): string | undefined {
+    const list = this.#values.get(key);
+    return list?.[list.length - 1];
+  }
+
   /** Keys not yet taken. */
   keys(): string[] {
     return [...this.#values.keys()];

@@ -14,6 +14,7 @@ import { gzipFilter } from "./gzip.ts";
 import { logFilter } from "./log.ts";
 import { offsetFilter } from "./offset.ts";
 import { partitionFilter } from "./partition.ts";
+import { qcow2decFilter, qcow2Filter } from "./qcow2.ts";
 import { rateFilter } from "./rate.ts";
 import { readonlyFilter } from "./readonly.ts";
 import { retryFilter } from "./retry.ts";
@@ -33,6 +34,8 @@ export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
     logFilter,
     offsetFilter,
     partitionFilter,
+    qcow2Filter,
+    qcow2decFilter,
     rateFilter,
     readonlyFilter,
     retryFilter,

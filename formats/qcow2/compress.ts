@@ -1,0 +1,103 @@
+/**
+ * Compressed qcow2 clusters: zlib (raw deflate) and zstd, both through the
+ * runtime's node:zlib. A compressed cluster's stored bytes run to a sector
+ * boundary, so whatever follows the compressed stream is ignored.
+ *
+ * @module
+ */
+
+import * as zlib from "node:zlib";
+import type { CompressionType } from "./header.ts";
+import { Qcow2FormatError } from "./header.ts";
+
+const ZSTD_MAGIC = 0xfd2fb528;
+
+/**
+ * The length of the zstd frame at the start of `data` (walking its block
+ * headers), or -1 when it is not a complete frame.
+ */
+export function zstdFrameLength(data: Uint8Array): number {
+  if (data.length < 6) return -1;
+  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  const magic = view.getUint32(0, true);
+  if ((magic & 0xfffffff0) === 0x184d2a50) {
+    // A skippable frame.
+    const n = 8 + view.getUint32(4, true);
+    return n <= data.length ? n : -1;
+  }
+  if (magic !== ZSTD_MAGIC) return -1;
+  const descriptor = data[4]!;
+  const fcsFlag = descriptor >> 6;
+  const singleSegment = (descriptor >> 5) & 1;
+  const checksum = (descriptor >> 2) & 1;
+  const dictFlag = descriptor & 3;
+  let at = 5 + (singleSegment ? 0 : 1) + [0, 1, 2, 4][dictFlag]! +
+    [singleSegment ? 1 : 0, 2, 4, 8][fcsFlag]!;
+  for (;;) {
+    if (at + 3 > data.length) return -1;
+    const header = data[at]! | (data[at + 1]! << 8) | (data[at + 2]! << 16);
+    at += 3;
+    const last = header & 1;
+    const type = (header >> 1) & 3;
+    const size = header >>> 3;
+    if (type === 3) return -1;
+    at += type === 1 ? 1 : size;
+    if (last) break;
+  }
+  at += checksum ? 4 : 0;
+  return at <= data.length ? at : -1;
+}
+
+/**
+ * Inflates one compressed cluster into `out` (exactly one cluster). Throws
+ * a Qcow2FormatError when the data does not inflate to a whole cluster.
+ */
+export function decompressCluster(
+  type: CompressionType,
+  data: Uint8Array,
+  out: Uint8Array,
+): void {
+  let produced = 0;
+  try {
+    if (type === "zlib") {
+      const result = zlib.inflateRawSync(data, {
+        finishFlush: zlib.constants.Z_SYNC_FLUSH,
+        chunkSize: out.length,
+        maxOutputLength: out.length,
+      });
+      out.set(result);
+      produced = result.length;
+    } else {
+      let at = 0;
+      while (produced < out.length && at < data.length) {
+        const n = zstdFrameLength(data.subarray(at));
+        if (n < 0) break;
+        const result = zlib.zstdDecompressSync(data.subarray(at, at + n), {
+          chunkSize: out.length - produced,
+          maxOutputLength: out.length - produced,
+        });
+        out.set(result, produced);
+        produced += result.length;
+        at += n;
+      }
+    }
+  } catch (error) {
+    throw new Qcow2FormatError(
+      `a compressed cluster does not inflate: ${(error as Error).message}`,
+    );
+  }
+  if (produced !== out.length) {
+    throw new Qcow2FormatError(
+      `a compressed cluster inflates to ${produced} bytes instead of ${out.length}`,
+    );
+  }
+}
+
+/** Compresses one cluster; undefined when compression would not save space. */
+export function compressCluster(type: CompressionType, data: Uint8Array): Uint8Array | undefined {
+  const result = type === "zlib"
+    ? zlib.deflateRawSync(data, { level: 6, windowBits: 12 })
+    : zlib.zstdCompressSync(data);
+  const bytes = new Uint8Array(result.buffer, result.byteOffset, result.byteLength);
+  return bytes.length < data.length - 512 ? bytes : undefined;
+}

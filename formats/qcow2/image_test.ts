@@ -1,0 +1,239 @@
+import {
+  assertBytes,
+  assertEquals,
+  assertOk,
+  assertRejects,
+  assertThrows,
+} from "../../tests/assert.ts";
+import { hasCommand, run } from "../../tests/helpers.ts";
+import { createImage } from "./create.ts";
+import { decompressCluster, zstdFrameLength } from "./compress.ts";
+import { parseHeader, Qcow2FormatError } from "./header.ts";
+import { type ImageStore, type Layer, Qcow2Image } from "./image.ts";
+import * as zlib from "node:zlib";
+
+/** A growable in-memory store that counts flushes. */
+class MemoryStore implements ImageStore {
+  bytes: Uint8Array;
+  length: number;
+  constructor(initial: Uint8Array) {
+    this.bytes = new Uint8Array(Math.max(initial.length * 2, 1 << 20));
+    this.bytes.set(initial);
+    this.length = initial.length;
+  }
+  size(): number {
+    return this.length;
+  }
+  pread(buf: Uint8Array, offset: number): Promise<void> {
+    buf.fill(0);
+    if (offset < this.length) {
+      buf.set(this.bytes.subarray(offset, Math.min(this.length, offset + buf.length)));
+    }
+    return Promise.resolve();
+  }
+  pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    const end = offset + buf.length;
+    if (end > this.bytes.length) {
+      const grown = new Uint8Array(Math.max(end, this.bytes.length * 2));
+      grown.set(this.bytes);
+      this.bytes = grown;
+    }
+    this.bytes.set(buf, offset);
+    this.length = Math.max(this.length, end);
+    return Promise.resolve();
+  }
+  flush(): Promise<void> {
+    return Promise.resolve();
+  }
+  contents(): Uint8Array {
+    return this.bytes.slice(0, this.length);
+  }
+}
+
+function rng(seed: number) {
+  let x = seed;
+  return () => (x = (x * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+}
+
+/** Random writes, zeroes and discards, checked against a model after each reopen. */
+async function exercise(options: Parameters<typeof createImage>[0], seed: number, backing?: Layer) {
+  const store = new MemoryStore(createImage(options));
+  const model = new Uint8Array(options.size);
+  if (backing) await backing.read(model, 0);
+  let image = await Qcow2Image.open(store, { writable: true, backing });
+  const next = rng(seed);
+  for (let i = 0; i < 60; i++) {
+    const offset = Math.floor(next() * options.size);
+    const length = Math.max(1, Math.min(options.size - offset, Math.floor(next() * 200000)));
+    const kind = next();
+    if (kind < 0.6) {
+      const data = new Uint8Array(length).fill(1 + (i % 250));
+      await image.write(store, data, offset);
+      model.set(data, offset);
+    } else if (kind < 0.9) {
+      await image.zero(store, offset, length, next() < 0.5);
+      model.fill(0, offset, offset + length);
+    } else {
+      // Discarded whole clusters read as zeroes afterwards; partial ones are unchanged.
+      await image.discard(store, offset, length);
+      const cs = options.clusterSize ?? 65536;
+      const from = Math.ceil(offset / cs) * cs;
+      let to = Math.floor((offset + length) / cs) * cs;
+      if (offset + length === options.size) to = options.size;
+      if (from < to && !(backing && options.version === 2)) model.fill(0, from, to);
+    }
+    if (i % 20 === 19) {
+      await image.flush(store);
+      image = await Qcow2Image.open(store, { writable: true, backing });
+    }
+  }
+  await image.flush(store);
+  const reopened = await Qcow2Image.open(store, { writable: false, backing });
+  const got = new Uint8Array(options.size);
+  await reopened.read(store, got, 0);
+  assertBytes(got, model, JSON.stringify(options));
+  return store;
+}
+
+const qemuImg = hasCommand("qemu-img");
+
+async function qemuCheck(store: MemoryStore, what: string) {
+  if (!qemuImg) return;
+  const path = await Deno.makeTempFile({ suffix: ".qcow2" });
+  try {
+    await Deno.writeFile(path, store.contents());
+    const result = await run("qemu-img", ["check", path]);
+    assertEquals(result.code, 0, `${what}: qemu-img check\n${result.stdout}${result.stderr}`);
+  } finally {
+    await Deno.remove(path);
+  }
+}
+
+Deno.test("qcow2 image: refcount widths 1..64 and cluster sizes 512 B..2 MiB, written and read back", async () => {
+  let seed = 1;
+  const pairs = [[1, 512], [2, 4096], [4, 65536], [8, 2 << 20], [16, 512], [32, 16384], [64, 512], [
+    64,
+    2 << 20,
+  ]];
+  for (const [refcountBits, clusterSize] of pairs) {
+    const options = { size: 3 * 1024 * 1024 + 512, clusterSize, refcountBits };
+    const store = await exercise(options, seed++);
+    await qemuCheck(store, JSON.stringify(options));
+  }
+});
+
+Deno.test("qcow2 image: version 2, extended L2, and a raw backing layer", async () => {
+  const base = new Uint8Array(2 * 1024 * 1024).map((_, i) => (i * 7) % 251);
+  const backing: Layer = {
+    size: base.length - 4096, // shorter than the image: the rest reads as zeroes
+    read: (buf, offset) => {
+      buf.set(base.subarray(offset, offset + buf.length));
+      return Promise.resolve();
+    },
+    status: (_o, length) => Promise.resolve([{ length, data: true, zero: false }]),
+    close: () => Promise.resolve(),
+  };
+  const size = 2 * 1024 * 1024;
+  for (
+    const options of [
+      { size, version: 2, clusterSize: 4096 },
+      { size, extendedL2: true, clusterSize: 65536 },
+      { size, extendedL2: true, clusterSize: 16384, refcountBits: 64 },
+    ]
+  ) {
+    await qemuCheck(await exercise(options, 5), JSON.stringify(options));
+    await exercise({ ...options, backingFile: "base.raw", backingFormat: "raw" }, 9, backing);
+  }
+});
+
+Deno.test("qcow2 header: malformed headers are one-line errors", () => {
+  const good = createImage({ size: 1 << 20 });
+  const bad = (mutate: (v: DataView, b: Uint8Array) => void, pattern: RegExp) => {
+    const bytes = good.slice();
+    mutate(new DataView(bytes.buffer), bytes);
+    assertThrows(() => parseHeader(bytes, bytes.length), Qcow2FormatError, pattern);
+  };
+  bad((v) => v.setUint32(0, 0), /bad magic/);
+  bad((v) => v.setUint32(4, 4), /version 4/);
+  bad((v) => v.setUint32(20, 22), /cluster_bits 22/);
+  bad((v) => v.setUint32(24, 0x7fffffff), /virtual size is too large/);
+  bad((v) => v.setUint32(36, 0), /L1 table is too small/);
+  bad((v) => v.setUint32(44, 0x01000000), /L1 table lies past the end/);
+  bad((v) => v.setUint32(52, 0x1000), /refcount table is not cluster-aligned/);
+  bad((v) => v.setUint32(52, 0), /refcount table overlaps the header/);
+  bad((v) => v.setUint32(76, 1 << 9), /unsupported incompatible qcow2 features: bit 9/);
+  bad((v) => v.setUint32(96, 7), /refcount_order 7/);
+  bad((v) => v.setUint32(100, 4001), /header length/);
+  bad((v) => v.setUint32(112 + 4, 100000), /extension runs past/);
+  assertThrows(() => parseHeader(good.subarray(0, 50), 50), Qcow2FormatError, /too short/);
+  const h = parseHeader(good, good.length);
+  assertEquals([h.version, h.clusterSize, h.refcountOrder, h.compressionType], [
+    3,
+    65536,
+    4,
+    "zlib",
+  ]);
+  assertOk(h.featureNames.some((f) => f.name === "extended L2 entries"));
+});
+
+Deno.test("qcow2 compression: zlib and zstd with trailing sector bytes; bad data refused", () => {
+  const cluster = new Uint8Array(65536).map((_, i) => (i >> 5) & 0xff);
+  const pad = (b: Uint8Array) => {
+    const out = new Uint8Array(Math.ceil((b.length + 1) / 512) * 512).fill(0x5a);
+    out.set(b);
+    return out;
+  };
+  for (
+    const [type, data] of [["zlib", zlib.deflateRawSync(cluster)], [
+      "zstd",
+      zlib.zstdCompressSync(cluster),
+    ]] as const
+  ) {
+    const out = new Uint8Array(65536);
+    decompressCluster(type, pad(new Uint8Array(data)), out);
+    assertBytes(out, cluster);
+    assertThrows(
+      () => decompressCluster(type, new Uint8Array(600).fill(0xff), out),
+      Qcow2FormatError,
+    );
+    // A stream that inflates to less than a cluster.
+    const short = type === "zlib"
+      ? zlib.deflateRawSync(cluster.subarray(0, 100))
+      : zlib.zstdCompressSync(cluster.subarray(0, 100));
+    assertThrows(
+      () => decompressCluster(type, new Uint8Array(short), out),
+      Qcow2FormatError,
+      /inflates to 100 bytes/,
+    );
+  }
+  assertEquals(
+    zstdFrameLength(new Uint8Array(zlib.zstdCompressSync(cluster))),
+    zlib.zstdCompressSync(cluster).length,
+  );
+});
+
+Deno.test("qcow2 image: metadata past the end or overlapping is EIO per request, not a crash", async () => {
+  const bytes = createImage({ size: 1 << 20, clusterSize: 4096 });
+  const store = new MemoryStore(bytes);
+  const image = await Qcow2Image.open(store, { writable: true });
+  await image.write(store, new Uint8Array(4096).fill(9), 0);
+  await image.flush(store);
+  // Point the L1 entry at the header cluster.
+  const h = parseHeader(store.contents(), store.length);
+  const view = new DataView(store.bytes.buffer);
+  view.setUint32(h.l1TableOffset + 4, 0);
+  view.setUint32(h.l1TableOffset, 0x80000000);
+  // An L1 entry of 0 with the copied flag reads as unallocated: fine.
+  const again = await Qcow2Image.open(store, { writable: false });
+  const buf = new Uint8Array(4096);
+  await again.read(store, buf, 0);
+  assertEquals(buf[0], 0);
+  // Now an L2 table past the end of the file.
+  view.setUint32(h.l1TableOffset, 0x80000000);
+  view.setUint32(h.l1TableOffset + 4, 0x10000000);
+  await assertRejects(
+    () => Qcow2Image.open(store, { writable: false }),
+    Qcow2FormatError,
+    /past the end/,
+  );
+});
