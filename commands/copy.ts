@@ -7,7 +7,7 @@
  * @module
  */
 
-import { type Endpoint, type EndpointSpec, parseEndpoint } from "../copy/endpoint.ts";
+import { describeSpec, type Endpoint, type EndpointSpec, parseEndpoint } from "../copy/endpoint.ts";
 import { openDestination, openSource } from "../copy/open.ts";
 import {
   fdOutput,
@@ -26,6 +26,7 @@ import {
 } from "../copy/scheduler.ts";
 import { copyShared, shareableThreads } from "../copy/shares.ts";
 import { runCleanupsNow } from "../copy/cleanup.ts";
+import { type ChecksumAlgorithm, parseAlgorithm } from "../copy/checksum_names.ts";
 import { parseSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { type Command, parseOptions, printError } from "./command.ts";
@@ -78,6 +79,10 @@ Options:
       --progress=FD        write "N/100" lines to file descriptor FD
       --progress-json[=FD] write a JSON object per update (bytes, total, percent,
                            rate, elapsed, eta, state) to stderr or FD
+      --checksum[=ALGO]    print "DIGEST  SOURCE" of what was copied, hashed on
+                           the way (sha256, the default, or blkhash; see nbd
+                           checksum); the copy then runs on one thread
+      --checksum-file FILE write that line to FILE instead of stdout
   -h, --help               show this help
 
 Exit status: 0 on success, 1 when the copy failed (the message names the
@@ -119,6 +124,10 @@ export interface CopyCommandConfig {
   progressFd?: number;
   /** `--progress-json`: undefined = off, "stderr" or a descriptor. */
   progressJson?: number | "stderr";
+  /** `--checksum[=ALGO]`: hash what is copied. */
+  checksum?: ChecksumAlgorithm;
+  /** `--checksum-file`: where the checksum line goes instead of stdout. */
+  checksumFile?: string;
   /** `--help`. */
   help: boolean;
 }
@@ -146,6 +155,7 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
   let progress = false;
   let progressFd: number | undefined;
   let progressJson: number | "stderr" | undefined;
+  let checksum: ChecksumAlgorithm | undefined;
   let afterDashes = false;
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
@@ -169,6 +179,10 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
       progressJson = "stderr";
     } else if (arg.startsWith("--progress-json=")) {
       progressJson = descriptor(arg.slice("--progress-json=".length), "--progress-json");
+    } else if (arg === "--checksum") {
+      checksum = "sha256";
+    } else if (arg.startsWith("--checksum=")) {
+      checksum = parseAlgorithm(arg.slice("--checksum=".length), "--checksum");
     } else {
       rest.push(arg);
     }
@@ -184,6 +198,7 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
     "no-extents": { type: "boolean" },
     flush: { type: "boolean" },
     synchronous: { type: "boolean" },
+    "checksum-file": { type: "string" },
     help: { type: "boolean", short: "h" },
   });
   const specs = positionals.map((p) => {
@@ -213,7 +228,14 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
       );
     }
   }
+  const checksumFile = values["checksum-file"];
+  if (checksumFile !== undefined && checksum === undefined) checksum = "sha256";
+  if (checksum && checksumFile === undefined && specs[1]?.kind === "stdio") {
+    throw new UsageError("--checksum with stdout as the destination needs --checksum-file");
+  }
   return {
+    checksum,
+    checksumFile,
     source: specs[0] ?? { kind: "null" },
     destination: specs[1] ?? { kind: "null" },
     connections: synchronous
@@ -321,6 +343,28 @@ export function defaultSourceConnections(
   return undefined;
 }
 
+/**
+ * The endpoints of a copy that hashes what it copies: the source wrapped
+ * so that its reads are hashed in order, or, into `null:` (whose reads all
+ * share one buffer), a destination that hashes instead. `digest` checks
+ * that every byte was hashed.
+ */
+async function hashCopy(algorithm: ChecksumAlgorithm, source: Endpoint, destination: Endpoint) {
+  const { createHasher, HashingSource, HashSink } = await import("../copy/checksum.ts");
+  const hasher = createHasher(algorithm);
+  const sink = destination.discards ? new HashSink(hasher) : undefined;
+  const wrapped = sink ? undefined : new HashingSource(source, hasher);
+  const feed = (sink ?? wrapped)!.feed;
+  return {
+    source: wrapped ?? source,
+    destination: sink ?? destination,
+    digest(size: number): string {
+      if (feed.hashed !== size) throw new Error(`hashed ${feed.hashed} bytes of ${size}`);
+      return hasher.digest();
+    },
+  };
+}
+
 /** Runs a copy as configured; resolves to the exit status. */
 export async function runCopy(config: CopyCommandConfig): Promise<number> {
   const progressConfig = progressOptions(config);
@@ -353,7 +397,7 @@ export async function runCopy(config: CopyCommandConfig): Promise<number> {
   // Endpoints that threads can share are opened with one connection here: each
   // thread then adds its own (see copy/shares.ts).
   const shareable = config.connections !== 1 && canShare(config.source) &&
-    canShare(config.destination);
+    canShare(config.destination) && config.checksum === undefined;
   const openOptions = {
     connections: shareable ? 1 : config.connections,
     signal: controller.signal,
@@ -389,6 +433,10 @@ export async function runCopy(config: CopyCommandConfig): Promise<number> {
       );
     }
     if (controller.signal.aborted) throw controller.signal.reason;
+    const hashed = config.checksum
+      ? await hashCopy(config.checksum, source, destination)
+      : undefined;
+    if (hashed) [source, destination] = [hashed.source, hashed.destination];
     progress = new Progress(source.size, progressConfig);
     started = true;
     const shown = progress;
@@ -431,6 +479,15 @@ export async function runCopy(config: CopyCommandConfig): Promise<number> {
     source = undefined;
     await opened.close(true);
     progress.finish(true, stats.size);
+    if (hashed) {
+      const { reportChecksum } = await import("./checksum.ts");
+      return await reportChecksum(
+        hashed.digest(stats.size),
+        describeSpec(config.source),
+        config.checksumFile,
+        undefined,
+      );
+    }
     return 0;
   } catch (error) {
     progress?.finish(false);

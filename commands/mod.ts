@@ -66,6 +66,12 @@ const ENTRIES: CommandEntry[] = [
     load: async () => (await importCommand<typeof import("./copy.ts")>("copy")).copyCommand,
   },
   {
+    name: "checksum",
+    summary: "print the sha256 or blkhash of a disk image (file, NBD, http, [ CMD ])",
+    load: async () =>
+      (await importCommand<typeof import("./checksum.ts")>("checksum")).checksumCommand,
+  },
+  {
     name: "stats",
     summary: "print the IO counters of a server running with --view",
     load: async () => (await importCommand<typeof import("./stats.ts")>("stats")).statsCommand,

@@ -622,7 +622,11 @@ export const serveCommand: Command = {
         `unknown plugin "${pluginName}" (known: ${[...PLUGINS.keys()].join(", ")})`,
       );
     }
-    const params = Params.parse(words, plugin.magicParam);
+    const params = Params.parse(
+      words,
+      plugin.magicParam,
+      plugin.params.some((p) => p.name === plugin.magicParam && p.repeatable),
+    );
     return await runServer({ values, plugin, params });
   },
 };

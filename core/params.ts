@@ -30,14 +30,17 @@ export interface ParamSpec {
 export class Params {
   #values = new Map<string, string[]>();
 
-  /** Builds parameters from `key=value` words; a bare word sets `magic` if given. */
-  static parse(words: string[], magic?: string): Params {
+  /**
+   * Builds parameters from `key=value` words; a bare word sets `magic` if
+   * given (every bare word, when `magicRepeats`: `partitioning a.img b.img`).
+   */
+  static parse(words: string[], magic?: string, magicRepeats = false): Params {
     const params = new Params();
     for (const word of words) {
       const eq = word.indexOf("=");
       if (eq > 0 && /^[A-Za-z_][A-Za-z0-9_.-]*$/.test(word.slice(0, eq))) {
         params.add(word.slice(0, eq), word.slice(eq + 1));
-      } else if (magic !== undefined && !params.has(magic)) {
+      } else if (magic !== undefined && (magicRepeats || !params.has(magic))) {
         params.add(magic, word);
       } else {
         throw new UsageError(`unexpected argument "${word}" (expected key=value)`);

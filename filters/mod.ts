@@ -19,6 +19,7 @@ import { rateFilter } from "./rate.ts";
 import { readonlyFilter } from "./readonly.ts";
 import { retryFilter } from "./retry.ts";
 import { statsFilter } from "./stats.ts";
+import { tarFilter } from "./tar.ts";
 import { truncateFilter } from "./truncate.ts";
 import { xzFilter } from "./xz.ts";
 
@@ -40,6 +41,7 @@ export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
     readonlyFilter,
     retryFilter,
     statsFilter,
+    tarFilter,
     truncateFilter,
     xzFilter,
   ].map((f) => [f.name, f]),

@@ -13,6 +13,7 @@ import { curlPlugin, httpPlugin } from "./http.ts";
 import { memoryPlugin } from "./memory.ts";
 import { nbdPlugin } from "./nbd.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
+import { partitioningPlugin } from "./partitioning.ts";
 import { patternPlugin } from "./pattern.ts";
 import { randomPlugin } from "./random.ts";
 import { shPlugin } from "./sh.ts";
@@ -31,6 +32,7 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     memoryPlugin,
     nbdPlugin,
     nullPlugin,
+    partitioningPlugin,
     patternPlugin,
     randomPlugin,
     shPlugin,

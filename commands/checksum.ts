@@ -1,0 +1,234 @@
+/**
+ * `nbd checksum SOURCE`: the SHA-256 or blkhash of any source `nbd copy`
+ * reads (file, block device, NBD URI, http(s), `[ CMD ]`, stdin), read by
+ * the copy engine into a destination that hashes (copy/checksum.ts).
+ *
+ * @module
+ */
+
+import {
+  type ChecksumAlgorithm,
+  createHasher,
+  HashSink,
+  parseAlgorithm,
+} from "../copy/checksum.ts";
+import { describeSpec, type Endpoint, type EndpointSpec, parseEndpoint } from "../copy/endpoint.ts";
+import { openSource } from "../copy/open.ts";
+import { CopyError, copyImage, CopyInterrupted, describeCause } from "../copy/scheduler.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { type Command, parseOptions, printError } from "./command.ts";
+import { writeStdout } from "./output.ts";
+
+const USAGE = `Usage: nbd checksum [OPTIONS] SOURCE
+
+Print the checksum of a disk image as "DIGEST  SOURCE", like sha256sum.
+Holes the source reports are hashed without being read.
+
+SOURCE is anything nbd copy reads: a file or block device, an NBD URI,
+an http(s) URL, - for stdin, or [ CMD ARGS ... ] (an NBD server started
+for the occasion by socket activation).
+
+Options:
+  -a, --algorithm ALGO     sha256 (default): the SHA-256 of the raw bytes,
+                           equal to sha256sum's; blkhash: the block-based hash
+                           of nbdcopy --blkhash and blksum (SHA-256, 64 KiB blocks)
+      --checksum-file FILE write the line to FILE instead of stdout
+      --verify DIGEST      compare with DIGEST: exit 1 with one line if it differs
+  -C, --connections N      connections to an NBD source (default: its own)
+  -R, --requests N         reads in flight (default 16)
+      --no-extents         read everything (ignore the holes the source reports)
+  -h, --help               show this help
+
+Exit status: 0 on success (and a match with --verify), 1 on a read failure
+or a mismatch, 2 on usage errors, 130 when interrupted.
+
+Examples:
+  nbd checksum disk.img
+  nbd checksum -a blkhash nbd://server/disk
+  nbd checksum --verify=5f0c...e1 https://example.com/disk.img
+  nbd checksum [ qemu-nbd -r -f qcow2 disk.qcow2 ]
+`;
+
+/** What `nbd checksum` was asked to do. */
+export interface ChecksumConfig {
+  /** The source. */
+  source: EndpointSpec;
+  /** The algorithm. */
+  algorithm: ChecksumAlgorithm;
+  /** Where the line goes instead of stdout. */
+  checksumFile?: string;
+  /** The expected digest (lower-case hex). */
+  verify?: string;
+  /** Connections to an NBD source. */
+  connections?: number;
+  /** Reads in flight. */
+  requests: number;
+  /** Use the source's extents. */
+  extents: boolean;
+  /** `--help`. */
+  help: boolean;
+}
+
+function count(text: string, what: string, max: number): number {
+  if (!/^\d+$/.test(text) || Number(text) < 1 || Number(text) > max) {
+    throw new UsageError(`${what} must be a whole number from 1 to ${max}, got "${text}"`);
+  }
+  return Number(text);
+}
+
+/** Parses the arguments of `nbd checksum`; a `[ CMD ]` group is the source. */
+export function parseChecksumArgs(argv: string[]): ChecksumConfig {
+  let group: string[] | undefined;
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === "[") {
+      const close = argv.indexOf("]", i + 1);
+      if (close < 0) throw new UsageError('"[" without a matching "]"');
+      if (group) throw new UsageError("checksum takes one SOURCE");
+      group = argv.slice(i + 1, close);
+      i = close;
+    } else rest.push(argv[i]!);
+  }
+  const { values, positionals } = parseOptions(rest, {
+    algorithm: { type: "string", short: "a" },
+    "checksum-file": { type: "string" },
+    verify: { type: "string" },
+    connections: { type: "string", short: "C" },
+    requests: { type: "string", short: "R" },
+    "no-extents": { type: "boolean" },
+    help: { type: "boolean", short: "h" },
+  });
+  const help = values.help ?? false;
+  const sources = positionals.map(parseEndpoint);
+  if (group) sources.push({ kind: "command", argv: group });
+  if (!help && sources.length !== 1) {
+    throw new UsageError("checksum needs one SOURCE (see nbd checksum --help)");
+  }
+  const source = sources[0] ?? { kind: "null" };
+  if (source.kind === "null") {
+    if (!help) throw new UsageError('"null:" cannot be checksummed');
+  }
+  const verify = values.verify?.toLowerCase();
+  if (verify !== undefined && !/^[0-9a-f]{64}$/.test(verify)) {
+    throw new UsageError(`--verify: "${values.verify}" is not a 64-digit hex digest`);
+  }
+  return {
+    source,
+    algorithm: parseAlgorithm(values.algorithm ?? "sha256"),
+    checksumFile: values["checksum-file"],
+    verify,
+    connections: values.connections === undefined
+      ? undefined
+      : count(values.connections, "--connections", 64),
+    requests: values.requests === undefined ? 16 : count(values.requests, "--requests", 1024),
+    extents: !(values["no-extents"] ?? false),
+    help,
+  };
+}
+
+/** The checksum of `source` by the copy engine, and the length hashed. */
+export async function checksumEndpoint(
+  source: Endpoint,
+  algorithm: ChecksumAlgorithm,
+  options: { requests: number; extents: boolean; signal?: AbortSignal },
+): Promise<{ digest: string; size: number }> {
+  const hasher = createHasher(algorithm);
+  const sink = new HashSink(hasher);
+  const stats = await copyImage(source, sink, {
+    requests: options.requests,
+    requestSize: 1 << 20,
+    sparseSize: 0,
+    allocated: false,
+    destinationIsZero: false,
+    extents: options.extents,
+    signal: options.signal,
+  });
+  if (sink.feed.hashed !== stats.size) {
+    throw new Error(`hashed ${sink.feed.hashed} bytes of ${stats.size}`);
+  }
+  return { digest: hasher.digest(), size: stats.size };
+}
+
+/** Writes `DIGEST  NAME` to stdout or FILE; checks against `verify`. Resolves to the status. */
+export async function reportChecksum(
+  digest: string,
+  name: string,
+  checksumFile: string | undefined,
+  verify: string | undefined,
+): Promise<number> {
+  const line = `${digest}  ${name}\n`;
+  if (checksumFile !== undefined) {
+    try {
+      await Deno.writeTextFile(checksumFile, line);
+    } catch (error) {
+      printError(`cannot write ${checksumFile}: ${describeCause(error)}`);
+      return 1;
+    }
+  } else await writeStdout(line);
+  if (verify !== undefined && verify !== digest) {
+    printError(`checksum mismatch: ${name} has ${digest}, expected ${verify}`);
+    return 1;
+  }
+  return 0;
+}
+
+/** Runs `nbd checksum` as configured; resolves to the exit status. */
+export async function runChecksum(config: ChecksumConfig): Promise<number> {
+  const controller = new AbortController();
+  const onSignal = () => controller.abort(new CopyInterrupted("SIGINT"));
+  Deno.addSignalListener("SIGINT", onSignal);
+  let source: Endpoint | undefined;
+  try {
+    try {
+      source = await openSource(config.source, {
+        connections: config.connections,
+        signal: controller.signal,
+      });
+    } catch (error) {
+      if (error instanceof UsageError) throw error;
+      printError(`${describeSpec(config.source)}: ${describeCause(error)}`);
+      return 1;
+    }
+    const { digest } = await checksumEndpoint(source, config.algorithm, {
+      requests: config.requests,
+      extents: config.extents,
+      signal: controller.signal,
+    });
+    return await reportChecksum(
+      digest,
+      describeSpec(config.source),
+      config.checksumFile,
+      config.verify,
+    );
+  } catch (error) {
+    if (error instanceof UsageError) throw error;
+    if (error instanceof CopyInterrupted) {
+      printError(`checksum ${error.message}`);
+      return 130;
+    }
+    if (error instanceof CopyError) {
+      printError(`checksum failed: ${error.message}`);
+      return 1;
+    }
+    printError(describeCause(error));
+    return 1;
+  } finally {
+    Deno.removeSignalListener("SIGINT", onSignal);
+    await source?.close(true).catch(() => {});
+  }
+}
+
+/** The `nbd checksum` command. */
+export const checksumCommand: Command = {
+  name: "checksum",
+  summary: "print the sha256 or blkhash of a disk image (file, NBD, http, [ CMD ])",
+  usage: USAGE,
+  async run(argv: string[]): Promise<number> {
+    const config = parseChecksumArgs(argv);
+    if (config.help) {
+      await writeStdout(USAGE);
+      return 0;
+    }
+    return await runChecksum(config);
+  },
+};

@@ -1,0 +1,195 @@
+/**
+ * The partitioning plugin against real partitioning tools: sfdisk, sgdisk
+ * and parted read our GPT and MBR disks (logical partitions included)
+ * without complaint, each partition read back through the partition
+ * filter equals its file, and writes land in the files in place while the
+ * generated table refuses changes.
+ *
+ * @module
+ */
+
+import { NbdClient } from "../client/client.ts";
+import { assertBytes, assertEquals, assertMatch, assertNotMatch, assertOk } from "./assert.ts";
+import {
+  nbdExecutable,
+  peers,
+  randomBytes,
+  readExport,
+  run,
+  runOk,
+  startNbdServe,
+  tempDir,
+} from "./helpers.ts";
+
+const MiB = 1 << 20;
+
+/** Files of assorted sizes: whole MiBs, an odd size, one byte, a sparse one. */
+async function makeFiles(dir: string, count: number): Promise<string[]> {
+  const sizes = [3 * MiB, 5_000_000, 1, 2 * MiB + 512, 700 * 1024, 12345];
+  const paths: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const path = `${dir}/part${i + 1}.img`;
+    await Deno.writeFile(path, randomBytes(sizes[i % sizes.length]!, 100 + i));
+    paths.push(path);
+  }
+  const sparse = `${dir}/sparse.img`;
+  const file = await Deno.open(sparse, { write: true, create: true });
+  await file.truncate(16 * MiB);
+  await file.seek(9 * MiB, Deno.SeekMode.Start);
+  await file.write(randomBytes(4096, 99));
+  file.close();
+  paths.splice(1, 0, sparse);
+  return paths;
+}
+
+/** The disk as an image file, copied out of a served partitioning export. */
+async function diskImage(args: string[], out: string): Promise<void> {
+  await using server = await startNbdServe(["-r", "partitioning", ...args]);
+  await runOk(await nbdExecutable(), ["copy", server.uri, out]);
+}
+
+/** Partition numbers as tools name them: logical MBR partitions start at 5. */
+function partitionNumbers(count: number, type: "gpt" | "mbr"): number[] {
+  return Array.from(
+    { length: count },
+    (_, i) => type === "mbr" && count > 4 && i >= 3 ? i + 2 : i + 1,
+  );
+}
+
+async function checkTools(image: string, type: "gpt" | "mbr", count: number): Promise<void> {
+  const dump = await runOk("sfdisk", ["--dump", image]);
+  assertMatch(dump.stdout, new RegExp(`label: ${type === "gpt" ? "gpt" : "dos"}`));
+  const lines = dump.stdout.split("\n").filter((l) => l.startsWith(`${image}`));
+  // MBR with logical partitions also lists the extended partition.
+  assertEquals(lines.length, type === "mbr" && count > 4 ? count + 1 : count, dump.stdout);
+  assertEquals(dump.stderr, "");
+  const verify = await runOk("sfdisk", ["--verify", image]);
+  assertMatch(verify.stdout, /No errors detected/);
+  if (type === "gpt") {
+    const sgdisk = await runOk("sgdisk", ["-v", image]);
+    assertMatch(sgdisk.stdout, /No problems found/);
+    assertNotMatch(sgdisk.stdout, /Problem:|Warning:|corrupt/i);
+  }
+  const parted = await run("parted", ["-s", image, "print"]);
+  assertEquals(parted.code, 0, parted.stderr);
+  assertEquals(parted.stderr, "");
+  assertNotMatch(parted.stdout, /Warning|Error|fix/i);
+  for (const n of partitionNumbers(count, type)) {
+    assertMatch(parted.stdout, new RegExp(`^ *${n} `, "m"), parted.stdout);
+  }
+}
+
+for (const [type, count] of [["gpt", 4], ["mbr", 3], ["mbr", 6]] as const) {
+  Deno.test({
+    name: `partitioning ${type} with ${count} partitions: sfdisk, sgdisk, parted agree`,
+    ...peers("sfdisk", "sgdisk", "parted"),
+    async fn() {
+      await using dir = await tempDir();
+      const files = await makeFiles(dir.path, count - 1);
+      const image = `${dir.path}/disk.img`;
+      await diskImage([...files, `partition-type=${type}`], image);
+      await checkTools(image, type, count);
+      // Each partition, read through the partition filter, is its file then zero padding.
+      const numbers = partitionNumbers(count, type);
+      for (let i = 0; i < files.length; i++) {
+        await using server = await startNbdServe([
+          "-r",
+          "--filter=partition",
+          "partitioning",
+          ...files,
+          `partition-type=${type}`,
+          `partition=${numbers[i]}`,
+        ]);
+        const read = await readExport(server.uri);
+        const expected = await Deno.readFile(files[i]!);
+        assertEquals(read.length, Math.ceil(expected.length / 512) * 512);
+        assertBytes(read.subarray(0, expected.length), expected, files[i]);
+        assertOk(read.subarray(expected.length).every((b) => b === 0), "padding reads as zeroes");
+      }
+    },
+  });
+}
+
+Deno.test({
+  name: "partitioning: the same files give the same disk, types and alignment as asked",
+  ...peers("sfdisk"),
+  async fn() {
+    await using dir = await tempDir();
+    const files = await makeFiles(dir.path, 2);
+    const one = `${dir.path}/one.img`;
+    const two = `${dir.path}/two.img`;
+    await diskImage(
+      [...files, "partition-type=gpt", "type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"],
+      one,
+    );
+    await diskImage(
+      [...files, "partition-type=gpt", "type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"],
+      two,
+    );
+    assertBytes(await Deno.readFile(one), await Deno.readFile(two));
+    const dump = (await runOk("sfdisk", ["--dump", one])).stdout;
+    assertEquals(dump.match(/type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B/g)?.length, 3, dump);
+    const mbr = `${dir.path}/mbr.img`;
+    await diskImage([...files, "alignment=64K", "mbr-id=0x0c", "mbr-id=0x83", "mbr-id=7"], mbr);
+    const mbrDump = (await runOk("sfdisk", ["--dump", mbr])).stdout;
+    assertMatch(mbrDump, /start=\s*128, size=\s*6144, type=c\n/);
+    assertMatch(mbrDump, /type=83\n/);
+    assertMatch(mbrDump, /type=7\n/);
+  },
+});
+
+Deno.test("partitioning: writes land in the files; the table refuses changes", async () => {
+  await using dir = await tempDir();
+  const files = await makeFiles(dir.path, 2);
+  await using server = await startNbdServe(["partitioning", ...files, "partition-type=gpt"]);
+  await using client = await NbdClient.connect(server.uri);
+  // Partition 2 (the sparse file) starts after partition 1 (3 MiB at 1 MiB), at 4 MiB.
+  const data = randomBytes(10000, 7);
+  await client.pwrite(data, 4 * MiB + 9 * MiB - 5000);
+  await client.flush();
+  const sparse = await Deno.readFile(files[1]!);
+  assertBytes(sparse.subarray(9 * MiB - 5000, 9 * MiB + 5000), data);
+  // A write across the end of partition 1's file into the padding after it is refused
+  // unless the padding part is zero; nothing is written then.
+  const header = new Uint8Array(512);
+  await client.pread(header, 512);
+  await client.pwrite(header, 512); // the same bytes: accepted
+  const changed = header.slice();
+  changed[100] ^= 1;
+  let refused = "";
+  try {
+    await client.pwrite(changed, 512);
+  } catch (error) {
+    refused = (error as Error).message;
+  }
+  assertMatch(refused, /EPERM/);
+  const after = new Uint8Array(512);
+  await client.pread(after, 512);
+  assertBytes(after, header);
+});
+
+Deno.test("partitioning: a missing file is a one-line error", async () => {
+  await using dir = await tempDir();
+  const result = await run(await nbdExecutable(), [
+    "serve",
+    "partitioning",
+    `${dir.path}/missing.img`,
+    "-U",
+    `${dir.path}/sock`,
+  ]);
+  assertOk(result.code === 1 || result.code === 2, `exit ${result.code}`);
+  assertEquals(result.stderr.trim().split("\n").length, 1, result.stderr);
+  assertMatch(result.stderr, /^nbd: partitioning: cannot open .*missing\.img/);
+  const bad = await run(await nbdExecutable(), [
+    "serve",
+    "partitioning",
+    "/etc/hostname",
+    "partition-type=apm",
+    "-U",
+    `${dir.path}/sock`,
+  ]);
+  assertEquals([bad.code, bad.stderr], [
+    2,
+    'nbd: partitioning: partition-type must be gpt or mbr, got "apm"\n',
+  ]);
+});
