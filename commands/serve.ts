@@ -18,7 +18,7 @@ import {
   listenUnix,
   serveStdio,
 } from "../server/listener.ts";
-import { formatParams, Params } from "../core/params.ts";
+import { checkRequired, formatParams, paramKey, Params } from "../core/params.ts";
 import { parseSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
 import {
@@ -188,7 +188,8 @@ export function expandViewOption(
 function pluginHelp(plugin: Plugin): string {
   return `Usage: nbd serve [OPTIONS] ${plugin.name} ${
     plugin.params.map((p) =>
-      (p.required ? "" : "[") + `${p.name}=${p.value}` + (p.required ? "" : "]")
+      (p.required ? "" : "[") + paramKey(p, plugin.magicParam) + (p.required ? "" : "]") +
+      (p.repeatable ? " ..." : "")
     ).join(" ")
   }
 
@@ -205,7 +206,7 @@ function filterHelp(filter: Filter): string {
 ${filter.summary}
 
 Parameters:
-${filter.params.length ? formatParams(filter.params) : "  (none)"}
+${formatParams(filter.params)}
 ${filter.description ? `\n${filter.description}\n` : ""}`;
 }
 
@@ -374,6 +375,8 @@ export async function runServer(setup: ServerSetup): Promise<number> {
     );
   }
 
+  // Every layer's required parameters, before any layer is created: nothing to undo.
+  for (const layer of [...filters, plugin]) checkRequired(layer.name, layer.params, params);
   const filterInstances: FilterInstance[] = [];
   for (const filter of filters) filterInstances.push(await filter.create(params));
   const pluginInstance = await plugin.create(params);
