@@ -101,6 +101,12 @@ const ENTRIES: CommandEntry[] = [
     load: async () =>
       (await importCommand<typeof import("./attached.ts")>("attached")).attachedCommand,
   },
+  {
+    name: "completions",
+    summary: "print a completion script for bash, zsh or fish",
+    load: async () =>
+      (await importCommand<typeof import("./completions.ts")>("completions")).completionsCommand,
+  },
 ];
 
 /** Subcommands by name, in the order `nbd --help` lists them. */
