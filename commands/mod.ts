@@ -104,8 +104,9 @@ const ENTRIES: CommandEntry[] = [
   {
     name: "completions",
     summary: "print a completion script for bash, zsh or fish",
+    // Typed without naming the module: it reads this registry, which must not depend on it.
     load: async () =>
-      (await importCommand<typeof import("./completions.ts")>("completions")).completionsCommand,
+      (await importCommand<{ completionsCommand: Command }>("completions")).completionsCommand,
   },
 ];
 
