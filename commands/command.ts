@@ -34,8 +34,12 @@ export interface OptionSpec {
   multiple?: boolean;
   /** Placeholder for the value in help, e.g. "N" (string options, and optional values). */
   value?: string;
-  /** The value may be left out (`--map[=CONTEXT]`); the command reads it before parsing. */
-  optionalValue?: boolean;
+  /**
+   * The value may be left out; the command reads it before parsing. Either
+   * only as `--map=CONTEXT` ("joined", shown `--map[=CONTEXT]`), or also
+   * as the next word when that looks like one ("separate", `--view [ADDR]`).
+   */
+  optionalValue?: "joined" | "separate";
   /** The value is a file or directory name (completed as one). */
   path?: boolean;
   /** Another name of the option `aliasOf`, listed on its row. */
@@ -157,7 +161,8 @@ export function optionKey(name: string, options: OptionSpecs): string {
   for (const [alias, other] of Object.entries(options)) {
     if (other.aliasOf === name) long += `, --${alias}`;
   }
-  if (spec.optionalValue) long += `[=${value}]`;
+  if (spec.optionalValue === "joined") long += `[=${value}]`;
+  else if (spec.optionalValue === "separate") long += ` [${value}]`;
   else if (spec.type === "string") long += ` ${value}`;
   return spec.short ? `-${spec.short}, ${long}` : long;
 }

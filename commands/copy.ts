@@ -73,14 +73,14 @@ const OPTIONS = {
     type: "boolean",
     short: "p",
     value: "FD",
-    optionalValue: true,
+    optionalValue: "joined",
     help:
       'progress bar on stderr (plain lines when not a terminal); with =FD, "N/100" lines to descriptor FD',
   },
   "progress-json": {
     type: "boolean",
     value: "FD",
-    optionalValue: true,
+    optionalValue: "joined",
     help:
       "a JSON object per update (bytes, total, percent, rate, elapsed, eta, state) to stderr or FD",
   },

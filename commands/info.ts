@@ -39,7 +39,7 @@ const OWN_OPTIONS = {
   map: {
     type: "string",
     value: "CONTEXT",
-    optionalValue: true,
+    optionalValue: "joined",
     help: 'print the allocation map (see "nbd map"); --totals sums it',
   },
   totals: { type: "boolean", help: "with --map: bytes per type instead of the runs" },

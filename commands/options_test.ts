@@ -23,7 +23,8 @@ Deno.test("every command declares each option with its help, and its usage shows
 Deno.test("options render as aligned help lines and as a docs table", () => {
   const options: OptionSpecs = {
     port: { type: "string", short: "p", value: "N", help: "TCP port (default 10809)" },
-    map: { type: "string", value: "CONTEXT", optionalValue: true, help: "print the map" },
+    map: { type: "string", value: "CONTEXT", optionalValue: "joined", help: "print the map" },
+    view: { type: "string", value: "ADDR", optionalValue: "separate", help: "view" },
     "destination-is-zero": { type: "boolean", help: "skip zero runs" },
     "target-is-zero": { type: "boolean", aliasOf: "destination-is-zero" },
     daemon: { type: "boolean", hidden: true },
@@ -34,6 +35,7 @@ Deno.test("options render as aligned help lines and as a docs table", () => {
     [
       "  -p, --port N              TCP port (default 10809)",
       "      --map[=CONTEXT]       print the map",
+      "      --view [ADDR]         view",
       "      --destination-is-zero, --target-is-zero",
       "                            skip zero runs",
       "      --tls off|on          a | b",
@@ -46,6 +48,7 @@ Deno.test("options render as aligned help lines and as a docs table", () => {
       "| --- | --- |",
       "| `-p, --port N` | TCP port (default 10809) |",
       "| `--map[=CONTEXT]` | print the map |",
+      "| `--view [ADDR]` | view |",
       "| `--destination-is-zero, --target-is-zero` | skip zero runs |",
       "| `--tls off\\|on` | a \\| b |",
     ].join("\n"),

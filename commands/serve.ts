@@ -142,7 +142,7 @@ export const SERVE_OPTIONS = {
   view: {
     type: "string",
     value: "ADDR",
-    optionalValue: true,
+    optionalValue: "separate",
     help:
       `serve the live block-activity page, /stats and /metrics over HTTP on ADDR (default ${DEFAULT_VIEW_ADDRESS}; HOST:PORT, :PORT or PORT)`,
   },
