@@ -10,17 +10,23 @@ import { startDaemon } from "../mount/daemon.ts";
 import { sessionDir } from "../mount/registry.ts";
 import { MountSession, requireMountPrivilege } from "../mount/session.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { type Command, parseOptions } from "./command.ts";
-import {
-  MOUNT_OPTIONS,
-  MOUNT_USAGE,
-  mountFlags,
-  mountUri,
-  onTerminate,
-  signalReadyFd,
-} from "./mount.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
+import { MOUNT_OPTIONS, mountFlags, mountUri, onTerminate, signalReadyFd } from "./mount.ts";
 import { writeStdout } from "./output.ts";
-import { TLS_USAGE } from "./tls_options.ts";
+import { TLS_OPTIONS, TLS_USAGE } from "./tls_options.ts";
+
+const OWN_OPTIONS = {
+  foreground: {
+    type: "boolean",
+    help:
+      "serve in the foreground (until SIGINT/SIGTERM or nbd detach), logging to stderr; for service managers",
+  },
+  // The background process started by "nbd attach".
+  daemon: { type: "boolean", hidden: true },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
+
+const OPTIONS = { ...MOUNT_OPTIONS, ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd attach [OPTIONS] URI
 
@@ -32,10 +38,7 @@ in the background until "nbd detach". "nbd attached" lists attachments with
 their I/O counters. Needs root (CAP_SYS_ADMIN) and losetup.
 
 Options:
-${MOUNT_USAGE}
-      --foreground        serve in the foreground (until SIGINT/SIGTERM or nbd detach),
-                          logging to stderr; for service managers
-  -h, --help              show this help
+${formatOptions({ ...MOUNT_OPTIONS, ...OWN_OPTIONS })}
 
 ${TLS_USAGE}
 
@@ -50,13 +53,9 @@ export const attachCommand: Command = {
   name: "attach",
   summary: "attach an export as a loop block device (no kernel NBD module)",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
-    const { values, positionals } = parseOptions(argv, {
-      ...MOUNT_OPTIONS,
-      foreground: { type: "boolean" },
-      // Internal: the background process started by "nbd attach".
-      daemon: { type: "boolean" },
-    });
+    const { values, positionals } = parseOptions(argv, OPTIONS);
     if (values.help) {
       await writeStdout(USAGE);
       return 0;

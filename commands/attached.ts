@@ -9,8 +9,14 @@ import type { IoStats } from "../mount/io_counters.ts";
 import { controlRequest, listSessions, type SessionRecord } from "../mount/registry.ts";
 import { formatSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { type Command, parseOptions } from "./command.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
+
+const OPTIONS = {
+  json: { type: "boolean", help: "print JSON" },
+  all: { type: "boolean", short: "a", help: 'include "nbd mount" file mounts' },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
 
 const USAGE = `Usage: nbd attached [OPTIONS]
 
@@ -21,9 +27,7 @@ reply) and the export's URI. Connections that were lost or declared stale
 are listed under their attachment.
 
 Options:
-      --json      print JSON
-  -a, --all       include "nbd mount" file mounts
-  -h, --help      show this help
+${formatOptions(OPTIONS)}
 `;
 
 /** One listed session, as printed with --json. */
@@ -90,12 +94,9 @@ export const attachedCommand: Command = {
   name: "attached",
   summary: "list attached exports with their I/O counters",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
-    const { values, positionals } = parseOptions(argv, {
-      json: { type: "boolean" },
-      all: { type: "boolean", short: "a" },
-      help: { type: "boolean", short: "h" },
-    });
+    const { values, positionals } = parseOptions(argv, OPTIONS);
     if (values.help) {
       await writeStdout(USAGE);
       return 0;

@@ -16,8 +16,38 @@ import { describeSpec, type Endpoint, type EndpointSpec, parseEndpoint } from ".
 import { openSource } from "../copy/open.ts";
 import { CopyError, copyImage, CopyInterrupted, describeCause } from "../copy/scheduler.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { type Command, parseOptions, printError } from "./command.ts";
+import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
+
+const OPTIONS = {
+  algorithm: {
+    type: "string",
+    short: "a",
+    value: "ALGO",
+    help:
+      "sha256 (default: the SHA-256 of the raw bytes, as sha256sum) or blkhash (SHA-256 of 64 KiB blocks)",
+  },
+  "checksum-file": {
+    type: "string",
+    value: "FILE",
+    path: true,
+    help: "write the line to FILE instead of stdout",
+  },
+  verify: {
+    type: "string",
+    value: "DIGEST",
+    help: "compare with DIGEST: exit 1 with one line if it differs",
+  },
+  connections: {
+    type: "string",
+    short: "C",
+    value: "N",
+    help: "connections to an NBD source (default: its own)",
+  },
+  requests: { type: "string", short: "R", value: "N", help: "reads in flight (default 16)" },
+  "no-extents": { type: "boolean", help: "read everything (ignore the holes the source reports)" },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
 
 const USAGE = `Usage: nbd checksum [OPTIONS] SOURCE
 
@@ -29,15 +59,7 @@ an http(s) URL, - for stdin, or [ CMD ARGS ... ] (an NBD server started
 for the occasion by socket activation).
 
 Options:
-  -a, --algorithm ALGO     sha256 (default): the SHA-256 of the raw bytes,
-                           equal to sha256sum's; blkhash: the block-based hash
-                           of nbdcopy --blkhash and blksum (SHA-256, 64 KiB blocks)
-      --checksum-file FILE write the line to FILE instead of stdout
-      --verify DIGEST      compare with DIGEST: exit 1 with one line if it differs
-  -C, --connections N      connections to an NBD source (default: its own)
-  -R, --requests N         reads in flight (default 16)
-      --no-extents         read everything (ignore the holes the source reports)
-  -h, --help               show this help
+${formatOptions(OPTIONS)}
 
 Exit status: 0 on success (and a match with --verify), 1 on a read failure
 or a mismatch, 2 on usage errors, 130 when interrupted.
@@ -89,15 +111,7 @@ export function parseChecksumArgs(argv: string[]): ChecksumConfig {
       i = close;
     } else rest.push(argv[i]!);
   }
-  const { values, positionals } = parseOptions(rest, {
-    algorithm: { type: "string", short: "a" },
-    "checksum-file": { type: "string" },
-    verify: { type: "string" },
-    connections: { type: "string", short: "C" },
-    requests: { type: "string", short: "R" },
-    "no-extents": { type: "boolean" },
-    help: { type: "boolean", short: "h" },
-  });
+  const { values, positionals } = parseOptions(rest, OPTIONS);
   const help = values.help ?? false;
   const sources = positionals.map(parseEndpoint);
   if (group) sources.push({ kind: "command", argv: group });
@@ -223,6 +237,7 @@ export const checksumCommand: Command = {
   name: "checksum",
   summary: "print the sha256 or blkhash of a disk image (file, NBD, http, [ CMD ])",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
     const config = parseChecksumArgs(argv);
     if (config.help) {

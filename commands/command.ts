@@ -13,13 +13,18 @@ export interface Command {
   name: string;
   /** One-line summary for `nbd --help`. */
   summary: string;
-  /** Full usage text for `nbd NAME --help`. */
+  /** Full usage text for `nbd NAME --help` (its option lists come from `options`). */
   usage: string;
+  /** The command's options: parsing, help, docs and completion all read them. */
+  options: OptionSpecs;
   /** Runs the command; resolves to the exit status. Never calls Deno.exit. */
   run(argv: string[]): Promise<number>;
 }
 
-/** One option of `parseOptions`, as node:util's parseArgs describes it. */
+/**
+ * Declaration of one option: how `parseOptions` parses it (as node:util's
+ * parseArgs describes options) and how help, docs and completion show it.
+ */
 export interface OptionSpec {
   /** A string takes a value; a boolean does not. */
   type: "string" | "boolean";
@@ -27,6 +32,22 @@ export interface OptionSpec {
   short?: string;
   /** Repeatable: the values are collected in an array. */
   multiple?: boolean;
+  /** Placeholder for the value in help, e.g. "N" (string options, and optional values). */
+  value?: string;
+  /**
+   * The value may be left out; the command reads it before parsing. Either
+   * only as `--map=CONTEXT` ("joined", shown `--map[=CONTEXT]`), or also
+   * as the next word when that looks like one ("separate", `--view [ADDR]`).
+   */
+  optionalValue?: "joined" | "separate";
+  /** The value is a file or directory name (completed as one). */
+  path?: boolean;
+  /** Another name of the option `aliasOf`, listed on its row. */
+  aliasOf?: string;
+  /** Not shown in help or docs (used between nbd's own processes). */
+  hidden?: boolean;
+  /** One-line help. */
+  help?: string;
 }
 
 /** The options of a command, by long name. */
@@ -130,6 +151,70 @@ export function parseOptions<T extends OptionSpecs>(
     positional(arg);
   }
   return { values, positionals } as ParsedOptions<T>;
+}
+
+/** The option as written in help: `-p, --port N`, `    --map[=CONTEXT]`, with its aliases. */
+export function optionKey(name: string, options: OptionSpecs): string {
+  const spec = options[name]!;
+  const value = spec.value ?? (spec.type === "string" ? "VALUE" : "");
+  let long = `--${name}`;
+  for (const [alias, other] of Object.entries(options)) {
+    if (other.aliasOf === name) long += `, --${alias}`;
+  }
+  if (spec.optionalValue === "joined") long += `[=${value}]`;
+  else if (spec.optionalValue === "separate") long += ` [${value}]`;
+  else if (spec.type === "string") long += ` ${value}`;
+  return spec.short ? `-${spec.short}, ${long}` : long;
+}
+
+function visibleOptions(options: OptionSpecs): string[] {
+  return Object.keys(options).filter((name) => !options[name]!.hidden && !options[name]!.aliasOf);
+}
+
+/**
+ * The options as help lines, aligned, each description wrapped to the
+ * terminal width: the `Options:` part of `nbd COMMAND --help`.
+ */
+export function formatOptions(options: OptionSpecs, width = 100): string {
+  const rows = visibleOptions(options).map((name) => {
+    const key = optionKey(name, options);
+    return [options[name]!.short ? `  ${key}` : `      ${key}`, options[name]!.help ?? ""] as const;
+  });
+  const column = Math.min(28, Math.max(0, ...rows.map(([k]) => k.length)) + 2);
+  const lines: string[] = [];
+  for (const [key, help] of rows) {
+    const words = help.split(" ");
+    let line = key.padEnd(column);
+    if (key.length + 2 > column) {
+      lines.push(key);
+      line = " ".repeat(column);
+    }
+    let start = true;
+    for (const word of words) {
+      if (!start && line.length + 1 + word.length > width) {
+        lines.push(line);
+        line = " ".repeat(column) + word;
+      } else {
+        line += (start ? "" : " ") + word;
+      }
+      start = false;
+    }
+    lines.push(line.trimEnd());
+  }
+  return lines.join("\n");
+}
+
+/** The markdown body of an `<!-- options:COMMAND -->` docs block. */
+export function renderOptionTable(options: OptionSpecs): string {
+  return [
+    "| option | description |",
+    "| --- | --- |",
+    ...visibleOptions(options).map((name) =>
+      `| \`${optionKey(name, options).replaceAll("|", "\\|")}\` | ${
+        (options[name]!.help ?? "").replaceAll("|", "\\|")
+      } |`
+    ),
+  ].join("\n");
 }
 
 /** Prints an error line to stderr in the `nbd: message` form. */

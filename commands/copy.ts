@@ -29,8 +29,77 @@ import { runCleanupsNow } from "../copy/cleanup.ts";
 import { type ChecksumAlgorithm, parseAlgorithm } from "../copy/checksum_names.ts";
 import { parseSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { type Command, parseOptions, printError } from "./command.ts";
+import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
+
+const OPTIONS = {
+  connections: {
+    type: "string",
+    short: "C",
+    value: "N",
+    help: "connections per NBD endpoint when the server allows multi-conn, and threads (see below)",
+  },
+  requests: {
+    type: "string",
+    short: "R",
+    value: "N",
+    help: "requests in flight in total (default 64)",
+  },
+  "request-size": {
+    type: "string",
+    value: "SIZE",
+    help:
+      "largest read or write (default 256K; a power of two from 512 to 32M, adjusted to the servers' block sizes)",
+  },
+  sparse: {
+    type: "string",
+    short: "S",
+    value: "SIZE",
+    help:
+      "detect all-zero blocks of SIZE in the data read and skip or zero them (default 4K; 0 = off)",
+  },
+  allocated: { type: "boolean", help: "write zero runs as allocated zeroes, never holes" },
+  "destination-is-zero": {
+    type: "boolean",
+    help: "the destination already reads as zeroes: skip zero runs",
+  },
+  "target-is-zero": { type: "boolean", aliasOf: "destination-is-zero" },
+  "no-extents": { type: "boolean", help: "read everything (ignore holes the source reports)" },
+  flush: { type: "boolean", help: "flush the destination at the end" },
+  synchronous: {
+    type: "boolean",
+    help: "one connection and one request at a time (debugging)",
+  },
+  progress: {
+    type: "boolean",
+    short: "p",
+    value: "FD",
+    optionalValue: "joined",
+    help:
+      'progress bar on stderr (plain lines when not a terminal); with =FD, "N/100" lines to descriptor FD',
+  },
+  "progress-json": {
+    type: "boolean",
+    value: "FD",
+    optionalValue: "joined",
+    help:
+      "a JSON object per update (bytes, total, percent, rate, elapsed, eta, state) to stderr or FD",
+  },
+  checksum: {
+    type: "boolean",
+    value: "ALGO",
+    optionalValue: "joined",
+    help:
+      'print "DIGEST  SOURCE" of what was copied, hashed on the way (sha256, the default, or blkhash); the copy then runs on one thread',
+  },
+  "checksum-file": {
+    type: "string",
+    value: "FILE",
+    path: true,
+    help: "write that line to FILE instead of stdout",
+  },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
 
 const USAGE = `Usage: nbd copy [OPTIONS] SOURCE DESTINATION
 
@@ -55,35 +124,13 @@ source size and written in place. A block device or NBD export must be at
 least as large as the source.
 
 Options:
-  -C, --connections N      connections per NBD endpoint when the server allows
-                           multi-conn, and threads sharing the copy (default:
-                           over TCP 4, and as many threads; to a server on this
-                           machine (Unix socket, [ CMD ], TCP to a loopback or
-                           local address) half the processors as threads, all
-                           but one to null:, one connection each (4 from TCP
-                           into a file); one thread into a file or block
-                           device; for files alone a thread per processor, at
-                           most 4)
-  -R, --requests N         requests in flight in total (default 64)
-      --request-size SIZE  largest read or write (default 256K; a power of two
-                           from 512 to 32M, adjusted to the servers' block sizes)
-  -S, --sparse SIZE        detect all-zero blocks of SIZE in the data read and
-                           skip them or zero them (default 4K; 0 turns it off)
-      --allocated          write zero runs as allocated zeroes, never holes
-      --destination-is-zero, --target-is-zero
-                           the destination already reads as zeroes: skip zero runs
-      --no-extents         read everything (ignore holes the source reports)
-      --flush              flush the destination at the end
-      --synchronous        one connection and one request at a time (debugging)
-  -p, --progress           progress bar on stderr (plain lines when not a terminal)
-      --progress=FD        write "N/100" lines to file descriptor FD
-      --progress-json[=FD] write a JSON object per update (bytes, total, percent,
-                           rate, elapsed, eta, state) to stderr or FD
-      --checksum[=ALGO]    print "DIGEST  SOURCE" of what was copied, hashed on
-                           the way (sha256, the default, or blkhash; see nbd
-                           checksum); the copy then runs on one thread
-      --checksum-file FILE write that line to FILE instead of stdout
-  -h, --help               show this help
+${formatOptions(OPTIONS)}
+
+--connections, by default: over TCP 4, and as many threads; to a server on
+this machine (Unix socket, [ CMD ], TCP to a loopback or local address) half
+the processors as threads, all but one to null:, one connection each (4 from
+TCP into a file); one thread into a file or block device; for files alone a
+thread per processor, at most 4.
 
 Exit status: 0 on success, 1 when the copy failed (the message names the
 endpoint, the offset and the error), 2 on usage errors, 130 when interrupted.
@@ -187,20 +234,7 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
       rest.push(arg);
     }
   }
-  const { values, positionals } = parseOptions(rest, {
-    connections: { type: "string", short: "C" },
-    requests: { type: "string", short: "R" },
-    "request-size": { type: "string" },
-    sparse: { type: "string", short: "S" },
-    allocated: { type: "boolean" },
-    "destination-is-zero": { type: "boolean" },
-    "target-is-zero": { type: "boolean" },
-    "no-extents": { type: "boolean" },
-    flush: { type: "boolean" },
-    synchronous: { type: "boolean" },
-    "checksum-file": { type: "string" },
-    help: { type: "boolean", short: "h" },
-  });
+  const { values, positionals } = parseOptions(rest, OPTIONS);
   const specs = positionals.map((p) => {
     const group = /^\0group:(\d+)$/.exec(p);
     return group ? { kind: "command" as const, argv: groups[Number(group[1])]! } : parseEndpoint(p);
@@ -516,6 +550,7 @@ export const copyCommand: Command = {
   name: "copy",
   summary: "copy a disk image between files, NBD exports, URLs and pipes (like nbdcopy)",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
     const config = parseCopyArgs(argv);
     if (config.help) {

@@ -28,8 +28,18 @@ import { absoluteUri, requireMountPrivilege } from "../mount/session.ts";
 import * as sys from "../mount/syscalls.ts";
 import { isNbdUri } from "../protocol/uri.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { type Command, parseOptions, printError } from "./command.ts";
+import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
+
+const OPTIONS = {
+  hard: { type: "boolean", help: "detach even if the device is in use" },
+  wait: {
+    type: "string",
+    value: "SECONDS",
+    help: "how long to wait for the serving process (default 60)",
+  },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
 
 const USAGE = `Usage: nbd detach [OPTIONS] DEVICE|URI
 
@@ -41,9 +51,7 @@ process stops. With --hard it goes ahead anyway: whoever still uses the
 device gets I/O errors.
 
 Options:
-      --hard          detach even if the device is in use
-      --wait SECONDS  how long to wait for the serving process (default 60)
-  -h, --help          show this help
+${formatOptions(OPTIONS)}
 
 Examples:
   nbd detach /dev/loop3
@@ -89,12 +97,9 @@ export const detachCommand: Command = {
   name: "detach",
   summary: "detach an attached export (soft, or --hard)",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
-    const { values, positionals } = parseOptions(argv, {
-      hard: { type: "boolean" },
-      wait: { type: "string" },
-      help: { type: "boolean", short: "h" },
-    });
+    const { values, positionals } = parseOptions(argv, OPTIONS);
     if (values.help) {
       await writeStdout(USAGE);
       return 0;

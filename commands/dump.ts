@@ -11,8 +11,20 @@ import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { parseSize } from "../util/parse.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
-import { type Command, parseOptions } from "./command.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { BufferedTextWriter, writeStdout } from "./output.ts";
+
+const OWN_OPTIONS = {
+  offset: {
+    type: "string",
+    value: "N",
+    help: "start at byte N (default 0; 512, 4K, 1M... accepted)",
+  },
+  length: { type: "string", short: "n", value: "N", help: "dump at most N bytes" },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
+
+const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd dump [OPTIONS] URI
 
@@ -21,9 +33,7 @@ the same bytes as ASCII. A "*" line stands for lines equal to the one
 before it.
 
 Options:
-      --offset N       start at byte N (default 0; 512, 4K, 1M... accepted)
-  -n, --length N       dump at most N bytes
-  -h, --help           show this help
+${formatOptions(OWN_OPTIONS)}
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd dump [OPTIONS] -- [ CMD ARGS ... ]
@@ -255,13 +265,9 @@ export const dumpCommand: Command = {
   name: "dump",
   summary: "hexdump the content of an export (like nbddump)",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
-    const { values, positionals } = parseOptions(argv, {
-      offset: { type: "string" },
-      length: { type: "string", short: "n" },
-      help: { type: "boolean", short: "h" },
-      ...TLS_OPTIONS,
-    });
+    const { values, positionals } = parseOptions(argv, OPTIONS);
     if (values.help) {
       await writeStdout(USAGE);
       return 0;

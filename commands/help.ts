@@ -8,7 +8,14 @@
 
 import { parseInline, plainText, renderTerminal } from "../util/markdown.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { type Command, parseOptions } from "./command.ts";
+import { FILTERS } from "../filters/mod.ts";
+import { PLUGINS } from "../plugins/mod.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
+
+const OPTIONS = {
+  list: { type: "boolean", help: "list the topics" },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
 
 const USAGE = `Usage: nbd help [TOPIC]
 
@@ -20,8 +27,7 @@ filter (cow, cache, ...), "plugin NAME" or "filter NAME" where a name is
 both, or a topic page (architecture, protocol, security, performance).
 
 Options:
-      --list   list the topics
-  -h, --help   show this help
+${formatOptions(OPTIONS)}
 
 Examples:
   nbd help serve
@@ -83,11 +89,17 @@ async function paramBlocks(docs: URL, kind: Kind): Promise<Map<string, string>> 
   return found;
 }
 
-/** The page of a plugin or filter: its own page, or the family page holding its parameters. */
+/**
+ * The page of a plugin or filter: its own page, or the family page holding
+ * its parameters; another name of one (`curl`, `qcow2dec`) leads to its page.
+ */
 async function kindPage(docs: URL, kind: Kind, name: string): Promise<string | undefined> {
   const own = `nbd-${kind}-${name}.md`;
   if (await exists(docs, own)) return own;
-  return (await paramBlocks(docs, kind)).get(name);
+  const page = (await paramBlocks(docs, kind)).get(name);
+  if (page) return page;
+  const aliasOf = (kind === "plugin" ? PLUGINS : FILTERS).get(name)?.aliasOf;
+  return aliasOf ? await kindPage(docs, kind, aliasOf) : undefined;
 }
 
 /**
@@ -194,11 +206,9 @@ export function helpCommand(commands: ReadonlyMap<string, HelpEntry>): Command {
     name: "help",
     summary: "show the manual page of a command, plugin, filter or topic",
     usage: USAGE,
+    options: OPTIONS,
     async run(argv) {
-      const { values, positionals } = parseOptions(argv, {
-        list: { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      });
+      const { values, positionals } = parseOptions(argv, OPTIONS);
       if (values.help) {
         await write(USAGE);
         return 0;

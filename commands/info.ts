@@ -28,9 +28,37 @@ import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
-import { type Command, parseOptions, printError } from "./command.ts";
+import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 import { showMap } from "./map.ts";
 import { writeStdout } from "./output.ts";
+
+const OWN_OPTIONS = {
+  json: { type: "boolean", help: "print JSON (nbdinfo's field names)" },
+  size: { type: "boolean", help: "print only the size in bytes" },
+  list: { type: "boolean", short: "L", help: "show every export the server lists" },
+  map: {
+    type: "string",
+    value: "CONTEXT",
+    optionalValue: "joined",
+    help: 'print the allocation map (see "nbd map"); --totals sums it',
+  },
+  totals: { type: "boolean", help: "with --map: bytes per type instead of the runs" },
+  content: { type: "boolean", help: "probe the content with file(1) (default unless --list)" },
+  "no-content": { type: "boolean", help: "do not read any data" },
+  can: {
+    type: "string",
+    value: "FEATURE",
+    help: "exit 0 if the export can FEATURE, 2 if not (FEATURE as listed below)",
+  },
+  is: {
+    type: "string",
+    value: "PROPERTY",
+    help: "exit 0 if true, 2 if not: read-only, rotational, tls",
+  },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
+
+const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd info [OPTIONS] URI
 
@@ -38,18 +66,10 @@ Show what an NBD server says about an export: size, flags, block sizes,
 metadata contexts and (by default) what the first bytes look like.
 
 Options:
-      --json             print JSON (nbdinfo's field names)
-      --size             print only the size in bytes
-  -L, --list             show every export the server lists
-      --map[=CONTEXT]    print the allocation map (see "nbd map"); --totals sums it
-      --totals           with --map: bytes per type instead of the runs
-      --content          probe the content with file(1) (default unless --list)
-      --no-content       do not read any data
-      --can FEATURE      exit 0 if the export can FEATURE, 2 if not: connect, read,
-                         write, flush, fua, trim, zero, fast-zero, df, multi-conn,
-                         cache, structured-reply, extended-headers, block-status
-      --is PROPERTY      exit 0 if true, 2 if not: read-only, rotational, tls
-  -h, --help             show this help
+${formatOptions(OWN_OPTIONS)}
+
+FEATURE is one of connect, read, write, flush, fua, trim, zero, fast-zero, df,
+multi-conn, cache, structured-reply, extended-headers, block-status.
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd info [OPTIONS] -- [ CMD ARGS ... ]
@@ -300,20 +320,10 @@ export const infoCommand: Command = {
   name: "info",
   summary: "show information about an export or a server (like nbdinfo)",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
     const extracted = extractMapContext(argv);
-    const { values, positionals } = parseOptions(extracted.argv, {
-      json: { type: "boolean" },
-      size: { type: "boolean" },
-      list: { type: "boolean", short: "L" },
-      totals: { type: "boolean" },
-      content: { type: "boolean" },
-      "no-content": { type: "boolean" },
-      can: { type: "string" },
-      is: { type: "string" },
-      help: { type: "boolean", short: "h" },
-      ...TLS_OPTIONS,
-    });
+    const { values, positionals } = parseOptions(extracted.argv, OPTIONS);
     if (values.help) {
       await writeStdout(USAGE);
       return 0;

@@ -7,9 +7,17 @@
 
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
-import { type Command, parseOptions } from "./command.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { showInfo } from "./info.ts";
 import { writeStdout } from "./output.ts";
+
+const OWN_OPTIONS = {
+  json: { type: "boolean", help: "print JSON (nbdinfo's field names)" },
+  content: { type: "boolean", help: "also probe each export's content with file(1)" },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
+
+const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd list [OPTIONS] URI
 
@@ -17,9 +25,7 @@ List the exports of an NBD server with their size, flags and block sizes.
 The export name in URI is ignored.
 
 Options:
-      --json       print JSON (nbdinfo's field names)
-      --content    also probe each export's content with file(1)
-  -h, --help       show this help
+${formatOptions(OWN_OPTIONS)}
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd list [OPTIONS] -- [ CMD ARGS ... ]
@@ -36,13 +42,9 @@ export const listCommand: Command = {
   name: "list",
   summary: "list the exports of a server (like nbdinfo --list)",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
-    const { values, positionals } = parseOptions(argv, {
-      json: { type: "boolean" },
-      content: { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-      ...TLS_OPTIONS,
-    });
+    const { values, positionals } = parseOptions(argv, OPTIONS);
     if (values.help) {
       await writeStdout(USAGE);
       return 0;

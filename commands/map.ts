@@ -10,8 +10,22 @@ import { BASE_ALLOCATION } from "../protocol/constants.ts";
 import { NbdClient } from "../client/client.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
-import { type Command, parseOptions } from "./command.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
+
+const OWN_OPTIONS = {
+  context: {
+    type: "string",
+    value: "NAME",
+    help:
+      `metadata context to map (default ${BASE_ALLOCATION}), e.g. qemu:allocation-depth or qemu:dirty-bitmap:NAME`,
+  },
+  totals: { type: "boolean", help: "sum the bytes of each type instead (with percentages)" },
+  json: { type: "boolean", help: "print JSON" },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
+
+const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd map [OPTIONS] URI
 
@@ -19,11 +33,7 @@ Print which parts of an export are allocated, holes or zeroes: one line
 per run of extents with the same type (offset, length, type, description).
 
 Options:
-      --context NAME   metadata context to map (default ${BASE_ALLOCATION}),
-                       e.g. qemu:allocation-depth or qemu:dirty-bitmap:NAME
-      --totals         sum the bytes of each type instead (with percentages)
-      --json           print JSON
-  -h, --help           show this help
+${formatOptions(OWN_OPTIONS)}
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd map [OPTIONS] -- [ CMD ARGS ... ]
@@ -154,14 +164,9 @@ export const mapCommand: Command = {
   name: "map",
   summary: "print the allocation map of an export (like nbdinfo --map)",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
-    const { values, positionals } = parseOptions(argv, {
-      context: { type: "string" },
-      totals: { type: "boolean" },
-      json: { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-      ...TLS_OPTIONS,
-    });
+    const { values, positionals } = parseOptions(argv, OPTIONS);
     if (values.help) {
       await writeStdout(USAGE);
       return 0;

@@ -114,6 +114,13 @@ const ENTRIES: CommandEntry[] = [
     load: async () =>
       (await importCommand<typeof import("./help.ts")>("help")).helpCommand(COMMANDS),
   },
+  {
+    name: "completions",
+    summary: "print a completion script for bash, zsh or fish",
+    // Typed without naming the module: it reads this registry, which must not depend on it.
+    load: async () =>
+      (await importCommand<{ completionsCommand: Command }>("completions")).completionsCommand,
+  },
 ];
 
 /** Subcommands by name, in the order `nbd --help` lists them. */

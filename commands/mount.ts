@@ -11,31 +11,52 @@ import { UsageError } from "../util/usage_error.ts";
 import { DEFAULT_TIMEOUT_MS } from "../mount/export_file.ts";
 import { MountSession, requireMountPrivilege } from "../mount/session.ts";
 import * as sys from "../mount/syscalls.ts";
-import { type Command, parseOptions } from "./command.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
 import { TLS_OPTIONS, TLS_USAGE, type TlsFlags, withTlsFlags } from "./tls_options.ts";
 
 /** Options `nbd mount` and `nbd attach` share. */
 export const MOUNT_OPTIONS = {
-  readonly: { type: "boolean", short: "r" },
-  connections: { type: "string", short: "C" },
-  timeout: { type: "string" },
-  "ready-fd": { type: "string" },
-  verbose: { type: "boolean", short: "v" },
-  help: { type: "boolean", short: "h" },
-  ...TLS_OPTIONS,
+  readonly: {
+    type: "boolean",
+    short: "r",
+    help: "read-only (also when the server only allows reading)",
+  },
+  connections: {
+    type: "string",
+    short: "C",
+    value: "N",
+    help: "NBD connections when the server allows multi-conn (default 4)",
+  },
+  timeout: {
+    type: "string",
+    value: "SECONDS",
+    help: `fail a connection's requests with EIO after SECONDS without a reply (default ${
+      DEFAULT_TIMEOUT_MS / 1000
+    }; 0 = never)`,
+  },
+  "ready-fd": {
+    type: "string",
+    value: "N",
+    help: "also write the ready line to file descriptor N, then close it",
+  },
+  verbose: { type: "boolean", short: "v", help: "log every failed request to stderr" },
 } as const;
 
-/** Help lines for the shared options. */
-export const MOUNT_USAGE =
-  `  -r, --readonly          read-only (also when the server only allows reading)
-  -C, --connections N     NBD connections when the server allows multi-conn (default 4)
-      --timeout SECONDS   declare a connection stale and fail its requests with EIO
-                          after SECONDS without a reply (default ${
-    DEFAULT_TIMEOUT_MS / 1000
-  }; 0 = never)
-      --ready-fd N        also write the ready line to file descriptor N, then close it
-  -v, --verbose           log every failed request to stderr`;
+const OWN_OPTIONS = {
+  name: {
+    type: "string",
+    value: "NAME",
+    help: "name of the file in a directory mount (default disk)",
+  },
+  "allow-other": {
+    type: "boolean",
+    help: "let other users open the file (default: only the mounting user)",
+  },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
+
+const OPTIONS = { ...MOUNT_OPTIONS, ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd mount [OPTIONS] URI MOUNTPOINT
 
@@ -50,10 +71,7 @@ Once the file is usable, one line goes to stdout:
   mounted URI on FILE (SIZE bytes, N connections, read-write)
 
 Options:
-${MOUNT_USAGE}
-      --name NAME         name of the file in a directory mount (default disk)
-      --allow-other       let other users open the file (default: only the mounting user)
-  -h, --help              show this help
+${formatOptions({ ...MOUNT_OPTIONS, ...OWN_OPTIONS })}
 
 ${TLS_USAGE}
 
@@ -155,12 +173,9 @@ export const mountCommand: Command = {
   name: "mount",
   summary: "present an export as a file over FUSE (like nbdfuse)",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
-    const { values, positionals } = parseOptions(argv, {
-      ...MOUNT_OPTIONS,
-      name: { type: "string" },
-      "allow-other": { type: "boolean" },
-    });
+    const { values, positionals } = parseOptions(argv, OPTIONS);
     if (values.help) {
       await writeStdout(USAGE);
       return 0;

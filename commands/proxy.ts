@@ -8,7 +8,7 @@
 import { nbdPlugin } from "../plugins/nbd.ts";
 import { Params } from "../core/params.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { type Command, parseOptions } from "./command.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { expandViewOption, runServer, SERVE_OPTIONS } from "./serve.ts";
 
 const USAGE = `Usage: nbd proxy [SERVE OPTIONS] UPSTREAM-URI [PARAM=VALUE ...]
@@ -20,6 +20,9 @@ the upstream side follows the URI: nbds:// or nbds+unix:// for TLS, with
 ?tls-certificates=DIR. Each client gets its own upstream connection, so
 multi-connection clients work end to end. A lost upstream gives EIO replies
 until it comes back.
+
+Options (those of "nbd serve"):
+${formatOptions(SERVE_OPTIONS)}
 
 Parameters (after the URI): dynamic-export=true passes each client's export
 name upstream; retry=false stops reconnecting; filter parameters.
@@ -37,6 +40,7 @@ export const proxyCommand: Command = {
   name: "proxy",
   summary: "forward an export from another NBD server, adding or stripping TLS",
   usage: USAGE,
+  options: SERVE_OPTIONS,
   async run(argv) {
     const { values, positionals } = parseOptions(expandViewOption(argv), SERVE_OPTIONS);
     if (values.help) {

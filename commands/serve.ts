@@ -10,7 +10,7 @@ import { PLUGINS } from "../plugins/mod.ts";
 import type { Filter, Plugin } from "../core/backend.ts";
 import { Exports } from "../server/exports.ts";
 import { activationFds, listenerUri, type ListenPlan, openListeners } from "../server/listener.ts";
-import { formatParams, Params } from "../core/params.ts";
+import { formatParams, paramKey, Params } from "../core/params.ts";
 import { parseSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
 import {
@@ -30,42 +30,136 @@ import {
   startViewServer,
   type ViewServer,
 } from "../view/view_server.ts";
-import { type Command, parseOptions } from "./command.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
+
+/** Options shared by `nbd serve` and `nbd proxy`. */
+export const SERVE_OPTIONS = {
+  port: { type: "string", short: "p", value: "N", help: "TCP port (default 10809)" },
+  ip: {
+    type: "string",
+    short: "i",
+    multiple: true,
+    value: "ADDR",
+    help: "listen address (default 127.0.0.1 and ::1; 0.0.0.0 exposes it; repeatable)",
+  },
+  unix: {
+    type: "string",
+    short: "U",
+    value: "PATH",
+    path: true,
+    help: 'listen on a Unix socket; "-" makes a private one in a temp dir',
+  },
+  single: {
+    type: "boolean",
+    short: "s",
+    help: "serve one connection on stdin/stdout, then exit",
+  },
+  "export-name": {
+    type: "string",
+    short: "e",
+    value: "NAME",
+    help: 'name of the export (default "")',
+  },
+  description: {
+    type: "string",
+    value: "TEXT",
+    help: "description of the export shown to clients",
+  },
+  readonly: { type: "boolean", short: "r", help: "serve read-only" },
+  filter: {
+    type: "string",
+    multiple: true,
+    value: "NAME",
+    help: "stack a filter (repeatable; the first is nearest the client)",
+  },
+  run: {
+    type: "string",
+    value: "CMD",
+    help: "run CMD with the server's URI in $uri; stop serving when it exits",
+  },
+  "print-uri": {
+    type: "boolean",
+    help: "print the URI clients should use on stdout once listening",
+  },
+  "max-in-flight": {
+    type: "string",
+    value: "N",
+    help: `requests processed at once per connection (default ${DEFAULT_MAX_IN_FLIGHT})`,
+  },
+  "max-connections": {
+    type: "string",
+    value: "N",
+    help: `clients served at once; more are disconnected (default ${DEFAULT_MAX_CONNECTIONS})`,
+  },
+  "max-payload": {
+    type: "string",
+    value: "SIZE",
+    help: "largest request payload advertised (default 32M)",
+  },
+  "handshake-timeout": {
+    type: "string",
+    value: "S",
+    help:
+      `drop clients that have not finished the handshake after S seconds (default ${DEFAULT_HANDSHAKE_TIMEOUT}; 0 = never)`,
+  },
+  "idle-timeout": {
+    type: "string",
+    value: "S",
+    help: "close connections idle for S seconds (default 0 = never)",
+  },
+  pidfile: {
+    type: "string",
+    short: "P",
+    value: "FILE",
+    path: true,
+    help: "write the process id to FILE once listening",
+  },
+  tls: {
+    type: "string",
+    value: "MODE",
+    help: "off (default), on (client chooses) or require (no plaintext access)",
+  },
+  "tls-certificates": {
+    type: "string",
+    value: "DIR",
+    path: true,
+    help: "ca-cert.pem, server-cert.pem, server-key.pem (nbdkit's layout)",
+  },
+  "tls-verify-peer": { type: "boolean", help: "require a client certificate signed by the CA" },
+  "tls-psk": {
+    type: "string",
+    value: "FILE",
+    path: true,
+    help: "TLS-PSK (not supported: use X.509 certificates)",
+  },
+  view: {
+    type: "string",
+    value: "ADDR",
+    optionalValue: "separate",
+    help:
+      `serve the live block-activity page, /stats and /metrics over HTTP on ADDR (default ${DEFAULT_VIEW_ADDRESS}; HOST:PORT, :PORT or PORT)`,
+  },
+  verbose: { type: "boolean", short: "v", help: "log options and requests to stderr" },
+  help: {
+    type: "boolean",
+    short: "h",
+    help: "show this help; with a plugin or --filter, show its parameters",
+  },
+} as const;
 
 const USAGE = `Usage: nbd serve [OPTIONS] PLUGIN [PARAM=VALUE | VALUE ...]
 
 Serve a disk image, a file, memory or generated data over NBD.
 
 Options:
-  -p, --port N             TCP port (default 10809)
-  -i, --ip ADDR            listen address (default 127.0.0.1 and ::1; 0.0.0.0 exposes it)
-  -U, --unix PATH          listen on a Unix socket; "-" makes a private one in a temp dir
-  -s, --single             serve one connection on stdin/stdout, then exit
-  -e, --export-name NAME   name of the export (default "")
-      --description TEXT   description of the export shown to clients
-  -r, --readonly           serve read-only
-      --filter NAME        stack a filter (repeatable; the first is nearest the client)
-      --run CMD            run CMD with $uri, $nbd, $unixsocket, $port, $exportname set;
-                           stop serving when it exits and exit with its status
-      --print-uri          print the URI clients should use on stdout once listening
-      --max-in-flight N    requests processed at once per connection (default ${DEFAULT_MAX_IN_FLIGHT})
-      --max-connections N  clients served at once; more are disconnected (default ${DEFAULT_MAX_CONNECTIONS})
-      --max-payload SIZE   largest request payload advertised (default 32M; without it
-                           READ/WRITE up to 64M are still accepted, as real clients send them)
-      --handshake-timeout S  drop clients that have not finished the handshake after S
-                           seconds (default ${DEFAULT_HANDSHAKE_TIMEOUT}; 0 = never)
-      --idle-timeout S     close connections idle for S seconds (default 0 = never)
-  -P, --pidfile FILE       write the process id to FILE once listening
-      --tls MODE           off (default), on (client chooses) or require (no plaintext access)
-      --tls-certificates DIR  ca-cert.pem, server-cert.pem, server-key.pem (nbdkit's layout)
-      --tls-verify-peer    require a client certificate signed by the CA
-      --tls-psk FILE       TLS-PSK (not supported: use X.509 certificates)
-      --view [ADDR]        serve the live block-activity page, /stats and /metrics over
-                           HTTP on ADDR (default ${DEFAULT_VIEW_ADDRESS}; HOST:PORT, :PORT or PORT).
-                           A separate ADDR is taken only when it looks like one
-                           ("--view 9000 memory 1G"); "--view memory 1G" uses the default
-  -v, --verbose            log options and requests to stderr
-  -h, --help               show this help; with a plugin or --filter, show its parameters
+${formatOptions(SERVE_OPTIONS)}
+
+--run: the command runs with $uri, $nbd, $unixsocket, $port and $exportname
+set; serving stops when it exits, and nbd exits with its status.
+--max-payload: without it, READ/WRITE requests up to 64M are still accepted,
+as real clients send them.
+--view: a separate ADDR is taken only when it looks like one
+("--view 9000 memory 1G"); "--view memory 1G" uses the default address.
 
 Plugins:
 ${[...PLUGINS.values()].map((p) => `  ${p.name.padEnd(14)} ${p.summary}`).join("\n")}
@@ -81,33 +175,6 @@ Examples:
   nbd serve -r file disk.img
   nbd serve -U - pattern 1G --run 'nbdinfo "$uri"'
 `;
-
-/** Options shared by `nbd serve` and `nbd proxy`. */
-export const SERVE_OPTIONS = {
-  port: { type: "string", short: "p" },
-  ip: { type: "string", short: "i", multiple: true },
-  unix: { type: "string", short: "U" },
-  single: { type: "boolean", short: "s" },
-  "export-name": { type: "string", short: "e" },
-  description: { type: "string" },
-  readonly: { type: "boolean", short: "r" },
-  filter: { type: "string", multiple: true },
-  run: { type: "string" },
-  "print-uri": { type: "boolean" },
-  "max-in-flight": { type: "string" },
-  "max-connections": { type: "string" },
-  "max-payload": { type: "string" },
-  "handshake-timeout": { type: "string" },
-  "idle-timeout": { type: "string" },
-  pidfile: { type: "string", short: "P" },
-  tls: { type: "string" },
-  "tls-certificates": { type: "string" },
-  "tls-verify-peer": { type: "boolean" },
-  "tls-psk": { type: "string" },
-  view: { type: "string" },
-  verbose: { type: "boolean", short: "v" },
-  help: { type: "boolean", short: "h" },
-} as const;
 
 /** Parsed serve options (the part of parseArgs' result we use). */
 export interface ServeValues {
@@ -181,7 +248,8 @@ export function expandViewOption(
 function pluginHelp(plugin: Plugin): string {
   return `Usage: nbd serve [OPTIONS] ${plugin.name} ${
     plugin.params.map((p) =>
-      (p.required ? "" : "[") + `${p.name}=${p.value}` + (p.required ? "" : "]")
+      (p.required ? "" : "[") + paramKey(p, plugin.magicParam) + (p.required ? "" : "]") +
+      (p.repeatable ? " ..." : "")
     ).join(" ")
   }
 
@@ -198,7 +266,7 @@ function filterHelp(filter: Filter): string {
 ${filter.summary}
 
 Parameters:
-${filter.params.length ? formatParams(filter.params) : "  (none)"}
+${formatParams(filter.params)}
 ${filter.description ? `\n${filter.description}\n` : ""}`;
 }
 
@@ -598,6 +666,7 @@ export const serveCommand: Command = {
   name: "serve",
   summary: "serve a plugin (memory, file, pattern, ...) over NBD",
   usage: USAGE,
+  options: SERVE_OPTIONS,
   async run(argv) {
     const { values, positionals } = parseOptions(expandViewOption(argv), SERVE_OPTIONS);
     const [pluginName, ...words] = positionals;

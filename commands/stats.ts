@@ -12,7 +12,12 @@ import type {
   LatencySummary,
   StatsSnapshot,
 } from "../view/stats_snapshot.ts";
-import { type Command, parseOptions } from "./command.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
+
+const OPTIONS = {
+  json: { type: "boolean", help: "print the server's /stats document as it is" },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
 
 const USAGE = `Usage: nbd stats [--json] URL
 
@@ -24,8 +29,7 @@ request and reply.
 URL is the view address: http://HOST:PORT, HOST:PORT or PORT (on 127.0.0.1).
 
 Options:
-      --json   print the server's /stats document as it is
-  -h, --help   show this help
+${formatOptions(OPTIONS)}
 
 Examples:
   nbd serve --view memory 1G &
@@ -178,11 +182,9 @@ export const statsCommand: Command = {
   name: "stats",
   summary: "print the IO counters of a server running with --view",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv) {
-    const { values, positionals } = parseOptions(argv, {
-      json: { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-    });
+    const { values, positionals } = parseOptions(argv, OPTIONS);
     if (values.help) {
       console.log(USAGE);
       return 0;

@@ -6,22 +6,32 @@
  */
 
 import { formatNbdUri, isNbdUri, parseNbdUri } from "../protocol/uri.ts";
+import { formatOptions } from "./command.ts";
 
-/** parseArgs options for the TLS flags. */
+/** The TLS flags of the client commands. */
 export const TLS_OPTIONS = {
-  tls: { type: "boolean" },
-  "tls-certificates": { type: "string" },
-  "tls-hostname": { type: "string" },
-  "no-tls-verify-peer": { type: "boolean" },
+  tls: { type: "boolean", help: "require TLS (as an nbds:// URI does)" },
+  "tls-certificates": {
+    type: "string",
+    value: "DIR",
+    path: true,
+    help:
+      "ca-cert.pem, and client-cert.pem/client-key.pem if the server wants a client certificate (implies --tls)",
+  },
+  "tls-hostname": {
+    type: "string",
+    value: "NAME",
+    help: "name to check the server certificate against",
+  },
+  "no-tls-verify-peer": {
+    type: "boolean",
+    help: "do not verify the server certificate (insecure)",
+  },
 } as const;
 
 /** Help lines for the TLS flags. */
 export const TLS_USAGE = `TLS:
-      --tls                 require TLS (as an nbds:// URI does)
-      --tls-certificates DIR  ca-cert.pem, and client-cert.pem/client-key.pem if the
-                            server wants a client certificate (implies --tls)
-      --tls-hostname NAME   name to check the server certificate against
-      --no-tls-verify-peer  do not verify the server certificate (insecure)`;
+${formatOptions(TLS_OPTIONS)}`;
 
 /** The parsed TLS flags. */
 export interface TlsFlags {

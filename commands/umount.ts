@@ -18,8 +18,22 @@ import {
 import { requireMountPrivilege } from "../mount/session.ts";
 import * as sys from "../mount/syscalls.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { type Command, parseOptions } from "./command.ts";
+import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
+
+const OPTIONS = {
+  lazy: {
+    type: "boolean",
+    short: "l",
+    help: "detach the mount even if the file is open; the remaining users get I/O errors",
+  },
+  wait: {
+    type: "string",
+    value: "SECONDS",
+    help: "how long to wait for the serving process (default 60)",
+  },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
 
 const USAGE = `Usage: nbd umount [OPTIONS] MOUNTPOINT
 
@@ -28,10 +42,7 @@ file in it, or the file a mount was made over), then wait until the
 process serving it has flushed its writes to the server and exited.
 
 Options:
-  -l, --lazy      detach the mount even if the file is open; the remaining
-                  users get I/O errors
-      --wait SECONDS  how long to wait for the serving process (default 60)
-  -h, --help      show this help
+${formatOptions(OPTIONS)}
 
 Examples:
   nbd umount /tmp/m
@@ -67,12 +78,9 @@ export const umountCommand: Command = {
   name: "umount",
   summary: "unmount an nbd mount and wait for it to finish",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv: string[]): Promise<number> {
-    const { values, positionals } = parseOptions(argv, {
-      lazy: { type: "boolean", short: "l" },
-      wait: { type: "string" },
-      help: { type: "boolean", short: "h" },
-    });
+    const { values, positionals } = parseOptions(argv, OPTIONS);
     if (values.help) {
       await writeStdout(USAGE);
       return 0;

@@ -9,7 +9,23 @@ import { UsageError } from "../util/usage_error.ts";
 import { ServerStats } from "../server/stats.ts";
 import { MAX_SPEED, Replayer, ReplayLog } from "../view/replay.ts";
 import { DEFAULT_VIEW_ADDRESS, parseViewAddress, startViewServer } from "../view/view_server.ts";
-import { type Command, parseOptions, printError } from "./command.ts";
+import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
+
+const OPTIONS = {
+  listen: {
+    type: "string",
+    short: "l",
+    value: "ADDR",
+    help: `where to serve the page (default ${DEFAULT_VIEW_ADDRESS}; HOST:PORT, :PORT or PORT)`,
+  },
+  speed: {
+    type: "string",
+    value: "X",
+    help: `log seconds per second (default 1; up to ${MAX_SPEED})`,
+  },
+  paused: { type: "boolean", help: "start paused (press Play on the page)" },
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
 
 const USAGE = `Usage: nbd view [OPTIONS] LOGFILE
 
@@ -19,11 +35,7 @@ when the log was written, at the chosen speed. /stats and /metrics work as for
 a live server, so "nbd stats" reads the replay too.
 
 Options:
-  -l, --listen ADDR   where to serve the page (default ${DEFAULT_VIEW_ADDRESS};
-                      HOST:PORT, :PORT or PORT)
-      --speed X       log seconds per second (default 1; up to ${MAX_SPEED})
-      --paused        start paused (press Play on the page)
-  -h, --help          show this help
+${formatOptions(OPTIONS)}
 
 Examples:
   nbd serve --filter=log memory 1G logfile=requests.log
@@ -36,13 +48,9 @@ export const viewCommand: Command = {
   name: "view",
   summary: "replay a log filter file in the block-activity page",
   usage: USAGE,
+  options: OPTIONS,
   async run(argv) {
-    const { values, positionals } = parseOptions(argv, {
-      listen: { type: "string", short: "l" },
-      speed: { type: "string" },
-      paused: { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-    });
+    const { values, positionals } = parseOptions(argv, OPTIONS);
     if (values.help) {
       console.log(USAGE);
       return 0;

@@ -145,6 +145,8 @@ export interface Plugin {
   params: ParamSpec[];
   /** Parameter that a bare value (without `key=`) sets, e.g. "size". */
   magicParam?: string;
+  /** Set when this is another name of a plugin (documented on that plugin's page). */
+  aliasOf?: string;
   /** Consumes the plugin's parameters from `params` and returns the configured plugin. */
   create(params: Params): Promise<PluginInstance>;
 }
@@ -176,6 +178,8 @@ export interface Filter {
   summary: string;
   /** Longer help text. */
   description?: string;
+  /** Set when this is another name of a filter (documented on that filter's page). */
+  aliasOf?: string;
   /** Parameters, for help and validation. */
   params: ParamSpec[];
   /** Consumes the filter's parameters from `params`. */

@@ -9,18 +9,39 @@
 import { UsageError } from "../util/usage_error.ts";
 import { parseBoolean, parseDuration, parseSize } from "../util/parse.ts";
 
-/** Description of one parameter, for help text and validation. */
+/** The kind of value a parameter takes (how it is parsed, and completed). */
+export type ParamType =
+  | "string"
+  | "size"
+  | "boolean"
+  | "integer"
+  | "duration"
+  | "enum"
+  | "path";
+
+/**
+ * Declaration of one parameter: the one source of its help line, its docs
+ * row, its completion, and the check that required ones are given.
+ */
 export interface ParamSpec {
   /** Parameter name (`name=value`). */
   name: string;
   /** Placeholder for the value in help, e.g. "SIZE". */
   value: string;
+  /** How the value is parsed. */
+  type: ParamType;
+  /** The accepted values, for `type: "enum"`. */
+  choices?: readonly string[];
+  /** The value used when the parameter is not given, as users would write it. */
+  default?: string;
   /** One-line description. */
   description: string;
-  /** Must be given. */
+  /** Must be given (checked by `checkRequired` before the plugin or filter is created). */
   required?: boolean;
   /** May be given more than once. */
   repeatable?: boolean;
+  /** Stands for any key not declared otherwise (`KEY=VALUE`); never completed or checked. */
+  anyKey?: boolean;
 }
 
 /**
@@ -86,13 +107,6 @@ export class Params {
     return list[0];
   }
 
-  /** Takes a required key. */
-  require(key: string, owner: string): string {
-    const value = this.take(key);
-    if (value === undefined) throw new UsageError(`${owner}: missing required parameter ${key}=`);
-    return value;
-  }
-
   /** Takes a size-valued key. */
   takeSize(key: string): number | undefined {
     const value = this.take(key);
@@ -133,14 +147,68 @@ export class Params {
   }
 }
 
+/**
+ * Throws the one usage error for a missing parameter when a parameter
+ * declared required was not given. Called wherever a plugin or filter is
+ * built from parameters, before its `create`, so `create` may rely on them.
+ */
+export function checkRequired(owner: string, specs: readonly ParamSpec[], params: Params): void {
+  for (const spec of specs) {
+    if (spec.required && !spec.anyKey && !params.has(spec.name)) {
+      throw new UsageError(`${owner}: missing required parameter ${spec.name}=`);
+    }
+  }
+}
+
+/** The parameter as written in help: `name=VALUE`, `[name=]VALUE` for the magic one. */
+export function paramKey(spec: ParamSpec, magic?: string): string {
+  return spec.name === magic ? `[${spec.name}=]${spec.value}` : `${spec.name}=${spec.value}`;
+}
+
+/**
+ * The notes shown after a parameter's description: its choices, default,
+ * and whether it is required or repeatable, e.g. "(required)",
+ * "(one of: a, b; default: a)".
+ */
+export function paramNotes(spec: ParamSpec): string {
+  const notes: string[] = [];
+  if (spec.choices?.length) notes.push(`one of: ${spec.choices.join(", ")}`);
+  if (spec.default !== undefined) notes.push(`default: ${spec.default}`);
+  if (spec.required) notes.push("required");
+  if (spec.repeatable) notes.push("repeatable");
+  return notes.length ? `(${notes.join("; ")})` : "";
+}
+
+/** The description with its notes; a closing parenthesis takes them in: "(1 to 100; default: 95)". */
+function describe(spec: ParamSpec): string {
+  const notes = paramNotes(spec);
+  if (!notes) return spec.description;
+  if (spec.description.endsWith(")")) return `${spec.description.slice(0, -1)}; ${notes.slice(1)}`;
+  return `${spec.description} ${notes}`;
+}
+
 /** Formats parameter specs as help lines. */
 export function formatParams(params: readonly ParamSpec[], magic?: string): string {
-  const rows = params.map((p) => {
-    const key = p.name === magic ? `[${p.name}=]${p.value}` : `${p.name}=${p.value}`;
-    const notes = [p.required ? "required" : "", p.repeatable ? "repeatable" : ""].filter(Boolean)
-      .join(", ");
-    return [key, p.description + (notes ? ` (${notes})` : "")] as const;
-  });
+  if (params.length === 0) return "  (none)";
+  const rows = params.map((p) => [paramKey(p, magic), describe(p)] as const);
   const width = Math.max(0, ...rows.map(([k]) => k.length));
   return rows.map(([k, d]) => `  ${k.padEnd(width)}  ${d}`).join("\n");
+}
+
+/** Escapes text for a cell of a markdown pipe table. */
+export function tableCell(text: string): string {
+  return text.replaceAll("|", "\\|");
+}
+
+/**
+ * The markdown body of a `<!-- params:... -->` docs block: a table with
+ * one row per parameter, the same words as `formatParams`.
+ */
+export function renderParamTable(specs: readonly ParamSpec[], magic?: string): string {
+  if (specs.length === 0) return "No parameters.";
+  return [
+    "| parameter | description |",
+    "| --- | --- |",
+    ...specs.map((p) => `| \`${tableCell(paramKey(p, magic))}\` | ${tableCell(describe(p))} |`),
+  ].join("\n");
 }

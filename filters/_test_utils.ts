@@ -14,7 +14,7 @@ import type {
   PluginInstance,
   Reopen,
 } from "../core/backend.ts";
-import { Params } from "../core/params.ts";
+import { checkRequired, Params } from "../core/params.ts";
 
 /** A context as a plain read-write connection would get it. */
 export const CTX: OpenContext = { exportName: "", readonly: false, tls: false, connectionId: 1 };
@@ -26,6 +26,7 @@ export async function openPlugin(
   context: OpenContext = CTX,
 ): Promise<{ backend: Backend; instance: PluginInstance }> {
   const params = Params.parse(words, plugin.magicParam);
+  checkRequired(plugin.name, plugin.params, params);
   const instance = await plugin.create(params);
   params.assertEmpty();
   return { backend: await instance.open(context), instance };
@@ -34,6 +35,7 @@ export async function openPlugin(
 /** Configures a filter from `key=value` words (all must be taken). */
 export async function createFilter(filter: Filter, words: string[]): Promise<FilterInstance> {
   const params = Params.parse(words);
+  checkRequired(filter.name, filter.params, params);
   const instance = await filter.create(params);
   params.assertEmpty();
   return instance;

@@ -225,9 +225,27 @@ export const blocksizeFilter: Filter = {
   summary: "split large and align small requests for the layer below (read-modify-write)",
   description: "Example:\n  nbd serve --filter=blocksize memory 1G minblock=4K maxdata=1M",
   params: [
-    { name: "minblock", value: "SIZE", description: "alignment passed below (power of 2, ≤ 64K)" },
-    { name: "maxdata", value: "SIZE", description: "largest read/write passed below" },
-    { name: "maxlen", value: "SIZE", description: "largest trim/zero/cache/extents passed below" },
+    {
+      name: "minblock",
+      value: "SIZE",
+      type: "size",
+      default: "the minimum below",
+      description: "alignment passed below (power of 2, ≤ 64K)",
+    },
+    {
+      name: "maxdata",
+      value: "SIZE",
+      type: "size",
+      default: "the maximum below, at most 64M",
+      description: "largest read/write passed below",
+    },
+    {
+      name: "maxlen",
+      value: "SIZE",
+      type: "size",
+      default: "4G less one, down to a multiple of minblock",
+      description: "largest trim/zero/cache/extents passed below",
+    },
   ],
   create(params) {
     const minblock = params.takeSize("minblock");

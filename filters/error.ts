@@ -33,7 +33,7 @@ import {
   type WriteFlags,
   type ZeroFlags,
 } from "../core/backend.ts";
-import type { Params } from "../core/params.ts";
+import type { Params, ParamSpec } from "../core/params.ts";
 import { UsageError } from "../util/usage_error.ts";
 
 /** The kinds of request the filter can fail, by the suffix of their parameters. */
@@ -156,10 +156,31 @@ class ErrorBackend extends PassthroughBackend {
   }
 }
 
-const perCommand = ERROR_COMMANDS.flatMap((c) => [
-  { name: `error-${c}`, value: "ERRNO", description: `error for ${c} requests` },
-  { name: `error-${c}-rate`, value: "RATE", description: `rate of errors for ${c} requests` },
-  { name: `error-${c}-file`, value: "PATH", description: `trigger file for ${c} requests` },
+const ERRNO_CHOICES = Object.keys(ERRNO_VALUES);
+
+const perCommand = ERROR_COMMANDS.flatMap((c): ParamSpec[] => [
+  {
+    name: `error-${c}`,
+    value: "ERRNO",
+    type: "enum",
+    choices: ERRNO_CHOICES,
+    default: "error=",
+    description: `error for ${c} requests`,
+  },
+  {
+    name: `error-${c}-rate`,
+    value: "N%|0..1",
+    type: "string",
+    default: "error-rate=",
+    description: `rate of errors for ${c} requests`,
+  },
+  {
+    name: `error-${c}-file`,
+    value: "PATH",
+    type: "path",
+    default: "error-file=",
+    description: `trigger file for ${c} requests`,
+  },
 ]);
 
 /** The error filter. */
@@ -174,14 +195,24 @@ export const errorFilter: Filter = {
     {
       name: "error",
       value: "ERRNO",
-      description: "error to inject: EIO (default), EPERM, ENOMEM, EINVAL, ENOSPC, ESHUTDOWN, ...",
+      type: "enum",
+      choices: ERRNO_CHOICES,
+      default: "EIO",
+      description: "error to inject",
     },
     {
       name: "error-rate",
       value: "N%|0..1",
-      description: "share of requests that fail (default 0)",
+      type: "string",
+      default: "0",
+      description: "share of requests that fail",
     },
-    { name: "error-file", value: "PATH", description: "inject errors only while PATH exists" },
+    {
+      name: "error-file",
+      value: "PATH",
+      type: "path",
+      description: "inject errors only while PATH exists",
+    },
     ...perCommand,
   ],
   create(params) {

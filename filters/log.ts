@@ -219,11 +219,23 @@ export const logFilter: Filter = {
     "where ACTION is Open, Read, Write, Zero, Trim, Flush, Extents, Cache or Close.\n\n" +
     "Example:\n  nbd serve --filter=log memory 1G logfile=requests.log",
   params: [
-    { name: "logfile", value: "PATH", description: "file to write the log to", required: true },
-    { name: "logappend", value: "BOOL", description: "append instead of truncating" },
+    {
+      name: "logfile",
+      value: "PATH",
+      type: "path",
+      description: "file to write the log to",
+      required: true,
+    },
+    {
+      name: "logappend",
+      value: "BOOL",
+      type: "boolean",
+      default: "false",
+      description: "append instead of truncating",
+    },
   ],
   create(params) {
-    const path = params.require("logfile", "log");
+    const path = params.take("logfile")!;
     const append = params.takeBoolean("logappend") ?? false;
     let log: LogWriter;
     try {

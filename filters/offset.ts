@@ -82,8 +82,20 @@ export const offsetFilter: Filter = {
   summary: "serve a window (offset and length) of the layer below",
   description: "Example:\n  nbd serve --filter=offset memory 1G offset=1M range=100M",
   params: [
-    { name: "offset", value: "SIZE", description: "start of the window (default 0)" },
-    { name: "range", value: "SIZE", description: "length of the window (default: to the end)" },
+    {
+      name: "offset",
+      value: "SIZE",
+      type: "size",
+      default: "0",
+      description: "start of the window",
+    },
+    {
+      name: "range",
+      value: "SIZE",
+      type: "size",
+      default: "to the end",
+      description: "length of the window",
+    },
   ],
   create(params) {
     const start = params.takeSize("offset") ?? 0;

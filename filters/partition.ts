@@ -15,7 +15,6 @@
 
 import { NbdError } from "../protocol/errors.ts";
 import type { Backend, Filter } from "../core/backend.ts";
-import { UsageError } from "../util/usage_error.ts";
 import { WindowBackend } from "./offset.ts";
 
 const SECTOR = 512;
@@ -157,13 +156,13 @@ export const partitionFilter: Filter = {
     {
       name: "partition",
       value: "N",
+      type: "integer",
       description: "partition number, from 1 (5 and up: MBR logical partitions)",
       required: true,
     },
   ],
   create(params) {
-    const n = params.takeInteger("partition", 1, 1 << 20);
-    if (n === undefined) throw new UsageError("partition: missing required parameter partition=");
+    const n = params.takeInteger("partition", 1, 1 << 20)!;
     return Promise.resolve({
       async wrap(next) {
         const range = await findPartition(next, n);

@@ -211,11 +211,14 @@ export const qcow2Filter: Filter = {
     {
       name: "qcow2-backing",
       value: "PATH",
+      type: "path",
       description: "backing file to use (raw or qcow2), instead of the name in the image",
     },
     {
       name: "qcow2-follow-backing",
       value: "BOOL",
+      type: "boolean",
+      default: "false",
       description: "follow backing names recorded in the images (inside their directories only)",
     },
   ],
@@ -248,4 +251,4 @@ export const qcow2Filter: Filter = {
 };
 
 /** The nbdkit-compatible name of the qcow2 filter. */
-export const qcow2decFilter: Filter = { ...qcow2Filter, name: "qcow2dec" };
+export const qcow2decFilter: Filter = { ...qcow2Filter, name: "qcow2dec", aliasOf: "qcow2" };

@@ -127,15 +127,39 @@ export const rateFilter: Filter = {
     "  nbd serve --filter=rate memory 64M rate=1M\n" +
     "  nbd serve --filter=rate memory 64M connection-rate=50K rate=1M",
   params: [
-    { name: "rate", value: "BITSPERSEC", description: "limit for the whole server" },
-    { name: "connection-rate", value: "BITSPERSEC", description: "limit for each connection" },
-    { name: "rate-file", value: "PATH", description: "read the server limit from PATH" },
+    {
+      name: "rate",
+      value: "BITSPERSEC",
+      type: "size",
+      default: "0, no limit",
+      description: "limit for the whole server",
+    },
+    {
+      name: "connection-rate",
+      value: "BITSPERSEC",
+      type: "size",
+      default: "0, no limit",
+      description: "limit for each connection",
+    },
+    {
+      name: "rate-file",
+      value: "PATH",
+      type: "path",
+      description: "read the server limit from PATH",
+    },
     {
       name: "connection-rate-file",
       value: "PATH",
+      type: "path",
       description: "read the per-connection limit from PATH",
     },
-    { name: "burstiness", value: "SECS", description: "bucket size in seconds (default 2)" },
+    {
+      name: "burstiness",
+      value: "SECS",
+      type: "string",
+      default: "2",
+      description: "bucket size in seconds (a positive number)",
+    },
   ],
   create(params) {
     const rate = params.takeSize("rate") ?? 0;

@@ -154,21 +154,33 @@ export const retryFilter: Filter = {
   description:
     "Example:\n  nbd serve --filter=retry http url=https://example.com/disk.img retries=10",
   params: [
-    { name: "retries", value: "N", description: "tries after the first failure (default 5)" },
+    {
+      name: "retries",
+      value: "N",
+      type: "integer",
+      default: "5",
+      description: "tries after the first failure (0 to 1000)",
+    },
     {
       name: "retry-delay",
       value: "SECS|NNms",
-      description: "wait before the first retry (default 2 seconds)",
+      type: "duration",
+      default: "2",
+      description: "wait before the first retry",
     },
     {
       name: "retry-exponential",
       value: "BOOL",
-      description: "double the wait after each retry (default yes)",
+      type: "boolean",
+      default: "true",
+      description: "double the wait after each retry",
     },
     {
       name: "retry-readonly",
       value: "BOOL",
-      description: "after a failure reopen read-only and refuse writes (default no)",
+      type: "boolean",
+      default: "false",
+      description: "after a failure reopen read-only and refuse writes",
     },
   ],
   create(params) {

@@ -174,11 +174,23 @@ export const statsFilter: Filter = {
   summary: "count requests, bytes and time per command; written to a file at exit",
   description: "Example:\n  nbd serve --filter=stats memory 1G statsfile=stats.txt",
   params: [
-    { name: "statsfile", value: "PATH", description: "file for the summary", required: true },
-    { name: "statsappend", value: "BOOL", description: "append instead of replacing the file" },
+    {
+      name: "statsfile",
+      value: "PATH",
+      type: "path",
+      description: "file for the summary",
+      required: true,
+    },
+    {
+      name: "statsappend",
+      value: "BOOL",
+      type: "boolean",
+      default: "false",
+      description: "append instead of replacing the file",
+    },
   ],
   create(params) {
-    const path = params.require("statsfile", "stats");
+    const path = params.take("statsfile")!;
     const append = params.takeBoolean("statsappend") ?? false;
     try {
       // Find out now, not at exit, whether the file can be written.

@@ -171,14 +171,17 @@ export const tarFilter: Filter = {
     {
       name: "tar-entry",
       value: "NAME",
+      type: "string",
       description: "the member to serve, as tar -t lists it (a leading ./ is ignored)",
       required: true,
     },
     {
       name: "tar-limit",
       value: "SIZE",
+      type: "size",
+      default: "0",
       description: "give up when the member's header is not within the first SIZE bytes " +
-        "(default 0: no limit)",
+        "(0: no limit)",
     },
   ],
   create(params) {

@@ -118,9 +118,25 @@ export const truncateFilter: Filter = {
     "  nbd serve --filter=truncate memory 1000 round-up=512\n" +
     "  nbd serve --filter=truncate pattern 1G truncate=100M",
   params: [
-    { name: "truncate", value: "SIZE", description: "the new size" },
-    { name: "round-up", value: "N", description: "round the size up to a multiple of N" },
-    { name: "round-down", value: "N", description: "round the size down to a multiple of N" },
+    {
+      name: "truncate",
+      value: "SIZE",
+      type: "size",
+      default: "the size below",
+      description: "the new size",
+    },
+    {
+      name: "round-up",
+      value: "N",
+      type: "size",
+      description: "round the size up to a multiple of N",
+    },
+    {
+      name: "round-down",
+      value: "N",
+      type: "size",
+      description: "round the size down to a multiple of N",
+    },
   ],
   create(params) {
     const truncate = params.takeSize("truncate");

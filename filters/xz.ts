@@ -143,12 +143,16 @@ export const xzFilter: Filter = {
     {
       name: "xz-max-block",
       value: "SIZE",
-      description: "refuse files with larger blocks (default 512M)",
+      type: "size",
+      default: "512M",
+      description: "refuse files with larger blocks",
     },
     {
       name: "xz-max-depth",
       value: "N",
-      description: "decoded blocks kept in memory (default 8)",
+      type: "integer",
+      default: "8",
+      description: "decoded blocks kept in memory (1 to 65536)",
     },
   ],
   create(params) {

@@ -307,11 +307,34 @@ Examples:
   nbd serve data data='1 2 3 @1M 4' size=2M
   nbd serve data raw='hello world'`,
   params: [
-    { name: "data", value: "EXPRESSION", description: "contents as a data expression" },
-    { name: "raw", value: "STRING", description: "contents as the bytes of STRING" },
-    { name: "base64", value: "TEXT", description: "contents as base64" },
-    { name: "size", value: "SIZE", description: "disk size (default: end of the data)" },
-    { name: "allocator", value: "sparse", description: "allocation strategy (only sparse)" },
+    {
+      name: "data",
+      value: "EXPRESSION",
+      type: "string",
+      description: "contents as a data expression",
+    },
+    {
+      name: "raw",
+      value: "STRING",
+      type: "string",
+      description: "contents as the bytes of STRING",
+    },
+    { name: "base64", value: "TEXT", type: "string", description: "contents as base64" },
+    {
+      name: "size",
+      value: "SIZE",
+      type: "size",
+      default: "the end of the data",
+      description: "disk size",
+    },
+    {
+      name: "allocator",
+      value: "ALLOCATOR",
+      type: "enum",
+      choices: ["sparse"],
+      default: "sparse",
+      description: "allocation strategy",
+    },
   ],
   magicParam: "data",
   create(params) {

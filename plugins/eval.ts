@@ -20,7 +20,7 @@
  */
 
 import type { Plugin } from "../core/backend.ts";
-import { UsageError } from "../util/usage_error.ts";
+import type { ParamSpec } from "../core/params.ts";
 import { runProcess, ScriptPlugin } from "./_script.ts";
 
 /** The methods an eval snippet can define. */
@@ -66,21 +66,34 @@ export const evalPlugin: Plugin = {
     "Example:\n  nbd serve eval get_size='echo 64M' \\\n" +
     "    pread='dd if=/dev/zero count=$3 iflag=count_bytes'",
   params: [
-    ...EVAL_METHODS.map((m) => ({
+    ...EVAL_METHODS.map((m): ParamSpec => ({
       name: m,
       value: "SCRIPT",
+      type: "string",
       description: `shell snippet for the ${m} method`,
+      required: m === "get_size" || m === "pread",
     })),
-    { name: "missing", value: "SCRIPT", description: "snippet for methods not given (exit 2)" },
+    {
+      name: "missing",
+      value: "SCRIPT",
+      type: "string",
+      default: "exit 2 (not implemented)",
+      description: "snippet for methods not given",
+    },
+    {
+      name: "KEY",
+      value: "VALUE",
+      type: "string",
+      description: "anything else is passed to the config snippet",
+      anyKey: true,
+      repeatable: true,
+    },
   ],
   async create(params) {
     const snippets = new Map<string, string>();
     for (const method of [...EVAL_METHODS, "missing"]) {
       const value = params.take(method);
       if (value !== undefined) snippets.set(method, value);
-    }
-    if (!snippets.has("get_size") || !snippets.has("pread")) {
-      throw new UsageError("eval: get_size= and pread= are required");
     }
     const tmpdir = await Deno.makeTempDir({ prefix: "nbd-eval-" });
     const env = { tmpdir };

@@ -197,11 +197,17 @@ export const filePlugin: Plugin = {
   description:
     "Examples:\n  nbd serve file disk.img\n  nbd serve -r file /dev/sdb\n  nbd serve file dir=/var/images",
   params: [
-    { name: "file", value: "FILENAME", description: "the file or block device to serve" },
+    {
+      name: "file",
+      value: "FILENAME",
+      type: "path",
+      description: "the file or block device to serve (or dir=)",
+    },
     {
       name: "dir",
       value: "DIRECTORY",
-      description: "serve each regular file in DIRECTORY as an export",
+      type: "path",
+      description: "serve each regular file in DIRECTORY as an export (or file=)",
     },
   ],
   magicParam: "file",

@@ -528,14 +528,25 @@ export const floppyPlugin: Plugin = {
     "  mdir -i disk.img@@1M ::\n\nExamples:\n  nbd serve floppy /path/to/dir\n" +
     "  nbd serve floppy dir=/path/to/dir label=BACKUP size=64M",
   params: [
-    { name: "dir", value: "PATH", description: "directory to serve", required: true },
-    { name: "label", value: "TEXT", description: "volume label, up to 11 ASCII characters" },
-    { name: "size", value: "SIZE", description: "total disk size (default: just enough)" },
+    { name: "dir", value: "PATH", type: "path", description: "directory to serve", required: true },
+    {
+      name: "label",
+      value: "TEXT",
+      type: "string",
+      default: "NBDFLOPPY",
+      description: "volume label, up to 11 ASCII characters",
+    },
+    {
+      name: "size",
+      value: "SIZE",
+      type: "size",
+      default: "just enough",
+      description: "total disk size",
+    },
   ],
   magicParam: "dir",
   async create(params) {
-    const dir = params.take("dir");
-    if (dir === undefined) throw new UsageError("floppy: missing required parameter dir=");
+    const dir = params.take("dir")!;
     const label = (params.take("label") ?? "NBDFLOPPY").toUpperCase();
     if (!/^[\x20-\x7e]{1,11}$/.test(label) || /["*+,./:;<=>?[\\\]|]/.test(label)) {
       throw new UsageError("label: up to 11 ASCII letters, digits, spaces or _-!#$%&'()@^`{}~");

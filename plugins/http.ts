@@ -40,8 +40,7 @@ function secretValue(value: string): string {
 
 /** Reads the plugin's parameters. */
 export function httpOptions(params: Params): HttpOptions {
-  const url = params.take("url");
-  if (url === undefined) throw new UsageError("http: missing required parameter url=");
+  const url = params.take("url")!;
   if (!/^https?:\/\//i.test(url)) throw new UsageError(`http: url must be http:// or https://`);
   const headers = new Headers();
   for (const header of params.takeAll("header")) {
@@ -87,21 +86,87 @@ function makeHttpPlugin(name: string): Plugin {
     description: "Examples:\n  nbd serve http https://example.com/disk.img\n" +
       "  nbd serve http url=https://example.com/disk.img header='Authorization: Bearer X'",
     params: [
-      { name: "url", value: "URL", description: "the image (http:// or https://)", required: true },
-      { name: "header", value: "'NAME: VALUE'", description: "extra header", repeatable: true },
-      { name: "cookie", value: "COOKIE", description: "Cookie header (+FILE reads it from FILE)" },
-      { name: "user", value: "NAME", description: "basic authentication user" },
-      { name: "password", value: "PASSWORD|+FILE", description: "basic authentication password" },
-      { name: "user-agent", value: "TEXT", description: "User-Agent header" },
-      { name: "cainfo", value: "FILE", description: "trust the CA certificates in FILE (PEM)" },
-      { name: "timeout", value: "SECS", description: "per-request timeout (default 60)" },
-      { name: "connections", value: "N", description: "requests in flight at once (default 4)" },
-      { name: "followlocation", value: "BOOL", description: "follow redirects (default true)" },
-      { name: "http-retries", value: "N", description: "retries of a failed request (default 5)" },
+      {
+        name: "url",
+        value: "URL",
+        type: "string",
+        description: "the image (http:// or https://)",
+        required: true,
+      },
+      {
+        name: "header",
+        value: "'NAME: VALUE'",
+        type: "string",
+        description: "extra header",
+        repeatable: true,
+      },
+      {
+        name: "cookie",
+        value: "COOKIE|+FILE",
+        type: "string",
+        description: "Cookie header (+FILE reads it from FILE)",
+      },
+      { name: "user", value: "NAME", type: "string", description: "basic authentication user" },
+      {
+        name: "password",
+        value: "PASSWORD|+FILE",
+        type: "string",
+        description: "basic authentication password (+FILE reads it from FILE)",
+      },
+      {
+        name: "user-agent",
+        value: "TEXT",
+        type: "string",
+        default: "nbd-http",
+        description: "User-Agent header",
+      },
+      {
+        name: "cainfo",
+        value: "FILE",
+        type: "path",
+        description: "trust the CA certificates in FILE (PEM)",
+      },
+      {
+        name: "sslverify",
+        value: "BOOL",
+        type: "boolean",
+        default: "true",
+        description: "verify the server certificate (false is refused)",
+      },
+      {
+        name: "timeout",
+        value: "SECS|NNms",
+        type: "duration",
+        default: "60",
+        description: "per-request timeout",
+      },
+      {
+        name: "connections",
+        value: "N",
+        type: "integer",
+        default: "4",
+        description: "requests in flight at once (1 to 64)",
+      },
+      {
+        name: "followlocation",
+        value: "BOOL",
+        type: "boolean",
+        default: "true",
+        description: "follow redirects",
+      },
+      {
+        name: "http-retries",
+        value: "N",
+        type: "integer",
+        default: "5",
+        description: "retries of a failed request (0 to 100)",
+      },
       {
         name: "http-retry-delay",
         value: "SECS|NNms",
-        description: "first back-off wait, doubling after each retry (default 1)",
+        type: "duration",
+        default: "1",
+        description: "first back-off wait, doubling after each retry",
       },
     ],
     magicParam: "url",
@@ -133,4 +198,4 @@ function makeHttpPlugin(name: string): Plugin {
 /** The http plugin. */
 export const httpPlugin: Plugin = makeHttpPlugin("http");
 /** The curl plugin: the same as http, under nbdkit's name. */
-export const curlPlugin: Plugin = makeHttpPlugin("curl");
+export const curlPlugin: Plugin = { ...makeHttpPlugin("curl"), aliasOf: "http" };

@@ -61,17 +61,22 @@ export const memoryPlugin: Plugin = {
     {
       name: "size",
       value: "SIZE",
+      type: "size",
       description: "virtual size of the disk, e.g. 1G",
       required: true,
     },
-    { name: "allocator", value: "sparse", description: "allocation strategy (only sparse)" },
+    {
+      name: "allocator",
+      value: "ALLOCATOR",
+      type: "enum",
+      choices: ["sparse"],
+      default: "sparse",
+      description: "allocation strategy",
+    },
   ],
   magicParam: "size",
   create(params) {
-    const size = params.takeSize("size");
-    if (size === undefined) {
-      throw new UsageError("memory: missing required parameter size= (e.g. memory 1G)");
-    }
+    const size = params.takeSize("size")!;
     if (size > MAX_MEMORY_SIZE) {
       throw new UsageError(`memory: size must be at most ${MAX_MEMORY_SIZE}`);
     }

@@ -38,7 +38,9 @@ export const nullPlugin: Plugin = {
   name: "null",
   summary: "disk that reads as zeroes and discards writes",
   description: "Example:\n  nbd serve null 1G",
-  params: [{ name: "size", value: "SIZE", description: "size of the disk (default 0)" }],
+  params: [
+    { name: "size", value: "SIZE", type: "size", default: "0", description: "size of the disk" },
+  ],
   magicParam: "size",
   create(params) {
     const size = params.takeSize("size") ?? 0;

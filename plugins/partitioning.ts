@@ -405,6 +405,7 @@ export const partitioningPlugin: Plugin = {
     {
       name: "file",
       value: "PATH",
+      type: "path",
       description: "a file, one partition each, in order",
       required: true,
       repeatable: true,
@@ -412,12 +413,15 @@ export const partitioningPlugin: Plugin = {
     {
       name: "partition-type",
       value: "gpt|mbr",
+      type: "enum",
+      choices: ["gpt", "mbr"],
       description:
-        "the partition table (default: mbr for up to 4 partitions within 2 TiB, else gpt)",
+        "the partition table (when not given: mbr for up to 4 partitions within 2 TiB, else gpt)",
     },
     {
       name: "type",
       value: "GUID|BYTE",
+      type: "string",
       description: "partition type as the table needs it: a GUID for gpt, a byte for mbr " +
         "(once for all, or once per file)",
       repeatable: true,
@@ -425,19 +429,25 @@ export const partitioningPlugin: Plugin = {
     {
       name: "type-guid",
       value: "GUID",
-      description: "GPT partition type (default 0FC63DAF-8483-4772-8E79-3D69D8477DE4, Linux data)",
+      type: "string",
+      default: "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+      description: "GPT partition type (the default is Linux data)",
       repeatable: true,
     },
     {
       name: "mbr-id",
       value: "BYTE",
-      description: "MBR partition type, 1-255 or 0xHH (default 0x83, Linux)",
+      type: "string",
+      default: "0x83",
+      description: "MBR partition type, 1-255 or 0xHH (the default is Linux)",
       repeatable: true,
     },
     {
       name: "alignment",
       value: "SIZE",
-      description: "partitions start at multiples of SIZE (a multiple of 512; default 1M)",
+      type: "size",
+      default: "1M",
+      description: "partitions start at multiples of SIZE (a multiple of 512)",
     },
   ],
   magicParam: "file",

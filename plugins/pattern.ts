@@ -11,7 +11,6 @@
  */
 
 import { completeBackend, type Plugin } from "../core/backend.ts";
-import { UsageError } from "../util/usage_error.ts";
 
 /** Fills `buf` with the pattern for the bytes starting at `offset`. */
 export function fillPattern(buf: Uint8Array, offset: number): void {
@@ -48,13 +47,12 @@ export const patternPlugin: Plugin = {
   name: "pattern",
   summary: "read-only disk where each 8-byte word holds its own offset (big-endian)",
   description: "Example:\n  nbd serve pattern 1G",
-  params: [{ name: "size", value: "SIZE", description: "size of the disk", required: true }],
+  params: [
+    { name: "size", value: "SIZE", type: "size", description: "size of the disk", required: true },
+  ],
   magicParam: "size",
   create(params) {
-    const size = params.takeSize("size");
-    if (size === undefined) {
-      throw new UsageError("pattern: missing required parameter size= (e.g. pattern 1G)");
-    }
+    const size = params.takeSize("size")!;
     return Promise.resolve({
       open: () =>
         Promise.resolve(completeBackend({

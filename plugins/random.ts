@@ -11,7 +11,6 @@
  */
 
 import { completeBackend, type Plugin } from "../core/backend.ts";
-import { UsageError } from "../util/usage_error.ts";
 
 /** Mixes a 32-bit value (a fast, well-distributed integer hash). */
 function mix32(x: number): number {
@@ -48,15 +47,18 @@ export const randomPlugin: Plugin = {
   summary: "read-only disk of reproducible pseudo-random bytes",
   description: "Example:\n  nbd serve random 1G seed=42",
   params: [
-    { name: "size", value: "SIZE", description: "size of the disk", required: true },
-    { name: "seed", value: "N", description: "random seed (default: the current time)" },
+    { name: "size", value: "SIZE", type: "size", description: "size of the disk", required: true },
+    {
+      name: "seed",
+      value: "N",
+      type: "integer",
+      default: "the current time",
+      description: "random seed (0 to 2^32-1)",
+    },
   ],
   magicParam: "size",
   create(params) {
-    const size = params.takeSize("size");
-    if (size === undefined) {
-      throw new UsageError("random: missing required parameter size= (e.g. random 1G)");
-    }
+    const size = params.takeSize("size")!;
     const seed = params.takeInteger("seed", 0, 2 ** 32 - 1) ?? (Date.now() >>> 0);
     return Promise.resolve({
       open: () =>

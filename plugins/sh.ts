@@ -50,21 +50,22 @@ export const shPlugin: Plugin = {
     {
       name: "script",
       value: "PATH|-",
+      type: "path",
       description: "the script; - reads it from standard input",
       required: true,
     },
     {
       name: "KEY",
       value: "VALUE",
+      type: "string",
       description: "anything else is passed to the script's config method",
+      anyKey: true,
+      repeatable: true,
     },
   ],
   magicParam: "script",
   async create(params) {
-    const script = params.take("script");
-    if (script === undefined) {
-      throw new UsageError("sh: missing the script (nbd serve sh PATH, or sh - for stdin)");
-    }
+    const script = params.take("script")!;
     const tmpdir = await Deno.makeTempDir({ prefix: "nbd-sh-" });
     let command = script;
     let prefix: string[] = [];

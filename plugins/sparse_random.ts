@@ -155,20 +155,39 @@ export const sparseRandomPlugin: Plugin = {
   description: "Examples:\n  nbd serve sparse-random 1T seed=42\n" +
     '  nbd serve -U - sparse-random size=8G --run \'nbdcopy "$uri" "$uri"\'',
   params: [
-    { name: "size", value: "SIZE", description: "size of the disk", required: true },
-    { name: "seed", value: "N", description: "random seed (default: random)" },
-    { name: "percent", value: "N", description: "share of the disk holding data (default 10)" },
-    { name: "runlength", value: "SIZE", description: "average run of data (default 16M)" },
+    { name: "size", value: "SIZE", type: "size", description: "size of the disk", required: true },
+    {
+      name: "seed",
+      value: "N",
+      type: "integer",
+      default: "random",
+      description: "random seed (0 to 2^32-1)",
+    },
+    {
+      name: "percent",
+      value: "N",
+      type: "string",
+      default: "10",
+      description: "share of the disk holding data, 0 to 100 (a trailing % is allowed)",
+    },
+    {
+      name: "runlength",
+      value: "SIZE",
+      type: "size",
+      default: "16M",
+      description: "average run of data",
+    },
     {
       name: "random-content",
       value: "BOOL",
-      description: "every byte random (default: one byte repeated per 4K block)",
+      type: "boolean",
+      default: "false",
+      description: "every byte random (false: one byte repeated per 4K block)",
     },
   ],
   magicParam: "size",
   create(params) {
-    const size = params.takeSize("size");
-    if (size === undefined) throw new UsageError("sparse-random: missing required parameter size=");
+    const size = params.takeSize("size")!;
     const seed = params.takeInteger("seed", 0, 2 ** 32 - 1) ??
       crypto.getRandomValues(new Uint32Array(1))[0]!;
     const percentText = params.take("percent");

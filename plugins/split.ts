@@ -65,6 +65,7 @@ export const splitPlugin: Plugin = {
     {
       name: "file",
       value: "PATH",
+      type: "path",
       description: "a file; repeat to join several, in order",
       required: true,
       repeatable: true,
@@ -73,7 +74,6 @@ export const splitPlugin: Plugin = {
   magicParam: "file",
   async create(params) {
     const paths = params.takeAll("file");
-    if (paths.length === 0) throw new UsageError("split: at least one file= is required");
     const parts: Part[] = [];
     let writable = true;
     let offset = 0;

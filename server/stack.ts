@@ -7,7 +7,7 @@
  */
 
 import type { Filter, FilterInstance, Plugin, PluginInstance } from "../core/backend.ts";
-import type { Params } from "../core/params.ts";
+import { checkRequired, type Params } from "../core/params.ts";
 
 /** The started layers of an export. */
 export interface Layers {
@@ -28,6 +28,8 @@ export async function startLayers(
   plugin: Plugin,
   params: Params,
 ): Promise<Layers> {
+  // Every layer's required parameters, before any layer is created: nothing to undo.
+  for (const layer of [...filters, plugin]) checkRequired(layer.name, layer.params, params);
   const started: Array<FilterInstance | PluginInstance> = [];
   try {
     const filterInstances: FilterInstance[] = [];

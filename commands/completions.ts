@@ -1,0 +1,419 @@
+/**
+ * `nbd completions bash|zsh|fish`: prints a shell completion script built
+ * from the declarations: the commands, each command's options, plugin
+ * names after `nbd serve`'s options, filter names after `--filter`, the
+ * `key=` parameters of the chosen plugin and filters, and file names where
+ * a path goes.
+ *
+ * @module
+ */
+
+import type { Filter, Plugin } from "../core/backend.ts";
+import type { ParamSpec } from "../core/params.ts";
+import { FILTERS } from "../filters/mod.ts";
+import { PLUGINS } from "../plugins/mod.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { type Command, formatOptions, type OptionSpecs, parseOptions } from "./command.ts";
+import { COMMANDS } from "./mod.ts";
+import { writeStdout } from "./output.ts";
+
+const SHELLS = ["bash", "zsh", "fish"] as const;
+
+/** Commands whose positional arguments are file names (the rest take URIs). */
+const FILE_ARGUMENTS = new Set(["copy", "view", "mount", "umount"]);
+
+const OPTIONS = {
+  help: { type: "boolean", short: "h", help: "show this help" },
+} as const;
+
+const USAGE = `Usage: nbd completions bash|zsh|fish
+
+Print a completion script for the shell: commands, options, plugin and
+filter names, the parameters of the chosen plugin and filters, and file
+names where a path goes.
+
+Options:
+${formatOptions(OPTIONS)}
+
+Examples:
+  source <(nbd completions bash)          # in ~/.bashrc
+  nbd completions zsh > "\${fpath[1]}/_nbd"
+  nbd completions fish > ~/.config/fish/completions/nbd.fish
+`;
+
+/** What the scripts need to know about one command. */
+interface CommandInfo {
+  name: string;
+  summary: string;
+  options: OptionSpecs;
+}
+
+/** Everything the scripts complete, read from the declarations. */
+export interface CompletionData {
+  /** Commands with their options. */
+  commands: CommandInfo[];
+  /** Plugins by name. */
+  plugins: readonly Plugin[];
+  /** Filters by name. */
+  filters: readonly Filter[];
+}
+
+/** Loads every command for its options. */
+export async function completionData(): Promise<CompletionData> {
+  const commands: CommandInfo[] = [];
+  for (const entry of COMMANDS.values()) {
+    const command = entry.name === "completions" ? completionsCommand : await entry.load();
+    commands.push({ name: command.name, summary: command.summary, options: command.options });
+  }
+  return { commands, plugins: [...PLUGINS.values()], filters: [...FILTERS.values()] };
+}
+
+/** The words that name an option (`--port`, `-p`), for the visible ones. */
+function optionWords(options: OptionSpecs, which: (name: string) => boolean): string[] {
+  const words: string[] = [];
+  for (const [name, spec] of Object.entries(options)) {
+    if (spec.hidden || !which(name)) continue;
+    words.push(`--${name}`);
+    if (spec.short) words.push(`-${spec.short}`);
+  }
+  return words;
+}
+
+/** Options that take a separate value word (`--port N`; not optional `--map[=X]`). */
+function takesValue(options: OptionSpecs) {
+  return (name: string) => options[name]!.type === "string" && !options[name]!.optionalValue;
+}
+
+function isPath(options: OptionSpecs) {
+  return (name: string) => options[name]!.path === true;
+}
+
+function shellWords(words: readonly string[]): string {
+  return words.join(" ");
+}
+
+/** Completable parameters of a plugin or filter: `key=` words, and those taking paths. */
+function paramWords(params: readonly ParamSpec[]): { keys: string[]; paths: string[] } {
+  const named = params.filter((p) => !p.anyKey);
+  return {
+    keys: named.map((p) => `${p.name}=`),
+    paths: named.filter((p) => p.type === "path").map((p) => p.name),
+  };
+}
+
+function bashCase(entries: [string, string][], variable: string): string {
+  return [
+    `    case "$1" in`,
+    ...entries.map(([key, value]) => `      ${key}) ${variable}="${value}" ;;`),
+    `      *) ${variable}="" ;;`,
+    `    esac`,
+  ].join("\n");
+}
+
+/**
+ * The bash script (zsh runs it too, through bashcompinit). It avoids
+ * bash-only expansions so it works unchanged there.
+ */
+export function bashScript(data: CompletionData): string {
+  const commandNames = ["help", ...data.commands.map((c) => c.name)];
+  const perCommand = (pick: (c: CommandInfo) => string[]) =>
+    data.commands.map((c): [string, string] => [c.name, shellWords(pick(c))]);
+  const layerKeys = (layers: readonly (Plugin | Filter)[]) =>
+    layers.map((l): [string, string] => [l.name, shellWords(paramWords(l.params).keys)]);
+  const layerPaths = (layers: readonly (Plugin | Filter)[]) =>
+    layers.map((l): [string, string] => [l.name, shellWords(paramWords(l.params).paths)]);
+  const magicPath = data.plugins.filter((p) =>
+    p.params.some((s) => s.name === p.magicParam && s.type === "path")
+  ).map((p) => p.name);
+  const topics = [
+    ...data.commands.map((c) => c.name),
+    ...data.plugins.map((p) => p.name),
+    ...data.filters.map((f) => f.name),
+  ];
+  return `# bash completion for nbd (generated by "nbd completions bash")
+
+_nbd_options() {
+${bashCase(perCommand((c) => optionWords(c.options, () => true)), "REPLY")}
+}
+
+_nbd_value_options() {
+${bashCase(perCommand((c) => optionWords(c.options, takesValue(c.options))), "REPLY")}
+}
+
+_nbd_path_options() {
+${bashCase(perCommand((c) => optionWords(c.options, isPath(c.options))), "REPLY")}
+}
+
+_nbd_plugin_params() {
+${bashCase(layerKeys(data.plugins), "REPLY")}
+}
+
+_nbd_filter_params() {
+${bashCase(layerKeys(data.filters), "REPLY")}
+}
+
+_nbd_path_params() {
+${bashCase([...layerPaths(data.plugins), ...layerPaths(data.filters)], "REPLY")}
+}
+
+_nbd_in() {
+  case " $2 " in *" $1 "*) return 0 ;; esac
+  return 1
+}
+
+_nbd_files() {
+  local IFS=$'\\n'
+  COMPREPLY+=($(compgen -f -- "$1"))
+  type compopt >/dev/null 2>&1 && compopt -o filenames 2>/dev/null
+}
+
+_nbd_nospace() {
+  type compopt >/dev/null 2>&1 && compopt -o nospace 2>/dev/null
+}
+
+_nbd() {
+  local cur="\${COMP_WORDS[COMP_CWORD]}" prev="" cmd="" REPLY=""
+  local commands="${shellWords(commandNames)}"
+  local plugins="${shellWords(data.plugins.map((p) => p.name))}"
+  local filters="${shellWords(data.filters.map((f) => f.name))}"
+  COMPREPLY=()
+  if [ "$COMP_CWORD" -gt 0 ]; then prev="\${COMP_WORDS[COMP_CWORD-1]}"; fi
+  if [ "$COMP_CWORD" -le 1 ]; then
+    COMPREPLY=($(compgen -W "$commands --help --version" -- "$cur"))
+    return 0
+  fi
+  cmd="\${COMP_WORDS[1]}"
+  if [ "$cmd" = help ]; then
+    [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "${shellWords(topics)}" -- "$cur"))
+    return 0
+  fi
+  if [ "$cmd" = completions ]; then
+    [ "$COMP_CWORD" -eq 2 ] && COMPREPLY=($(compgen -W "${shellWords(SHELLS)}" -- "$cur"))
+    return 0
+  fi
+
+  # The option whose value is being typed: "--opt VALUE", "--opt=VALUE"
+  # (split at "=" by readline into "--opt" "=" "VALUE", or not).
+  local option="" value="$cur"
+  if [ "$cur" = "=" ] && [ "\${prev#-}" != "$prev" ]; then
+    option="$prev"; value=""
+  elif [ "$prev" = "=" ] && [ "$COMP_CWORD" -ge 3 ]; then
+    option="\${COMP_WORDS[COMP_CWORD-2]}"
+  elif [ "\${cur#--*=}" != "$cur" ]; then
+    option="\${cur%%=*}"; value="\${cur#*=}"
+  else
+    _nbd_value_options "$cmd"
+    if _nbd_in "$prev" "$REPLY"; then option="$prev"; fi
+  fi
+  if [ "\${option#-}" != "$option" ]; then
+    if [ "$option" = --filter ]; then
+      COMPREPLY=($(compgen -W "$filters" -- "$value"))
+      return 0
+    fi
+    _nbd_path_options "$cmd"
+    if _nbd_in "$option" "$REPLY"; then _nbd_files "$value"; return 0; fi
+    _nbd_value_options "$cmd"
+    if _nbd_in "$option" "$REPLY"; then return 0; fi
+  fi
+
+  if [ "\${cur#-}" != "$cur" ]; then
+    _nbd_options "$cmd"
+    COMPREPLY=($(compgen -W "$REPLY" -- "$cur"))
+    return 0
+  fi
+
+  if [ "$cmd" != serve ] && [ "$cmd" != proxy ]; then
+    if _nbd_in "$cmd" "${shellWords([...FILE_ARGUMENTS])}"; then _nbd_files "$cur"; fi
+    return 0
+  fi
+
+  # serve and proxy: find the plugin (or the upstream URI) and the filters.
+  local i=2 word next plugin="" used="" chosen=""
+  _nbd_value_options "$cmd"
+  local valued="$REPLY"
+  while [ "$i" -lt "$COMP_CWORD" ]; do
+    word="\${COMP_WORDS[i]}"
+    next="\${COMP_WORDS[i+1]}"
+    if [ "$next" = "=" ]; then
+      # "--opt = VALUE" or "key = VALUE", as readline splits them.
+      if [ "$word" = --filter ]; then chosen="$chosen \${COMP_WORDS[i+2]}"; fi
+      i=$((i + 3)); continue
+    fi
+    case "$word" in
+      --filter=*) chosen="$chosen \${word#--filter=}" ;;
+      -*)
+        if _nbd_in "$word" "$valued"; then
+          if [ "$word" = --filter ]; then chosen="$chosen $next"; fi
+          i=$((i + 1))
+        fi ;;
+      *=*) ;;
+      *) if [ -z "$used" ]; then used="$word"; fi ;;
+    esac
+    i=$((i + 1))
+  done
+  if [ "$cmd" = proxy ]; then
+    [ -z "$used" ] && return 0
+    plugin=nbd
+  elif [ -z "$used" ]; then
+    COMPREPLY=($(compgen -W "$plugins" -- "$cur"))
+    return 0
+  else
+    plugin="$used"
+  fi
+
+  # A parameter's value: "key=VALUE" (or "key" "=" "VALUE").
+  local key=""
+  if [ "$cur" = "=" ]; then key="$prev"; value=""
+  elif [ "$prev" = "=" ]; then key="\${COMP_WORDS[COMP_CWORD-2]}"; value="$cur"
+  elif [ "\${cur#*=}" != "$cur" ]; then key="\${cur%%=*}"; value="\${cur#*=}"
+  fi
+  local paths="" f
+  _nbd_path_params "$plugin"; paths="$REPLY"
+  for f in $chosen; do _nbd_path_params "$f"; paths="$paths $REPLY"; done
+  if [ -n "$key" ]; then
+    if _nbd_in "$key" "$paths"; then _nbd_files "$value"; fi
+    return 0
+  fi
+  local keys=""
+  _nbd_plugin_params "$plugin"; keys="$REPLY"
+  for f in $chosen; do _nbd_filter_params "$f"; keys="$keys $REPLY"; done
+  COMPREPLY=($(compgen -W "$keys" -- "$cur"))
+  if [ "\${#COMPREPLY[@]}" -gt 0 ]; then _nbd_nospace; fi
+  if [ "$cmd" = serve ] && _nbd_in "$plugin" "${shellWords(magicPath)}"; then
+    _nbd_files "$cur"
+  fi
+  return 0
+}
+
+complete -F _nbd nbd
+`;
+}
+
+/** The zsh script: the bash one, run through zsh's bashcompinit. */
+export function zshScript(data: CompletionData): string {
+  return `#compdef nbd
+# zsh completion for nbd (generated by "nbd completions zsh")
+
+autoload -U +X bashcompinit && bashcompinit
+
+${bashScript(data).split("\n").slice(1).join("\n")}`;
+}
+
+function fishQuote(text: string): string {
+  return `'${text.replaceAll("\\", "\\\\").replaceAll("'", "\\'")}'`;
+}
+
+/** The fish script. */
+export function fishScript(data: CompletionData): string {
+  const lines = [
+    `# fish completion for nbd (generated by "nbd completions fish")`,
+    "complete -c nbd -f",
+    "complete -c nbd -n __fish_use_subcommand -s h -l help -d 'show help'",
+    "complete -c nbd -n __fish_use_subcommand -s V -l version -d 'print the version'",
+    "complete -c nbd -n __fish_use_subcommand -a help -d 'show the page of a command, plugin or filter'",
+  ];
+  for (const command of data.commands) {
+    lines.push(
+      `complete -c nbd -n __fish_use_subcommand -a ${command.name} -d ${
+        fishQuote(command.summary)
+      }`,
+    );
+    const when = `-n '__fish_seen_subcommand_from ${command.name}'`;
+    for (const [name, spec] of Object.entries(command.options)) {
+      if (spec.hidden) continue;
+      let line = `complete -c nbd ${when} -l ${name}`;
+      if (spec.short) line += ` -s ${spec.short}`;
+      if (name === "filter") line += ` -x -a '${data.filters.map((f) => f.name).join(" ")}'`;
+      else if (spec.path) line += " -r -F";
+      else if (spec.type === "string" && !spec.optionalValue) line += " -x";
+      const help = spec.help ?? (spec.aliasOf ? `same as --${spec.aliasOf}` : "");
+      lines.push(`${line} -d ${fishQuote(help)}`);
+    }
+    if (FILE_ARGUMENTS.has(command.name)) lines.push(`complete -c nbd ${when} -F`);
+  }
+  lines.push(
+    `complete -c nbd -n '__fish_seen_subcommand_from help; and __fish_is_nth_token 2' -a '${
+      [...data.commands, ...data.plugins, ...data.filters].map((x) => x.name).join(" ")
+    }'`,
+    `complete -c nbd -n '__fish_seen_subcommand_from completions' -a '${SHELLS.join(" ")}'`,
+    "",
+    "function __nbd_params",
+    "    set -l tokens (commandline -opc)",
+    "    set -l plugin",
+    "    set -l filters",
+    '    test "$tokens[2]" = proxy; and set plugin nbd',
+    "    set -l i 3",
+    "    while test $i -le (count $tokens)",
+    "        set -l word $tokens[$i]",
+    "        switch $word",
+    "            case '--filter=*'",
+    "                set -a filters (string replace -- --filter= '' $word)",
+    "            case --filter",
+    "                set i (math $i + 1)",
+    "                set -a filters $tokens[$i]",
+    "            case '-*' '*=*'",
+    "            case '*'",
+    '                test -z "$plugin"; and set plugin $word',
+    "        end",
+    "        set i (math $i + 1)",
+    "    end",
+    "    switch $argv[1]",
+    "        case plugin",
+    '            test -z "$plugin"',
+    "        case params",
+    '            test -n "$plugin"; or return',
+    "            for layer in plugin:$plugin filter:$filters",
+    "                __nbd_layer_params $layer",
+    "            end",
+    "    end",
+    "end",
+    "",
+    "function __nbd_layer_params",
+    "    switch $argv[1]",
+    ...data.plugins.map((p) =>
+      `        case plugin:${p.name}\n            printf '%s\\n' ${
+        paramWords(p.params).keys.join(" ") || "''"
+      }`
+    ),
+    ...data.filters.map((f) =>
+      `        case filter:${f.name}\n            printf '%s\\n' ${
+        paramWords(f.params).keys.join(" ") || "''"
+      }`
+    ),
+    "    end",
+    "end",
+    "",
+    `complete -c nbd -n '__fish_seen_subcommand_from serve; and __nbd_params plugin' -a '${
+      data.plugins.map((p) => p.name).join(" ")
+    }'`,
+    "complete -c nbd -n '__fish_seen_subcommand_from serve proxy' -a '(__nbd_params params)'",
+  );
+  return lines.join("\n") + "\n";
+}
+
+/** `nbd completions`. */
+export const completionsCommand: Command = {
+  name: "completions",
+  summary: "print a completion script for bash, zsh or fish",
+  usage: USAGE,
+  options: OPTIONS,
+  async run(argv) {
+    const { values, positionals } = parseOptions(argv, OPTIONS);
+    if (values.help) {
+      await writeStdout(USAGE);
+      return 0;
+    }
+    const [shell, ...extra] = positionals;
+    if (!shell || !(SHELLS as readonly string[]).includes(shell) || extra.length > 0) {
+      throw new UsageError(`expected one of ${SHELLS.join(", ")} (e.g. nbd completions bash)`);
+    }
+    const data = await completionData();
+    const script = shell === "bash"
+      ? bashScript(data)
+      : shell === "zsh"
+      ? zshScript(data)
+      : fishScript(data);
+    await writeStdout(script);
+    return 0;
+  },
+};
