@@ -90,7 +90,7 @@ const OPTIONS = {
     value: "ALGO",
     optionalValue: "joined",
     help:
-      'print "DIGEST  SOURCE" of what was copied, hashed on the way (sha256, the default, or blkhash); the copy then runs on one thread',
+      "print the checksum line of what was copied, as nbd checksum does, hashed on the way (sha256, the default, or blkhash); the copy then runs on one thread",
   },
   "checksum-file": {
     type: "string",
