@@ -9,6 +9,7 @@
 
 import type { BlockSize } from "../protocol/handshake.ts";
 import { BaseEndpoint, type CopyExtent } from "./endpoint.ts";
+import { DEFAULT_BLOCK_SIZE } from "../core/backend.ts";
 
 /** Options shared by the test endpoints. */
 export interface MemoryOptions {
@@ -21,8 +22,6 @@ export interface MemoryOptions {
   /** Error thrown by a failing request. */
   error?: Error;
 }
-
-const DEFAULT_BLOCK_SIZE: BlockSize = { minimum: 1, preferred: 4096, maximum: 32 << 20 };
 
 function delay(jitterMs: number | undefined): Promise<void> {
   if (!jitterMs) return Promise.resolve();

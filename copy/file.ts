@@ -50,7 +50,13 @@ import type { BlockSize } from "../protocol/handshake.ts";
 import { ZERO_BUFFER } from "../util/zero_buffer.ts";
 import { enlargePipe } from "../io/pipes.ts";
 import { registerCleanup } from "./cleanup.ts";
-import { BaseEndpoint, type CopyExtent, type Endpoint, type ShareSpec } from "./endpoint.ts";
+import {
+  BaseEndpoint,
+  COPY_BLOCK_SIZE,
+  type CopyExtent,
+  type Endpoint,
+  type ShareSpec,
+} from "./endpoint.ts";
 import { StreamDestination, StreamSource } from "./pipe.ts";
 import { WriteThread } from "./write_thread.ts";
 import {
@@ -68,9 +74,6 @@ const WRITE_THREAD_SIZE = 64 << 20;
 
 /** Largest arena of read buffers a destination offers (beyond it, ordinary buffers). */
 const MAX_ARENA = 256 << 20;
-
-/** Files take any offset and length; 4 KiB is the page size the kernel likes. */
-const FILE_BLOCK_SIZE: BlockSize = { minimum: 1, preferred: 4096, maximum: 64 << 20 };
 
 /**
  * An error from a file with the system's error code, as node:fs reports it,
@@ -317,7 +320,7 @@ export class FileSource extends BaseEndpoint {
   readonly name: string;
   readonly kind: string;
   readonly size: number;
-  readonly blockSize: BlockSize = FILE_BLOCK_SIZE;
+  readonly blockSize: BlockSize = COPY_BLOCK_SIZE;
   override readonly canExtents: boolean;
   override readonly synchronous = true;
   /** Device and inode, to refuse copying a file onto itself. */
@@ -400,7 +403,7 @@ export class FileDestination extends BaseEndpoint {
   readonly name: string;
   readonly kind: string;
   readonly size: number | undefined;
-  readonly blockSize: BlockSize = FILE_BLOCK_SIZE;
+  readonly blockSize: BlockSize = COPY_BLOCK_SIZE;
   override readonly isZero: boolean;
   override readonly synchronous = true;
   readonly #fd: number;
