@@ -11,6 +11,7 @@
  */
 
 import * as sys from "./syscalls.ts";
+import { unescapeMountField } from "./registry.ts";
 
 /** Options of `attachLoop`. */
 export interface AttachLoopOptions {
@@ -137,10 +138,6 @@ export function describeUsers(users: DeviceUsers): string {
   if (users.processes.length) parts.push(`open by ${users.processes.join(", ")}`);
   if (parts.length === 0 && users.claimed) parts.push("claimed by the kernel (mounted elsewhere?)");
   return parts.join("; ");
-}
-
-function unescapeMountField(text: string): string {
-  return text.replace(/\\([0-7]{3})/g, (_, octal) => String.fromCharCode(parseInt(octal, 8)));
 }
 
 /**

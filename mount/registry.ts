@@ -261,7 +261,11 @@ export interface NbdMount {
   source: string;
 }
 
-function unescapeMountField(text: string): string {
+/**
+ * A field of /proc/self/mountinfo as it was given to mount(2): the kernel
+ * writes space, tab, newline and backslash as three octal digits ("\\040").
+ */
+export function unescapeMountField(text: string): string {
   return text.replace(/\\([0-7]{3})/g, (_, octal) => String.fromCharCode(parseInt(octal, 8)));
 }
 
