@@ -38,7 +38,6 @@ import {
   pwrite,
   seekData,
   seekEnd,
-  seekHole,
   SYNC_FILE_RANGE_WAIT_AFTER,
   SYNC_FILE_RANGE_WAIT_BEFORE,
   SYNC_FILE_RANGE_WRITE,
@@ -46,6 +45,7 @@ import {
   syncFileRange,
   truncateFd,
 } from "../io/libc.ts";
+import { fileExtents } from "../io/file_extents.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { ZERO_BUFFER } from "../util/zero_buffer.ts";
 import { enlargePipe } from "../io/pipes.ts";
@@ -171,30 +171,6 @@ function lockReleased(lock: Int32Array): Promise<unknown> {
 function writeFully(fd: number, buf: Uint8Array, position: number): void {
   let done = 0;
   while (done < buf.length) done += writeAt(fd, buf.subarray(done), position + done);
-}
-
-/** Allocation of a file range from SEEK_DATA/SEEK_HOLE; undefined when unsupported. */
-export function fileExtents(fd: number, offset: number, length: number): CopyExtent[] | undefined {
-  const end = offset + length;
-  const out: CopyExtent[] = [];
-  let pos = offset;
-  while (pos < end) {
-    const data = seekData(fd, pos);
-    if (data === undefined) return undefined;
-    if (data > pos) {
-      const n = Math.min(data, end) - pos;
-      out.push({ offset: pos, length: n, zero: true });
-      pos += n;
-      continue;
-    }
-    const hole = seekHole(fd, pos);
-    if (hole === undefined) return undefined;
-    // A file that shrank under us: report the rest as data and let the read fail.
-    const n = (hole > pos ? Math.min(hole, end) : end) - pos;
-    out.push({ offset: pos, length: n, zero: false });
-    pos += n;
-  }
-  return out;
 }
 
 /**
