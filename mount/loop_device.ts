@@ -10,7 +10,7 @@
  * @module
  */
 
-import * as sys from "./syscalls.ts";
+import * as sys from "../io/libc.ts";
 import { unescapeMountField } from "./registry.ts";
 
 /** Options of `attachLoop`. */
@@ -194,7 +194,8 @@ export function deviceUsers(device: string, ignorePids: number[] = [Deno.pid]): 
   // claimed, which also catches mounts in other mount namespaces.
   for (const name of names) {
     try {
-      sys.close(sys.open(name, sys.O_RDONLY | sys.O_EXCL | sys.O_CLOEXEC));
+      const fd = sys.openFd(name, sys.O_RDONLY | sys.O_EXCL);
+      if (fd !== undefined) sys.closeFd(fd);
     } catch (error) {
       if ((error as sys.SyscallError).errno === sys.EBUSY) users.claimed = true;
     }
