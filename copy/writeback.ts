@@ -31,7 +31,7 @@ export const WRITE_BEHIND_STEP = 8 << 20;
  * of the available memory) is less, so that the kernel never has to
  * throttle the copy.
  */
-export function dirtyBudget(): number {
+function dirtyBudget(): number {
   try {
     const read = (name: string) => Number(Deno.readTextFileSync(`/proc/sys/vm/${name}`).trim());
     let limit = read("dirty_background_bytes");

@@ -133,8 +133,6 @@ export const EOVERFLOW = 75;
 export const EOPNOTSUPP = 95;
 /** Cannot send after transport endpoint shutdown. */
 export const ESHUTDOWN = 108;
-/** Connection timed out. */
-export const ETIMEDOUT = 110;
 
 const ERRNO_TEXT: Record<number, string> = {
   [EPERM]: "operation not permitted",
@@ -465,7 +463,7 @@ export const O_CREAT = 0o100;
 /** With O_CREAT: fail if it exists. */
 export const O_EXCL = 0o200;
 /** Not inherited by child processes. */
-export const O_CLOEXEC = 0o2000000;
+const O_CLOEXEC = 0o2000000;
 /** Opens without waiting (a FIFO with no peer yet, say). */
 export const O_NONBLOCK = 0o4000;
 
@@ -566,7 +564,7 @@ export async function writeAsync(fd: number, buf: Uint8Array<ArrayBuffer>): Prom
 }
 
 /** poll(2) flags. */
-export const POLLIN = 1;
+const POLLIN = 1;
 
 /**
  * Waits on a worker thread until `fd` is readable or `timeoutMs` passes;

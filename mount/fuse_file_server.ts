@@ -156,7 +156,7 @@ const READ_BATCH = 64;
 const NEXT_REQUEST_WAIT_MS = 2;
 
 /** Maps an error from the contents to an errno for the kernel. */
-export function errnoOf(error: unknown): number {
+function errnoOf(error: unknown): number {
   if (error && typeof error === "object") {
     const record = error as { errno?: unknown; code?: unknown };
     if (typeof record.errno === "number" && record.errno > 0) return record.errno;
