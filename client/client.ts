@@ -87,13 +87,7 @@ import type {
   Negotiation,
 } from "./handshake.ts";
 import { NbdHandshake } from "./handshake.ts";
-
-/** Block sizes assumed when the server advertises none (the protocol's defaults). */
-export const DEFAULT_CLIENT_BLOCK_SIZE: Readonly<BlockSize> = Object.freeze({
-  minimum: 1,
-  preferred: 4096,
-  maximum: 32 * 1024 * 1024,
-});
+import { DEFAULT_BLOCK_SIZE } from "../core/backend.ts";
 
 /** Largest READ/WRITE sent in one request, whatever the server advertises. */
 export const MAX_REQUEST_SIZE = 64 * 1024 * 1024;
@@ -253,12 +247,12 @@ export class NbdClient implements Backend, AsyncDisposable {
     const advertised = negotiation.export.blockSize;
     const minimum = advertised && advertised.minimum > 0 ? advertised.minimum : 1;
     const maximum = Math.min(
-      advertised && advertised.maximum > 0 ? advertised.maximum : DEFAULT_CLIENT_BLOCK_SIZE.maximum,
+      advertised && advertised.maximum > 0 ? advertised.maximum : DEFAULT_BLOCK_SIZE.maximum,
       MAX_REQUEST_SIZE,
     );
     this.#blockSize = {
       minimum,
-      preferred: advertised?.preferred || DEFAULT_CLIENT_BLOCK_SIZE.preferred,
+      preferred: advertised?.preferred || DEFAULT_BLOCK_SIZE.preferred,
       maximum,
     };
     // Split points must keep every piece aligned to the minimum block size.

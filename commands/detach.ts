@@ -25,7 +25,7 @@ import {
   waitForExit,
 } from "../mount/registry.ts";
 import { absoluteUri, requireMountPrivilege } from "../mount/session.ts";
-import * as sys from "../mount/syscalls.ts";
+import * as sys from "../io/libc.ts";
 import { isNbdUri } from "../protocol/uri.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { type Command, formatOptions, parseOptions, printError } from "./command.ts";

@@ -10,7 +10,7 @@ import { formatSize, parseDuration } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { DEFAULT_TIMEOUT_MS } from "../mount/export_file.ts";
 import { MountSession, requireMountPrivilege } from "../mount/session.ts";
-import * as sys from "../mount/syscalls.ts";
+import * as sys from "../io/libc.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
 import { TLS_OPTIONS, TLS_USAGE, type TlsFlags, withTlsFlags } from "./tls_options.ts";
@@ -145,7 +145,7 @@ export function signalReadyFd(fd: number | undefined, line: string): void {
     if (n <= 0) break;
     done += n;
   }
-  sys.close(fd);
+  sys.closeFd(fd);
 }
 
 /** Resolves with the signal's name on the first SIGINT or SIGTERM; `dispose` removes the handlers. */

@@ -16,7 +16,7 @@ import {
   waitForExit,
 } from "../mount/registry.ts";
 import { requireMountPrivilege } from "../mount/session.ts";
-import * as sys from "../mount/syscalls.ts";
+import * as sys from "../io/libc.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";

@@ -9,6 +9,7 @@
 
 import type { BlockSize } from "../protocol/handshake.ts";
 import { BaseEndpoint, type CopyExtent } from "./endpoint.ts";
+import { DEFAULT_BLOCK_SIZE } from "../core/backend.ts";
 
 /** Options shared by the test endpoints. */
 export interface MemoryOptions {
@@ -21,8 +22,6 @@ export interface MemoryOptions {
   /** Error thrown by a failing request. */
   error?: Error;
 }
-
-const DEFAULT_BLOCK_SIZE: BlockSize = { minimum: 1, preferred: 4096, maximum: 32 << 20 };
 
 function delay(jitterMs: number | undefined): Promise<void> {
   if (!jitterMs) return Promise.resolve();
@@ -175,4 +174,36 @@ export function patterned(size: number, zeroRuns: CopyExtent[] = []): Uint8Array
   for (let i = 0; i < size; i++) data[i] = ((i * 7 + (i >> 12)) % 255) + 1;
   for (const run of zeroRuns) data.fill(0, run.offset, run.offset + run.length);
   return data;
+}
+
+/** A stream reader over `data`, in pieces of up to 64 KiB (for a `StreamSource`). */
+export function streamOf(data: Uint8Array): { read(buf: Uint8Array): Promise<number | null> } {
+  let position = 0;
+  return {
+    read(buf: Uint8Array): Promise<number | null> {
+      if (position >= data.length) return Promise.resolve(null);
+      const n = Math.min(buf.length, 64 * 1024, data.length - position);
+      buf.set(data.subarray(position, position + n));
+      position += n;
+      return Promise.resolve(n);
+    },
+  };
+}
+
+/** A 4 MiB sparse file at `path` with data at 1 MiB and in the last 4 KiB; returns its bytes. */
+export async function sparseFile(path: string): Promise<Uint8Array> {
+  const MiB = 1 << 20;
+  const expected = new Uint8Array(4 * MiB);
+  const a = patterned(64 * 1024);
+  const b = patterned(4096).reverse();
+  expected.set(a, MiB);
+  expected.set(b, 4 * MiB - 4096);
+  const file = await Deno.open(path, { write: true, create: true, truncate: true });
+  await file.truncate(4 * MiB);
+  await file.seek(MiB, Deno.SeekMode.Start);
+  await file.write(a);
+  await file.seek(4 * MiB - 4096, Deno.SeekMode.Start);
+  await file.write(b);
+  file.close();
+  return expected;
 }

@@ -8,6 +8,7 @@
 
 import type { BlockSize } from "../protocol/handshake.ts";
 import { isNbdUri } from "../protocol/uri.ts";
+import { DEFAULT_BLOCK_SIZE } from "../core/backend.ts";
 
 /** A run of the source: allocated data, or bytes known to read as zero. */
 export interface CopyExtent {
@@ -18,6 +19,16 @@ export interface CopyExtent {
   /** The run reads as zeroes (a hole or a zeroed range), so it need not be read. */
   zero: boolean;
 }
+
+/**
+ * Block sizes of the endpoints that take any offset and length (files,
+ * http, null): 4 KiB is the page size the kernel likes, and a request may
+ * be larger than the protocol's default maximum.
+ */
+export const COPY_BLOCK_SIZE: BlockSize = Object.freeze({
+  ...DEFAULT_BLOCK_SIZE,
+  maximum: 64 << 20,
+});
 
 /** Which side of the copy an endpoint is. */
 export type Role = "source" | "destination";

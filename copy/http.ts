@@ -10,7 +10,7 @@
 
 import { contentLength, HttpImage, RangesIgnoredError } from "../io/http_image.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
-import { BaseEndpoint, type Endpoint } from "./endpoint.ts";
+import { BaseEndpoint, COPY_BLOCK_SIZE, type Endpoint } from "./endpoint.ts";
 import { type StreamReader, StreamSource } from "./pipe.ts";
 
 /** The plugin's messages start with "http: " or an errno name; here the URL says enough. */
@@ -30,7 +30,7 @@ export class HttpSource extends BaseEndpoint {
   readonly name: string;
   readonly kind = "http";
   readonly size: number;
-  readonly blockSize: BlockSize = { minimum: 1, preferred: 4096, maximum: 64 << 20 };
+  readonly blockSize: BlockSize = COPY_BLOCK_SIZE;
   readonly #image: HttpImage;
 
   private constructor(name: string, image: HttpImage) {

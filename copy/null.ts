@@ -6,14 +6,14 @@
  */
 
 import type { BlockSize } from "../protocol/handshake.ts";
-import { BaseEndpoint, type ShareSpec } from "./endpoint.ts";
+import { BaseEndpoint, COPY_BLOCK_SIZE, type ShareSpec } from "./endpoint.ts";
 
 /** Discards writes; reads as zero everywhere, so zero runs are skipped. */
 export class NullDestination extends BaseEndpoint {
   readonly name = "null:";
   readonly kind = "null";
   readonly size: number | undefined = undefined;
-  readonly blockSize: BlockSize = { minimum: 1, preferred: 4096, maximum: 64 << 20 };
+  readonly blockSize: BlockSize = COPY_BLOCK_SIZE;
   override readonly isZero = true;
   override readonly discards = true;
   override readonly synchronous = true;

@@ -29,7 +29,7 @@ export interface OpenOptions {
 export async function openSource(spec: EndpointSpec, options: OpenOptions): Promise<Endpoint> {
   switch (spec.kind) {
     case "path":
-      return await (await import("./file.ts")).FileSource.open(spec.path);
+      return await (await import("./file_source.ts")).FileSource.open(spec.path);
     case "nbd":
       return await NbdEndpoint.open(spec.uri, spec.uri, "source", options);
     case "http":
@@ -58,7 +58,8 @@ export async function openDestination(
 ): Promise<Endpoint> {
   switch (spec.kind) {
     case "path": {
-      const { FileDestination, FileSource } = await import("./file.ts");
+      const { FileDestination } = await import("./file_destination.ts");
+      const { FileSource } = await import("./file_source.ts");
       return await FileDestination.open(
         spec.path,
         source.size,

@@ -28,11 +28,11 @@ async function openShared(spec: ShareSpec, role: Role): Promise<Endpoint> {
       return await NbdEndpoint.open(spec.name, spec.uri, role, { connections: 1 });
     }
     case "file-source": {
-      const { FileSource } = await import("./file.ts");
+      const { FileSource } = await import("./file_source.ts");
       return await FileSource.open(spec.path);
     }
     case "file-destination": {
-      const { FileDestination } = await import("./file.ts");
+      const { FileDestination } = await import("./file_destination.ts");
       return FileDestination.openShared(spec);
     }
     case "null": {

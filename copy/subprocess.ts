@@ -58,7 +58,7 @@ function onPath(name: string): boolean {
  * none (run from a checkout without a wrapper), so the example commands
  * work however `nbd` was started.
  */
-export function resolveServerCommand(argv: string[]): string[] {
+function resolveServerCommand(argv: string[]): string[] {
   if (argv[0] !== "nbd" || onPath("nbd")) return argv;
   const [command, args] = selfCommand(argv.slice(1));
   return [command, ...args];

@@ -13,6 +13,16 @@
  */
 
 import { SystemError } from "../io/libc.ts";
+import { WRITE_BEHIND_STEP, type WriteBehind } from "./writeback.ts";
+
+/** Bytes of a stream written before its destination's write thread starts. */
+const WRITE_THREAD_AFTER = 32 << 20;
+
+/** Copies of this size or more start their destination's write thread with the copy. */
+const WRITE_THREAD_SIZE = 64 << 20;
+
+/** Largest arena of read buffers a destination offers (beyond it, ordinary buffers). */
+const MAX_ARENA = 256 << 20;
 
 /** Requests the ring holds at once; posting waits for room beyond that. */
 export const RING_SLOTS = 1024;
@@ -59,7 +69,6 @@ export type WriteThreadMessage = { type: "stopped" };
  */
 export class WriteThread {
   readonly #worker: Worker;
-  readonly #arena: SharedArrayBuffer;
   readonly #control: Int32Array;
   readonly #requests: Int32Array;
   readonly #positions: Float64Array;
@@ -75,7 +84,6 @@ export class WriteThread {
 
   private constructor(worker: Worker, setup: WriteThreadSetup) {
     this.#worker = worker;
-    this.#arena = setup.arena;
     this.#control = new Int32Array(setup.control);
     this.#requests = new Int32Array(setup.requests);
     this.#positions = new Float64Array(setup.positions);
@@ -124,11 +132,6 @@ export class WriteThread {
   /** Whether the thread has loaded and takes writes (and has not failed). */
   get ready(): boolean {
     return !this.#failure && Atomics.load(this.#control, Control.READY) === 1;
-  }
-
-  /** Whether `buf` lies in the arena, so that the thread can write it. */
-  owns(buf: Uint8Array): boolean {
-    return buf.buffer === this.#arena;
   }
 
   /** Writes all of `buf` (in the arena) at `position`; rejects with the system's error. */
@@ -202,5 +205,94 @@ export class WriteThread {
     this.#wake();
     await this.#stopped;
     this.#worker.terminate();
+  }
+}
+
+/**
+ * The hand-off of a file destination's writes to a write thread: owns the
+ * arena that the copy's read buffers are slots of, starts the thread when
+ * the copy pays for it, and takes the writes from the arena once the
+ * thread has loaded. Until then, and for writes from elsewhere, the owner
+ * writes itself.
+ */
+export class WriteHandoff {
+  /** The copy's read buffers' memory. */
+  readonly arena: SharedArrayBuffer;
+  readonly #fd: number;
+  /** The owner's write-behind: its budget is the thread's, and it is drained at the hand-over. */
+  readonly #behind: WriteBehind;
+  #thread: WriteThread | undefined;
+  /** A thread was started (or failed to start), or the hand-off stopped: no other starts. */
+  #tried = false;
+  /** The write thread has taken over (the owner's write-behind drained). */
+  #handedOver = false;
+  /** Bytes written from the arena by the owner before a write thread started. */
+  #writtenHere = 0;
+
+  private constructor(fd: number, behind: WriteBehind, arena: SharedArrayBuffer) {
+    this.#fd = fd;
+    this.#behind = behind;
+    this.arena = arena;
+  }
+
+  /**
+   * An arena of `count` buffers of `bytes` for a copy of `total` bytes
+   * (undefined for a stream) into `fd`; undefined when the copy would not
+   * pay for a write thread.
+   */
+  static offer(
+    fd: number,
+    behind: WriteBehind,
+    count: number,
+    bytes: number,
+    total: number | undefined,
+  ): WriteHandoff | undefined {
+    if (count * bytes > MAX_ARENA) return undefined;
+    // A copy this small would not pay for the thread's start, which holds the event
+    // loop's thread up; a large one pays whenever it comes, and is no slower starting
+    // it now than after the first requests. A stream's is started once it has
+    // shown its size (`write`).
+    if (total !== undefined && total < WRITE_THREAD_SIZE) return undefined;
+    const handoff = new WriteHandoff(fd, behind, new SharedArrayBuffer(count * bytes));
+    if (total !== undefined) handoff.#start();
+    return handoff;
+  }
+
+  /**
+   * The write thread's write of `buf` at `offset`; undefined when the
+   * owner must write it itself (not in the arena, or no thread ready).
+   */
+  write(buf: Uint8Array, offset: number): Promise<void> | undefined {
+    if (buf.buffer !== this.arena) return undefined;
+    const thread = this.#tried ? this.#thread : this.#afterWriting(buf.length);
+    if (!thread?.ready) return undefined;
+    if (!this.#handedOver) {
+      // What the owner wrote is written back and dropped as the thread's would be.
+      this.#handedOver = true;
+      this.#behind.drain();
+    }
+    return thread.write(buf, offset);
+  }
+
+  /** The thread of a stream's copy, started once enough was written by the owner. */
+  #afterWriting(length: number): WriteThread | undefined {
+    this.#writtenHere += length;
+    return this.#writtenHere < WRITE_THREAD_AFTER ? undefined : this.#start();
+  }
+
+  #start(): WriteThread | undefined {
+    if (this.#tried) return this.#thread;
+    this.#tried = true;
+    this.#thread = WriteThread.start(this.#fd, this.arena, WRITE_BEHIND_STEP, this.#behind.budget);
+    return this.#thread;
+  }
+
+  /**
+   * Lets the thread finish the writes posted and stop, so that the
+   * descriptor can be closed; no thread starts afterwards.
+   */
+  async stop(): Promise<void> {
+    this.#tried = true;
+    await this.#thread?.stop();
   }
 }

@@ -1,12 +1,10 @@
 import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
-import { eventually, randomBytes, tempDir } from "../tests/helpers.ts";
+import { eventually, peers, randomBytes, tempDir } from "../tests/helpers.ts";
 import { closeFd, O_CREAT, O_RDONLY, O_WRONLY, openFd, SystemError } from "../io/libc.ts";
 import { RING_SLOTS, WriteThread } from "./write_thread.ts";
-import { FileDestination } from "./file.ts";
-import { copyImage, type CopyOptions } from "./scheduler.ts";
-import { MemorySource, patterned } from "./_test_utils.ts";
-import type { Endpoint } from "./endpoint.ts";
-import { StreamSource } from "./pipe.ts";
+import type { CopyOptions } from "./scheduler.ts";
+import { patterned } from "./_test_utils.ts";
+import type { CopyExtent } from "./endpoint.ts";
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -36,7 +34,6 @@ Deno.test("the write thread writes every posted piece, in any order, beyond one 
   let next = 0;
   await Promise.all(Array.from({ length: 16 }, async (_, slot) => {
     const view = new Uint8Array(arena, slot * pieceSize, pieceSize);
-    assertOk(thread.owns(view));
     while (next < pieces) {
       const piece = order[next++]!;
       view.set(data.subarray(piece * pieceSize, (piece + 1) * pieceSize));
@@ -46,7 +43,6 @@ Deno.test("the write thread writes every posted piece, in any order, beyond one 
   await thread.stop();
   closeFd(fd);
   assertBytes(await Deno.readFile(path), data);
-  assertOk(!thread.owns(new Uint8Array(pieceSize)), "other memory is not the arena's");
 });
 
 Deno.test("a write the system refuses rejects with its errno; the thread still stops", async () => {
@@ -75,55 +71,114 @@ Deno.test("a write thread stopped before it has loaded stops all the same", asyn
   closeFd(fd);
 });
 
-Deno.test("a copy into a large file hands its writes to the write thread, byte for byte", async () => {
-  await using dir = await tempDir();
-  const size = 96 * MiB;
-  const data = patterned(size);
-  // Zero runs in the middle stay holes in the new file.
-  data.fill(0, 40 * MiB, 48 * MiB);
-  const path = `${dir.path}/out.img`;
-  const destination = await FileDestination.open(path, size);
-  assertOk(destination instanceof FileDestination);
-  await copyImage(new MemorySource(data), destination, OPTIONS);
-  assertOk(destination.threaded, "the writes went through the write thread");
-  await destination.close(true);
-  assertBytes(await Deno.readFile(path), data);
-  const allocated = (await Deno.stat(path)).blocks! * 512;
-  assertOk(allocated <= size - 8 * MiB, `${allocated} bytes allocated: the zero run is no hole`);
-});
-
-Deno.test("a stream into a file starts the write thread only once it has shown its size", async () => {
-  await using dir = await tempDir();
-  const copyInto = async (data: Uint8Array, source: Endpoint) => {
-    const path = `${dir.path}/out-${data.length}.img`;
-    const destination = await FileDestination.open(path, source.size);
-    assertOk(destination instanceof FileDestination);
-    await copyImage(source, destination, OPTIONS);
-    const started = destination.writeThreadStarted;
-    await destination.close(true);
-    assertBytes(await Deno.readFile(path), data);
-    return started;
-  };
-  // A stream of unknown size: the thread starts after 32 MiB written here.
-  const long = patterned(48 * MiB);
-  assertOk(await copyInto(long, new StreamSource("stdin", readerOf(long))), "48 MiB stream");
-  const short = patterned(24 * MiB);
-  assertOk(!(await copyInto(short, new StreamSource("stdin", readerOf(short)))), "24 MiB stream");
-  // An image known to be small never pays for the thread.
-  const small = patterned(16 * MiB);
-  assertOk(!(await copyInto(small, new MemorySource(small))), "16 MiB image");
-});
-
-/** A stream reader over `data`, in pieces of up to 64 KiB. */
-function readerOf(data: Uint8Array) {
-  let position = 0;
-  return {
-    read(buf: Uint8Array): Promise<number | null> {
-      if (position >= data.length) return Promise.resolve(null);
-      const n = Math.min(buf.length, 64 * KiB, data.length - position);
-      buf.set(data.subarray(position, position + n));
-      position += n;
-      return Promise.resolve(n);
-    },
-  };
+/** What a traced copy into a new file showed. */
+interface TracedCopy {
+  /** pwrite calls on the file by the thread that runs the copy, and by other threads. */
+  writesHere: number;
+  writesElsewhere: number;
+  /** The write thread's module was loaded. */
+  threadStarted: boolean;
 }
+
+/**
+ * Copies `size` patterned bytes (with `zeroRuns`), from an image or from a
+ * stream of unknown size, into a new file at `path`, in a process of its
+ * own under strace, and reports which threads wrote the file.
+ */
+async function tracedCopy(
+  dir: string,
+  path: string,
+  size: number,
+  { stream = false, zeroRuns = [] as CopyExtent[] } = {},
+): Promise<TracedCopy> {
+  const script = `${dir}/copy.ts`;
+  const module = (name: string) => JSON.stringify(new URL(name, import.meta.url).href);
+  await Deno.writeTextFile(
+    script,
+    `import { FileDestination } from ${module("./file_destination.ts")};
+import { copyImage } from ${module("./scheduler.ts")};
+import { StreamSource } from ${module("./pipe.ts")};
+import { MemorySource, patterned, streamOf } from ${module("./_test_utils.ts")};
+const data = patterned(${size}, ${JSON.stringify(zeroRuns)});
+const source = ${stream} ? new StreamSource("stdin", streamOf(data)) : new MemorySource(data);
+const destination = await FileDestination.open(${JSON.stringify(path)}, source.size);
+await copyImage(source, destination, ${JSON.stringify(OPTIONS)});
+await destination.close(true);
+console.log(Deno.pid);
+`,
+  );
+  const log = `${dir}/trace`;
+  const output = await new Deno.Command("strace", {
+    args: [
+      "-f",
+      "-qq",
+      "-y",
+      "-o",
+      log,
+      "-e",
+      "trace=openat,pwrite64",
+      Deno.execPath(),
+      "run",
+      "-A",
+      "--quiet",
+      script,
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assertOk(output.success, new TextDecoder().decode(output.stderr));
+  const pid = new TextDecoder().decode(output.stdout).trim();
+  const result: TracedCopy = { writesHere: 0, writesElsewhere: 0, threadStarted: false };
+  for (const line of (await Deno.readTextFile(log)).split("\n")) {
+    // The file is written under its temporary name ("-y" shows a descriptor's path).
+    const write = /^(\d+)\s+pwrite64\(\d+<[^>]*\.nbd-copy-/.exec(line);
+    if (write) {
+      if (write[1] === pid) result.writesHere++;
+      else result.writesElsewhere++;
+    }
+    if (/^\d+\s+openat\(.*copy\/write_worker\.ts/.test(line)) result.threadStarted = true;
+  }
+  return result;
+}
+
+Deno.test({
+  name: "a copy into a large file hands its writes to the write thread, byte for byte",
+  ...peers("strace"),
+  async fn() {
+    await using dir = await tempDir();
+    const size = 96 * MiB;
+    // A zero run in the middle stays a hole in the new file.
+    const zeroRuns = [{ offset: 40 * MiB, length: 8 * MiB, zero: true }];
+    const path = `${dir.path}/out.img`;
+    const traced = await tracedCopy(dir.path, path, size, { zeroRuns });
+    assertOk(traced.threadStarted, "the write thread started");
+    assertOk(
+      traced.writesElsewhere > traced.writesHere,
+      `${traced.writesElsewhere} writes on the write thread, ${traced.writesHere} on the copy's`,
+    );
+    assertBytes(await Deno.readFile(path), patterned(size, zeroRuns));
+    const allocated = (await Deno.stat(path)).blocks! * 512;
+    assertOk(allocated <= size - 8 * MiB, `${allocated} bytes allocated: the zero run is no hole`);
+  },
+});
+
+Deno.test({
+  name: "a stream into a file starts the write thread only once it has shown its size",
+  ...peers("strace"),
+  async fn() {
+    await using dir = await tempDir();
+    const copyInto = async (size: number, stream: boolean) => {
+      const path = `${dir.path}/out-${size}.img`;
+      const traced = await tracedCopy(dir.path, path, size, { stream });
+      assertBytes(await Deno.readFile(path), patterned(size));
+      // Without a thread, every write is the copy's own.
+      if (!traced.threadStarted) assertEquals(traced.writesElsewhere, 0);
+      return traced.threadStarted;
+    };
+    // A stream of unknown size: the thread starts after 32 MiB written here.
+    assertOk(await copyInto(48 * MiB, true), "48 MiB stream");
+    assertOk(!(await copyInto(24 * MiB, true)), "24 MiB stream");
+    // An image known to be small never pays for the thread.
+    assertOk(!(await copyInto(16 * MiB, false)), "16 MiB image");
+  },
+});

@@ -186,7 +186,11 @@ export interface Filter {
   create(params: Params): Promise<FilterInstance>;
 }
 
-/** The block-size triple the server uses when a backend states none. */
+/**
+ * The protocol's default block sizes: what the server advertises for a
+ * backend that states none, and what a client assumes of a server that
+ * advertises none.
+ */
 export const DEFAULT_BLOCK_SIZE: BlockSize = Object.freeze({
   minimum: 1,
   preferred: 4096,

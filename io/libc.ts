@@ -1,10 +1,17 @@
 /**
- * The few libc calls Deno does not expose: lseek with SEEK_DATA/SEEK_HOLE,
- * fallocate (punch hole, zero range), the block-device size, and a listening
- * Unix socket as a plain file descriptor (to hand to a child process for
- * socket activation), plain pread/pwrite, and the calls that advise on,
- * write back and drop ranges of the page cache. Loaded lazily through FFI; when FFI is unavailable the
- * callers fall back or report it.
+ * The libc calls Deno does not expose, in one place: lseek with
+ * SEEK_DATA/SEEK_HOLE, fallocate (punch hole, zero range), the
+ * block-device size, a listening Unix socket as a plain file descriptor
+ * (to hand to a child process for socket activation), plain pread/pwrite,
+ * the calls that advise on, write back and drop ranges of the page cache,
+ * and what `nbd mount` needs: read and write on /dev/fuse, poll, mount(2)
+ * and umount2(2). Each symbol is bound through FFI on its first use
+ * (ffi.ts); when FFI is unavailable the callers fall back or report it.
+ *
+ * errno is thread-local, and FFI calls declared `nonblocking` run on a
+ * worker thread, so only synchronous calls report errno. The calls that may
+ * block for long (poll, umount2) are non-blocking and report just success
+ * or failure; callers check the outcome another way where it matters.
  *
  * @module
  */
@@ -60,18 +67,104 @@ const SYMBOLS = {
   open: { parameters: ["buffer", "i32", "u32"], result: "i32" },
   ftruncate: { parameters: ["i32", "i64"], result: "i32" },
   fsync: { parameters: ["i32"], result: "i32" },
+  read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  write_async: {
+    name: "write",
+    parameters: ["i32", "buffer", "usize"],
+    result: "isize",
+    nonblocking: true,
+  },
+  poll: { parameters: ["buffer", "u64", "i32"], result: "i32", nonblocking: true },
+  poll_sync: { name: "poll", parameters: ["buffer", "u64", "i32"], result: "i32" },
+  mount: { parameters: ["buffer", "buffer", "buffer", "u64", "buffer"], result: "i32" },
+  umount2: { parameters: ["buffer", "i32"], result: "i32", nonblocking: true },
+  umount2_sync: { name: "umount2", parameters: ["buffer", "i32"], result: "i32" },
 } as const;
 
 const libc = lazyLibc(SYMBOLS);
 
-function errno(): number {
+/** mount(2) flags. */
+export const MS_RDONLY = 1;
+/** Ignore set-user-id bits. */
+export const MS_NOSUID = 2;
+/** Do not interpret device files. */
+export const MS_NODEV = 4;
+/** umount2(2): detach now, clean up once no longer busy. */
+export const MNT_DETACH = 2;
+
+/** errno values this code reacts to. */
+export const EPERM = 1;
+/** No such file or directory. */
+export const ENOENT = 2;
+/** Interrupted system call. */
+export const EINTR = 4;
+/** Input/output error. */
+export const EIO = 5;
+/** No such device or address. */
+export const ENXIO = 6;
+/** Try again. */
+export const EAGAIN = 11;
+/** Out of memory. */
+export const ENOMEM = 12;
+/** Permission denied. */
+export const EACCES = 13;
+/** Device or resource busy. */
+export const EBUSY = 16;
+/** No such device (the FUSE connection is gone). */
+export const ENODEV = 19;
+/** Not a directory. */
+export const ENOTDIR = 20;
+/** Is a directory. */
+export const EISDIR = 21;
+/** Invalid argument. */
+export const EINVAL = 22;
+/** File too large. */
+export const EFBIG = 27;
+/** No space left on device. */
+export const ENOSPC = 28;
+/** Read-only file system. */
+export const EROFS = 30;
+/** Function not implemented. */
+export const ENOSYS = 38;
+/** Value too large for defined data type. */
+export const EOVERFLOW = 75;
+/** Operation not supported. */
+export const EOPNOTSUPP = 95;
+/** Cannot send after transport endpoint shutdown. */
+export const ESHUTDOWN = 108;
+
+const ERRNO_TEXT: Record<number, string> = {
+  [EPERM]: "operation not permitted",
+  [ENOENT]: "no such file or directory",
+  [EINTR]: "interrupted",
+  [EIO]: "input/output error",
+  [ENXIO]: "no such device or address",
+  [EAGAIN]: "resource temporarily unavailable",
+  [ENOMEM]: "out of memory",
+  [EACCES]: "permission denied",
+  [EBUSY]: "device or resource busy",
+  [ENODEV]: "no such device",
+  [ENOTDIR]: "not a directory",
+  [EISDIR]: "is a directory",
+  [EINVAL]: "invalid argument",
+  [ENOSPC]: "no space left on device",
+  [EROFS]: "read-only file system",
+  [ENOSYS]: "function not implemented",
+};
+
+/** A short text for an errno value. */
+export function errnoText(errno: number): string {
+  return ERRNO_TEXT[errno] ?? `errno ${errno}`;
+}
+
+/** errno of the last synchronous call on this thread (0 without FFI). */
+export function errno(): number {
   const l = libc();
   if (!l) return 0;
   const ptr = l.symbols.__errno_location();
   return ptr ? new Deno.UnsafePointerView(ptr).getInt32() : 0;
 }
-
-const ENXIO = 6;
 
 /**
  * Next data offset at or after `offset` (SEEK_DATA): the offset itself when
@@ -175,7 +268,6 @@ export function pread(fd: number, buf: Uint8Array, offset: number): number | und
 
 /** preadv2 flag: only what is in the page cache, EAGAIN instead of waiting for the disk. */
 const RWF_NOWAIT = 0x08;
-const EAGAIN = 11;
 /** The one struct iovec { void *base; size_t len } of `preadCached`, filled anew by each call. */
 const IOVEC = new BigUint64Array(2);
 
@@ -371,7 +463,7 @@ export const O_CREAT = 0o100;
 /** With O_CREAT: fail if it exists. */
 export const O_EXCL = 0o200;
 /** Not inherited by child processes. */
-export const O_CLOEXEC = 0o2000000;
+const O_CLOEXEC = 0o2000000;
 /** Opens without waiting (a FIFO with no peer yet, say). */
 export const O_NONBLOCK = 0o4000;
 
@@ -411,4 +503,127 @@ export async function syncFd(fd: number): Promise<void> {
     SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER,
   );
   if (l.symbols.fsync(fd) !== 0) throw lastError();
+}
+
+/** libc, for the calls that cannot do without it: throws, saying why it is unavailable. */
+function required(): NonNullable<ReturnType<typeof libc>> {
+  const l = libc();
+  if (l) return l;
+  let why = "FFI calls into libc are only made on Linux";
+  if (Deno.build.os === "linux") {
+    try {
+      Deno.dlopen("libc.so.6", {}).close();
+    } catch (error) {
+      why = error instanceof Deno.errors.NotCapable
+        ? "FFI is not allowed (run with --allow-ffi or -A)"
+        : (error as Error).message;
+    }
+  }
+  throw new Error(`Cannot load libc: ${why}`);
+}
+
+const encoder = new TextEncoder();
+
+/** A NUL-terminated C string. */
+function cString(text: string): Uint8Array<ArrayBuffer> {
+  const bytes = encoder.encode(text);
+  const out = new Uint8Array(bytes.length + 1);
+  out.set(bytes);
+  return out;
+}
+
+/** A failed call of `nbd mount`'s: "mount /mnt: permission denied", with its errno. */
+export class SyscallError extends SystemError {
+  /** Creates the error for `call` (on `detail`, a path say) failing with `errnoValue`. */
+  constructor(call: string, errnoValue: number, detail?: string) {
+    super(errnoValue);
+    this.message = `${call}${detail ? ` ${detail}` : ""}: ${errnoText(errnoValue)}`;
+    this.name = "SyscallError";
+  }
+}
+
+/** read(2): the byte count, or the negated errno. */
+export function read(fd: number, buf: Uint8Array<ArrayBuffer>): number {
+  const n = Number(required().symbols.read(fd, buf, BigInt(buf.length)));
+  return n >= 0 ? n : -errno();
+}
+
+/** write(2): the byte count, or the negated errno. */
+export function write(fd: number, buf: Uint8Array<ArrayBuffer>): number {
+  const n = Number(required().symbols.write(fd, buf, BigInt(buf.length)));
+  return n >= 0 ? n : -errno();
+}
+
+/**
+ * write(2) on a worker thread: the byte count, or -1 on failure (errno
+ * stays on that thread).
+ */
+export async function writeAsync(fd: number, buf: Uint8Array<ArrayBuffer>): Promise<number> {
+  const n = Number(await required().symbols.write_async(fd, buf, BigInt(buf.length)));
+  return n >= 0 ? n : -1;
+}
+
+/** poll(2) flags. */
+const POLLIN = 1;
+
+/**
+ * Waits on a worker thread until `fd` is readable or `timeoutMs` passes;
+ * resolves to the `revents` bits (0 on timeout or failure).
+ */
+export async function pollIn(fd: number, timeoutMs: number): Promise<number> {
+  const fds = new Uint8Array(8);
+  const view = new DataView(fds.buffer);
+  view.setInt32(0, fd, true);
+  view.setInt16(4, POLLIN, true);
+  const n = await required().symbols.poll(fds, 1n, timeoutMs);
+  return n > 0 ? view.getInt16(6, true) : 0;
+}
+
+/**
+ * poll(2) on this thread, blocking it for up to `timeoutMs`: only for very
+ * short waits. Returns the `revents` bits (0 on timeout or failure).
+ */
+export function pollInNow(fd: number, timeoutMs: number): number {
+  const fds = new Uint8Array(8);
+  const view = new DataView(fds.buffer);
+  view.setInt32(0, fd, true);
+  view.setInt16(4, POLLIN, true);
+  const n = required().symbols.poll_sync(fds, 1n, timeoutMs);
+  return n > 0 ? view.getInt16(6, true) : 0;
+}
+
+/** mount(2); throws `SyscallError` on failure. */
+export function mount(
+  source: string,
+  target: string,
+  type: string,
+  flags: number,
+  data: string,
+): void {
+  const r = required().symbols.mount(
+    cString(source),
+    cString(target),
+    cString(type),
+    BigInt(flags),
+    cString(data),
+  );
+  if (r !== 0) throw new SyscallError("mount", errno(), target);
+}
+
+/**
+ * umount2(2) on a worker thread, so that a FUSE server in this process can
+ * keep answering the kernel meanwhile; resolves to whether it succeeded.
+ */
+export async function umount2(target: string, flags: number): Promise<boolean> {
+  return (await required().symbols.umount2(cString(target), flags)) === 0;
+}
+
+/**
+ * umount2(2) on this thread; throws `SyscallError` (e.g. EBUSY) on failure.
+ * Only for processes that do not serve the mount themselves.
+ */
+export function umount2Sync(target: string, flags: number): void {
+  if (required().symbols.umount2_sync(cString(target), flags) !== 0) {
+    throw new SyscallError("umount", errno(), target);
+  }
 }

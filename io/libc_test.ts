@@ -2,12 +2,15 @@ import { assertBytes, assertEquals, assertOk } from "../tests/assert.ts";
 import { randomBytes, tempDir } from "../tests/helpers.ts";
 import {
   closeFd,
+  ENOENT,
   O_RDONLY,
   O_RDWR,
   openFd,
   preadCached,
   preadOnThread,
   pwriteOnThread,
+  SyscallError,
+  SystemError,
 } from "./libc.ts";
 
 Deno.test("preadCached() reads what the page cache holds, at an offset, into a view", async () => {
@@ -50,4 +53,12 @@ Deno.test("preadOnThread() and pwriteOnThread() read and write off the event loo
     closeFd(fd);
   }
   assertBytes((await Deno.readFile(path)).subarray(1 << 20, 2 << 20), randomBytes(1 << 20, 12));
+});
+
+Deno.test("SyscallError names the call and its path, and keeps the errno", () => {
+  const error = new SyscallError("mount", ENOENT, "/mnt/x");
+  assertEquals(
+    [error.message, error.errno, error.code, error instanceof SystemError],
+    ["mount /mnt/x: no such file or directory", ENOENT, "ENOENT", true],
+  );
 });

@@ -10,7 +10,7 @@
 import { lazyLibc } from "./ffi.ts";
 
 /** Pipe size asked for: the default ceiling for unprivileged users (fs.pipe-max-size). */
-export const PIPE_BYTES = 1024 * 1024;
+const PIPE_BYTES = 1024 * 1024;
 
 const F_SETPIPE_SZ = 1031;
 

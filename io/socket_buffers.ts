@@ -16,7 +16,7 @@
 import { lazyLibc } from "./ffi.ts";
 
 /** Buffer size asked for (the kernel doubles it for bookkeeping); 1 MiB measured as good as 4. */
-export const SOCKET_BUFFER_BYTES = 1024 * 1024;
+const SOCKET_BUFFER_BYTES = 1024 * 1024;
 
 const SOL_SOCKET = 1;
 const SO_SNDBUF = 7;

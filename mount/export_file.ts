@@ -24,7 +24,7 @@ import { NbdError } from "../protocol/errors.ts";
 import { formatNbdUri } from "../protocol/uri.ts";
 import type { FileContents } from "./fuse_file_server.ts";
 import { type ConnectionStatus, IoCounters, type IoStats } from "./io_counters.ts";
-import { EOPNOTSUPP, EROFS } from "./syscalls.ts";
+import { EOPNOTSUPP, EROFS } from "../io/libc.ts";
 import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
 
 /** Options of `ExportFile.open`. */

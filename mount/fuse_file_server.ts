@@ -82,7 +82,7 @@ import {
   WRITE_IN_SIZE,
   writeReplyHeader,
 } from "./fuse_protocol.ts";
-import * as sys from "./syscalls.ts";
+import * as sys from "../io/libc.ts";
 
 /** The contents of the served file. Offsets and lengths are within the file. */
 export interface FileContents {
@@ -156,7 +156,7 @@ const READ_BATCH = 64;
 const NEXT_REQUEST_WAIT_MS = 2;
 
 /** Maps an error from the contents to an errno for the kernel. */
-export function errnoOf(error: unknown): number {
+function errnoOf(error: unknown): number {
   if (error && typeof error === "object") {
     const record = error as { errno?: unknown; code?: unknown };
     if (typeof record.errno === "number" && record.errno > 0) return record.errno;
@@ -302,9 +302,12 @@ export class FuseFileServer {
     this.#uid = Deno.uid() ?? 0;
     this.#gid = Deno.gid() ?? 0;
     try {
-      this.#fd = sys.open("/dev/fuse", sys.O_RDWR | sys.O_NONBLOCK | sys.O_CLOEXEC);
+      const fd = sys.openFd("/dev/fuse", sys.O_RDWR | sys.O_NONBLOCK);
+      if (fd === undefined) throw new Error("Cannot mount: FFI is not available (run nbd with -A)");
+      this.#fd = fd;
     } catch (error) {
-      const errno = (error as sys.SyscallError).errno;
+      if (!(error instanceof sys.SystemError)) throw error;
+      const errno = error.errno;
       if (errno === sys.ENOENT || errno === sys.ENODEV) {
         throw new Error("Cannot mount: /dev/fuse is missing (is the fuse module loaded?)");
       }
@@ -313,7 +316,7 @@ export class FuseFileServer {
           "Cannot mount: permission denied opening /dev/fuse (nbd mount needs root or CAP_SYS_ADMIN)",
         );
       }
-      throw error;
+      throw new sys.SyscallError("open", errno, "/dev/fuse");
     }
     const rootMode = this.#naked ? S_IFREG : S_IFDIR;
     const options = [
@@ -329,7 +332,7 @@ export class FuseFileServer {
     try {
       sys.mount(this.#source, this.#mountpoint, `fuse.${FUSE_SUBTYPE}`, flags, options.join(","));
     } catch (error) {
-      sys.close(this.#fd);
+      sys.closeFd(this.#fd);
       this.#fd = -1;
       const errno = (error as sys.SyscallError).errno;
       if (errno === sys.EPERM || errno === sys.EACCES) {
@@ -429,7 +432,7 @@ export class FuseFileServer {
       this.#stopped.resolve();
       this.#onInit?.reject(new Error("the file system was unmounted before it was ready"));
       await this.idle();
-      sys.close(this.#fd);
+      sys.closeFd(this.#fd);
       this.#fd = -1;
     }
   }

@@ -13,8 +13,6 @@ export const FUSE_KERNEL_VERSION = 7;
 export const FUSE_KERNEL_MINOR_VERSION = 31;
 /** Node id of the mount's root. */
 export const FUSE_ROOT_ID = 1;
-/** Smallest buffer the kernel accepts for a read of /dev/fuse. */
-export const FUSE_MIN_READ_BUFFER = 8192;
 
 /** Opcodes of the requests the kernel sends. */
 export const FUSE_LOOKUP = 1;
@@ -36,10 +34,6 @@ export const FUSE_STATFS = 17;
 export const FUSE_RELEASE = 18;
 /** fsync(2) / fdatasync(2). */
 export const FUSE_FSYNC = 20;
-/** getxattr. */
-export const FUSE_GETXATTR = 22;
-/** listxattr. */
-export const FUSE_LISTXATTR = 23;
 /** close(2) of one descriptor. */
 export const FUSE_FLUSH = 25;
 /** The first request: protocol negotiation. */
@@ -67,62 +61,16 @@ export const FUSE_LSEEK = 46;
 /** syncfs(2). */
 export const FUSE_SYNCFS = 50;
 
-const OPCODE_NAMES: Record<number, string> = {
-  1: "LOOKUP",
-  2: "FORGET",
-  3: "GETATTR",
-  4: "SETATTR",
-  5: "READLINK",
-  14: "OPEN",
-  15: "READ",
-  16: "WRITE",
-  17: "STATFS",
-  18: "RELEASE",
-  20: "FSYNC",
-  21: "SETXATTR",
-  22: "GETXATTR",
-  23: "LISTXATTR",
-  25: "FLUSH",
-  26: "INIT",
-  27: "OPENDIR",
-  28: "READDIR",
-  29: "RELEASEDIR",
-  30: "FSYNCDIR",
-  34: "ACCESS",
-  35: "CREATE",
-  36: "INTERRUPT",
-  38: "DESTROY",
-  42: "BATCH_FORGET",
-  43: "FALLOCATE",
-  44: "READDIRPLUS",
-  46: "LSEEK",
-  50: "SYNCFS",
-  52: "STATX",
-};
-
-/** Name of an opcode for logs, e.g. "READ". */
-export function opcodeName(opcode: number): string {
-  return OPCODE_NAMES[opcode] ?? `opcode ${opcode}`;
-}
-
 /** INIT flags (the low 32 bits; the protocol's flags2 holds the rest). */
 export const FUSE_ASYNC_READ = 1 << 0;
 /** Writes larger than one page. */
 export const FUSE_BIG_WRITES = 1 << 5;
-/** The kernel keeps the page cache across opens only when asked. */
-export const FUSE_AUTO_INVAL_DATA = 1 << 12;
 /** O_DIRECT requests are submitted asynchronously (in parallel). */
 export const FUSE_ASYNC_DIO = 1 << 15;
-/** Buffered writes go to the page cache and are written back later. */
-export const FUSE_WRITEBACK_CACHE = 1 << 16;
-/** Lookups and readdir may run in parallel. */
-export const FUSE_PARALLEL_DIROPS = 1 << 18;
 /** `max_pages` in the INIT reply is valid. */
 export const FUSE_MAX_PAGES = 1 << 22;
 
-/** OPEN reply flags. */
-export const FOPEN_DIRECT_IO = 1 << 0;
-/** Keep cached pages from earlier opens. */
+/** OPEN reply flag: keep cached pages from earlier opens. */
 export const FOPEN_KEEP_CACHE = 1 << 1;
 /** O_DIRECT writes need not hold the inode lock (we handle concurrency). */
 export const FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6;
@@ -172,21 +120,21 @@ export const OUT_HEADER_SIZE = 16;
 /** Size of `fuse_write_in` (which precedes the data of a WRITE). */
 export const WRITE_IN_SIZE = 40;
 /** Size of `fuse_attr`. */
-export const ATTR_SIZE = 88;
+const ATTR_SIZE = 88;
 /** Size of `fuse_entry_out`. */
 export const ENTRY_OUT_SIZE = 40 + ATTR_SIZE;
 /** Size of `fuse_attr_out`. */
 export const ATTR_OUT_SIZE = 16 + ATTR_SIZE;
 /** Size of `fuse_init_out` (minor version 23 and later). */
-export const INIT_OUT_SIZE = 64;
+const INIT_OUT_SIZE = 64;
 /** Size of `fuse_open_out`. */
-export const OPEN_OUT_SIZE = 16;
+const OPEN_OUT_SIZE = 16;
 /** Size of `fuse_write_out`. */
-export const WRITE_OUT_SIZE = 8;
+const WRITE_OUT_SIZE = 8;
 /** Size of `fuse_statfs_out`. */
-export const STATFS_OUT_SIZE = 80;
+const STATFS_OUT_SIZE = 80;
 /** Size of `fuse_lseek_out`. */
-export const LSEEK_OUT_SIZE = 8;
+const LSEEK_OUT_SIZE = 8;
 
 /** The fixed header of every request. */
 export interface RequestHeader {
@@ -295,7 +243,7 @@ export function encodeInitOut(unique: bigint, out: InitOut): Uint8Array<ArrayBuf
 }
 
 /** A reply: header filled in, body zeroed, ready for the caller to fill. */
-export function replyBuffer(
+function replyBuffer(
   unique: bigint,
   error: number,
   bodySize: number,
@@ -356,7 +304,7 @@ function setTime(view: DataView, secondsAt: number, nanosAt: number, ms: number)
 }
 
 /** Encodes `fuse_attr` at `at`. */
-export function encodeAttr(view: DataView, at: number, attr: Attributes): void {
+function encodeAttr(view: DataView, at: number, attr: Attributes): void {
   view.setBigUint64(at, BigInt(attr.ino), true);
   view.setBigUint64(at + 8, BigInt(attr.size), true);
   view.setBigUint64(at + 16, BigInt(attr.blocks), true);

@@ -10,7 +10,8 @@
  * @module
  */
 
-import * as sys from "./syscalls.ts";
+import * as sys from "../io/libc.ts";
+import { unescapeMountField } from "./registry.ts";
 
 /** Options of `attachLoop`. */
 export interface AttachLoopOptions {
@@ -139,10 +140,6 @@ export function describeUsers(users: DeviceUsers): string {
   return parts.join("; ");
 }
 
-function unescapeMountField(text: string): string {
-  return text.replace(/\\([0-7]{3})/g, (_, octal) => String.fromCharCode(parseInt(octal, 8)));
-}
-
 /**
  * Finds the users of a loop device and its partitions. Processes listed in
  * `ignorePids` (e.g. this one) are not counted.
@@ -197,7 +194,8 @@ export function deviceUsers(device: string, ignorePids: number[] = [Deno.pid]): 
   // claimed, which also catches mounts in other mount namespaces.
   for (const name of names) {
     try {
-      sys.close(sys.open(name, sys.O_RDONLY | sys.O_EXCL | sys.O_CLOEXEC));
+      const fd = sys.openFd(name, sys.O_RDONLY | sys.O_EXCL);
+      if (fd !== undefined) sys.closeFd(fd);
     } catch (error) {
       if ((error as sys.SyscallError).errno === sys.EBUSY) users.claimed = true;
     }

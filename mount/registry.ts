@@ -89,12 +89,12 @@ export function sessionDir(pid: number = Deno.pid): string {
 }
 
 /** The control socket of a session directory. */
-export function controlPath(dir: string): string {
+function controlPath(dir: string): string {
   return `${dir}/control.sock`;
 }
 
 /** Whether a process runs (a zombie waiting for its parent counts as exited). */
-export function processAlive(pid: number): boolean {
+function processAlive(pid: number): boolean {
   try {
     const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
     // The state letter follows the command name, which is in parentheses.
@@ -253,15 +253,11 @@ export class ControlServer {
   }
 }
 
-/** A FUSE mount of this program, from /proc/self/mountinfo. */
-export interface NbdMount {
-  /** Where it is mounted. */
-  mountpoint: string;
-  /** The source field (the export's URI). */
-  source: string;
-}
-
-function unescapeMountField(text: string): string {
+/**
+ * A field of /proc/self/mountinfo as it was given to mount(2): the kernel
+ * writes space, tab, newline and backslash as three octal digits ("\\040").
+ */
+export function unescapeMountField(text: string): string {
   return text.replace(/\\([0-7]{3})/g, (_, octal) => String.fromCharCode(parseInt(octal, 8)));
 }
 
@@ -275,21 +271,6 @@ export function mountTypeAt(path: string): string | undefined {
     type = fields[dash + 1]; // the last one listed is the one on top
   }
   return type;
-}
-
-/** Every mount made by `nbd mount` / `nbd attach` in this mount namespace. */
-export function nbdMounts(subtype: string): NbdMount[] {
-  const mounts: NbdMount[] = [];
-  for (const line of Deno.readTextFileSync("/proc/self/mountinfo").split("\n")) {
-    const fields = line.split(" ");
-    const dash = fields.indexOf("-");
-    if (dash < 0 || fields[dash + 1] !== `fuse.${subtype}`) continue;
-    mounts.push({
-      mountpoint: unescapeMountField(fields[4]!),
-      source: unescapeMountField(fields[dash + 2] ?? ""),
-    });
-  }
-  return mounts;
 }
 
 /** Waits up to `timeoutMs` for a process to exit; resolves to whether it did. */

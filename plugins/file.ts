@@ -35,8 +35,8 @@ import {
   pwriteOnThread,
   seekData,
   seekEnd,
-  seekHole,
 } from "../io/libc.ts";
+import { fileExtents } from "../io/file_extents.ts";
 
 function readAt(fd: number, buf: Uint8Array, position: number): Promise<number> {
   return new Promise((resolve, reject) =>
@@ -69,27 +69,14 @@ function openFile(path: string, readonly: boolean): { fd: number; writable: bool
   return { fd: fs.openSync(path, "r"), writable: false };
 }
 
-/** Allocation of a file range from SEEK_DATA/SEEK_HOLE. */
-function fileExtents(fd: number, offset: number, length: number): Extent[] {
-  const end = offset + length;
-  const out: Extent[] = [];
-  let pos = offset;
-  while (pos < end) {
-    const data = seekData(fd, pos);
-    if (data === undefined) return [{ length, flags: 0 }];
-    if (data > pos) {
-      const n = Math.min(data, end) - pos;
-      out.push({ length: n, flags: NBD_STATE_HOLE | NBD_STATE_ZERO });
-      pos += n;
-      continue;
-    }
-    const hole = seekHole(fd, pos) ?? end;
-    const n = Math.min(hole, end) - pos;
-    if (n <= 0) break;
-    out.push({ length: n, flags: 0 });
-    pos += n;
-  }
-  return out.length ? out : [{ length, flags: 0 }];
+/** Allocation of a file range as block status; all data where SEEK_DATA is unsupported. */
+function extentsOf(fd: number, offset: number, length: number): Extent[] {
+  const runs = fileExtents(fd, offset, length);
+  if (!runs?.length) return [{ length, flags: 0 }];
+  return runs.map((run) => ({
+    length: run.length,
+    flags: run.zero ? NBD_STATE_HOLE | NBD_STATE_ZERO : 0,
+  }));
 }
 
 /** A backend over an open file descriptor. */
@@ -141,7 +128,7 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
     },
     flush: () => fsync(fd),
     extents(offset, length) {
-      return Promise.resolve(fileExtents(fd, offset, length));
+      return Promise.resolve(extentsOf(fd, offset, length));
     },
     close() {
       fs.closeSync(fd);

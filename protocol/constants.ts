@@ -113,8 +113,6 @@ export const NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6;
 export const NBD_FLAG_SEND_DF = 1 << 7;
 /** Safe to use several connections. */
 export const NBD_FLAG_CAN_MULTI_CONN = 1 << 8;
-/** RESIZE supported (experimental). */
-export const NBD_FLAG_SEND_RESIZE = 1 << 9;
 /** CACHE supported. */
 export const NBD_FLAG_SEND_CACHE = 1 << 10;
 /** FAST_ZERO supported. */
@@ -169,8 +167,6 @@ export const NBD_REPLY_TYPE_BLOCK_STATUS_EXT = 6;
 export const NBD_REPLY_TYPE_ERROR_BIT = 1 << 15;
 /** Error for the whole request. */
 export const NBD_REPLY_TYPE_ERROR = (1 << 15) + 1;
-/** Error at an offset. */
-export const NBD_REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2;
 
 /** base:allocation status bit: not allocated. */
 export const NBD_STATE_HOLE = 1 << 0;

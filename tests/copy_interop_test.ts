@@ -11,7 +11,7 @@
  */
 
 import { NbdClient } from "../client/client.ts";
-import { FileSource } from "../copy/file.ts";
+import { FileSource } from "../copy/file_source.ts";
 import { assertBytes, assertEquals, assertIncludes, assertOk } from "./assert.ts";
 import { makeCertificates } from "./certs.ts";
 import {
