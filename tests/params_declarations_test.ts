@@ -103,6 +103,8 @@ async function requiredWords(dir: string): Promise<Record<string, string[]>> {
     log: [`logfile=${dir}/log`],
     stats: [`statsfile=${dir}/stats`],
     partition: ["partition=1"],
+    partitioning: [`file=${file}`],
+    tar: ["tar-entry=disk.img"],
   };
 }
 
