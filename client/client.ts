@@ -90,7 +90,7 @@ import { NbdHandshake } from "./handshake.ts";
 import { DEFAULT_BLOCK_SIZE } from "../core/backend.ts";
 
 /** Largest READ/WRITE sent in one request, whatever the server advertises. */
-export const MAX_REQUEST_SIZE = 64 * 1024 * 1024;
+const MAX_REQUEST_SIZE = 64 * 1024 * 1024;
 
 /** Largest block-status chunk accepted (2^20 descriptors of the extended kind, plus slack). */
 const MAX_STATUS_CHUNK = 16 * 1024 * 1024 + 64;

@@ -62,7 +62,7 @@ function bytes(n: number): string {
 }
 
 /** Gathers every session with its counters. */
-export async function attachedEntries(all: boolean): Promise<AttachedEntry[]> {
+async function attachedEntries(all: boolean): Promise<AttachedEntry[]> {
   const entries: AttachedEntry[] = [];
   for (const session of await listSessions()) {
     if (!all && session.record.kind !== "attach") continue;

@@ -99,7 +99,7 @@ function count(text: string, what: string, max: number): number {
 }
 
 /** Parses the arguments of `nbd checksum`; a `[ CMD ]` group is the source. */
-export function parseChecksumArgs(argv: string[]): ChecksumConfig {
+function parseChecksumArgs(argv: string[]): ChecksumConfig {
   let group: string[] | undefined;
   const rest: string[] = [];
   for (let i = 0; i < argv.length; i++) {
@@ -141,7 +141,7 @@ export function parseChecksumArgs(argv: string[]): ChecksumConfig {
 }
 
 /** The checksum of `source` by the copy engine, and the length hashed. */
-export async function checksumEndpoint(
+async function checksumEndpoint(
   source: Endpoint,
   algorithm: ChecksumAlgorithm,
   options: { requests: number; extents: boolean; signal?: AbortSignal },
@@ -187,7 +187,7 @@ export async function reportChecksum(
 }
 
 /** Runs `nbd checksum` as configured; resolves to the exit status. */
-export async function runChecksum(config: ChecksumConfig): Promise<number> {
+async function runChecksum(config: ChecksumConfig): Promise<number> {
   const controller = new AbortController();
   const onSignal = () => controller.abort(new CopyInterrupted("SIGINT"));
   Deno.addSignalListener("SIGINT", onSignal);

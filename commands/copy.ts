@@ -400,7 +400,7 @@ async function hashCopy(algorithm: ChecksumAlgorithm, source: Endpoint, destinat
 }
 
 /** Runs a copy as configured; resolves to the exit status. */
-export async function runCopy(config: CopyCommandConfig): Promise<number> {
+async function runCopy(config: CopyCommandConfig): Promise<number> {
   const progressConfig = progressOptions(config);
   const controller = new AbortController();
   // The first signal stops the copy cleanly. A second one means the user will not

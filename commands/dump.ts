@@ -223,7 +223,7 @@ export interface DumpOptions {
 }
 
 /** Connects and prints the hexdump; resolves to the exit status. */
-export async function dumpExport(uri: string, options: DumpOptions): Promise<number> {
+async function dumpExport(uri: string, options: DumpOptions): Promise<number> {
   await using client = await NbdClient.connect(uri);
   const size = client.size();
   if (options.offset > size) {

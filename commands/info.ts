@@ -110,7 +110,7 @@ export function exportUri(uri: NbdUri, name: string): string {
 }
 
 /** The boolean facts of an export, under nbdinfo's names and in its order. */
-export function exportFacts(flags: number): Array<[string, boolean]> {
+function exportFacts(flags: number): Array<[string, boolean]> {
   return [
     ["is_rotational", (flags & NBD_FLAG_ROTATIONAL) !== 0],
     ["is_read_only", (flags & NBD_FLAG_READ_ONLY) !== 0],
@@ -159,7 +159,7 @@ export function formatReport(report: ServerReport, uri: NbdUri): string {
 }
 
 /** The JSON form of one export, with nbdinfo's field names. */
-export function exportJson(e: ExportReport, uri: NbdUri): Record<string, unknown> {
+function exportJson(e: ExportReport, uri: NbdUri): Record<string, unknown> {
   const out: Record<string, unknown> = { "export-name": e.name };
   if (e.description) out.description = e.description;
   if (e.content !== undefined) out.content = e.content;
@@ -192,7 +192,7 @@ export function formatReportJson(report: ServerReport, uri: NbdUri): string {
  * Reads the first bytes of an export and asks file(1) what they are.
  * Best effort: any failure (no `file`, a read error) means no answer.
  */
-export async function probeContent(client: NbdClient): Promise<string | undefined> {
+async function probeContent(client: NbdClient): Promise<string | undefined> {
   const size = client.size();
   const minimum = client.blockSize.minimum;
   // Read whole blocks: the probe must respect the server's minimum block size.

@@ -488,7 +488,7 @@ export interface TlsSetup {
 }
 
 /** Finds and loads the certificates of `config`. */
-export function configureTls(config: TlsConfig): TlsSetup {
+function configureTls(config: TlsConfig): TlsSetup {
   const { mode, verifyPeer } = config;
   if (mode === "off") return { mode };
   let certificates = config.certificates;

@@ -23,7 +23,7 @@ import { rangeIsZero } from "./zero_scan.ts";
 export { CHECKSUM_ALGORITHMS, type ChecksumAlgorithm, parseAlgorithm } from "./checksum_names.ts";
 
 /** blkhash's default block size, which the published test vectors use. */
-export const BLKHASH_BLOCK_SIZE = 64 * 1024;
+const BLKHASH_BLOCK_SIZE = 64 * 1024;
 
 /** An incremental hash over a byte stream, with a fast path for runs of zeroes. */
 export interface Hasher {

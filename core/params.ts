@@ -170,7 +170,7 @@ export function paramKey(spec: ParamSpec, magic?: string): string {
  * and whether it is required or repeatable, e.g. "(required)",
  * "(one of: a, b; default: a)".
  */
-export function paramNotes(spec: ParamSpec): string {
+function paramNotes(spec: ParamSpec): string {
   const notes: string[] = [];
   if (spec.choices?.length) notes.push(`one of: ${spec.choices.join(", ")}`);
   if (spec.default !== undefined) notes.push(`default: ${spec.default}`);
@@ -196,7 +196,7 @@ export function formatParams(params: readonly ParamSpec[], magic?: string): stri
 }
 
 /** Escapes text for a cell of a markdown pipe table. */
-export function tableCell(text: string): string {
+function tableCell(text: string): string {
   return text.replaceAll("|", "\\|");
 }
 

@@ -84,7 +84,7 @@ export function crc64(bytes: Uint8Array): [number, number] {
 }
 
 /** Size in bytes of the check of each check type. */
-export function checkSize(check: number): number {
+function checkSize(check: number): number {
   if (check === 0) return 0;
   return 4 << Math.floor((check - 1) / 3);
 }

@@ -37,7 +37,7 @@ import type { Params, ParamSpec } from "../core/params.ts";
 import { UsageError } from "../util/usage_error.ts";
 
 /** The kinds of request the filter can fail, by the suffix of their parameters. */
-export const ERROR_COMMANDS = [
+const ERROR_COMMANDS = [
   "pread",
   "pwrite",
   "trim",
@@ -89,7 +89,7 @@ function fileExists(path: string): boolean {
 }
 
 /** Reads the general and per-command settings from the parameters. */
-export function errorSettings(params: Params): Record<ErrorCommand, ErrorSetting> {
+function errorSettings(params: Params): Record<ErrorCommand, ErrorSetting> {
   const take = (prefix: string) => {
     const errno = params.take(prefix);
     const rate = params.take(`${prefix}-rate`);

@@ -57,7 +57,7 @@ function now(): number {
 }
 
 /** Formats `key=value` fields: strings quoted, booleans as 0/1. */
-export function formatFields(fields: Record<string, string | number | boolean>): string {
+function formatFields(fields: Record<string, string | number | boolean>): string {
   return Object.entries(fields).map(([k, v]) =>
     `${k}=${typeof v === "string" ? JSON.stringify(v) : typeof v === "boolean" ? (v ? 1 : 0) : v}`
   ).join(" ");

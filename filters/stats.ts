@@ -48,7 +48,7 @@ export interface Counter {
 }
 
 /** Kinds of request counted, in output order. */
-export const STAT_KINDS = ["read", "write", "trim", "zero", "extents", "cache", "flush"] as const;
+const STAT_KINDS = ["read", "write", "trim", "zero", "extents", "cache", "flush"] as const;
 /** One kind of request. */
 export type StatKind = typeof STAT_KINDS[number];
 

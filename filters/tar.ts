@@ -54,7 +54,7 @@ function corrupt(at: number, why: string): NbdError {
 }
 
 /** The records of a pax extended header (`LEN key=value\n` each). */
-export function paxRecords(data: Uint8Array, at: number): Map<string, string> {
+function paxRecords(data: Uint8Array, at: number): Map<string, string> {
   const records = new Map<string, string>();
   let i = 0;
   while (i < data.length && data[i] !== 0) {
@@ -81,7 +81,7 @@ function normalize(name: string): string {
  * Finds member `entry` in the archive `disk` by reading the headers in
  * order, no further than `limit` bytes (0: the whole archive).
  */
-export async function findTarMember(
+async function findTarMember(
   disk: Backend,
   entry: string,
   limit: number,

@@ -38,7 +38,7 @@ function readerOf(backend: Backend): ReadAt {
 }
 
 /** Finds the block holding uncompressed `offset` (binary search). */
-export function findBlock(blocks: XzBlock[], offset: number): number {
+function findBlock(blocks: XzBlock[], offset: number): number {
   let lo = 0;
   let hi = blocks.length - 1;
   while (lo < hi) {

@@ -74,7 +74,7 @@ export function scriptError(method: string, result: CallResult): NbdError {
 }
 
 /** Maps a process exit code to a call status. */
-export function statusOf(code: number): CallResult["status"] {
+function statusOf(code: number): CallResult["status"] {
   if (code === 0) return "ok";
   if (code === 2) return "missing";
   if (code === 3) return "false";

@@ -24,7 +24,7 @@ import type { ParamSpec } from "../core/params.ts";
 import { runProcess, ScriptPlugin } from "./_script.ts";
 
 /** The methods an eval snippet can define. */
-export const EVAL_METHODS = [
+const EVAL_METHODS = [
   "after_fork",
   "block_size",
   "cache",

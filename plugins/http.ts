@@ -39,7 +39,7 @@ function secretValue(value: string): string {
 }
 
 /** Reads the plugin's parameters. */
-export function httpOptions(params: Params): HttpOptions {
+function httpOptions(params: Params): HttpOptions {
   const url = params.take("url")!;
   if (!/^https?:\/\//i.test(url)) throw new UsageError(`http: url must be http:// or https://`);
   const headers = new Headers();

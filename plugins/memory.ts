@@ -17,7 +17,7 @@ import { UsageError } from "../util/usage_error.ts";
 import { SparseStore } from "./sparse_store.ts";
 
 /** Largest size accepted: the store indexes pages with safe integers. */
-export const MAX_MEMORY_SIZE = 2 ** 53 - 2 ** 16;
+const MAX_MEMORY_SIZE = 2 ** 53 - 2 ** 16;
 
 /** Backend methods over a sparse store, shared by the memory and data plugins. */
 export function storeBackend(store: SparseStore): PluginBackend {

@@ -91,7 +91,7 @@ export function crc32(bytes: Uint8Array): number {
 }
 
 /** A GUID's 16 bytes in GPT's mixed-endian order (first three fields little-endian). */
-export function guidBytes(text: string): Uint8Array {
+function guidBytes(text: string): Uint8Array {
   const hex = text.replace(/-/g, "");
   if (!/^[0-9a-fA-F]{32}$/.test(hex) || !/^[^-]{8}-[^-]{4}-[^-]{4}-[^-]{4}-[^-]{12}$/.test(text)) {
     throw new UsageError(`"${text}" is not a GUID (XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX)`);
@@ -173,7 +173,7 @@ function gptHeader(
 }
 
 /** Lays out the disk: where each partition goes, and the bytes of the partition tables. */
-export function layoutDisk(
+function layoutDisk(
   files: { path: string; size: number; typeGuid: string; mbrId: number }[],
   type: "gpt" | "mbr",
   alignment: number,

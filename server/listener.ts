@@ -187,7 +187,7 @@ export function activationFds(): number {
 }
 
 /** Accepts on the sockets inherited through socket activation. */
-export function listenActivated(server: NbdServer, fds: number): Listener {
+function listenActivated(server: NbdServer, fds: number): Listener {
   const servers: net.Server[] = [];
   const done: Promise<void>[] = [];
   for (let fd = 3; fd < 3 + fds; fd++) {
@@ -209,7 +209,7 @@ export function listenActivated(server: NbdServer, fds: number): Listener {
 }
 
 /** Serves exactly one connection over stdin/stdout. */
-export function serveStdio(server: NbdServer): Listener {
+function serveStdio(server: NbdServer): Listener {
   return {
     address: { transport: "stdio" },
     close: () => {},

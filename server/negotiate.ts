@@ -71,9 +71,9 @@ import type { Backend, Capabilities, ExportInfo } from "../core/backend.ts";
 import type { ConnectionContext } from "./context.ts";
 
 /** Largest option payload read into memory; larger ones are skipped and refused. */
-export const MAX_OPTION_LENGTH = 1024 * 1024;
+const MAX_OPTION_LENGTH = 1024 * 1024;
 /** Option payloads beyond this are treated as an attack: the connection is dropped. */
-export const HARD_OPTION_LENGTH = 64 * 1024 * 1024;
+const HARD_OPTION_LENGTH = 64 * 1024 * 1024;
 /** Id of base:allocation in SET_META_CONTEXT replies. */
 export const BASE_ALLOCATION_ID = 1;
 
@@ -94,7 +94,7 @@ export interface Negotiated {
 }
 
 /** Computes the transmission flags for an export. */
-export function transmissionFlags(
+function transmissionFlags(
   caps: Capabilities,
   readonly: boolean,
   structured: boolean,

@@ -47,9 +47,9 @@ export const DEFAULT_MAX_IN_FLIGHT = 64;
 /** Default bound on concurrent connections. */
 export const DEFAULT_MAX_CONNECTIONS = 1024;
 /** Default advertised maximum payload (the protocol's conventional 32 MiB). */
-export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
+const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
 /** Default largest READ/WRITE accepted: 64 MiB, as real clients send such requests. */
-export const DEFAULT_MAX_REQUEST = 64 * 1024 * 1024;
+const DEFAULT_MAX_REQUEST = 64 * 1024 * 1024;
 /** Default handshake timeout in seconds. */
 export const DEFAULT_HANDSHAKE_TIMEOUT = 60;
 

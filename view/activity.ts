@@ -12,7 +12,7 @@
 import type { IoEvent } from "../server/stats.ts";
 
 /** Kinds of activity painted on the block map, in the order frames list them. */
-export const ACTIVITY_KINDS = [
+const ACTIVITY_KINDS = [
   "READ",
   "WRITE",
   "TRIM",
@@ -27,7 +27,7 @@ export type ActivityKind = (typeof ACTIVITY_KINDS)[number];
 /** Most cells a block map may have; with 7 kinds this bounds one subscriber to ~1.8 MiB. */
 export const MAX_CELLS = 1 << 21;
 /** Smallest block size chosen automatically (one cell per 4 KiB, the usual page size). */
-export const DEFAULT_MIN_BLOCK = 4096;
+const DEFAULT_MIN_BLOCK = 4096;
 
 const KIND_INDEX: Readonly<Record<string, number>> = Object.fromEntries(
   ACTIVITY_KINDS.map((k, i) => [k, i]),

@@ -96,7 +96,7 @@ export interface ViewServer extends AsyncDisposable {
 }
 
 /** Most event streams at once; more are refused with 503, which bounds memory. */
-export const MAX_SUBSCRIBERS = 16;
+const MAX_SUBSCRIBERS = 16;
 const STATS_EVERY = 10; // frames: twice a second at the default interval
 const REPLAY_EVERY = 5;
 const EXPORT_LIST_TTL_MS = 2000;
