@@ -230,3 +230,91 @@ Deno.test("module plugin: wrong answers fail that request with EIO; the server c
   assertIncludes(server.stderr(), "pread resolved without filling its buffer");
   assertOk(!/Uncaught/.test(server.stderr()), server.stderr());
 });
+
+Deno.test({
+  name: "ts plugin: a one-line expression serves 1 MiB of one byte, byte-exact to nbdcopy",
+  ...peers("nbdcopy"),
+  async fn() {
+    await using dir = await tempDir();
+    const code = 'definePlugin({ name: "fives", size: () => 1048576, ' +
+      "pread: async (buf) => void buf.fill(0x55) }) // trailing comment";
+    await runOk(Deno.execPath(), [
+      ...SERVE,
+      "-U",
+      "-",
+      "ts",
+      code,
+      "--run",
+      'nbdcopy "$uri" out.img',
+    ], { cwd: dir.path });
+    assertBytes(await Deno.readFile(`${dir.path}/out.img`), new Uint8Array(1048576).fill(0x55));
+  },
+});
+
+Deno.test({
+  name: "ts plugin: a module on stdin with a parameter, read by qemu-io; NbdError keeps its errno",
+  ...peers("qemu-io"),
+  async fn() {
+    const code = `import type { Params } from "${new URL("../mod.ts", import.meta.url).href}";
+export default definePlugin({
+  name: "counting",
+  params: [{ name: "size", value: "SIZE", type: "size", description: "size", required: true }],
+  create(params: Params) {
+    const size = params.takeSize("size")!;
+    return {
+      size: () => size,
+      async pread(buf: Uint8Array, offset: number) {
+        if (offset >= 65536) throw new NbdError("ENOSPC", "not here");
+        for (let i = 0; i < buf.length; i++) buf[i] = (offset + i) >> 9 & 255;
+      },
+    };
+  },
+});
+`;
+    const result = await run(Deno.execPath(), [
+      ...SERVE,
+      "-U",
+      "-",
+      "ts",
+      "-",
+      "size=128K",
+      "--run",
+      'qemu-io -r -f raw -c "read -P 3 1536 512" -c "read -P 0 0 512" -c "read 65536 512" "$uri"',
+    ], { stdin: code });
+    assertIncludes(result.stdout, "read 512/512 bytes at offset 1536");
+    assertIncludes(result.stdout, "read 512/512 bytes at offset 0");
+    assertMatch(result.stdout, /read failed: No space left on device/);
+    assertOk(!/Pattern verification failed/.test(result.stdout), result.stdout);
+  },
+});
+
+Deno.test("ts plugin: bad code is one line at start-up; missing parameters as for built-ins", async () => {
+  const bad = await run(Deno.execPath(), [
+    ...SERVE,
+    "-U",
+    "-",
+    "ts",
+    "definePlugin({",
+    "--run",
+    "true",
+  ]);
+  assertEquals(bad.code, 1);
+  assertMatch(bad.stderr, /^nbd: ts: cannot load the code: [^\n]+\n$/);
+  const notPlugin = await run(Deno.execPath(), [...SERVE, "-U", "-", "ts", "42", "--run", "true"]);
+  assertEquals(notPlugin.code, 1);
+  assertEquals(
+    notPlugin.stderr,
+    "nbd: ts: the default export must be a plugin object, not number\n",
+  );
+  const missing = await run(Deno.execPath(), [
+    ...SERVE,
+    "-U",
+    "-",
+    "ts",
+    '({ name: "p", params: [{ name: "size", value: "SIZE", type: "size", description: "", required: true }], create: () => ({ open: () => ({ size: () => 1, pread: async () => {} }) }) })',
+    "--run",
+    "true",
+  ]);
+  assertEquals(missing.code, 2);
+  assertEquals(missing.stderr, "nbd: p: missing required parameter size=\n");
+});
