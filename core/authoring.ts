@@ -133,8 +133,7 @@ export interface FilterThis<C> extends Backend {
 export type FilterMethods = Partial<Omit<Backend, "close">>;
 
 /** A filter as an author writes it: overrides only what it changes. */
-export interface FilterDefinition<C = undefined>
-  extends FilterMethods, ThisType<FilterThis<C> & Record<string, unknown>> {
+export interface FilterDefinition<C = undefined> extends FilterMethods {
   /** Name shown in help and logs. */
   name: string;
   /** One-line summary (default: the name). */
@@ -175,7 +174,9 @@ const FILTER_METHODS = [
  * layer below (and the zero-copy read is kept only while pread is not
  * overridden).
  */
-export function defineFilter<C = undefined>(definition: FilterDefinition<C>): Filter {
+export function defineFilter<C = undefined>(
+  definition: FilterDefinition<C> & ThisType<FilterThis<C> & Record<string, unknown>>,
+): Filter {
   const params = definition.params ?? [];
   class DefinedFilter extends PassthroughBackend {
     readonly config: C;
