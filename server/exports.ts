@@ -12,6 +12,13 @@ import type {
   OpenContext,
   PluginInstance,
 } from "../core/backend.ts";
+import {
+  HeldLock,
+  SerializedBackend,
+  strictestModel,
+  type ThreadModel,
+} from "../core/thread_model.ts";
+import { Mutex } from "../util/locks.ts";
 
 /** Options of an export table. */
 export interface ExportsOptions {
@@ -31,6 +38,11 @@ export class Exports {
   readonly #filters: FilterInstance[];
   readonly #exportName: string;
   readonly #description: string | undefined;
+  readonly #threadModel: ThreadModel;
+  /** Serializes every request of every connection (serialize_all_requests). */
+  readonly #allRequests = new Mutex();
+  /** Held by the one open connection (serialize_connections). */
+  readonly #connection = new HeldLock();
 
   /** Creates the table. */
   constructor(options: ExportsOptions) {
@@ -38,6 +50,15 @@ export class Exports {
     this.#filters = options.filters ?? [];
     this.#exportName = options.exportName ?? "";
     this.#description = options.description;
+    this.#threadModel = strictestModel([
+      this.#plugin.threadModel,
+      ...this.#filters.map((f) => f.threadModel),
+    ]);
+  }
+
+  /** The strictest thread model of the layers, which the server enforces. */
+  get threadModel(): ThreadModel {
+    return this.#threadModel;
   }
 
   /** Every export, as NBD_OPT_LIST shows them. */
@@ -72,9 +93,32 @@ export class Exports {
     return exports.find((e) => e.name === name);
   }
 
-  /** Opens the plugin and wraps it in the filters, innermost first. */
-  open(context: OpenContext): Promise<Backend> {
-    return this.#openBelow(0, context);
+  /**
+   * Opens the plugin and wraps it in the filters, innermost first, then
+   * enforces the thread model around the whole stack (a parallel stack is
+   * returned as it is).
+   */
+  async open(context: OpenContext): Promise<Backend> {
+    switch (this.#threadModel) {
+      case "parallel":
+        return await this.#openBelow(0, context);
+      case "serialize_requests":
+        return new SerializedBackend(await this.#openBelow(0, context), new Mutex());
+      case "serialize_all_requests": {
+        // Opening calls into the layers too: it waits its turn like a request.
+        const backend = await this.#allRequests.run(() => this.#openBelow(0, context));
+        return new SerializedBackend(backend, this.#allRequests);
+      }
+      case "serialize_connections": {
+        const release = await this.#connection.acquire();
+        try {
+          return new SerializedBackend(await this.#openBelow(0, context), new Mutex(), release);
+        } catch (error) {
+          release();
+          throw error;
+        }
+      }
+    }
   }
 
   /** Opens the plugin and the filters from `index` inwards (so a filter can reopen what is below it). */
