@@ -141,6 +141,10 @@ export const SERVE_OPTIONS = {
       `serve the live block-activity page, /stats and /metrics over HTTP on ADDR (default ${DEFAULT_VIEW_ADDRESS}; HOST:PORT, :PORT or PORT)`,
   },
   verbose: { type: "boolean", short: "v", help: "log options and requests to stderr" },
+  "debug-layers": {
+    type: "boolean",
+    help: "check every call between layers and report the layer at fault (also NBD_DEBUG_LAYERS=1)",
+  },
   help: {
     type: "boolean",
     short: "h",
@@ -201,6 +205,7 @@ export interface ServeValues {
   "tls-psk"?: string;
   view?: string;
   verbose?: boolean;
+  "debug-layers"?: boolean;
 }
 
 /**
@@ -332,6 +337,8 @@ export interface ServeConfig {
   readonly: boolean;
   /** Log options and requests. */
   verbose: boolean;
+  /** Check every call between layers (absent = the NBD_DEBUG_LAYERS environment variable). */
+  debugLayers?: boolean;
   /** Per-server limits (absent = the server's defaults). */
   limits: {
     maxInFlight: number;
@@ -464,6 +471,7 @@ export function parseServeConfig(values: ServeValues, environment: ServeEnvironm
     description: values.description,
     readonly: values.readonly ?? false,
     verbose: values.verbose ?? false,
+    debugLayers: values["debug-layers"] || undefined,
     limits: { maxInFlight, maxConnections, maxPayload, handshakeTimeout, idleTimeout },
     tls,
     listen,
@@ -605,6 +613,8 @@ async function serveUntilStopped(
     filters: layers.filters,
     exportName: config.exportName,
     description: config.description,
+    debugLayers: config.debugLayers,
+    layerNames: { plugin: plugin.name, filters: config.filters.map((f) => f.name) },
   });
   const server = new NbdServer({
     exports,

@@ -55,6 +55,11 @@ export interface Capabilities {
   rotational: boolean;
   /** Block-size constraints. */
   blockSize: BlockSize;
+  /**
+   * Writes past the end extend the store (a file): a filter that keeps an
+   * image format in it (qcow2) may grow it. The export's size does not change.
+   */
+  extendable?: boolean;
 }
 
 /** Flags of a write. */
@@ -332,6 +337,7 @@ export function completeBackend(plugin: PluginBackend): Backend {
     rotational: declared.rotational ?? false,
     blockSize: declared.blockSize ?? DEFAULT_BLOCK_SIZE,
   };
+  if (writable && declared.extendable) capabilities.extendable = true;
   const afterWrite = async (fua: boolean) => {
     if (fua && capabilities.fua === "emulate") await plugin.flush!();
   };

@@ -118,6 +118,7 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
       multiConn: true,
       extents: extentsSupported,
       rotational: false,
+      extendable: writable,
     }),
     async pread(buf, offset) {
       let done = 0;

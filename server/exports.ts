@@ -19,6 +19,7 @@ import {
   type ThreadModel,
 } from "../core/thread_model.ts";
 import { Mutex } from "../util/locks.ts";
+import { CheckingBackend, debugLayersFromEnv } from "../core/checking.ts";
 
 /** Options of an export table. */
 export interface ExportsOptions {
@@ -30,6 +31,13 @@ export interface ExportsOptions {
   exportName?: string;
   /** Description of that export. */
   description?: string;
+  /**
+   * Insert a checking layer between every two layers (core/checking.ts);
+   * default: the NBD_DEBUG_LAYERS environment variable.
+   */
+  debugLayers?: boolean;
+  /** Names of the layers for the checking layer's reports: the plugin's, the filters' (outermost first). */
+  layerNames?: { plugin: string; filters: string[] };
 }
 
 /** Resolves names, lists exports and opens the backend stack for a connection. */
@@ -39,6 +47,8 @@ export class Exports {
   readonly #exportName: string;
   readonly #description: string | undefined;
   readonly #threadModel: ThreadModel;
+  /** Layer names for the checking layer; undefined = no checking (the default). */
+  readonly #checkNames: string[] | undefined;
   /** Serializes every request of every connection (serialize_all_requests). */
   readonly #allRequests = new Mutex();
   /** Held by the one open connection (serialize_connections). */
@@ -50,6 +60,15 @@ export class Exports {
     this.#filters = options.filters ?? [];
     this.#exportName = options.exportName ?? "";
     this.#description = options.description;
+    if (options.debugLayers ?? debugLayersFromEnv()) {
+      const names = options.layerNames;
+      // Index i names the caller of layer i: the client, then each filter; the plugin last.
+      this.#checkNames = [
+        "the client",
+        ...this.#filters.map((_, i) => `filter ${names?.filters[i] ?? `#${i + 1}`}`),
+        `plugin ${names?.plugin ?? ""}`.trim(),
+      ];
+    }
     this.#threadModel = strictestModel([
       this.#plugin.threadModel,
       ...this.#filters.map((f) => f.threadModel),
@@ -124,6 +143,8 @@ export class Exports {
   /** Opens the plugin and the filters from `index` inwards (so a filter can reopen what is below it). */
   async #openBelow(index: number, context: OpenContext): Promise<Backend> {
     let backend = await this.#plugin.open(context);
+    const names = this.#checkNames;
+    if (names) backend = this.#checked(backend, names.length - 2, names.length - 1);
     for (let i = this.#filters.length - 1; i >= index; i--) {
       const below = i + 1;
       try {
@@ -132,12 +153,25 @@ export class Exports {
           context,
           (reopenContext) => this.#openBelow(below, reopenContext),
         );
+        if (names) backend = this.#checked(backend, i, i + 1);
       } catch (error) {
         await backend.close().catch(() => {});
         throw error;
       }
     }
     return backend;
+  }
+
+  /** The checking layer between caller `above` and layer `below` (indexes into the names). */
+  #checked(backend: Backend, above: number, below: number): Backend {
+    const names = this.#checkNames!;
+    try {
+      return new CheckingBackend(backend, names[above]!, names[below]!);
+    } catch (error) {
+      // The layer is open: close it, as for any failure to open the stack.
+      backend.close().catch(() => {});
+      throw error;
+    }
   }
 
   /** Closes the filters and the plugin (at server shutdown). */

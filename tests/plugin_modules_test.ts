@@ -318,3 +318,43 @@ Deno.test("ts plugin: bad code is one line at start-up; missing parameters as fo
   assertEquals(missing.code, 2);
   assertEquals(missing.stderr, "nbd: p: missing required parameter size=\n");
 });
+
+/** A filter with a bug: it reads one sector further than it was asked. */
+const OFF_BY_ONE_FILTER = `export default {
+  name: "offbyone",
+  params: [],
+  create() {
+    return {
+      wrap: (next) => ({
+        size: () => next.size(),
+        pread: (buf, offset) => next.pread(buf, offset + 512),
+      }),
+    };
+  },
+};
+`;
+
+Deno.test("--debug-layers: a buggy filter is reported by name, between built-in layers", async () => {
+  await using dir = await tempDir();
+  const path = await writeModule(dir.path, "offbyone.js", OFF_BY_ONE_FILTER);
+  await using server = await startNbdServe([
+    "--debug-layers",
+    "--filter=readonly",
+    `--filter=${path}`,
+    "--filter=truncate",
+    "pattern",
+    "1M",
+    "truncate=64K",
+  ]);
+  await using client = await NbdClient.connect(server.uri);
+  const buf = new Uint8Array(4096);
+  await client.pread(buf, 0); // within the size below: fine
+  let errno = "ok";
+  await client.pread(buf, 65536 - 4096).catch((e) => errno = (e as NbdError).errno);
+  assertEquals(errno, "EIO");
+  assertIncludes(
+    server.stderr(),
+    "layer check: filter offbyone broke the contract of filter truncate: " +
+      "pread(offset=61952, length=4096) beyond the size 65536",
+  );
+});
