@@ -152,3 +152,21 @@ Deno.test({
     assertIncludes(io.stdout, "read 6144/6144 bytes at offset 0");
   },
 });
+
+Deno.test({
+  name: "example RAM disk: nbdcopy round-trip byte-exact, holes reported, zero-copy reads",
+  ...peers("nbdcopy", "nbdinfo"),
+  async fn() {
+    await using dir = await tempDir();
+    const data = new Uint8Array(1024 * 1024);
+    data.set(randomBytes(300 * 1024, 3), 100 * 1024);
+    await Deno.writeFile(`${dir.path}/in.img`, data);
+    await using server = await startNbdServe([`${EXAMPLES}/ram_disk.ts`, "1M"]);
+    await runOk("nbdcopy", [`${dir.path}/in.img`, server.uri]);
+    await runOk("nbdcopy", [server.uri, `${dir.path}/out.img`]);
+    assertBytes(await Deno.readFile(`${dir.path}/out.img`), data);
+    const map = await runOk("nbdinfo", ["--map", "--json", server.uri]);
+    const extents = JSON.parse(map.stdout) as Array<{ offset: number; type: number }>;
+    assertEquals(extents[0], { ...extents[0]!, offset: 0, type: 3 });
+  },
+});
