@@ -41,6 +41,8 @@ export * from "./client/pool.ts";
 export { describeServer, openStream, toNbdUri } from "./client/connect.ts";
 export * from "./core/backend.ts";
 export * from "./core/params.ts";
+export * from "./core/authoring.ts";
+export { THREAD_MODELS } from "./core/thread_model.ts";
 export * from "./util/usage_error.ts";
 export * from "./util/parse.ts";
 export { ZERO_BUFFER } from "./util/zero_buffer.ts";

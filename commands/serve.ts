@@ -22,6 +22,7 @@ import {
   type TlsUpgrader,
 } from "../server/server.ts";
 import { startLayers } from "../server/stack.ts";
+import { isModuleSpecifier, loadFilter, loadPlugin } from "../core/module_loader.ts";
 import { serverTls } from "../server/tls.ts";
 import {
   DEFAULT_VIEW_ADDRESS,
@@ -140,6 +141,10 @@ export const SERVE_OPTIONS = {
       `serve the live block-activity page, /stats and /metrics over HTTP on ADDR (default ${DEFAULT_VIEW_ADDRESS}; HOST:PORT, :PORT or PORT)`,
   },
   verbose: { type: "boolean", short: "v", help: "log options and requests to stderr" },
+  "debug-layers": {
+    type: "boolean",
+    help: "check every call between layers and report the layer at fault (also NBD_DEBUG_LAYERS=1)",
+  },
   help: {
     type: "boolean",
     short: "h",
@@ -200,6 +205,7 @@ export interface ServeValues {
   "tls-psk"?: string;
   view?: string;
   verbose?: boolean;
+  "debug-layers"?: boolean;
 }
 
 /**
@@ -245,8 +251,8 @@ export function expandViewOption(
   return out;
 }
 
-function pluginHelp(plugin: Plugin): string {
-  return `Usage: nbd serve [OPTIONS] ${plugin.name} ${
+function pluginHelp(plugin: Plugin, invokedAs: string = plugin.name): string {
+  return `Usage: nbd serve [OPTIONS] ${invokedAs} ${
     plugin.params.map((p) =>
       (p.required ? "" : "[") + paramKey(p, plugin.magicParam) + (p.required ? "" : "]") +
       (p.repeatable ? " ..." : "")
@@ -260,8 +266,8 @@ ${formatParams(plugin.params, plugin.magicParam)}
 ${plugin.description ? `\n${plugin.description}\n` : ""}`;
 }
 
-function filterHelp(filter: Filter): string {
-  return `Usage: nbd serve --filter=${filter.name} [OPTIONS] PLUGIN ... [PARAM=VALUE ...]
+function filterHelp(filter: Filter, invokedAs: string = filter.name): string {
+  return `Usage: nbd serve --filter=${invokedAs} [OPTIONS] PLUGIN ... [PARAM=VALUE ...]
 
 ${filter.summary}
 
@@ -270,8 +276,8 @@ ${formatParams(filter.params)}
 ${filter.description ? `\n${filter.description}\n` : ""}`;
 }
 
-function lookupFilter(name: string): Filter {
-  const filter = FILTERS.get(name);
+function lookupFilter(name: string, modules?: ReadonlyMap<string, Filter>): Filter {
+  const filter = FILTERS.get(name) ?? modules?.get(name);
   if (!filter) {
     throw new UsageError(
       `unknown filter "${name}" (known: ${[...FILTERS.keys()].join(", ") || "none"})`,
@@ -331,6 +337,8 @@ export interface ServeConfig {
   readonly: boolean;
   /** Log options and requests. */
   verbose: boolean;
+  /** Check every call between layers (absent = the NBD_DEBUG_LAYERS environment variable). */
+  debugLayers?: boolean;
   /** Per-server limits (absent = the server's defaults). */
   limits: {
     maxInFlight: number;
@@ -357,6 +365,35 @@ export interface ServeConfig {
 export interface ServeEnvironment {
   /** Sockets passed by socket activation (0 = none). */
   listenFds: number;
+  /** Filters loaded from modules (`--filter=./slow.ts`), by the argument that named them. */
+  filterModules?: ReadonlyMap<string, Filter>;
+}
+
+/**
+ * Loads the filters that `--filter` names by a module path or URL, once
+ * each; built-in names are left to `parseServeConfig`.
+ */
+export async function loadFilterModules(
+  names: readonly string[],
+): Promise<Map<string, Filter>> {
+  const modules = new Map<string, Filter>();
+  for (const name of names) {
+    if (!FILTERS.has(name) && isModuleSpecifier(name) && !modules.has(name)) {
+      modules.set(name, await loadFilter(name));
+    }
+  }
+  return modules;
+}
+
+/** The plugin a command-line word names: a built-in, or a module path or URL. */
+export async function resolvePlugin(name: string): Promise<Plugin> {
+  const plugin = PLUGINS.get(name);
+  if (plugin) return plugin;
+  if (isModuleSpecifier(name)) return await loadPlugin(name);
+  throw new UsageError(
+    `unknown plugin "${name}" (known: ${[...PLUGINS.keys()].join(", ")}; ` +
+      "or a module: ./plugin.ts, file: or https: URL)",
+  );
 }
 
 /**
@@ -365,7 +402,9 @@ export interface ServeEnvironment {
  * `environment`), so every usage error is found before anything starts.
  */
 export function parseServeConfig(values: ServeValues, environment: ServeEnvironment): ServeConfig {
-  const filters = (values.filter ?? []).map(lookupFilter);
+  const filters = (values.filter ?? []).map((name) =>
+    lookupFilter(name, environment.filterModules)
+  );
   const view = values.view === undefined
     ? undefined
     : { text: values.view, ...viewAddressOption(values.view) };
@@ -432,6 +471,7 @@ export function parseServeConfig(values: ServeValues, environment: ServeEnvironm
     description: values.description,
     readonly: values.readonly ?? false,
     verbose: values.verbose ?? false,
+    debugLayers: values["debug-layers"] || undefined,
     limits: { maxInFlight, maxConnections, maxPayload, handshakeTimeout, idleTimeout },
     tls,
     listen,
@@ -516,7 +556,8 @@ function configureTls(config: TlsConfig): TlsSetup {
  * cleanly. Resolves to the exit status.
  */
 export async function runServer(setup: ServerSetup): Promise<number> {
-  const config = parseServeConfig(setup.values, { listenFds: activationFds() });
+  const filterModules = await loadFilterModules(setup.values.filter ?? []);
+  const config = parseServeConfig(setup.values, { listenFds: activationFds(), filterModules });
   return await serve(config, setup.plugin, setup.params);
 }
 
@@ -572,6 +613,8 @@ async function serveUntilStopped(
     filters: layers.filters,
     exportName: config.exportName,
     description: config.description,
+    debugLayers: config.debugLayers,
+    layerNames: { plugin: plugin.name, filters: config.filters.map((f) => f.name) },
   });
   const server = new NbdServer({
     exports,
@@ -672,11 +715,12 @@ export const serveCommand: Command = {
     const [pluginName, ...words] = positionals;
     if (values.help) {
       if (pluginName) {
-        const plugin = PLUGINS.get(pluginName);
-        if (!plugin) throw new UsageError(`unknown plugin "${pluginName}"`);
-        console.log(pluginHelp(plugin));
+        console.log(pluginHelp(await resolvePlugin(pluginName), pluginName));
       } else if (values.filter?.length) {
-        for (const name of values.filter) console.log(filterHelp(lookupFilter(name)));
+        const modules = await loadFilterModules(values.filter);
+        for (const name of values.filter) {
+          console.log(filterHelp(lookupFilter(name, modules), name));
+        }
       } else {
         console.log(USAGE);
       }
@@ -685,12 +729,7 @@ export const serveCommand: Command = {
     if (!pluginName) {
       throw new UsageError("missing PLUGIN (e.g. nbd serve memory 1G); see nbd serve --help");
     }
-    const plugin = PLUGINS.get(pluginName);
-    if (!plugin) {
-      throw new UsageError(
-        `unknown plugin "${pluginName}" (known: ${[...PLUGINS.keys()].join(", ")})`,
-      );
-    }
+    const plugin = await resolvePlugin(pluginName);
     const params = Params.parse(
       words,
       plugin.magicParam,

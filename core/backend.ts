@@ -16,6 +16,21 @@ export type { BlockSize, Extent };
 /** How a backend handles the FUA flag, or the CACHE command. */
 export type Support = "none" | "emulate" | "native";
 
+/**
+ * How much concurrency a layer takes, strictest first:
+ * - `serialize_connections`: one connection at a time (others wait to
+ *   open), and its requests one at a time;
+ * - `serialize_all_requests`: any number of connections, one request at a
+ *   time across all of them;
+ * - `serialize_requests`: one request at a time per connection;
+ * - `parallel`: no limit (the default).
+ */
+export type ThreadModel =
+  | "serialize_connections"
+  | "serialize_all_requests"
+  | "serialize_requests"
+  | "parallel";
+
 /** What a backend can do; the server derives the transmission flags from it. */
 export interface Capabilities {
   /** Accepts pwrite (and so zero/trim when those are supported). */
@@ -40,6 +55,11 @@ export interface Capabilities {
   rotational: boolean;
   /** Block-size constraints. */
   blockSize: BlockSize;
+  /**
+   * Writes past the end extend the store (a file): a filter that keeps an
+   * image format in it (qcow2) may grow it. The export's size does not change.
+   */
+  extendable?: boolean;
 }
 
 /** Flags of a write. */
@@ -131,6 +151,8 @@ export interface PluginInstance {
   defaultExport?(): Promise<string>;
   /** Releases shared resources when the server stops. */
   close?(): Promise<void>;
+  /** Concurrency this configured plugin takes (overrides the plugin's `threadModel`). */
+  threadModel?: ThreadModel;
 }
 
 /** A plugin: a named source of backends with nbdkit-style parameters. */
@@ -147,6 +169,8 @@ export interface Plugin {
   magicParam?: string;
   /** Set when this is another name of a plugin (documented on that plugin's page). */
   aliasOf?: string;
+  /** Concurrency the plugin takes (default parallel); the server enforces it. */
+  threadModel?: ThreadModel;
   /** Consumes the plugin's parameters from `params` and returns the configured plugin. */
   create(params: Params): Promise<PluginInstance>;
 }
@@ -168,6 +192,8 @@ export interface FilterInstance {
   listExports?(next: () => Promise<ExportInfo[]>): Promise<ExportInfo[]>;
   /** Releases shared resources when the server stops. */
   close?(): Promise<void>;
+  /** Concurrency this configured filter takes (overrides the filter's `threadModel`). */
+  threadModel?: ThreadModel;
 }
 
 /** A filter: wraps a backend, changing some of its behaviour. */
@@ -182,6 +208,8 @@ export interface Filter {
   aliasOf?: string;
   /** Parameters, for help and validation. */
   params: ParamSpec[];
+  /** Concurrency the filter takes (default parallel); the server enforces it. */
+  threadModel?: ThreadModel;
   /** Consumes the filter's parameters from `params`. */
   create(params: Params): Promise<FilterInstance>;
 }
@@ -313,6 +341,7 @@ export function completeBackend(plugin: PluginBackend): Backend {
     rotational: declared.rotational ?? false,
     blockSize: declared.blockSize ?? DEFAULT_BLOCK_SIZE,
   };
+  if (writable && declared.extendable) capabilities.extendable = true;
   const afterWrite = async (fua: boolean) => {
     if (fua && capabilities.fua === "emulate") await plugin.flush!();
   };

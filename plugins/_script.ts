@@ -20,11 +20,12 @@ import {
   type PluginBackend,
   type PluginInstance,
   type Support,
+  type ThreadModel,
 } from "../core/backend.ts";
 import type { Params } from "../core/params.ts";
 import { parseSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { Mutex } from "../util/locks.ts";
+import { isThreadModel } from "../core/thread_model.ts";
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 
 /** What a script call came back with. */
@@ -174,8 +175,8 @@ export function parseExtents(output: string, offset: number, length: number): Ex
 export class ScriptPlugin {
   readonly #invoker: ScriptInvoker;
   readonly #tmpdir: string;
-  readonly #global = new Mutex();
-  #model = "serialize_all_requests";
+  /** nbdkit's default for scripts; the server enforces it (server/exports.ts). */
+  #model: ThreadModel = "serialize_all_requests";
 
   private constructor(invoker: ScriptInvoker, tmpdir: string) {
     this.#invoker = invoker;
@@ -217,10 +218,7 @@ export class ScriptPlugin {
       const model = await must("thread_model");
       if (model.status === "ok") {
         const name = text(model.stdout).trim();
-        if (
-          ["serialize_connections", "serialize_all_requests", "serialize_requests", "parallel"]
-            .includes(name)
-        ) plugin.#model = name;
+        if (isThreadModel(name)) plugin.#model = name;
       }
       await must("get_ready");
       await must("after_fork");
@@ -230,6 +228,7 @@ export class ScriptPlugin {
       const instance: PluginInstance = {
         open: (context) => plugin.open(context),
         close: () => plugin.close(),
+        threadModel: plugin.#model,
       };
       if (lists || names) {
         instance.listExports = () => plugin.listExports();
@@ -261,14 +260,8 @@ export class ScriptPlugin {
   /** Opens a connection: open, get_size, then the capability queries. */
   async open(context: OpenContext): Promise<Backend> {
     const inv = this.#invoker;
-    const perConnection = new Mutex();
-    const lock = this.#model === "parallel"
-      ? undefined
-      : this.#model === "serialize_requests"
-      ? perConnection
-      : this.#global;
     const call = (method: string, args: string[], stdin?: Uint8Array) =>
-      lock ? lock.run(() => inv.call(method, args, stdin)) : inv.call(method, args, stdin);
+      inv.call(method, args, stdin);
     const opened = await call("open", [
       String(context.readonly),
       context.exportName,

@@ -105,6 +105,7 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
       multiConn: true,
       extents: extentsSupported,
       rotational: false,
+      extendable: writable,
     }),
     async pread(buf, offset) {
       let done = 0;

@@ -19,6 +19,7 @@ import { randomPlugin } from "./random.ts";
 import { shPlugin } from "./sh.ts";
 import { sparseRandomPlugin } from "./sparse_random.ts";
 import { splitPlugin } from "./split.ts";
+import { tsPlugin } from "./ts.ts";
 
 /** Plugins by name. */
 export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
@@ -38,6 +39,7 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     shPlugin,
     sparseRandomPlugin,
     splitPlugin,
+    tsPlugin,
     zeroPlugin,
   ].map((p) => [p.name, p]),
 );

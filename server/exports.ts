@@ -12,6 +12,14 @@ import type {
   OpenContext,
   PluginInstance,
 } from "../core/backend.ts";
+import {
+  HeldLock,
+  SerializedBackend,
+  strictestModel,
+  type ThreadModel,
+} from "../core/thread_model.ts";
+import { Mutex } from "../util/locks.ts";
+import { CheckingBackend, debugLayersFromEnv } from "../core/checking.ts";
 
 /** Options of an export table. */
 export interface ExportsOptions {
@@ -23,6 +31,13 @@ export interface ExportsOptions {
   exportName?: string;
   /** Description of that export. */
   description?: string;
+  /**
+   * Insert a checking layer between every two layers (core/checking.ts);
+   * default: the NBD_DEBUG_LAYERS environment variable.
+   */
+  debugLayers?: boolean;
+  /** Names of the layers for the checking layer's reports: the plugin's, the filters' (outermost first). */
+  layerNames?: { plugin: string; filters: string[] };
 }
 
 /** Resolves names, lists exports and opens the backend stack for a connection. */
@@ -31,6 +46,13 @@ export class Exports {
   readonly #filters: FilterInstance[];
   readonly #exportName: string;
   readonly #description: string | undefined;
+  readonly #threadModel: ThreadModel;
+  /** Layer names for the checking layer; undefined = no checking (the default). */
+  readonly #checkNames: string[] | undefined;
+  /** Serializes every request of every connection (serialize_all_requests). */
+  readonly #allRequests = new Mutex();
+  /** Held by the one open connection (serialize_connections). */
+  readonly #connection = new HeldLock();
 
   /** Creates the table. */
   constructor(options: ExportsOptions) {
@@ -38,6 +60,24 @@ export class Exports {
     this.#filters = options.filters ?? [];
     this.#exportName = options.exportName ?? "";
     this.#description = options.description;
+    if (options.debugLayers ?? debugLayersFromEnv()) {
+      const names = options.layerNames;
+      // Index i names the caller of layer i: the client, then each filter; the plugin last.
+      this.#checkNames = [
+        "the client",
+        ...this.#filters.map((_, i) => `filter ${names?.filters[i] ?? `#${i + 1}`}`),
+        `plugin ${names?.plugin ?? ""}`.trim(),
+      ];
+    }
+    this.#threadModel = strictestModel([
+      this.#plugin.threadModel,
+      ...this.#filters.map((f) => f.threadModel),
+    ]);
+  }
+
+  /** The strictest thread model of the layers, which the server enforces. */
+  get threadModel(): ThreadModel {
+    return this.#threadModel;
   }
 
   /** Every export, as NBD_OPT_LIST shows them. */
@@ -72,14 +112,39 @@ export class Exports {
     return exports.find((e) => e.name === name);
   }
 
-  /** Opens the plugin and wraps it in the filters, innermost first. */
-  open(context: OpenContext): Promise<Backend> {
-    return this.#openBelow(0, context);
+  /**
+   * Opens the plugin and wraps it in the filters, innermost first, then
+   * enforces the thread model around the whole stack (a parallel stack is
+   * returned as it is).
+   */
+  async open(context: OpenContext): Promise<Backend> {
+    switch (this.#threadModel) {
+      case "parallel":
+        return await this.#openBelow(0, context);
+      case "serialize_requests":
+        return new SerializedBackend(await this.#openBelow(0, context), new Mutex());
+      case "serialize_all_requests": {
+        // Opening calls into the layers too: it waits its turn like a request.
+        const backend = await this.#allRequests.run(() => this.#openBelow(0, context));
+        return new SerializedBackend(backend, this.#allRequests);
+      }
+      case "serialize_connections": {
+        const release = await this.#connection.acquire();
+        try {
+          return new SerializedBackend(await this.#openBelow(0, context), new Mutex(), release);
+        } catch (error) {
+          release();
+          throw error;
+        }
+      }
+    }
   }
 
   /** Opens the plugin and the filters from `index` inwards (so a filter can reopen what is below it). */
   async #openBelow(index: number, context: OpenContext): Promise<Backend> {
     let backend = await this.#plugin.open(context);
+    const names = this.#checkNames;
+    if (names) backend = this.#checked(backend, names.length - 2, names.length - 1);
     for (let i = this.#filters.length - 1; i >= index; i--) {
       const below = i + 1;
       try {
@@ -88,12 +153,25 @@ export class Exports {
           context,
           (reopenContext) => this.#openBelow(below, reopenContext),
         );
+        if (names) backend = this.#checked(backend, i, i + 1);
       } catch (error) {
         await backend.close().catch(() => {});
         throw error;
       }
     }
     return backend;
+  }
+
+  /** The checking layer between caller `above` and layer `below` (indexes into the names). */
+  #checked(backend: Backend, above: number, below: number): Backend {
+    const names = this.#checkNames!;
+    try {
+      return new CheckingBackend(backend, names[above]!, names[below]!);
+    } catch (error) {
+      // The layer is open: close it, as for any failure to open the stack.
+      backend.close().catch(() => {});
+      throw error;
+    }
   }
 
   /** Closes the filters and the plugin (at server shutdown). */

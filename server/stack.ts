@@ -35,10 +35,12 @@ export async function startLayers(
     const filterInstances: FilterInstance[] = [];
     for (const filter of filters) {
       const instance = await filter.create(params);
+      instance.threadModel ??= filter.threadModel;
       started.push(instance);
       filterInstances.push(instance);
     }
     const pluginInstance = await plugin.create(params);
+    pluginInstance.threadModel ??= plugin.threadModel;
     started.push(pluginInstance);
     params.assertEmpty();
     return { filters: filterInstances, plugin: pluginInstance };

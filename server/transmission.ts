@@ -613,7 +613,10 @@ export class Transmission {
   async #blockStatus(request: RequestHeader): Promise<void> {
     const { offset, length } = request;
     const reqOne = (request.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
-    const raw = await this.#backend.extents(offset, length, { reqOne });
+    // Without extents the answer is known without asking: all of it is allocated data.
+    const raw = this.#caps.extents
+      ? await this.#backend.extents(offset, length, { reqOne })
+      : [{ length, flags: 0 }];
     // Normalise: drop empty extents, merge equal neighbours, stop at the end of the request.
     const extents: Extent[] = [];
     let covered = 0;

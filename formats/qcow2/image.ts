@@ -411,7 +411,10 @@ export class Qcow2Image {
     }
     const length = Math.min(compressed.size, limit - compressed.offset, 2 * this.clusterSize + 512);
     const data = new Uint8Array(length);
-    await store.pread(data, compressed.offset);
+    // The descriptor counts whole 512-byte sectors, so the last compressed cluster
+    // may reach past the end of the file: read what is there (the rest stays zero).
+    const stored = Math.max(0, Math.min(length, store.size() - compressed.offset));
+    if (stored > 0) await store.pread(data.subarray(0, stored), compressed.offset);
     const out = new Uint8Array(this.clusterSize);
     try {
       decompressCluster(this.header.compressionType, data, out);
