@@ -15,6 +15,7 @@ import { nbdPlugin } from "./nbd.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
 import { patternPlugin } from "./pattern.ts";
 import { randomPlugin } from "./random.ts";
+import { rbdPlugin } from "./rbd.ts";
 import { shPlugin } from "./sh.ts";
 import { sparseRandomPlugin } from "./sparse_random.ts";
 import { splitPlugin } from "./split.ts";
@@ -33,6 +34,7 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     nullPlugin,
     patternPlugin,
     randomPlugin,
+    rbdPlugin,
     shPlugin,
     sparseRandomPlugin,
     splitPlugin,
