@@ -16,6 +16,7 @@ import { nullPlugin, zeroPlugin } from "./null.ts";
 import { patternPlugin } from "./pattern.ts";
 import { randomPlugin } from "./random.ts";
 import { rbdPlugin } from "./rbd.ts";
+import { s3Plugin } from "./s3.ts";
 import { shPlugin } from "./sh.ts";
 import { sparseRandomPlugin } from "./sparse_random.ts";
 import { splitPlugin } from "./split.ts";
@@ -35,6 +36,7 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     patternPlugin,
     randomPlugin,
     rbdPlugin,
+    s3Plugin,
     shPlugin,
     sparseRandomPlugin,
     splitPlugin,

@@ -12,9 +12,12 @@ import {
   INTEROP_REQUIRED,
   nbdExecutable,
   randomBytes,
+  ROOT,
   run,
   runOk,
+  type ServerProcess,
   startNbdServe,
+  startServer,
   tempDir,
 } from "./helpers.ts";
 import { type CephCluster, missingCephCommands, startCephCluster } from "./ceph_cluster.ts";
@@ -58,6 +61,17 @@ async function rbdExport(cluster: CephCluster, spec: string, dir: string): Promi
   await Deno.remove(path);
   return bytes;
 }
+
+/** `nbd serve ARGS` with extra environment variables (S3 credentials). */
+function serveWithEnv(args: string[], env: Record<string, string>): Promise<ServerProcess> {
+  return startServer(
+    Deno.execPath(),
+    ["run", "-A", "--quiet", `${ROOT}/main.ts`, "serve", "-U", "$SOCKET", ...args],
+    { env },
+  );
+}
+
+const EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 async function usedBytes(cluster: CephCluster, spec: string): Promise<number> {
   const du = JSON.parse(await cluster.rbd("du", "--format", "json", spec));
@@ -196,6 +210,140 @@ Deno.test({
       assertOk(!maps.includes("librbd"), "nbd serve memory mapped librbd");
       await using rbd = await startNbdServe(["-r", "rbd", "rbd/imported", conf]);
       assertIncludes(await Deno.readTextFile(`/proc/${rbd.child.pid}/maps`), "librbd.so.1");
+    });
+    // ---- S3 through radosgw ----
+    const s3 = cluster.s3!;
+    const awsEnv = {
+      AWS_ACCESS_KEY_ID: s3.accessKey,
+      AWS_SECRET_ACCESS_KEY: s3.secretKey,
+      AWS_SHARED_CREDENTIALS_FILE: `${dir.path}/no-credentials`,
+    };
+    const endpoint = `endpoint-url=${s3.endpoint}`;
+    const s3cmdConfig = `${dir.path}/s3cmd.cfg`;
+    const host = new URL(s3.endpoint).host;
+    await Deno.writeTextFile(
+      s3cmdConfig,
+      `[default]\naccess_key = ${s3.accessKey}\nsecret_key = ${s3.secretKey}\n` +
+        `host_base = ${host}\nhost_bucket = ${host}\nuse_https = False\nsignature_v2 = False\n`,
+    );
+    const s3cmd = (...args: string[]) => runOk("s3cmd", ["-c", s3cmdConfig, ...args]);
+    /** GET of an object by curl, signed by curl (the expected layout, read by another client). */
+    const curlGet = async (path: string): Promise<Uint8Array> => {
+      const out = `${dir.path}/curl-${crypto.randomUUID()}`;
+      await runOk("curl", [
+        "-sSf",
+        "--aws-sigv4",
+        `aws:amz:${s3.region}:s3`,
+        "--user",
+        `${s3.accessKey}:${s3.secretKey}`,
+        "-H",
+        `x-amz-content-sha256: ${EMPTY_SHA256}`,
+        "-o",
+        out,
+        `${s3.endpoint}/${path}`,
+      ]);
+      return await Deno.readFile(out);
+    };
+    await s3cmd("mb", "s3://disks");
+
+    await t.step("s3: a disk of objects round-trips; curl and s3cmd see the layout", async () => {
+      const size = 24 * MiB;
+      const source = patterned(size, 11); // data in objects 0, 5-7 and 23 (1 MiB objects)
+      await Deno.writeFile(`${dir.path}/s3src.img`, source);
+      await using server = await serveWithEnv([
+        "s3",
+        "bucket=disks",
+        "key=vm/disk",
+        `size=${size}`,
+        "object-size=1M",
+        endpoint,
+      ], awsEnv);
+      await runOk("nbdcopy", [`${dir.path}/s3src.img`, server.uri]);
+      const listing = (await s3cmd("ls", "s3://disks/vm/disk/")).stdout;
+      const names = [...listing.matchAll(/vm\/disk\/([0-9a-f]{16})/g)].map((m) => m[1]);
+      assertEquals(names, [0, 5, 6, 7, 23].map((i) => i.toString(16).padStart(16, "0")));
+      assertBytes(
+        await curlGet("disks/vm/disk/0000000000000006"),
+        source.subarray(6 * MiB, 7 * MiB),
+      );
+      await runOk("nbdcopy", [server.uri, `${dir.path}/s3out.img`]);
+      assertBytes(await Deno.readFile(`${dir.path}/s3out.img`), source);
+      const map = JSON.parse((await runOk("nbdinfo", ["--map", "--json", server.uri])).stdout);
+      assertEquals(
+        map.filter((e: { type: number }) => e.type === 0).map((
+          e: { offset: number; length: number },
+        ) => [e.offset / MiB, e.length / MiB]),
+        [[0, 1], [5, 3], [23, 1]],
+      );
+
+      // TRIM deletes whole objects; zeroing part of one rewrites it.
+      await runOk("qemu-io", [
+        "-f",
+        "raw",
+        "-c",
+        "discard 5M 2M",
+        "-c",
+        "write -z 7340544 1024",
+        server.uri,
+      ]);
+      const after = (await s3cmd("ls", "s3://disks/vm/disk/")).stdout;
+      assertEquals(
+        [...after.matchAll(/vm\/disk\/([0-9a-f]{16})/g)].map((m) => parseInt(m[1]!, 16)),
+        [0, 7, 23],
+      );
+      const expected = source.slice(7 * MiB, 8 * MiB);
+      expected.fill(0, 512, 1536);
+      assertBytes(await curlGet("disks/vm/disk/0000000000000007"), expected);
+    });
+
+    await t.step("s3: one existing object is served read-only with Range requests", async () => {
+      const image = randomBytes(3 * MiB + 4096, 12);
+      await Deno.writeFile(`${dir.path}/one.raw`, image);
+      await s3cmd("put", `${dir.path}/one.raw`, "s3://disks/images/one.raw");
+      await using server = await serveWithEnv(
+        ["s3", "bucket=disks", "key=images/one.raw", endpoint],
+        awsEnv,
+      );
+      const info = JSON.parse((await runOk("nbdinfo", ["--json", server.uri])).stdout);
+      assertEquals(info.exports[0]["export-size"], image.length);
+      assertEquals(info.exports[0]["is_read_only"], true);
+      await runOk("nbdcopy", [server.uri, `${dir.path}/one.out`]);
+      assertBytes(await Deno.readFile(`${dir.path}/one.out`), image);
+    });
+
+    await t.step("s3: bad credentials and a missing bucket are one clear line", async () => {
+      const nbd = await nbdExecutable();
+      const serve = (env: Record<string, string>, ...args: string[]) =>
+        run(nbd, ["serve", "-U", `${dir.path}/s3fail`, "s3", endpoint, ...args], { env });
+      const badSecret = "wrong-secret-for-nbd-test";
+      for (
+        const [env, args, pattern] of [
+          [
+            { ...awsEnv, AWS_SECRET_ACCESS_KEY: badSecret },
+            ["bucket=disks", "key=d", "size=1M"],
+            /denied \(SignatureDoesNotMatch\) with the credentials from the environment/,
+          ],
+          [
+            { ...awsEnv, AWS_ACCESS_KEY_ID: "NOSUCHKEY" },
+            ["bucket=disks", "key=d", "size=1M"],
+            /denied \(InvalidAccessKeyId\)/,
+          ],
+          [
+            awsEnv,
+            ["bucket=nosuchbucket", "key=d", "size=1M"],
+            /the bucket nosuchbucket does not exist/,
+          ],
+          [awsEnv, ["bucket=disks", "key=missing.raw"], /s3:\/\/disks\/missing.raw does not exist/],
+        ] as const
+      ) {
+        const result = await serve(env, ...args);
+        assertEquals(result.code, 1, result.stderr);
+        const lines = result.stderr.trim().split("\n");
+        assertEquals(lines.length, 1, result.stderr);
+        assertMatch(lines[0]!, /^nbd: s3: /);
+        assertMatch(lines[0]!, pattern);
+        assertOk(!result.stderr.includes(badSecret) && !result.stderr.includes(s3.secretKey));
+      }
     });
   },
 });
