@@ -57,6 +57,12 @@ const RBD = {
     nonblocking: true,
   },
   rbd_close: { parameters: ["pointer"], result: "i32", nonblocking: true },
+  rbd_create: {
+    parameters: ["pointer", "buffer", "u64", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  rbd_remove: { parameters: ["pointer", "buffer"], result: "i32", nonblocking: true },
   rbd_get_size: { parameters: ["pointer", "buffer"], result: "i32" },
   rbd_get_features: { parameters: ["pointer", "buffer"], result: "i32" },
   rbd_get_flags: { parameters: ["pointer", "buffer"], result: "i32" },
@@ -255,6 +261,19 @@ export class RadosIoContext {
     this.#destroyed = true;
     this.#lib.rados.rados_ioctx_destroy(this.handle);
   }
+}
+
+/** Creates an image of `size` bytes with the cluster's default format and features. */
+export async function createImage(io: RadosIoContext, name: string, size: number): Promise<void> {
+  const order = new Int32Array(1); // 0: the default object size
+  const r = await load().rbd.rbd_create(io.handle, cString(name), BigInt(size), order);
+  if (r < 0) throw new CephError(`cannot create image ${name}`, r);
+}
+
+/** Removes an image (with no snapshots). */
+export async function removeImage(io: RadosIoContext, name: string): Promise<void> {
+  const r = await load().rbd.rbd_remove(io.handle, cString(name));
+  if (r < 0) throw new CephError(`cannot remove image ${name}`, r);
 }
 
 /** An allocated range reported by `RbdImage.allocated`. */

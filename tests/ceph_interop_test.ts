@@ -204,6 +204,25 @@ Deno.test({
       }
     });
 
+    await t.step("nbd copy to and from rbd: images", async () => {
+      const nbd = await nbdExecutable();
+      const source = patterned(16 * MiB, 13);
+      await Deno.writeFile(`${dir.path}/c.img`, source);
+      await runOk(nbd, ["copy", `${dir.path}/c.img`, `rbd:rbd/copied:conf=${cluster.conf}`]);
+      assertBytes(await rbdExport(cluster, "rbd/copied", dir.path), source);
+      // The zero object in the middle was never written.
+      assertEquals(await usedBytes(cluster, "rbd/copied"), 12 * MiB);
+      await runOk(nbd, ["copy", `rbd:rbd/copied:conf=${cluster.conf}`, `${dir.path}/c.out`]);
+      assertBytes(await Deno.readFile(`${dir.path}/c.out`), source);
+      const missing = await run(nbd, [
+        "copy",
+        `rbd:rbd/absent:conf=${cluster.conf}`,
+        `${dir.path}/x`,
+      ]);
+      assertEquals(missing.code, 1);
+      assertMatch(missing.stderr.trim(), /^nbd: .*rbd\/absent.*No such file or directory$/);
+    });
+
     await t.step("nothing but the rbd plugin loads librbd", async () => {
       await using server = await startNbdServe(["memory", "1M"]);
       const maps = await Deno.readTextFile(`/proc/${server.child.pid}/maps`);
@@ -344,6 +363,29 @@ Deno.test({
         assertMatch(lines[0]!, pattern);
         assertOk(!result.stderr.includes(badSecret) && !result.stderr.includes(s3.secretKey));
       }
+    });
+    await t.step("nbd copy to and from s3:// objects (multipart, ranged)", async () => {
+      const nbd = await nbdExecutable();
+      const env = { ...awsEnv, AWS_ENDPOINT_URL: s3.endpoint };
+      const size = 40 * MiB + 4096; // five parts of 10 MiB, the last one short
+      const source = new Uint8Array(size);
+      source.set(randomBytes(3 * MiB, 14), 17 * MiB);
+      source.fill(0x77, size - 8192);
+      await Deno.writeFile(`${dir.path}/up.img`, source);
+      await runOk(nbd, ["copy", `${dir.path}/up.img`, "s3://disks/up/image.raw"], { env });
+      await s3cmd("get", "s3://disks/up/image.raw", `${dir.path}/s3cmd.out`);
+      assertBytes(await Deno.readFile(`${dir.path}/s3cmd.out`), source);
+      await runOk(nbd, ["copy", "s3://disks/up/image.raw", `${dir.path}/down.img`], { env });
+      assertBytes(await Deno.readFile(`${dir.path}/down.img`), source);
+
+      // Refused credentials: one line, and no object left behind.
+      const bad = await run(nbd, ["copy", `${dir.path}/up.img`, "s3://disks/up/bad.raw"], {
+        env: { ...env, AWS_SECRET_ACCESS_KEY: "wrong-secret-for-nbd-test" },
+      });
+      assertEquals(bad.code, 1);
+      assertEquals(bad.stderr.trim().split("\n").length, 1, bad.stderr);
+      assertMatch(bad.stderr, /denied \(SignatureDoesNotMatch\)/);
+      assertOk(!(await s3cmd("ls", "s3://disks/up/")).stdout.includes("bad.raw"));
     });
   },
 });
