@@ -148,7 +148,9 @@ export type EndpointSpec =
   | { kind: "http"; url: string }
   | { kind: "stdio" }
   | { kind: "null" }
-  | { kind: "command"; argv: string[] };
+  | { kind: "command"; argv: string[] }
+  | { kind: "rbd"; image: string }
+  | { kind: "s3"; url: string };
 
 /** Classifies one positional argument (not a `[ CMD ]` group, which the caller splits out). */
 export function parseEndpoint(text: string): EndpointSpec {
@@ -156,6 +158,8 @@ export function parseEndpoint(text: string): EndpointSpec {
   if (text === "null:") return { kind: "null" };
   if (isNbdUri(text)) return { kind: "nbd", uri: text };
   if (/^https?:\/\//i.test(text)) return { kind: "http", url: text };
+  if (text.startsWith("rbd:")) return { kind: "rbd", image: text };
+  if (/^s3:\/\//i.test(text)) return { kind: "s3", url: text };
   return { kind: "path", path: text };
 }
 
@@ -174,6 +178,10 @@ export function describeSpec(spec: EndpointSpec): string {
       return "null:";
     case "command":
       return `[ ${spec.argv.join(" ")} ]`;
+    case "rbd":
+      return spec.image;
+    case "s3":
+      return spec.url;
   }
 }
 

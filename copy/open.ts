@@ -42,6 +42,10 @@ export async function openSource(spec: EndpointSpec, options: OpenOptions): Prom
         "source",
         options,
       );
+    case "rbd":
+      return await (await import("./rbd.ts")).RbdEndpoint.open(spec.image, "source");
+    case "s3":
+      return await (await import("./s3.ts")).S3Source.open(spec.url, options.connections);
     case "null":
       throw new UsageError('"null:" can only be the destination');
   }
@@ -78,6 +82,22 @@ export async function openDestination(
         "destination",
         options,
       );
+    case "rbd":
+      return await (await import("./rbd.ts")).RbdEndpoint.open(
+        spec.image,
+        "destination",
+        source.size,
+      );
+    case "s3": {
+      if (source.size === undefined) {
+        throw new UsageError(`${spec.url}: the source's size must be known to upload to S3`);
+      }
+      return await (await import("./s3.ts")).S3Destination.open(
+        spec.url,
+        source.size,
+        options.connections,
+      );
+    }
     case "http":
       throw new UsageError(`${describeSpec(spec)}: an http(s) URL can only be the source`);
   }

@@ -16,6 +16,8 @@ import { nullPlugin, zeroPlugin } from "./null.ts";
 import { partitioningPlugin } from "./partitioning.ts";
 import { patternPlugin } from "./pattern.ts";
 import { randomPlugin } from "./random.ts";
+import { rbdPlugin } from "./rbd.ts";
+import { s3Plugin } from "./s3.ts";
 import { shPlugin } from "./sh.ts";
 import { sparseRandomPlugin } from "./sparse_random.ts";
 import { splitPlugin } from "./split.ts";
@@ -36,6 +38,8 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     partitioningPlugin,
     patternPlugin,
     randomPlugin,
+    rbdPlugin,
+    s3Plugin,
     shPlugin,
     sparseRandomPlugin,
     splitPlugin,

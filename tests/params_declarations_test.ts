@@ -105,6 +105,8 @@ async function requiredWords(dir: string): Promise<Record<string, string[]>> {
     partition: ["partition=1"],
     partitioning: [`file=${file}`],
     tar: ["tar-entry=disk.img"],
+    rbd: ["image=rbd/none"],
+    s3: ["bucket=b", "key=k"],
   };
 }
 

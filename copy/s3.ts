@@ -1,0 +1,242 @@
+/**
+ * An S3 object as a copy endpoint: `s3://BUCKET/KEY`. The endpoint comes
+ * from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (else AWS), the region from
+ * AWS_REGION or AWS_DEFAULT_REGION, credentials as for the s3 plugin.
+ *
+ * As a source, the object is read with ranged GETs, several at once. As a
+ * destination it is written by one multipart upload: the copy's writes
+ * fill part buffers, and each part is uploaded (several at once) as soon
+ * as all its bytes are there, signed with its SHA-256 so that the service
+ * checks every part's integrity. The object appears only when the upload
+ * is completed at the end of a successful copy; a failed copy aborts the
+ * upload, so nothing that looks complete is left behind.
+ *
+ * @module
+ */
+
+import type { BlockSize } from "../protocol/handshake.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { findCredentials, S3Client, S3Error } from "../io/s3.ts";
+import { BaseEndpoint } from "./endpoint.ts";
+
+/** Whether a copy argument names an S3 object. */
+export function isS3Uri(text: string): boolean {
+  return /^s3:\/\//i.test(text);
+}
+
+/** Splits `s3://BUCKET/KEY`. */
+export function parseS3Uri(text: string): { bucket: string; key: string } {
+  const match = /^s3:\/\/([^/]+)\/(.+)$/i.exec(text);
+  if (!match) throw new UsageError(`expected s3://BUCKET/KEY, got "${text}"`);
+  return { bucket: match[1]!, key: match[2]! };
+}
+
+/** A client configured from the environment, as the AWS tools configure theirs. */
+export async function s3ClientFromEnvironment(connections?: number): Promise<S3Client> {
+  const env = (name: string) => Deno.env.get(name) || undefined;
+  return new S3Client({
+    endpoint: env("AWS_ENDPOINT_URL_S3") ?? env("AWS_ENDPOINT_URL"),
+    region: env("AWS_REGION") ?? env("AWS_DEFAULT_REGION") ?? "us-east-1",
+    credentials: await findCredentials(),
+    connections: Math.max(4, connections ?? 16),
+  });
+}
+
+function plain(text: string, error: unknown): Error {
+  if (error instanceof S3Error) return new Error(error.message, { cause: error });
+  return new Error(`${text}: ${(error as Error).message}`, { cause: error });
+}
+
+/** An object read with ranged GETs. */
+export class S3Source extends BaseEndpoint {
+  readonly name: string;
+  readonly kind = "s3";
+  readonly size: number;
+  readonly blockSize: BlockSize = { minimum: 1, preferred: 8 << 20, maximum: 32 << 20 };
+  readonly #s3: S3Client;
+  readonly #bucket: string;
+  readonly #key: string;
+
+  private constructor(name: string, s3: S3Client, bucket: string, key: string, size: number) {
+    super();
+    this.name = name;
+    this.#s3 = s3;
+    this.#bucket = bucket;
+    this.#key = key;
+    this.size = size;
+  }
+
+  /** Finds the object's size. */
+  static async open(text: string, connections?: number): Promise<S3Source> {
+    const { bucket, key } = parseS3Uri(text);
+    const s3 = await s3ClientFromEnvironment(connections);
+    let size: number | undefined;
+    try {
+      size = await s3.headObject(bucket, key);
+      if (size === undefined) {
+        await s3.checkBucket(bucket);
+        throw new Error(`${text} does not exist`);
+      }
+    } catch (error) {
+      throw plain(text, error);
+    }
+    return new S3Source(text, s3, bucket, key, size);
+  }
+
+  /** One ranged GET. */
+  override async read(buf: Uint8Array, offset: number): Promise<number> {
+    const n = await this.#s3.readObject(this.#bucket, this.#key, buf, offset).catch((error) => {
+      throw plain(this.name, error);
+    });
+    if (n < buf.length) throw new Error(`${this.name} changed while it was read`);
+    return n;
+  }
+}
+
+/** The smallest part S3 accepts (except the last). */
+const MIN_PART = 5 << 20;
+/** S3 allows at most this many parts. */
+const MAX_PARTS = 10_000;
+
+interface Part {
+  bytes: Uint8Array;
+  filled: number;
+}
+
+/** An object written by one multipart upload. */
+export class S3Destination extends BaseEndpoint {
+  readonly name: string;
+  readonly kind = "s3";
+  readonly size: number;
+  readonly blockSize: BlockSize;
+  readonly #s3: S3Client;
+  readonly #bucket: string;
+  readonly #key: string;
+  readonly #partSize: number;
+  readonly #uploadId: string;
+  readonly #parts = new Map<number, Part>();
+  readonly #etags: string[] = [];
+  readonly #uploading = new Set<Promise<void>>();
+  #failure: Error | undefined;
+
+  private constructor(
+    name: string,
+    s3: S3Client,
+    bucket: string,
+    key: string,
+    size: number,
+    partSize: number,
+    uploadId: string,
+  ) {
+    super();
+    this.name = name;
+    this.#s3 = s3;
+    this.#bucket = bucket;
+    this.#key = key;
+    this.size = size;
+    this.#partSize = partSize;
+    this.#uploadId = uploadId;
+    this.blockSize = { minimum: 1, preferred: Math.min(partSize, 8 << 20), maximum: 32 << 20 };
+  }
+
+  /** Starts the multipart upload of an object of `size` bytes. */
+  static async open(text: string, size: number, connections?: number): Promise<S3Destination> {
+    const { bucket, key } = parseS3Uri(text);
+    const s3 = await s3ClientFromEnvironment(connections);
+    const partSize = Math.max(
+      MIN_PART * 2,
+      Math.ceil(size / MAX_PARTS / (1 << 20)) * (1 << 20),
+    );
+    try {
+      const uploadId = await s3.createMultipartUpload(bucket, key);
+      return new S3Destination(text, s3, bucket, key, size, partSize, uploadId);
+    } catch (error) {
+      throw plain(text, error);
+    }
+  }
+
+  #partLength(index: number): number {
+    return Math.min(this.#partSize, this.size - index * this.#partSize);
+  }
+
+  /** Accounts `length` bytes at `offset` (copying them from `buf` if given); uploads full parts. */
+  async #fill(offset: number, length: number, buf?: Uint8Array): Promise<void> {
+    if (this.#failure) throw this.#failure;
+    const full: Promise<void>[] = [];
+    for (let done = 0; done < length;) {
+      const index = Math.floor((offset + done) / this.#partSize);
+      const within = offset + done - index * this.#partSize;
+      const n = Math.min(this.#partSize - within, length - done);
+      let part = this.#parts.get(index);
+      if (!part) {
+        part = { bytes: new Uint8Array(this.#partLength(index)), filled: 0 };
+        this.#parts.set(index, part);
+      }
+      if (buf) part.bytes.set(buf.subarray(done, done + n), within);
+      part.filled += n;
+      if (part.filled >= part.bytes.length) full.push(this.#upload(index, part));
+      done += n;
+    }
+    // The write that completes a part waits for its upload: that bounds the memory held.
+    await Promise.all(full);
+  }
+
+  #upload(index: number, part: Part): Promise<void> {
+    this.#parts.delete(index);
+    const upload = this.#s3.uploadPart(
+      this.#bucket,
+      this.#key,
+      this.#uploadId,
+      index + 1,
+      part.bytes,
+    ).then((etag) => {
+      this.#etags[index] = etag;
+    }, (error) => {
+      this.#failure ??= plain(this.name, error);
+      throw this.#failure;
+    });
+    this.#uploading.add(upload);
+    upload.finally(() => this.#uploading.delete(upload)).catch(() => {});
+    return upload;
+  }
+
+  /** Copies the bytes into their part. */
+  override async write(buf: Uint8Array, offset: number): Promise<void> {
+    await this.#fill(offset, buf.length, buf);
+  }
+
+  /** Zeroes are already there in a new part buffer: only counted. */
+  override async zero(offset: number, length: number): Promise<void> {
+    await this.#fill(offset, length);
+  }
+
+  /** Completes the upload after a successful copy, else aborts it. */
+  override async close(complete: boolean): Promise<void> {
+    try {
+      if (!complete || this.#failure) throw this.#failure ?? new Error("the copy failed");
+      if (this.size === 0) {
+        await this.#s3.abortMultipartUpload(this.#bucket, this.#key, this.#uploadId);
+        return await this.#s3.putObject(this.#bucket, this.#key, new Uint8Array(0));
+      }
+      // Parts not wholly written (only if the copy skipped zero runs) go as they are.
+      for (const [index, part] of [...this.#parts]) this.#upload(index, part).catch(() => {});
+      while (this.#uploading.size > 0) await Promise.all([...this.#uploading]);
+      const count = Math.ceil(this.size / this.#partSize);
+      await this.#s3.completeMultipartUpload(
+        this.#bucket,
+        this.#key,
+        this.#uploadId,
+        Array.from({ length: count }, (_, i) => this.#etags[i] ?? ""),
+      );
+    } catch (error) {
+      await Promise.allSettled([...this.#uploading]);
+      await this.#s3.abortMultipartUpload(this.#bucket, this.#key, this.#uploadId).catch(() => {});
+      if (complete) throw plain(this.name, error);
+    }
+  }
+
+  /** A failed copy leaves no object (the upload is aborted). */
+  override incompleteNote(): string {
+    return `the upload to ${this.name} was abandoned; no object was written`;
+  }
+}
