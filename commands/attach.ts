@@ -62,7 +62,7 @@ export const attachCommand: Command = {
       return 0;
     }
     const refusal = linuxOnly(
-      "nbd attach (loop devices)",
+      "attach (loop devices)",
       "serve the export to the system's own NBD client (WNBD on Windows) or copy it with `nbd copy URI FILE` instead",
     );
     if (refusal) throw new Error(refusal);

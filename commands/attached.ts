@@ -102,7 +102,7 @@ export const attachedCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
-    const refusal = linuxOnly("nbd attached", "there are no attached devices on this system");
+    const refusal = linuxOnly("attached", "there are no attached devices on this system");
     if (refusal) throw new Error(refusal);
     if (positionals.length !== 0) throw new UsageError("attached takes no arguments (see --help)");
     const entries = await attachedEntries(values.all ?? false);

@@ -105,7 +105,7 @@ export const detachCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
-    const refusal = linuxOnly("nbd detach", "there are no attached devices on this system");
+    const refusal = linuxOnly("detach", "there are no attached devices on this system");
     if (refusal) throw new Error(refusal);
     if (positionals.length !== 1) {
       throw new UsageError("detach needs a DEVICE or URI (see --help)");

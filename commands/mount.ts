@@ -182,7 +182,7 @@ export const mountCommand: Command = {
       return 0;
     }
     const refusal = linuxOnly(
-      "nbd mount (FUSE)",
+      "mount (FUSE)",
       "copy the export to a local file with `nbd copy URI FILE` instead",
     );
     if (refusal) throw new Error(refusal);

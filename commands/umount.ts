@@ -86,7 +86,7 @@ export const umountCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
-    const refusal = linuxOnly("nbd umount", "there are no nbd mounts on this system");
+    const refusal = linuxOnly("umount", "there are no nbd mounts on this system");
     if (refusal) throw new Error(refusal);
     if (positionals.length !== 1) throw new UsageError("umount needs a MOUNTPOINT (see --help)");
     const waitSeconds = values.wait === undefined ? 60 : Number(values.wait);

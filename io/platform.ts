@@ -85,11 +85,7 @@ function decide(): Platform {
   const linuxFast = os === "linux" && ffi && !forced;
   let why = "";
   if (!linuxFast) {
-    why = os !== "linux"
-      ? name
-      : forced
-      ? "NBD_PORTABLE=1"
-      : "FFI is not allowed (run with -A or --allow-ffi)";
+    why = os !== "linux" ? name : forced ? "NBD_PORTABLE=1" : "FFI is denied";
   }
   return { os, name, linuxFast, posixLibc: ffi ? library : undefined, why };
 }
