@@ -6,6 +6,11 @@
  *
  *   deno task bench:copy                       # 5 rounds, 1 GiB, sparse 4 GiB
  *   deno task bench:copy --rounds 7 --size 512M --only null
+ *   deno task bench:copy --portable            # Linux paths vs NBD_PORTABLE=1
+ *
+ * With `--portable` the comparison is `nbd copy` on the Linux fast paths
+ * against `nbd copy` on the portable paths (NBD_PORTABLE=1, what macOS and
+ * Windows run) instead of nbdcopy: ratio = portable rate / Linux rate.
  *
  * Cases: nbdkit memory (filled with random data) → null:, nbdkit memory →
  * a new file in the temporary directory, a file → nbdkit memory, and
@@ -28,8 +33,10 @@ const { values } = parseArgs({
     "sparse-size": { type: "string", default: "4G" },
     only: { type: "string" },
     dir: { type: "string" },
+    portable: { type: "boolean", default: false },
   },
 });
+const portable = values.portable!;
 const rounds = Number(values.rounds);
 const size = parseSize(values.size!);
 const sparseSize = parseSize(values["sparse-size"]!);
@@ -55,11 +62,16 @@ function median(xs: number[]): number {
 }
 
 /** Runs a command; returns wall seconds and peak RSS in KiB (0 when unknown). */
-async function measure(cmd: string, args: string[]): Promise<{ seconds: number; peakKiB: number }> {
+async function measure(
+  cmd: string,
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<{ seconds: number; peakKiB: number }> {
   const wrapped = TIME ? [TIME, "-f", "@@peak %M", cmd, ...args] : [cmd, ...args];
   const start = performance.now();
   const output = await new Deno.Command(wrapped[0]!, {
     args: wrapped.slice(1),
+    env,
     stdout: "null",
     stderr: "piped",
   }).output();
@@ -81,6 +93,11 @@ interface Row {
 
 const rows: Row[] = [];
 const nbd = await nbdExecutable();
+/** What ours is compared with: nbdcopy, or with --portable our own copy on the portable paths. */
+const other = (source: string, destination: string) =>
+  portable
+    ? measure(nbd, ["copy", source, destination], { NBD_PORTABLE: "1" })
+    : measure("nbdcopy", [source, destination]);
 const dir = values.dir ?? await Deno.makeTempDir({ prefix: "nbd-bench-copy" });
 
 /**
@@ -101,16 +118,16 @@ async function compare(
   let theirsPeak = 0;
   // One untimed run each first: page cache, server memory, code caches.
   await prepare();
-  await measure(nbd, ["copy", source, destination]);
+  await measure(nbd, ["copy", source, destination], { NBD_PORTABLE: "0" });
   await prepare();
-  await measure("nbdcopy", [source, destination]);
+  await other(source, destination);
   for (let i = 0; i < rounds; i++) {
     await prepare();
-    const a = await measure(nbd, ["copy", source, destination]);
+    const a = await measure(nbd, ["copy", source, destination], { NBD_PORTABLE: "0" });
     ours.push(a.seconds);
     oursPeak = Math.max(oursPeak, a.peakKiB);
     await prepare();
-    const b = await measure("nbdcopy", [source, destination]);
+    const b = await other(source, destination);
     theirs.push(b.seconds);
     theirsPeak = Math.max(theirsPeak, b.peakKiB);
   }
@@ -168,18 +185,21 @@ try {
 
 const rate = (bytes: number, seconds: number) => `${(bytes / seconds / 1e6).toFixed(0)} MB/s`;
 const mib = (kib: number) => kib ? `${(kib / 1024).toFixed(0)} MiB` : "?";
+const them = portable ? "nbd copy (portable)" : "nbdcopy";
 console.log(
   `\ncopy benchmark: ${rounds} rounds each, alternating, medians of whole-process wall time; ` +
-    `ratio = our rate / nbdcopy's rate (> 1.0: we are faster)\n`,
+    (portable
+      ? `ratio = the portable paths' rate / the Linux paths' rate (1.0: as fast)\n`
+      : `ratio = our rate / nbdcopy's rate (> 1.0: we are faster)\n`),
 );
-console.log(`| case | nbd copy | nbdcopy | ratio | peak RSS nbd copy | peak RSS nbdcopy |`);
+console.log(`| case | nbd copy | ${them} | ratio | peak RSS nbd copy | peak RSS ${them} |`);
 console.log(`|---|---|---|---|---|---|`);
 for (const row of rows) {
   console.log(
     `| ${row.name} | ${row.ours.toFixed(3)} s (${rate(row.bytes, row.ours)}) | ${
       row.theirs.toFixed(3)
-    } s (${rate(row.bytes, row.theirs)}) | ${(row.theirs / row.ours).toFixed(2)}x | ${
-      mib(row.oursPeak)
-    } | ${mib(row.theirsPeak)} |`,
+    } s (${rate(row.bytes, row.theirs)}) | ${
+      (portable ? row.ours / row.theirs : row.theirs / row.ours).toFixed(2)
+    }x | ${mib(row.oursPeak)} | ${mib(row.theirsPeak)} |`,
   );
 }

@@ -6,12 +6,18 @@
  *
  *   deno task bench            # 5 rounds each
  *   deno task bench --rounds 3 --size 256M
+ *   deno task bench --portable # nbd serve on the Linux paths vs NBD_PORTABLE=1
+ *
+ * With `--portable` the other server is `nbd serve` on the portable paths
+ * (NBD_PORTABLE=1, what macOS and Windows run) instead of nbdkit, and the
+ * ratio is the portable paths' rate / the Linux paths' rate (below 1.0: the
+ * portable paths are slower).
  *
  * @module
  */
 
 import { parseArgs } from "node:util";
-import { hasCommand, runOk, startNbdServe, startServer } from "../tests/helpers.ts";
+import { hasCommand, ROOT, runOk, startNbdServe, startServer } from "../tests/helpers.ts";
 import { makeCertificates } from "../tests/certs.ts";
 import { parseSize } from "../util/parse.ts";
 
@@ -21,8 +27,20 @@ const { values } = parseArgs({
     rounds: { type: "string", default: "5" },
     size: { type: "string", default: "1G" },
     "bench-count": { type: "string", default: "200000" },
+    portable: { type: "boolean", default: false },
   },
 });
+const portable = values.portable!;
+/** The server ours is compared with: nbdkit, or with --portable nbd serve on the portable paths. */
+const otherName = portable ? "nbd serve (portable)" : "nbdkit";
+function startOther(args: string[]) {
+  if (!portable) return startServer("nbdkit", ["-f", "-U", "$SOCKET", ...args]);
+  return startServer(
+    Deno.execPath(),
+    ["run", "-A", "--quiet", `${ROOT}/main.ts`, "serve", "-U", "$SOCKET", ...args],
+    { env: { NBD_PORTABLE: "1" } },
+  );
+}
 const rounds = Number(values.rounds);
 const size = parseSize(values.size!);
 
@@ -64,7 +82,7 @@ interface Row {
 }
 
 await using ours = await startNbdServe(["memory", String(size)]);
-await using nbdkit = await startServer("nbdkit", ["-f", "-U", "$SOCKET", "memory", String(size)]);
+await using nbdkit = await startOther(["memory", String(size)]);
 
 // The same contents in both: a filled (non-sparse) disk.
 for (const server of [ours, nbdkit]) {
@@ -129,7 +147,7 @@ try {
   );
   // Reads through the file plugin, of a file in the page cache.
   await using oursFile = await startNbdServe(["file", image]);
-  await using nbdkitFile = await startServer("nbdkit", ["-f", "-U", "$SOCKET", "file", image]);
+  await using nbdkitFile = await startOther(["file", image]);
   await compare(
     `file plugin: nbdcopy ${values.size} → null:`,
     (uri) => ["nbdcopy", [uri, "null:"]],
@@ -149,16 +167,11 @@ try {
     "memory",
     String(size),
   ]);
-  await using nbdkitTls = await startServer("nbdkit", [
-    ...[
-      "-f",
-      "-U",
-      "$SOCKET",
-      "--tls=require",
-      `--tls-certificates=${pki}`,
-      "memory",
-      String(size),
-    ],
+  await using nbdkitTls = await startOther([
+    "--tls=require",
+    `--tls-certificates=${pki}`,
+    "memory",
+    String(size),
   ]);
   const tlsUri = (socket: string) => `nbds+unix:///?socket=${socket}&tls-certificates=${pki}`;
   const uris: [string, string] = [tlsUri(oursTls.socket!), tlsUri(nbdkitTls.socket!)];
@@ -175,12 +188,19 @@ try {
 }
 
 console.log(
-  `\nserver benchmark: ${rounds} rounds, medians; ratio = nbdkit time / our time (> 1.0: we are faster)\n`,
+  portable
+    ? `\nserver benchmark: ${rounds} rounds, medians; ratio = portable rate / Linux rate (1.0: as fast)\n`
+    : `\nserver benchmark: ${rounds} rounds, medians; ratio = nbdkit time / our time (> 1.0: we are faster)\n`,
 );
-console.log(`| benchmark | nbd serve | nbdkit | ratio ours/nbdkit |`);
+console.log(
+  `| benchmark | nbd serve | ${otherName} | ${
+    portable ? "ratio portable/Linux" : "ratio ours/nbdkit"
+  } |`,
+);
 console.log(`|---|---|---|---|`);
 for (const row of rows) {
-  const ratio = row.lowerIsBetter ? row.theirs / row.ours : row.ours / row.theirs;
+  let ratio = row.lowerIsBetter ? row.theirs / row.ours : row.ours / row.theirs;
+  if (portable) ratio = 1 / ratio;
   console.log(
     `| ${row.name} | ${row.ours.toFixed(3)} ${row.unit} | ${row.theirs.toFixed(3)} ${row.unit} | ${
       ratio.toFixed(2)
@@ -188,5 +208,5 @@ for (const row of rows) {
   );
 }
 console.log(
-  `\npeak RSS: nbd serve ${peakRss(ours.child.pid)}, nbdkit ${peakRss(nbdkit.child.pid)}`,
+  `\npeak RSS: nbd serve ${peakRss(ours.child.pid)}, ${otherName} ${peakRss(nbdkit.child.pid)}`,
 );

@@ -8,6 +8,7 @@
 import { type ByteStream, fromDenoConn, fromNodeSocket } from "../io/byte_stream.ts";
 import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { NbdConnectionError } from "./errors.ts";
+import { unixSocketUnsupported } from "../io/platform.ts";
 import { connectWithFd } from "../io/socket_fast.ts";
 
 /** Parses `uri` if it is a string; URI syntax errors name the part that is wrong. */
@@ -109,8 +110,10 @@ export async function openStream(
     }
   } catch (error) {
     if (error instanceof NbdConnectionError) throw error;
+    const why = (uri.transport === "unix" ? unixSocketUnsupported(error) : undefined) ??
+      reason(error);
     throw new NbdConnectionError(
-      `Cannot connect to NBD server at ${describeServer(uri)}: ${reason(error)}`,
+      `Cannot connect to NBD server at ${describeServer(uri)}: ${why}`,
       { cause: error },
     );
   }

@@ -6,6 +6,7 @@
  * @module
  */
 
+import { linuxOnly } from "../io/platform.ts";
 import { startDaemon } from "../mount/daemon.ts";
 import { sessionDir } from "../mount/registry.ts";
 import { MountSession, requireMountPrivilege } from "../mount/session.ts";
@@ -60,6 +61,11 @@ export const attachCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
+    const refusal = linuxOnly(
+      "attach (loop devices)",
+      "serve the export to the system's own NBD client (WNBD on Windows) or copy it with `nbd copy URI FILE` instead",
+    );
+    if (refusal) throw new Error(refusal);
     if (positionals.length !== 1) throw new UsageError("attach needs exactly one URI (see --help)");
     const flags = mountFlags(values);
     requireMountPrivilege("attach a device");

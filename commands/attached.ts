@@ -5,6 +5,7 @@
  * @module
  */
 
+import { linuxOnly } from "../io/platform.ts";
 import type { IoStats } from "../mount/io_counters.ts";
 import { controlRequest, listSessions, type SessionRecord } from "../mount/registry.ts";
 import { formatSize } from "../util/parse.ts";
@@ -101,6 +102,8 @@ export const attachedCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
+    const refusal = linuxOnly("attached", "there are no attached devices on this system");
+    if (refusal) throw new Error(refusal);
     if (positionals.length !== 0) throw new UsageError("attached takes no arguments (see --help)");
     const entries = await attachedEntries(values.all ?? false);
     if (values.json) {

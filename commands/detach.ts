@@ -8,6 +8,7 @@
  * @module
  */
 
+import { linuxOnly } from "../io/platform.ts";
 import {
   describeUsers,
   detachLoop,
@@ -104,6 +105,8 @@ export const detachCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
+    const refusal = linuxOnly("detach", "there are no attached devices on this system");
+    if (refusal) throw new Error(refusal);
     if (positionals.length !== 1) {
       throw new UsageError("detach needs a DEVICE or URI (see --help)");
     }

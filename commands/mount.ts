@@ -6,6 +6,7 @@
  * @module
  */
 
+import { linuxOnly } from "../io/platform.ts";
 import { formatSize, parseDuration } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { DEFAULT_TIMEOUT_MS } from "../mount/export_file.ts";
@@ -180,6 +181,11 @@ export const mountCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
+    const refusal = linuxOnly(
+      "mount (FUSE)",
+      "copy the export to a local file with `nbd copy URI FILE` instead",
+    );
+    if (refusal) throw new Error(refusal);
     if (positionals.length !== 2) {
       throw new UsageError("mount needs a URI and a MOUNTPOINT (see --help)");
     }

@@ -6,6 +6,7 @@
  * @module
  */
 
+import { linuxOnly } from "../io/platform.ts";
 import { dirname } from "node:path";
 import { FUSE_SUBTYPE } from "../mount/fuse_file_server.ts";
 import {
@@ -85,6 +86,8 @@ export const umountCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
+    const refusal = linuxOnly("umount", "there are no nbd mounts on this system");
+    if (refusal) throw new Error(refusal);
     if (positionals.length !== 1) throw new UsageError("umount needs a MOUNTPOINT (see --help)");
     const waitSeconds = values.wait === undefined ? 60 : Number(values.wait);
     if (!Number.isFinite(waitSeconds) || waitSeconds < 0) {

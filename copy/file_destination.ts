@@ -19,21 +19,13 @@
  */
 
 import {
-  closeFd,
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
   fallocate,
-  lastError,
-  O_CREAT,
-  O_EXCL,
-  O_RDWR,
-  O_WRONLY,
-  pwrite,
-  seekEnd,
-  syncFd,
-  truncateFd,
 } from "../io/libc.ts";
+import { fileIo } from "../io/file_io.ts";
+import { platform } from "../io/platform.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { ZERO_BUFFER } from "../util/zero_buffer.ts";
 import { registerCleanup } from "./cleanup.ts";
@@ -43,16 +35,16 @@ import { StreamDestination } from "./pipe.ts";
 import { WriteHandoff } from "./write_thread.ts";
 import { WriteBehind } from "./writeback.ts";
 
-function writeAt(fd: number, buf: Uint8Array, position: number): number {
-  const n = pwrite(fd, buf, position)!;
-  if (n < 0) throw lastError();
-  return n;
+/** Where the last path separator of `path` is ("\\" too on Windows); -1 when none. */
+function lastSeparator(path: string): number {
+  const slash = path.lastIndexOf("/");
+  return Deno.build.os === "windows" ? Math.max(slash, path.lastIndexOf("\\")) : slash;
 }
 
 /** The directory part of `path` ("." when it has none). */
 function directoryOf(path: string): string {
-  const slash = path.lastIndexOf("/");
-  return slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
+  const slash = lastSeparator(path);
+  return slash < 0 ? "." : slash === 0 ? path.slice(0, 1) : path.slice(0, slash);
 }
 
 /**
@@ -73,7 +65,7 @@ function lockReleased(lock: Int32Array): Promise<unknown> {
 /** Writes all of `buf` at `position`. */
 function writeFully(fd: number, buf: Uint8Array, position: number): void {
   let done = 0;
-  while (done < buf.length) done += writeAt(fd, buf.subarray(done), position + done);
+  while (done < buf.length) done += fileIo.writeAt(fd, buf.subarray(done), position + done);
 }
 
 /**
@@ -97,8 +89,9 @@ export class FileDestination extends BaseEndpoint {
   readonly #writePath: string;
   /** A block device (so never resized). */
   #device: boolean;
-  #canPunch = true;
-  #canZeroRange = true;
+  /** fallocate is a Linux fast path; elsewhere zeroes are written. */
+  #canPunch = platform().linuxFast;
+  #canZeroRange = platform().linuxFast;
   #closed = false;
   readonly #behind: WriteBehind;
   /** The hand-off of writes to a write thread, when the copy took its buffers (`sharedBuffers`). */
@@ -150,19 +143,19 @@ export class FileDestination extends BaseEndpoint {
       if (info.isFifo) enlargeFifo(path);
       return new StreamDestination(path, file);
     }
-    if (info && source && info.dev === source.dev && info.ino === source.ino) {
+    if (info?.ino && source?.ino && info.dev === source.dev && info.ino === source.ino) {
       throw new Error(`Cannot copy ${path} onto itself`);
     }
     if (!info) {
       // A new file: written under a temporary name, renamed into place on success.
       const directory = directoryOf(path);
-      const base = path.slice(path.lastIndexOf("/") + 1);
+      const base = path.slice(lastSeparator(path) + 1);
       const temporary = `${directory}/.${base}.nbd-copy-${crypto.randomUUID().slice(0, 8)}`;
-      const fd = openPath(temporary, O_WRONLY | O_CREAT | O_EXCL, `Cannot create ${path}`);
+      const fd = openPath(temporary, "createNew", `Cannot create ${path}`);
       try {
-        if (sourceSize !== undefined) truncateFd(fd, sourceSize);
+        if (sourceSize !== undefined) fileIo.truncate(fd, sourceSize);
       } catch (error) {
-        closeFd(fd);
+        fileIo.close(fd);
         try {
           Deno.removeSync(temporary);
         } catch { /* already gone */ }
@@ -171,17 +164,17 @@ export class FileDestination extends BaseEndpoint {
       return new FileDestination(path, fd, "new", temporary, sourceSize);
     }
     // Never O_CREAT here: a device node must not be replaced by a regular file.
-    const fd = openPath(path, O_RDWR, `Cannot open ${path}`);
+    const fd = openPath(path, "readWrite", `Cannot open ${path}`);
     if (info?.isBlockDevice) {
-      return new FileDestination(path, fd, "device", path, seekEnd(fd) ?? 0);
+      return new FileDestination(path, fd, "device", path, fileIo.deviceSize(fd, path));
     }
     try {
       // Only resized, not emptied: zero runs are punched as they come. Emptying
       // first would free every block and, on ext4, make close() wait for the
       // new data to reach the disk (its "replace via truncate" heuristic).
-      if (sourceSize !== undefined) truncateFd(fd, sourceSize);
+      if (sourceSize !== undefined) fileIo.truncate(fd, sourceSize);
     } catch (error) {
-      closeFd(fd);
+      fileIo.close(fd);
       throw fsError(error, `Cannot truncate ${path}`);
     }
     return new FileDestination(path, fd, "existing", path, sourceSize);
@@ -193,7 +186,7 @@ export class FileDestination extends BaseEndpoint {
    * created, resized or removed from here.
    */
   static openShared(spec: Extract<ShareSpec, { kind: "file-destination" }>): FileDestination {
-    const fd = openPath(spec.path, O_RDWR, `Cannot open ${spec.name}`);
+    const fd = openPath(spec.path, "readWrite", `Cannot open ${spec.name}`);
     const destination = new FileDestination(
       spec.name,
       fd,
@@ -235,7 +228,14 @@ export class FileDestination extends BaseEndpoint {
    */
   sharedBuffers(count: number, bytes: number, total?: number): SharedArrayBuffer | undefined {
     if (this.#writeLock || this.#handoff || this.#closed) return undefined;
-    this.#handoff = WriteHandoff.offer(this.#fd, this.#behind, count, bytes, total);
+    this.#handoff = WriteHandoff.offer(
+      this.#fd,
+      this.#behind,
+      count,
+      bytes,
+      total,
+      this.#writePath,
+    );
     return this.#handoff?.arena;
   }
 
@@ -285,7 +285,7 @@ export class FileDestination extends BaseEndpoint {
   /** fsync. */
   override async flush(): Promise<void> {
     try {
-      await syncFd(this.#fd);
+      await fileIo.sync(this.#fd);
     } catch (error) {
       throw fsError(error, "fsync");
     }
@@ -293,7 +293,7 @@ export class FileDestination extends BaseEndpoint {
 
   /** Sizes the file once a stream source has ended (what lies beyond the stream goes). */
   override finish(size: number): Promise<void> {
-    if (!this.#device) truncateFd(this.#fd, size);
+    if (!this.#device) fileIo.truncate(this.#fd, size);
     return Promise.resolve();
   }
 
@@ -304,7 +304,7 @@ export class FileDestination extends BaseEndpoint {
     this.#unregister();
     await this.#handoff?.stop();
     await this.#behind.stop();
-    closeFd(this.#fd);
+    fileIo.close(this.#fd);
     if (this.#mode !== "new") return;
     if (complete) {
       try {

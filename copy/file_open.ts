@@ -1,20 +1,23 @@
 /**
- * What the file source and destination share: opening a path with open(2),
- * finding what it is, enlarging a FIFO's pipe, and reporting a failure as
- * node:fs would ("Cannot open x: no such file or directory").
+ * What the file source and destination share: opening a path, finding
+ * what it is, enlarging a FIFO's pipe, and reporting a failure as node:fs
+ * would ("Cannot open x: no such file or directory").
  *
- * Files are opened, read, written and resized with plain synchronous libc
- * calls through FFI, never node:fs: loading the Node compatibility layer
- * alone slows a copy's start-up, and node:fs runs positional I/O on the
- * event loop's thread anyway, with more overhead. Handing each call to a
- * worker thread (FFI "nonblocking") cost the event loop more than the copy
- * it saves (docs/performance.md).
+ * On the Linux fast paths files are opened, read, written and resized with
+ * plain synchronous libc calls through FFI, not node:fs: loading the Node
+ * compatibility layer alone slows a copy's start-up, and node:fs runs
+ * positional I/O on the event loop's thread anyway, with more overhead.
+ * Handing each call to a worker thread (FFI "nonblocking") cost the event
+ * loop more than the copy it saves (docs/performance.md). On the portable
+ * paths the same calls go through node:fs (io/file_io.ts).
  *
  * @module
  */
 
+import { fileIo, type OpenMode } from "../io/file_io.ts";
 import { closeFd, O_NONBLOCK, O_RDWR, openFd } from "../io/libc.ts";
 import { enlargePipe } from "../io/pipes.ts";
+import { platform } from "../io/platform.ts";
 
 /**
  * An error from a file with the system's error code, as node:fs reports it,
@@ -34,16 +37,13 @@ export function fsError(error: unknown, what: string): Error {
   return wrapped;
 }
 
-/** Opens `path` with open(2) `flags`; FFI is required. */
-export function openPath(path: string, flags: number, what: string): number {
-  let fd: number | undefined;
+/** Opens `path` in `mode`; a failure is reported as `what` and the reason. */
+export function openPath(path: string, mode: OpenMode, what: string): number {
   try {
-    fd = openFd(path, flags);
+    return fileIo.open(path, mode);
   } catch (error) {
     throw fsError(error, what);
   }
-  if (fd === undefined) throw new Error(`${what}: file access needs FFI (run nbd with -A)`);
-  return fd;
 }
 
 /**
@@ -51,8 +51,10 @@ export function openPath(path: string, flags: number, what: string): number {
  * through a descriptor of its own: the runtime does not give out the one
  * it reads or writes through, and the size belongs to the pipe, not to a
  * descriptor. Opened for reading and writing, a FIFO never blocks the open.
+ * Skipped on the portable paths.
  */
 export function enlargeFifo(path: string): void {
+  if (!platform().linuxFast) return;
   try {
     const fd = openFd(path, O_RDWR | O_NONBLOCK);
     if (fd === undefined) return;

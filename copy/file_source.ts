@@ -1,34 +1,22 @@
 /**
  * A local file or block device as the source of a copy, read with
  * positional reads so that many requests can be in flight on one
- * descriptor. A regular file describes its holes with SEEK_DATA/SEEK_HOLE.
- * Sources are read in order with POSIX_FADV_SEQUENTIAL, so the kernel's
- * readahead keeps cold files streaming. FIFOs and character devices are
+ * descriptor. A regular file describes its holes with SEEK_DATA/SEEK_HOLE
+ * where the platform has them (else it is all data, and the copy's zero
+ * detection finds its zero runs). On Linux sources are read in order with
+ * POSIX_FADV_SEQUENTIAL, so the kernel's readahead keeps cold files streaming. FIFOs and character devices are
  * streams (see pipe.ts).
  *
  * @module
  */
 
-import {
-  adviseSequential,
-  closeFd,
-  lastError,
-  O_RDONLY,
-  pread,
-  seekData,
-  seekEnd,
-} from "../io/libc.ts";
+import { adviseSequential, seekData } from "../io/libc.ts";
 import { fileExtents } from "../io/file_extents.ts";
+import { fileIo } from "../io/file_io.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { BaseEndpoint, COPY_BLOCK_SIZE, type CopyExtent, type ShareSpec } from "./endpoint.ts";
 import { enlargeFifo, fsError, openPath, statPath } from "./file_open.ts";
 import { StreamSource } from "./pipe.ts";
-
-function readAt(fd: number, buf: Uint8Array, position: number): number {
-  const n = pread(fd, buf, position)!;
-  if (n < 0) throw lastError();
-  return n;
-}
 
 /** A regular file or block device read with positional reads. */
 export class FileSource extends BaseEndpoint {
@@ -48,7 +36,7 @@ export class FileSource extends BaseEndpoint {
     this.#fd = fd;
     const block = stat.isBlockDevice === true;
     this.kind = block ? "block device" : "file";
-    this.size = block ? (seekEnd(fd) ?? 0) : stat.size;
+    this.size = block ? fileIo.deviceSize(fd, name) : stat.size;
     this.canExtents = !block && seekData(fd, 0) !== undefined;
     this.identity = { dev: stat.dev, ino: stat.ino ?? 0 };
   }
@@ -65,7 +53,7 @@ export class FileSource extends BaseEndpoint {
       if (info.isFifo) enlargeFifo(path);
       return new StreamSource(path, file);
     }
-    const fd = openPath(path, O_RDONLY, `Cannot open ${path}`);
+    const fd = openPath(path, "read", `Cannot open ${path}`);
     await adviseSequential(fd);
     return new FileSource(path, fd, info);
   }
@@ -75,7 +63,7 @@ export class FileSource extends BaseEndpoint {
     try {
       let done = 0;
       while (done < buf.length) {
-        const n = readAt(this.#fd, buf.subarray(done), offset + done);
+        const n = fileIo.readAt(this.#fd, buf.subarray(done), offset + done);
         if (n === 0) {
           throw new Error(`unexpected end of file at offset ${offset + done} (the file shrank)`);
         }
@@ -101,7 +89,7 @@ export class FileSource extends BaseEndpoint {
 
   /** Closes the descriptor. */
   override close(): Promise<void> {
-    closeFd(this.#fd);
+    fileIo.close(this.#fd);
     return Promise.resolve();
   }
 }

@@ -14,6 +14,7 @@
 
 import { type ChildProcess, spawn } from "node:child_process";
 import { closeFd, listenUnixFd } from "../io/libc.ts";
+import { linuxOnly } from "../io/platform.ts";
 import { selfCommand } from "../util/self_command.ts";
 import { registerCleanup } from "./cleanup.ts";
 import type { Role } from "./endpoint.ts";
@@ -71,6 +72,12 @@ function describeExit(code: number | null, signal: string | null): string {
 /** Starts `argv` with a listening socket on fd 3. */
 export async function startActivatedServer(argv: string[]): Promise<ActivatedServer> {
   if (argv.length === 0) throw new Error("the server command between [ and ] is empty");
+  // Handing a listening socket to a child needs its descriptor, which only libc gives.
+  const refusal = linuxOnly(
+    "[ CMD ] (a server started by socket activation)",
+    "start the server yourself and give its URI instead",
+  );
+  if (refusal) throw new Error(refusal);
   const dir = await Deno.makeTempDir({ prefix: "nbd-copy-" });
   const socket = `${dir}/sock`;
   let fd: number;

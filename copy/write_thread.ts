@@ -12,6 +12,7 @@
  * @module
  */
 
+import { fileIo } from "../io/file_io.ts";
 import { SystemError } from "../io/libc.ts";
 import { WRITE_BEHIND_STEP, type WriteBehind } from "./writeback.ts";
 
@@ -49,6 +50,11 @@ export const REQUEST_FIELDS = 3;
 /** What the write thread is given to start. */
 export interface WriteThreadSetup {
   fd: number;
+  /**
+   * The file's path, which the thread opens itself on the portable paths:
+   * node:fs descriptors belong to the thread that opened them.
+   */
+  path?: string;
   arena: SharedArrayBuffer;
   control: SharedArrayBuffer;
   /** RING_SLOTS × REQUEST_FIELDS Int32 entries. */
@@ -100,18 +106,22 @@ export class WriteThread {
   }
 
   /**
-   * Starts a thread writing `fd` from `arena`, with write-behind in
-   * windows of `step` bytes, `budget` bytes behind; undefined when no
-   * thread can be started here.
+   * Starts a thread writing `fd` (the file at `path`) from `arena`, with
+   * write-behind in windows of `step` bytes, `budget` bytes behind;
+   * undefined when no thread can be started here (on the portable paths,
+   * without a path to open).
    */
   static start(
     fd: number,
     arena: SharedArrayBuffer,
     step: number,
     budget: number,
+    path?: string,
   ): WriteThread | undefined {
+    if (fileIo.path === "portable" && path === undefined) return undefined;
     const setup: WriteThreadSetup = {
       fd,
+      path,
       arena,
       control: new SharedArrayBuffer(Control.LENGTH * 4),
       requests: new SharedArrayBuffer(RING_SLOTS * REQUEST_FIELDS * 4),
@@ -219,6 +229,7 @@ export class WriteHandoff {
   /** The copy's read buffers' memory. */
   readonly arena: SharedArrayBuffer;
   readonly #fd: number;
+  readonly #path: string | undefined;
   /** The owner's write-behind: its budget is the thread's, and it is drained at the hand-over. */
   readonly #behind: WriteBehind;
   #thread: WriteThread | undefined;
@@ -229,16 +240,22 @@ export class WriteHandoff {
   /** Bytes written from the arena by the owner before a write thread started. */
   #writtenHere = 0;
 
-  private constructor(fd: number, behind: WriteBehind, arena: SharedArrayBuffer) {
+  private constructor(
+    fd: number,
+    behind: WriteBehind,
+    arena: SharedArrayBuffer,
+    path: string | undefined,
+  ) {
     this.#fd = fd;
+    this.#path = path;
     this.#behind = behind;
     this.arena = arena;
   }
 
   /**
    * An arena of `count` buffers of `bytes` for a copy of `total` bytes
-   * (undefined for a stream) into `fd`; undefined when the copy would not
-   * pay for a write thread.
+   * (undefined for a stream) into `fd`, the file at `path`; undefined when
+   * the copy would not pay for a write thread.
    */
   static offer(
     fd: number,
@@ -246,6 +263,7 @@ export class WriteHandoff {
     count: number,
     bytes: number,
     total: number | undefined,
+    path?: string,
   ): WriteHandoff | undefined {
     if (count * bytes > MAX_ARENA) return undefined;
     // A copy this small would not pay for the thread's start, which holds the event
@@ -253,7 +271,7 @@ export class WriteHandoff {
     // it now than after the first requests. A stream's is started once it has
     // shown its size (`write`).
     if (total !== undefined && total < WRITE_THREAD_SIZE) return undefined;
-    const handoff = new WriteHandoff(fd, behind, new SharedArrayBuffer(count * bytes));
+    const handoff = new WriteHandoff(fd, behind, new SharedArrayBuffer(count * bytes), path);
     if (total !== undefined) handoff.#start();
     return handoff;
   }
@@ -283,7 +301,13 @@ export class WriteHandoff {
   #start(): WriteThread | undefined {
     if (this.#tried) return this.#thread;
     this.#tried = true;
-    this.#thread = WriteThread.start(this.#fd, this.arena, WRITE_BEHIND_STEP, this.#behind.budget);
+    this.#thread = WriteThread.start(
+      this.#fd,
+      this.arena,
+      WRITE_BEHIND_STEP,
+      this.#behind.budget,
+      this.#path,
+    );
     return this.#thread;
   }
 

@@ -1,6 +1,7 @@
 /**
  * The write thread of a file destination (write_thread.ts): takes requests
- * from the ring in order, writes each from the shared arena with pwrite,
+ * from the ring in order, writes each from the shared arena with a
+ * positional write (io/file_io.ts),
  * makes the write-behind calls in line, and reports each request done,
  * with its errno when it failed.
  *
@@ -12,13 +13,13 @@
 
 import {
   dropCacheHere,
-  lastError,
-  pwrite,
   SYNC_FILE_RANGE_WAIT_AFTER,
   SYNC_FILE_RANGE_WAIT_BEFORE,
   SYNC_FILE_RANGE_WRITE,
   syncFileRangeHere,
 } from "../io/libc.ts";
+import { errnoOfError, fileIo } from "../io/file_io.ts";
+import { platform } from "../io/platform.ts";
 import { Control, REQUEST_FIELDS, RING_SLOTS, type WriteThreadSetup } from "./write_thread.ts";
 import { WritebackWindows } from "./writeback.ts";
 
@@ -28,9 +29,12 @@ const EIO = 5;
 function writeAll(fd: number, data: Uint8Array, position: number): number {
   let done = 0;
   while (done < data.length) {
-    const n = pwrite(fd, data.subarray(done), position + done);
-    if (n === undefined) return EIO;
-    if (n < 0) return lastError().errno || EIO;
+    let n: number;
+    try {
+      n = fileIo.writeAt(fd, data.subarray(done), position + done);
+    } catch (error) {
+      return errnoOfError(error) || EIO;
+    }
     // Nothing written and no error: give up rather than spin.
     if (n === 0) return EIO;
     done += n;
@@ -39,13 +43,25 @@ function writeAll(fd: number, data: Uint8Array, position: number): number {
 }
 
 function run(setup: WriteThreadSetup): void {
-  const { fd } = setup;
+  // node:fs descriptors are the opening thread's own: on the portable paths this one opens the file.
+  const own = fileIo.path === "portable" && setup.path !== undefined;
+  let fd = setup.fd;
+  /** Why the file could not be opened here: every request fails with it. */
+  let openErrno = 0;
+  if (own) {
+    try {
+      fd = fileIo.open(setup.path!, "readWrite");
+    } catch (error) {
+      openErrno = errnoOfError(error) || EIO;
+    }
+  }
   const control = new Int32Array(setup.control);
   const requests = new Int32Array(setup.requests);
   const positions = new Float64Array(setup.positions);
   const arena = new Uint8Array(setup.arena);
   const windows = new WritebackWindows(setup.step, setup.budget);
-  let writeback = true;
+  // Write-behind is a Linux fast path; the portable paths leave writeback to the system.
+  let writeback = platform().linuxFast;
   let done = 0;
   Atomics.store(control, Control.READY, 1);
   for (;;) {
@@ -61,13 +77,14 @@ function run(setup: WriteThreadSetup): void {
     const start = requests[base]!;
     const length = requests[base + 1]!;
     const position = positions[slot]!;
-    const errno = writeAll(fd, arena.subarray(start, start + length), position);
+    const errno = openErrno || writeAll(fd, arena.subarray(start, start + length), position);
     requests[base + 2] = errno;
     if (errno === 0 && writeback) writeback = writeBehind(fd, windows, position, length);
     done++;
     Atomics.store(control, Control.DONE, done);
     Atomics.notify(control, Control.DONE);
   }
+  if (own && !openErrno) fileIo.close(fd);
   self.postMessage({ type: "stopped" });
   self.close();
 }

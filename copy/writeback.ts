@@ -17,6 +17,7 @@ import {
   SYNC_FILE_RANGE_WRITE,
   syncFileRange,
 } from "../io/libc.ts";
+import { platform } from "../io/platform.ts";
 
 /** Most written data a copy leaves in the page cache, whatever the memory. */
 export const WRITE_BEHIND_BUDGET = 64 << 20;
@@ -144,7 +145,8 @@ export class WriteBehind {
   #retiring: Promise<void> | undefined;
   /** Writebacks started and not yet returned. */
   readonly #started = new Set<Promise<unknown>>();
-  #enabled = true;
+  /** A Linux fast path (sync_file_range, posix_fadvise): skipped on the portable paths. */
+  #enabled = platform().linuxFast;
 
   /** Writes back behind writes to `fd` in windows of `step` bytes, `budget` bytes behind. */
   constructor(

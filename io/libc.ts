@@ -6,7 +6,10 @@
  * the calls that advise on, write back and drop ranges of the page cache,
  * and what `nbd mount` needs: read and write on /dev/fuse, poll, mount(2)
  * and umount2(2). Each symbol is bound through FFI on its first use
- * (ffi.ts); when FFI is unavailable the callers fall back or report it.
+ * (ffi.ts), and only where the platform switch (platform.ts) chose the
+ * Linux fast paths; lseek alone is also bound on the portable paths, from
+ * the platform's C library. Elsewhere these functions report that they
+ * are unavailable, and callers take the portable path (file_io.ts).
  *
  * errno is thread-local, and FFI calls declared `nonblocking` run on a
  * worker thread, so only synchronous calls report errno. The calls that may
@@ -16,11 +19,13 @@
  * @module
  */
 
-import { lazyLibc } from "./ffi.ts";
+import { lazyLibc, lazyPosixLibc } from "./ffi.ts";
+import { platform } from "./platform.ts";
 
 const SEEK_END = 2;
-const SEEK_DATA = 3;
-const SEEK_HOLE = 4;
+/** SEEK_DATA and SEEK_HOLE are 3 and 4 on Linux, 4 and 3 on macOS. */
+const SEEK_DATA = Deno.build.os === "darwin" ? 4 : 3;
+const SEEK_HOLE = Deno.build.os === "darwin" ? 3 : 4;
 /** fallocate mode bits. */
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 /** Deallocate the range (reads as zeroes afterwards). */
@@ -28,8 +33,23 @@ export const FALLOC_FL_PUNCH_HOLE = 0x02;
 /** Zero the range, keeping it allocated. */
 export const FALLOC_FL_ZERO_RANGE = 0x10;
 
-const SYMBOLS = {
+/**
+ * The POSIX calls of the portable paths too (platform.ts): lseek and the
+ * platform's way to errno, bound from glibc or libSystem where FFI is allowed.
+ */
+const POSIX_SYMBOLS = {
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
+  errno_location: {
+    name: Deno.build.os === "darwin" ? "__error" : "__errno_location",
+    parameters: [],
+    result: "pointer",
+  },
+} as const;
+
+const posix = lazyPosixLibc(POSIX_SYMBOLS);
+
+/** The Linux fast paths' calls: bound only where the platform switch chose them. */
+const SYMBOLS = {
   fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32", nonblocking: true },
   __errno_location: { parameters: [], result: "pointer" },
   socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
@@ -151,6 +171,8 @@ const ERRNO_TEXT: Record<number, string> = {
   [ENOSPC]: "no space left on device",
   [EROFS]: "read-only file system",
   [ENOSYS]: "function not implemented",
+  [EFBIG]: "file too large",
+  [EOPNOTSUPP]: "operation not supported",
 };
 
 /** A short text for an errno value. */
@@ -171,16 +193,18 @@ export function errno(): number {
  * it is in data, `size` when only a hole follows, undefined if unsupported.
  */
 export function seekData(fd: number, offset: number): number | undefined {
-  const l = libc();
+  const l = posix();
   if (!l) return undefined;
   const r = Number(l.symbols.lseek(fd, BigInt(offset), SEEK_DATA));
   if (r >= 0) return r;
-  return errno() === ENXIO ? Infinity : undefined;
+  // ENXIO is 6 on Linux and macOS alike.
+  const ptr = l.symbols.errno_location();
+  return ptr && new Deno.UnsafePointerView(ptr).getInt32() === ENXIO ? Infinity : undefined;
 }
 
 /** Next hole offset at or after `offset` (SEEK_HOLE); the end of file counts as a hole. */
 export function seekHole(fd: number, offset: number): number | undefined {
-  const l = libc();
+  const l = posix();
   if (!l) return undefined;
   const r = Number(l.symbols.lseek(fd, BigInt(offset), SEEK_HOLE));
   return r >= 0 ? r : undefined;
@@ -188,7 +212,7 @@ export function seekHole(fd: number, offset: number): number | undefined {
 
 /** Size by seeking to the end: works for block devices, where fstat says 0. */
 export function seekEnd(fd: number): number | undefined {
-  const l = libc();
+  const l = posix();
   if (!l) return undefined;
   const r = Number(l.symbols.lseek(fd, 0n, SEEK_END));
   return r >= 0 ? r : undefined;
@@ -216,7 +240,7 @@ const SOCKADDR_UN_SIZE = 110;
 /** The system's text for errno `code` ("No such file or directory"). */
 function strerror(code: number): string {
   const text = libc()?.symbols.strerror(code);
-  return text ? new Deno.UnsafePointerView(text).getCString() : `errno ${code}`;
+  return text ? new Deno.UnsafePointerView(text).getCString() : errnoText(code);
 }
 
 function osError(call: string): Error {
@@ -429,6 +453,14 @@ const ERRNO_NAMES: Record<number, string> = {
   122: "EDQUOT",
 };
 
+/** The errno number (Linux numbering) of an error code such as "ENOSPC"; EIO when unknown. */
+export function errnoOf(code: string | undefined): number {
+  for (const [number, name] of Object.entries(ERRNO_NAMES)) {
+    if (name === code) return Number(number);
+  }
+  return EIO;
+}
+
 /** A failed system call: `code` is the errno name ("ENOSPC"), the message the system's text. */
 export class SystemError extends Error {
   /** The errno name, or "E" and the number when it has no name here. */
@@ -509,17 +541,7 @@ export async function syncFd(fd: number): Promise<void> {
 function required(): NonNullable<ReturnType<typeof libc>> {
   const l = libc();
   if (l) return l;
-  let why = "FFI calls into libc are only made on Linux";
-  if (Deno.build.os === "linux") {
-    try {
-      Deno.dlopen("libc.so.6", {}).close();
-    } catch (error) {
-      why = error instanceof Deno.errors.NotCapable
-        ? "FFI is not allowed (run with --allow-ffi or -A)"
-        : (error as Error).message;
-    }
-  }
-  throw new Error(`Cannot load libc: ${why}`);
+  throw new Error(`Cannot load libc: the Linux fast paths are off (${platform().why})`);
 }
 
 const encoder = new TextEncoder();

@@ -1,8 +1,10 @@
 /**
  * The `file` plugin: serve a file or block device with positional I/O.
  * FLUSH is fsync; TRIM and zeroing punch holes (or zero ranges) where the
- * filesystem can; block status comes from SEEK_DATA/SEEK_HOLE. With `dir=`
- * every regular file in a directory is a named export.
+ * filesystem can (on Linux); block status comes from SEEK_DATA/SEEK_HOLE
+ * where the platform has them. With `dir=` every regular file in a
+ * directory is a named export. On the portable paths (io/platform.ts)
+ * reads and writes go through node:fs alone.
  *
  * ```
  * nbd serve file disk.img
@@ -34,9 +36,10 @@ import {
   preadOnThread,
   pwriteOnThread,
   seekData,
-  seekEnd,
 } from "../io/libc.ts";
 import { fileExtents } from "../io/file_extents.ts";
+import { fileIo } from "../io/file_io.ts";
+import { platform } from "../io/platform.ts";
 
 function readAt(fd: number, buf: Uint8Array, position: number): Promise<number> {
   return new Promise((resolve, reject) =>
@@ -90,11 +93,13 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
   const { fd, writable } = opened;
   const stat = fs.fstatSync(fd);
   const blockDevice = stat.isBlockDevice();
-  const size = blockDevice ? (seekEnd(fd) ?? 0) : stat.size;
-  let canPunch = !blockDevice;
+  const size = blockDevice ? fileIo.deviceSize(fd, path) : stat.size;
+  /** The Linux fast paths: preadv2, pread/pwrite on a runtime thread, fallocate. */
+  const linux = platform().linuxFast;
+  let canPunch = linux && !blockDevice;
   /** Reads try the page cache first (RWF_NOWAIT) until the descriptor turns out not to support it. */
-  let readCached = true;
-  let canZeroRange = !blockDevice;
+  let readCached = linux;
+  let canZeroRange = linux && !blockDevice;
   const extentsSupported = !blockDevice && seekData(fd, 0) !== undefined;
 
   const backend: PluginBackend = {
@@ -114,10 +119,12 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
         const position = offset + done;
         // What the page cache holds is read at once; the rest on a runtime thread, so
         // that the event loop never waits for the disk.
-        let n = readCached ? preadCached(fd, view, position) : null;
+        let n: number | undefined | null = readCached ? preadCached(fd, view, position) : null;
         if (n === null) readCached = false;
-        if (n === undefined || n === null) n = await preadOnThread(fd, view, position);
-        // Failed (or no FFI): node:fs repeats the read and reports the error.
+        if (n === undefined || n === null) {
+          n = linux ? await preadOnThread(fd, view, position) : undefined;
+        }
+        // Failed, or the portable path: node:fs reads (and reports the error).
         if (n === undefined || n < 0) n = await readAt(fd, view, position);
         if (n === 0) {
           // The file shrank under us: what is past its end reads as zeroes.
@@ -141,8 +148,8 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
       let done = 0;
       while (done < buf.length) {
         const view = buf.subarray(done);
-        let n = await pwriteOnThread(fd, view, offset + done);
-        // Failed (or no FFI): node:fs repeats the write and reports the error.
+        let n = linux ? await pwriteOnThread(fd, view, offset + done) : undefined;
+        // Failed, or the portable path: node:fs writes (and reports the error).
         if (n === undefined || n < 0) n = await writeAt(fd, view, offset + done);
         done += n;
       }

@@ -11,6 +11,7 @@ import * as net from "node:net";
 import { fromDenoConn, fromNodeSocket, fromStdio } from "../io/byte_stream.ts";
 import { formatNbdUri, type NbdUri } from "../protocol/uri.ts";
 import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
+import { unixSocketUnsupported } from "../io/platform.ts";
 import type { NbdServer } from "./server.ts";
 
 /** A running listener. */
@@ -159,7 +160,14 @@ export async function listenUnix(
       done,
     };
   }
-  const listener = Deno.listen({ transport: "unix", path });
+  let listener: Deno.Listener;
+  try {
+    listener = Deno.listen({ transport: "unix", path });
+  } catch (error) {
+    const unsupported = unixSocketUnsupported(error);
+    if (unsupported) throw new Error(`Cannot listen on ${path}: ${unsupported}`);
+    throw error;
+  }
   return {
     address: { transport: "unix", path },
     close: () => {

@@ -12,6 +12,7 @@
 import { assertEquals, assertMatch } from "./assert.ts";
 import {
   INTEROP_REQUIRED,
+  LINUX_PATHS,
   nbdExecutable,
   peers,
   randomBytes,
@@ -107,8 +108,11 @@ Deno.test({
       );
       await using server = await startServer("nbdkit", ["-f", "-U", "$SOCKET", "-r", "file", path]);
       assertEquals(await nbdOk(["checksum", server.uri]), `${expected}  ${server.uri}\n`);
-      const activated = await nbdOk(["checksum", "[", "nbdkit", "-r", "file", path, "]"]);
-      assertEquals(activated.split("  ")[0], expected);
+      // [ CMD ] needs the Linux fast paths (socket activation).
+      if (LINUX_PATHS) {
+        const activated = await nbdOk(["checksum", "[", "nbdkit", "-r", "file", path, "]"]);
+        assertEquals(activated.split("  ")[0], expected);
+      }
       const http = httpServer(await Deno.readFile(path));
       try {
         assertEquals(await nbdOk(["checksum", http.url]), `${expected}  ${http.url}\n`);
@@ -131,16 +135,8 @@ Deno.test({
     for (const path of [random, sparse]) {
       const expected = await pythonBlkhash(path);
       assertEquals(await nbdOk(["checksum", "-a", "blkhash", path]), `${expected}  ${path}\n`);
-      const fromNbd = await nbdOk([
-        "checksum",
-        "--algorithm=blkhash",
-        "[",
-        "nbdkit",
-        "-r",
-        "file",
-        path,
-        "]",
-      ]);
+      await using server = await startServer("nbdkit", ["-f", "-U", "$SOCKET", "-r", "file", path]);
+      const fromNbd = await nbdOk(["checksum", "--algorithm=blkhash", server.uri]);
       assertEquals(fromNbd.split("  ")[0], expected);
     }
   },

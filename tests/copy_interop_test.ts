@@ -14,9 +14,12 @@ import { NbdClient } from "../client/client.ts";
 import { FileSource } from "../copy/file_source.ts";
 import { assertBytes, assertEquals, assertIncludes, assertOk } from "./assert.ts";
 import { makeCertificates } from "./certs.ts";
+import { platform } from "../io/platform.ts";
 import {
   assertCopyFailedFull,
   freePort,
+  LINUX_PATHS,
+  linuxPaths,
   nbdExecutable,
   peers,
   randomBytes,
@@ -128,7 +131,7 @@ Deno.test({
 
 Deno.test({
   name: "nbdkit_pattern_to_file: every word holds its offset, through a server started by [ CMD ]",
-  ...peers("nbdkit"),
+  ...linuxPaths("[ CMD ]", peers("nbdkit")),
   async fn() {
     await using dir = await tempDir();
     const out = `${dir.path}/out.img`;
@@ -156,7 +159,7 @@ Deno.test({
 
 Deno.test({
   name: "file_to_qemu_nbd: [ qemu-nbd -f raw ] as destination writes through to the file",
-  ...peers("qemu-nbd"),
+  ...linuxPaths("[ CMD ]", peers("qemu-nbd")),
   async fn() {
     await using dir = await tempDir();
     const input = randomBytes(4 * MiB, 22);
@@ -177,7 +180,7 @@ Deno.test({
 
 Deno.test({
   name: "qemu_nbd_qcow2_to_file: a qcow2 with holes, same bytes as qemu-img convert, still sparse",
-  ...peers("qemu-nbd", "qemu-img", "qemu-io"),
+  ...linuxPaths("[ CMD ]", peers("qemu-nbd", "qemu-img", "qemu-io")),
   async fn() {
     await using dir = await tempDir();
     const qcow2 = `${dir.path}/disk.qcow2`;
@@ -212,14 +215,20 @@ Deno.test("nbd_serve_to_nbd_serve: our server to our server, zeroes and data", a
   assertBytes(await readExport(destination.uri), await readExport(source.uri));
 });
 
-Deno.test("command_to_file: [ nbd serve pattern ] started by socket activation", async () => {
+Deno.test({
+  name: "command_to_file: [ nbd serve pattern ] started by socket activation",
+  ...linuxPaths("[ CMD ]"),
+}, async () => {
   await using dir = await tempDir();
   const nbd = await nbdExecutable();
   await nbdCopyOk(["[", nbd, "serve", "pattern", "3M", "]", `${dir.path}/out.img`]);
   assertBytes(await Deno.readFile(`${dir.path}/out.img`), pattern(3 * MiB));
 });
 
-Deno.test("command_to_file: [ nbd serve ... ] runs this program when no nbd is on PATH", async () => {
+Deno.test({
+  name: "command_to_file: [ nbd serve ... ] runs this program when no nbd is on PATH",
+  ...linuxPaths("[ CMD ]"),
+}, async () => {
   await using dir = await tempDir();
   const out = `${dir.path}/out.img`;
   // Run from the checkout, as the README's first steps do, with a PATH that has no nbd.
@@ -268,7 +277,7 @@ Deno.test("stdin_to_file and nbd_to_stdout: pipes in both directions", async () 
 
 Deno.test({
   name: "pipes: stdin, stdout and FIFOs are enlarged to 1 MiB, so their other end can run ahead",
-  ...peers("strace", "mkfifo"),
+  ...linuxPaths("pipe enlargement", peers("strace", "mkfifo")),
   async fn() {
     await using dir = await tempDir();
     const input = `${dir.path}/in.img`;
@@ -521,7 +530,7 @@ Deno.test({
 
 Deno.test({
   name: "nbdkit_pattern_to_null: progress to a descriptor and as JSON",
-  ...peers("nbdkit"),
+  ...linuxPaths("[ CMD ]", peers("nbdkit")),
   async fn() {
     await using dir = await tempDir();
     const nbd = await nbdExecutable();
@@ -620,6 +629,11 @@ Deno.test("nbd_to_nbd: a destination smaller than the source is refused before w
   assertBytes(await readExport(destination.uri), new Uint8Array(MiB).fill(0xab));
 });
 
+/** How a refusal on the portable paths names where it runs. */
+const PORTABLE_WHERE = Deno.build.os === "linux"
+  ? `this Linux runs the portable paths: ${platform().why}`
+  : `this is ${platform().name}`;
+
 Deno.test("unreachable servers: one line saying which side and why", async () => {
   await using dir = await tempDir();
   const missing = `nbd+unix:///?socket=${dir.path}/nothing.sock`;
@@ -644,14 +658,16 @@ Deno.test("unreachable servers: one line saying which side and why", async () =>
   assertEquals(result.code, 1);
   assertEquals(
     result.stderr.trim(),
-    "nbd: source: the server command [ false ] exited with status 1 before serving the copy",
+    LINUX_PATHS
+      ? "nbd: source: the server command [ false ] exited with status 1 before serving the copy"
+      : `nbd: source: [ CMD ] (a server started by socket activation) needs Linux (${PORTABLE_WHERE}); start the server yourself and give its URI instead`,
   );
   assertEquals(await names(dir.path), ["in.img"]);
 });
 
 Deno.test({
   name: "nbdkit_delay_to_file: Ctrl-C stops the copy, removes the new file and the server",
-  ...peers("nbdkit"),
+  ...linuxPaths("[ CMD ]", peers("nbdkit")),
   async fn() {
     await using dir = await tempDir();
     const out = `${dir.path}/out.img`;
@@ -757,7 +773,7 @@ Deno.test({
 
 Deno.test({
   name: "file_to_block_device and block_device_to_file: a loop device, holes zeroed on it",
-  ...peers("losetup", "fallocate", "nbdkit"),
+  ...linuxPaths("[ CMD ] and loop devices", peers("losetup", "fallocate", "nbdkit")),
   async fn(t) {
     await using dir = await tempDir();
     const backing = `${dir.path}/backing.img`;
@@ -819,7 +835,9 @@ Deno.test("unwritable destinations: a read-only server started for the copy, a m
   assertEquals(result.code, 1);
   assertEquals(
     result.stderr.trim(),
-    `nbd: destination: Cannot write to [ ${nbd} serve -r memory 1M ]: the export is read-only`,
+    LINUX_PATHS
+      ? `nbd: destination: Cannot write to [ ${nbd} serve -r memory 1M ]: the export is read-only`
+      : `nbd: destination: [ CMD ] (a server started by socket activation) needs Linux (${PORTABLE_WHERE}); start the server yourself and give its URI instead`,
   );
   result = await nbdCopy([`${dir.path}/in.img`, `${dir.path}/missing/out.img`]);
   assertEquals(result.code, 1);
@@ -831,7 +849,7 @@ Deno.test("unwritable destinations: a read-only server started for the copy, a m
 
 Deno.test({
   name: "nbdkit_stuck_to_file: a second Ctrl-C exits at once and still stops the server",
-  ...peers("nbdkit"),
+  ...linuxPaths("[ CMD ]", peers("nbdkit")),
   async fn() {
     await using dir = await tempDir();
     const out = `${dir.path}/out.img`;

@@ -8,6 +8,7 @@
 
 import { fileURLToPath } from "node:url";
 import { NbdClient } from "../client/client.ts";
+import { platform } from "../io/platform.ts";
 import { assertEquals, assertOk } from "./assert.ts";
 
 /** Absolute path of the repository root. */
@@ -51,6 +52,22 @@ export function peers(...names: string[]): { ignore: boolean } {
       missing.join(", ")
     } (set NBD_INTEROP=require to fail) ***\n`,
   );
+  return { ignore: true };
+}
+
+/** Whether this process (and the nbd it starts) takes the Linux fast paths (io/platform.ts). */
+export const LINUX_PATHS: boolean = platform().linuxFast;
+
+/**
+ * Options for a test of a Linux-only path ([ CMD ] socket activation, pipe
+ * sizes, system calls traced): skipped loudly on the portable paths
+ * (NBD_PORTABLE=1, --deny-ffi), whatever NBD_INTEROP says; otherwise `base`.
+ */
+export function linuxPaths(what: string, base: { ignore: boolean } = { ignore: false }): {
+  ignore: boolean;
+} {
+  if (LINUX_PATHS) return base;
+  console.error(`\n*** SKIPPING on the portable paths (${platform().why}): ${what} ***\n`);
   return { ignore: true };
 }
 
