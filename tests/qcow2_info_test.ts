@@ -156,3 +156,62 @@ Deno.test({
     assertOk(!text.includes("format:"), text);
   },
 });
+
+/** Per-512-byte classification: "D" data, "Z" reads as zero without data. */
+function classify(entries: { start: number; length: number; data: boolean }[], size: number) {
+  const out = new Array<string>(Math.ceil(size / 512)).fill("?");
+  for (const e of entries) {
+    for (let at = e.start; at < e.start + e.length && at < size; at += 512) {
+      out[at / 512] = e.data ? "D" : "Z";
+    }
+  }
+  return out.join("");
+}
+
+Deno.test({
+  name: "nbd map --source-format=qcow2 shows the guest's allocation as qemu-img map does",
+  ...peers("qemu-img", "qemu-io"),
+  async fn() {
+    await using dir = await tempDir("nbd-qmap");
+    const d = dir.path;
+    const cases: [string, string[]][] = [
+      ["v2", ["-o", "compat=0.10"]],
+      ["c4k", ["-o", "cluster_size=4096"]],
+      ["extl2", ["-o", "extended_l2=on"]],
+      ["prealloc", ["-o", "preallocation=metadata"]],
+    ];
+    for (const [name, options] of cases) {
+      const path = `${d}/${name}.qcow2`;
+      await runOk("qemu-img", ["create", "-q", "-f", "qcow2", ...options, path, "8M"]);
+      await runOk("qemu-io", [
+        "-f",
+        "qcow2",
+        ...[
+          "write -P 0x11 0 100k",
+          "write -z 64k 128k",
+          // qemu compresses only into unallocated clusters.
+          name === "prealloc" ? "write -P 0x22 4M 64k" : "write -c -P 0x22 4M 64k",
+          "write -P 0x33 6M 3k",
+          "discard 6M 64k",
+          "write -P 0x44 7M 32k",
+        ].flatMap((w) => ["-c", w]),
+        path,
+      ]);
+      const qemu = JSON.parse((await runOk("qemu-img", ["map", "--output=json", path])).stdout);
+      const result = await run(Deno.execPath(), [
+        "run",
+        "-A",
+        "--quiet",
+        `${ROOT}/main.ts`,
+        "map",
+        "--json",
+        "--source-format=qcow2",
+        path,
+      ]);
+      assertEquals(result.code, 0, result.stderr);
+      const ours = (JSON.parse(result.stdout) as { offset: number; length: number; type: number }[])
+        .map((e) => ({ start: e.offset, length: e.length, data: (e.type & 1) === 0 }));
+      assertEquals(classify(ours, 8 << 20), classify(qemu, 8 << 20), name);
+    }
+  },
+});
