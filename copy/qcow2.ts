@@ -86,6 +86,7 @@ export class Qcow2Source extends BaseEndpoint {
   readonly size: number;
   readonly blockSize: BlockSize;
   override readonly canExtents = true;
+  override readonly synchronous: boolean;
   readonly #inner: Endpoint;
   readonly #store: ImageStore;
   readonly #image: Qcow2Image;
@@ -97,6 +98,8 @@ export class Qcow2Source extends BaseEndpoint {
     this.#store = store;
     this.#image = image;
     this.size = image.size;
+    // Over a file the reads do their work at once (the mapping is in memory): one lane.
+    this.synchronous = inner.synchronous;
     this.blockSize = {
       minimum: 1,
       preferred: Math.max(4096, Math.min(image.clusterSize, 1 << 20)),
