@@ -28,9 +28,11 @@ import { copyShared, shareableThreads } from "../copy/shares.ts";
 import { runCleanupsNow } from "../copy/cleanup.ts";
 import { type ChecksumAlgorithm, parseAlgorithm } from "../copy/checksum_names.ts";
 import { parseSize } from "../util/parse.ts";
+import * as zlibModule from "node:zlib";
 import { UsageError } from "../util/usage_error.ts";
 import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
+import type { ImageFormat, Qcow2WriteOptions } from "../copy/qcow2.ts";
 
 const OPTIONS = {
   connections: {
@@ -98,6 +100,41 @@ const OPTIONS = {
     path: true,
     help: "write that line to FILE instead of stdout",
   },
+  "source-format": {
+    type: "string",
+    short: "f",
+    value: "FORMAT",
+    help:
+      "read the source as raw (the default), qcow2, or auto (qcow2 when its first bytes say so); backing files named in a source are never followed",
+  },
+  "destination-format": {
+    type: "string",
+    short: "O",
+    value: "FORMAT",
+    help: "write the destination as raw (the default) or as a new qcow2 image",
+  },
+  compress: {
+    type: "boolean",
+    short: "c",
+    help: "qcow2 destination: store clusters compressed (on a thread per processor, or -C)",
+  },
+  "compression-type": {
+    type: "string",
+    value: "TYPE",
+    help: "qcow2 destination: zlib (the default) or zstd",
+  },
+  "cluster-size": {
+    type: "string",
+    value: "SIZE",
+    help: "qcow2 destination: cluster size, a power of two from 512 to 2M (default 64K)",
+  },
+  backing: {
+    type: "string",
+    value: "FILE",
+    path: true,
+    help:
+      "qcow2 destination: an overlay over FILE (raw or qcow2; relative to the destination's directory), holding only what differs from it",
+  },
   help: { type: "boolean", short: "h", help: "show this help" },
 } as const;
 
@@ -117,6 +154,11 @@ SOURCE and DESTINATION are each one of:
   [ CMD ARGS ... ]       an NBD server started for the copy by socket
                          activation on a private socket, stopped afterwards,
                          e.g. [ nbdkit memory 1G ] or [ qemu-nbd -f qcow2 disk.qcow2 ]
+
+With -O qcow2 the destination becomes a new qcow2 image (version 3) holding
+only the allocated, non-zero clusters of the source; -f qcow2 reads the guest
+view of a qcow2 image in a file, an NBD export or at a URL, reading only the
+clusters it needs. An image with a backing file is refused as a source.
 
 A new destination file is written under a temporary name and renamed into
 place only when the copy succeeds. An existing file is resized to the
@@ -141,6 +183,9 @@ Examples:
   nbd copy [ qemu-nbd -f qcow2 disk.qcow2 ] disk.raw
   nbd copy https://example.com/disk.img - | sha256sum
   nbd copy --progress-json=3 nbd://server/disk disk.img 3>progress.log
+  nbd copy -f qcow2 https://example.com/disk.qcow2 disk.raw
+  nbd copy -O qcow2 --compress --compression-type=zstd disk.raw disk.qcow2
+  nbd copy -O qcow2 --backing=base.qcow2 new.raw overlay.qcow2
 `;
 
 /** Everything `nbd copy` was asked to do. */
@@ -175,6 +220,12 @@ export interface CopyCommandConfig {
   checksum?: ChecksumAlgorithm;
   /** `--checksum-file`: where the checksum line goes instead of stdout. */
   checksumFile?: string;
+  /** `-f`: how the source is read. */
+  sourceFormat: ImageFormat;
+  /** `-O`: how the destination is written. */
+  destinationFormat: "raw" | "qcow2";
+  /** Options of a qcow2 destination. */
+  qcow2: Qcow2WriteOptions;
   /** `--help`. */
   help: boolean;
 }
@@ -262,6 +313,7 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
       );
     }
   }
+  const formats = parseFormats(values);
   const checksumFile = values["checksum-file"];
   if (checksumFile !== undefined && checksum === undefined) checksum = "sha256";
   if (checksum && checksumFile === undefined && specs[1]?.kind === "stdio") {
@@ -291,8 +343,66 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
     progress,
     progressFd,
     progressJson,
+    ...formats,
     help,
   };
+}
+
+/** The image format options of `nbd copy`. */
+function parseFormats(
+  values: {
+    "source-format"?: string;
+    "destination-format"?: string;
+    compress?: boolean;
+    "compression-type"?: string;
+    "cluster-size"?: string;
+    backing?: string;
+    connections?: string;
+  },
+): Pick<CopyCommandConfig, "sourceFormat" | "destinationFormat" | "qcow2"> {
+  const sourceFormat = values["source-format"] ?? "raw";
+  if (sourceFormat !== "raw" && sourceFormat !== "qcow2" && sourceFormat !== "auto") {
+    throw new UsageError(`--source-format must be raw, qcow2 or auto, got "${sourceFormat}"`);
+  }
+  const destinationFormat = values["destination-format"] ?? "raw";
+  if (destinationFormat !== "raw" && destinationFormat !== "qcow2") {
+    throw new UsageError(`--destination-format must be raw or qcow2, got "${destinationFormat}"`);
+  }
+  const qcow2: Qcow2WriteOptions = {};
+  const type = values["compression-type"];
+  if (type !== undefined && type !== "zlib" && type !== "zstd") {
+    throw new UsageError(`--compression-type must be zlib or zstd, got "${type}"`);
+  }
+  if (values["cluster-size"] !== undefined) {
+    const cs = parseSize(values["cluster-size"], "--cluster-size");
+    if (cs < 512 || cs > 2 << 20 || (cs & (cs - 1)) !== 0) {
+      throw new UsageError(
+        `--cluster-size must be a power of two from 512 to 2M, got "${values["cluster-size"]}"`,
+      );
+    }
+    qcow2.clusterSize = cs;
+  }
+  if (type !== undefined) qcow2.compressionType = type;
+  if (values.compress) qcow2.compress = type ?? "zlib";
+  if (values.connections !== undefined && /^\d+$/.test(values.connections)) {
+    qcow2.threads = Number(values.connections);
+  }
+  if (values.backing !== undefined) {
+    if (values.backing === "") throw new UsageError("--backing: expected a file name");
+    // Resolved next to the destination when the copy opens it, as qemu resolves it.
+    qcow2.backing = { name: values.backing, path: values.backing };
+  }
+  const qcow2Only = values.compress || type !== undefined || values["cluster-size"] !== undefined ||
+    values.backing !== undefined;
+  if (qcow2Only && destinationFormat !== "qcow2") {
+    throw new UsageError(
+      "--compress, --compression-type, --cluster-size and --backing need --destination-format=qcow2",
+    );
+  }
+  if (qcow2.compress === "zstd" && !("zstdCompressSync" in zlibModule)) {
+    throw new UsageError("--compression-type=zstd: this runtime has no zstd compression");
+  }
+  return { sourceFormat, destinationFormat, qcow2 };
 }
 
 function progressOptions(config: CopyCommandConfig): ProgressOptions {
@@ -430,8 +540,9 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
   };
   // Endpoints that threads can share are opened with one connection here: each
   // thread then adds its own (see copy/shares.ts).
+  const formatted = config.sourceFormat !== "raw" || config.destinationFormat !== "raw";
   const shareable = config.connections !== 1 && canShare(config.source) &&
-    canShare(config.destination) && config.checksum === undefined;
+    canShare(config.destination) && config.checksum === undefined && !formatted;
   const openOptions = {
     connections: shareable ? 1 : config.connections,
     signal: controller.signal,
@@ -444,18 +555,29 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
   try {
     const sourceConnections = config.connections ??
       defaultSourceConnections(config.source, config.destination);
+    const qcow2 = formatted ? await import("../copy/qcow2.ts") : undefined;
     source = await opening(
       "source",
-      () =>
-        openSource(config.source, {
-          ...openOptions,
-          connections: shareable ? 1 : sourceConnections,
-        }),
+      () => {
+        const options = { ...openOptions, connections: shareable ? 1 : sourceConnections };
+        return qcow2
+          ? qcow2.openFormattedSource(config.source, config.sourceFormat, options)
+          : openSource(config.source, options);
+      },
     );
     const from = source;
     destination = await opening(
       "destination",
-      () => openDestination(config.destination, from, openOptions),
+      () =>
+        qcow2
+          ? qcow2.openFormattedDestination(
+            config.destination,
+            from,
+            config.destinationFormat,
+            openOptions,
+            config.qcow2,
+          )
+          : openDestination(config.destination, from, openOptions),
     );
     if (
       destination.size !== undefined && source.size !== undefined &&

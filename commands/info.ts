@@ -31,6 +31,14 @@ import { withUriArgument } from "./uri_argument.ts";
 import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 import { showMap } from "./map.ts";
 import { writeStdout } from "./output.ts";
+import { isNbdUri } from "../protocol/uri.ts";
+import {
+  type FormatInfo,
+  formatInfoJson,
+  formatInfoLines,
+  probeFormat,
+  probeImage,
+} from "../formats/probe.ts";
 
 const OWN_OPTIONS = {
   json: { type: "boolean", help: "print JSON (nbdinfo's field names)" },
@@ -61,9 +69,13 @@ const OWN_OPTIONS = {
 const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd info [OPTIONS] URI
+       nbd info [OPTIONS] FILE
 
 Show what an NBD server says about an export: size, flags, block sizes,
-metadata contexts and (by default) what the first bytes look like.
+metadata contexts and (by default) what the first bytes look like. When
+those bytes are a qcow2 image, its format, version, virtual size, cluster
+size, backing file (named, never followed), compression type and dirty and
+corrupt bits follow. For a local FILE, only its format is shown.
 
 Options:
 ${formatOptions(OWN_OPTIONS)}
@@ -80,6 +92,7 @@ Examples:
   nbd info nbd://localhost/disk
   nbd info --json "nbd+unix:///?socket=/tmp/nbd.sock"
   nbd info --can trim nbd://localhost || echo "no trim"
+  nbd info --json disk.qcow2
 `;
 
 /** How many bytes the content probe reads (as nbdinfo does). */
@@ -130,8 +143,12 @@ function packets(report: ServerReport): string {
   return report.structuredReplies ? "structured" : "simple";
 }
 
-/** Formats a report as nbdinfo's human-readable output. */
-export function formatReport(report: ServerReport, uri: NbdUri): string {
+/** Formats a report as nbdinfo's human-readable output, with the formats found by name. */
+export function formatReport(
+  report: ServerReport,
+  uri: NbdUri,
+  formats?: Map<string, FormatInfo>,
+): string {
   const lines = [
     `protocol: ${report.protocol} ${report.tls ? "with" : "without"} TLS, using ${
       packets(report)
@@ -143,6 +160,8 @@ export function formatReport(report: ServerReport, uri: NbdUri): string {
     const human = humanSize(e.size);
     lines.push(`\texport-size: ${e.size}${human.scaled ? ` (${human.text})` : ""}`);
     if (e.content !== undefined) lines.push(`\tcontent: ${e.content}`);
+    const format = formats?.get(e.requestedName);
+    if (format) { for (const line of formatInfoLines(format)) lines.push(`\t${line}`); }
     lines.push(`\turi: ${exportUri(uri, e.requestedName)}`);
     if (e.contexts) {
       lines.push("\tcontexts:");
@@ -158,11 +177,16 @@ export function formatReport(report: ServerReport, uri: NbdUri): string {
   return lines.join("\n") + "\n";
 }
 
-/** The JSON form of one export, with nbdinfo's field names. */
-function exportJson(e: ExportReport, uri: NbdUri): Record<string, unknown> {
+/** The JSON form of one export, with nbdinfo's field names (and its format, if known). */
+export function exportJson(
+  e: ExportReport,
+  uri: NbdUri,
+  format?: FormatInfo,
+): Record<string, unknown> {
   const out: Record<string, unknown> = { "export-name": e.name };
   if (e.description) out.description = e.description;
   if (e.content !== undefined) out.content = e.content;
+  if (format) Object.assign(out, formatInfoJson(format));
   out.uri = exportUri(uri, e.requestedName);
   if (e.contexts) out.contexts = e.contexts;
   for (const [name, value] of exportFacts(e.flags)) out[name] = value;
@@ -176,14 +200,18 @@ function exportJson(e: ExportReport, uri: NbdUri): Record<string, unknown> {
   return out;
 }
 
-/** Formats a report as JSON, with nbdinfo's field names. */
-export function formatReportJson(report: ServerReport, uri: NbdUri): string {
+/** Formats a report as JSON, with nbdinfo's field names (and the formats found, by name). */
+export function formatReportJson(
+  report: ServerReport,
+  uri: NbdUri,
+  formats?: Map<string, FormatInfo>,
+): string {
   const out = {
     protocol: report.protocol,
     TLS: report.tls,
     structured: report.structuredReplies,
     extended: report.extendedHeaders,
-    exports: report.exports.map((e) => exportJson(e, uri)),
+    exports: report.exports.map((e) => exportJson(e, uri, formats?.get(e.requestedName))),
   };
   return JSON.stringify(out, null, 2) + "\n";
 }
@@ -219,6 +247,29 @@ async function probeContent(client: NbdClient): Promise<string | undefined> {
     return undefined;
   } finally {
     if (path) await Deno.remove(path).catch(() => {});
+  }
+}
+
+/**
+ * The image format of an export when its first bytes are a qcow2 header
+ * (undefined for anything else, or when it cannot be read). Reads whole
+ * blocks of the server's minimum size; follows nothing the header names.
+ */
+export async function probeExportFormat(client: NbdClient): Promise<FormatInfo | undefined> {
+  const size = client.size();
+  const minimum = client.blockSize.minimum;
+  const whole = (n: number) => Math.min(size, Math.ceil(n / minimum) * minimum);
+  try {
+    const info = await probeImage(async (buf, offset) => {
+      const wanted = whole(offset + buf.length);
+      if (wanted === buf.length && offset === 0) return await client.pread(buf, 0);
+      const block = new Uint8Array(wanted);
+      await client.pread(block, 0);
+      buf.set(block.subarray(offset, offset + buf.length));
+    }, size);
+    return info.format === "qcow2" ? info : undefined;
+  } catch {
+    return undefined;
   }
 }
 
@@ -284,15 +335,24 @@ function withHint(error: unknown): unknown {
 export async function showInfo(uriText: string, options: InfoOptions): Promise<number> {
   const uri = parseNbdUri(uriText);
   let report: ServerReport;
+  const formats = new Map<string, FormatInfo>();
+  const probe = async (client: NbdClient) => {
+    const content = await probeContent(client);
+    const format = await probeExportFormat(client);
+    if (format) formats.set(client.exportName, format);
+    return content;
+  };
   try {
     report = await inspectServer(uri, {
       list: options.list,
-      probe: options.content ? probeContent : undefined,
+      probe: options.content ? probe : undefined,
     });
   } catch (error) {
     throw withHint(error);
   }
-  await writeStdout(options.json ? formatReportJson(report, uri) : formatReport(report, uri));
+  await writeStdout(
+    options.json ? formatReportJson(report, uri, formats) : formatReport(report, uri, formats),
+  );
   for (const failure of report.failures) {
     printError(`cannot query export "${failure.name}": ${failure.error.message}`);
   }
@@ -339,6 +399,8 @@ export const infoCommand: Command = {
     if (values.totals && extracted.map === undefined) {
       throw new UsageError("--totals only makes sense with --map");
     }
+    const file = await localFile(positionals);
+    if (file !== undefined) return await runLocalInfo(file, values, extracted.map);
     return await withUriArgument(positionals, "info", (uriText) => {
       const uri = withTlsFlags(uriText, values);
       return runInfo(uri, values, extracted.map);
@@ -381,4 +443,82 @@ async function runInfo(
     list,
     content: values["no-content"] ? false : (values.content ?? !list),
   });
+}
+
+/**
+ * The local file the positional arguments name, when they are one path
+ * (not an NBD URI) of an existing regular file or block device.
+ */
+export async function localFile(positionals: string[]): Promise<string | undefined> {
+  if (positionals.length !== 1) return undefined;
+  const path = positionals[0]!;
+  if (path === "[" || isNbdUri(path)) return undefined;
+  try {
+    const info = await Deno.stat(path);
+    return info.isFile || info.isBlockDevice ? path : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Reads the head of a local file (or block device) and recognises its format. */
+export async function localFormat(path: string): Promise<{ size: number; format: FormatInfo }> {
+  using file = await Deno.open(path, { read: true });
+  const size = await file.seek(0, Deno.SeekMode.End);
+  const head = new Uint8Array(Math.min(size, 2 * 1024 * 1024));
+  await file.seek(0, Deno.SeekMode.Start);
+  let done = 0;
+  while (done < head.length) {
+    const n = await file.read(head.subarray(done));
+    if (n === null) break;
+    done += n;
+  }
+  return { size, format: probeFormat(head.subarray(0, done), size) };
+}
+
+/** `nbd info FILE`: the format of a local image (nothing it names is opened). */
+async function runLocalInfo(
+  path: string,
+  values: {
+    can?: string;
+    is?: string;
+    size?: boolean;
+    list?: boolean;
+    json?: boolean;
+    totals?: boolean;
+  },
+  map: string | undefined,
+): Promise<number> {
+  for (
+    const [flag, given] of [["--can", values.can], ["--is", values.is], ["--list", values.list]]
+  ) {
+    if (given !== undefined && given !== false) {
+      throw new UsageError(`${flag} needs an NBD URI, not a local file`);
+    }
+  }
+  if (map !== undefined) {
+    throw new UsageError("--map needs an NBD URI, not a local file (see nbd map)");
+  }
+  const { size, format } = await localFormat(path);
+  if (values.size) {
+    await writeStdout(`${format.virtualSize}\n`);
+    return 0;
+  }
+  if (values.json) {
+    const { qcow2, ...rest } = formatInfoJson(format);
+    const out: Record<string, unknown> = { file: path, "file-size": size, ...rest };
+    if (format.error === undefined) out["virtual-size"] = format.virtualSize;
+    if (qcow2 !== undefined) out.qcow2 = qcow2;
+    await writeStdout(JSON.stringify(out, null, 2) + "\n");
+    return format.error !== undefined ? 1 : 0;
+  }
+  const human = humanSize(size);
+  const lines = [
+    `file: ${path}`,
+    `\tfile-size: ${size}${human.scaled ? ` (${human.text})` : ""}`,
+    ...formatInfoLines(format).map((line) => `\t${line}`),
+  ];
+  if (format.format === "raw") lines.push(`\tvirtual-size: ${size}`);
+  await writeStdout(lines.join("\n") + "\n");
+  return format.error !== undefined ? 1 : 0;
 }

@@ -12,6 +12,9 @@ import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
+import { UsageError } from "../util/usage_error.ts";
+import { isNbdUri } from "../protocol/uri.ts";
+import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 
 const OWN_OPTIONS = {
   context: {
@@ -22,18 +25,31 @@ const OWN_OPTIONS = {
   },
   totals: { type: "boolean", help: "sum the bytes of each type instead (with percentages)" },
   json: { type: "boolean", help: "print JSON" },
+  "source-format": {
+    type: "string",
+    short: "f",
+    value: "FORMAT",
+    help:
+      "map the guest view of the image: raw (the default), qcow2, or auto (qcow2 when its first bytes say so); also for a local FILE",
+  },
   help: { type: "boolean", short: "h", help: "show this help" },
 } as const;
 
 const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd map [OPTIONS] URI
+       nbd map [OPTIONS] FILE
 
 Print which parts of an export are allocated, holes or zeroes: one line
 per run of extents with the same type (offset, length, type, description).
 
 Options:
 ${formatOptions(OWN_OPTIONS)}
+
+With --source-format=qcow2 the export's (or FILE's, or an http URL's) content
+is read as a qcow2 image and the map shows the guest's allocation, from the
+L2 tables: data (type 0), or hole,zero (3) for unallocated and zero clusters.
+A local FILE without it is mapped raw: its holes (SEEK_HOLE) are hole,zero.
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd map [OPTIONS] -- [ CMD ARGS ... ]
@@ -43,6 +59,7 @@ ${TLS_USAGE}
 Examples:
   nbd map nbd://localhost/disk
   nbd map --totals --json "nbd+unix:///?socket=/tmp/nbd.sock"
+  nbd map --source-format=qcow2 disk.qcow2
 `;
 
 /** A run of the map: consecutive bytes of one type. */
@@ -171,11 +188,83 @@ export const mapCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
-    return await withUriArgument(positionals, "map", (uri) =>
-      showMap(withTlsFlags(uri, values), {
-        context: values.context ?? BASE_ALLOCATION,
-        totals: values.totals ?? false,
-        json: values.json ?? false,
-      }));
+    const format = values["source-format"];
+    if (format !== undefined && format !== "raw" && format !== "qcow2" && format !== "auto") {
+      throw new UsageError(`--source-format must be raw, qcow2 or auto, got "${format}"`);
+    }
+    const options = {
+      context: values.context ?? BASE_ALLOCATION,
+      totals: values.totals ?? false,
+      json: values.json ?? false,
+    };
+    const local = await isLocalFile(positionals);
+    if (format !== undefined || local) {
+      if (options.context !== BASE_ALLOCATION) {
+        throw new UsageError(
+          `--context ${options.context} needs an NBD URI and no --source-format`,
+        );
+      }
+      if (positionals.length === 1 && positionals[0] !== "[") {
+        return await showImageMap(positionals[0]!, format ?? "raw", options);
+      }
+    }
+    return await withUriArgument(
+      positionals,
+      "map",
+      (uri) => showMap(withTlsFlags(uri, values), options),
+    );
   },
 };
+
+/** Whether the positional arguments are one path of an existing file or block device. */
+async function isLocalFile(positionals: string[]): Promise<boolean> {
+  if (positionals.length !== 1) return false;
+  const path = positionals[0]!;
+  if (path === "[" || isNbdUri(path) || /^https?:\/\//i.test(path)) return false;
+  try {
+    const info = await Deno.stat(path);
+    return info.isFile || info.isBlockDevice === true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Maps an image read as `format` through the copy engine's sources (a
+ * file, an NBD URI or an http URL): data is type 0, and what reads as
+ * zeroes without being stored (holes, unallocated and zero clusters) is
+ * hole,zero (3), as the qcow2 filter reports it.
+ */
+export async function showImageMap(
+  argument: string,
+  format: "raw" | "qcow2" | "auto",
+  options: MapOptions,
+): Promise<number> {
+  const { parseEndpoint } = await import("../copy/endpoint.ts");
+  const { openFormattedSource } = await import("../copy/qcow2.ts");
+  const source = await openFormattedSource(parseEndpoint(argument), format, {});
+  try {
+    const size = source.size;
+    if (size === undefined) throw new UsageError(`${argument}: a stream has no map`);
+    const entries: MapEntry[] = [];
+    for (let at = 0; at < size;) {
+      const extents = await source.extents(at, Math.min(size - at, 1 << 30));
+      if (extents.length === 0) throw new Error(`${argument}: no allocation information at ${at}`);
+      for (const e of extents) {
+        const start = Math.max(e.offset, at);
+        const end = Math.min(e.offset + e.length, size);
+        if (end <= start) continue;
+        const type = e.zero ? NBD_STATE_HOLE | NBD_STATE_ZERO : 0;
+        appendExtent(entries, { offset: start, length: end - start, type });
+        at = end;
+      }
+    }
+    const text = options.totals
+      ? formatTotals(entries, size, options.context, options.json)
+      : formatMap(entries, options.context, options.json);
+    await writeStdout(text);
+    return 0;
+  } finally {
+    await source.close(true);
+  }
+}

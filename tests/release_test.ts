@@ -39,6 +39,9 @@ function resolve(file: string, relative: string): string {
   return url.pathname.slice("/root/".length);
 }
 
+/** Modules that import what the user names (`nbd serve ./disk.ts`), never the tree's own files. */
+const USER_MODULE_LOADERS = new Set(["core/module_loader.ts", "plugins/ts.ts"]);
+
 /** Whether `path` is covered by an include: the file itself, or a directory holding it. */
 function included(path: string): boolean {
   return INCLUDES.some((entry) =>
@@ -61,6 +64,8 @@ async function required(): Promise<Map<string, string>> {
       .filter((path) => !NOT_ASSETS.has(path));
     for (const path of urls) needs.set(path, `read or imported at run time by ${file}`);
     for (const m of text.matchAll(/\bimport\(\s*([^)"'\s][^)]*)\)/g)) {
+      // Plugins and filters from the user's own modules are not part of the binary.
+      if (USER_MODULE_LOADERS.has(file)) continue;
       const argument = m[1]!.trim();
       if (argument.startsWith("`")) {
         // A template: its directory must be included whole.

@@ -38,6 +38,8 @@ export const INCLUDES: readonly string[] = [
   "docs/",
   "copy/share_worker.ts",
   "copy/write_worker.ts",
+  "copy/compress_worker.ts",
+  "core/inline_api.ts",
   "view/page/main.ts",
 ];
 

@@ -21,6 +21,7 @@ import {
   INCOMPAT_EXTL2,
   parseHeader,
   putU64,
+  QCOW2_MAGIC,
   Qcow2FormatError,
   type Qcow2Header,
 } from "./header.ts";
@@ -124,8 +125,14 @@ function fail(message: string): never {
 /** Reads and checks the header of the image in `store`. */
 export async function readHeader(store: ImageStore): Promise<Qcow2Header> {
   const fileSize = store.size();
-  const first = new Uint8Array(Math.min(fileSize, 2 * 1024 * 1024));
-  if (first.length < 72) throw new Qcow2FormatError("not a qcow2 image: the file is too short");
+  // The header and its extensions fill at most the first cluster: its size comes first.
+  const start = new Uint8Array(Math.min(fileSize, 512));
+  if (start.length < 72) throw new Qcow2FormatError("not a qcow2 image: the file is too short");
+  await store.pread(start, 0);
+  const view = new DataView(start.buffer);
+  const bits = view.getUint32(0) === QCOW2_MAGIC ? view.getUint32(20) : 0;
+  if (bits <= 9 || bits > 21) return parseHeader(start, fileSize);
+  const first = new Uint8Array(Math.min(fileSize, 2 ** bits));
   await store.pread(first, 0);
   return parseHeader(first, fileSize);
 }
