@@ -9,6 +9,12 @@
 import { BASE_ALLOCATION } from "../protocol/constants.ts";
 import { NbdClient } from "../client/client.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import {
+  CLIENT_OPTIONS,
+  CLIENT_USAGE,
+  type ClientTimeouts,
+  clientTimeouts,
+} from "./client_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
@@ -25,7 +31,7 @@ const OWN_OPTIONS = {
   help: { type: "boolean", short: "h", help: "show this help" },
 } as const;
 
-const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
+const OPTIONS = { ...OWN_OPTIONS, ...CLIENT_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd map [OPTIONS] URI
 
@@ -37,6 +43,8 @@ ${formatOptions(OWN_OPTIONS)}
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd map [OPTIONS] -- [ CMD ARGS ... ]
+
+${CLIENT_USAGE}
 
 ${TLS_USAGE}
 
@@ -63,6 +71,8 @@ export interface MapOptions {
   totals: boolean;
   /** Print JSON. */
   json: boolean;
+  /** Connect, handshake and request timeouts (defaults when absent). */
+  timeouts?: ClientTimeouts;
 }
 
 /** Human description of a status value, for the contexts whose meaning is known. */
@@ -144,7 +154,10 @@ export function formatTotals(
 
 /** Connects, maps the whole export and prints the result; resolves to the exit status. */
 export async function showMap(uri: string, options: MapOptions): Promise<number> {
-  await using client = await NbdClient.connect(uri, { metaContexts: [options.context] });
+  await using client = await NbdClient.connect(uri, {
+    metaContexts: [options.context],
+    ...options.timeouts,
+  });
   if (!client.canMetaContext(options.context)) {
     throw new Error(`the server does not support metadata context "${options.context}"`);
   }
@@ -171,11 +184,13 @@ export const mapCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
+    const timeouts = clientTimeouts(values);
     return await withUriArgument(positionals, "map", (uri) =>
       showMap(withTlsFlags(uri, values), {
         context: values.context ?? BASE_ALLOCATION,
         totals: values.totals ?? false,
         json: values.json ?? false,
+        timeouts,
       }));
   },
 };

@@ -16,7 +16,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { closeFd, listenUnixFd } from "../io/libc.ts";
 import { selfCommand } from "../util/self_command.ts";
 import { registerCleanup } from "./cleanup.ts";
-import type { Role } from "./endpoint.ts";
+import type { NbdTimeouts, Role } from "./endpoint.ts";
 import { NbdEndpoint } from "./nbd.ts";
 
 /** Sets the activation variables in the shell that then execs the server, keeping its pid. */
@@ -127,7 +127,7 @@ export async function startActivatedServer(argv: string[]): Promise<ActivatedSer
 export async function openCommandEndpoint(
   argv: string[],
   role: Role,
-  options: { connections?: number; signal?: AbortSignal },
+  options: { connections?: number; signal?: AbortSignal; timeouts?: NbdTimeouts },
 ): Promise<NbdEndpoint> {
   const server = await startActivatedServer(argv);
   // Interrupted while connecting: stopping the server makes the connection attempt fail.
@@ -137,6 +137,8 @@ export async function openCommandEndpoint(
   const opening = NbdEndpoint.open(name, server.uri, role, {
     connections: options.connections,
     cleanup: server.stop,
+    timeouts: options.timeouts,
+    signal: options.signal,
   });
   const died = server.exited.then((how): Promise<never> => {
     // Stopped by us (e.g. closing a read-only destination): the other side explains why.
