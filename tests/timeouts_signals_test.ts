@@ -360,7 +360,7 @@ Deno.test("a second signal stops a copy at once", async () => {
     const { code, stderr } = await run.done();
     const took = Date.now() - sent;
     assertEquals(code, 130, stderr);
-    assertIncludes(stderr, "interrupted again by SIGINT: stopping at once");
+    assertIncludes(stderr, "nbd: interrupted again: stopping at once");
     assertOk(took < 1000, `took ${took} ms to stop`);
     // The clean-up registered by the copy removed its temporary file.
     assertEquals([...Deno.readDirSync(dir.path)].map((e) => e.name), [], "left-over files");

@@ -134,7 +134,7 @@ export function installSignalHandlers(options: SignalHandlerOptions): () => void
         Deno.unrefTimer(timer);
         return;
       }
-      stopNow(received, `interrupted again by ${signal}: stopping at once`);
+      stopNow(received, "interrupted again: stopping at once");
     };
     try {
       Deno.addSignalListener(signal, handler);
