@@ -9,6 +9,7 @@ import { COMMANDS } from "./commands/mod.ts";
 import { printError } from "./commands/command.ts";
 import { VERSION } from "./util/version.ts";
 import { UsageError } from "./util/usage_error.ts";
+import { installSignalHandlers, receivedSignal, signalExitCode } from "./util/signals.ts";
 
 function usage(): string {
   const width = Math.max(...[...COMMANDS.keys()].map((n) => n.length));
@@ -47,7 +48,11 @@ export async function main(args: string[]): Promise<number> {
   }
   try {
     const command = await entry.load();
-    return await command.run(rest);
+    const status = await command.run(rest);
+    // A failure caused by a stop signal exits with the signal's status; a
+    // command's own status (0 after serving, a captive command's) stands.
+    const signal = receivedSignal();
+    return signal !== undefined && status === 1 ? signalExitCode(signal) : status;
   } catch (error) {
     if (error instanceof UsageError) {
       printError(error.message);
@@ -55,10 +60,13 @@ export async function main(args: string[]): Promise<number> {
     }
     printError(error instanceof Error ? error.message : String(error));
     if (Deno.env.get("NBD_DEBUG")) console.error(error);
-    return 1;
+    const signal = receivedSignal();
+    return signal !== undefined ? signalExitCode(signal) : 1;
   }
 }
 
 if (import.meta.main) {
+  // First thing: from here on a stop signal ends every command promptly, in any state.
+  installSignalHandlers({ exit: (code) => Deno.exit(code), report: printError });
   Deno.exit(await main(Deno.args));
 }

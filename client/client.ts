@@ -88,6 +88,8 @@ import type {
 } from "./handshake.ts";
 import { NbdHandshake } from "./handshake.ts";
 import { DEFAULT_BLOCK_SIZE } from "../core/backend.ts";
+import { describeServer, seconds } from "./connect.ts";
+import { GRACE_MS, terminationSignal } from "../util/signals.ts";
 
 /** Largest READ/WRITE sent in one request, whatever the server advertises. */
 const MAX_REQUEST_SIZE = 64 * 1024 * 1024;
@@ -97,8 +99,36 @@ const MAX_STATUS_CHUNK = 16 * 1024 * 1024 + 64;
 /** Largest error chunk accepted (a 4096-byte message plus fixed fields, with slack). */
 const MAX_ERROR_CHUNK = 64 * 1024;
 
-/** Options of `NbdClient.connect`: the handshake's and `go()`'s. */
-export interface ConnectOptions extends HandshakeOptions, GoOptions {}
+/** Options of a client in transmission. */
+export interface ClientOptions {
+  /**
+   * Seconds a connection may leave its requests unanswered (counted from
+   * the last reply, or from when it became busy) before it is declared
+   * dead: the requests in flight fail with an `NbdTimeoutError` (EIO on
+   * the wire, ETIMEDOUT as `code`) and later ones are refused. 0 or
+   * undefined: wait as long as it takes.
+   */
+  requestTimeout?: number;
+  /**
+   * Once aborted, requests still in flight after `GRACE_MS` are abandoned
+   * and the connection closed (default: the process's termination signal).
+   */
+  signal?: AbortSignal;
+}
+
+/** Options of `NbdClient.connect`: the handshake's, `go()`'s and the client's. */
+export interface ConnectOptions extends HandshakeOptions, GoOptions, ClientOptions {}
+
+/** A request got no reply within the request timeout (`code` is "ETIMEDOUT"). */
+export class NbdTimeoutError extends NbdConnectionError {
+  /** Always "ETIMEDOUT". */
+  readonly code = "ETIMEDOUT";
+  /** Creates the error. */
+  constructor(message: string) {
+    super(message);
+    this.name = "NbdTimeoutError";
+  }
+}
 
 /** Options of a read. */
 export interface ReadOptions {
@@ -228,12 +258,18 @@ export class NbdClient implements Backend, AsyncDisposable {
   #closed: Promise<void> | undefined;
   #idleWaiters: Array<() => void> = [];
   readonly #receiving: Promise<void>;
+  /** When the connection last went from idle to busy, and last received a reply. */
+  #busySince = 0;
+  #lastReply = 0;
+  #watchdog: ReturnType<typeof setInterval> | undefined;
+  readonly #signal: AbortSignal;
+  #onAbort: (() => void) | undefined;
 
   /**
    * Takes over a negotiated connection. Use `NbdClient.connect` or
    * `NbdClient.fromHandshake` rather than calling this directly.
    */
-  constructor(negotiation: Negotiation) {
+  constructor(negotiation: Negotiation, options: ClientOptions = {}) {
     this.#stream = negotiation.stream;
     this.#reader = negotiation.reader;
     this.#writer = negotiation.writer;
@@ -262,6 +298,47 @@ export class NbdClient implements Backend, AsyncDisposable {
       : 0x1_0000_0000 - Math.max(minimum, 1);
     this.#headerSize = this.#extended ? EXTENDED_REQUEST_SIZE : COMPACT_REQUEST_SIZE;
     this.#receiving = this.#receive();
+    const timeoutMs = (options.requestTimeout ?? 0) * 1000;
+    if (timeoutMs > 0) {
+      const timer = setInterval(
+        () => this.#checkStale(timeoutMs),
+        Math.max(50, Math.min(1000, timeoutMs / 4)),
+      );
+      // The watchdog alone must not keep a process alive.
+      Deno.unrefTimer(timer);
+      this.#watchdog = timer;
+    }
+    this.#signal = options.signal ?? terminationSignal();
+    this.#onAbort = () => {
+      const timer = setTimeout(() => {
+        if (this.#inFlight.size > 0) {
+          this.abort(`abandoned: no reply from the server within ${seconds(GRACE_MS)} of stopping`);
+        }
+      }, GRACE_MS);
+      Deno.unrefTimer(timer);
+    };
+    if (this.#signal.aborted) this.#onAbort();
+    else this.#signal.addEventListener("abort", this.#onAbort, { once: true });
+  }
+
+  /** Declares the connection dead when its requests went unanswered for `timeoutMs`. */
+  #checkStale(timeoutMs: number): void {
+    if (this.#inFlight.size === 0 || this.#failure) return;
+    const quiet = Date.now() - Math.max(this.#busySince, this.#lastReply);
+    if (quiet < timeoutMs) return;
+    this.#fail(
+      new NbdTimeoutError(
+        `no reply from ${describeServer(this.#uri)} within ${seconds(timeoutMs)}`,
+      ),
+    );
+  }
+
+  /** Stops the timers and the signal listener. */
+  #stopWatching(): void {
+    clearInterval(this.#watchdog);
+    this.#watchdog = undefined;
+    if (this.#onAbort) this.#signal.removeEventListener("abort", this.#onAbort);
+    this.#onAbort = undefined;
   }
 
   /**
@@ -282,8 +359,11 @@ export class NbdClient implements Backend, AsyncDisposable {
    * Selects an export on a session in option mode (NBD_OPT_GO, or
    * NBD_OPT_EXPORT_NAME for old servers) and returns the client for it.
    */
-  static async fromHandshake(session: NbdHandshake, options: GoOptions = {}): Promise<NbdClient> {
-    return new NbdClient(await session.select(options));
+  static async fromHandshake(
+    session: NbdHandshake,
+    options: GoOptions & ClientOptions = {},
+  ): Promise<NbdClient> {
+    return new NbdClient(await session.select(options), options);
   }
 
   // ---- what was negotiated -------------------------------------------------
@@ -619,6 +699,7 @@ export class NbdClient implements Backend, AsyncDisposable {
       await this.#writer.flush().catch(() => {});
     }
     this.#closing = true;
+    this.#stopWatching();
     this.#stream.close();
     await this.#receiving;
   }
@@ -745,6 +826,7 @@ export class NbdClient implements Backend, AsyncDisposable {
       offset: pending.offset,
       length,
     });
+    if (this.#inFlight.size === 0) this.#busySince = Date.now();
     this.#inFlight.set(cookie, pending);
     if (headerInFront) {
       const chunk = new Uint8Array(
@@ -782,6 +864,7 @@ export class NbdClient implements Backend, AsyncDisposable {
         await reader.ensure(headerSize, "a reply header");
         const header = decodeReplyHeader(reader.view, reader.position);
         reader.consume(headerSize);
+        this.#lastReply = Date.now();
         const cookie = header.cookieLo;
         const pending = header.cookieHi === 0 ? this.#inFlight.get(cookie) : undefined;
         if (!pending) {
@@ -901,9 +984,9 @@ export class NbdClient implements Backend, AsyncDisposable {
 
   #lost(type: number, offset: number, length: number): NbdConnectionError {
     const what = `${commandName(type)} of ${length} bytes at offset ${offset}`;
-    return new NbdConnectionError(`${what} failed: ${this.#failure!.message}`, {
-      cause: this.#failure,
-    });
+    const message = `${what} failed: ${this.#failure!.message}`;
+    if (this.#failure instanceof NbdTimeoutError) return new NbdTimeoutError(message);
+    return new NbdConnectionError(message, { cause: this.#failure });
   }
 
   /** The connection is unusable: every request in flight fails and later ones are refused. */
@@ -925,6 +1008,7 @@ export class NbdClient implements Backend, AsyncDisposable {
     this.#inFlight.clear();
     for (const p of pending) p.reject(this.#lost(p.type, p.offset, p.length));
     this.#wakeIdle();
+    this.#stopWatching();
     this.#stream.close();
   }
 

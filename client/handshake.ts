@@ -60,7 +60,8 @@ import {
   OPTION_REPLY_HEADER_SIZE,
 } from "../protocol/handshake.ts";
 import type { NbdUri } from "../protocol/uri.ts";
-import { describeServer, openStream, toNbdUri } from "./connect.ts";
+import { describeServer, openStream, seconds, toNbdUri } from "./connect.ts";
+import { abortError, terminationSignal } from "../util/signals.ts";
 import type { ClientTlsSettings } from "./tls.ts";
 import { NbdConnectionError, NbdOptionError } from "./errors.ts";
 
@@ -111,6 +112,60 @@ export interface HandshakeOptions {
    * mostly writes may prefer false (docs/performance.md).
    */
   nativeTls?: boolean;
+  /**
+   * Seconds that opening the connection, and then each wait for the
+   * server during the handshake (the greeting, each option's reply, the
+   * TLS handshake), may take (default `DEFAULT_CONNECT_TIMEOUT`; 0 = no
+   * limit). A server that does not greet in time is probed once, so that
+   * the error can say what answered instead (HTTP, TLS, SSH...).
+   */
+  timeout?: number;
+  /**
+   * Stops connecting and the handshake with the signal's reason (default:
+   * the process's termination signal, see util/signals.ts).
+   */
+  signal?: AbortSignal;
+}
+
+/** Seconds allowed to connect and for each step of the handshake when not told otherwise. */
+export const DEFAULT_CONNECT_TIMEOUT = 10;
+
+/** Milliseconds to wait for an answer to the probe sent to a server that did not greet. */
+const PROBE_MS = 1000;
+
+/**
+ * Sent to a server that stayed silent instead of greeting: servers that
+ * wait for the client to speak first (HTTP, TLS...) then answer, and the
+ * answer says what they are. Harmless to HTTP servers (a HEAD request).
+ */
+const PROBE = new TextEncoder().encode("HEAD / HTTP/1.0\r\n\r\n");
+
+/** The peer is not an NBD server: the message says what it seems to be instead. */
+export class NotNbdServerError extends ProtocolError {
+  /** Creates the error. */
+  constructor(message: string) {
+    super(message);
+    this.name = "NotNbdServerError";
+  }
+}
+
+/**
+ * What a server that is not an NBD server sent instead of a greeting, as
+ * a one-line error: HTTP, TLS and SSH are named, other text is quoted.
+ */
+export function foreignGreeting(bytes: Uint8Array, server: string): string {
+  if (bytes.length >= 2 && (bytes[0] === 0x15 || bytes[0] === 0x16) && bytes[1] === 0x03) {
+    return `${server} answered with TLS, not NBD (is it an https or other TLS port?)`;
+  }
+  const text = String.fromCharCode(...bytes.subarray(0, 80));
+  if (/^HTTP\/\d/.test(text)) return `${server} answered with HTTP, not NBD`;
+  if (text.startsWith("SSH-")) return `${server} answered with SSH, not NBD`;
+  const line = text.split(/\r?\n/)[0]!.slice(0, 60);
+  if (line.length >= 4 && /^[\x20-\x7e]+$/.test(line)) {
+    return `${server} is not an NBD server: it sent "${line}"`;
+  }
+  const hex = [...bytes.subarray(0, 8)].map((b) => b.toString(16).padStart(2, "0")).join(" ");
+  return `${server} is not an NBD server: its first bytes are ${hex}`;
 }
 
 /** Options of `select()`. */
@@ -182,12 +237,64 @@ export class NbdHandshake implements AsyncDisposable {
   #oldstyleExport: ExportDetails | undefined;
   #finished = false;
   #tls = false;
+  /** Milliseconds each wait for the server may take (0 = no limit). */
+  readonly #timeoutMs: number;
+  readonly #signal: AbortSignal;
+  /** Why the handshake was cut short (a timeout or the signal), once it was. */
+  #cutShort: Error | undefined;
+  readonly #onAbort = () =>
+    this.#cut(abortError(this.#signal, `during the NBD handshake with ${this.#server}`));
 
-  private constructor(stream: ByteStream, uri: NbdUri) {
+  private constructor(stream: ByteStream, uri: NbdUri, options: HandshakeOptions) {
     this.#stream = stream;
     this.#reader = new BufferedReader(stream);
     this.#writer = new CorkedWriter(stream, undefined, CLIENT_SMALL_CHUNK);
     this.#uri = uri;
+    this.#timeoutMs = (options.timeout ?? DEFAULT_CONNECT_TIMEOUT) * 1000;
+    this.#signal = options.signal ?? terminationSignal();
+  }
+
+  get #server(): string {
+    return describeServer(this.#uri);
+  }
+
+  /** Ends the handshake now: the wait in progress fails with `why`. */
+  #cut(why: Error): void {
+    this.#cutShort ??= why;
+    this.#stream.close();
+  }
+
+  /** Stops watching the signal: the session is over or handed to a client. */
+  #unwatch(): void {
+    this.#signal.removeEventListener("abort", this.#onAbort);
+  }
+
+  /**
+   * Runs one wait for the server, which fails with "stalled" after the
+   * timeout, or with the signal's reason; `what` names what is awaited.
+   */
+  async #step<T>(what: string, work: () => Promise<T>): Promise<T> {
+    if (this.#cutShort) throw this.#cutShort;
+    const timer = this.#timeoutMs > 0
+      ? setTimeout(
+        () =>
+          this.#cut(
+            new NbdConnectionError(
+              `NBD handshake with ${this.#server} stalled: no ${what} within ${
+                seconds(this.#timeoutMs)
+              }`,
+            ),
+          ),
+        this.#timeoutMs,
+      )
+      : undefined;
+    try {
+      return await work();
+    } catch (error) {
+      throw this.#cutShort ?? error;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /**
@@ -203,7 +310,12 @@ export class NbdHandshake implements AsyncDisposable {
     const tls = tlsModule?.clientTlsSettings(parsed);
     const nativeTls = tls !== undefined && (options.nativeTls ?? true) &&
       tlsModule!.nativeTlsPossible(parsed, tls);
-    return await NbdHandshake.fromStream(await openStream(parsed, { nativeTls }), {
+    const stream = await openStream(parsed, {
+      nativeTls,
+      timeoutMs: (options.timeout ?? DEFAULT_CONNECT_TIMEOUT) * 1000,
+      signal: options.signal ?? terminationSignal(),
+    });
+    return await NbdHandshake.fromStream(stream, {
       ...options,
       uri: parsed,
       tls,
@@ -222,11 +334,16 @@ export class NbdHandshake implements AsyncDisposable {
     const parsed = options.uri === undefined
       ? { tls: false, transport: "unix" as const, socket: "-", exportName: "" }
       : toNbdUri(options.uri);
-    const session = new NbdHandshake(stream, parsed);
+    const session = new NbdHandshake(stream, parsed, options);
     try {
+      if (session.#signal.aborted) session.#onAbort();
+      session.#signal.addEventListener("abort", session.#onAbort, { once: true });
       await session.#greet(options);
     } catch (error) {
+      session.#unwatch();
       stream.close();
+      if (session.#cutShort) throw session.#cutShort;
+      if (error instanceof NotNbdServerError) throw error;
       // A server that wants a client certificate can only say so by hanging up right after TLS.
       throw session.#explain(
         error,
@@ -268,9 +385,62 @@ export class NbdHandshake implements AsyncDisposable {
     return this.#style === "newstyle-fixed";
   }
 
+  /**
+   * Waits for the 16 bytes that start the greeting. A server silent for
+   * the whole timeout gets one probe (see `PROBE`), so that the error can
+   * name what it is; false when the server closed the connection first.
+   */
+  async #awaitGreeting(): Promise<boolean> {
+    const reader = this.#reader;
+    const arrived = reader.ensure(GREETING_SIZE, "the greeting");
+    arrived.catch(() => {});
+    if (this.#timeoutMs <= 0) return await this.#step("greeting", () => arrived);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = Symbol("late");
+    let outcome: boolean | typeof late;
+    try {
+      outcome = await Promise.race([
+        arrived,
+        new Promise<typeof late>((resolve) =>
+          timer = setTimeout(() => resolve(late), this.#timeoutMs)
+        ),
+      ]);
+    } catch (error) {
+      throw this.#cutShort ?? error;
+    } finally {
+      clearTimeout(timer);
+    }
+    if (outcome !== late) return outcome;
+    const silent = new NbdConnectionError(
+      `no NBD greeting from ${this.#server} within ${
+        seconds(this.#timeoutMs)
+      }: is this an NBD server?`,
+    );
+    if (this.#cutShort) throw this.#cutShort;
+    try {
+      await this.#stream.write(PROBE);
+      await Promise.race([
+        arrived,
+        new Promise((resolve) => timer = setTimeout(resolve, PROBE_MS)),
+      ]);
+    } catch {
+      // Whatever came back (or nothing) is judged below.
+    } finally {
+      clearTimeout(timer);
+    }
+    if (this.#cutShort) throw this.#cutShort;
+    if (reader.buffered > 0) {
+      throw new NotNbdServerError(foreignGreeting(reader.peek(reader.buffered), this.#server));
+    }
+    throw silent;
+  }
+
   async #greet(options: HandshakeOptions & { tls?: ClientTlsSettings }): Promise<void> {
     const reader = this.#reader;
-    if (!(await reader.ensure(GREETING_SIZE, "the greeting"))) {
+    if (!(await this.#awaitGreeting())) {
+      if (reader.buffered > 0) {
+        throw new NotNbdServerError(foreignGreeting(reader.peek(reader.buffered), this.#server));
+      }
       throw new NbdConnectionError(
         "the server closed the connection before sending a greeting (is it an NBD server?)",
       );
@@ -278,12 +448,15 @@ export class NbdHandshake implements AsyncDisposable {
     const view = reader.view;
     const pos = reader.position;
     if (view.getBigUint64(pos) !== NBD_INIT_MAGIC) {
-      throw new ProtocolError("the server's greeting has no NBD magic (is it an NBD server?)");
+      throw new NotNbdServerError(foreignGreeting(reader.peek(reader.buffered), this.#server));
     }
     const second = view.getBigUint64(pos + 8);
     reader.consume(GREETING_SIZE);
     if (second === NBD_OLD_MAGIC) {
-      await reader.ensure(OLDSTYLE_REST, "the oldstyle greeting");
+      await this.#step(
+        "oldstyle greeting",
+        () => reader.ensure(OLDSTYLE_REST, "the oldstyle greeting"),
+      );
       const size = getU64(reader.view, reader.position);
       const flags = reader.view.getUint32(reader.position + 8) & 0xffff;
       reader.consume(OLDSTYLE_REST);
@@ -297,7 +470,7 @@ export class NbdHandshake implements AsyncDisposable {
     if (second !== NBD_OPTS_MAGIC) {
       throw new ProtocolError("the server's greeting has an unknown second magic");
     }
-    await reader.ensure(2, "the handshake flags");
+    await this.#step("handshake flags", () => reader.ensure(2, "the handshake flags"));
     const serverFlags = reader.view.getUint16(reader.position);
     reader.consume(2);
     const fixed = (serverFlags & NBD_FLAG_FIXED_NEWSTYLE) !== 0;
@@ -348,7 +521,10 @@ export class NbdHandshake implements AsyncDisposable {
       );
     }
     const { startClientTls } = await import("./tls.ts");
-    const secure = await startClientTls(this.#stream, settings, describeServer(this.#uri));
+    const secure = await this.#step(
+      "TLS handshake",
+      () => startClientTls(this.#stream, settings, describeServer(this.#uri)),
+    );
     this.#stream = secure;
     this.#reader = new BufferedReader(secure);
     this.#writer = new CorkedWriter(secure, undefined, CLIENT_SMALL_CHUNK);
@@ -371,7 +547,11 @@ export class NbdHandshake implements AsyncDisposable {
     this.#writer.write(encodeOptionRequest(option, data));
   }
 
-  async #receive(option: number): Promise<{ type: number; data: Uint8Array }> {
+  #receive(option: number): Promise<{ type: number; data: Uint8Array }> {
+    return this.#step(`reply to NBD_OPT_${optionName(option)}`, () => this.#receiveNow(option));
+  }
+
+  async #receiveNow(option: number): Promise<{ type: number; data: Uint8Array }> {
     await this.#writer.flush();
     const reader = this.#reader;
     if (!(await reader.ensure(OPTION_REPLY_HEADER_SIZE, "an option reply"))) {
@@ -612,10 +792,13 @@ export class NbdHandshake implements AsyncDisposable {
   async #exportName(uri: NbdUri): Promise<Negotiation> {
     const name = uri.exportName;
     this.#send(NBD_OPT_EXPORT_NAME, encodeString(name));
-    await this.#writer.flush();
     const length = this.#noZeroes ? 10 : 134;
     this.#finished = true;
-    if (!(await this.#reader.ensure(length, "the export name reply"))) {
+    const arrived = await this.#step("reply to NBD_OPT_EXPORT_NAME", async () => {
+      await this.#writer.flush();
+      return await this.#reader.ensure(length, "the export name reply");
+    });
+    if (!arrived) {
       this.#stream.close();
       throw new NbdConnectionError(
         `the server closed the connection after NBD_OPT_EXPORT_NAME: ` +
@@ -637,6 +820,7 @@ export class NbdHandshake implements AsyncDisposable {
     details: ExportDetails,
     metaContexts: Map<number, string>,
   ): Negotiation {
+    this.#unwatch();
     return {
       stream: this.#stream,
       reader: this.#reader,
@@ -659,6 +843,7 @@ export class NbdHandshake implements AsyncDisposable {
   async abort(): Promise<void> {
     if (this.#finished) return;
     this.#finished = true;
+    this.#unwatch();
     try {
       if (this.#style === "newstyle-fixed") {
         this.#send(NBD_OPT_ABORT);

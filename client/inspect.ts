@@ -14,6 +14,7 @@ import type { NbdUri } from "../protocol/uri.ts";
 import { NbdClient } from "./client.ts";
 import { toNbdUri } from "./connect.ts";
 import { NbdOptionError } from "./errors.ts";
+import type { ClientOptions } from "./client.ts";
 import {
   type ExportDetails,
   type HandshakeOptions,
@@ -58,7 +59,7 @@ export interface ServerReport {
 }
 
 /** Options of `inspectServer`. */
-export interface InspectOptions extends HandshakeOptions {
+export interface InspectOptions extends HandshakeOptions, ClientOptions {
   /** Report every export the server lists, not just the one the URI names. */
   list?: boolean;
   /**
@@ -192,7 +193,12 @@ async function reportBySelecting(
 ): Promise<ExportReport> {
   let client: NbdClient;
   try {
-    client = await NbdClient.fromHandshake(session, { exportName: name, metaContexts: [] });
+    client = await NbdClient.fromHandshake(session, {
+      exportName: name,
+      metaContexts: [],
+      requestTimeout: options.requestTimeout,
+      signal: options.signal,
+    });
   } catch (error) {
     await session.abort();
     throw error;

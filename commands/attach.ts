@@ -111,6 +111,7 @@ async function serveAttachment(
       readOnly: flags.readOnly,
       connections: flags.connections,
       timeoutSeconds: flags.timeoutMs / 1000,
+      connectTimeout: flags.connectTimeout,
       verbose: flags.verbose,
       log,
     });

@@ -14,7 +14,9 @@ import {
 } from "../copy/checksum.ts";
 import { describeSpec, type Endpoint, type EndpointSpec, parseEndpoint } from "../copy/endpoint.ts";
 import { openSource } from "../copy/open.ts";
-import { CopyError, copyImage, CopyInterrupted, describeCause } from "../copy/scheduler.ts";
+import { CopyError, copyImage, describeCause } from "../copy/scheduler.ts";
+import { Interrupted, terminationSignal } from "../util/signals.ts";
+import { CLIENT_OPTIONS, type ClientTimeouts, clientTimeouts } from "./client_options.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
@@ -47,6 +49,7 @@ const OPTIONS = {
   requests: { type: "string", short: "R", value: "N", help: "reads in flight (default 16)" },
   "no-extents": { type: "boolean", help: "read everything (ignore the holes the source reports)" },
   help: { type: "boolean", short: "h", help: "show this help" },
+  ...CLIENT_OPTIONS,
 } as const;
 
 const USAGE = `Usage: nbd checksum [OPTIONS] SOURCE
@@ -62,7 +65,8 @@ Options:
 ${formatOptions(OPTIONS)}
 
 Exit status: 0 on success (and a match with --verify), 1 on a read failure
-or a mismatch, 2 on usage errors, 130 when interrupted.
+or a mismatch, 2 on usage errors, 128+N when stopped by signal N (130 SIGINT,
+143 SIGTERM, 129 SIGHUP).
 
 Examples:
   nbd checksum disk.img
@@ -89,6 +93,8 @@ export interface ChecksumConfig {
   extents: boolean;
   /** `--help`. */
   help: boolean;
+  /** `--timeout`, `--request-timeout`. */
+  timeouts?: ClientTimeouts;
 }
 
 function count(text: string, what: string, max: number): number {
@@ -137,6 +143,7 @@ function parseChecksumArgs(argv: string[]): ChecksumConfig {
     requests: values.requests === undefined ? 16 : count(values.requests, "--requests", 1024),
     extents: !(values["no-extents"] ?? false),
     help,
+    timeouts: clientTimeouts(values),
   };
 }
 
@@ -188,25 +195,25 @@ export async function reportChecksum(
 
 /** Runs `nbd checksum` as configured; resolves to the exit status. */
 async function runChecksum(config: ChecksumConfig): Promise<number> {
-  const controller = new AbortController();
-  const onSignal = () => controller.abort(new CopyInterrupted("SIGINT"));
-  Deno.addSignalListener("SIGINT", onSignal);
+  // Aborted by the process's first stop signal (util/signals.ts), in any state.
+  const stop = terminationSignal();
   let source: Endpoint | undefined;
   try {
     try {
       source = await openSource(config.source, {
         connections: config.connections,
-        signal: controller.signal,
+        signal: stop,
+        timeouts: config.timeouts,
       });
     } catch (error) {
-      if (error instanceof UsageError) throw error;
+      if (error instanceof UsageError || error instanceof Interrupted) throw error;
       printError(`${describeSpec(config.source)}: ${describeCause(error)}`);
       return 1;
     }
     const { digest } = await checksumEndpoint(source, config.algorithm, {
       requests: config.requests,
       extents: config.extents,
-      signal: controller.signal,
+      signal: stop,
     });
     return await reportChecksum(
       digest,
@@ -216,9 +223,9 @@ async function runChecksum(config: ChecksumConfig): Promise<number> {
     );
   } catch (error) {
     if (error instanceof UsageError) throw error;
-    if (error instanceof CopyInterrupted) {
+    if (error instanceof Interrupted) {
       printError(`checksum ${error.message}`);
-      return 130;
+      return error.exitCode;
     }
     if (error instanceof CopyError) {
       printError(`checksum failed: ${error.message}`);
@@ -227,7 +234,6 @@ async function runChecksum(config: ChecksumConfig): Promise<number> {
     printError(describeCause(error));
     return 1;
   } finally {
-    Deno.removeSignalListener("SIGINT", onSignal);
     await source?.close(true).catch(() => {});
   }
 }

@@ -17,15 +17,10 @@ import {
   stderrOutput,
 } from "../copy/progress.ts";
 import { defaultConnections, localConnections, onThisMachine, onUnixSocket } from "../copy/nbd.ts";
-import {
-  CopyError,
-  copyImage,
-  CopyInterrupted,
-  type CopyOptions,
-  describeCause,
-} from "../copy/scheduler.ts";
+import { CopyError, copyImage, type CopyOptions, describeCause } from "../copy/scheduler.ts";
 import { copyShared, shareableThreads } from "../copy/shares.ts";
-import { runCleanupsNow } from "../copy/cleanup.ts";
+import { Interrupted, terminationSignal } from "../util/signals.ts";
+import { CLIENT_OPTIONS, type ClientTimeouts, clientTimeouts } from "./client_options.ts";
 import { type ChecksumAlgorithm, parseAlgorithm } from "../copy/checksum_names.ts";
 import { parseSize } from "../util/parse.ts";
 import * as zlibModule from "node:zlib";
@@ -136,6 +131,7 @@ const OPTIONS = {
       "qcow2 destination: an overlay over FILE (raw or qcow2; relative to the destination's directory), holding only what differs from it",
   },
   help: { type: "boolean", short: "h", help: "show this help" },
+  ...CLIENT_OPTIONS,
 } as const;
 
 const USAGE = `Usage: nbd copy [OPTIONS] SOURCE DESTINATION
@@ -175,7 +171,10 @@ TCP into a file); one thread into a file or block device; for files alone a
 thread per processor, at most 4.
 
 Exit status: 0 on success, 1 when the copy failed (the message names the
-endpoint, the offset and the error), 2 on usage errors, 130 when interrupted.
+endpoint, the offset and the error), 2 on usage errors, 128+N when stopped
+by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP). The first signal stops
+the copy within 5 s (requests unanswered by then are abandoned); a second
+one stops at once.
 
 Examples:
   nbd copy nbd://server/disk disk.img
@@ -228,6 +227,8 @@ export interface CopyCommandConfig {
   qcow2: Qcow2WriteOptions;
   /** `--help`. */
   help: boolean;
+  /** `--timeout`, `--request-timeout`. */
+  timeouts: ClientTimeouts;
 }
 
 function positiveInteger(text: string, what: string, max = 1 << 20): number {
@@ -345,6 +346,7 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
     progressJson,
     ...formats,
     help,
+    timeouts: clientTimeouts(values),
   };
 }
 
@@ -431,7 +433,7 @@ async function opening<T>(role: string, open: () => Promise<T>): Promise<T> {
   try {
     return await open();
   } catch (error) {
-    if (error instanceof UsageError) throw error;
+    if (error instanceof UsageError || error instanceof Interrupted) throw error;
     throw new Error(`${role}: ${(error as Error).message}`, { cause: error });
   }
 }
@@ -512,32 +514,11 @@ async function hashCopy(algorithm: ChecksumAlgorithm, source: Endpoint, destinat
 /** Runs a copy as configured; resolves to the exit status. */
 async function runCopy(config: CopyCommandConfig): Promise<number> {
   const progressConfig = progressOptions(config);
-  const controller = new AbortController();
-  // The first signal stops the copy cleanly. A second one means the user will not
-  // wait (say, for a server that stopped answering): stop the servers we started,
-  // then let the signal do what it does by default.
-  const onSignal = (signal: Deno.Signal) => () => {
-    if (!controller.signal.aborted) {
-      controller.abort(new CopyInterrupted(signal));
-      return;
-    }
-    printError(`interrupted again: stopping at once`);
-    runCleanupsNow();
-    removeHandlers();
-    Deno.kill(Deno.pid, signal);
-  };
-  const handlers = (["SIGINT", "SIGTERM"] as const).map((signal) => {
-    const handler = onSignal(signal);
-    Deno.addSignalListener(signal, handler);
-    return { signal, handler };
-  });
-  const removeHandlers = () => {
-    for (const { signal, handler } of handlers) {
-      try {
-        Deno.removeSignalListener(signal, handler);
-      } catch { /* already removed */ }
-    }
-  };
+  // The process's stop signal (util/signals.ts), aborted by the first SIGINT,
+  // SIGTERM or SIGHUP whatever the copy is doing: connecting, in a handshake,
+  // copying. A second signal stops at once, after the registered clean-ups
+  // (servers started for the copy, a temporary destination file).
+  const stop = terminationSignal();
   // Endpoints that threads can share are opened with one connection here: each
   // thread then adds its own (see copy/shares.ts).
   const formatted = config.sourceFormat !== "raw" || config.destinationFormat !== "raw";
@@ -545,7 +526,8 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     canShare(config.destination) && config.checksum === undefined && !formatted;
   const openOptions = {
     connections: shareable ? 1 : config.connections,
-    signal: controller.signal,
+    signal: stop,
+    timeouts: config.timeouts,
   };
   let source: Endpoint | undefined;
   let destination: Endpoint | undefined;
@@ -588,7 +570,7 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
           `the source ${source.name} (${source.size} bytes)`,
       );
     }
-    if (controller.signal.aborted) throw controller.signal.reason;
+    if (stop.aborted) throw stop.reason;
     const hashed = config.checksum
       ? await hashCopy(config.checksum, source, destination)
       : undefined;
@@ -618,7 +600,7 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
       allocated: config.allocated,
       destinationIsZero: config.destinationIsZero,
       extents: config.extents,
-      signal: controller.signal,
+      signal: stop,
       onProgress: shown.active ? (done) => shown.update(done) : undefined,
     });
     if (config.flush) {
@@ -651,9 +633,9 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     await destination?.close(false).catch(() => {});
     await source?.close(false).catch(() => {});
     const suffix = note ? `; ${note}` : "";
-    if (error instanceof CopyInterrupted) {
+    if (error instanceof Interrupted) {
       printError(`copy ${error.message}${suffix}`);
-      return 130;
+      return error.exitCode;
     }
     if (error instanceof CopyError) {
       printError(`copy failed: ${error.message}${suffix}`);
@@ -662,8 +644,6 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     if (error instanceof UsageError) throw error;
     printError(`${describeCause(error)}${suffix}`);
     return 1;
-  } finally {
-    removeHandlers();
   }
 }
 

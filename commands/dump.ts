@@ -10,6 +10,12 @@ import { NbdClient } from "../client/client.ts";
 import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import { parseSize } from "../util/parse.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import {
+  CLIENT_OPTIONS,
+  CLIENT_USAGE,
+  type ClientTimeouts,
+  clientTimeouts,
+} from "./client_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { BufferedTextWriter, writeStdout } from "./output.ts";
@@ -24,7 +30,7 @@ const OWN_OPTIONS = {
   help: { type: "boolean", short: "h", help: "show this help" },
 } as const;
 
-const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
+const OPTIONS = { ...OWN_OPTIONS, ...CLIENT_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd dump [OPTIONS] URI
 
@@ -37,6 +43,8 @@ ${formatOptions(OWN_OPTIONS)}
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd dump [OPTIONS] -- [ CMD ARGS ... ]
+
+${CLIENT_USAGE}
 
 ${TLS_USAGE}
 
@@ -220,11 +228,13 @@ export interface DumpOptions {
   offset: number;
   /** Bytes to dump (default: to the end of the export). */
   length?: number;
+  /** Connect, handshake and request timeouts (defaults when absent). */
+  timeouts?: ClientTimeouts;
 }
 
 /** Connects and prints the hexdump; resolves to the exit status. */
 async function dumpExport(uri: string, options: DumpOptions): Promise<number> {
-  await using client = await NbdClient.connect(uri);
+  await using client = await NbdClient.connect(uri, { ...options.timeouts });
   const size = client.size();
   if (options.offset > size) {
     throw new Error(`offset ${options.offset} is beyond the end of the export (size ${size})`);
@@ -275,6 +285,7 @@ export const dumpCommand: Command = {
     const options = {
       offset: values.offset === undefined ? 0 : parseSize(values.offset, "--offset"),
       length: values.length === undefined ? undefined : parseSize(values.length, "--length"),
+      timeouts: clientTimeouts(values),
     };
     return await withUriArgument(
       positionals,

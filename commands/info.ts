@@ -27,6 +27,12 @@ import {
 import { formatNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import {
+  CLIENT_OPTIONS,
+  CLIENT_USAGE,
+  type ClientTimeouts,
+  clientTimeouts,
+} from "./client_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
 import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 import { showMap } from "./map.ts";
@@ -66,7 +72,7 @@ const OWN_OPTIONS = {
   help: { type: "boolean", short: "h", help: "show this help" },
 } as const;
 
-const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
+const OPTIONS = { ...OWN_OPTIONS, ...CLIENT_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd info [OPTIONS] URI
        nbd info [OPTIONS] FILE
@@ -85,6 +91,8 @@ multi-conn, cache, structured-reply, extended-headers, block-status.
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd info [OPTIONS] -- [ CMD ARGS ... ]
+
+${CLIENT_USAGE}
 
 ${TLS_USAGE}
 
@@ -298,7 +306,12 @@ const IS: Record<string, (c: NbdClient) => boolean> = {
   "tls": (c) => c.tls,
 };
 
-async function testFeature(uri: string, kind: "can" | "is", feature: string): Promise<number> {
+async function testFeature(
+  uri: string,
+  kind: "can" | "is",
+  feature: string,
+  timeouts: ClientTimeouts,
+): Promise<number> {
   const table = kind === "can" ? CAN : IS;
   const test = table[feature];
   if (!test) {
@@ -309,7 +322,7 @@ async function testFeature(uri: string, kind: "can" | "is", feature: string): Pr
     );
   }
   const metaContexts = feature === "block-status" ? [BASE_ALLOCATION] : [];
-  await using client = await NbdClient.connect(uri, { metaContexts });
+  await using client = await NbdClient.connect(uri, { metaContexts, ...timeouts });
   return test(client) ? 0 : 2;
 }
 
@@ -321,6 +334,8 @@ export interface InfoOptions {
   list: boolean;
   /** Probe the content with file(1). */
   content: boolean;
+  /** Connect, handshake and request timeouts (defaults when absent). */
+  timeouts?: ClientTimeouts;
 }
 
 /** Adds a hint to the "no such export" error. */
@@ -346,6 +361,7 @@ export async function showInfo(uriText: string, options: InfoOptions): Promise<n
     report = await inspectServer(uri, {
       list: options.list,
       probe: options.content ? probe : undefined,
+      ...options.timeouts,
     });
   } catch (error) {
     throw withHint(error);
@@ -403,7 +419,7 @@ export const infoCommand: Command = {
     if (file !== undefined) return await runLocalInfo(file, values, extracted.map);
     return await withUriArgument(positionals, "info", (uriText) => {
       const uri = withTlsFlags(uriText, values);
-      return runInfo(uri, values, extracted.map);
+      return runInfo(uri, values, extracted.map, clientTimeouts(values));
     });
   },
 };
@@ -422,18 +438,20 @@ async function runInfo(
     "no-content"?: boolean;
   },
   map: string | undefined,
+  timeouts: ClientTimeouts,
 ): Promise<number> {
-  if (values.can !== undefined) return await testFeature(uri, "can", values.can);
-  if (values.is !== undefined) return await testFeature(uri, "is", values.is);
+  if (values.can !== undefined) return await testFeature(uri, "can", values.can, timeouts);
+  if (values.is !== undefined) return await testFeature(uri, "is", values.is, timeouts);
   if (map !== undefined) {
     return await showMap(uri, {
       context: map,
       totals: values.totals ?? false,
       json: values.json ?? false,
+      timeouts,
     });
   }
   if (values.size) {
-    await using client = await NbdClient.connect(uri, { metaContexts: [] });
+    await using client = await NbdClient.connect(uri, { metaContexts: [], ...timeouts });
     await writeStdout(`${client.size()}\n`);
     return 0;
   }
@@ -442,6 +460,7 @@ async function runInfo(
     json: values.json ?? false,
     list,
     content: values["no-content"] ? false : (values.content ?? !list),
+    timeouts,
   });
 }
 

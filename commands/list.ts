@@ -6,6 +6,7 @@
  */
 
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import { CLIENT_OPTIONS, CLIENT_USAGE, clientTimeouts } from "./client_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { showInfo } from "./info.ts";
@@ -17,7 +18,7 @@ const OWN_OPTIONS = {
   help: { type: "boolean", short: "h", help: "show this help" },
 } as const;
 
-const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
+const OPTIONS = { ...OWN_OPTIONS, ...CLIENT_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd list [OPTIONS] URI
 
@@ -29,6 +30,8 @@ ${formatOptions(OWN_OPTIONS)}
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd list [OPTIONS] -- [ CMD ARGS ... ]
+
+${CLIENT_USAGE}
 
 ${TLS_USAGE}
 
@@ -49,11 +52,13 @@ export const listCommand: Command = {
       await writeStdout(USAGE);
       return 0;
     }
+    const timeouts = clientTimeouts(values);
     return await withUriArgument(positionals, "list", (uri) =>
       showInfo(withTlsFlags(uri, values), {
         json: values.json ?? false,
         list: true,
         content: values.content ?? false,
+        timeouts,
       }));
   },
 };

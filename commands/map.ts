@@ -9,6 +9,12 @@
 import { BASE_ALLOCATION } from "../protocol/constants.ts";
 import { NbdClient } from "../client/client.ts";
 import { TLS_OPTIONS, TLS_USAGE, withTlsFlags } from "./tls_options.ts";
+import {
+  CLIENT_OPTIONS,
+  CLIENT_USAGE,
+  type ClientTimeouts,
+  clientTimeouts,
+} from "./client_options.ts";
 import { withUriArgument } from "./uri_argument.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
@@ -35,7 +41,7 @@ const OWN_OPTIONS = {
   help: { type: "boolean", short: "h", help: "show this help" },
 } as const;
 
-const OPTIONS = { ...OWN_OPTIONS, ...TLS_OPTIONS } as const;
+const OPTIONS = { ...OWN_OPTIONS, ...CLIENT_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd map [OPTIONS] URI
        nbd map [OPTIONS] FILE
@@ -53,6 +59,8 @@ A local FILE without it is mapped raw: its holes (SEEK_HOLE) are hole,zero.
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd map [OPTIONS] -- [ CMD ARGS ... ]
+
+${CLIENT_USAGE}
 
 ${TLS_USAGE}
 
@@ -80,6 +88,8 @@ export interface MapOptions {
   totals: boolean;
   /** Print JSON. */
   json: boolean;
+  /** Connect, handshake and request timeouts (defaults when absent). */
+  timeouts?: ClientTimeouts;
 }
 
 /** Human description of a status value, for the contexts whose meaning is known. */
@@ -161,7 +171,10 @@ export function formatTotals(
 
 /** Connects, maps the whole export and prints the result; resolves to the exit status. */
 export async function showMap(uri: string, options: MapOptions): Promise<number> {
-  await using client = await NbdClient.connect(uri, { metaContexts: [options.context] });
+  await using client = await NbdClient.connect(uri, {
+    metaContexts: [options.context],
+    ...options.timeouts,
+  });
   if (!client.canMetaContext(options.context)) {
     throw new Error(`the server does not support metadata context "${options.context}"`);
   }
@@ -196,6 +209,7 @@ export const mapCommand: Command = {
       context: values.context ?? BASE_ALLOCATION,
       totals: values.totals ?? false,
       json: values.json ?? false,
+      timeouts: clientTimeouts(values),
     };
     const local = await isLocalFile(positionals);
     if (format !== undefined || local) {

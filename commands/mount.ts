@@ -7,7 +7,7 @@
  */
 
 import { linuxOnly } from "../io/platform.ts";
-import { formatSize, parseDuration } from "../util/parse.ts";
+import { formatSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { DEFAULT_TIMEOUT_MS } from "../mount/export_file.ts";
 import { MountSession, requireMountPrivilege } from "../mount/session.ts";
@@ -15,6 +15,8 @@ import * as sys from "../io/libc.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { writeStdout } from "./output.ts";
 import { TLS_OPTIONS, TLS_USAGE, type TlsFlags, withTlsFlags } from "./tls_options.ts";
+import { CLIENT_OPTIONS, clientTimeouts } from "./client_options.ts";
+import { Interrupted, terminationSignal, whenAborted } from "../util/signals.ts";
 
 /** Options `nbd mount` and `nbd attach` share. */
 export const MOUNT_OPTIONS = {
@@ -29,9 +31,9 @@ export const MOUNT_OPTIONS = {
     value: "N",
     help: "NBD connections when the server allows multi-conn (default 4)",
   },
-  timeout: {
-    type: "string",
-    value: "SECONDS",
+  timeout: CLIENT_OPTIONS.timeout,
+  "request-timeout": {
+    ...CLIENT_OPTIONS["request-timeout"],
     help: `fail a connection's requests with EIO after SECONDS without a reply (default ${
       DEFAULT_TIMEOUT_MS / 1000
     }; 0 = never)`,
@@ -65,8 +67,9 @@ Present an NBD export as a regular file over FUSE, like nbdfuse. If
 MOUNTPOINT is a directory the file is MOUNTPOINT/disk; if it is an existing
 regular file, the export is mounted over it. Reads, writes, fsync (FLUSH)
 and fallocate (--punch-hole: TRIM, --zero-range: WRITE_ZEROES) go to the
-server. Stays in the foreground until SIGINT/SIGTERM or "nbd umount
-MOUNTPOINT", and always unmounts on the way out. Needs root (CAP_SYS_ADMIN).
+server. Stays in the foreground until SIGINT, SIGTERM, SIGHUP or "nbd umount
+MOUNTPOINT", and always unmounts on the way out (exit status 0; a second
+signal unmounts lazily at once). Needs root (CAP_SYS_ADMIN).
 
 Once the file is usable, one line goes to stdout:
   mounted URI on FILE (SIZE bytes, N connections, read-write)
@@ -87,7 +90,10 @@ Examples:
 export interface MountFlags {
   readOnly: boolean;
   connections: number;
+  /** Stale-request timeout (--request-timeout). */
   timeoutMs: number;
+  /** Connect and handshake timeout in seconds (--timeout). */
+  connectTimeout: number;
   readyFd: number | undefined;
   verbose: boolean;
 }
@@ -97,6 +103,7 @@ export function mountFlags(values: {
   readonly?: boolean;
   connections?: string;
   timeout?: string;
+  "request-timeout"?: string;
   "ready-fd"?: string;
   verbose?: boolean;
 }): MountFlags {
@@ -118,12 +125,12 @@ export function mountFlags(values: {
       );
     }
   }
+  const timeouts = clientTimeouts(values, DEFAULT_TIMEOUT_MS / 1000);
   return {
     readOnly: values.readonly ?? false,
     connections,
-    timeoutMs: values.timeout === undefined
-      ? DEFAULT_TIMEOUT_MS
-      : parseDuration(values.timeout, "--timeout"),
+    timeoutMs: timeouts.requestTimeout * 1000,
+    connectTimeout: timeouts.timeout,
     readyFd,
     verbose: values.verbose ?? false,
   };
@@ -149,18 +156,17 @@ export function signalReadyFd(fd: number | undefined, line: string): void {
   sys.closeFd(fd);
 }
 
-/** Resolves with the signal's name on the first SIGINT or SIGTERM; `dispose` removes the handlers. */
+/**
+ * Resolves with the signal's name on the process's first stop signal
+ * (SIGINT, SIGTERM, SIGHUP: util/signals.ts); `dispose` stops waiting.
+ */
 export function onTerminate(): { signal: Promise<string>; dispose: () => void } {
-  let handlers: [Deno.Signal, () => void][] = [];
-  const signal = new Promise<string>((resolve) => {
-    handlers = (["SIGINT", "SIGTERM"] as const).map((name) => [name, () => resolve(name)]);
-    for (const [name, handler] of handlers) Deno.addSignalListener(name, handler);
-  });
+  const waiting = whenAborted(terminationSignal());
   return {
-    signal,
-    dispose: () => {
-      for (const [name, handler] of handlers) Deno.removeSignalListener(name, handler);
-    },
+    signal: waiting.promise.then((reason) =>
+      reason instanceof Interrupted ? reason.signal : "stopped"
+    ),
+    dispose: waiting.dispose,
   };
 }
 
@@ -215,6 +221,7 @@ export const mountCommand: Command = {
         readOnly: flags.readOnly,
         connections: flags.connections,
         timeoutSeconds: flags.timeoutMs / 1000,
+        connectTimeout: flags.connectTimeout,
         fileName: name,
         allowOther: values["allow-other"] ?? false,
         verbose: flags.verbose,

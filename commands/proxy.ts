@@ -10,6 +10,9 @@ import { Params } from "../core/params.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 import { expandViewOption, runServer, SERVE_OPTIONS } from "./serve.ts";
+import { CLIENT_OPTIONS, CLIENT_USAGE } from "./client_options.ts";
+
+const OPTIONS = { ...SERVE_OPTIONS, ...CLIENT_OPTIONS } as const;
 
 const USAGE = `Usage: nbd proxy [SERVE OPTIONS] UPSTREAM-URI [PARAM=VALUE ...]
 
@@ -23,6 +26,10 @@ until it comes back.
 
 Options (those of "nbd serve"):
 ${formatOptions(SERVE_OPTIONS)}
+
+Upstream ${
+  CLIENT_USAGE.replace("Timeouts:", "timeouts (the nbd plugin's timeout= and request-timeout=):")
+}
 
 Parameters (after the URI): dynamic-export=true passes each client's export
 name upstream; retry=false stops reconnecting; filter parameters.
@@ -40,9 +47,9 @@ export const proxyCommand: Command = {
   name: "proxy",
   summary: "forward an export from another NBD server, adding or stripping TLS",
   usage: USAGE,
-  options: SERVE_OPTIONS,
+  options: OPTIONS,
   async run(argv) {
-    const { values, positionals } = parseOptions(expandViewOption(argv), SERVE_OPTIONS);
+    const { values, positionals } = parseOptions(expandViewOption(argv), OPTIONS);
     if (values.help) {
       console.log(USAGE);
       return 0;
@@ -55,6 +62,10 @@ export const proxyCommand: Command = {
     }
     const params = Params.parse(words);
     params.add("uri", upstream);
+    if (values.timeout !== undefined) params.add("timeout", values.timeout);
+    if (values["request-timeout"] !== undefined) {
+      params.add("request-timeout", values["request-timeout"]);
+    }
     return await runServer({ values, plugin: nbdPlugin, params });
   },
 };

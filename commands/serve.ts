@@ -5,6 +5,7 @@
  * @module
  */
 
+import { signalNumber, terminationSignal, whenAborted } from "../util/signals.ts";
 import { FILTERS } from "../filters/mod.ts";
 import { PLUGINS } from "../plugins/mod.ts";
 import type { Filter, Plugin } from "../core/backend.ts";
@@ -561,8 +562,6 @@ export async function runServer(setup: ServerSetup): Promise<number> {
   return await serve(config, setup.plugin, setup.params);
 }
 
-const STOP_SIGNALS: Deno.Signal[] = ["SIGINT", "SIGTERM"];
-
 /**
  * The server's lifecycle. Everything `serveUntilStopped` starts is
  * registered on one stack as it is started, so that on every way out (a
@@ -657,11 +656,11 @@ async function serveUntilStopped(
   if (view) server.state.log(`view at ${view.url}`);
 
   const stopped = Promise.withResolvers<number>();
-  const onSignal = () => stopped.resolve(0);
-  for (const signal of STOP_SIGNALS) Deno.addSignalListener(signal, onSignal);
-  stack.defer(() => {
-    for (const signal of STOP_SIGNALS) Deno.removeSignalListener(signal, onSignal);
-  });
+  // The process's first stop signal (SIGINT, SIGTERM or SIGHUP, see
+  // util/signals.ts), also when it came while starting: stop serving, exit 0.
+  const signalled = whenAborted(terminationSignal());
+  signalled.promise.then(() => stopped.resolve(0));
+  stack.defer(() => signalled.dispose());
 
   if (config.run !== undefined) {
     const env: Record<string, string> = {
@@ -689,19 +688,6 @@ async function serveUntilStopped(
     listeners.primary.done.then(() => stopped.resolve(0));
   }
   return await stopped.promise;
-}
-
-function signalNumber(signal: Deno.Signal): number {
-  const numbers: Partial<Record<Deno.Signal, number>> = {
-    SIGHUP: 1,
-    SIGINT: 2,
-    SIGQUIT: 3,
-    SIGKILL: 9,
-    SIGSEGV: 11,
-    SIGPIPE: 13,
-    SIGTERM: 15,
-  };
-  return numbers[signal] ?? 0;
 }
 
 /** `nbd serve`. */

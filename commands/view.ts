@@ -5,6 +5,7 @@
  * @module
  */
 
+import { terminationSignal, whenAborted } from "../util/signals.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { ServerStats } from "../server/stats.ts";
 import { MAX_SPEED, Replayer, ReplayLog } from "../view/replay.ts";
@@ -96,11 +97,10 @@ export const viewCommand: Command = {
       } s)`,
     );
     replayer.start();
-    const { promise: stopped, resolve: stop } = Promise.withResolvers<void>();
-    const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
-    for (const signal of signals) Deno.addSignalListener(signal, stop);
-    await stopped;
-    for (const signal of signals) Deno.removeSignalListener(signal, stop);
+    // Until the process's first stop signal (SIGINT, SIGTERM, SIGHUP: util/signals.ts).
+    const stopped = whenAborted(terminationSignal());
+    await stopped.promise;
+    stopped.dispose();
     replayer.stop();
     await view.close();
     return 0;

@@ -114,13 +114,21 @@ export interface Endpoint {
   useConnections(connections?: number): Promise<void>;
 }
 
+/** Timeouts of NBD connections, in seconds (0 = none): connect and handshake, and requests. */
+export interface NbdTimeouts {
+  /** Connecting and each step of the handshake. */
+  timeout?: number;
+  /** Requests left unanswered. */
+  requestTimeout?: number;
+}
+
 /**
  * An opened endpoint as another thread reopens it: plain data, so that it
  * can be posted to a worker.
  */
 export type ShareSpec =
   /** The same export, over one more connection. */
-  | { kind: "nbd"; name: string; uri: string }
+  | { kind: "nbd"; name: string; uri: string; timeouts?: NbdTimeouts }
   /** The same file or block device, read with its own descriptor. */
   | { kind: "file-source"; path: string }
   /**

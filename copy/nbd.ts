@@ -14,7 +14,13 @@ import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
 import { ZERO_BUFFER } from "../util/zero_buffer.ts";
-import { BaseEndpoint, type CopyExtent, type Role, type ShareSpec } from "./endpoint.ts";
+import {
+  BaseEndpoint,
+  type CopyExtent,
+  type NbdTimeouts,
+  type Role,
+  type ShareSpec,
+} from "./endpoint.ts";
 
 /**
  * Connections opened when none were asked for: 4, which hides network
@@ -78,6 +84,10 @@ export interface NbdEndpointOptions {
   connections?: number;
   /** Runs after the connections are closed (e.g. stopping a server we started), once open. */
   cleanup?: () => Promise<void>;
+  /** Connect, handshake and request timeouts (the client's defaults when absent). */
+  timeouts?: NbdTimeouts;
+  /** Stops connecting (default: the process's termination signal). */
+  signal?: AbortSignal;
 }
 
 /** An NBD export as a copy source or destination. */
@@ -94,6 +104,7 @@ export class NbdEndpoint extends BaseEndpoint {
   readonly #cleanup: (() => Promise<void>) | undefined;
   readonly #uri: string;
   readonly #role: Role;
+  readonly #timeouts: NbdTimeouts | undefined;
   #closed: Promise<void> | undefined;
 
   private constructor(
@@ -102,8 +113,10 @@ export class NbdEndpoint extends BaseEndpoint {
     role: Role,
     pool: NbdClientPool,
     cleanup?: () => Promise<void>,
+    timeouts?: NbdTimeouts,
   ) {
     super();
+    this.#timeouts = timeouts;
     this.name = name;
     this.#uri = uri;
     this.#role = role;
@@ -130,8 +143,10 @@ export class NbdEndpoint extends BaseEndpoint {
     const pool = await NbdClientPool.connect(uri, {
       connections,
       nativeTls: role === "source",
+      ...options.timeouts,
+      signal: options.signal,
     });
-    const endpoint = new NbdEndpoint(name, uri, role, pool, options.cleanup);
+    const endpoint = new NbdEndpoint(name, uri, role, pool, options.cleanup, options.timeouts);
     // Writes of 256 KiB and their headers then leave in one piece: with the default
     // 208 KiB send buffer each one stalled for a wake-up from the server's read.
     if (role === "destination") enlargeNewSocketBuffers();
@@ -148,7 +163,7 @@ export class NbdEndpoint extends BaseEndpoint {
    */
   override shareSpec(): ShareSpec | undefined {
     if (!this.pool.primary.canMultiConn) return undefined;
-    return { kind: "nbd", name: this.name, uri: this.#uri };
+    return { kind: "nbd", name: this.name, uri: this.#uri, timeouts: this.#timeouts };
   }
 
   /**

@@ -5,7 +5,7 @@
  */
 
 import { UsageError } from "../util/usage_error.ts";
-import { describeSpec, type Endpoint, type EndpointSpec } from "./endpoint.ts";
+import { describeSpec, type Endpoint, type EndpointSpec, type NbdTimeouts } from "./endpoint.ts";
 import { NbdEndpoint } from "./nbd.ts";
 import { NullDestination } from "./null.ts";
 import { stdinSource, stdoutDestination } from "./pipe.ts";
@@ -21,8 +21,10 @@ export interface OpenOptions {
    * requests in flight; undefined picks a default for each endpoint.
    */
   connections?: number;
-  /** Stops a server started for the copy while the copy is still connecting to it. */
+  /** Stops connecting, and a server started for the copy while the copy is still connecting to it. */
   signal?: AbortSignal;
+  /** Connect, handshake and request timeouts of NBD endpoints. */
+  timeouts?: NbdTimeouts;
 }
 
 /** Opens the source of a copy. */

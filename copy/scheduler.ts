@@ -13,6 +13,7 @@
  * @module
  */
 
+import { Interrupted } from "../util/signals.ts";
 import { WRITE_HEADROOM } from "../protocol/transmission.ts";
 import type { CopyExtent, Endpoint, Role } from "./endpoint.ts";
 import { zeroRuns } from "./zero_scan.ts";
@@ -97,11 +98,11 @@ export class CopyError extends Error {
   }
 }
 
-/** The copy was stopped by a signal. */
-export class CopyInterrupted extends Error {
+/** The copy was stopped by a signal (the process's stop signals are `Interrupted` too). */
+export class CopyInterrupted extends Interrupted {
   /** Creates the error; `signal` is the name of what stopped the copy. */
-  constructor(signal = "SIGINT") {
-    super(`interrupted by ${signal}`);
+  constructor(signal: Deno.Signal = "SIGINT") {
+    super(signal);
     this.name = "CopyInterrupted";
   }
 }

@@ -25,7 +25,10 @@ async function openShared(spec: ShareSpec, role: Role): Promise<Endpoint> {
   switch (spec.kind) {
     case "nbd": {
       const { NbdEndpoint } = await import("./nbd.ts");
-      return await NbdEndpoint.open(spec.name, spec.uri, role, { connections: 1 });
+      return await NbdEndpoint.open(spec.name, spec.uri, role, {
+        connections: 1,
+        timeouts: spec.timeouts,
+      });
     }
     case "file-source": {
       const { FileSource } = await import("./file_source.ts");

@@ -17,7 +17,7 @@ import { closeFd, listenUnixFd } from "../io/libc.ts";
 import { linuxOnly } from "../io/platform.ts";
 import { selfCommand } from "../util/self_command.ts";
 import { registerCleanup } from "./cleanup.ts";
-import type { Role } from "./endpoint.ts";
+import type { NbdTimeouts, Role } from "./endpoint.ts";
 import { NbdEndpoint } from "./nbd.ts";
 
 /** Sets the activation variables in the shell that then execs the server, keeping its pid. */
@@ -134,7 +134,7 @@ export async function startActivatedServer(argv: string[]): Promise<ActivatedSer
 export async function openCommandEndpoint(
   argv: string[],
   role: Role,
-  options: { connections?: number; signal?: AbortSignal },
+  options: { connections?: number; signal?: AbortSignal; timeouts?: NbdTimeouts },
 ): Promise<NbdEndpoint> {
   const server = await startActivatedServer(argv);
   // Interrupted while connecting: stopping the server makes the connection attempt fail.
@@ -144,6 +144,8 @@ export async function openCommandEndpoint(
   const opening = NbdEndpoint.open(name, server.uri, role, {
     connections: options.connections,
     cleanup: server.stop,
+    timeouts: options.timeouts,
+    signal: options.signal,
   });
   const died = server.exited.then((how): Promise<never> => {
     // Stopped by us (e.g. closing a read-only destination): the other side explains why.

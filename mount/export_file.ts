@@ -38,6 +38,8 @@ export interface ExportFileOptions {
    * declared stale and closed (default 60000; 0 = never).
    */
   timeoutMs?: number;
+  /** Seconds for connecting and each handshake step (0 = none; default 10). */
+  connectTimeout?: number;
   /** Receives one-line reports of connections lost, declared stale, or made again. */
   onEvent?: (message: string) => void;
   /**
@@ -125,6 +127,7 @@ export class ExportFile implements FileContents {
   readonly #sleepers = new Set<() => void>();
   readonly #readOnly: boolean;
   readonly #timeoutMs: number;
+  readonly #connectTimeout: number | undefined;
   readonly #onEvent: (message: string) => void;
   readonly #counters = new IoCounters();
   readonly #gate = new RangeGate();
@@ -139,6 +142,7 @@ export class ExportFile implements FileContents {
     this.#reconnect = options.reconnect ?? true;
     this.#readOnly = (options.readOnly ?? false) || this.#primary.readOnly;
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    this.#connectTimeout = options.connectTimeout;
     this.#onEvent = options.onEvent ?? (() => {});
     this.#minimum = this.#primary.blockSize.minimum;
     if (this.#timeoutMs > 0) {
@@ -151,7 +155,10 @@ export class ExportFile implements FileContents {
 
   /** Connects to the export a URI names. */
   static async open(uri: string, options: ExportFileOptions = {}): Promise<ExportFile> {
-    const pool = await NbdClientPool.connect(uri, { connections: options.connections ?? 4 });
+    const pool = await NbdClientPool.connect(uri, {
+      connections: options.connections ?? 4,
+      timeout: options.connectTimeout,
+    });
     // A 1 MiB WRITE then leaves in one piece rather than five (see io/socket_buffers.ts).
     enlargeNewSocketBuffers({ bytes: SEND_BUFFER });
     return new ExportFile(uri, pool.clients, options);
@@ -399,7 +406,7 @@ export class ExportFile implements FileContents {
   async #connectOnce(timeoutMs: number): Promise<NbdClient> {
     const uri = toNbdUri(this.#target);
     const tls = uri.tls ? clientTlsSettings(uri) : undefined;
-    const stream = await openStream(uri);
+    const stream = await openStream(uri, { timeoutMs });
     enlargeNewSocketBuffers({ bytes: SEND_BUFFER });
     if (this.#closed) {
       stream.close();
@@ -408,7 +415,11 @@ export class ExportFile implements FileContents {
     this.#attempts.add(stream);
     const timer = setTimeout(() => stream.close(), timeoutMs);
     try {
-      const session = await NbdHandshake.fromStream(stream, { uri, tls });
+      const session = await NbdHandshake.fromStream(stream, {
+        uri,
+        tls,
+        timeout: this.#connectTimeout,
+      });
       return await NbdClient.fromHandshake(session);
     } catch (error) {
       stream.close();

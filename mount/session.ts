@@ -22,6 +22,8 @@ import {
 } from "../protocol/constants.ts";
 import { formatNbdUri, isNbdUri, parseNbdUri } from "../protocol/uri.ts";
 import { ExportFile } from "./export_file.ts";
+import { GRACE_MS, registerCleanup } from "../util/signals.ts";
+import { MNT_DETACH, umount2Sync } from "../io/libc.ts";
 import { FuseFileServer } from "./fuse_file_server.ts";
 import { attachLoop, detachLoop, loopBackingFile } from "./loop_device.ts";
 import {
@@ -48,6 +50,8 @@ export interface MountSessionOptions {
   connections?: number;
   /** Stale-connection timeout in seconds (0 = none). */
   timeoutSeconds: number;
+  /** Seconds for connecting and each handshake step (0 = none; default 10). */
+  connectTimeout?: number;
   /** Name of the file in a directory mount. */
   fileName?: string;
   /** Let other users access the file. */
@@ -126,6 +130,8 @@ export class MountSession {
   readonly #log: (message: string) => void;
   #stopping: Promise<void> | undefined;
   #stopRequested: ((hard: boolean) => void) | undefined;
+  /** Unregisters the lazy unmount run when the process must stop at once. */
+  #unregisterCleanup: () => void = () => {};
   /** Resolves with `hard` when a control client asks the session to stop. */
   readonly stopRequested: Promise<boolean>;
 
@@ -153,6 +159,7 @@ export class MountSession {
       connections: options.connections ?? 4,
       readOnly: options.readOnly,
       timeoutMs: options.timeoutSeconds * 1000,
+      connectTimeout: options.connectTimeout,
       onEvent: log,
     });
     let dir: string | undefined;
@@ -213,6 +220,12 @@ export class MountSession {
       };
       const session = new MountSession(file, server, dir, control, record, log);
       holder.session = session;
+      // Stopping at once (a second signal) must not leave a dead mount behind.
+      const mounted = server.mountpoint;
+      session.#unregisterCleanup = registerCleanup(() => {
+        if (device) new Deno.Command("losetup", { args: ["--detach", device] }).outputSync();
+        umount2Sync(mounted, MNT_DETACH);
+      });
       await writeRecord(dir, record);
       return session;
     } catch (error) {
@@ -300,9 +313,10 @@ export class MountSession {
     }
     // Closing fails whatever the server leaves unanswered, which lets the
     // FUSE server finish its last requests and close /dev/fuse.
-    await this.#file.close();
+    await this.#file.close(GRACE_MS);
     await this.#server.closed;
     await this.#control.close();
     await removeSessionDir(this.#dir);
+    this.#unregisterCleanup();
   }
 }

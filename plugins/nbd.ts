@@ -34,7 +34,7 @@ import type {
 } from "../core/backend.ts";
 import type { Params } from "../core/params.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { NbdHandshake } from "../client/handshake.ts";
+import { DEFAULT_CONNECT_TIMEOUT, NbdHandshake } from "../client/handshake.ts";
 
 /** Longest wait between reconnection attempts. */
 const MAX_BACKOFF_MS = 5000;
@@ -50,6 +50,14 @@ export interface UpstreamOptions {
   reconnect: boolean;
   /** Log sink for reconnection messages. */
   log: (message: string) => void;
+  /** Seconds for connecting and each handshake step (0 = no limit; default 10). */
+  timeout?: number;
+  /** Seconds an upstream may leave requests unanswered before they fail with EIO (0 = no limit). */
+  requestTimeout?: number;
+}
+
+function connectOptions(options: UpstreamOptions): { timeout?: number; requestTimeout?: number } {
+  return { timeout: options.timeout, requestTimeout: options.requestTimeout };
 }
 
 function isConnectionFailure(error: unknown): boolean {
@@ -82,7 +90,7 @@ export class UpstreamBackend implements Backend {
 
   /** Connects to the upstream export. */
   static async open(uri: NbdUri, options: UpstreamOptions): Promise<UpstreamBackend> {
-    const client = await NbdClient.connect(uri);
+    const client = await NbdClient.connect(uri, connectOptions(options));
     return new UpstreamBackend(client, uri, options);
   }
 
@@ -111,7 +119,7 @@ export class UpstreamBackend implements Backend {
     if (this.#reconnecting || Date.now() < this.#nextAttempt) return;
     this.#reconnecting = (async () => {
       try {
-        const fresh = await NbdClient.connect(this.#uri);
+        const fresh = await NbdClient.connect(this.#uri, connectOptions(this.#options));
         if (fresh.size() !== this.#size) {
           await fresh.close();
           throw new Error(`the upstream export changed size (${this.#size} → ${fresh.size()})`);
@@ -316,15 +324,35 @@ Examples:
       default: "true",
       description: "reconnect after losing the upstream",
     },
+    {
+      name: "timeout",
+      value: "SECONDS",
+      type: "duration",
+      default: String(DEFAULT_CONNECT_TIMEOUT),
+      description: "give up connecting upstream, or any handshake step, after SECONDS (0 = never)",
+    },
+    {
+      name: "request-timeout",
+      value: "SECONDS",
+      type: "duration",
+      default: "0 (wait forever)",
+      description: "fail requests the upstream leaves unanswered for SECONDS with EIO",
+    },
   ],
   magicParam: "uri",
   async create(params) {
     const uri = upstreamUri(params);
     const dynamicExport = params.takeBoolean("dynamic-export") ?? false;
     const reconnect = params.takeBoolean("retry") ?? true;
+    const timeoutMs = params.takeDuration("timeout");
+    const requestTimeoutMs = params.takeDuration("request-timeout");
+    const timeouts = {
+      timeout: timeoutMs === undefined ? undefined : timeoutMs / 1000,
+      requestTimeout: requestTimeoutMs === undefined ? undefined : requestTimeoutMs / 1000,
+    };
     const log = (message: string) => console.error(`nbd: upstream: ${message}`);
     // Check the upstream once at start-up so a typo fails fast with a clear message.
-    const probe = await NbdHandshake.open(uri);
+    const probe = await NbdHandshake.open(uri, timeouts);
     let exports: ExportInfo[] | undefined;
     try {
       if (dynamicExport && probe.canSendOptions) {
@@ -341,11 +369,17 @@ Examples:
     return {
       open(context: OpenContext) {
         const target = dynamicExport ? { ...uri, exportName: context.exportName } : uri;
-        return UpstreamBackend.open(target, { uri: target, dynamicExport, reconnect, log });
+        return UpstreamBackend.open(target, {
+          uri: target,
+          dynamicExport,
+          reconnect,
+          log,
+          ...timeouts,
+        });
       },
       listExports: dynamicExport
         ? async () => {
-          await using session = await NbdHandshake.open(uri);
+          await using session = await NbdHandshake.open(uri, timeouts);
           const listed = await session.list();
           return listed.map((e) => ({ name: e.name, description: e.description || undefined }));
         }

@@ -5,6 +5,7 @@
  * @module
  */
 
+import { GRACE_MS, within } from "../util/signals.ts";
 import { BufferedReader } from "../io/buffered_reader.ts";
 import type { ByteStream } from "../io/byte_stream.ts";
 import { CorkedWriter } from "../io/corked_writer.ts";
@@ -168,10 +169,14 @@ export class Connection implements ConnectionContext {
     this.#upgrading?.detach?.().socket.destroy();
     const transmission = this.#transmission;
     if (transmission) {
-      await transmission.idle();
-      await this.writer.flush().catch(() => {});
+      // Bounded: a backend that never answers (a silent upstream) must not
+      // hold the server up; what is unanswered after the grace is dropped.
+      const deadline = Date.now() + GRACE_MS;
+      const left = () => Math.max(0, deadline - Date.now());
+      await within(left(), transmission.idle());
+      await within(left(), this.writer.flush().catch(() => {}));
       const backend = this.#backend;
-      if (backend?.capabilities().flush) await backend.flush().catch(() => {});
+      if (backend?.capabilities().flush) await within(left(), backend.flush().catch(() => {}));
     }
     this.#stream.close();
   }

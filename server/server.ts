@@ -6,6 +6,7 @@
  * @module
  */
 
+import { GRACE_MS, within } from "../util/signals.ts";
 import type { ByteStream } from "../io/byte_stream.ts";
 import { Connection } from "./connection.ts";
 import type { Exports } from "./exports.ts";
@@ -135,13 +136,15 @@ export class NbdServer {
 
   /**
    * Stops serving: new options get ERR_SHUTDOWN and new requests ESHUTDOWN,
-   * requests in flight finish, data is flushed, connections close, and the
+   * requests in flight finish (within GRACE_MS), data is flushed, connections close, and the
    * plugin and filters are closed.
    */
   async shutdown(): Promise<void> {
     this.state.shuttingDown = true;
+    // Each connection gives its requests in flight GRACE_MS, then is closed;
+    // requests a backend never answers are abandoned, not waited for.
     await Promise.all([...this.#connections].map((c) => c.shutdown()));
-    await this.idle();
-    await this.state.exports.close();
+    await within(1000, this.idle());
+    await within(GRACE_MS, this.state.exports.close());
   }
 }

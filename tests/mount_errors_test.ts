@@ -2,7 +2,7 @@
  * The bad cases of `nbd mount`: clear one-line errors and nothing left
  * mounted for a missing mountpoint, a user without privilege and an
  * unreachable server; a server that dies mid-I/O gives EIO, a server that
- * stops answering is declared stale after --timeout (EIO, and reported),
+ * stops answering is declared stale after --request-timeout (EIO, and reported),
  * and neither leaves the reader hanging.
  */
 
@@ -161,13 +161,14 @@ Deno.test({
 });
 
 Deno.test({
-  name: "nbd mount --timeout: a server that stops answering is declared stale (EIO, reported)",
+  name:
+    "nbd mount --request-timeout: a server that stops answering is declared stale (EIO, reported)",
   ...MOUNT,
   async fn() {
     await using scratch = await mountScratch();
     await using server = await startNbdServe(["memory", "64M"]);
     await using mount = await startMount(scratch, [
-      "--timeout",
+      "--request-timeout",
       "1",
       "-C",
       "1",

@@ -81,9 +81,12 @@ export function rewriteBlocks(
  * has aligned compares equal to the rendering it came from.
  */
 export function normalizeBlock(body: string): string {
+  // Runs of spaces inside a cell count as one: deno fmt collapses them in tables.
   return body.trim().split("\n").map((line) => {
     if (!line.trimStart().startsWith("|")) return line.trim();
-    const cells = line.trim().slice(1, -1).split(/(?<!\\)\|/).map((c) => c.trim());
+    const cells = line.trim().slice(1, -1).split(/(?<!\\)\|/).map((c) =>
+      c.trim().replace(/\s+/g, " ")
+    );
     return cells.map((c) => /^:?-+:?$/.test(c) ? "---" : c).join(" | ");
   }).join("\n");
 }
