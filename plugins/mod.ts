@@ -10,6 +10,7 @@ import { evalPlugin } from "./eval.ts";
 import { filePlugin } from "./file.ts";
 import { floppyPlugin } from "./floppy.ts";
 import { curlPlugin, httpPlugin } from "./http.ts";
+import { isoPlugin } from "./iso.ts";
 import { memoryPlugin } from "./memory.ts";
 import { nbdPlugin } from "./nbd.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
@@ -29,6 +30,7 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     filePlugin,
     floppyPlugin,
     httpPlugin,
+    isoPlugin,
     memoryPlugin,
     nbdPlugin,
     nullPlugin,
