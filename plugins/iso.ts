@@ -20,7 +20,7 @@
 import * as fs from "node:fs";
 import { NbdError } from "../protocol/errors.ts";
 import { completeBackend, type Plugin } from "../core/backend.ts";
-import { preadCached, preadOnThread, seekData, seekHole } from "../io/libc.ts";
+import { preadCached, preadOnThread, seekData, seekEnd, seekHole } from "../io/libc.ts";
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import type { Extent } from "../protocol/transmission.ts";
 import { UsageError } from "../util/usage_error.ts";
@@ -30,6 +30,8 @@ const SECTOR = 2048;
 const FIRST_DESCRIPTOR = 16;
 /** The largest extent a directory record can describe, a whole number of sectors. */
 const MAX_EXTENT = 0xfffff800;
+/** How often (at most) a source file's size is compared with the image's idea of it. */
+const SIZE_CHECK_MS = 100;
 /** Zero sectors after the last one in use. */
 const PADDING_SECTORS = 150;
 /** Directory records and SUSP entries are at most this long. */
@@ -547,6 +549,9 @@ interface FileRegion {
 /** An open source file, shared by the requests that read it. */
 interface OpenFile {
   fd: number;
+  /** Size when last looked at, and when that was (performance.now()). */
+  size: number;
+  checked: number;
   users: number;
   evicted: boolean;
 }
@@ -900,7 +905,27 @@ export class IsoImage {
   }
 
   /** Fills `buf` with the image's bytes at `offset`. */
-  async read(buf: Uint8Array, offset: number): Promise<void> {
+  read(buf: Uint8Array, offset: number): Promise<void> {
+    const end = offset + buf.length;
+    // The common case, a request within one file's data, goes straight to it.
+    const files = this.#files;
+    let lo = 0;
+    let hi = files.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      const f = files[mid]!;
+      if (f.offset + f.size <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    const only = files[lo];
+    if (only && only.offset <= offset && end <= only.offset + only.size) {
+      return this.#readFile(only, buf, offset - only.offset);
+    }
+    return this.#readMixed(buf, offset, lo);
+  }
+
+  /** A request across metadata, padding and files; `first` is the first file that may overlap. */
+  async #readMixed(buf: Uint8Array, offset: number, first: number): Promise<void> {
     const end = offset + buf.length;
     let covered = offset;
     const gap = (to: number) => {
@@ -923,7 +948,7 @@ export class IsoImage {
       }
     }
     const reads: Promise<void>[] = [];
-    for (let i = firstOverlap(this.#files, offset, (f) => f.size); i < this.#files.length; i++) {
+    for (let i = first; i < this.#files.length; i++) {
       const f = this.#files[i]!;
       if (f.offset >= end) break;
       const from = Math.max(offset, f.offset);
@@ -998,8 +1023,16 @@ export class IsoImage {
     const file = this.#acquire(f.path);
     try {
       // A file that changed size no longer matches the directory records: its
-      // bytes are not what the image promised, so the read fails.
-      if (fs.fstatSync(file.fd).size !== f.size) {
+      // bytes are not what the image promised, so its reads fail. The size is
+      // looked at every SIZE_CHECK_MS at most (per request it would cost a
+      // noticeable share of a cached read); a read past a shrunk file's end
+      // fails at once anyway.
+      const now = performance.now();
+      if (now - file.checked >= SIZE_CHECK_MS) {
+        file.checked = now;
+        file.size = seekEnd(file.fd) ?? f.size;
+      }
+      if (file.size !== f.size) {
         throw new NbdError("EIO", `${f.path} changed size while served`);
       }
       let done = 0;
@@ -1026,7 +1059,7 @@ export class IsoImage {
       } catch (error) {
         throw new NbdError("EIO", `cannot open ${path}: ${(error as Error).message}`);
       }
-      file = { fd, users: 0, evicted: false };
+      file = { fd, size: 0, checked: -Infinity, users: 0, evicted: false };
       this.#open.set(path, file);
       // A bounded number of files stay open; the oldest goes once unused.
       if (this.#open.size > 256) {

@@ -12,6 +12,7 @@
 
 import { isoPlugin } from "../plugins/iso.ts";
 import { NbdError } from "../protocol/errors.ts";
+import { sleep } from "../util/sleep.ts";
 import { openPlugin } from "../filters/_test_utils.ts";
 import {
   assertBytes,
@@ -313,10 +314,14 @@ Deno.test("iso: a file that changes size while served reads as EIO, never foreig
     assertOk(offset > 0, "the file's data is in the image");
     // Shrunk: the bytes are gone.
     await Deno.truncate(`${dir.path}/a.bin`, 60_000);
+    // Past the new end: at once.
     await assertRejects(() => backend.pread(new Uint8Array(4096), offset + 61_440), isEio);
+    // Anywhere in the file, once the size has been looked at again (every 0.1 s).
+    await sleep(150);
     await assertRejects(() => backend.pread(new Uint8Array(4096), offset), isEio);
     // Grown: the directory records no longer describe it.
     await Deno.writeFile(`${dir.path}/a.bin`, randomBytes(200_000, 3));
+    await sleep(150);
     await assertRejects(() => backend.pread(new Uint8Array(4096), offset), isEio);
     // The other file still reads.
     const b = await Deno.readFile(`${dir.path}/b.bin`);
