@@ -11,6 +11,7 @@ import { filePlugin } from "./file.ts";
 import { floppyPlugin } from "./floppy.ts";
 import { curlPlugin, httpPlugin } from "./http.ts";
 import { isoPlugin } from "./iso.ts";
+import { linuxdiskPlugin } from "./linuxdisk.ts";
 import { memoryPlugin } from "./memory.ts";
 import { nbdPlugin } from "./nbd.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
@@ -31,6 +32,7 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     floppyPlugin,
     httpPlugin,
     isoPlugin,
+    linuxdiskPlugin,
     memoryPlugin,
     nbdPlugin,
     nullPlugin,
