@@ -20,26 +20,12 @@ import { completeBackend, type OpenContext, type Plugin } from "../core/backend.
 import { formatSize, parseSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { fileBackend } from "./file.ts";
+import { findOnPath } from "../util/which.ts";
 
 const BLOCK = 4096;
 const MiB = 1024 * 1024;
 /** Filesystem types mke2fs makes. */
 const TYPES = ["ext2", "ext3", "ext4"] as const;
-
-/** Where `name` is on PATH, or undefined. */
-export function findOnPath(name: string): string | undefined {
-  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
-    if (!dir) continue;
-    const path = `${dir}/${name}`;
-    try {
-      const info = Deno.statSync(path);
-      if (info.isFile && ((info.mode ?? 0) & 0o111) !== 0) return path;
-    } catch {
-      // not here
-    }
-  }
-  return undefined;
-}
 
 /** Bytes the tree under `path` needs: data in whole blocks, plus an inode and a block per directory. */
 async function treeBytes(path: string): Promise<{ bytes: number; inodes: number }> {

@@ -21,6 +21,7 @@ import { randomPlugin } from "./random.ts";
 import { shPlugin } from "./sh.ts";
 import { sparseRandomPlugin } from "./sparse_random.ts";
 import { splitPlugin } from "./split.ts";
+import { tmpdiskPlugin } from "./tmpdisk.ts";
 
 /** Plugins by name. */
 export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
@@ -42,6 +43,7 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     shPlugin,
     sparseRandomPlugin,
     splitPlugin,
+    tmpdiskPlugin,
     zeroPlugin,
   ].map((p) => [p.name, p]),
 );
