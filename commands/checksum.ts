@@ -12,6 +12,7 @@ import {
   HashSink,
   parseAlgorithm,
 } from "../copy/checksum.ts";
+import { ParallelBlkHasher } from "../copy/blkhash_parallel.ts";
 import { describeSpec, type Endpoint, type EndpointSpec, parseEndpoint } from "../copy/endpoint.ts";
 import { openSource } from "../copy/open.ts";
 import { CopyError, copyImage, describeCause } from "../copy/scheduler.ts";
@@ -48,6 +49,13 @@ const OPTIONS = {
   },
   requests: { type: "string", short: "R", value: "N", help: "reads in flight (default 16)" },
   "no-extents": { type: "boolean", help: "read everything (ignore the holes the source reports)" },
+  threads: {
+    type: "string",
+    short: "T",
+    value: "N",
+    help:
+      "blkhash: hash blocks on N workers (default: one per CPU but one, at most 8; 1 = in the main thread)",
+  },
   help: { type: "boolean", short: "h", help: "show this help" },
   ...CLIENT_OPTIONS,
 } as const;
@@ -91,6 +99,8 @@ export interface ChecksumConfig {
   requests: number;
   /** Use the source's extents. */
   extents: boolean;
+  /** blkhash workers (1 = none). */
+  threads: number;
   /** `--help`. */
   help: boolean;
   /** `--timeout`, `--request-timeout`. */
@@ -102,6 +112,14 @@ function count(text: string, what: string, max: number): number {
     throw new UsageError(`${what} must be a whole number from 1 to ${max}, got "${text}"`);
   }
   return Number(text);
+}
+
+/**
+ * Workers pay off only with a core to spare beyond the main thread, which
+ * reads and feeds them: one per CPU but one, at most 8 (1 = no workers).
+ */
+function defaultThreads(): number {
+  return Math.min(8, Math.max(1, (navigator.hardwareConcurrency || 1) - 1));
 }
 
 /** Parses the arguments of `nbd checksum`; a `[ CMD ]` group is the source. */
@@ -142,6 +160,9 @@ function parseChecksumArgs(argv: string[]): ChecksumConfig {
       : count(values.connections, "--connections", 64),
     requests: values.requests === undefined ? 16 : count(values.requests, "--requests", 1024),
     extents: !(values["no-extents"] ?? false),
+    threads: values.threads === undefined
+      ? defaultThreads()
+      : count(values.threads, "--threads", 64),
     help,
     timeouts: clientTimeouts(values),
   };
@@ -151,9 +172,25 @@ function parseChecksumArgs(argv: string[]): ChecksumConfig {
 async function checksumEndpoint(
   source: Endpoint,
   algorithm: ChecksumAlgorithm,
+  options: { requests: number; extents: boolean; threads?: number; signal?: AbortSignal },
+): Promise<{ digest: string; size: number }> {
+  const threads = options.threads ?? 1;
+  const parallel = algorithm === "blkhash" && threads > 1
+    ? new ParallelBlkHasher(threads)
+    : undefined;
+  const hasher = parallel ?? createHasher(algorithm);
+  try {
+    return await checksumWith(hasher, source, options);
+  } finally {
+    parallel?.close();
+  }
+}
+
+async function checksumWith(
+  hasher: ReturnType<typeof createHasher>,
+  source: Endpoint,
   options: { requests: number; extents: boolean; signal?: AbortSignal },
 ): Promise<{ digest: string; size: number }> {
-  const hasher = createHasher(algorithm);
   const sink = new HashSink(hasher);
   const stats = await copyImage(source, sink, {
     requests: options.requests,
@@ -167,6 +204,7 @@ async function checksumEndpoint(
   if (sink.feed.hashed !== stats.size) {
     throw new Error(`hashed ${sink.feed.hashed} bytes of ${stats.size}`);
   }
+  await hasher.settle?.();
   return { digest: hasher.digest(), size: stats.size };
 }
 
@@ -213,6 +251,7 @@ async function runChecksum(config: ChecksumConfig): Promise<number> {
     const { digest } = await checksumEndpoint(source, config.algorithm, {
       requests: config.requests,
       extents: config.extents,
+      threads: config.threads,
       signal: stop,
     });
     return await reportChecksum(

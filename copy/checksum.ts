@@ -23,7 +23,7 @@ import { rangeIsZero } from "./zero_scan.ts";
 export { CHECKSUM_ALGORITHMS, type ChecksumAlgorithm, parseAlgorithm } from "./checksum_names.ts";
 
 /** blkhash's default block size, which the published test vectors use. */
-const BLKHASH_BLOCK_SIZE = 64 * 1024;
+export const BLKHASH_BLOCK_SIZE = 64 * 1024;
 
 /** An incremental hash over a byte stream, with a fast path for runs of zeroes. */
 export interface Hasher {
@@ -31,8 +31,15 @@ export interface Hasher {
   update(data: Uint8Array): void;
   /** Adds `length` zero bytes. */
   zero(length: number): void;
-  /** The digest as lower-case hex; the hasher cannot be used afterwards. */
+  /** The digest as lower-case hex (after `settle`); the hasher cannot be used afterwards. */
   digest(): string;
+  /**
+   * A hasher that works in the background: a promise while it wants the
+   * producer to wait before giving more, undefined when it may go on.
+   */
+  ready?(): Promise<void> | undefined;
+  /** A hasher that works in the background: resolves once everything given is hashed. */
+  settle?(): Promise<void>;
 }
 
 /** Creates the hasher for `algorithm`. */
@@ -276,7 +283,11 @@ export class OrderedFeed {
           else this.#hasher.zero(piece.length - skip);
           this.#next = piece.offset + piece.length;
         }
-        piece.done();
+        // The data was taken (copied or hashed); a hasher working in the
+        // background may still ask the producer to wait.
+        const wait = this.#hasher.ready?.();
+        if (wait) wait.then(piece.done, (error: Error) => this.abort(error));
+        else piece.done();
         continue;
       }
       while (this.#zeroes.length > 0 && this.#zeroes[0]![1] <= next) this.#zeroes.shift();

@@ -10,6 +10,8 @@ import { evalPlugin } from "./eval.ts";
 import { filePlugin } from "./file.ts";
 import { floppyPlugin } from "./floppy.ts";
 import { curlPlugin, httpPlugin } from "./http.ts";
+import { isoPlugin } from "./iso.ts";
+import { linuxdiskPlugin } from "./linuxdisk.ts";
 import { memoryPlugin } from "./memory.ts";
 import { nbdPlugin } from "./nbd.ts";
 import { nullPlugin, zeroPlugin } from "./null.ts";
@@ -22,6 +24,7 @@ import { shPlugin } from "./sh.ts";
 import { sparseRandomPlugin } from "./sparse_random.ts";
 import { splitPlugin } from "./split.ts";
 import { tsPlugin } from "./ts.ts";
+import { tmpdiskPlugin } from "./tmpdisk.ts";
 
 /** Plugins by name. */
 export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
@@ -32,6 +35,8 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     filePlugin,
     floppyPlugin,
     httpPlugin,
+    isoPlugin,
+    linuxdiskPlugin,
     memoryPlugin,
     nbdPlugin,
     nullPlugin,
@@ -44,6 +49,7 @@ export const PLUGINS: ReadonlyMap<string, Plugin> = new Map(
     sparseRandomPlugin,
     splitPlugin,
     tsPlugin,
+    tmpdiskPlugin,
     zeroPlugin,
   ].map((p) => [p.name, p]),
 );

@@ -522,6 +522,20 @@ export const partitioningPlugin: Plugin = {
             "the partition table and padding are generated, not writable",
           );
         };
+        /** A request across the table, padding or several files. */
+        const readPieces = async (buf: Uint8Array, offset: number) => {
+          let done = 0;
+          const reads: Promise<void>[] = [];
+          for (const piece of pieces(layout, offset, buf.length)) {
+            const view = buf.subarray(done, done + piece.length);
+            if (piece.kind === "meta") {
+              view.set(piece.bytes.subarray(piece.at, piece.at + piece.length));
+            } else if (piece.kind === "pad") view.fill(0);
+            else reads.push(files[piece.index]!.pread(view, piece.at));
+            done += piece.length;
+          }
+          await Promise.all(reads);
+        };
         return Promise.resolve(completeBackend({
           size: () => layout.size,
           capabilities: () => ({
@@ -530,18 +544,23 @@ export const partitioningPlugin: Plugin = {
             multiConn: true,
             extents: true,
           }),
-          async pread(buf, offset) {
-            let done = 0;
-            const reads: Promise<void>[] = [];
-            for (const piece of pieces(layout, offset, buf.length)) {
-              const view = buf.subarray(done, done + piece.length);
-              if (piece.kind === "meta") {
-                view.set(piece.bytes.subarray(piece.at, piece.at + piece.length));
-              } else if (piece.kind === "pad") view.fill(0);
-              else reads.push(files[piece.index]!.pread(view, piece.at));
-              done += piece.length;
+          pread(buf, offset) {
+            // The common case, a request inside one file, goes straight to it:
+            // no cutting into pieces.
+            const end = offset + buf.length;
+            const parts = layout.partitions;
+            let lo = 0;
+            let hi = parts.length;
+            while (lo < hi) {
+              const mid = (lo + hi) >> 1;
+              if (parts[mid]!.offset + parts[mid]!.size <= offset) lo = mid + 1;
+              else hi = mid;
             }
-            await Promise.all(reads);
+            const p = parts[lo];
+            if (p && p.offset <= offset && end <= p.offset + p.size) {
+              return files[lo]!.pread(buf, offset - p.offset);
+            }
+            return readPieces(buf, offset);
           },
           ...(writable
             ? {

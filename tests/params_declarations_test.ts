@@ -107,6 +107,9 @@ async function requiredWords(dir: string): Promise<Record<string, string[]>> {
     tar: ["tar-entry=disk.img"],
     rbd: ["image=rbd/none"],
     s3: ["bucket=b", "key=k"],
+    iso: [`dir=${dir}`],
+    linuxdisk: [`dir=${dir}`],
+    tmpdisk: ["size=1M"],
   };
 }
 

@@ -39,6 +39,7 @@ export const INCLUDES: readonly string[] = [
   "copy/share_worker.ts",
   "copy/write_worker.ts",
   "copy/compress_worker.ts",
+  "copy/blkhash_worker.ts",
   "core/inline_api.ts",
   "view/page/main.ts",
 ];
