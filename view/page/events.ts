@@ -120,10 +120,22 @@ export interface PageReplay {
 export interface PageHello {
   /** Export name. */
   export: string;
+  /** The source replays a log. */
+  replay?: boolean;
 }
 
 /** A "failure" event: why the stream ends. */
 export interface PageFailure {
   /** One-line reason. */
   message: string;
+}
+
+/** One source of the page (`GET /sources`). */
+export interface PageSource {
+  /** Shown above its map. */
+  label: string;
+  /** Path prefix of its routes ("" = the root). */
+  base: string;
+  /** "serve" or "replay". */
+  kind: string;
 }
