@@ -30,6 +30,8 @@ import {
   startViewServer,
   type ViewServer,
 } from "../view/view_server.ts";
+import { faultControl } from "../view/fault_control.ts";
+import { FaultSwitch } from "../filters/fault_switch.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 
 /** Options shared by `nbd serve` and `nbd proxy`. */
@@ -139,6 +141,15 @@ export const SERVE_OPTIONS = {
     help:
       `serve the live block-activity page, /stats and /metrics over HTTP on ADDR (default ${DEFAULT_VIEW_ADDRESS}; HOST:PORT, :PORT or PORT)`,
   },
+  "view-control": {
+    type: "boolean",
+    help: "let the view's page (POST /control) switch injected errors per export at run time",
+  },
+  "view-token": {
+    type: "string",
+    value: "TOKEN",
+    help: "with --view-control: accept changes from any peer that sends TOKEN (else loopback only)",
+  },
   verbose: { type: "boolean", short: "v", help: "log options and requests to stderr" },
   help: {
     type: "boolean",
@@ -199,6 +210,8 @@ export interface ServeValues {
   "tls-verify-peer"?: boolean;
   "tls-psk"?: string;
   view?: string;
+  "view-control"?: boolean;
+  "view-token"?: string;
   verbose?: boolean;
 }
 
@@ -351,6 +364,8 @@ export interface ServeConfig {
   pidfile?: string;
   /** The view's address, as given and as parsed. */
   view?: { text: string; hostname: string; port: number };
+  /** Fault injection from the view (`--view-control`), with its token if any. */
+  viewControl?: { token?: string };
 }
 
 /** What the options are checked against besides themselves. */
@@ -369,6 +384,15 @@ export function parseServeConfig(values: ServeValues, environment: ServeEnvironm
   const view = values.view === undefined
     ? undefined
     : { text: values.view, ...viewAddressOption(values.view) };
+  if (values["view-control"] && !view) throw new UsageError("--view-control needs --view");
+  const token = values["view-token"];
+  if (token !== undefined && !values["view-control"]) {
+    throw new UsageError("--view-token needs --view-control");
+  }
+  if (token !== undefined && !/^[\x21-\x7e]{8,}$/.test(token)) {
+    throw new UsageError("--view-token: expected at least 8 printable characters, no spaces");
+  }
+  const viewControl = values["view-control"] ? { token } : undefined;
   const maxInFlight = integerOption(values["max-in-flight"], "--max-in-flight", 1, 65536) ??
     DEFAULT_MAX_IN_FLIGHT;
   const maxConnections = integerOption(
@@ -439,6 +463,7 @@ export function parseServeConfig(values: ServeValues, environment: ServeEnvironm
     printUri: values["print-uri"] ?? false,
     pidfile: values.pidfile,
     view,
+    viewControl,
   };
 }
 
@@ -567,9 +592,11 @@ async function serveUntilStopped(
   }
 
   const layers = await startLayers(config.filters, plugin, params);
+  // Run-time faults sit nearest the client, and only when asked for.
+  const faults = config.viewControl ? new FaultSwitch() : undefined;
   const exports = new Exports({
     plugin: layers.plugin,
-    filters: layers.filters,
+    filters: faults ? [faults.layer(), ...layers.filters] : layers.filters,
     exportName: config.exportName,
     description: config.description,
   });
@@ -587,9 +614,16 @@ async function serveUntilStopped(
   let view: ViewServer | undefined;
   if (config.view) {
     try {
+      const control = faults &&
+        faultControl(faults, {
+          token: config.viewControl?.token,
+          log: (line) => server.state.log(line),
+        });
       view = await startViewServer({
         stats: server.state.stats,
         listExports: async () => (await exports.list()).map((e) => e.name),
+        routes: control?.routes,
+        annotate: control?.annotate,
       }, { hostname: config.view.hostname, port: config.view.port });
     } catch (error) {
       throw new Error(`Cannot serve the view on ${config.view.text}: ${(error as Error).message}`);

@@ -76,3 +76,53 @@ Deno.test({
     assertEquals(errors, []);
   },
 });
+
+Deno.test({
+  name: "view page: the fault switch fails reads, painted in the failure colour",
+  ...peers("chromium", "nbdsh"),
+  async fn() {
+    await using server = await startNbdServe([
+      "--view",
+      "127.0.0.1:0",
+      "--view-control",
+      "memory",
+      "16M",
+    ]);
+    const url = await serverViewUrl(server);
+    await using browser = await launchChromium();
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    const errors: string[] = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`${url}?fade=0&block=${BLOCK}`);
+    await page.waitForSelector("#status.live", { timeout: 10000 });
+    await page.waitForSelector("#fault-0", { timeout: 10000 });
+    await page.selectOption(".fault-kinds", "read");
+    await page.check("#fault-0");
+    await page.waitForSelector(".fault-note.down", { timeout: 5000 });
+    const state = await (await fetch(new URL("/control", url))).json();
+    assertEquals(state.exports[""], { enabled: true, kinds: "read", errno: "EIO", rate: 1 });
+    const out = await runOk("nbdsh", [
+      "-u",
+      server.uri,
+      "-c",
+      `h.pwrite(b"x" * ${BLOCK}, ${5 * BLOCK})
+try:
+    h.pread(${BLOCK}, ${7 * BLOCK})
+except nbd.Error as e:
+    print(e.errno)`,
+    ], { env: NBDSH_ENV });
+    assertEquals(out.stdout.trim(), "EIO");
+    const want = new Array(256).fill(PALETTE.background);
+    want[5] = PALETTE.WRITE;
+    want[7] = PALETTE.ERROR;
+    const cells = await waitForPanel(page, 0, (c) => cellDifferences(c.colours, want).length === 0);
+    assertEquals(cellDifferences(cells!.colours, want), []);
+    await page.uncheck("#fault-0");
+    await page.waitForFunction(() =>
+      !(globalThis as unknown as { document: { querySelector(s: string): unknown } }).document
+        .querySelector(".fault-note.down")
+    );
+    assertOk(server.stderr().includes('view control: export "" faults off'), server.stderr());
+    assertEquals(errors, []);
+  },
+});

@@ -57,6 +57,9 @@ main { flex: 1; display: flex; min-height: 0; }
 .source-counters { color: var(--muted); margin-top: 6px; font-variant-numeric: tabular-nums; }
 .source-counters.failing { color: #ff9f1a; }
 canvas.map { display: block; image-rendering: pixelated; background: #000; }
+.faults { margin-top: 6px; display: flex; flex-wrap: wrap; gap: 4px; align-items: center; }
+.fault-note.down { color: #ff8a7a; }
+.panel.faulty { border-color: #ff9f1a !important; }
 #details-source { text-transform: none; color: var(--text); }
 #tooltip {
   position: fixed;

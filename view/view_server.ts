@@ -490,6 +490,9 @@ export async function sourceRoutes(
         const answer = await source.routes(request, path);
         if (answer) return answer;
       }
+      if (path === "/control") {
+        return problem(404, "no fault control here (nbd serve --view --view-control offers it)");
+      }
       if (request.method !== "GET" && request.method !== "HEAD") return undefined;
       switch (path) {
         case "/stats":

@@ -62,6 +62,20 @@ export interface PageExport {
   secondsSinceLastReply: number | null;
   /** Totals over all commands. */
   requests: { inFlight: number };
+  /** Injected faults, when the server offers control. */
+  faults?: PageFaults;
+}
+
+/** An export's injected faults (`/control`, and the stats of a server with `--view-control`). */
+export interface PageFaults {
+  /** Requests are failing now. */
+  enabled: boolean;
+  /** read, write or all. */
+  kinds: string;
+  /** The error. */
+  errno: string;
+  /** Share of those requests that fail, 0..1. */
+  rate: number;
 }
 
 /** One open connection of a "stats" event. */
@@ -96,6 +110,8 @@ export interface PageStats {
   exports: PageExport[];
   /** Open connections. */
   connections: PageConnection[];
+  /** Present when the server offers fault injection. */
+  control?: { tokenRequired: boolean };
 }
 
 /** A "replay" event, and the answer to `POST /replay`. */

@@ -30,6 +30,7 @@
 
 import type {
   PageFailure,
+  PageFaults,
   PageFrame,
   PageHello,
   PageReplay,
@@ -124,6 +125,18 @@ interface Panel {
   rateWindow: Array<[number, Record<string, number>]>;
   rates: Record<string, number>;
   replay: PageReplay | null;
+  /** The fault controls, once the source says it offers them. */
+  faults: FaultControls | null;
+}
+
+/** A panel's fault-injection controls. */
+interface FaultControls {
+  box: HTMLElement;
+  enabled: HTMLInputElement;
+  kinds: HTMLSelectElement;
+  errno: HTMLSelectElement;
+  rate: HTMLSelectElement;
+  note: HTMLElement;
 }
 
 declare global {
@@ -547,7 +560,120 @@ export function main(): void {
         " · failed " + failed + " · in flight " + exp.requests.inFlight;
       p.counters.classList.toggle("failing", failed > 0);
     }
+    if (stats.control) showFaults(p, exp ? exp.faults : undefined);
     if (p.index === focused) showDetails(p);
+  }
+
+  // ---- fault injection (servers with --view-control) ----
+  function faultControls(p: Panel): FaultControls {
+    if (p.faults) return p.faults;
+    const box = cell("div", "", "faults");
+    const label = cell("label", "");
+    const enabled = document.createElement("input");
+    enabled.type = "checkbox";
+    enabled.id = "fault-" + p.index;
+    label.appendChild(enabled);
+    label.appendChild(document.createTextNode(" fail "));
+    box.appendChild(label);
+    const select = function (cls: string, choices: Array<[string, string]>): HTMLSelectElement {
+      const el = document.createElement("select");
+      el.className = cls;
+      choices.forEach(function (c) {
+        const o = cell("option", c[1]);
+        o.value = c[0];
+        el.appendChild(o);
+      });
+      box.appendChild(el);
+      return el;
+    };
+    const kinds = select("fault-kinds", [["all", "all requests"], ["read", "reads"], [
+      "write",
+      "writes",
+    ]]);
+    box.appendChild(document.createTextNode(" with "));
+    const errno = select(
+      "fault-errno",
+      ["EIO", "ENOSPC", "EPERM", "ENOMEM", "EINVAL", "ESHUTDOWN", "ENOTSUP", "EOVERFLOW"].map(
+        function (e): [string, string] {
+          return [e, e];
+        },
+      ),
+    );
+    box.appendChild(document.createTextNode(" at "));
+    const rate = select("fault-rate", [["1", "100%"], ["0.5", "50%"], ["0.1", "10%"], [
+      "0.01",
+      "1%",
+    ]]);
+    const note = cell("span", "", "fault-note");
+    box.appendChild(note);
+    p.root.appendChild(box);
+    const controls: FaultControls = {
+      box: box,
+      enabled: enabled,
+      kinds: kinds,
+      errno: errno,
+      rate: rate,
+      note: note,
+    };
+    const send = function (): void {
+      const headers: Record<string, string> = { "content-type": "application/json" };
+      const token = params.get("token");
+      if (token) headers.authorization = "Bearer " + token;
+      note.textContent = "…";
+      fetch(p.source.base + "/control", {
+        method: "POST",
+        headers: headers,
+        body: JSON.stringify({
+          export: currentExport(p),
+          enabled: enabled.checked,
+          kinds: kinds.value,
+          errno: errno.value,
+          rate: Number(rate.value),
+        }),
+      }).then(function (r) {
+        if (r.ok) {
+          return r.json().then(function (answer: { state: PageFaults }) {
+            showFaults(p, answer.state);
+          });
+        }
+        return r.text().then(function (text) {
+          note.textContent = text.trim();
+          note.className = "fault-note down";
+        });
+      }, function () {
+        note.textContent = "cannot reach the server";
+        note.className = "fault-note down";
+      });
+    };
+    [enabled, kinds, errno, rate].forEach(function (el) {
+      el.addEventListener("change", send);
+    });
+    p.faults = controls;
+    return controls;
+  }
+
+  function showFaults(p: Panel, state: PageFaults | undefined): void {
+    const c = faultControls(p);
+    if (!state) return;
+    // What the user is changing right now is left alone.
+    if (document.activeElement !== c.kinds) c.kinds.value = state.kinds;
+    if (document.activeElement !== c.errno) c.errno.value = state.errno;
+    if (document.activeElement !== c.rate) {
+      if (
+        !Array.from(c.rate.options).some(function (o) {
+          return Number(o.value) === state.rate;
+        })
+      ) {
+        const o = cell("option", +(state.rate * 100).toFixed(2) + "%");
+        o.value = String(state.rate);
+        c.rate.appendChild(o);
+      }
+      c.rate.value = String(Number(c.rate.value) === state.rate ? c.rate.value : state.rate);
+    }
+    c.enabled.checked = state.enabled;
+    c.note.textContent = state.enabled ? " failing" : "";
+    c.note.className = "fault-note" + (state.enabled ? " down" : "");
+    p.root.classList.toggle("faulty", state.enabled);
   }
 
   function showDetails(p: Panel): void {
@@ -854,6 +980,7 @@ export function main(): void {
       rateWindow: [],
       rates: {},
       replay: null,
+      faults: null,
     };
     // Where a cell is: its pixel on the canvas bitmap, and its centre on the page (CSS px).
     pv.cellPixel = function (c) {
