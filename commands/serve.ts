@@ -26,11 +26,13 @@ import { serverTls } from "../server/tls.ts";
 import {
   DEFAULT_VIEW_ADDRESS,
   looksLikeViewAddress,
+  type OpenDisk,
   parseViewAddress,
   startViewServer,
   type ViewServer,
 } from "../view/view_server.ts";
 import { faultControl } from "../view/fault_control.ts";
+import { CachedReader } from "../formats/disk_reader.ts";
 import { FaultSwitch } from "../filters/fault_switch.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 
@@ -608,6 +610,13 @@ async function serveUntilStopped(
     tlsMode: tls.mode,
     tls: tls.upgrader,
   });
+  // Naming blocks for the view reads below the fault layer: an analysis is not a client.
+  const analysis = new Exports({
+    plugin: layers.plugin,
+    filters: layers.filters,
+    exportName: config.exportName,
+    description: config.description,
+  });
   // Shutting the server down closes the layers too.
   stack.defer(() => server.shutdown());
 
@@ -624,6 +633,7 @@ async function serveUntilStopped(
         listExports: async () => (await exports.list()).map((e) => e.name),
         routes: control?.routes,
         annotate: control?.annotate,
+        openDisk: (name) => openForAnalysis(analysis, name),
       }, { hostname: config.view.hostname, port: config.view.port });
     } catch (error) {
       throw new Error(`Cannot serve the view on ${config.view.text}: ${(error as Error).message}`);
@@ -680,6 +690,22 @@ async function serveUntilStopped(
     listeners.primary.done.then(() => stopped.resolve(0));
   }
   return await stopped.promise;
+}
+
+/** Opens an export read-only for the view's `/files`, outside any connection. */
+async function openForAnalysis(exports: Exports, name: string): Promise<OpenDisk> {
+  const info = await exports.resolve(name);
+  if (!info) throw new Error(`no export named ${JSON.stringify(name)}`);
+  const backend = await exports.open({
+    exportName: info.name,
+    readonly: true,
+    tls: false,
+    connectionId: 0,
+  });
+  return {
+    reader: new CachedReader(backend.size(), (buf, offset) => backend.pread(buf, offset)),
+    close: () => backend.close(),
+  };
 }
 
 function signalNumber(signal: Deno.Signal): number {

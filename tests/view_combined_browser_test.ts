@@ -126,3 +126,50 @@ except nbd.Error as e:
     assertEquals(errors, []);
   },
 });
+
+Deno.test({
+  name: "view page: hovering and clicking a block names its file (ext4, as debugfs does)",
+  ...peers("chromium", "mkfs.ext4", "debugfs", "nbdinfo"),
+  async fn() {
+    await using dir = await tempDir();
+    await Deno.mkdir(`${dir.path}/src/notes`, { recursive: true });
+    await Deno.writeFile(`${dir.path}/src/notes/todo list.txt`, new Uint8Array(50_000).fill(65));
+    const image = `${dir.path}/fs.img`;
+    await runOk("mkfs.ext4", ["-q", "-b", "4096", "-d", `${dir.path}/src`, image, "16M"]);
+    const blocks = (await runOk("debugfs", ["-R", 'blocks "/notes/todo list.txt"', image]))
+      .stdout.trim().split(/\s+/).map(Number);
+    await using server = await startNbdServe(["--view", "127.0.0.1:0", "-r", "file", image]);
+    const url = await serverViewUrl(server);
+    await using browser = await launchChromium();
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    const errors: string[] = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`${url}?fade=0&block=4096`);
+    await page.waitForSelector("#status.live", { timeout: 10000 });
+    await runOk("nbdinfo", [server.uri]); // a client makes the export's size known
+    await page.waitForFunction(() =>
+      (globalThis as unknown as { nbdView: { layout: unknown } }).nbdView.layout !== null
+    );
+    const centre = (cell: number) =>
+      page.evaluate((c) =>
+        (globalThis as unknown as {
+          nbdView: { cellCentre(c: number): [number, number] };
+        }).nbdView.cellCentre(c), cell);
+    const [x, y] = await centre(blocks[3]!);
+    await page.mouse.move(x, y);
+    await page.waitForFunction(
+      () => (globalThis as unknown as { nbdView: { ownersLoaded?: boolean } }).nbdView.ownersLoaded,
+      null,
+      { timeout: 10000 },
+    );
+    await page.mouse.move(x + 1, y);
+    const tip = await page.textContent("#tooltip");
+    assertOk(tip!.includes(`cell ${blocks[3]}:`) && tip!.endsWith("· /notes/todo list.txt"), tip!);
+    // The superblock's block, clicked: its description stays under the map.
+    const [sx, sy] = await centre(0);
+    await page.mouse.click(sx, sy);
+    const pinned = await page.textContent(".cell-info");
+    assertOk(pinned!.includes("<superblock>"), pinned!);
+    assertEquals(errors, []);
+  },
+});

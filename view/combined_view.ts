@@ -45,7 +45,7 @@ export interface RemoteView {
 }
 
 /** Paths of a source that are relayed to a remote view. */
-const RELAYED = new Set(["/events", "/stats", "/metrics", "/replay", "/control"]);
+const RELAYED = new Set(["/events", "/stats", "/metrics", "/replay", "/control", "/files"]);
 const RELAY_TIMEOUT_MS = 10_000;
 
 /**
@@ -96,7 +96,10 @@ class RemoteRoutes implements SourceRoutes {
     const streaming = path === "/events";
     // Not request.signal: a page that goes away cancels the relayed body instead.
     const signals = [abort.signal];
-    if (!streaming) signals.push(AbortSignal.timeout(RELAY_TIMEOUT_MS));
+    // Naming the blocks of a large disk takes a while.
+    if (!streaming) {
+      signals.push(AbortSignal.timeout(path === "/files" ? 600_000 : RELAY_TIMEOUT_MS));
+    }
     const headers = new Headers();
     const type = request.headers.get("content-type");
     if (type) headers.set("content-type", type);

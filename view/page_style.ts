@@ -60,6 +60,10 @@ canvas.map { display: block; image-rendering: pixelated; background: #000; }
 .faults { margin-top: 6px; display: flex; flex-wrap: wrap; gap: 4px; align-items: center; }
 .fault-note.down { color: #ff8a7a; }
 .panel.faulty { border-color: #ff9f1a !important; }
+.files-button { margin-left: auto; }
+.panel-head .state { margin-left: 0; }
+.cell-info { color: var(--text); margin-top: 4px; word-break: break-all; }
+#tooltip { white-space: normal; max-width: 480px; }
 #details-source { text-transform: none; color: var(--text); }
 #tooltip {
   position: fixed;

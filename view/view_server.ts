@@ -10,6 +10,8 @@
  *   of block-map frames (every 80 ms while something happens), counter
  *   snapshots (twice a second) and, for a replay, its position;
  * - `GET /replay`, `POST /replay` the replay position and controls;
+ * - `GET /files?export=NAME[&refresh]` the file, directory or structure
+ *   owning each block (formats/block_owners.ts), for live servers;
  * - `GET /sources` the sources the page shows (here one, at the root;
  *   view/combined_view.ts serves several under `/s/N/`).
  *
@@ -26,6 +28,8 @@ import { PAGE_HTML } from "./page_html.ts";
 import { PAGE_SCRIPT } from "./page_script.ts";
 import { PAGE_STYLE } from "./page_style.ts";
 import { type StatsSnapshot, statsSnapshot } from "./stats_snapshot.ts";
+import type { DiskReader } from "../formats/disk_reader.ts";
+import { type BlockOwners, blockOwners } from "../formats/block_owners.ts";
 
 /** Where a replay stands, as `GET /replay` and the page's controls show it. */
 export interface ReplayState {
@@ -81,6 +85,16 @@ export interface ViewSource {
   routes?(request: Request, path: string): Promise<Response | undefined>;
   /** Adds to a `/stats` snapshot what the source knows besides the counters. */
   annotate?(snapshot: StatsSnapshot): StatsSnapshot;
+  /** Opens an export for reading, for `/files` (absent: a log has no data to read). */
+  openDisk?(exportName: string): Promise<OpenDisk>;
+}
+
+/** An export opened for analysis. */
+export interface OpenDisk {
+  /** Reads it. */
+  reader: DiskReader;
+  /** Releases it. */
+  close(): Promise<void>;
 }
 
 /** The `/stats` document of `source`, as `/stats` and the event stream send it. */
@@ -464,6 +478,36 @@ export async function sourceRoutes(
     });
   };
 
+  // Block owners per export: computed when first asked for, again when asked to refresh.
+  const owners = new Map<string, Promise<BlockOwners & { analysedAt: string }>>();
+  const files = async (params: URLSearchParams): Promise<Response> => {
+    const open = source.openDisk;
+    if (!open) return problem(404, "no data to name blocks from (a log replay)");
+    const name = params.get("export") ?? cachedExports()[0] ?? "";
+    let pending = owners.get(name);
+    if (!pending || params.has("refresh")) {
+      pending = (async () => {
+        const disk = await open(name);
+        try {
+          return { ...await blockOwners(disk.reader), analysedAt: new Date().toISOString() };
+        } finally {
+          await disk.close();
+        }
+      })();
+      owners.set(name, pending);
+      // A failure is not kept: the next request tries again.
+      pending.catch(() => owners.get(name) === pending && owners.delete(name));
+    }
+    try {
+      return json({ export: name, ...await pending });
+    } catch (error) {
+      return problem(
+        500,
+        `Cannot name the blocks of ${JSON.stringify(name)}: ${(error as Error).message}`,
+      );
+    }
+  };
+
   const replay = async (request: Request): Promise<Response> => {
     const control = source.replay;
     if (!control) return problem(404, "not replaying a log (this is a live server)");
@@ -501,6 +545,8 @@ export async function sourceRoutes(
           return text(formatMetrics(source.stats, await currentExports()), METRICS_CONTENT_TYPE);
         case "/events":
           return events(url.searchParams);
+        case "/files":
+          return await files(url.searchParams);
         default:
           return undefined;
       }

@@ -155,3 +155,25 @@ export interface PageSource {
   /** "serve" or "replay". */
   kind: string;
 }
+
+/** One owned range of `/files`. */
+export interface PageOwnedExtent {
+  /** Offset in bytes. */
+  offset: number;
+  /** Length in bytes. */
+  length: number;
+  /** Path or structure. */
+  owner: string;
+  /** file, directory or metadata. */
+  kind: string;
+}
+
+/** The `/files` document: who owns each block of an export. */
+export interface PageOwners {
+  /** The export analysed. */
+  export: string;
+  /** Filesystems found. */
+  filesystems: Array<{ partition: number; type: string; error?: string }>;
+  /** Owned ranges by offset. */
+  extents: PageOwnedExtent[];
+}

@@ -33,6 +33,7 @@ import type {
   PageFaults,
   PageFrame,
   PageHello,
+  PageOwners,
   PageReplay,
   PageSource,
   PageStats,
@@ -92,6 +93,10 @@ interface PanelView {
   cellPixel?: (index: number) => [number, number] | null;
   /** A cell's centre on the page, in CSS pixels. */
   cellCentre?: (index: number) => [number, number] | null;
+  /** What hovering over a cell says. */
+  describe?: (index: number) => string;
+  /** The block owners are known (or known to be unavailable). */
+  ownersLoaded?: boolean;
 }
 
 /** What `window.nbdView` shows tests: the first source's map, and every source's. */
@@ -127,6 +132,12 @@ interface Panel {
   replay: PageReplay | null;
   /** The fault controls, once the source says it offers them. */
   faults: FaultControls | null;
+  /** Who owns each block, once asked (`/files`); a string says why not. */
+  owners: PageOwners | string | null;
+  /** The owners are being fetched. */
+  ownersLoading: boolean;
+  /** Where a clicked cell's description goes. */
+  pinned: HTMLElement;
 }
 
 /** A panel's fault-injection controls. */
@@ -493,14 +504,59 @@ export function main(): void {
     palette[k[0]] = k[2];
   });
 
-  /** What the tooltip says about a cell (a hook later parts extend). */
+  /** What the tooltip says about a cell: its bytes, its last request, who owns it. */
   function describeCell(p: Panel, c: number): string {
     const m = p.map!;
     const start = c * m.block;
     const end = Math.min(start + m.block, m.size);
     const k = m.kind[c];
     return (panels.length > 1 ? p.source.label + " · " : "") + "cell " + c + ": bytes " +
-      start + "–" + (end - 1) + (k ? " · last " + KINDS[k - 1][1] : " · untouched");
+      start + "–" + (end - 1) + (k ? " · last " + KINDS[k - 1][1] : " · untouched") +
+      ownersOf(p, start, end);
+  }
+
+  /** " · owner, owner (+N more)" for the bytes [start, end), or why it is not known. */
+  function ownersOf(p: Panel, start: number, end: number): string {
+    const owners = p.owners;
+    if (owners === null) return p.ownersLoading ? " · naming blocks…" : "";
+    if (typeof owners === "string") return " · " + owners;
+    const list = owners.extents;
+    let low = 0, high = list.length; // first extent ending after start
+    while (low < high) {
+      const mid = (low + high) >> 1;
+      if (list[mid].offset + list[mid].length <= start) low = mid + 1;
+      else high = mid;
+    }
+    const names: string[] = [];
+    for (let i = low; i < list.length && list[i].offset < end; i++) {
+      if (names.indexOf(list[i].owner) < 0) names.push(list[i].owner);
+    }
+    if (!names.length) return " · free or unknown";
+    return " · " + names.slice(0, 3).join(", ") +
+      (names.length > 3 ? " (+" + (names.length - 3) + " more)" : "");
+  }
+
+  /** Asks the source who owns its blocks (again with `refresh`); the tooltip follows. */
+  function loadOwners(p: Panel, refresh: boolean): void {
+    if (p.ownersLoading) return;
+    p.ownersLoading = true;
+    const q = new URLSearchParams();
+    q.set("export", currentExport(p));
+    if (refresh) q.set("refresh", "1");
+    fetch(p.source.base + "/files?" + q.toString()).then(function (r) {
+      return r.ok
+        ? r.json().then(function (owners: PageOwners) {
+          p.owners = owners;
+        })
+        : r.text().then(function (text) {
+          p.owners = text.trim();
+        });
+    }, function () {
+      p.owners = "cannot reach the server";
+    }).then(function () {
+      p.ownersLoading = false;
+      p.view.ownersLoaded = true;
+    });
   }
 
   function cellAt(p: Panel, e: MouseEvent): number {
@@ -938,10 +994,15 @@ export function main(): void {
     canvas.className = "map";
     canvas.width = canvas.height = 1;
     const counters = cell("div", "", "source-counters");
+    const pinned = cell("div", "", "cell-info");
+    const names = cell("button", "Name blocks", "files-button");
+    names.title = "Read the filesystem again and name each block by its file";
+    head.appendChild(names);
     root.appendChild(head);
     root.appendChild(info);
     root.appendChild(canvas);
     root.appendChild(counters);
+    root.appendChild(pinned);
     // The first source keeps the ids a one-source page always had.
     canvas.id = index === 0 ? "map" : "map-" + index;
     exportSelect.id = index === 0 ? "export" : "export-" + index;
@@ -981,7 +1042,14 @@ export function main(): void {
       rates: {},
       replay: null,
       faults: null,
+      owners: null,
+      ownersLoading: false,
+      pinned: pinned,
     };
+    names.addEventListener("click", function () {
+      p.owners = null;
+      loadOwners(p, true);
+    });
     // Where a cell is: its pixel on the canvas bitmap, and its centre on the page (CSS px).
     pv.cellPixel = function (c) {
       if (!p.map) return null;
@@ -996,8 +1064,18 @@ export function main(): void {
         rect.top + Math.floor(c / m.cols) * m.px + Math.floor(m.px / 2),
       ];
     };
+    pv.describe = function (c) {
+      return p.map ? describeCell(p, c) : "";
+    };
+    canvas.addEventListener("click", function (e) {
+      const c = cellAt(p, e);
+      if (c < 0) return;
+      if (p.owners === null) loadOwners(p, false);
+      p.pinned.textContent = describeCell(p, c);
+    });
     canvas.addEventListener("mousemove", function (e) {
       const tip = $("tooltip");
+      if (p.owners === null) loadOwners(p, false);
       const c = cellAt(p, e);
       if (c < 0) {
         tip.hidden = true;
@@ -1017,6 +1095,7 @@ export function main(): void {
     exportSelect.addEventListener("change", function () {
       p.exportName = exportSelect.value;
       p.map = null;
+      p.owners = null;
       updateUrl();
       connect(p);
     });
