@@ -112,6 +112,9 @@ async function readGpt(
   const entrySize = h.getUint32(84, true);
   const backupLba = Number(h.getBigUint64(32, true));
   if (entrySize < 128 || entrySize > 4096) throw new Error("GPT: bad entry size");
+  if (entriesLba < 2 || (entriesLba * SECTOR) + count * entrySize > reader.size) {
+    throw new Error("GPT: the partition entries are past the end of the disk");
+  }
   out?.add(0, SECTOR, "<protective MBR>", "metadata");
   out?.add(SECTOR, SECTOR, "<GPT header>", "metadata");
   const bytes = Math.ceil(count * entrySize / SECTOR) * SECTOR;
