@@ -7,6 +7,11 @@
  *
  *   deno task bench:view                 # 5 rounds, 1G
  *   deno task bench:view --rounds 3 --size 256M
+ *   deno task bench:view --sources 3     # the page of nbd view over three servers
+ *
+ * With `--sources N` (N > 1) the viewed server also has `--view-control`
+ * (the fault layer, switched off), and the page is `nbd view`'s combined
+ * page over it and N - 1 other servers, relayed through `nbd view`.
  *
  * Without Chromium (or with --no-browser) a plain event-stream reader
  * stands in for the page, which costs the server the same work.
@@ -15,9 +20,9 @@
  */
 
 import { parseArgs } from "node:util";
-import { hasCommand, runOk, startNbdServe } from "../tests/helpers.ts";
+import { hasCommand, runOk, type ServerProcess, startNbdServe } from "../tests/helpers.ts";
 import { CHROMIUM, launchChromium } from "../tests/browser.ts";
-import { serverViewUrl } from "../tests/view_helpers.ts";
+import { serverViewUrl, startNbdView } from "../tests/view_helpers.ts";
 import { parseSize } from "../util/parse.ts";
 
 const { values } = parseArgs({
@@ -27,10 +32,12 @@ const { values } = parseArgs({
     size: { type: "string", default: "1G" },
     "bench-count": { type: "string", default: "200000" },
     "no-browser": { type: "boolean", default: false },
+    sources: { type: "string", default: "1" },
   },
 });
 const rounds = Number(values.rounds);
 const size = parseSize(values.size!);
+const sources = Number(values.sources);
 
 for (const tool of ["nbdcopy", "nbdkit"]) {
   if (!hasCommand(tool)) {
@@ -61,8 +68,31 @@ async function timed(cmd: string, args: string[], serverPid: number): Promise<[n
 }
 
 await using plain = await startNbdServe(["memory", String(size)]);
-await using viewed = await startNbdServe(["--view", "127.0.0.1:0", "memory", String(size)]);
+await using viewed = await startNbdServe([
+  "--view",
+  "127.0.0.1:0",
+  ...(sources > 1 ? ["--view-control"] : []),
+  "memory",
+  String(size),
+]);
 const url = await serverViewUrl(viewed);
+// The other sources of a combined page, and nbd view showing them all.
+const others: ServerProcess[] = [];
+for (let i = 1; i < sources; i++) {
+  others.push(
+    await startNbdServe(["--view", "127.0.0.1:0", "--view-control", "memory", "256M"]),
+  );
+}
+await using _others = {
+  async [Symbol.asyncDispose]() {
+    for (const o of others) await o[Symbol.asyncDispose]();
+  },
+};
+await using combined = sources > 1
+  ? await startNbdView([url, ...await Promise.all(others.map(serverViewUrl))])
+  : undefined;
+const pageUrl = combined?.url ?? url;
+const eventsPath = combined ? "/s/0/events?export=&cells=500000" : "/events?export=&cells=500000";
 
 // The page (or a stand-in) stays open on the viewed server for the whole run.
 await using browser = useBrowser ? await launchChromium() : undefined;
@@ -70,10 +100,10 @@ const abort = new AbortController();
 let framesSeen = 0;
 if (browser) {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-  await page.goto(url);
+  await page.goto(pageUrl);
   await page.waitForSelector("#status.live", { timeout: 15000 });
 } else {
-  const response = await fetch(new URL("/events?export=&cells=500000", url), {
+  const response = await fetch(new URL(eventsPath, pageUrl), {
     signal: abort.signal,
   });
   (async () => {
@@ -153,7 +183,9 @@ const stats = await (await fetch(statsUrl)).json();
 console.log(
   `\nview benchmark: ${rounds} rounds, medians; the page ${
     useBrowser ? "open in headless Chromium" : "replaced by an event-stream reader"
-  } on the --view server\n`,
+  } on the --view server${
+    sources > 1 ? ` (nbd view's combined page over it and ${sources - 1} more, --view-control)` : ""
+  }\n`,
 );
 console.log(
   `| benchmark | without --view | with --view + page | throughput ratio | server CPU without / with |`,

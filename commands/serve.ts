@@ -28,10 +28,14 @@ import { serverTls } from "../server/tls.ts";
 import {
   DEFAULT_VIEW_ADDRESS,
   looksLikeViewAddress,
+  type OpenDisk,
   parseViewAddress,
   startViewServer,
   type ViewServer,
 } from "../view/view_server.ts";
+import { faultControl } from "../view/fault_control.ts";
+import { CachedReader } from "../formats/disk_reader.ts";
+import { FaultSwitch } from "../filters/fault_switch.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
 
 /** Options shared by `nbd serve` and `nbd proxy`. */
@@ -141,6 +145,15 @@ export const SERVE_OPTIONS = {
     help:
       `serve the live block-activity page, /stats and /metrics over HTTP on ADDR (default ${DEFAULT_VIEW_ADDRESS}; HOST:PORT, :PORT or PORT)`,
   },
+  "view-control": {
+    type: "boolean",
+    help: "let the view's page (POST /control) switch injected errors per export at run time",
+  },
+  "view-token": {
+    type: "string",
+    value: "TOKEN",
+    help: "with --view-control: accept changes from any peer that sends TOKEN (else loopback only)",
+  },
   verbose: { type: "boolean", short: "v", help: "log options and requests to stderr" },
   "debug-layers": {
     type: "boolean",
@@ -205,6 +218,8 @@ export interface ServeValues {
   "tls-verify-peer"?: boolean;
   "tls-psk"?: string;
   view?: string;
+  "view-control"?: boolean;
+  "view-token"?: string;
   verbose?: boolean;
   "debug-layers"?: boolean;
 }
@@ -360,6 +375,8 @@ export interface ServeConfig {
   pidfile?: string;
   /** The view's address, as given and as parsed. */
   view?: { text: string; hostname: string; port: number };
+  /** Fault injection from the view (`--view-control`), with its token if any. */
+  viewControl?: { token?: string };
 }
 
 /** What the options are checked against besides themselves. */
@@ -409,6 +426,15 @@ export function parseServeConfig(values: ServeValues, environment: ServeEnvironm
   const view = values.view === undefined
     ? undefined
     : { text: values.view, ...viewAddressOption(values.view) };
+  if (values["view-control"] && !view) throw new UsageError("--view-control needs --view");
+  const token = values["view-token"];
+  if (token !== undefined && !values["view-control"]) {
+    throw new UsageError("--view-token needs --view-control");
+  }
+  if (token !== undefined && !/^[\x21-\x7e]{8,}$/.test(token)) {
+    throw new UsageError("--view-token: expected at least 8 printable characters, no spaces");
+  }
+  const viewControl = values["view-control"] ? { token } : undefined;
   const maxInFlight = integerOption(values["max-in-flight"], "--max-in-flight", 1, 65536) ??
     DEFAULT_MAX_IN_FLIGHT;
   const maxConnections = integerOption(
@@ -480,6 +506,7 @@ export function parseServeConfig(values: ServeValues, environment: ServeEnvironm
     printUri: values["print-uri"] ?? false,
     pidfile: values.pidfile,
     view,
+    viewControl,
   };
 }
 
@@ -607,9 +634,11 @@ async function serveUntilStopped(
   }
 
   const layers = await startLayers(config.filters, plugin, params);
+  // Run-time faults sit nearest the client, and only when asked for.
+  const faults = config.viewControl ? new FaultSwitch() : undefined;
   const exports = new Exports({
     plugin: layers.plugin,
-    filters: layers.filters,
+    filters: faults ? [faults.layer(), ...layers.filters] : layers.filters,
     exportName: config.exportName,
     description: config.description,
     debugLayers: config.debugLayers,
@@ -623,15 +652,30 @@ async function serveUntilStopped(
     tlsMode: tls.mode,
     tls: tls.upgrader,
   });
+  // Naming blocks for the view reads below the fault layer: an analysis is not a client.
+  const analysis = new Exports({
+    plugin: layers.plugin,
+    filters: layers.filters,
+    exportName: config.exportName,
+    description: config.description,
+  });
   // Shutting the server down closes the layers too.
   stack.defer(() => server.shutdown());
 
   let view: ViewServer | undefined;
   if (config.view) {
     try {
+      const control = faults &&
+        faultControl(faults, {
+          token: config.viewControl?.token,
+          log: (line) => server.state.log(line),
+        });
       view = await startViewServer({
         stats: server.state.stats,
         listExports: async () => (await exports.list()).map((e) => e.name),
+        routes: control?.routes,
+        annotate: control?.annotate,
+        openDisk: (name) => openForAnalysis(analysis, name),
       }, { hostname: config.view.hostname, port: config.view.port });
     } catch (error) {
       throw new Error(`Cannot serve the view on ${config.view.text}: ${(error as Error).message}`);
@@ -688,6 +732,22 @@ async function serveUntilStopped(
     listeners.primary.done.then(() => stopped.resolve(0));
   }
   return await stopped.promise;
+}
+
+/** Opens an export read-only for the view's `/files`, outside any connection. */
+async function openForAnalysis(exports: Exports, name: string): Promise<OpenDisk> {
+  const info = await exports.resolve(name);
+  if (!info) throw new Error(`no export named ${JSON.stringify(name)}`);
+  const backend = await exports.open({
+    exportName: info.name,
+    readonly: true,
+    tls: false,
+    connectionId: 0,
+  });
+  return {
+    reader: new CachedReader(backend.size(), (buf, offset) => backend.pread(buf, offset)),
+    close: () => backend.close(),
+  };
 }
 
 /** `nbd serve`. */

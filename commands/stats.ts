@@ -13,6 +13,7 @@ import type {
   StatsSnapshot,
 } from "../view/stats_snapshot.ts";
 import { type Command, formatOptions, parseOptions } from "./command.ts";
+import { describeFaults, type FaultState } from "../filters/fault_switch.ts";
 
 const OPTIONS = {
   json: { type: "boolean", help: "print the server's /stats document as it is" },
@@ -23,8 +24,9 @@ const USAGE = `Usage: nbd stats [--json] URL
 
 Print the IO counters of a server started with --view (or of nbd view):
 per export and per connection, requests received / in flight / completed /
-failed per command, bytes, latency percentiles, and the time since the last
-request and reply.
+failed per command, bytes, latency percentiles, the time since the last
+request and reply, and, for a server with --view-control, each export's
+injected faults.
 
 URL is the view address: http://HOST:PORT, HOST:PORT or PORT (on 127.0.0.1).
 
@@ -152,6 +154,7 @@ export function formatStats(stats: StatsSnapshot): string {
         bytes(e.bytes.trimmed)
       }, zeroed ${bytes(e.bytes.zeroed)}; latency ${latency(e.latencyMicros)}`,
     );
+    if (e.faults) lines.push(`  injected faults: ${describeFaults(e.faults as FaultState)}`);
     lines.push(...commandTable(e.commands, "  "));
   }
   if (stats.connections.length) {

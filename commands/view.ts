@@ -1,6 +1,7 @@
 /**
- * `nbd view LOGFILE`: replays a `log` filter file in the block-activity
- * page, at an adjustable speed.
+ * `nbd view SOURCE...`: the block-activity page for log filter files
+ * (replayed at an adjustable speed) and live servers' views, one map per
+ * source side by side.
  *
  * @module
  */
@@ -9,7 +10,13 @@ import { terminationSignal, whenAborted } from "../util/signals.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { ServerStats } from "../server/stats.ts";
 import { MAX_SPEED, Replayer, ReplayLog } from "../view/replay.ts";
-import { DEFAULT_VIEW_ADDRESS, parseViewAddress, startViewServer } from "../view/view_server.ts";
+import {
+  DEFAULT_VIEW_ADDRESS,
+  parseViewAddress,
+  startViewServer,
+  type ViewServer,
+} from "../view/view_server.ts";
+import { type CombinedSource, parseRemoteView, startCombinedView } from "../view/combined_view.ts";
 import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 
 const OPTIONS = {
@@ -28,12 +35,16 @@ const OPTIONS = {
   help: { type: "boolean", short: "h", help: "show this help" },
 } as const;
 
-const USAGE = `Usage: nbd view [OPTIONS] LOGFILE
+const USAGE = `Usage: nbd view [OPTIONS] SOURCE...
 
-Replay a file written by the log filter (nbd serve --filter=log ... logfile=FILE)
-in the block-activity page: the map, counters and connections move as they did
-when the log was written, at the chosen speed. /stats and /metrics work as for
-a live server, so "nbd stats" reads the replay too.
+Show one or more sources in the block-activity page, one block map each,
+side by side. A SOURCE is a file written by the log filter (nbd serve
+--filter=log ... logfile=FILE), replayed at the chosen speed as if it were
+happening now, or the view of a live server (nbd serve --view, nbd proxy
+--view) given as its URL, http://HOST:PORT (add ?token=SECRET when that
+server has --view-token). With one log file, /stats and /metrics work as for
+a live server, so "nbd stats" reads the replay too; with several sources,
+source N's are under /s/N/.
 
 Options:
 ${formatOptions(OPTIONS)}
@@ -42,12 +53,13 @@ Examples:
   nbd serve --filter=log memory 1G logfile=requests.log
   nbd view requests.log
   nbd view --speed 10 --listen 9000 requests.log
+  nbd view --listen 9000 http://127.0.0.1:8081 http://127.0.0.1:8082 requests.log
 `;
 
 /** `nbd view`. */
 export const viewCommand: Command = {
   name: "view",
-  summary: "replay a log filter file in the block-activity page",
+  summary: "show log files and live servers in the block-activity page",
   usage: USAGE,
   options: OPTIONS,
   async run(argv) {
@@ -56,8 +68,7 @@ export const viewCommand: Command = {
       console.log(USAGE);
       return 0;
     }
-    if (positionals.length !== 1) throw new UsageError("expected one LOGFILE");
-    const file = positionals[0]!;
+    if (positionals.length === 0) throw new UsageError("expected at least one SOURCE");
     let address;
     try {
       address = parseViewAddress(values.listen ?? DEFAULT_VIEW_ADDRESS);
@@ -68,41 +79,78 @@ export const viewCommand: Command = {
     if (!(speed > 0 && speed <= MAX_SPEED)) {
       throw new UsageError(`--speed: expected a number above 0 and up to ${MAX_SPEED}`);
     }
-    let log: ReplayLog;
+    const sources: CombinedSource[] = [];
+    const replayers: Replayer[] = [];
+    let requests = 0;
+    for (const word of positionals) {
+      if (/^https?:\/\//i.test(word)) {
+        let remote;
+        try {
+          remote = parseRemoteView(word);
+        } catch (error) {
+          throw new UsageError(`${word}: ${(error as Error).message}`);
+        }
+        sources.push({ label: remote.url.host, remote });
+        continue;
+      }
+      const log = await readLog(word);
+      const stats = new ServerStats();
+      const replayer = new Replayer(log, stats, {
+        file: word,
+        speed,
+        paused: values.paused ?? false,
+      });
+      replayers.push(replayer);
+      requests += log.requests;
+      sources.push({
+        label: word.replace(/^.*\//, ""),
+        local: {
+          stats,
+          listExports: () => Promise.resolve(log.exportNames),
+          replay: replayer,
+        },
+      });
+    }
+    let view: ViewServer;
     try {
-      log = await ReplayLog.fromFile(file);
+      const only = sources[0]!;
+      view = sources.length === 1 && "local" in only
+        ? await startViewServer(only.local, address)
+        : await startCombinedView(sources, address);
     } catch (error) {
-      throw new Error(`Cannot read ${file}: ${(error as Error).message}`);
-    }
-    if (log.length === 0) {
-      throw new Error(`Cannot replay ${file}: no log filter lines in it`);
-    }
-    if (log.skipped > 0) {
-      printError(`${file}: skipped ${log.skipped} line(s) that are not log filter lines`);
-    }
-    const stats = new ServerStats();
-    const replayer = new Replayer(log, stats, { file, speed, paused: values.paused ?? false });
-    const view = await startViewServer({
-      stats,
-      listExports: () => Promise.resolve(log.exportNames),
-      replay: replayer,
-    }, address).catch((error) => {
       throw new Error(
-        `Cannot serve the view on ${address.hostname}:${address.port}: ${error.message}`,
+        `Cannot serve the view on ${address.hostname}:${address.port}: ${(error as Error).message}`,
       );
-    });
+    }
     printError(
-      `view at ${view.url} (replaying ${log.requests} requests over ${
-        (log.duration / 1000).toFixed(3)
-      } s)`,
+      `view at ${view.url} (${sources.length} source${sources.length === 1 ? "" : "s"}${
+        replayers.length ? `; replaying ${requests} requests` : ""
+      })`,
     );
-    replayer.start();
+    for (const replayer of replayers) replayer.start();
     // Until the process's first stop signal (SIGINT, SIGTERM, SIGHUP: util/signals.ts).
     const stopped = whenAborted(terminationSignal());
     await stopped.promise;
     stopped.dispose();
-    replayer.stop();
+    for (const replayer of replayers) replayer.stop();
     await view.close();
     return 0;
   },
 };
+
+/** Reads a log filter file for replay; one-line errors when it cannot be replayed. */
+async function readLog(file: string): Promise<ReplayLog> {
+  let log: ReplayLog;
+  try {
+    log = await ReplayLog.fromFile(file);
+  } catch (error) {
+    throw new Error(`Cannot read ${file}: ${(error as Error).message}`);
+  }
+  if (log.length === 0) {
+    throw new Error(`Cannot replay ${file}: no log filter lines in it`);
+  }
+  if (log.skipped > 0) {
+    printError(`${file}: skipped ${log.skipped} line(s) that are not log filter lines`);
+  }
+  return log;
+}

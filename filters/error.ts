@@ -37,7 +37,7 @@ import type { Params, ParamSpec } from "../core/params.ts";
 import { UsageError } from "../util/usage_error.ts";
 
 /** The kinds of request the filter can fail, by the suffix of their parameters. */
-const ERROR_COMMANDS = [
+export const ERROR_COMMANDS = [
   "pread",
   "pwrite",
   "trim",
@@ -112,15 +112,25 @@ function errorSettings(params: Params): Record<ErrorCommand, ErrorSetting> {
   return out;
 }
 
-class ErrorBackend extends PassthroughBackend {
-  readonly #settings: Record<ErrorCommand, ErrorSetting>;
-  constructor(next: Backend, settings: Record<ErrorCommand, ErrorSetting>) {
+/** Settings per kind of request, or undefined when nothing is to fail right now. */
+export type ErrorSettings = Record<ErrorCommand, ErrorSetting> | undefined;
+
+/**
+ * Fails requests as `settings()` says at the time of each request (the
+ * error filter's fixed settings, or the view's run-time switch); passes
+ * everything else through.
+ */
+export class ErrorBackend extends PassthroughBackend {
+  readonly #settings: () => ErrorSettings;
+  constructor(next: Backend, settings: () => ErrorSettings) {
     super(next);
     this.#settings = settings;
   }
   /** Throws the configured error if this request is chosen to fail. */
   #maybeFail(command: ErrorCommand): void {
-    const { errno, rate, file } = this.#settings[command];
+    const settings = this.#settings();
+    if (settings === undefined) return;
+    const { errno, rate, file } = settings[command];
     if (rate <= 0) return;
     if (file !== undefined && !fileExists(file)) return;
     if (rate < 1 && Math.random() >= rate) return;
@@ -218,7 +228,7 @@ export const errorFilter: Filter = {
   create(params) {
     const settings = errorSettings(params);
     return Promise.resolve({
-      wrap: (next) => Promise.resolve(new ErrorBackend(next, settings)),
+      wrap: (next) => Promise.resolve(new ErrorBackend(next, () => settings)),
     });
   },
 };

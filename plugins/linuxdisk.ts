@@ -112,7 +112,8 @@ export const linuxdiskPlugin: Plugin = {
       name: "size",
       value: "[+]SIZE",
       type: "string",
-      description: "filesystem size, or +SIZE of free space beyond the files (when not given: a little)",
+      description:
+        "filesystem size, or +SIZE of free space beyond the files (when not given: a little)",
     },
   ],
   magicParam: "dir",

@@ -19,7 +19,6 @@ export const PAGE_HTML = `<!doctype html>
 <body>
 <header>
   <h1>nbd view</h1>
-  <label id="export-field" hidden>Export <select id="export"></select></label>
   <label title="Bytes per cell of the map">Block
     <select id="block">
       <option value="auto">auto</option>
@@ -66,13 +65,12 @@ export const PAGE_HTML = `<!doctype html>
 </header>
 <main>
   <section id="map-area">
-    <div id="map-info"></div>
-    <canvas id="map" width="1" height="1"></canvas>
+    <div id="maps"></div>
     <div id="tooltip" hidden></div>
   </section>
   <aside>
     <ul id="legend"></ul>
-    <h2>Counters</h2>
+    <h2>Counters <span id="details-source"></span></h2>
     <p id="summary"></p>
     <table id="counters">
       <thead><tr><th>command</th><th>received</th><th>in flight</th><th>done</th><th>failed</th><th>bytes</th><th>p50</th><th>p90</th><th>p99</th></tr></thead>

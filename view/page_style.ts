@@ -43,8 +43,28 @@ button { cursor: pointer; }
 #progress { width: 160px; }
 main { flex: 1; display: flex; min-height: 0; }
 #map-area { flex: 1; padding: 10px 12px; overflow: auto; position: relative; min-width: 0; }
-#map-info { color: var(--muted); margin-bottom: 6px; height: 18px; white-space: nowrap; overflow: hidden; }
-#map { display: block; image-rendering: pixelated; background: #000; }
+#maps { display: flex; gap: 14px; align-items: flex-start; }
+.panel { flex: 1 1 0; min-width: 0; }
+#maps.several .panel { border: 1px solid var(--line); border-radius: 4px; padding: 6px; }
+#maps.several .panel.focused { border-color: #6f7b8c; }
+.panel-head { display: flex; gap: 10px; align-items: center; min-height: 22px; }
+.panel-head .label { font-weight: 600; cursor: pointer; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.panel-head .state { margin-left: auto; color: var(--muted); }
+.panel-head .state.live { color: #7fd18b; }
+.panel-head .state.down { color: #ff8a7a; }
+.export-field[hidden] { display: none; }
+.map-info { color: var(--muted); margin-bottom: 6px; height: 18px; white-space: nowrap; overflow: hidden; }
+.source-counters { color: var(--muted); margin-top: 6px; font-variant-numeric: tabular-nums; }
+.source-counters.failing { color: #ff9f1a; }
+canvas.map { display: block; image-rendering: pixelated; background: #000; }
+.faults { margin-top: 6px; display: flex; flex-wrap: wrap; gap: 4px; align-items: center; }
+.fault-note.down { color: #ff8a7a; }
+.panel.faulty { border-color: #ff9f1a !important; }
+.files-button { margin-left: auto; }
+.panel-head .state { margin-left: 0; }
+.cell-info { color: var(--text); margin-top: 4px; word-break: break-all; }
+#tooltip { white-space: normal; max-width: 480px; }
+#details-source { text-transform: none; color: var(--text); }
 #tooltip {
   position: fixed;
   pointer-events: none;

@@ -69,6 +69,17 @@ export interface ExportSnapshot extends CountersSnapshot {
   size: number | null;
   /** Connections currently using it. */
   connections: number;
+  /** Its injected faults, with `nbd serve --view-control` only. */
+  faults?: {
+    /** Requests are failing now. */
+    enabled: boolean;
+    /** Which: read, write or all. */
+    kinds: string;
+    /** The error. */
+    errno: string;
+    /** Share of those requests that fail, 0..1. */
+    rate: number;
+  };
 }
 
 /** One open connection. */
@@ -111,6 +122,11 @@ export interface StatsSnapshot {
   exports: ExportSnapshot[];
   /** Open connections by id. */
   connections: ConnectionSnapshot[];
+  /** Present when the server offers fault injection (`--view-control`). */
+  control?: {
+    /** Changes need the `--view-token` token. */
+    tokenRequired: boolean;
+  };
 }
 
 /** Converts a performance.now() reading to wall-clock milliseconds. */

@@ -9,7 +9,11 @@
  * - `GET /events?export=NAME&cells=N|block=N` a Server-Sent Events stream
  *   of block-map frames (every 80 ms while something happens), counter
  *   snapshots (twice a second) and, for a replay, its position;
- * - `GET /replay`, `POST /replay` the replay position and controls.
+ * - `GET /replay`, `POST /replay` the replay position and controls;
+ * - `GET /files?export=NAME[&refresh]` the file, directory or structure
+ *   owning each block (formats/block_owners.ts), for live servers;
+ * - `GET /sources` the sources the page shows (here one, at the root;
+ *   view/combined_view.ts serves several under `/s/N/`).
  *
  * Nothing is recorded for the map unless a page is subscribed: each
  * subscriber hooks `ServerStats.listeners` for as long as its stream lasts.
@@ -23,7 +27,9 @@ import { formatMetrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
 import { PAGE_HTML } from "./page_html.ts";
 import { PAGE_SCRIPT } from "./page_script.ts";
 import { PAGE_STYLE } from "./page_style.ts";
-import { statsSnapshot } from "./stats_snapshot.ts";
+import { type StatsSnapshot, statsSnapshot } from "./stats_snapshot.ts";
+import type { DiskReader } from "../formats/disk_reader.ts";
+import { type BlockOwners, blockOwners } from "../formats/block_owners.ts";
 
 /** Where a replay stands, as `GET /replay` and the page's controls show it. */
 export interface ReplayState {
@@ -73,6 +79,28 @@ export interface ViewSource {
   listExports(): Promise<string[]>;
   /** Present when replaying a log. */
   readonly replay?: ReplayControl;
+  /** Shown above the source's map when several sources share a page. */
+  readonly label?: string;
+  /** More routes of this source (e.g. `/control`), tried before the standard ones. */
+  routes?(request: Request, path: string): Promise<Response | undefined>;
+  /** Adds to a `/stats` snapshot what the source knows besides the counters. */
+  annotate?(snapshot: StatsSnapshot): StatsSnapshot;
+  /** Opens an export for reading, for `/files` (absent: a log has no data to read). */
+  openDisk?(exportName: string): Promise<OpenDisk>;
+}
+
+/** An export opened for analysis. */
+export interface OpenDisk {
+  /** Reads it. */
+  reader: DiskReader;
+  /** Releases it. */
+  close(): Promise<void>;
+}
+
+/** The `/stats` document of `source`, as `/stats` and the event stream send it. */
+export function sourceSnapshot(source: ViewSource, exports: readonly string[]): StatsSnapshot {
+  const snapshot = statsSnapshot(source.stats, exports, source.replay ? "replay" : "serve");
+  return source.annotate ? source.annotate(snapshot) : snapshot;
 }
 
 /** Options of `startViewServer`. */
@@ -211,11 +239,7 @@ class Subscriber {
   }
 
   #sendStats(): void {
-    this.#send("stats", statsSnapshot(this.#source.stats, this.#exports(), this.#mode));
-  }
-
-  get #mode(): "serve" | "replay" {
-    return this.#source.replay ? "replay" : "serve";
+    this.#send("stats", sourceSnapshot(this.#source, this.#exports()));
   }
 
   #tick(): void {
@@ -327,11 +351,13 @@ function text(body: string, type: string, status = 200): Response {
   });
 }
 
-function json(body: unknown, status = 200): Response {
+/** A JSON response. */
+export function json(body: unknown, status = 200): Response {
   return text(JSON.stringify(body, null, 2) + "\n", "application/json; charset=utf-8", status);
 }
 
-function problem(status: number, message: string): Response {
+/** A one-line plain-text error response. */
+export function problem(status: number, message: string): Response {
   return text(`${message}\n`, "text/plain; charset=utf-8", status);
 }
 
@@ -351,13 +377,46 @@ function integerParam(
   return n;
 }
 
-/** Starts the view server for `source`. */
-export async function startViewServer(
+/** One source as the page lists it (`GET /sources`). */
+export interface SourceInfo {
+  /** What the page shows above the source's map. */
+  label: string;
+  /** Path prefix of the source's `/events`, `/stats`, `/replay`... ("" = the root). */
+  base: string;
+  /** "serve" for a live server (local or remote), "replay" for a log. */
+  kind: "serve" | "replay";
+}
+
+/**
+ * The per-source part of the view: `/stats`, `/metrics`, `/events`,
+ * `/replay` (and what a source adds, such as `/control`), answered for
+ * paths relative to the source's base.
+ */
+export interface SourceRoutes {
+  /** Answers `request` for `path` (relative to the source's base), or undefined when not its. */
+  handle(request: Request, path: string, url: URL): Promise<Response | undefined>;
+  /** Open event streams. */
+  readonly subscribers: number;
+  /** Ends every event stream. */
+  close(): void;
+}
+
+/** Options of `sourceRoutes`. */
+export interface SourceRoutesOptions {
+  /** Frame interval in milliseconds (default 80). */
+  frameInterval?: number;
+  /** Counts event streams across sources (MAX_SUBSCRIBERS bounds their sum). */
+  streams?: Set<() => void>;
+}
+
+/** Serves one local source: its counters, event streams and replay controls. */
+export async function sourceRoutes(
   source: ViewSource,
-  options: ViewServerOptions = {},
-): Promise<ViewServer> {
+  options: SourceRoutesOptions = {},
+): Promise<SourceRoutes> {
   const interval = options.frameInterval ?? 80;
-  const subscribers = new Set<() => void>();
+  const all = options.streams ?? new Set<() => void>();
+  const mine = new Set<() => void>();
   // Listing exports may be expensive (a proxy asks its upstream), so the
   // list is cached for a while and shared by every page and scrape.
   let exportList: string[] = [];
@@ -381,7 +440,7 @@ export async function startViewServer(
   await currentExports();
 
   const events = (params: URLSearchParams): Response => {
-    if (subscribers.size >= MAX_SUBSCRIBERS) {
+    if (all.size >= MAX_SUBSCRIBERS) {
       return problem(503, `too many pages open (at most ${MAX_SUBSCRIBERS})`);
     }
     let block: number | undefined;
@@ -399,8 +458,16 @@ export async function startViewServer(
       maxCells: cells,
       interval,
       exports: cachedExports,
-      onOpen: (close) => subscribers.add(closer = close),
-      onClose: () => closer && subscribers.delete(closer),
+      onOpen: (close) => {
+        closer = close;
+        all.add(close);
+        mine.add(close);
+      },
+      onClose: () => {
+        if (!closer) return;
+        all.delete(closer);
+        mine.delete(closer);
+      },
     });
     return new Response(body, {
       headers: {
@@ -409,6 +476,36 @@ export async function startViewServer(
         "x-accel-buffering": "no",
       },
     });
+  };
+
+  // Block owners per export: computed when first asked for, again when asked to refresh.
+  const owners = new Map<string, Promise<BlockOwners & { analysedAt: string }>>();
+  const files = async (params: URLSearchParams): Promise<Response> => {
+    const open = source.openDisk;
+    if (!open) return problem(404, "no data to name blocks from (a log replay)");
+    const name = params.get("export") ?? cachedExports()[0] ?? "";
+    let pending = owners.get(name);
+    if (!pending || params.has("refresh")) {
+      pending = (async () => {
+        const disk = await open(name);
+        try {
+          return { ...await blockOwners(disk.reader), analysedAt: new Date().toISOString() };
+        } finally {
+          await disk.close();
+        }
+      })();
+      owners.set(name, pending);
+      // A failure is not kept: the next request tries again.
+      pending.catch(() => owners.get(name) === pending && owners.delete(name));
+    }
+    try {
+      return json({ export: name, ...await pending });
+    } catch (error) {
+      return problem(
+        500,
+        `Cannot name the blocks of ${JSON.stringify(name)}: ${(error as Error).message}`,
+      );
+    }
   };
 
   const replay = async (request: Request): Promise<Response> => {
@@ -430,43 +527,75 @@ export async function startViewServer(
     }
   };
 
-  const handler = async (request: Request): Promise<Response> => {
-    const url = new URL(request.url);
-    if (url.pathname === "/replay") return await replay(request);
-    if (request.method !== "GET" && request.method !== "HEAD") {
-      return problem(405, "only GET (and POST /replay) are served");
-    }
-    switch (url.pathname) {
-      case "/":
-      case "/index.html":
-        return new Response(PAGE_HTML, {
-          headers: {
-            "content-type": "text/html; charset=utf-8",
-            "cache-control": "no-store",
-            // The page needs nothing from elsewhere: forbid it outright.
-            "content-security-policy":
-              "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:",
-          },
-        });
-      case "/view.js":
-        return text(PAGE_SCRIPT, "text/javascript; charset=utf-8");
-      case "/view.css":
-        return text(PAGE_STYLE, "text/css; charset=utf-8");
-      case "/stats":
-        return json(
-          statsSnapshot(source.stats, await currentExports(), source.replay ? "replay" : "serve"),
-        );
-      case "/metrics":
-        return text(formatMetrics(source.stats, await currentExports()), METRICS_CONTENT_TYPE);
-      case "/events":
-        return events(url.searchParams);
-      case "/favicon.ico":
-        return new Response(null, { status: 204 });
-      default:
-        return problem(404, `no such page: ${url.pathname}`);
-    }
+  return {
+    async handle(request, path, url) {
+      if (path === "/replay") return await replay(request);
+      if (source.routes) {
+        const answer = await source.routes(request, path);
+        if (answer) return answer;
+      }
+      if (path === "/control") {
+        return problem(404, "no fault control here (nbd serve --view --view-control offers it)");
+      }
+      if (request.method !== "GET" && request.method !== "HEAD") return undefined;
+      switch (path) {
+        case "/stats":
+          return json(sourceSnapshot(source, await currentExports()));
+        case "/metrics":
+          return text(formatMetrics(source.stats, await currentExports()), METRICS_CONTENT_TYPE);
+        case "/events":
+          return events(url.searchParams);
+        case "/files":
+          return await files(url.searchParams);
+        default:
+          return undefined;
+      }
+    },
+    get subscribers() {
+      return mine.size;
+    },
+    close() {
+      for (const close of [...mine]) close();
+    },
   };
+}
 
+/** The page itself: HTML, script, style; undefined for other paths. */
+export function pageResponse(path: string): Response | undefined {
+  switch (path) {
+    case "/":
+    case "/index.html":
+      return new Response(PAGE_HTML, {
+        headers: {
+          "content-type": "text/html; charset=utf-8",
+          "cache-control": "no-store",
+          // The page needs nothing from elsewhere: forbid it outright.
+          "content-security-policy":
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:",
+        },
+      });
+    case "/view.js":
+      return text(PAGE_SCRIPT, "text/javascript; charset=utf-8");
+    case "/view.css":
+      return text(PAGE_STYLE, "text/css; charset=utf-8");
+    case "/favicon.ico":
+      return new Response(null, { status: 204 });
+    default:
+      return undefined;
+  }
+}
+
+/**
+ * Listens with `handler` and returns the running server; `beforeClose`
+ * ends what would keep a response open (event streams) before shutdown
+ * waits for the responses to finish.
+ */
+export async function listenView(
+  handler: (request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>) => Promise<Response>,
+  options: ViewServerOptions,
+  subscribers: () => number,
+  beforeClose: () => void,
+): Promise<ViewServer> {
   const { promise: listening, resolve: onListening } = Promise.withResolvers<Deno.NetAddr>();
   const server = Deno.serve({
     hostname: options.hostname ?? "127.0.0.1",
@@ -480,7 +609,7 @@ export async function startViewServer(
   let closed: Promise<void> | undefined;
   const close = () => {
     closed ??= (async () => {
-      for (const close of [...subscribers]) close();
+      beforeClose();
       await server.shutdown();
     })();
     return closed;
@@ -488,9 +617,49 @@ export async function startViewServer(
   return {
     url,
     get subscribers() {
-      return subscribers.size;
+      return subscribers();
     },
     close,
     [Symbol.asyncDispose]: close,
   };
+}
+
+/** Starts the view server for `source`. */
+export async function startViewServer(
+  source: ViewSource,
+  options: ViewServerOptions = {},
+): Promise<ViewServer> {
+  const routes = await sourceRoutes(source, { frameInterval: options.frameInterval });
+  const sources: SourceInfo[] = [{
+    label: source.label ?? "",
+    base: "",
+    kind: source.replay ? "replay" : "serve",
+  }];
+  const handler = async (
+    request: Request,
+    info: Deno.ServeHandlerInfo<Deno.NetAddr>,
+  ): Promise<Response> => {
+    const url = new URL(request.url);
+    const answer = await routes.handle(withPeer(request, info), url.pathname, url);
+    if (answer) return answer;
+    if (request.method !== "GET" && request.method !== "HEAD") {
+      return problem(405, "only GET (and POST /replay) are served");
+    }
+    if (url.pathname === "/sources") return json(sources);
+    return pageResponse(url.pathname) ?? problem(404, `no such page: ${url.pathname}`);
+  };
+  return await listenView(handler, options, () => routes.subscribers, () => routes.close());
+}
+
+const PEERS = new WeakMap<Request, string>();
+
+/** Remembers the peer address of `request` (for checks that only loopback may pass). */
+export function withPeer(request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>): Request {
+  PEERS.set(request, info.remoteAddr.hostname);
+  return request;
+}
+
+/** The peer address `withPeer` remembered for `request`, or undefined. */
+export function peerOf(request: Request): string | undefined {
+  return PEERS.get(request);
 }

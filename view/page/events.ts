@@ -62,6 +62,20 @@ export interface PageExport {
   secondsSinceLastReply: number | null;
   /** Totals over all commands. */
   requests: { inFlight: number };
+  /** Injected faults, when the server offers control. */
+  faults?: PageFaults;
+}
+
+/** An export's injected faults (`/control`, and the stats of a server with `--view-control`). */
+export interface PageFaults {
+  /** Requests are failing now. */
+  enabled: boolean;
+  /** read, write or all. */
+  kinds: string;
+  /** The error. */
+  errno: string;
+  /** Share of those requests that fail, 0..1. */
+  rate: number;
 }
 
 /** One open connection of a "stats" event. */
@@ -96,6 +110,8 @@ export interface PageStats {
   exports: PageExport[];
   /** Open connections. */
   connections: PageConnection[];
+  /** Present when the server offers fault injection. */
+  control?: { tokenRequired: boolean };
 }
 
 /** A "replay" event, and the answer to `POST /replay`. */
@@ -120,10 +136,44 @@ export interface PageReplay {
 export interface PageHello {
   /** Export name. */
   export: string;
+  /** The source replays a log. */
+  replay?: boolean;
 }
 
 /** A "failure" event: why the stream ends. */
 export interface PageFailure {
   /** One-line reason. */
   message: string;
+}
+
+/** One source of the page (`GET /sources`). */
+export interface PageSource {
+  /** Shown above its map. */
+  label: string;
+  /** Path prefix of its routes ("" = the root). */
+  base: string;
+  /** "serve" or "replay". */
+  kind: string;
+}
+
+/** One owned range of `/files`. */
+export interface PageOwnedExtent {
+  /** Offset in bytes. */
+  offset: number;
+  /** Length in bytes. */
+  length: number;
+  /** Path or structure. */
+  owner: string;
+  /** file, directory or metadata. */
+  kind: string;
+}
+
+/** The `/files` document: who owns each block of an export. */
+export interface PageOwners {
+  /** The export analysed. */
+  export: string;
+  /** Filesystems found. */
+  filesystems: Array<{ partition: number; type: string; error?: string }>;
+  /** Owned ranges by offset. */
+  extents: PageOwnedExtent[];
 }

@@ -28,7 +28,16 @@
 // This is browser code: `window` is the page's own.
 // deno-lint-ignore-file no-window no-window-prefix
 
-import type { PageFailure, PageFrame, PageHello, PageReplay, PageStats } from "./events.ts";
+import type {
+  PageFailure,
+  PageFaults,
+  PageFrame,
+  PageHello,
+  PageOwners,
+  PageReplay,
+  PageSource,
+  PageStats,
+} from "./events.ts";
 
 /** A request kind: its name, legend label and colour. */
 type Kind = [name: string, label: string, colour: string];
@@ -58,8 +67,12 @@ interface CellMap {
   dirtyHigh: number;
 }
 
-/** What `window.nbdView` shows tests. */
-interface NbdView {
+/** What tests see of one source's map. */
+interface PanelView {
+  /** The source's label. */
+  label: string;
+  /** Id of its canvas. */
+  canvasId: string;
   framesReceived: number;
   framesApplied: number;
   layout:
@@ -74,11 +87,67 @@ interface NbdView {
     | null;
   /** The export the event stream follows. */
   subscribed: string | null;
+  /** Its event stream is open. */
+  live: boolean;
   /** A cell's pixel on the canvas bitmap. */
   cellPixel?: (index: number) => [number, number] | null;
   /** A cell's centre on the page, in CSS pixels. */
   cellCentre?: (index: number) => [number, number] | null;
+  /** What hovering over a cell says. */
+  describe?: (index: number) => string;
+  /** The block owners are known (or known to be unavailable). */
+  ownersLoaded?: boolean;
+}
+
+/** What `window.nbdView` shows tests: the first source's map, and every source's. */
+interface NbdView extends PanelView {
   palette?: Record<string, string | number>;
+  /** One entry per source, in the page's order. */
+  panels: PanelView[];
+}
+
+/** One source on the page: its map, its event stream, its counters. */
+interface Panel {
+  index: number;
+  source: PageSource;
+  view: PanelView;
+  root: HTMLElement;
+  canvas: HTMLCanvasElement;
+  ctx: CanvasRenderingContext2D;
+  info: HTMLElement;
+  counters: HTMLElement;
+  state: HTMLElement;
+  exportField: HTMLElement;
+  exportSelect: HTMLSelectElement;
+  exportName: string | null;
+  map: CellMap | null;
+  queue: PageFrame[];
+  stream: EventSource | null;
+  retry: number;
+  /** Its event stream is open. */
+  live: boolean;
+  lastStats: PageStats | null;
+  rateWindow: Array<[number, Record<string, number>]>;
+  rates: Record<string, number>;
+  replay: PageReplay | null;
+  /** The fault controls, once the source says it offers them. */
+  faults: FaultControls | null;
+  /** Who owns each block, once asked (`/files`); a string says why not. */
+  owners: PageOwners | string | null;
+  /** The owners are being fetched. */
+  ownersLoading: boolean;
+  /** Where a clicked cell's description goes. */
+  pinned: HTMLElement;
+}
+
+/** A panel's fault-injection controls. */
+interface FaultControls {
+  box: HTMLElement;
+  enabled: HTMLInputElement;
+  kinds: HTMLSelectElement;
+  errno: HTMLSelectElement;
+  rate: HTMLSelectElement;
+  note: HTMLElement;
 }
 
 declare global {
@@ -104,6 +173,7 @@ export function main(): void {
   const VOID = "#16181c"; // past the end of the export
   const TRACE = 0.25; // share of the kind colour left once a cell has faded
   const MAX_CELL_PX = 24;
+  const RETRY_MS = 2000; // a source whose stream failed is asked again this often
 
   function rgb(hex: string): number[] {
     const n = parseInt(hex.slice(1), 16);
@@ -143,30 +213,27 @@ export function main(): void {
   const $ = function <T extends HTMLElement = HTMLElement>(id: string): T {
     return document.getElementById(id) as T;
   };
-  const canvas = $<HTMLCanvasElement>("map");
-  const ctx = canvas.getContext("2d")!;
   const params = new URLSearchParams(location.search);
 
   const settings = {
-    exportName: params.get("export"),
     block: params.get("block") || "auto",
     fade: params.has("fade") ? Number(params.get("fade")) : 2,
   };
   if (!(settings.fade >= 0)) settings.fade = 2;
 
-  let map: CellMap | null = null;
-  let queue: PageFrame[] = [];
+  const panels: Panel[] = [];
+  let focused = 0;
   let drawPending = false;
   let lastDraw = -Infinity;
-  let source: EventSource | null = null;
-  let lastStats: PageStats | null = null;
-  let rates: Record<string, number> = {};
-  const rateWindow: Array<[number, Record<string, number>]> = [];
   const view: NbdView = {
+    label: "",
+    canvasId: "map",
     framesReceived: 0,
     framesApplied: 0,
     layout: null,
     subscribed: null,
+    live: false,
+    panels: [],
   };
   window.nbdView = view;
 
@@ -210,7 +277,7 @@ export function main(): void {
     return el;
   }
 
-  // ---- legend ----
+  // ---- legend (rates summed over every source) ----
   const legendItems: Record<
     string,
     { li: HTMLLIElement; rate: HTMLSpanElement }
@@ -227,21 +294,28 @@ export function main(): void {
     $("legend").appendChild(li);
     legendItems[k[0]] = { li: li, rate: rate };
   });
-  function updateRates(requests: Record<string, number>): void {
+  function updateRates(p: Panel, requests: Record<string, number>): void {
     const now = performance.now();
-    rateWindow.push([now, requests]);
-    while (rateWindow.length && now - rateWindow[0][0] > 1000) {
-      rateWindow.shift();
+    p.rateWindow.push([now, requests]);
+    while (p.rateWindow.length && now - p.rateWindow[0][0] > 1000) {
+      p.rateWindow.shift();
     }
-    rates = {};
-    rateWindow.forEach(function (e) {
+    const rates: Record<string, number> = {};
+    p.rateWindow.forEach(function (e) {
       Object.keys(e[1]).forEach(function (k) {
         rates[k] = (rates[k] || 0) + e[1][k];
       });
     });
+    p.rates = rates;
+    const total: Record<string, number> = {};
+    panels.forEach(function (q) {
+      Object.keys(q.rates).forEach(function (k) {
+        total[k] = (total[k] || 0) + q.rates[k];
+      });
+    });
     Object.keys(legendItems).forEach(function (k) {
       const key = k === "ERROR" ? null : k;
-      legendItems[k].rate.textContent = key && rates[key] ? rates[key] + "/s" : "";
+      legendItems[k].rate.textContent = key && total[key] ? total[key] + "/s" : "";
     });
     if (requests.FLUSH) {
       const li = legendItems.FLUSH.li;
@@ -252,17 +326,18 @@ export function main(): void {
     }
   }
 
-  // ---- the map ----
-  function mapArea(): { width: number; height: number } {
-    const area = $("map-area");
-    const rect = area.getBoundingClientRect();
-    const width = Math.max(64, Math.floor(area.clientWidth - 24));
-    const height = Math.max(64, Math.floor(window.innerHeight - rect.top - 40));
+  // ---- the maps ----
+  function mapArea(p: Panel): { width: number; height: number } {
+    const rect = p.canvas.getBoundingClientRect();
+    const foot = p.counters.getBoundingClientRect().height + 16;
+    const pad = panels.length > 1 ? 14 : 0; // the framed panels' padding and border
+    const width = Math.max(64, Math.floor(p.root.clientWidth - pad));
+    const height = Math.max(64, Math.floor(window.innerHeight - rect.top - foot - 24));
     return { width: width, height: height };
   }
 
-  function layout(size: number, block: number, cells: number): CellMap {
-    const area = mapArea();
+  function layout(p: Panel, size: number, block: number, cells: number): CellMap {
+    const area = mapArea(p);
     let px = Math.min(
       MAX_CELL_PX,
       Math.max(1, Math.floor(Math.sqrt(area.width * area.height / cells))),
@@ -275,11 +350,11 @@ export function main(): void {
     const rows = Math.ceil(cells / cols);
     // One canvas pixel per cell, scaled up by CSS (image-rendering: pixelated):
     // the page only ever writes cells, never scales them itself.
-    canvas.width = cols;
-    canvas.height = rows;
-    canvas.style.width = cols * px + "px";
-    canvas.style.height = rows * px + "px";
-    const image = ctx.createImageData(cols, rows);
+    p.canvas.width = cols;
+    p.canvas.height = rows;
+    p.canvas.style.width = cols * px + "px";
+    p.canvas.style.height = rows * px + "px";
+    const image = p.ctx.createImageData(cols, rows);
     const pixels = new Uint32Array(image.data.buffer);
     pixels.fill(pack(rgb(VOID)));
     pixels.fill(pack(BG), 0, cells);
@@ -300,8 +375,8 @@ export function main(): void {
       dirtyLow: 0,
       dirtyHigh: cells - 1,
     };
-    map = laidOut;
-    view.layout = {
+    p.map = laidOut;
+    p.view.layout = {
       size: size,
       block: block,
       cells: cells,
@@ -309,7 +384,8 @@ export function main(): void {
       rows: rows,
       cellPx: px,
     };
-    $("map-info").textContent = exportLabel(currentExport()) + ": " +
+    if (p.index === 0) view.layout = p.view.layout;
+    p.info.textContent = exportLabel(currentExport(p)) + ": " +
       bytes(size) + " in " +
       cells + " cells of " + bytes(block) + " (" + cols + " × " + rows + ", " +
       px + " px each)";
@@ -317,8 +393,8 @@ export function main(): void {
     return laidOut;
   }
 
-  function clearMap(): void {
-    if (map) layout(map.size, map.block, map.cells);
+  function clearMap(p: Panel): void {
+    if (p.map) layout(p, p.map.size, p.map.block, p.map.cells);
   }
 
   function touch(m: CellMap, low: number, high: number): void {
@@ -326,13 +402,13 @@ export function main(): void {
     if (high > m.dirtyHigh) m.dirtyHigh = high;
   }
 
-  function apply(frame: PageFrame): void {
-    let m = map;
+  function apply(p: Panel, frame: PageFrame): void {
+    let m = p.map;
     if (
       !m || m.size !== frame.size || m.block !== frame.block ||
       m.cells !== frame.cells
     ) {
-      m = layout(frame.size, frame.block, frame.cells);
+      m = layout(p, frame.size, frame.block, frame.cells);
     }
     const laidOut = m;
     const now = performance.now();
@@ -356,13 +432,13 @@ export function main(): void {
         }
       }
     });
-    updateRates(frame.requests || {});
-    view.framesApplied++;
+    updateRates(p, frame.requests || {});
+    p.view.framesApplied++;
+    if (p.index === 0) view.framesApplied = p.view.framesApplied;
   }
 
-  function fade(now: number): void {
-    const m = map;
-    if (!m || m.activeCount === 0) return;
+  function fade(m: CellMap, now: number): void {
+    if (m.activeCount === 0) return;
     const ms = settings.fade * 1000;
     let kept = 0;
     let low = m.cells, high = -1;
@@ -394,17 +470,23 @@ export function main(): void {
       return;
     }
     lastDraw = now;
-    while (queue.length) apply(queue.shift()!);
-    fade(now);
-    if (map && map.dirtyHigh >= 0) {
-      // Only the rows that changed go to the canvas.
-      const top = Math.floor(map.dirtyLow / map.cols);
-      const rows = Math.floor(map.dirtyHigh / map.cols) - top + 1;
-      ctx.putImageData(map.image, 0, 0, 0, top, map.cols, rows);
-      map.dirtyLow = map.cells;
-      map.dirtyHigh = -1;
-    }
-    if (map && map.activeCount > 0) scheduleDraw();
+    let again = false;
+    panels.forEach(function (p) {
+      while (p.queue.length) apply(p, p.queue.shift()!);
+      const m = p.map;
+      if (!m) return;
+      fade(m, now);
+      if (m.dirtyHigh >= 0) {
+        // Only the rows that changed go to the canvas.
+        const top = Math.floor(m.dirtyLow / m.cols);
+        const rows = Math.floor(m.dirtyHigh / m.cols) - top + 1;
+        p.ctx.putImageData(m.image, 0, 0, 0, top, m.cols, rows);
+        m.dirtyLow = m.cells;
+        m.dirtyHigh = -1;
+      }
+      if (m.activeCount > 0) again = true;
+    });
+    if (again) scheduleDraw();
   }
   function scheduleDraw(): void {
     if (drawPending) return;
@@ -412,20 +494,6 @@ export function main(): void {
     requestAnimationFrame(draw);
   }
 
-  // Where a cell is: its pixel on the canvas bitmap, and its centre on the page (CSS px).
-  view.cellPixel = function (index) {
-    if (!map) return null;
-    return [index % map.cols, Math.floor(index / map.cols)];
-  };
-  view.cellCentre = function (index) {
-    if (!map) return null;
-    const col = index % map.cols;
-    const row = Math.floor(index / map.cols);
-    return [
-      col * map.px + Math.floor(map.px / 2),
-      row * map.px + Math.floor(map.px / 2),
-    ];
-  };
   const palette: Record<string, string | number> = {
     background: BACKGROUND,
     void: VOID,
@@ -436,40 +504,82 @@ export function main(): void {
     palette[k[0]] = k[2];
   });
 
-  canvas.addEventListener("mousemove", function (e) {
-    const tip = $("tooltip");
-    if (!map) return;
-    const rect = canvas.getBoundingClientRect();
-    const col = Math.floor((e.clientX - rect.left) / map.px);
-    const row = Math.floor((e.clientY - rect.top) / map.px);
-    const c = row * map.cols + col;
-    if (col < 0 || col >= map.cols || c < 0 || c >= map.cells) {
-      tip.hidden = true;
-      return;
+  /** What the tooltip says about a cell: its bytes, its last request, who owns it. */
+  function describeCell(p: Panel, c: number): string {
+    const m = p.map!;
+    const start = c * m.block;
+    const end = Math.min(start + m.block, m.size);
+    const k = m.kind[c];
+    return (panels.length > 1 ? p.source.label + " · " : "") + "cell " + c + ": bytes " +
+      start + "–" + (end - 1) + (k ? " · last " + KINDS[k - 1][1] : " · untouched") +
+      ownersOf(p, start, end);
+  }
+
+  /** " · owner, owner (+N more)" for the bytes [start, end), or why it is not known. */
+  function ownersOf(p: Panel, start: number, end: number): string {
+    const owners = p.owners;
+    if (owners === null) return p.ownersLoading ? " · naming blocks…" : "";
+    if (typeof owners === "string") return " · " + owners;
+    const list = owners.extents;
+    let low = 0, high = list.length; // first extent ending after start
+    while (low < high) {
+      const mid = (low + high) >> 1;
+      if (list[mid].offset + list[mid].length <= start) low = mid + 1;
+      else high = mid;
     }
-    const start = c * map.block;
-    const end = Math.min(start + map.block, map.size);
-    const k = map.kind[c];
-    tip.textContent = "cell " + c + ": bytes " + start + "–" + (end - 1) +
-      (k ? " · last " + KINDS[k - 1][1] : " · untouched");
-    tip.style.left = e.clientX + 12 + "px";
-    tip.style.top = e.clientY + 12 + "px";
-    tip.hidden = false;
-  });
-  canvas.addEventListener("mouseleave", function () {
-    $("tooltip").hidden = true;
-  });
+    const names: string[] = [];
+    for (let i = low; i < list.length && list[i].offset < end; i++) {
+      if (names.indexOf(list[i].owner) < 0) names.push(list[i].owner);
+    }
+    if (!names.length) return " · free or unknown";
+    return " · " + names.slice(0, 3).join(", ") +
+      (names.length > 3 ? " (+" + (names.length - 3) + " more)" : "");
+  }
+
+  /** Asks the source who owns its blocks (again with `refresh`); the tooltip follows. */
+  function loadOwners(p: Panel, refresh: boolean): void {
+    if (p.ownersLoading) return;
+    p.ownersLoading = true;
+    const q = new URLSearchParams();
+    q.set("export", currentExport(p));
+    if (refresh) q.set("refresh", "1");
+    fetch(p.source.base + "/files?" + q.toString()).then(function (r) {
+      return r.ok
+        ? r.json().then(function (owners: PageOwners) {
+          p.owners = owners;
+        })
+        : r.text().then(function (text) {
+          p.owners = text.trim();
+        });
+    }, function () {
+      p.owners = "cannot reach the server";
+    }).then(function () {
+      p.ownersLoading = false;
+      p.view.ownersLoaded = true;
+    });
+  }
+
+  function cellAt(p: Panel, e: MouseEvent): number {
+    const m = p.map;
+    if (!m) return -1;
+    const rect = p.canvas.getBoundingClientRect();
+    const col = Math.floor((e.clientX - rect.left) / m.px);
+    const row = Math.floor((e.clientY - rect.top) / m.px);
+    const c = row * m.cols + col;
+    if (col < 0 || col >= m.cols || c < 0 || c >= m.cells) return -1;
+    return c;
+  }
 
   // ---- counters and connections ----
-  function currentExport(): string {
-    if (settings.exportName !== null) return settings.exportName;
-    if (lastStats && lastStats.exports.length) return lastStats.exports[0].name;
+  function currentExport(p: Panel): string {
+    if (p.exportName !== null) return p.exportName;
+    if (p.lastStats && p.lastStats.exports.length) return p.lastStats.exports[0].name;
     return "";
   }
 
-  function showStats(stats: PageStats): void {
-    lastStats = stats;
-    const select = $<HTMLSelectElement>("export");
+  function showStats(p: Panel, stats: PageStats): void {
+    p.lastStats = stats;
+    const select = p.exportSelect;
     const names = stats.exports.map(function (e) {
       return e.name;
     });
@@ -486,12 +596,149 @@ export function main(): void {
         select.appendChild(o);
       });
     }
-    select.value = currentExport();
-    $("export-field").hidden = names.length < 2;
-
+    select.value = currentExport(p);
+    p.exportField.hidden = names.length < 2;
     const exp = stats.exports.filter(function (e) {
-      return e.name === currentExport();
+      return e.name === currentExport(p);
     })[0];
+    // The line under the map: what this source has done.
+    if (exp) {
+      const c = exp.commands;
+      const n = function (k: string): number {
+        return c[k] ? c[k].completed : 0;
+      };
+      const failed = Object.keys(c).reduce(function (s, k) {
+        return s + c[k].failed;
+      }, 0);
+      p.counters.textContent = "reads " + n("READ") + " · writes " + n("WRITE") +
+        " · other " + (n("TRIM") + n("WRITE_ZEROES") + n("FLUSH") + n("CACHE") +
+          n("BLOCK_STATUS")) +
+        " · failed " + failed + " · in flight " + exp.requests.inFlight;
+      p.counters.classList.toggle("failing", failed > 0);
+    }
+    if (stats.control) showFaults(p, exp ? exp.faults : undefined);
+    if (p.index === focused) showDetails(p);
+  }
+
+  // ---- fault injection (servers with --view-control) ----
+  function faultControls(p: Panel): FaultControls {
+    if (p.faults) return p.faults;
+    const box = cell("div", "", "faults");
+    const label = cell("label", "");
+    const enabled = document.createElement("input");
+    enabled.type = "checkbox";
+    enabled.id = "fault-" + p.index;
+    label.appendChild(enabled);
+    label.appendChild(document.createTextNode(" fail "));
+    box.appendChild(label);
+    const select = function (cls: string, choices: Array<[string, string]>): HTMLSelectElement {
+      const el = document.createElement("select");
+      el.className = cls;
+      choices.forEach(function (c) {
+        const o = cell("option", c[1]);
+        o.value = c[0];
+        el.appendChild(o);
+      });
+      box.appendChild(el);
+      return el;
+    };
+    const kinds = select("fault-kinds", [["all", "all requests"], ["read", "reads"], [
+      "write",
+      "writes",
+    ]]);
+    box.appendChild(document.createTextNode(" with "));
+    const errno = select(
+      "fault-errno",
+      ["EIO", "ENOSPC", "EPERM", "ENOMEM", "EINVAL", "ESHUTDOWN", "ENOTSUP", "EOVERFLOW"].map(
+        function (e): [string, string] {
+          return [e, e];
+        },
+      ),
+    );
+    box.appendChild(document.createTextNode(" at "));
+    const rate = select("fault-rate", [["1", "100%"], ["0.5", "50%"], ["0.1", "10%"], [
+      "0.01",
+      "1%",
+    ]]);
+    const note = cell("span", "", "fault-note");
+    box.appendChild(note);
+    p.root.appendChild(box);
+    const controls: FaultControls = {
+      box: box,
+      enabled: enabled,
+      kinds: kinds,
+      errno: errno,
+      rate: rate,
+      note: note,
+    };
+    const send = function (): void {
+      const headers: Record<string, string> = { "content-type": "application/json" };
+      const token = params.get("token");
+      if (token) headers.authorization = "Bearer " + token;
+      note.textContent = "…";
+      fetch(p.source.base + "/control", {
+        method: "POST",
+        headers: headers,
+        body: JSON.stringify({
+          export: currentExport(p),
+          enabled: enabled.checked,
+          kinds: kinds.value,
+          errno: errno.value,
+          rate: Number(rate.value),
+        }),
+      }).then(function (r) {
+        if (r.ok) {
+          return r.json().then(function (answer: { state: PageFaults }) {
+            showFaults(p, answer.state);
+          });
+        }
+        return r.text().then(function (text) {
+          note.textContent = text.trim();
+          note.className = "fault-note down";
+        });
+      }, function () {
+        note.textContent = "cannot reach the server";
+        note.className = "fault-note down";
+      });
+    };
+    [enabled, kinds, errno, rate].forEach(function (el) {
+      el.addEventListener("change", send);
+    });
+    p.faults = controls;
+    return controls;
+  }
+
+  function showFaults(p: Panel, state: PageFaults | undefined): void {
+    const c = faultControls(p);
+    if (!state) return;
+    // What the user is changing right now is left alone.
+    if (document.activeElement !== c.kinds) c.kinds.value = state.kinds;
+    if (document.activeElement !== c.errno) c.errno.value = state.errno;
+    if (document.activeElement !== c.rate) {
+      if (
+        !Array.from(c.rate.options).some(function (o) {
+          return Number(o.value) === state.rate;
+        })
+      ) {
+        const o = cell("option", +(state.rate * 100).toFixed(2) + "%");
+        o.value = String(state.rate);
+        c.rate.appendChild(o);
+      }
+      c.rate.value = String(Number(c.rate.value) === state.rate ? c.rate.value : state.rate);
+    }
+    c.enabled.checked = state.enabled;
+    c.note.textContent = state.enabled ? " failing" : "";
+    c.note.className = "fault-note" + (state.enabled ? " down" : "");
+    p.root.classList.toggle("faulty", state.enabled);
+  }
+
+  function showDetails(p: Panel): void {
+    const stats = p.lastStats;
+    if (!stats) return;
+    const exp = stats.exports.filter(function (e) {
+      return e.name === currentExport(p);
+    })[0];
+    $("details-source").textContent = panels.length > 1 ? p.source.label : "";
     $("summary").textContent = (stats.mode === "replay" ? "replaying a log · " : "") + "up " +
       duration(stats.uptimeSeconds) + " · " + stats.connectionsOpen +
       " connection" +
@@ -562,10 +809,24 @@ export function main(): void {
     }
   }
 
-  // ---- replay controls ----
-  let replayState: PageReplay | null = null;
-  function showReplay(state: PageReplay): void {
-    replayState = state;
+  function focus(index: number): void {
+    focused = index;
+    panels.forEach(function (p) {
+      p.root.classList.toggle("focused", panels.length > 1 && p.index === index);
+    });
+    if (panels[index]) showDetails(panels[index]);
+  }
+
+  // ---- replay controls (shared by every replayed source) ----
+  function replayPanels(): Panel[] {
+    return panels.filter(function (p) {
+      return p.replay !== null;
+    });
+  }
+  function showReplay(p: Panel, state: PageReplay): void {
+    p.replay = state;
+    const first = replayPanels()[0];
+    if (first !== p) return;
     $("replay").hidden = false;
     $("play").textContent = state.done ? "Done" : state.paused ? "Play" : "Pause";
     $<HTMLButtonElement>("play").disabled = state.done;
@@ -590,20 +851,23 @@ export function main(): void {
   function changeReplay(
     change: { paused?: boolean; restart?: boolean; speed?: number },
   ): void {
-    fetch("/replay", {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify(change),
-    })
-      .then(function (r): Promise<PageReplay> | null {
-        return r.ok ? r.json() : null;
+    replayPanels().forEach(function (p) {
+      fetch(p.source.base + "/replay", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(change),
       })
-      .then(function (s) {
-        if (s) showReplay(s);
-      });
+        .then(function (r): Promise<PageReplay> | null {
+          return r.ok ? r.json() : null;
+        })
+        .then(function (s) {
+          if (s) showReplay(p, s);
+        });
+    });
   }
   $("play").addEventListener("click", function () {
-    if (replayState) changeReplay({ paused: !replayState.paused });
+    const first = replayPanels()[0];
+    if (first && first.replay) changeReplay({ paused: !first.replay.paused });
   });
   $("restart").addEventListener("click", function () {
     changeReplay({ restart: true, paused: false });
@@ -612,20 +876,41 @@ export function main(): void {
     changeReplay({ speed: Number($<HTMLSelectElement>("speed").value) });
   });
 
-  // ---- the event stream ----
+  // ---- the event streams ----
   function setStatus(text: string, cls?: string): void {
     const s = $("status");
     s.textContent = text;
     s.className = cls || "";
   }
+  function updateStatus(): void {
+    const live = panels.filter(function (p) {
+      return p.live;
+    }).length;
+    if (panels.length === 1) return; // the one stream's messages say it all
+    if (live === panels.length) setStatus("live", "live");
+    else setStatus(live + " of " + panels.length + " sources live", "down");
+  }
+  function setPanelState(p: Panel, text: string, cls: string, live: boolean): void {
+    p.state.textContent = text;
+    p.state.className = "state " + cls;
+    p.live = live;
+    p.view.live = live;
+    if (panels.length === 1) setStatus(text, cls);
+    updateStatus();
+  }
 
-  function connect(): void {
-    if (source) source.close();
+  function exportKey(p: Panel): string {
+    return panels.length > 1 ? "export." + p.index : "export";
+  }
+
+  function connect(p: Panel): void {
+    if (p.stream) p.stream.close();
+    clearTimeout(p.retry);
     const q = new URLSearchParams();
-    if (settings.exportName !== null) q.set("export", settings.exportName);
+    if (p.exportName !== null) q.set("export", p.exportName);
     if (settings.block !== "auto") q.set("block", settings.block);
     else {
-      const area = mapArea();
+      const area = mapArea(p);
       // At least 2 px per cell when the block size is chosen for us.
       q.set(
         "cells",
@@ -634,49 +919,189 @@ export function main(): void {
         ),
       );
     }
-    const stream = new EventSource("/events?" + q.toString());
-    source = stream;
+    const stream = new EventSource(p.source.base + "/events?" + q.toString());
+    p.stream = stream;
     stream.addEventListener("open", function () {
-      setStatus("live", "live");
+      setPanelState(p, "live", "live", true);
     });
     stream.addEventListener("error", function () {
-      setStatus("disconnected: retrying", "down");
+      setPanelState(p, "disconnected: retrying", "down", false);
+      // A relayed source that is down answers with an error status, after
+      // which EventSource gives up: ask again ourselves.
+      if (stream.readyState === EventSource.CLOSED && p.stream === stream) {
+        p.retry = setTimeout(function () {
+          if (p.stream === stream) connect(p);
+        }, RETRY_MS);
+      }
     });
     stream.addEventListener("hello", function (e: MessageEvent<string>) {
       const hello: PageHello = JSON.parse(e.data);
-      if (settings.exportName === null) settings.exportName = hello.export;
-      view.subscribed = hello.export; // the export this stream follows
+      if (p.exportName === null) p.exportName = hello.export;
+      p.view.subscribed = hello.export; // the export this stream follows
+      if (p.index === 0) view.subscribed = hello.export;
     });
     stream.addEventListener("frame", function (e: MessageEvent<string>) {
-      view.framesReceived++;
-      queue.push(JSON.parse(e.data));
+      p.view.framesReceived++;
+      if (p.index === 0) view.framesReceived = p.view.framesReceived;
+      p.queue.push(JSON.parse(e.data));
       scheduleDraw();
     });
     stream.addEventListener("stats", function (e: MessageEvent<string>) {
-      showStats(JSON.parse(e.data));
+      showStats(p, JSON.parse(e.data));
     });
     stream.addEventListener("replay", function (e: MessageEvent<string>) {
-      showReplay(JSON.parse(e.data));
+      showReplay(p, JSON.parse(e.data));
     });
     stream.addEventListener("reset", function () {
-      queue = [];
-      clearMap();
+      p.queue = [];
+      clearMap(p);
     });
     stream.addEventListener("failure", function (e: MessageEvent<string>) {
       const failure: PageFailure = JSON.parse(e.data);
-      setStatus(failure.message, "down");
-      source!.close();
+      setPanelState(p, failure.message, "down", false);
+      stream.close();
     });
   }
 
   function updateUrl(): void {
     const q = new URLSearchParams(location.search);
-    if (settings.exportName !== null) q.set("export", settings.exportName);
-    else q.delete("export");
+    panels.forEach(function (p) {
+      if (p.exportName !== null) q.set(exportKey(p), p.exportName);
+      else q.delete(exportKey(p));
+    });
     if (settings.block !== "auto") q.set("block", settings.block);
     else q.delete("block");
     q.set("fade", String(settings.fade));
     history.replaceState(null, "", "?" + q.toString());
+  }
+
+  // ---- one panel per source ----
+  function addPanel(source: PageSource, index: number, count: number): Panel {
+    const root = cell("section", "", "panel");
+    const head = cell("div", "", "panel-head");
+    const title = cell("span", source.label, "label");
+    title.title = "Show this source's counters on the right";
+    const exportField = cell("label", "Export ", "export-field");
+    const exportSelect = document.createElement("select");
+    exportField.appendChild(exportSelect);
+    exportField.hidden = true;
+    const state = cell("span", "connecting…", "state");
+    if (count > 1) head.appendChild(title);
+    head.appendChild(exportField);
+    if (count > 1) head.appendChild(state);
+    const info = cell("div", "", "map-info");
+    const canvas = document.createElement("canvas");
+    canvas.className = "map";
+    canvas.width = canvas.height = 1;
+    const counters = cell("div", "", "source-counters");
+    const pinned = cell("div", "", "cell-info");
+    const names = cell("button", "Name blocks", "files-button");
+    names.title = "Read the filesystem again and name each block by its file";
+    head.appendChild(names);
+    root.appendChild(head);
+    root.appendChild(info);
+    root.appendChild(canvas);
+    root.appendChild(counters);
+    root.appendChild(pinned);
+    // The first source keeps the ids a one-source page always had.
+    canvas.id = index === 0 ? "map" : "map-" + index;
+    exportSelect.id = index === 0 ? "export" : "export-" + index;
+    exportField.id = index === 0 ? "export-field" : "export-field-" + index;
+    $("maps").appendChild(root);
+    const pv: PanelView = index === 0 ? view : {
+      label: source.label,
+      canvasId: canvas.id,
+      framesReceived: 0,
+      framesApplied: 0,
+      layout: null,
+      subscribed: null,
+      live: false,
+    };
+    pv.label = source.label;
+    pv.canvasId = canvas.id;
+    const p: Panel = {
+      index: index,
+      source: source,
+      view: pv,
+      root: root,
+      canvas: canvas,
+      ctx: canvas.getContext("2d")!,
+      info: info,
+      counters: counters,
+      state: state,
+      exportField: exportField,
+      exportSelect: exportSelect,
+      exportName: params.get(count > 1 ? "export." + index : "export"),
+      map: null,
+      queue: [],
+      stream: null,
+      retry: 0,
+      live: false,
+      lastStats: null,
+      rateWindow: [],
+      rates: {},
+      replay: null,
+      faults: null,
+      owners: null,
+      ownersLoading: false,
+      pinned: pinned,
+    };
+    names.addEventListener("click", function () {
+      p.owners = null;
+      loadOwners(p, true);
+    });
+    // Where a cell is: its pixel on the canvas bitmap, and its centre on the page (CSS px).
+    pv.cellPixel = function (c) {
+      if (!p.map) return null;
+      return [c % p.map.cols, Math.floor(c / p.map.cols)];
+    };
+    pv.cellCentre = function (c) {
+      const m = p.map;
+      if (!m) return null;
+      const rect = p.canvas.getBoundingClientRect();
+      return [
+        rect.left + (c % m.cols) * m.px + Math.floor(m.px / 2),
+        rect.top + Math.floor(c / m.cols) * m.px + Math.floor(m.px / 2),
+      ];
+    };
+    pv.describe = function (c) {
+      return p.map ? describeCell(p, c) : "";
+    };
+    canvas.addEventListener("click", function (e) {
+      const c = cellAt(p, e);
+      if (c < 0) return;
+      if (p.owners === null) loadOwners(p, false);
+      p.pinned.textContent = describeCell(p, c);
+    });
+    canvas.addEventListener("mousemove", function (e) {
+      const tip = $("tooltip");
+      if (p.owners === null) loadOwners(p, false);
+      const c = cellAt(p, e);
+      if (c < 0) {
+        tip.hidden = true;
+        return;
+      }
+      tip.textContent = describeCell(p, c);
+      tip.style.left = e.clientX + 12 + "px";
+      tip.style.top = e.clientY + 12 + "px";
+      tip.hidden = false;
+    });
+    canvas.addEventListener("mouseleave", function () {
+      $("tooltip").hidden = true;
+    });
+    title.addEventListener("click", function () {
+      focus(index);
+    });
+    exportSelect.addEventListener("change", function () {
+      p.exportName = exportSelect.value;
+      p.map = null;
+      p.owners = null;
+      updateUrl();
+      connect(p);
+    });
+    panels.push(p);
+    view.panels.push(pv);
+    return p;
   }
 
   const blockSelect = $<HTMLSelectElement>("block");
@@ -692,9 +1117,11 @@ export function main(): void {
   blockSelect.value = settings.block;
   blockSelect.addEventListener("change", function () {
     settings.block = blockSelect.value;
-    map = null;
     updateUrl();
-    connect();
+    panels.forEach(function (p) {
+      p.map = null;
+      connect(p);
+    });
   });
   const fadeSelect = $<HTMLSelectElement>("fade");
   if (
@@ -710,39 +1137,56 @@ export function main(): void {
   fadeSelect.addEventListener("change", function () {
     settings.fade = Number(fadeSelect.value);
     updateUrl();
-    if (map && settings.fade > 0) { // start fading what is showing now
+    if (settings.fade > 0) { // start fading what is showing now
       const now = performance.now();
-      for (let c = 0; c < map.cells; c++) {
-        if (
-          map.kind[c] && !map.isActive[c] &&
-          map.pixels[c] === KIND_PIXEL[map.kind[c] - 1]
-        ) {
-          map.stamp[c] = now;
-          map.isActive[c] = 1;
-          map.active[map.activeCount++] = c;
+      panels.forEach(function (p) {
+        const m = p.map;
+        if (!m) return;
+        for (let c = 0; c < m.cells; c++) {
+          if (
+            m.kind[c] && !m.isActive[c] &&
+            m.pixels[c] === KIND_PIXEL[m.kind[c] - 1]
+          ) {
+            m.stamp[c] = now;
+            m.isActive[c] = 1;
+            m.active[m.activeCount++] = c;
+          }
         }
-      }
+      });
     }
     scheduleDraw();
   });
-  $("export").addEventListener("change", function () {
-    settings.exportName = $<HTMLSelectElement>("export").value;
-    map = null;
-    updateUrl();
-    connect();
+  $("clear").addEventListener("click", function () {
+    panels.forEach(clearMap);
   });
-  $("clear").addEventListener("click", clearMap);
   let resizeTimer = 0;
   window.addEventListener("resize", function () {
     clearTimeout(resizeTimer);
     resizeTimer = setTimeout(function () {
-      if (!map) return;
-      if (settings.block === "auto") {
-        map = null;
-        connect();
-      } else clearMap();
+      panels.forEach(function (p) {
+        if (!p.map) return;
+        if (settings.block === "auto") {
+          p.map = null;
+          connect(p);
+        } else clearMap(p);
+      });
     }, 250);
   });
 
-  connect();
+  function start(sources: PageSource[]): void {
+    $("maps").classList.toggle("several", sources.length > 1);
+    sources.forEach(function (s, i) {
+      addPanel(s, i, sources.length);
+    });
+    focus(0);
+    panels.forEach(connect);
+  }
+  // The page learns its sources first; a server too old to list them is one source.
+  fetch("/sources")
+    .then(function (r): Promise<PageSource[]> | PageSource[] {
+      return r.ok ? r.json() : [{ label: "", base: "", kind: "serve" }];
+    })
+    .then(start, function () {
+      setStatus("cannot list the sources: reload to retry", "down");
+    });
 }
