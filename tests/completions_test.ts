@@ -53,7 +53,7 @@ Deno.test("bash completion offers commands, options, plugins, filters, params an
       [["nbd", "co"], ["completions", "copy"]],
       [["nbd", "completions", ""], ["bash", "fish", "zsh"]],
       [["nbd", "serve", "--ex"], ["--export-name"]],
-      [["nbd", "copy", "--des"], ["--destination-is-zero"]],
+      [["nbd", "copy", "--des"], ["--destination-format", "--destination-is-zero"]],
       [["nbd", "info", "--no-"], ["--no-content", "--no-tls-verify-peer"]],
       // Plugin names after serve's options, even after an option's value.
       [["nbd", "serve", "-p", "10810", "me"], ["memory"]],
