@@ -158,7 +158,11 @@ Deno.test({
     );
     assertBytes(await Deno.readFile(path), patterned(size, zeroRuns));
     const allocated = (await Deno.stat(path)).blocks! * 512;
-    assertOk(allocated <= size - 8 * MiB, `${allocated} bytes allocated: the zero run is no hole`);
+    // The filesystem may count a block or two of its own (extent tree) in the file's blocks.
+    assertOk(
+      allocated <= size - 8 * MiB + 64 * KiB,
+      `${allocated} bytes allocated: the zero run is no hole`,
+    );
   },
 });
 
