@@ -78,7 +78,7 @@ const ENTRIES: CommandEntry[] = [
   },
   {
     name: "view",
-    summary: "replay a log filter file in the block-activity page",
+    summary: "show log files and live servers in the block-activity page",
     load: async () => (await importCommand<typeof import("./view.ts")>("view")).viewCommand,
   },
   {
