@@ -9,6 +9,15 @@ import { describeSpec, type Endpoint, type EndpointSpec, type NbdTimeouts } from
 import { NbdEndpoint } from "./nbd.ts";
 import { NullDestination } from "./null.ts";
 import { stdinSource, stdoutDestination } from "./pipe.ts";
+import { lazyImport } from "../util/lazy_import.ts";
+
+// Endpoints most copies never use load on first use (util/lazy_import.ts).
+const rbdModule = () => lazyImport<typeof import("./rbd.ts")>(new URL("./rbd.ts", import.meta.url));
+const s3Module = () => lazyImport<typeof import("./s3.ts")>(new URL("./s3.ts", import.meta.url));
+const httpModule = () =>
+  lazyImport<typeof import("./http.ts")>(new URL("./http.ts", import.meta.url));
+const subprocessModule = () =>
+  lazyImport<typeof import("./subprocess.ts")>(new URL("./subprocess.ts", import.meta.url));
 
 // File, http and subprocess endpoints are loaded only when used: their
 // runtime modules (node:fs, node:child_process...) cost every start-up, and
@@ -35,19 +44,19 @@ export async function openSource(spec: EndpointSpec, options: OpenOptions): Prom
     case "nbd":
       return await NbdEndpoint.open(spec.uri, spec.uri, "source", options);
     case "http":
-      return await (await import("./http.ts")).HttpSource.open(spec.url, options);
+      return await (await httpModule()).HttpSource.open(spec.url, options);
     case "stdio":
       return stdinSource();
     case "command":
-      return await (await import("./subprocess.ts")).openCommandEndpoint(
+      return await (await subprocessModule()).openCommandEndpoint(
         spec.argv,
         "source",
         options,
       );
     case "rbd":
-      return await (await import("./rbd.ts")).RbdEndpoint.open(spec.image, "source");
+      return await (await rbdModule()).RbdEndpoint.open(spec.image, "source");
     case "s3":
-      return await (await import("./s3.ts")).S3Source.open(spec.url, options.connections);
+      return await (await s3Module()).S3Source.open(spec.url, options.connections);
     case "null":
       throw new UsageError('"null:" can only be the destination');
   }
@@ -79,13 +88,13 @@ export async function openDestination(
     case "null":
       return new NullDestination();
     case "command":
-      return await (await import("./subprocess.ts")).openCommandEndpoint(
+      return await (await subprocessModule()).openCommandEndpoint(
         spec.argv,
         "destination",
         options,
       );
     case "rbd":
-      return await (await import("./rbd.ts")).RbdEndpoint.open(
+      return await (await rbdModule()).RbdEndpoint.open(
         spec.image,
         "destination",
         source.size,
@@ -94,7 +103,7 @@ export async function openDestination(
       if (source.size === undefined) {
         throw new UsageError(`${spec.url}: the source's size must be known to upload to S3`);
       }
-      return await (await import("./s3.ts")).S3Destination.open(
+      return await (await s3Module()).S3Destination.open(
         spec.url,
         source.size,
         options.connections,

@@ -12,6 +12,7 @@
  */
 
 import { dirname, isAbsolute, resolve } from "node:path";
+import * as zlib from "node:zlib";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { type CompressionType, isQcow2 } from "../formats/qcow2/header.ts";
@@ -476,6 +477,9 @@ export async function openQcow2Destination(
   options: OpenOptions,
   write: Qcow2WriteOptions,
 ): Promise<Endpoint> {
+  if (write.compress === "zstd" && !("zstdCompressSync" in zlib)) {
+    throw new UsageError("--compression-type=zstd: this runtime has no zstd compression");
+  }
   if (source.size === undefined) {
     throw new UsageError("writing qcow2 needs a source of known size, not a stream");
   }

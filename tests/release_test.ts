@@ -41,6 +41,8 @@ function resolve(file: string, relative: string): string {
 
 /** Modules that import what the user names (`nbd serve ./disk.ts`), never the tree's own files. */
 const USER_MODULE_LOADERS = new Set(["core/module_loader.ts", "plugins/ts.ts"]);
+/** Imports URLs its callers build, where this test checks them. */
+const URL_IMPORTERS = new Set(["util/lazy_import.ts"]);
 
 /** Whether `path` is covered by an include: the file itself, or a directory holding it. */
 function included(path: string): boolean {
@@ -65,7 +67,7 @@ async function required(): Promise<Map<string, string>> {
     for (const path of urls) needs.set(path, `read or imported at run time by ${file}`);
     for (const m of text.matchAll(/\bimport\(\s*([^)"'\s][^)]*)\)/g)) {
       // Plugins and filters from the user's own modules are not part of the binary.
-      if (USER_MODULE_LOADERS.has(file)) continue;
+      if (USER_MODULE_LOADERS.has(file) || URL_IMPORTERS.has(file)) continue;
       const argument = m[1]!.trim();
       if (argument.startsWith("`")) {
         // A template: its directory must be included whole.

@@ -30,16 +30,14 @@ export const TARGETS: readonly { triple: string; name: string }[] = [
 /**
  * What `--include` must add to the module graph of main.ts: the command
  * modules (imported by a computed specifier, commands/mod.ts), the manual
- * pages (`nbd help`), the copy's worker threads, and the live view's page
+ * pages (`nbd help`), the copy engine's workers and lazily imported
+ * endpoints (util/lazy_import.ts), and the live view's page
  * script (imported by a computed specifier, view/page_script.ts).
  */
 export const INCLUDES: readonly string[] = [
   "commands/",
   "docs/",
-  "copy/share_worker.ts",
-  "copy/write_worker.ts",
-  "copy/compress_worker.ts",
-  "copy/blkhash_worker.ts",
+  "copy/",
   "core/inline_api.ts",
   "view/page/main.ts",
 ];
