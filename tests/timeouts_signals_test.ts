@@ -431,3 +431,70 @@ Deno.test({
     assertIncludes(stopped.stderr, "interrupted by SIGTERM");
   },
 });
+
+Deno.test({
+  name: "nbd attach: --timeout against a silent listener gives one line, exit 1",
+  ...mountable(),
+  async fn() {
+    await using peers = hangingPeers();
+    await using scratch = await mountScratch();
+    const uri = `nbd://127.0.0.1:${peers.silent}`;
+    const run = await spawnNbd(["attach", "--foreground", "--timeout=1", uri], scratch.env);
+    const { code, stderr, ms } = await run.done();
+    assertEquals(code, 1, stderr);
+    assertOneLine(stderr, "attach --timeout=1");
+    assertIncludes(stderr, `no NBD greeting from 127.0.0.1:${peers.silent} within 1 s`);
+    assertOk(ms >= 900 && ms < 2000 + START_MARGIN_MS, `took ${ms} ms`);
+  },
+});
+
+Deno.test("the nbd plugin's timeout= gives up on a silent or HTTP upstream, one line", async () => {
+  await using peers = hangingPeers();
+  const cases: Array<[string, number, string]> = [
+    ["silent", peers.silent, `no NBD greeting from 127.0.0.1:${peers.silent} within 1 s`],
+    ["http", peers.http, "answered with HTTP, not NBD"],
+  ];
+  await Promise.all(cases.map(async ([peer, port, expected]) => {
+    const run = await spawnNbd([
+      "serve",
+      "-U",
+      "-",
+      "nbd",
+      `uri=nbd://127.0.0.1:${port}`,
+      "timeout=1",
+    ]);
+    const { code, stderr, ms } = await run.done();
+    assertEquals(code, 1, `${peer}: ${stderr}`);
+    assertOneLine(stderr, `nbd plugin, ${peer} upstream`);
+    assertIncludes(stderr, expected, peer);
+    assertOk(ms >= 900 && ms < 2000 + START_MARGIN_MS, `${peer}: took ${ms} ms`);
+  }));
+});
+
+Deno.test("nbd serve --handshake-timeout drops a client that never finishes the handshake", async () => {
+  await using server = await startNbdServe(["--handshake-timeout=1", "memory", "1M"]);
+  const conn = await Deno.connect({ transport: "unix", path: server.socket! });
+  try {
+    const started = Date.now();
+    // The greeting arrives, then the client says nothing: the server must close.
+    const received: number[] = [];
+    const buf = new Uint8Array(64);
+    while (true) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      received.push(...buf.subarray(0, n));
+    }
+    const ms = Date.now() - started;
+    assertEquals(received.length, 18, "the fixed-newstyle greeting, then the close");
+    assertEquals(received.slice(0, 8), [...greeting().subarray(0, 8)]);
+    assertOk(ms >= 900 && ms < 5000, `closed after ${ms} ms`);
+  } finally {
+    conn.close();
+  }
+  // The server says why, in its log on stderr.
+  await until(
+    () => /handshake not finished after 1 s: closing/.test(server.stderr()),
+    5000,
+    `the server's note on stderr (so far: ${JSON.stringify(server.stderr())})`,
+  );
+});
