@@ -17,7 +17,24 @@ import {
   stderrOutput,
 } from "../copy/progress.ts";
 import { defaultConnections, localConnections, onThisMachine, onUnixSocket } from "../copy/nbd.ts";
-import { CopyError, copyImage, type CopyOptions, describeCause } from "../copy/scheduler.ts";
+import {
+  CopyError,
+  copyImage,
+  type CopyOptions,
+  describeCause,
+  type ImagePart,
+  planSizes,
+} from "../copy/scheduler.ts";
+import {
+  Checkpointer,
+  type CopyState,
+  identify,
+  RangeSet,
+  readState,
+  refusal,
+  STATE_VERSION,
+  StateError,
+} from "../copy/resume.ts";
 import { copyShared, shareableThreads } from "../copy/shares.ts";
 import { Interrupted, terminationSignal } from "../util/signals.ts";
 import { CLIENT_OPTIONS, type ClientTimeouts, clientTimeouts } from "./client_options.ts";
@@ -27,6 +44,7 @@ import { UsageError } from "../util/usage_error.ts";
 import { lazyImport } from "../util/lazy_import.ts";
 import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
+import { resolve } from "node:path";
 import type { ImageFormat, Qcow2WriteOptions } from "../copy/qcow2.ts";
 
 const OPTIONS = {
@@ -130,6 +148,25 @@ const OPTIONS = {
     help:
       "qcow2 destination: an overlay over FILE (raw or qcow2; relative to the destination's directory), holding only what differs from it",
   },
+  state: {
+    type: "string",
+    value: "FILE",
+    path: true,
+    help:
+      "keep the progress in FILE (flushed and saved every second) so that a stopped copy can be resumed; removed when the copy succeeds",
+  },
+  resume: {
+    type: "boolean",
+    help:
+      "continue the copy that --state=FILE describes, without copying its done ranges again; refused when either end or an option changed",
+  },
+  retry: {
+    type: "boolean",
+    value: "N",
+    optionalValue: "joined",
+    help:
+      "reconnect to an NBD endpoint that lost its connection and send the unanswered requests again, up to N times in a row (default 10), waiting 0.25 s, then twice as long each time up to 10 s",
+  },
   help: { type: "boolean", short: "h", help: "show this help" },
   ...CLIENT_OPTIONS,
 } as const;
@@ -229,7 +266,16 @@ export interface CopyCommandConfig {
   help: boolean;
   /** `--timeout`, `--request-timeout`. */
   timeouts: ClientTimeouts;
+  /** `--state=FILE`: where the progress is kept. */
+  state?: string;
+  /** `--resume`: continue from the state file. */
+  resume: boolean;
+  /** `--retry[=N]`: reconnection attempts (0 = off). */
+  retry: number;
 }
+
+/** Reconnection attempts of a bare `--retry`. */
+export const DEFAULT_RETRIES = 10;
 
 function positiveInteger(text: string, what: string, max = 1 << 20): number {
   if (!/^\d+$/.test(text) || Number(text) < 1 || Number(text) > max) {
@@ -255,6 +301,7 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
   let progressFd: number | undefined;
   let progressJson: number | "stderr" | undefined;
   let checksum: ChecksumAlgorithm | undefined;
+  let retry = 0;
   let afterDashes = false;
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
@@ -278,6 +325,10 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
       progressJson = "stderr";
     } else if (arg.startsWith("--progress-json=")) {
       progressJson = descriptor(arg.slice("--progress-json=".length), "--progress-json");
+    } else if (arg === "--retry") {
+      retry = DEFAULT_RETRIES;
+    } else if (arg.startsWith("--retry=")) {
+      retry = positiveInteger(arg.slice("--retry=".length), "--retry", 1000);
     } else if (arg === "--checksum") {
       checksum = "sha256";
     } else if (arg.startsWith("--checksum=")) {
@@ -320,7 +371,26 @@ export function parseCopyArgs(argv: string[]): CopyCommandConfig {
   if (checksum && checksumFile === undefined && specs[1]?.kind === "stdio") {
     throw new UsageError("--checksum with stdout as the destination needs --checksum-file");
   }
+  const state = values.state;
+  const resume = values.resume ?? false;
+  if (resume && state === undefined) throw new UsageError("--resume needs --state=FILE");
+  if (state !== undefined) {
+    if (state === "") throw new UsageError("--state: expected a file name");
+    const keeps = (spec: EndpointSpec | undefined) =>
+      spec?.kind === "path" || spec?.kind === "nbd" || spec?.kind === "command";
+    if (!help && (!keeps(specs[0]) || !keeps(specs[1]))) {
+      throw new UsageError(
+        "--state needs a source and a destination with random access: files, block devices or NBD exports",
+      );
+    }
+    if (formats.sourceFormat !== "raw" || formats.destinationFormat !== "raw") {
+      throw new UsageError("--state works with raw images only (not with -f or -O qcow2)");
+    }
+  }
   return {
+    state,
+    resume,
+    retry,
     checksum,
     checksumFile,
     source: specs[0] ?? { kind: "null" },
@@ -510,6 +580,59 @@ async function hashCopy(algorithm: ChecksumAlgorithm, source: Endpoint, destinat
   };
 }
 
+/**
+ * The checksum of the first `size` bytes of `spec`, read back after a
+ * resumed copy: the ranges copied before it stopped were never hashed on
+ * the way, so the result itself is hashed instead.
+ */
+async function checksumOfResult(
+  spec: EndpointSpec,
+  size: number,
+  algorithm: ChecksumAlgorithm,
+  options: { signal: AbortSignal; timeouts: ClientTimeouts; extents: boolean },
+): Promise<string> {
+  const { createHasher, HashSink } = await lazyImport<typeof import("../copy/checksum.ts")>(
+    new URL("../copy/checksum.ts", import.meta.url),
+  );
+  const hasher = createHasher(algorithm);
+  const sink = new HashSink(hasher);
+  const result = await openSource(spec, { signal: options.signal, timeouts: options.timeouts });
+  try {
+    let part: ImagePart | undefined = { offset: 0, end: size };
+    await copyImage(result, sink, {
+      requests: 16,
+      requestSize: 1 << 20,
+      sparseSize: 0,
+      allocated: false,
+      destinationIsZero: false,
+      extents: options.extents,
+      signal: options.signal,
+      claim: () => [part, part = undefined][0],
+    });
+  } finally {
+    await result.close(true).catch(() => {});
+  }
+  if (sink.feed.hashed !== size) throw new Error(`hashed ${sink.feed.hashed} bytes of ${size}`);
+  return hasher.digest();
+}
+
+/** The state of a resumable copy: the saved one (`--resume`) or none, checked before opening. */
+async function loadState(config: CopyCommandConfig): Promise<CopyState | undefined> {
+  if (config.state === undefined) return undefined;
+  if (config.resume) return await readState(config.state);
+  let exists = false;
+  try {
+    await Deno.lstat(config.state);
+    exists = true;
+  } catch { /* a new state file */ }
+  if (exists) {
+    throw new StateError(
+      `${config.state} holds the progress of an earlier copy: add --resume to continue it, or remove it`,
+    );
+  }
+  return undefined;
+}
+
 /** Runs a copy as configured; resolves to the exit status. */
 async function runCopy(config: CopyCommandConfig): Promise<number> {
   const progressConfig = progressOptions(config);
@@ -518,19 +641,31 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
   // copying. A second signal stops at once, after the registered clean-ups
   // (servers started for the copy, a temporary destination file).
   const stop = terminationSignal();
+  let saved: CopyState | undefined;
+  try {
+    saved = await loadState(config);
+  } catch (error) {
+    if (!(error instanceof StateError)) throw error;
+    printError(`copy: ${error.message}`);
+    return 1;
+  }
   // Endpoints that threads can share are opened with one connection here: each
-  // thread then adds its own (see copy/shares.ts).
+  // thread then adds its own (see copy/shares.ts). A resumable or retrying copy
+  // keeps its bookkeeping in this thread, and so runs on it alone.
   const formatted = config.sourceFormat !== "raw" || config.destinationFormat !== "raw";
   const shareable = config.connections !== 1 && canShare(config.source) &&
-    canShare(config.destination) && config.checksum === undefined && !formatted;
+    canShare(config.destination) && config.checksum === undefined && !formatted &&
+    config.state === undefined && config.retry === 0;
   const openOptions = {
     connections: shareable ? 1 : config.connections,
     signal: stop,
     timeouts: config.timeouts,
+    retry: config.retry > 0 ? { attempts: config.retry } : undefined,
   };
   let source: Endpoint | undefined;
   let destination: Endpoint | undefined;
   let progress: Progress | undefined;
+  let checkpoints: Checkpointer | undefined;
   // Until the copy starts nothing was written, so a failure needs no note about the destination.
   let started = false;
   try {
@@ -551,6 +686,7 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
       },
     );
     const from = source;
+    const partial = config.state === undefined ? undefined : { resume: saved?.destination.partial };
     destination = await opening(
       "destination",
       () =>
@@ -562,7 +698,7 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
             openOptions,
             config.qcow2,
           )
-          : openDestination(config.destination, from, openOptions),
+          : openDestination(config.destination, from, { ...openOptions, partial }),
     );
     if (
       destination.size !== undefined && source.size !== undefined &&
@@ -574,7 +710,38 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
       );
     }
     if (stop.aborted) throw stop.reason;
-    const hashed = config.checksum
+    let done: RangeSet | undefined;
+    if (config.state !== undefined) {
+      const to = destination;
+      const current = {
+        version: STATE_VERSION,
+        source: await identify(config.source, source, "source"),
+        destination: await identify(config.destination, destination, "destination"),
+        options: {
+          sparse: config.sparseSize,
+          allocated: config.allocated,
+          destinationIsZero: config.destinationIsZero,
+          extents: config.extents,
+        },
+      };
+      const partialPath = (destination as { partialPath?: string }).partialPath;
+      if (partialPath !== undefined) {
+        // Absolute, so that a copy resumed from another directory finds it.
+        current.destination.partial = resolve(partialPath);
+      }
+      if (saved) {
+        const why = refusal(saved, current);
+        if (why) throw new StateError(`cannot resume from ${config.state}: ${why}`);
+      }
+      done = new RangeSet(saved?.done ?? []);
+      checkpoints = new Checkpointer(config.state, current, done, () => to.flush());
+      // Saved before anything is written, so that even a copy killed at once can be resumed.
+      await checkpoints.saveNow();
+    }
+    const resumed = done !== undefined && done.bytes > 0;
+    // Ranges copied before the copy stopped are not read again: the checksum is then
+    // taken of the result, read back at the end.
+    const hashed = config.checksum && !resumed
       ? await hashCopy(config.checksum, source, destination)
       : undefined;
     if (hashed) [source, destination] = [hashed.source, hashed.destination];
@@ -596,6 +763,15 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     const copy = threads > 1
       ? (s: Endpoint, d: Endpoint, o: CopyOptions) => copyShared(s, d, o, threads)
       : copyImage;
+    let claim: (() => ImagePart | undefined) | undefined;
+    let already = 0;
+    if (done && resumed) {
+      const { align } = planSizes(source, destination, config.requestSize, config.sparseSize);
+      const parts = done.gaps(source.size!, align);
+      already = source.size! - parts.reduce((n, p) => n + p.end - p.offset, 0);
+      claim = () => parts.shift();
+    }
+    checkpoints?.start();
     const stats = await copy(source, destination, {
       requests: config.requests,
       requestSize: config.requestSize,
@@ -604,9 +780,13 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
       destinationIsZero: config.destinationIsZero,
       extents: config.extents,
       signal: stop,
-      onProgress: shown.active ? (done) => shown.update(done) : undefined,
+      claim,
+      onDone: checkpoints ? (offset, length) => checkpoints!.record(offset, length) : undefined,
+      onProgress: shown.active ? (n) => shown.update(already + n) : undefined,
     });
-    if (config.flush) {
+    const size = claim ? source.size! : stats.size;
+    await checkpoints?.stop();
+    if (config.flush || checkpoints) {
       try {
         await destination.flush();
       } catch (error) {
@@ -619,13 +799,21 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     const opened = source;
     source = undefined;
     await opened.close(true);
-    progress.finish(true, stats.size);
-    if (hashed) {
+    await checkpoints?.remove();
+    checkpoints = undefined;
+    progress.finish(true, size);
+    if (config.checksum) {
       const { reportChecksum } = await lazyImport<typeof import("./checksum.ts")>(
         new URL("./checksum.ts", import.meta.url),
       );
+      const digest = hashed ? hashed.digest(stats.size) : await checksumOfResult(
+        config.destination,
+        size,
+        config.checksum,
+        { signal: stop, timeouts: config.timeouts, extents: config.extents },
+      );
       return await reportChecksum(
-        hashed.digest(stats.size),
+        digest,
         describeSpec(config.source),
         config.checksumFile,
         undefined,
@@ -634,8 +822,22 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     return 0;
   } catch (error) {
     progress?.finish(false);
-    const note = started ? destination?.incompleteNote() : undefined;
+    let note = started ? destination?.incompleteNote() : undefined;
+    if (checkpoints) {
+      await checkpoints.stop();
+      // What was written and flushed now is saved; when the destination cannot flush,
+      // the last checkpoint stays.
+      const flushed = await checkpoints.save().then(() => true, () => false);
+      const kept = flushed ? "saved" : "as of the last checkpoint";
+      note = `${note ? `${note}; ` : ""}progress ${kept} in ${config.state}: ` +
+        `run the same command with --resume to continue`;
+    }
+    // A partial copy whose state was never saved could not be resumed: it goes.
+    const orphan = checkpoints || saved
+      ? undefined
+      : (destination as { partialPath?: string } | undefined)?.partialPath;
     await destination?.close(false).catch(() => {});
+    if (orphan !== undefined) await Deno.remove(orphan).catch(() => {});
     await source?.close(false).catch(() => {});
     const suffix = note ? `; ${note}` : "";
     if (error instanceof Interrupted) {
@@ -644,6 +846,10 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     }
     if (error instanceof CopyError) {
       printError(`copy failed: ${error.message}${suffix}`);
+      return 1;
+    }
+    if (error instanceof StateError) {
+      printError(`copy: ${error.message}`);
       return 1;
     }
     if (error instanceof UsageError) throw error;

@@ -75,6 +75,15 @@ function writeFully(fd: number, buf: Uint8Array, position: number): void {
  */
 type FileMode = "new" | "existing" | "device" | "shared";
 
+/**
+ * How a new file is kept for a resumable copy (`nbd copy --state`): its
+ * temporary file stays after a failure, and a resumed copy reopens it.
+ */
+export interface PartialFile {
+  /** The temporary file of the copy being resumed; absent to start one. */
+  resume?: string;
+}
+
 /** A regular file or block device written with positional writes. */
 export class FileDestination extends BaseEndpoint {
   readonly name: string;
@@ -100,6 +109,8 @@ export class FileDestination extends BaseEndpoint {
   #writeLock: Int32Array | undefined;
   /** Removes the temporary file if the process is killed before `close`. */
   readonly #unregister: () => void;
+  /** The temporary file of a new file stays after a failure, for a resumed copy. */
+  readonly #keepPartial: boolean;
 
   private constructor(
     name: string,
@@ -108,6 +119,7 @@ export class FileDestination extends BaseEndpoint {
     writePath: string,
     size: number | undefined,
     isZero = mode === "new",
+    keepPartial = false,
   ) {
     super();
     this.name = name;
@@ -119,7 +131,8 @@ export class FileDestination extends BaseEndpoint {
     this.isZero = isZero;
     this.#device = mode === "device";
     this.#behind = new WriteBehind(fd);
-    this.#unregister = mode === "new"
+    this.#keepPartial = keepPartial;
+    this.#unregister = mode === "new" && !keepPartial
       ? registerCleanup(() => Deno.removeSync(writePath))
       : () => {};
   }
@@ -128,13 +141,37 @@ export class FileDestination extends BaseEndpoint {
    * Opens `path` as the destination of a copy of `sourceSize` bytes
    * (undefined for a stream source: the file is sized at the end).
    * `source` is the source's identity, to refuse copying a file onto itself.
+   * With `partial`, a new file's temporary file is kept after a failure,
+   * and `partial.resume` names the one a resumed copy goes on writing.
    */
   static async open(
     path: string,
     sourceSize: number | undefined,
     source?: { dev: number; ino: number },
+    partial?: PartialFile,
   ): Promise<Endpoint> {
     const info = await statPath(path);
+    if (partial?.resume !== undefined) {
+      if (info) {
+        throw new Error(
+          `Cannot resume the copy to ${path}: ${path} exists now (the partial copy was ${partial.resume})`,
+        );
+      }
+      const partialInfo = await statPath(partial.resume);
+      if (!partialInfo?.isFile) {
+        throw new Error(
+          `Cannot resume the copy to ${path}: its partial copy ${partial.resume} is gone`,
+        );
+      }
+      if (sourceSize !== undefined && partialInfo.size !== sourceSize) {
+        throw new Error(
+          `Cannot resume the copy to ${path}: its partial copy ${partial.resume} has ${partialInfo.size} bytes, not ${sourceSize}`,
+        );
+      }
+      const fd = openPath(partial.resume, "readWrite", `Cannot open ${partial.resume}`);
+      // Every byte of the partial copy is either as created (zero) or the source's.
+      return new FileDestination(path, fd, "new", partial.resume, sourceSize, true, true);
+    }
     if (info?.isDirectory) throw new Error(`Cannot copy to ${path}: it is a directory`);
     if (info && (info.isFifo || info.isCharDevice || info.isSocket)) {
       const file = await Deno.open(path, { write: true }).catch((error) => {
@@ -161,7 +198,15 @@ export class FileDestination extends BaseEndpoint {
         } catch { /* already gone */ }
         throw fsError(error, `Cannot size ${path}`);
       }
-      return new FileDestination(path, fd, "new", temporary, sourceSize);
+      return new FileDestination(
+        path,
+        fd,
+        "new",
+        temporary,
+        sourceSize,
+        true,
+        partial !== undefined,
+      );
     }
     // Never O_CREAT here: a device node must not be replaced by a regular file.
     const fd = openPath(path, "readWrite", `Cannot open ${path}`);
@@ -313,13 +358,21 @@ export class FileDestination extends BaseEndpoint {
         await Deno.remove(this.#writePath).catch(() => {});
         throw fsError(error, `Cannot rename the finished copy to ${this.name}`);
       }
-    } else {
+    } else if (!this.#keepPartial) {
       await Deno.remove(this.#writePath).catch(() => {});
     }
   }
 
+  /** The temporary file of a new file (where the data goes until the copy succeeds). */
+  get partialPath(): string | undefined {
+    return this.#mode === "new" ? this.#writePath : undefined;
+  }
+
   /** What a failure leaves. */
   override incompleteNote(): string {
+    if (this.#mode === "new" && this.#keepPartial) {
+      return `${this.name} is not created yet (the partial copy is ${this.#writePath})`;
+    }
     return this.#mode === "new"
       ? `${this.name} was not created`
       : `${this.name} is incomplete (it was partly overwritten)`;

@@ -9,6 +9,9 @@
  */
 
 import { toNbdUri } from "../client/connect.ts";
+import { NbdConnectionError } from "../client/errors.ts";
+import { ProtocolError } from "../protocol/errors.ts";
+import { terminationSignal } from "../util/signals.ts";
 import { NbdClientPool } from "../client/pool.ts";
 import { BASE_ALLOCATION, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import type { BlockSize } from "../protocol/handshake.ts";
@@ -78,6 +81,29 @@ export function localConnections(): number {
   return Math.max(1, Math.min(4, navigator.hardwareConcurrency || 4));
 }
 
+/** How an NBD endpoint reconnects after losing its connection (`nbd copy --retry`). */
+export interface RetryOptions {
+  /** Reconnection attempts after each loss, and re-sends of one request, at most. */
+  attempts: number;
+  /** Wait before the first attempt, doubled after each failed one (default 250 ms). */
+  firstDelayMs?: number;
+  /** Longest wait between attempts (default 10 s). */
+  maxDelayMs?: number;
+  /** Where reconnection notes go. */
+  log?: (message: string) => void;
+}
+
+/** A failure that a new connection may cure: the connection broke, or timed out. */
+function isConnectionLoss(error: unknown): boolean {
+  return error instanceof NbdConnectionError || error instanceof ProtocolError;
+}
+
+/** What the protocol shows of an export, to check that a new connection reaches the same one. */
+function exportIdentity(pool: NbdClientPool): string {
+  const c = pool.primary;
+  return JSON.stringify([c.exportName, c.size(), c.flags, c.description ?? null]);
+}
+
 /** Options of `NbdEndpoint.open`. */
 export interface NbdEndpointOptions {
   /** Connections to open when the server allows several (default: `defaultConnections`). */
@@ -88,6 +114,8 @@ export interface NbdEndpointOptions {
   timeouts?: NbdTimeouts;
   /** Stops connecting (default: the process's termination signal). */
   signal?: AbortSignal;
+  /** Reconnect after a lost connection and send the unanswered requests again. */
+  retry?: RetryOptions;
 }
 
 /** An NBD export as a copy source or destination. */
@@ -97,37 +125,118 @@ export class NbdEndpoint extends BaseEndpoint {
   readonly size: number;
   readonly blockSize: BlockSize;
   override readonly canExtents: boolean;
-  /** The connections. */
-  readonly pool: NbdClientPool;
+  #pool: NbdClientPool;
   readonly #canZero: boolean;
   readonly #canFlush: boolean;
   readonly #cleanup: (() => Promise<void>) | undefined;
   readonly #uri: string;
   readonly #role: Role;
   readonly #timeouts: NbdTimeouts | undefined;
+  readonly #options: NbdEndpointOptions;
   #closed: Promise<void> | undefined;
+  #reconnecting: Promise<void> | undefined;
+  /** Reconnections made after lost connections. */
+  reconnections = 0;
 
   private constructor(
     name: string,
     uri: string,
     role: Role,
     pool: NbdClientPool,
-    cleanup?: () => Promise<void>,
-    timeouts?: NbdTimeouts,
+    options: NbdEndpointOptions,
   ) {
     super();
-    this.#timeouts = timeouts;
+    this.#timeouts = options.timeouts;
+    this.#options = options;
     this.name = name;
     this.#uri = uri;
     this.#role = role;
-    this.pool = pool;
+    this.#pool = pool;
     const client = pool.primary;
     this.size = client.size();
     this.blockSize = { ...client.blockSize };
     this.canExtents = client.canMetaContext(BASE_ALLOCATION);
     this.#canZero = client.canZero;
     this.#canFlush = client.canFlush;
-    this.#cleanup = cleanup;
+    this.#cleanup = options.cleanup;
+  }
+
+  /** The connections (replaced after a reconnection). */
+  get pool(): NbdClientPool {
+    return this.#pool;
+  }
+
+  /**
+   * Runs `request` on the connections; with retries, a lost connection is
+   * replaced and the request sent again, at most `attempts` times.
+   */
+  async #call<T>(request: (pool: NbdClientPool) => Promise<T>): Promise<T> {
+    const retry = this.#options.retry;
+    for (let resent = 0;; resent++) {
+      const pool = this.#pool;
+      try {
+        return await request(pool);
+      } catch (error) {
+        const signal = this.#options.signal ?? terminationSignal();
+        if (
+          !retry || !isConnectionLoss(error) || this.#closed || signal.aborted ||
+          resent >= retry.attempts
+        ) throw error;
+        await this.#reconnect(pool, error as Error);
+      }
+    }
+  }
+
+  /**
+   * Replaces `failed` (once, whichever request noticed first) with new
+   * connections to the same export, waiting longer after each failed attempt.
+   */
+  #reconnect(failed: NbdClientPool, cause: Error): Promise<void> {
+    if (this.#pool !== failed) return Promise.resolve();
+    this.#reconnecting ??= (async () => {
+      const retry = this.#options.retry!;
+      const log = retry.log ?? ((m: string) => console.error(`nbd: ${m}`));
+      // Requests still in flight on the other connections are sent again on the new ones.
+      for (const client of failed.clients) client.abort(`replaced after: ${cause.message}`);
+      failed.close().catch(() => {});
+      const identity = exportIdentity(failed);
+      const connections = failed.clients.length;
+      let delay = retry.firstDelayMs ?? 250;
+      let last: unknown = cause;
+      for (let attempt = 1; attempt <= retry.attempts; attempt++) {
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        delay = Math.min(delay * 2, retry.maxDelayMs ?? 10_000);
+        const signal = this.#options.signal ?? terminationSignal();
+        if (signal.aborted || this.#closed) break;
+        let pool: NbdClientPool;
+        try {
+          pool = await NbdClientPool.connect(this.#uri, {
+            connections,
+            nativeTls: this.#role === "source",
+            ...this.#timeouts,
+            signal,
+          });
+        } catch (error) {
+          last = error;
+          continue;
+        }
+        if (exportIdentity(pool) !== identity) {
+          await pool.close().catch(() => {});
+          throw new Error(`${this.name} is not the same export after reconnecting`);
+        }
+        this.#pool = pool;
+        this.reconnections++;
+        log(`${this.name}: reconnected (attempt ${attempt}) after: ${cause.message}`);
+        return;
+      }
+      throw new NbdConnectionError(
+        `lost ${this.name} and could not reconnect in ${retry.attempts} attempts: ${
+          (last as Error).message
+        }`,
+        { cause: last },
+      );
+    })().finally(() => this.#reconnecting = undefined);
+    return this.#reconnecting;
   }
 
   /** Connects to `uri`; a destination must be writable. */
@@ -146,7 +255,7 @@ export class NbdEndpoint extends BaseEndpoint {
       ...options.timeouts,
       signal: options.signal,
     });
-    const endpoint = new NbdEndpoint(name, uri, role, pool, options.cleanup, options.timeouts);
+    const endpoint = new NbdEndpoint(name, uri, role, pool, options);
     // Writes of 256 KiB and their headers then leave in one piece: with the default
     // 208 KiB send buffer each one stalled for a wake-up from the server's read.
     if (role === "destination") enlargeNewSocketBuffers();
@@ -183,13 +292,13 @@ export class NbdEndpoint extends BaseEndpoint {
 
   /** Reads the whole buffer. */
   override async read(buf: Uint8Array, offset: number): Promise<number> {
-    await this.pool.pread(buf, offset);
+    await this.#call((pool) => pool.pread(buf, offset));
     return buf.length;
   }
 
   /** base:allocation: a run reads as zero when the server says NBD_STATE_ZERO. */
   override async extents(offset: number, length: number): Promise<CopyExtent[]> {
-    const extents = await this.pool.extents(offset, length, { reqOne: false });
+    const extents = await this.#call((pool) => pool.extents(offset, length, { reqOne: false }));
     const out: CopyExtent[] = [];
     let position = offset;
     for (const extent of extents) {
@@ -213,17 +322,24 @@ export class NbdEndpoint extends BaseEndpoint {
     headroom = false,
     sent?: () => void,
   ): Promise<void> {
+    // A write that may be sent again keeps its buffer until the reply.
+    if (this.#options.retry) {
+      return this.#call((pool) => pool.pwrite(buf, offset, headroom ? { headroom } : undefined));
+    }
     return this.pool.pwrite(buf, offset, headroom ? { headroom, sent } : undefined);
   }
 
   /** WRITE_ZEROES, or writes of zeroes when the server has no WRITE_ZEROES. */
   override async zero(offset: number, length: number, allocate: boolean): Promise<void> {
-    if (this.#canZero) return await this.pool.zero(offset, length, { mayTrim: !allocate });
+    if (this.#canZero) {
+      return await this.#call((pool) => pool.zero(offset, length, { mayTrim: !allocate }));
+    }
     const step = Math.min(ZERO_BUFFER.length, this.blockSize.maximum);
     const writes: Promise<void>[] = [];
     for (let done = 0; done < length; done += step) {
       const n = Math.min(step, length - done);
-      writes.push(this.pool.pwrite(ZERO_BUFFER.subarray(0, n), offset + done));
+      const at = offset + done;
+      writes.push(this.#call((pool) => pool.pwrite(ZERO_BUFFER.subarray(0, n), at)));
     }
     const results = await Promise.allSettled(writes);
     for (const result of results) if (result.status === "rejected") throw result.reason;
@@ -231,14 +347,15 @@ export class NbdEndpoint extends BaseEndpoint {
 
   /** FLUSH, when the server supports it (otherwise its writes are as durable as they get). */
   override async flush(): Promise<void> {
-    if (this.#canFlush) await this.pool.flush();
+    if (this.#canFlush) await this.#call((pool) => pool.flush());
   }
 
   /** Closes the connections, then runs the clean-up. Safe to call more than once. */
   override close(): Promise<void> {
     this.#closed ??= (async () => {
       try {
-        await this.pool.close();
+        await this.#reconnecting?.catch(() => {});
+        await this.#pool.close();
       } finally {
         await this.#cleanup?.();
       }

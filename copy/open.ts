@@ -6,7 +6,8 @@
 
 import { UsageError } from "../util/usage_error.ts";
 import { describeSpec, type Endpoint, type EndpointSpec, type NbdTimeouts } from "./endpoint.ts";
-import { NbdEndpoint } from "./nbd.ts";
+import { NbdEndpoint, type RetryOptions } from "./nbd.ts";
+import type { PartialFile } from "./file_destination.ts";
 import { NullDestination } from "./null.ts";
 import { stdinSource, stdoutDestination } from "./pipe.ts";
 import { lazyImport } from "../util/lazy_import.ts";
@@ -34,6 +35,10 @@ export interface OpenOptions {
   signal?: AbortSignal;
   /** Connect, handshake and request timeouts of NBD endpoints. */
   timeouts?: NbdTimeouts;
+  /** A new destination file is kept after a failure, or resumed (`nbd copy --state`). */
+  partial?: PartialFile;
+  /** Reconnect NBD endpoints after a lost connection (`nbd copy --retry`). */
+  retry?: RetryOptions;
 }
 
 /** Opens the source of a copy. */
@@ -79,6 +84,7 @@ export async function openDestination(
         spec.path,
         source.size,
         source instanceof FileSource ? source.identity : undefined,
+        options.partial,
       );
     }
     case "nbd":

@@ -36,6 +36,11 @@ export interface CopyOptions {
   signal?: AbortSignal;
   /** Called after each piece with the bytes of the image done so far. */
   onProgress?: (done: number) => void;
+  /**
+   * Called when a range of the destination is done (written, zeroed or
+   * skipped as already zero): how resumable copies keep their progress.
+   */
+  onDone?: (offset: number, length: number) => void;
   /** Called after each read with the bytes read. */
   onRead?: (bytes: number) => void;
   /**
@@ -453,6 +458,7 @@ export async function copyImage(
       try {
         if (item.zero) {
           await zeroRange(item.offset, item.length);
+          options.onDone?.(item.offset, item.length);
           progress(item.length);
           continue;
         }
@@ -513,6 +519,7 @@ export async function copyImage(
           }
         }
         giveBack();
+        options.onDone?.(item.offset, n);
         progress(n);
       } catch (error) {
         fail(error as Error);
