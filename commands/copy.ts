@@ -616,6 +616,19 @@ async function checksumOfResult(
   return hasher.digest();
 }
 
+/** Refuses a destination smaller than the source. */
+function checkRoom(source: Endpoint, destination: Endpoint): void {
+  if (
+    destination.size !== undefined && source.size !== undefined &&
+    destination.size < source.size
+  ) {
+    throw new Error(
+      `the destination ${destination.name} (${destination.size} bytes) is smaller than ` +
+        `the source ${source.name} (${source.size} bytes)`,
+    );
+  }
+}
+
 /** The state of a resumable copy: the saved one (`--resume`) or none, checked before opening. */
 async function loadState(config: CopyCommandConfig): Promise<CopyState | undefined> {
   if (config.state === undefined) return undefined;
@@ -700,15 +713,6 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
           )
           : openDestination(config.destination, from, { ...openOptions, partial }),
     );
-    if (
-      destination.size !== undefined && source.size !== undefined &&
-      destination.size < source.size
-    ) {
-      throw new Error(
-        `the destination ${destination.name} (${destination.size} bytes) is smaller than ` +
-          `the source ${source.name} (${source.size} bytes)`,
-      );
-    }
     if (stop.aborted) throw stop.reason;
     let done: RangeSet | undefined;
     if (config.state !== undefined) {
@@ -733,11 +737,13 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
         const why = refusal(saved, current);
         if (why) throw new StateError(`cannot resume from ${config.state}: ${why}`);
       }
+      checkRoom(source, destination);
       done = new RangeSet(saved?.done ?? []);
       checkpoints = new Checkpointer(config.state, current, done, () => to.flush());
       // Saved before anything is written, so that even a copy killed at once can be resumed.
       await checkpoints.saveNow();
     }
+    if (config.state === undefined) checkRoom(source, destination);
     const resumed = done !== undefined && done.bytes > 0;
     // Ranges copied before the copy stopped are not read again: the checksum is then
     // taken of the result, read back at the end.

@@ -163,14 +163,10 @@ export class FileDestination extends BaseEndpoint {
           `Cannot resume the copy to ${path}: its partial copy ${partial.resume} is gone`,
         );
       }
-      if (sourceSize !== undefined && partialInfo.size !== sourceSize) {
-        throw new Error(
-          `Cannot resume the copy to ${path}: its partial copy ${partial.resume} has ${partialInfo.size} bytes, not ${sourceSize}`,
-        );
-      }
       const fd = openPath(partial.resume, "readWrite", `Cannot open ${partial.resume}`);
-      // Every byte of the partial copy is either as created (zero) or the source's.
-      return new FileDestination(path, fd, "new", partial.resume, sourceSize, true, true);
+      // Every byte of the partial copy is either as created (zero) or the source's. Its
+      // own size is kept: the caller compares it with the source's.
+      return new FileDestination(path, fd, "new", partial.resume, partialInfo.size, true, true);
     }
     if (info?.isDirectory) throw new Error(`Cannot copy to ${path}: it is a directory`);
     if (info && (info.isFifo || info.isCharDevice || info.isSocket)) {
