@@ -16,11 +16,18 @@ import {
   type ProgressOutput,
   stderrOutput,
 } from "../copy/progress.ts";
-import { defaultConnections, localConnections, onThisMachine, onUnixSocket } from "../copy/nbd.ts";
+import {
+  defaultConnections,
+  localConnections,
+  NbdEndpoint,
+  onThisMachine,
+  onUnixSocket,
+} from "../copy/nbd.ts";
 import {
   CopyError,
   copyImage,
   type CopyOptions,
+  type CopyStats,
   describeCause,
   type ImagePart,
   planSizes,
@@ -28,6 +35,7 @@ import {
 import {
   Checkpointer,
   type CopyState,
+  FlushPacer,
   identify,
   RangeSet,
   readState,
@@ -165,7 +173,7 @@ const OPTIONS = {
     value: "N",
     optionalValue: "joined",
     help:
-      "reconnect to an NBD endpoint that lost its connection and send the unanswered requests again, up to N times in a row (default 10), waiting 0.25 s, then twice as long each time up to 10 s",
+      "reconnect to an NBD endpoint that lost its connection and send the unanswered requests again, up to N attempts in a row (default 10): at once, then after 0.25 s, twice as long each time up to 10 s",
   },
   help: { type: "boolean", short: "h", help: "show this help" },
   ...CLIENT_OPTIONS,
@@ -739,7 +747,15 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
       }
       checkRoom(source, destination);
       done = new RangeSet(saved?.done ?? []);
-      checkpoints = new Checkpointer(config.state, current, done, () => to.flush());
+      const lost = destination instanceof NbdEndpoint ? destination.lost : undefined;
+      checkpoints = new Checkpointer(
+        config.state,
+        current,
+        done,
+        () => to.flush(),
+        undefined,
+        lost ? () => lost : undefined,
+      );
       // Saved before anything is written, so that even a copy killed at once can be resumed.
       await checkpoints.saveNow();
     }
@@ -750,6 +766,8 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     const hashed = config.checksum && !resumed
       ? await hashCopy(config.checksum, source, destination)
       : undefined;
+    // What the copy reads from without hashing, to write lost ranges again.
+    const unhashed = source;
     if (hashed) [source, destination] = [hashed.source, hashed.destination];
     progress = new Progress(source.size, progressConfig);
     started = true;
@@ -777,8 +795,21 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
       already = source.size! - parts.reduce((n, p) => n + p.end - p.offset, 0);
       claim = () => parts.shift();
     }
-    checkpoints?.start();
-    const stats = await copy(source, destination, {
+    // A destination that reconnects keeps what its lost connections acknowledged
+    // without a flush (copy/nbd.ts): that is written again, and flushes are paced so
+    // that it stays small.
+    const tracked = config.retry > 0 && destination instanceof NbdEndpoint &&
+        destination.lost !== undefined
+      ? destination
+      : undefined;
+    const to = destination;
+    const saveOrFlush = checkpoints ? () => checkpoints!.save() : () => to.flush();
+    const pacer = tracked
+      ? new FlushPacer(saveOrFlush, tracked.lost, config.requestSize)
+      : undefined;
+    if (pacer) pacer.start();
+    else checkpoints?.start();
+    const copyOptions: CopyOptions = {
       requests: config.requests,
       requestSize: config.requestSize,
       sparseSize: config.sparseSize,
@@ -787,16 +818,55 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
       extents: config.extents,
       signal: stop,
       claim,
-      onDone: checkpoints ? (offset, length) => checkpoints!.record(offset, length) : undefined,
+      onDone: checkpoints || pacer
+        ? (offset, length) => {
+          checkpoints?.record(offset, length);
+          pacer?.done(length);
+        }
+        : undefined,
       onProgress: shown.active ? (n) => shown.update(already + n) : undefined,
-    });
+    };
+    let stats: CopyStats;
+    try {
+      stats = await copy(source, destination, copyOptions);
+    } finally {
+      await pacer?.stop();
+    }
     const size = claim ? source.size! : stats.size;
     await checkpoints?.stop();
-    if (config.flush || checkpoints) {
+    const flushDestination = async (endpoint: Endpoint) => {
       try {
-        await destination.flush();
+        await endpoint.flush();
       } catch (error) {
-        throw new CopyError("destination", destination.name, "flush", 0, error);
+        throw new CopyError("destination", endpoint.name, "flush", 0, error);
+      }
+    };
+    if (config.flush || checkpoints || tracked) await flushDestination(destination);
+    if (tracked) {
+      const { align } = planSizes(unhashed, tracked, config.requestSize, config.sparseSize);
+      for (let round = 1;; round++) {
+        const lost = new RangeSet(tracked.takeLost());
+        if (lost.count === 0) break;
+        if (round > 4 * config.retry) {
+          throw new CopyError(
+            "destination",
+            tracked.name,
+            "write",
+            lost.toArray()[0]![0],
+            new Error("what lost connections had acknowledged could not be written again"),
+          );
+        }
+        printError(
+          `${tracked.name}: writing again ${lost.bytes} bytes acknowledged by a lost connection before a flush`,
+        );
+        const parts = lost.aligned(size, align);
+        await copyImage(unhashed, tracked, {
+          ...copyOptions,
+          claim: () => parts.shift(),
+          onProgress: undefined,
+          onDone: (offset, length) => checkpoints?.record(offset, length),
+        });
+        await flushDestination(tracked);
       }
     }
     const finished = destination;

@@ -24,6 +24,7 @@ import {
   type Role,
   type ShareSpec,
 } from "./endpoint.ts";
+import { RangeSet } from "./resume.ts";
 
 /**
  * Connections opened when none were asked for: 4, which hides network
@@ -85,7 +86,7 @@ export function localConnections(): number {
 export interface RetryOptions {
   /** Reconnection attempts after each loss, and re-sends of one request, at most. */
   attempts: number;
-  /** Wait before the first attempt, doubled after each failed one (default 250 ms). */
+  /** Wait after the first attempt (made at once), doubled after each failed one (default 250 ms). */
   firstDelayMs?: number;
   /** Longest wait between attempts (default 10 s). */
   maxDelayMs?: number;
@@ -137,6 +138,16 @@ export class NbdEndpoint extends BaseEndpoint {
   #reconnecting: Promise<void> | undefined;
   /** Reconnections made after lost connections. */
   reconnections = 0;
+  /**
+   * Writes and zeroes acknowledged and not yet covered by a flush (kept
+   * when retrying to a server that flushes): a server restarted behind a
+   * lost connection may have dropped them.
+   */
+  #unflushed: RangeSet | undefined;
+  /** What each flush in flight covers. */
+  readonly #flushing = new Set<RangeSet>();
+  /** Ranges written on a lost connection and never flushed there: to be written again. */
+  readonly #lost = new RangeSet();
 
   private constructor(
     name: string,
@@ -159,6 +170,31 @@ export class NbdEndpoint extends BaseEndpoint {
     this.#canZero = client.canZero;
     this.#canFlush = client.canFlush;
     this.#cleanup = options.cleanup;
+    if (options.retry && role === "destination" && this.#canFlush) {
+      this.#unflushed = new RangeSet();
+    }
+  }
+
+  /**
+   * Ranges this destination acknowledged on a connection that was lost
+   * before a flush covered them (live); `takeLost` empties it.
+   */
+  get lost(): RangeSet {
+    return this.#lost;
+  }
+
+  /** The lost ranges, which the caller will write again; the set is emptied. */
+  takeLost(): Array<[number, number]> {
+    const ranges = this.#lost.toArray();
+    this.#lost.clear();
+    return ranges;
+  }
+
+  /** Notes a write or zero acknowledged on `pool`. */
+  #acknowledged(pool: NbdClientPool, offset: number, length: number): void {
+    if (!this.#unflushed) return;
+    if (pool === this.#pool) this.#unflushed.add(offset, length);
+    else this.#lost.add(offset, length);
   }
 
   /** The connections (replaced after a reconnection). */
@@ -198,14 +234,25 @@ export class NbdEndpoint extends BaseEndpoint {
       const log = retry.log ?? ((m: string) => console.error(`nbd: ${m}`));
       // Requests still in flight on the other connections are sent again on the new ones.
       for (const client of failed.clients) client.abort(`replaced after: ${cause.message}`);
+      // What the old connections acknowledged without a flush may be gone with the server.
+      if (this.#unflushed) {
+        this.#lost.addAll(this.#unflushed);
+        this.#unflushed.clear();
+        for (const covered of this.#flushing) {
+          this.#lost.addAll(covered);
+          covered.clear();
+        }
+      }
       failed.close().catch(() => {});
       const identity = exportIdentity(failed);
       const connections = failed.clients.length;
       let delay = retry.firstDelayMs ?? 250;
       let last: unknown = cause;
       for (let attempt = 1; attempt <= retry.attempts; attempt++) {
-        await new Promise((resolve) => setTimeout(resolve, delay));
-        delay = Math.min(delay * 2, retry.maxDelayMs ?? 10_000);
+        if (attempt > 1) {
+          await new Promise((resolve) => setTimeout(resolve, delay));
+          delay = Math.min(delay * 2, retry.maxDelayMs ?? 10_000);
+        }
         const signal = this.#options.signal ?? terminationSignal();
         if (signal.aborted || this.#closed) break;
         let pool: NbdClientPool;
@@ -324,7 +371,10 @@ export class NbdEndpoint extends BaseEndpoint {
   ): Promise<void> {
     // A write that may be sent again keeps its buffer until the reply.
     if (this.#options.retry) {
-      return this.#call((pool) => pool.pwrite(buf, offset, headroom ? { headroom } : undefined));
+      return this.#call(async (pool) => {
+        await pool.pwrite(buf, offset, headroom ? { headroom } : undefined);
+        this.#acknowledged(pool, offset, buf.length);
+      });
     }
     return this.pool.pwrite(buf, offset, headroom ? { headroom, sent } : undefined);
   }
@@ -332,14 +382,20 @@ export class NbdEndpoint extends BaseEndpoint {
   /** WRITE_ZEROES, or writes of zeroes when the server has no WRITE_ZEROES. */
   override async zero(offset: number, length: number, allocate: boolean): Promise<void> {
     if (this.#canZero) {
-      return await this.#call((pool) => pool.zero(offset, length, { mayTrim: !allocate }));
+      return await this.#call(async (pool) => {
+        await pool.zero(offset, length, { mayTrim: !allocate });
+        this.#acknowledged(pool, offset, length);
+      });
     }
     const step = Math.min(ZERO_BUFFER.length, this.blockSize.maximum);
     const writes: Promise<void>[] = [];
     for (let done = 0; done < length; done += step) {
       const n = Math.min(step, length - done);
       const at = offset + done;
-      writes.push(this.#call((pool) => pool.pwrite(ZERO_BUFFER.subarray(0, n), at)));
+      writes.push(this.#call(async (pool) => {
+        await pool.pwrite(ZERO_BUFFER.subarray(0, n), at);
+        this.#acknowledged(pool, at, n);
+      }));
     }
     const results = await Promise.allSettled(writes);
     for (const result of results) if (result.status === "rejected") throw result.reason;
@@ -347,7 +403,22 @@ export class NbdEndpoint extends BaseEndpoint {
 
   /** FLUSH, when the server supports it (otherwise its writes are as durable as they get). */
   override async flush(): Promise<void> {
-    if (this.#canFlush) await this.#call((pool) => pool.flush());
+    if (!this.#canFlush) return;
+    const unflushed = this.#unflushed;
+    if (!unflushed) return await this.#call((pool) => pool.flush());
+    // This flush covers what was acknowledged before it was sent.
+    const covered = new RangeSet();
+    covered.addAll(unflushed);
+    unflushed.clear();
+    this.#flushing.add(covered);
+    try {
+      await this.#call((pool) => pool.flush());
+    } catch (error) {
+      unflushed.addAll(covered);
+      throw error;
+    } finally {
+      this.#flushing.delete(covered);
+    }
   }
 
   /** Closes the connections, then runs the clean-up. Safe to call more than once. */

@@ -137,6 +137,39 @@ export class RangeSet {
     return this.#ranges.length;
   }
 
+  /** Forgets every range. */
+  clear(): void {
+    this.#ranges = [];
+  }
+
+  /** Adds every range of `other`. */
+  addAll(other: RangeSet): void {
+    for (const [start, end] of other.#ranges) this.add(start, end - start);
+  }
+
+  /** The ranges of this set minus those of `other`. */
+  without(other: RangeSet): RangeSet {
+    const out = new RangeSet();
+    const holes = other.#ranges;
+    let h = 0;
+    for (const [start, end] of this.#ranges) {
+      let position = start;
+      while (h < holes.length && holes[h]![1] <= position) h++;
+      let k = h;
+      while (position < end) {
+        const hole = holes[k];
+        if (!hole || hole[0] >= end) {
+          out.add(position, end - position);
+          break;
+        }
+        if (hole[0] > position) out.add(position, hole[0] - position);
+        position = Math.max(position, hole[1]);
+        k++;
+      }
+    }
+    return out;
+  }
+
   /** A copy of the ranges. */
   toArray(): Array<[number, number]> {
     return this.#ranges.map(([s, e]) => [s, e]);
@@ -153,6 +186,19 @@ export class RangeSet {
       .slice(0, max)
       .sort((a, b) => a[0] - b[0]);
     return kept.map(([s, e]) => [s, e]);
+  }
+
+  /** The ranges as parts of the image, widened to `align` (and clipped to `size`). */
+  aligned(size: number, align: number): ImagePart[] {
+    const parts: ImagePart[] = [];
+    for (const [start, end] of this.#ranges) {
+      const s = Math.floor(start / align) * align;
+      const e = Math.min(size, Math.ceil(end / align) * align);
+      const previous = parts[parts.length - 1];
+      if (previous && s <= previous.end) previous.end = Math.max(previous.end, e);
+      else if (e > s) parts.push({ offset: s, end: e });
+    }
+    return parts;
   }
 
   /**
@@ -327,6 +373,7 @@ export class Checkpointer {
   readonly #done: RangeSet;
   readonly #flush: () => Promise<void>;
   readonly #intervalMs: number;
+  readonly #lost: (() => RangeSet) | undefined;
   #running = false;
   #loop: Promise<void> | undefined;
   #timer: ReturnType<typeof setTimeout> | undefined;
@@ -344,7 +391,9 @@ export class Checkpointer {
     done: RangeSet,
     flush: () => Promise<void>,
     intervalMs = CHECKPOINT_INTERVAL_MS,
+    lost?: () => RangeSet,
   ) {
+    this.#lost = lost;
     this.#path = path;
     this.#base = base;
     this.#done = done;
@@ -362,9 +411,16 @@ export class Checkpointer {
     this.#done.add(offset, length);
   }
 
+  /** The ranges to save: done, less any the destination may have lost (to be copied again). */
+  #saveable(): Array<[number, number]> {
+    const lost = this.#lost?.();
+    const done = lost && lost.count > 0 ? this.#done.without(lost) : this.#done;
+    return done.bounded(MAX_STATE_RANGES);
+  }
+
   /** Saves the state as it is now, without flushing (the copy has not written yet). */
   async saveNow(): Promise<void> {
-    await writeState(this.#path, { ...this.#base, done: this.#done.bounded(MAX_STATE_RANGES) });
+    await writeState(this.#path, { ...this.#base, done: this.#saveable() });
     this.saved++;
   }
 
@@ -386,9 +442,13 @@ export class Checkpointer {
   /** Flushes the destination and saves what was done before the flush. */
   save(): Promise<void> {
     const next = this.#saving.then(async () => {
-      const done = this.#done.bounded(MAX_STATE_RANGES);
+      const done = this.#done.toArray();
       await this.#flush();
-      await writeState(this.#path, { ...this.#base, done });
+      // Lost while flushing (a reconnection): not saved as done.
+      const saved = new RangeSet(done);
+      const lost = this.#lost?.();
+      const kept = lost && lost.count > 0 ? saved.without(lost) : saved;
+      await writeState(this.#path, { ...this.#base, done: kept.bounded(MAX_STATE_RANGES) });
       this.saved++;
     });
     this.#saving = next.catch(() => {});
@@ -408,5 +468,79 @@ export class Checkpointer {
   async remove(): Promise<void> {
     await Deno.remove(this.#path).catch(() => {});
     await Deno.remove(`${this.#path}.tmp`).catch(() => {});
+  }
+}
+
+/** Largest amount written between two flushes of a retrying destination before any loss. */
+export const FLUSH_BYTES = 256 << 20;
+
+/**
+ * Paces the flushes of a destination that reconnects after lost
+ * connections: what it acknowledged since its last flush is written again
+ * after a loss, so it is flushed every second and after `FLUSH_BYTES`;
+ * after each loss the byte interval drops to a quarter of what was lost
+ * (not below `minBytes`), so that a connection cut again and again still
+ * lets the copy advance.
+ */
+export class FlushPacer {
+  readonly #flush: () => Promise<void>;
+  readonly #lost: RangeSet;
+  readonly #minBytes: number;
+  readonly #intervalMs: number;
+  #interval = FLUSH_BYTES;
+  #since = 0;
+  #lostSeen = 0;
+  #running: Promise<void> | undefined;
+  #timer: ReturnType<typeof setInterval> | undefined;
+  /** Flushes started. */
+  flushes = 0;
+
+  /** Paces `flush`; `lost` is the destination's live set of lost ranges. */
+  constructor(
+    flush: () => Promise<void>,
+    lost: RangeSet,
+    minBytes: number,
+    intervalMs = CHECKPOINT_INTERVAL_MS,
+  ) {
+    this.#flush = flush;
+    this.#lost = lost;
+    this.#minBytes = minBytes;
+    this.#intervalMs = intervalMs;
+  }
+
+  /** Bytes written between flushes now. */
+  get interval(): number {
+    return this.#interval;
+  }
+
+  /** Starts the timer. */
+  start(): void {
+    this.#timer = setInterval(() => this.kick(), this.#intervalMs);
+  }
+
+  /** Notes `length` bytes done; flushes when enough went by or something was lost. */
+  done(length: number): void {
+    this.#since += length;
+    const lost = this.#lost.bytes;
+    if (lost > this.#lostSeen) {
+      const shrunk = Math.floor((lost - this.#lostSeen) / 4);
+      this.#interval = Math.max(this.#minBytes, Math.min(this.#interval, shrunk));
+    }
+    this.#lostSeen = lost;
+    if (this.#since >= this.#interval) this.kick();
+  }
+
+  /** Starts a flush unless one is running. */
+  kick(): void {
+    if (this.#running) return;
+    this.#since = 0;
+    this.flushes++;
+    this.#running = this.#flush().catch(() => {}).finally(() => this.#running = undefined);
+  }
+
+  /** Stops the timer and waits for a flush in progress. */
+  async stop(): Promise<void> {
+    clearInterval(this.#timer);
+    await this.#running;
   }
 }

@@ -2,6 +2,8 @@ import { assertEquals, assertIncludes, assertOk, assertRejects } from "../tests/
 import {
   Checkpointer,
   type CopyState,
+  FLUSH_BYTES,
+  FlushPacer,
   RangeSet,
   readState,
   refusal,
@@ -137,4 +139,55 @@ Deno.test("Checkpointer saves only what was done before a successful flush", asy
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("RangeSet.without() and aligned()", () => {
+  const set = new RangeSet([[0, 100], [200, 300]]);
+  assertEquals(set.without(new RangeSet([[50, 250]])).toArray(), [[0, 50], [250, 300]]);
+  assertEquals(set.without(new RangeSet([[10, 20], [30, 40]])).toArray(), [
+    [0, 10],
+    [20, 30],
+    [40, 100],
+    [200, 300],
+  ]);
+  assertEquals(set.without(new RangeSet()).toArray(), set.toArray());
+  assertEquals(set.without(new RangeSet([[0, 1000]])).toArray(), []);
+  assertEquals(new RangeSet([[100, 600], [700, 900]]).aligned(1000, 512), [{
+    offset: 0,
+    end: 1000,
+  }]);
+  assertEquals(new RangeSet([[100, 200], [2000, 2100]]).aligned(2050, 512), [
+    { offset: 0, end: 512 },
+    { offset: 1536, end: 2050 },
+  ]);
+});
+
+Deno.test("FlushPacer flushes after FLUSH_BYTES, and more often after each loss", async () => {
+  const lost = new RangeSet();
+  let flushes = 0;
+  const pacer = new FlushPacer(
+    () => {
+      flushes++;
+      return Promise.resolve();
+    },
+    lost,
+    4096,
+    60_000,
+  );
+  pacer.done(FLUSH_BYTES - 1);
+  assertEquals(flushes, 0);
+  pacer.done(1);
+  assertEquals(flushes, 1);
+  await pacer.stop();
+  // 1 MiB lost: flushes every 256 KiB from now on.
+  lost.add(0, 1 << 20);
+  pacer.done(1);
+  assertEquals(pacer.interval, 256 << 10);
+  pacer.done(256 << 10);
+  assertEquals(flushes, 2);
+  // Never below the minimum.
+  lost.add(2 << 20, 4096);
+  pacer.done(1);
+  assertEquals(pacer.interval, 4096);
+  await pacer.stop();
 });

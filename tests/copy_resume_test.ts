@@ -313,6 +313,8 @@ Deno.test("copy --retry survives a proxy that cuts the connection again and agai
     assertOk(notes.every((l) => l.includes(": reconnected (attempt ")), result.stderr);
     // Connections cut together are replaced together, with one note.
     assertOk(notes.length >= 1 && notes.length <= proxy.stats.cuts, result.stderr);
+    // A source has nothing to write again.
+    assertOk(!result.stderr.includes("writing again"), result.stderr);
   }
   // Destination side: writes are cut in the middle of their data.
   await using target = await startNbdServe(["memory", String(SIZE)]);
@@ -411,4 +413,71 @@ Deno.test("copy --resume refuses a changed export, size or option, and keeps the
   const resumed = await nbd([...args.slice(0, 1), "--resume", ...args.slice(1)]);
   assertEquals(resumed.code, 0, resumed.stderr);
   assertBytes(await Deno.readFile(out), source, "the resumed copy");
+});
+
+Deno.test({
+  name: "copy --retry writes again what a restarted server lost before a flush",
+  ...peers("nbdkit"),
+  async fn() {
+    await using dir = await tempDir();
+    const src = `${dir.path}/src.img`;
+    const source = await writeSource(src, 19);
+    const dst = `${dir.path}/dst.img`;
+    await Deno.writeFile(dst, new Uint8Array(0));
+    await Deno.truncate(dst, SIZE);
+    const socket = `${dir.path}/dst.sock`;
+    const log = `${dir.path}/writes.log`;
+    // Writes are slowed, then held in a write-back cache that only a flush empties into
+    // the file: a server killed with SIGKILL loses what it acknowledged since the last one.
+    const start = () =>
+      new Deno.Command("nbdkit", {
+        args: [
+          "-f",
+          "-U",
+          socket,
+          "--filter=log",
+          "--filter=delay",
+          "--filter=cache",
+          "file",
+          dst,
+          "wdelay=50ms",
+          "cache=writeback",
+          `logfile=${log}`,
+        ],
+        stdin: "null",
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+    let server = start();
+    let result: RunResult;
+    try {
+      await waitForSocket(socket);
+      const copy = await spawnNbd([
+        "copy",
+        "--retry",
+        "-R",
+        "4",
+        src,
+        `nbd+unix:///?socket=${socket}`,
+      ]);
+      // Killed once it acknowledged some writes, and started again at once.
+      const deadline = Date.now() + 30_000;
+      while (!/Write id=\d+ .*return=0/.test(await Deno.readTextFile(log).catch(() => ""))) {
+        assertOk(Date.now() < deadline, "no write acknowledged");
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      server.kill("SIGKILL");
+      await server.status;
+      await Deno.remove(socket).catch(() => {});
+      server = start();
+      result = await copy.done();
+    } finally {
+      server.kill("SIGTERM");
+      await server.status;
+    }
+    assertEquals(result.code, 0, result.stderr);
+    assertBytes(await Deno.readFile(dst), source, "the destination after the restart");
+    assertIncludes(result.stderr, "reconnected (attempt");
+    assertIncludes(result.stderr, "acknowledged by a lost connection before a flush");
+  },
 });
