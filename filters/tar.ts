@@ -3,7 +3,10 @@
  * names, pax extended headers) as the disk. Only the headers before the
  * member are read to find it, so over http only those ranges travel. A
  * member is stored as plain bytes, so it is writable in place when the
- * layer below is; its size cannot change. Sparse members are refused.
+ * layer below is; its size cannot change. Sparse members (GNU tar's old
+ * format and its pax formats 0.0, 0.1 and 1.0, which bsdtar writes too)
+ * are served read-only at their full size, the holes reading as zeroes and
+ * reported as holes.
  *
  * ```
  * nbd serve --filter=tar file appliance.ova tar-entry=disk1.vmdk
@@ -17,6 +20,7 @@ import { NbdError } from "../protocol/errors.ts";
 import type { Backend, Filter } from "../core/backend.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { WindowBackend } from "./offset.ts";
+import { parseSparseMap, SparseMemberBackend, type SparseSegment } from "./_tar_sparse.ts";
 
 const BLOCK = 512;
 /** Longest GNU long name or pax header accepted (they are read into memory). */
@@ -28,6 +32,8 @@ export interface TarMember {
   offset: number;
   /** Length of the data. */
   size: number;
+  /** For a sparse member: its full size and where its stored pieces go. */
+  sparse?: { realSize: number; segments: SparseSegment[] };
 }
 
 function cString(bytes: Uint8Array): string {
@@ -53,9 +59,12 @@ function corrupt(at: number, why: string): NbdError {
   return new NbdError("EINVAL", `tar: not a valid tar header at offset ${at}: ${why}`);
 }
 
-/** The records of a pax extended header (`LEN key=value\n` each). */
-function paxRecords(data: Uint8Array, at: number): Map<string, string> {
-  const records = new Map<string, string>();
+/**
+ * The records of a pax extended header (`LEN key=value\n` each), in order:
+ * keys may repeat (GNU sparse format 0.0), and the last value wins.
+ */
+function paxRecords(data: Uint8Array, at: number): Array<[string, string]> {
+  const records: Array<[string, string]> = [];
   let i = 0;
   while (i < data.length && data[i] !== 0) {
     let space = i;
@@ -67,7 +76,7 @@ function paxRecords(data: Uint8Array, at: number): Map<string, string> {
     const record = new TextDecoder().decode(data.subarray(space + 1, i + length - 1));
     const eq = record.indexOf("=");
     if (eq < 0) throw corrupt(at, "bad pax record");
-    records.set(record.slice(0, eq), record.slice(eq + 1));
+    records.push([record.slice(0, eq), record.slice(eq + 1)]);
     i += length;
   }
   return records;
@@ -75,6 +84,144 @@ function paxRecords(data: Uint8Array, at: number): Map<string, string> {
 
 function normalize(name: string): string {
   return name.replace(/^(\.\/)+/, "").replace(/\/+$/, "");
+}
+
+/** A decimal number of a GNU sparse pax record or map. */
+function decimal(text: string | undefined, what: string, at: number): number {
+  if (text === undefined || !/^\d+$/.test(text) || !Number.isSafeInteger(Number(text))) {
+    throw corrupt(at, `bad sparse ${what}${text === undefined ? " (missing)" : ""}`);
+  }
+  return Number(text);
+}
+
+/** Pairs of numbers (offset, length) as sparse map segments. */
+function pairs(numbers: number[]): Array<{ offset: number; length: number }> {
+  const out = [];
+  for (let i = 0; i + 1 < numbers.length; i += 2) {
+    out.push({ offset: numbers[i]!, length: numbers[i + 1]! });
+  }
+  return out;
+}
+
+/**
+ * A member of type 'S' (GNU tar's own format): four map entries in the
+ * header, then 512-byte extension blocks of 21 entries while the
+ * "extended" byte is set; the stored pieces follow the last block.
+ */
+async function oldGnuSparseMap(
+  disk: Backend,
+  header: Uint8Array,
+  at: number,
+  archiveSize: number,
+): Promise<{ entries: number[]; realSize: number; dataOffset: number }> {
+  const entries: number[] = [];
+  const take = (block: Uint8Array, start: number, count: number) => {
+    for (let i = 0; i < count; i++) {
+      const field = block.subarray(start + i * 24, start + i * 24 + 24);
+      if (field[0] === 0) break;
+      entries.push(
+        numeric(field.subarray(0, 12), "sparse offset", at),
+        numeric(field.subarray(12, 24), "sparse length", at),
+      );
+    }
+  };
+  take(header, 386, 4);
+  const realSize = numeric(header.subarray(483, 495), "real size", at);
+  let extended = header[482] !== 0;
+  let dataOffset = at + BLOCK;
+  const block = new Uint8Array(BLOCK);
+  while (extended) {
+    if (dataOffset + BLOCK > archiveSize || dataOffset - at > MAX_META) {
+      throw corrupt(at, "the sparse map runs past the end of the archive");
+    }
+    await disk.pread(block, dataOffset);
+    take(block, 0, 21);
+    extended = block[504] !== 0;
+    dataOffset += BLOCK;
+  }
+  return { entries, realSize, dataOffset };
+}
+
+/** The member an old GNU sparse header describes, its data at `dataOffset`. */
+async function oldGnuSparse(
+  disk: Backend,
+  header: Uint8Array,
+  at: number,
+  storedSize: number,
+  archiveSize: number,
+): Promise<TarMember> {
+  const { entries, realSize, dataOffset } = await oldGnuSparseMap(disk, header, at, archiveSize);
+  if (dataOffset + storedSize > archiveSize) {
+    throw corrupt(at, "the sparse member extends beyond the end of the archive");
+  }
+  return {
+    offset: dataOffset,
+    size: storedSize,
+    sparse: { realSize, segments: parseSparseMap(pairs(entries), realSize, storedSize, at) },
+  };
+}
+
+/**
+ * A pax member with GNU.sparse records: format 0.0 (repeated offset and
+ * numbytes records), 0.1 (one map record) or 1.0 (the map as decimal lines
+ * at the start of the data, padded to a block).
+ */
+async function paxSparse(
+  disk: Backend,
+  pax: Map<string, string>,
+  records: Array<[string, string]>,
+  at: number,
+  dataOffset: number,
+  storedSize: number,
+): Promise<TarMember> {
+  const realSize = decimal(
+    pax.get("GNU.sparse.realsize") ?? pax.get("GNU.sparse.size"),
+    "real size",
+    at,
+  );
+  let numbers: number[];
+  let mapBytes = 0;
+  if (pax.get("GNU.sparse.major") === "1") {
+    if (pax.get("GNU.sparse.minor") !== "0") {
+      throw new NbdError(
+        "ENOTSUP",
+        `tar: sparse format 1.${pax.get("GNU.sparse.minor")} is not supported`,
+      );
+    }
+    // The map: a count, then offset and length per segment, one number a line.
+    numbers = [];
+    let count: number | undefined;
+    let text = "";
+    const chunk = new Uint8Array(BLOCK);
+    while (count === undefined || numbers.length < 2 * count) {
+      if (mapBytes >= storedSize || mapBytes >= MAX_META) {
+        throw corrupt(at, "the sparse map does not end");
+      }
+      await disk.pread(chunk, dataOffset + mapBytes);
+      mapBytes += BLOCK;
+      text += new TextDecoder().decode(chunk);
+      const lines = text.split("\n");
+      text = lines.pop()!;
+      for (const line of lines) {
+        const n = decimal(line, "map", at);
+        if (count === undefined) count = n;
+        else if (numbers.length < 2 * count) numbers.push(n);
+      }
+    }
+  } else if (pax.has("GNU.sparse.map")) {
+    numbers = pax.get("GNU.sparse.map")!.split(",").map((n) => decimal(n, "map", at));
+  } else {
+    numbers = records
+      .filter(([key]) => key === "GNU.sparse.offset" || key === "GNU.sparse.numbytes")
+      .map(([, value]) => decimal(value, "map", at));
+  }
+  if (numbers.length % 2 !== 0) throw corrupt(at, "the sparse map has an odd count");
+  const stored = storedSize - mapBytes;
+  return {
+    offset: dataOffset + mapBytes,
+    size: stored,
+    sparse: { realSize, segments: parseSparseMap(pairs(numbers), realSize, stored, at) },
+  };
 }
 
 /**
@@ -92,6 +239,7 @@ async function findTarMember(
   const header = new Uint8Array(BLOCK);
   let offset = 0;
   let longName: string | undefined;
+  let paxList: Array<[string, string]> = [];
   let pax = new Map<string, string>();
   const readMeta = async (at: number, length: number) => {
     if (length > MAX_META) throw corrupt(at, `a ${length}-byte extended header is too large`);
@@ -121,7 +269,10 @@ async function findTarMember(
       throw corrupt(offset, "bad checksum (not a tar archive?)");
     }
     const type = String.fromCharCode(header[156]!);
-    const dataOffset = offset + BLOCK;
+    // An old GNU sparse member's map may go on in extension blocks before its data.
+    const dataOffset = type === "S"
+      ? (await oldGnuSparseMap(disk, header, offset, size)).dataOffset
+      : offset + BLOCK;
     const paxSize = pax.get("size");
     const dataSize = paxSize !== undefined && /^\d+$/.test(paxSize)
       ? Number(paxSize)
@@ -130,31 +281,33 @@ async function findTarMember(
     if (type === "L") {
       longName = cString(await readMeta(dataOffset, dataSize));
     } else if (type === "x") {
-      pax = paxRecords(await readMeta(dataOffset, dataSize), offset);
+      paxList = paxRecords(await readMeta(dataOffset, dataSize), offset);
+      pax = new Map(paxList);
     } else if (type === "g" || type === "K") {
       // Global pax headers and GNU long link names do not name members.
     } else {
       const magic = cString(header.subarray(257, 263));
       const prefix = magic === "ustar" ? cString(header.subarray(345, 500)) : "";
       const short = cString(header.subarray(0, 100));
-      const name = pax.get("path") ?? longName ?? (prefix ? `${prefix}/${short}` : short);
+      const name = pax.get("GNU.sparse.name") ?? pax.get("path") ?? longName ??
+        (prefix ? `${prefix}/${short}` : short);
       if (normalize(name) === wanted) {
-        const sparse = type === "S" || [...pax.keys()].some((k) => k.startsWith("GNU.sparse."));
-        if (sparse) {
-          throw new NbdError(
-            "ENOTSUP",
-            `tar: "${entry}" is a sparse member, which is not supported`,
-          );
-        }
-        if (type !== "0" && type !== "\0" && type !== "7") {
+        if (type !== "0" && type !== "\0" && type !== "7" && type !== "S") {
           throw new NbdError("EINVAL", `tar: "${entry}" is not a regular file (type '${type}')`);
         }
         if (dataOffset + dataSize > size) {
           throw corrupt(offset, `"${entry}" extends beyond the end of the archive`);
         }
+        if (type === "S") {
+          return await oldGnuSparse(disk, header, offset, dataSize, size);
+        }
+        if (paxList.some(([key]) => key.startsWith("GNU.sparse."))) {
+          return await paxSparse(disk, pax, paxList, offset, dataOffset, dataSize);
+        }
         return { offset: dataOffset, size: dataSize };
       }
       longName = undefined;
+      paxList = [];
       pax = new Map();
     }
     offset = next;
@@ -164,7 +317,8 @@ async function findTarMember(
 /** The tar filter. */
 export const tarFilter: Filter = {
   name: "tar",
-  summary: "serve one member of a tar archive (read-write when the layer below is)",
+  summary: "serve one member of a tar archive (read-write when the layer below is and " +
+    "the member is not sparse)",
   description: "Examples:\n  nbd serve --filter=tar file appliance.ova tar-entry=disk1.vmdk\n" +
     "  nbd serve --filter=tar http https://example.com/images.tar tar-entry=disk.img",
   params: [
@@ -200,7 +354,10 @@ export const tarFilter: Filter = {
           found.set(context.exportName, member);
           member.catch(() => found.delete(context.exportName));
         }
-        const { offset, size } = await member;
+        const { offset, size, sparse } = await member;
+        if (sparse) {
+          return new SparseMemberBackend(next, offset, sparse.realSize, sparse.segments);
+        }
         return new WindowBackend(next, offset, size);
       },
     });
