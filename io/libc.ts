@@ -84,6 +84,13 @@ const SYMBOLS = {
     parameters: ["i32", "i64", "i64", "i32"],
     result: "i32",
   },
+  ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
+  ioctl_on_thread: {
+    name: "ioctl",
+    parameters: ["i32", "u64", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
   open: { parameters: ["buffer", "i32", "u32"], result: "i32" },
   ftruncate: { parameters: ["i32", "i64"], result: "i32" },
   fsync: { parameters: ["i32"], result: "i32" },
@@ -366,6 +373,65 @@ export async function adviseSequential(fd: number): Promise<boolean> {
   return (await l.symbols.posix_fadvise(fd, 0n, 0n, POSIX_FADV_SEQUENTIAL)) === 0;
 }
 
+/** posix_fadvise(2) advice for a whole file: how it will be accessed. */
+export type FileAdvice = "normal" | "random" | "sequential";
+
+const FADVISE: Record<FileAdvice, number> = { normal: 0, random: 1, sequential: 2 };
+
+/** posix_fadvise(2) over the whole file, on this thread (it only sets the readahead policy); false if unsupported or failed. */
+export function adviseFile(fd: number, advice: FileAdvice): boolean {
+  const l = libc();
+  if (!l) return false;
+  return l.symbols.posix_fadvise_here(fd, 0n, 0n, FADVISE[advice]) === 0;
+}
+
+/** Block-device ioctl requests (Linux, <linux/fs.h>). */
+const BLKROGET = 0x125e;
+const BLKSSZGET = 0x1268;
+const BLKDISCARD = 0x1277;
+const BLKZEROOUT = 0x127f;
+const BLKGETSIZE64 = 0x80081272;
+
+/** What the kernel says about a block device. */
+export interface BlockDeviceInfo {
+  /** Size in bytes (BLKGETSIZE64). */
+  size: number;
+  /** The device refuses writes (BLKROGET). */
+  readOnly: boolean;
+  /** Logical sector size (BLKSSZGET): the alignment of discard and zero-out ranges. */
+  sectorSize: number;
+}
+
+/** Size, read-only flag and sector size of the block device open as `fd`; undefined without FFI or on failure. */
+export function blockDeviceInfo(fd: number): BlockDeviceInfo | undefined {
+  const l = libc();
+  if (!l) return undefined;
+  const size = new BigUint64Array(1);
+  const ints = new Int32Array(2);
+  if (l.symbols.ioctl(fd, BigInt(BLKGETSIZE64), size) !== 0) return undefined;
+  if (l.symbols.ioctl(fd, BigInt(BLKROGET), ints.subarray(0, 1)) !== 0) return undefined;
+  if (l.symbols.ioctl(fd, BigInt(BLKSSZGET), ints.subarray(1, 2)) !== 0) ints[1] = 512;
+  return { size: Number(size[0]), readOnly: ints[0] !== 0, sectorSize: ints[1]! || 512 };
+}
+
+/** An ioctl taking a { start, length } byte range, on a runtime thread: whether it succeeded. */
+async function rangeIoctl(fd: number, request: number, offset: number, length: number) {
+  const l = libc();
+  if (!l) return false;
+  const range = new BigUint64Array([BigInt(offset), BigInt(length)]);
+  return (await l.symbols.ioctl_on_thread(fd, BigInt(request), range)) === 0;
+}
+
+/** BLKDISCARD: the device may forget the range (sector-aligned); false if unsupported or failed. */
+export function discardRange(fd: number, offset: number, length: number): Promise<boolean> {
+  return rangeIoctl(fd, BLKDISCARD, offset, length);
+}
+
+/** BLKZEROOUT: the range reads as zeroes (sector-aligned); false if unsupported or failed. */
+export function zeroOutRange(fd: number, offset: number, length: number): Promise<boolean> {
+  return rangeIoctl(fd, BLKZEROOUT, offset, length);
+}
+
 /** sync_file_range flags: wait for writeback already under way on the range. */
 export const SYNC_FILE_RANGE_WAIT_BEFORE = 1;
 /** Start writeback of the dirty pages of the range. */
@@ -496,6 +562,8 @@ export const O_CREAT = 0o100;
 export const O_EXCL = 0o200;
 /** Not inherited by child processes. */
 const O_CLOEXEC = 0o2000000;
+/** Transfers go between the device and the caller's buffer, bypassing the page cache. */
+export const O_DIRECT = Deno.build.arch === "aarch64" ? 0o200000 : 0o40000;
 /** Opens without waiting (a FIFO with no peer yet, say). */
 export const O_NONBLOCK = 0o4000;
 

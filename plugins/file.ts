@@ -3,8 +3,11 @@
  * FLUSH is fsync; TRIM and zeroing punch holes (or zero ranges) where the
  * filesystem can (on Linux); block status comes from SEEK_DATA/SEEK_HOLE
  * where the platform has them. With `dir=` every regular file in a
- * directory is a named export. On the portable paths (io/platform.ts)
- * reads and writes go through node:fs alone.
+ * directory is a named export. `cache=none` keeps the data out of the page
+ * cache (io/uncached_io.ts) and `fadvise=` sets the readahead policy. Block
+ * devices are sized, discarded and zeroed with their ioctls, and served
+ * read-only when the kernel marks them so. On the portable paths
+ * (io/platform.ts) reads and writes go through node:fs alone.
  *
  * ```
  * nbd serve file disk.img
@@ -26,20 +29,28 @@ import {
   type Plugin,
   type PluginBackend,
 } from "../core/backend.ts";
+import type { Params } from "../core/params.ts";
 import { UsageError } from "../util/usage_error.ts";
 import {
+  adviseFile,
+  blockDeviceInfo,
+  discardRange,
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
   fallocate,
+  type FileAdvice,
+  O_DIRECT,
   preadCached,
   preadOnThread,
   pwriteOnThread,
   seekData,
+  zeroOutRange,
 } from "../io/libc.ts";
+import { directAligned, PageCacheEviction, readDirect, writeDirect } from "../io/uncached_io.ts";
 import { fileExtents } from "../io/file_extents.ts";
 import { fileIo } from "../io/file_io.ts";
-import { platform } from "../io/platform.ts";
+import { linuxOnly, platform } from "../io/platform.ts";
 
 function readAt(fd: number, buf: Uint8Array, position: number): Promise<number> {
   return new Promise((resolve, reject) =>
@@ -59,17 +70,40 @@ function fsync(fd: number): Promise<void> {
   );
 }
 
+/** How the file plugin uses the page cache and advises the kernel (its cache= and fadvise=). */
+export interface FileOptions {
+  /** "none": O_DIRECT where allowed, else evict what was read or written. */
+  cache: "default" | "none";
+  /** posix_fadvise for the whole file, when given. */
+  fadvise?: FileAdvice;
+}
+
+const DEFAULT_OPTIONS: FileOptions = { cache: "default" };
+
 /** Opens a file read-write when allowed, read-only otherwise (or when asked). */
-function openFile(path: string, readonly: boolean): { fd: number; writable: boolean } {
+function openFile(
+  path: string,
+  readonly: boolean,
+  extraFlags = 0,
+): { fd: number; writable: boolean } {
   if (!readonly) {
     try {
-      return { fd: fs.openSync(path, "r+"), writable: true };
+      return { fd: fs.openSync(path, fs.constants.O_RDWR | extraFlags), writable: true };
     } catch (error) {
       const code = (error as { code?: string }).code;
       if (code !== "EACCES" && code !== "EROFS" && code !== "EPERM") throw error;
     }
   }
-  return { fd: fs.openSync(path, "r"), writable: false };
+  return { fd: fs.openSync(path, fs.constants.O_RDONLY | extraFlags), writable: false };
+}
+
+/** A second descriptor of `path` with O_DIRECT, or undefined where the filesystem refuses it. */
+function openDirect(path: string, writable: boolean): number | undefined {
+  try {
+    return fs.openSync(path, (writable ? fs.constants.O_RDWR : fs.constants.O_RDONLY) | O_DIRECT);
+  } catch {
+    return undefined;
+  }
 }
 
 /** Allocation of a file range as block status; all data where SEEK_DATA is unsupported. */
@@ -82,25 +116,100 @@ function extentsOf(fd: number, offset: number, length: number): Extent[] {
   }));
 }
 
+/** Whether `path` is a block device that refuses writes (on the Linux fast paths). */
+function readOnlyDevice(path: string): boolean {
+  if (!platform().linuxFast) return false;
+  let fd: number;
+  try {
+    fd = fs.openSync(path, fs.constants.O_RDONLY);
+  } catch {
+    return false;
+  }
+  try {
+    return fs.fstatSync(fd).isBlockDevice() && blockDeviceInfo(fd)?.readOnly === true;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 /** A backend over an open file descriptor. */
-export function fileBackend(path: string, readonly: boolean): PluginBackend {
+export function fileBackend(
+  path: string,
+  readonly: boolean,
+  options: FileOptions = DEFAULT_OPTIONS,
+): PluginBackend {
   let opened: { fd: number; writable: boolean };
   try {
     opened = openFile(path, readonly);
   } catch (error) {
     throw new NbdError("EIO", `cannot open ${path}: ${(error as Error).message}`);
   }
-  const { fd, writable } = opened;
+  let { fd, writable } = opened;
   const stat = fs.fstatSync(fd);
   const blockDevice = stat.isBlockDevice();
-  const size = blockDevice ? fileIo.deviceSize(fd, path) : stat.size;
-  /** The Linux fast paths: preadv2, pread/pwrite on a runtime thread, fallocate. */
+  /** The Linux fast paths: preadv2, pread/pwrite on a runtime thread, fallocate, ioctl. */
   const linux = platform().linuxFast;
+  const device = blockDevice && linux ? blockDeviceInfo(fd) : undefined;
+  if (device?.readOnly && writable) {
+    // Opening a read-only device for writing succeeds; its writes would all fail.
+    fs.closeSync(fd);
+    fd = fs.openSync(path, fs.constants.O_RDONLY);
+    writable = false;
+  }
+  const size = device?.size ?? (blockDevice ? fileIo.deviceSize(fd, path) : stat.size);
+  if (options.fadvise && linux) adviseFile(fd, options.fadvise);
+  const uncached = options.cache === "none" && linux;
+  const directFd = uncached ? openDirect(path, writable) : undefined;
+  const eviction = uncached ? new PageCacheEviction(fd) : undefined;
   let canPunch = linux && !blockDevice;
   /** Reads try the page cache first (RWF_NOWAIT) until the descriptor turns out not to support it. */
-  let readCached = linux;
+  let readCached = linux && !uncached;
   let canZeroRange = linux && !blockDevice;
+  /** Block devices: discard, zero-out and fast zero (fallocate on the device) until one fails. */
+  let canDiscard = device !== undefined;
+  let canZeroOut = device !== undefined;
+  let canFastZero = device !== undefined;
+  const sector = device?.sectorSize ?? 512;
   const extentsSupported = !blockDevice && seekData(fd, 0) !== undefined;
+
+  /** Reads into `view` at `position`: the count (0 at the end of the file). */
+  async function readSome(view: Uint8Array, position: number): Promise<number> {
+    if (directFd !== undefined && directAligned(position, view.length)) {
+      const n = await readDirect(directFd, view, position);
+      if (n >= 0) return n;
+    }
+    // What the page cache holds is read at once; the rest on a runtime thread, so
+    // that the event loop never waits for the disk.
+    let n: number | undefined | null = readCached ? preadCached(fd, view, position) : null;
+    if (n === null) readCached = false;
+    if (n === undefined || n === null) {
+      n = linux ? await preadOnThread(fd, view, position) : undefined;
+    }
+    // Failed, or the portable path: node:fs reads (and reports the error).
+    if (n === undefined || n < 0) n = await readAt(fd, view, position);
+    if (eviction && n > 0) await eviction.afterRead(position, n);
+    return n;
+  }
+
+  /** Writes some of `view` at `position`: the count. */
+  async function writeSome(view: Uint8Array, position: number): Promise<number> {
+    if (directFd !== undefined && directAligned(position, view.length)) {
+      const n = await writeDirect(directFd, view, position);
+      if (n >= 0) return n;
+    }
+    let n = linux ? await pwriteOnThread(fd, view, position) : undefined;
+    // Failed, or the portable path: node:fs writes (and reports the error).
+    if (n === undefined || n < 0) n = await writeAt(fd, view, position);
+    if (eviction && n > 0) await eviction.afterWrite(position, n);
+    return n;
+  }
+
+  /** The sector-aligned part of a range, or undefined when it has none. */
+  function aligned(offset: number, length: number): [number, number] | undefined {
+    const start = Math.ceil(offset / sector) * sector;
+    const end = Math.floor((offset + length) / sector) * sector;
+    return end > start ? [start, end - start] : undefined;
+  }
 
   const backend: PluginBackend = {
     size: () => size,
@@ -110,22 +219,12 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
       multiConn: true,
       extents: extentsSupported,
       rotational: false,
-      extendable: writable,
+      extendable: writable && !blockDevice,
     }),
     async pread(buf, offset) {
       let done = 0;
       while (done < buf.length) {
-        const view = buf.subarray(done);
-        const position = offset + done;
-        // What the page cache holds is read at once; the rest on a runtime thread, so
-        // that the event loop never waits for the disk.
-        let n: number | undefined | null = readCached ? preadCached(fd, view, position) : null;
-        if (n === null) readCached = false;
-        if (n === undefined || n === null) {
-          n = linux ? await preadOnThread(fd, view, position) : undefined;
-        }
-        // Failed, or the portable path: node:fs reads (and reports the error).
-        if (n === undefined || n < 0) n = await readAt(fd, view, position);
+        const n = await readSome(buf.subarray(done), offset + done);
         if (n === 0) {
           // The file shrank under us: what is past its end reads as zeroes.
           buf.fill(0, done);
@@ -134,25 +233,23 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
         done += n;
       }
     },
-    flush: () => fsync(fd),
+    async flush() {
+      await eviction?.drain();
+      await fsync(fd);
+    },
     extents(offset, length) {
       return Promise.resolve(extentsOf(fd, offset, length));
     },
-    close() {
+    async close() {
+      await eviction?.drain();
+      if (directFd !== undefined) fs.closeSync(directFd);
       fs.closeSync(fd);
-      return Promise.resolve();
     },
   };
   if (writable) {
     backend.pwrite = async (buf, offset) => {
       let done = 0;
-      while (done < buf.length) {
-        const view = buf.subarray(done);
-        let n = linux ? await pwriteOnThread(fd, view, offset + done) : undefined;
-        // Failed, or the portable path: node:fs writes (and reports the error).
-        if (n === undefined || n < 0) n = await writeAt(fd, view, offset + done);
-        done += n;
-      }
+      while (done < buf.length) done += await writeSome(buf.subarray(done), offset + done);
     };
     backend.trim = async (offset, length) => {
       // Trim is advisory: if holes cannot be punched, doing nothing is correct.
@@ -162,6 +259,8 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
       ) {
         canPunch = false;
       }
+      const range = canDiscard ? aligned(offset, length) : undefined;
+      if (range && !(await discardRange(fd, range[0], range[1]))) canDiscard = false;
     };
     backend.zero = async (offset, length, flags) => {
       if (flags.mayTrim && canPunch) {
@@ -171,6 +270,20 @@ export function fileBackend(path: string, readonly: boolean): PluginBackend {
       if (canZeroRange) {
         if (await fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)) return;
         canZeroRange = false;
+      }
+      if (device && aligned(offset, length)?.[1] === length && offset % sector === 0) {
+        // On a device, punching a hole zeroes without falling back to writes (so it
+        // is fast, or fails) but may unmap; BLKZEROOUT zeroes however the device can.
+        if (canFastZero && flags.mayTrim) {
+          if (await fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)) {
+            return;
+          }
+          canFastZero = false;
+        }
+        if (canZeroOut && !flags.fast) {
+          if (await zeroOutRange(fd, offset, length)) return;
+          canZeroOut = false;
+        }
       }
       // Falls back to writing zeroes (or fails fast zero requests) centrally.
       throw new NbdError("ENOTSUP", "the filesystem cannot zero ranges quickly");
@@ -183,6 +296,26 @@ function checkExportName(name: string): void {
   if (name === "" || name === "." || name === ".." || name.includes("/") || name.includes("\0")) {
     throw new NbdError("EINVAL", `"${name}" is not a file name in the export directory`);
   }
+}
+
+/** Takes and checks cache= and fadvise=. */
+function takeOptions(params: Params): FileOptions {
+  const cache = params.take("cache") ?? "default";
+  if (cache !== "default" && cache !== "none") {
+    throw new UsageError(`file: cache must be default or none, not "${cache}"`);
+  }
+  const fadvise = params.take("fadvise");
+  if (fadvise !== undefined && !["normal", "random", "sequential"].includes(fadvise)) {
+    throw new UsageError(`file: fadvise must be normal, random or sequential, not "${fadvise}"`);
+  }
+  if (cache === "none") {
+    const refusal = linuxOnly(
+      "file: cache=none",
+      "leave cache= out to serve the file through the page cache",
+    );
+    if (refusal) throw new UsageError(refusal);
+  }
+  return { cache, fadvise: fadvise as FileAdvice | undefined };
 }
 
 /** The file plugin. */
@@ -204,6 +337,23 @@ export const filePlugin: Plugin = {
       type: "path",
       description: "serve each regular file in DIRECTORY as an export (or file=)",
     },
+    {
+      name: "cache",
+      value: "MODE",
+      type: "enum",
+      choices: ["default", "none"],
+      default: "default",
+      description:
+        "none: keep the data out of the page cache (O_DIRECT, else eviction after I/O; Linux)",
+    },
+    {
+      name: "fadvise",
+      value: "ADVICE",
+      type: "enum",
+      choices: ["normal", "random", "sequential"],
+      default: "normal",
+      description: "how clients will read the file, told to the kernel's readahead (Linux)",
+    },
   ],
   magicParam: "file",
   async create(params) {
@@ -212,6 +362,7 @@ export const filePlugin: Plugin = {
     if ((file === undefined) === (dir === undefined)) {
       throw new UsageError("file: give exactly one of file=FILENAME or dir=DIRECTORY");
     }
+    const options = takeOptions(params);
     if (file !== undefined) {
       let stat: Deno.FileInfo;
       try {
@@ -220,9 +371,12 @@ export const filePlugin: Plugin = {
         throw new Error(`Cannot serve ${file}: ${(error as Error).message}`);
       }
       if (stat.isDirectory) throw new UsageError(`file: ${file} is a directory (use dir=${file})`);
+      if (readOnlyDevice(file)) {
+        console.error(`nbd: file: ${file} is a read-only device: serving it read-only`);
+      }
       return {
         open: (context: OpenContext) =>
-          Promise.resolve(completeBackend(fileBackend(file, context.readonly))),
+          Promise.resolve(completeBackend(fileBackend(file, context.readonly, options))),
       };
     }
     const directory = dir!;
@@ -247,7 +401,9 @@ export const filePlugin: Plugin = {
       open(context: OpenContext) {
         checkExportName(context.exportName);
         return Promise.resolve(
-          completeBackend(fileBackend(`${directory}/${context.exportName}`, context.readonly)),
+          completeBackend(
+            fileBackend(`${directory}/${context.exportName}`, context.readonly, options),
+          ),
         );
       },
     };

@@ -394,17 +394,23 @@ export async function withTmpfs(
 }
 
 /**
- * Runs `fn` with a loop device backed by the file `backing`, detached
- * afterwards. Loop devices need root and the loop driver: without them the
- * test step is reported ignored, unless NBD_INTEROP=require makes that a
- * failure.
+ * Runs `fn` with a loop device backed by the file `backing` (read-only with
+ * `readOnly`), detached afterwards. Loop devices need root and the loop
+ * driver: without them the test step is reported ignored, unless
+ * NBD_INTEROP=require makes that a failure.
  */
 export async function withLoopDevice(
   t: Deno.TestContext,
   backing: string,
   fn: (device: string) => Promise<void>,
+  options: { readOnly?: boolean } = {},
 ): Promise<void> {
-  const attached = await run("losetup", ["-f", "--show", backing]);
+  const attached = await run("losetup", [
+    ...(options.readOnly ? ["-r"] : []),
+    "-f",
+    "--show",
+    backing,
+  ]);
   if (attached.code !== 0) {
     if (INTEROP_REQUIRED) throw new Error(`losetup failed: ${attached.stderr.trim()}`);
     console.error(`\n*** SKIPPING: losetup failed: ${attached.stderr.trim()} ***\n`);
