@@ -3,6 +3,11 @@
  * with several in flight and retries with back-off. Used by the http
  * plugin and by the http source of `nbd copy`.
  *
+ * Redirects are resolved once, when the image is opened: ranged reads then
+ * go straight to the final URL, not through the redirect each time. When
+ * the final URL starts refusing (401, 403, 404 or 410: a signed URL that
+ * expired, say), the original URL is resolved again and the read retried.
+ *
  * @module
  */
 
@@ -60,6 +65,12 @@ class TransientError extends Error {
 
 const TRANSIENT_STATUS = new Set([408, 425, 429, 500, 502, 503, 504]);
 
+/** Answers of a redirect's target that mean it is no longer valid (an expired signed URL). */
+const STALE_TARGET_STATUS = new Set([401, 403, 404, 410]);
+
+/** Headers that are not sent to another origin than the one they were given for. */
+const ORIGIN_BOUND_HEADERS = ["Authorization", "Cookie"];
+
 /** A counting semaphore. */
 class Slots {
   #free: number;
@@ -86,19 +97,49 @@ export class HttpImage {
   readonly #slots: Slots;
   /** Size in bytes, known after `open`. */
   size = 0;
+  /** Where reads go: the URL redirects of `options.url` led to (the URL itself before `open`). */
+  #target: string;
+  /** The headers sent to `#target`. */
+  #targetHeaders: Headers;
+  /** A resolution of `options.url` under way, shared by the reads that found the target stale. */
+  #resolving: Promise<void> | undefined;
+  /** Times `options.url` was resolved again because its target went stale. */
+  reresolutions = 0;
 
   /** Prepares requests to `options.url`. */
   constructor(options: HttpOptions) {
     this.options = options;
     this.#slots = new Slots(options.connections);
+    this.#target = options.url;
+    this.#targetHeaders = options.headers;
+  }
+
+  /** The URL ranged reads go to (after redirects). */
+  get target(): string {
+    return this.#target;
+  }
+
+  /** Sends reads to `url`, where the original URL redirected. */
+  #setTarget(url: string): void {
+    if (!this.options.follow || url === "" || url === this.#target) return;
+    this.#target = url;
+    this.#targetHeaders = new Headers(this.options.headers);
+    // Credentials given for the original server stay with it (as on a redirect followed by
+    // fetch): a signed URL elsewhere is refused when it also carries an Authorization header.
+    if (new URL(url).origin !== new URL(this.options.url).origin) {
+      for (const name of ORIGIN_BOUND_HEADERS) this.#targetHeaders.delete(name);
+    }
   }
 
   async #fetch(
     method: string,
     range?: [number, number],
     signal: AbortSignal = AbortSignal.timeout(this.options.timeout),
+    url: string = this.#target,
   ): Promise<Response> {
-    const headers = new Headers(this.options.headers);
+    const headers = new Headers(
+      url === this.options.url ? this.options.headers : this.#targetHeaders,
+    );
     if (range) headers.set("Range", `bytes=${range[0]}-${range[1]}`);
     const init: RequestInit & { client?: Deno.HttpClient } = {
       method,
@@ -109,12 +150,12 @@ export class HttpImage {
     if (this.options.client) init.client = this.options.client;
     let response: Response;
     try {
-      response = await fetch(this.options.url, init);
+      response = await fetch(url, init);
     } catch (error) {
       // The useful part ("invalid peer certificate", "connection refused") is in the cause.
       const cause = (error as Error).cause;
       const detail = cause instanceof Error ? cause.message : (error as Error).message;
-      const message = `${method} ${this.options.url}: ${detail}`;
+      const message = `${method} ${url}: ${detail}`;
       // A certificate problem will not go away by waiting: fail at once.
       if (/certificate|handshake|tls|ssl/i.test(message)) throw new NbdError("EIO", message);
       throw new TransientError(message);
@@ -122,7 +163,7 @@ export class HttpImage {
     if (TRANSIENT_STATUS.has(response.status)) {
       await response.body?.cancel();
       const failure = new TransientError(
-        `${method} ${this.options.url}: ${response.status} ${response.statusText}`,
+        `${method} ${url}: ${response.status} ${response.statusText}`,
       );
       const after = Number(response.headers.get("Retry-After"));
       if (after > 0) failure.retryAfter = after;
@@ -155,12 +196,16 @@ export class HttpImage {
   async open(): Promise<void> {
     let size: number | undefined;
     await this.#withRetries(async () => {
-      const head = await this.#fetch("HEAD");
+      const head = await this.#fetch("HEAD", undefined, undefined, this.options.url);
       await head.body?.cancel();
-      if (head.ok) size = contentLength(head.headers);
+      if (head.ok) {
+        size = contentLength(head.headers);
+        this.#setTarget(head.url);
+      }
     });
     // One-byte probe: proves Range works and gives the size when HEAD did not.
     const probe = await this.#withRetries(() => this.#fetch("GET", [0, 0]));
+    if (probe.ok) this.#setTarget(probe.url);
     if (probe.status === 200) {
       // The whole image is on its way: stop it rather than read it.
       await probe.body?.cancel();
@@ -223,17 +268,50 @@ export class HttpImage {
     return response;
   }
 
+  /**
+   * Resolves `options.url` again after its target `stale` refused a read;
+   * concurrent callers share one resolution, and a caller whose target was
+   * already replaced returns at once.
+   */
+  #resolveAgain(stale: string): Promise<void> {
+    if (this.#target !== stale) return Promise.resolve();
+    this.#resolving ??= (async () => {
+      try {
+        this.reresolutions++;
+        const head = await this.#fetch("HEAD", undefined, undefined, this.options.url);
+        await head.body?.cancel();
+        if (head.ok) return this.#setTarget(head.url);
+        const probe = await this.#fetch("GET", [0, 0], undefined, this.options.url);
+        await probe.body?.cancel();
+        if (probe.status !== 206) {
+          throw new NbdError("EIO", `GET ${this.options.url}: ${probe.status}`);
+        }
+        this.#setTarget(probe.url);
+      } finally {
+        this.#resolving = undefined;
+      }
+    })();
+    return this.#resolving;
+  }
+
   /** Reads `buf.length` bytes at `offset` with a Range GET. */
   read(buf: Uint8Array, offset: number): Promise<void> {
     return this.#slots.run(() =>
       this.#withRetries(async () => {
-        const response = await this.#fetch("GET", [offset, offset + buf.length - 1]);
+        const range: [number, number] = [offset, offset + buf.length - 1];
+        const target = this.#target;
+        let response = await this.#fetch("GET", range, undefined, target);
+        if (STALE_TARGET_STATUS.has(response.status) && target !== this.options.url) {
+          await response.body?.cancel();
+          await this.#resolveAgain(target);
+          response = await this.#fetch("GET", range);
+        }
         if (response.status !== 206) {
           await response.body?.cancel();
           if (response.status === 200) {
             throw new NbdError("EIO", "the server ignored the Range header");
           }
-          throw new NbdError("EIO", `GET ${this.options.url}: ${response.status}`);
+          throw new NbdError("EIO", `GET ${this.#target}: ${response.status}`);
         }
         const start = /bytes\s+(\d+)-/.exec(response.headers.get("Content-Range") ?? "")?.[1];
         if (start !== undefined && Number(start) !== offset) {

@@ -4,6 +4,7 @@ import { UsageError } from "../util/usage_error.ts";
 import { peers, randomBytes, runOk } from "../tests/helpers.ts";
 import { openPlugin, read } from "../filters/_test_utils.ts";
 import { curlPlugin, httpPlugin } from "./http.ts";
+import { serveImage } from "../tests/http_server.ts";
 
 interface Behaviour {
   /** Answer this many requests with 503 first. */
@@ -175,3 +176,70 @@ Deno.test({
     }
   },
 });
+
+Deno.test("http plugin resolves a redirect once, then reads the final URL", async () => {
+  const data = randomBytes(1 << 20, 23);
+  await using server = serveImage(data);
+  const { backend, instance } = await openPlugin(httpPlugin, [server.redirectUrl]);
+  assertEquals(backend.size(), data.length);
+  const reads = Array.from({ length: 16 }, (_, i) => read(backend, i * 65536, 65536));
+  assertBytes(concat(await Promise.all(reads)), data);
+  assertEquals(server.counts.get("/redirect/disk.img"), 1);
+  assertEquals(server.counts.get("GET /signed/1/disk.img"), 17); // the 1-byte probe and 16 reads
+  await instance.close?.();
+});
+
+Deno.test("http plugin resolves the redirect again when its target expires", async () => {
+  const data = randomBytes(1 << 20, 24);
+  await using server = serveImage(data);
+  const { backend, instance } = await openPlugin(httpPlugin, [server.redirectUrl]);
+  assertBytes(await read(backend, 0, 4096), data.subarray(0, 4096));
+  server.expire();
+  // Several reads find the target stale at once: one resolution serves them all.
+  const reads = Array.from({ length: 8 }, (_, i) => read(backend, i * 4096, 4096));
+  assertBytes(concat(await Promise.all(reads)), data.subarray(0, 8 * 4096));
+  assertEquals(server.counts.get("/redirect/disk.img"), 2);
+  assertEquals(server.counts.get("GET /signed/2/disk.img"), 8);
+  assertBytes(await read(backend, 100000, 10), data.subarray(100000, 100010));
+  assertEquals(server.counts.get("/redirect/disk.img"), 2);
+  await instance.close?.();
+});
+
+Deno.test("http plugin with followlocation=false reads nothing through a redirect", async () => {
+  await using server = serveImage(randomBytes(4096, 25));
+  await assertRejects(
+    () => openPlugin(httpPlugin, [server.redirectUrl, "followlocation=false", "http-retries=0"]),
+    UsageError,
+  );
+  assertEquals(server.counts.get("/signed/1/disk.img"), undefined);
+});
+
+Deno.test("http plugin keeps credentials from a redirect's target on another origin", async () => {
+  const data = randomBytes(8192, 26);
+  await using target = serveImage(data);
+  const authorizations: (string | null)[] = [];
+  const redirector = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, (req) => {
+    authorizations.push(req.headers.get("Authorization"));
+    return new Response(null, { status: 302, headers: { Location: target.directUrl } });
+  });
+  try {
+    const url = `http://127.0.0.1:${redirector.addr.port}/disk.img`;
+    const { backend, instance } = await openPlugin(httpPlugin, [url, "user=u", "password=p"]);
+    assertBytes(await read(backend, 4000, 100), data.subarray(4000, 4100));
+    assertEquals(authorizations, [`Basic ${btoa("u:p")}`]);
+    assertEquals(target.counts.get("GET /disk.img"), 2);
+    await instance.close?.();
+  } finally {
+    await redirector.shutdown();
+  }
+});
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}

@@ -14,6 +14,7 @@ import { NbdClient } from "../client/client.ts";
 import { FileSource } from "../copy/file_source.ts";
 import { assertBytes, assertEquals, assertIncludes, assertOk } from "./assert.ts";
 import { makeCertificates } from "./certs.ts";
+import { serveImage } from "./http_server.ts";
 import { platform } from "../io/platform.ts";
 import {
   assertCopyFailedFull,
@@ -354,6 +355,18 @@ Deno.test("http_to_file: Range requests, byte-exact", async () => {
   await nbdCopyOk([`http://127.0.0.1:${server.port}/disk.img`, out]);
   assertBytes(await Deno.readFile(out), data);
   assertOk(server.ranged() >= 13, `${server.ranged()} ranged requests`);
+});
+
+Deno.test("http_to_file through a redirect: resolved once, then every range to its target", async () => {
+  await using dir = await tempDir();
+  const data = randomBytes(3 * MiB + 100, 52);
+  await using server = serveImage(data);
+  const out = `${dir.path}/out.img`;
+  await nbdCopyOk([server.redirectUrl, out]);
+  assertBytes(await Deno.readFile(out), data);
+  assertEquals(server.counts.get("/redirect/disk.img"), 1);
+  const ranged = server.counts.get("GET /signed/1/disk.img") ?? 0;
+  assertOk(ranged >= 13, `${ranged} ranged requests to the target`);
 });
 
 /** python3's static file server (which ignores Range requests) serving `dir` on a free port. */
