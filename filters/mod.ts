@@ -7,6 +7,7 @@
 import type { Filter } from "../core/backend.ts";
 import { blocksizeFilter } from "./blocksize.ts";
 import { cacheFilter } from "./cache.ts";
+import { cacheextentsFilter } from "./cacheextents.ts";
 import { cowFilter } from "./cow.ts";
 import { delayFilter } from "./delay.ts";
 import { errorFilter } from "./error.ts";
@@ -16,6 +17,7 @@ import { offsetFilter } from "./offset.ts";
 import { partitionFilter } from "./partition.ts";
 import { qcow2decFilter, qcow2Filter } from "./qcow2.ts";
 import { rateFilter } from "./rate.ts";
+import { readaheadFilter } from "./readahead.ts";
 import { readonlyFilter } from "./readonly.ts";
 import { retryFilter } from "./retry.ts";
 import { statsFilter } from "./stats.ts";
@@ -28,6 +30,7 @@ export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
   [
     blocksizeFilter,
     cacheFilter,
+    cacheextentsFilter,
     cowFilter,
     delayFilter,
     errorFilter,
@@ -38,6 +41,7 @@ export const FILTERS: ReadonlyMap<string, Filter> = new Map<string, Filter>(
     qcow2Filter,
     qcow2decFilter,
     rateFilter,
+    readaheadFilter,
     readonlyFilter,
     retryFilter,
     statsFilter,

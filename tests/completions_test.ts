@@ -61,9 +61,9 @@ Deno.test("bash completion offers commands, options, plugins, filters, params an
       // A value option's value is not a plugin name.
       [["nbd", "serve", "-e", ""], []],
       // Filter names, as "--filter NAME" and as "--filter=NAME".
-      [["nbd", "serve", "--filter", "c"], ["cache", "cow"]],
-      [["nbd", "serve", "--filter", "=", "re"], ["readonly", "retry"]],
-      [["nbd", "serve", "--filter=re"], ["readonly", "retry"]],
+      [["nbd", "serve", "--filter", "c"], ["cache", "cacheextents", "cow"]],
+      [["nbd", "serve", "--filter", "=", "re"], ["readahead", "readonly", "retry"]],
+      [["nbd", "serve", "--filter=re"], ["readahead", "readonly", "retry"]],
       // Parameters of the chosen plugin and filters.
       [["nbd", "serve", "memory", "1G", "al"], ["allocator="]],
       [["nbd", "serve", "--filter=cow", "memory", "cow-on-"], ["cow-on-cache=", "cow-on-read="]],

@@ -392,3 +392,69 @@ Deno.test({
     assertIncludes(result.stdout, "00000008:  00 00 00 00 00 00 00 08");
   },
 });
+
+/** The ops of one kind of request in a stats file ("read", "extents"...), 0 when absent. */
+function statsOps(stats: string, kind: string): number {
+  return Number(new RegExp(`^${kind}: (\\d+) ops`, "m").exec(stats)?.[1] ?? 0);
+}
+
+Deno.test({
+  name: "readahead filter: nbdcopy's sequential reads reach the plugin as fewer, larger reads",
+  ...peers("nbdcopy"),
+  async fn() {
+    await using dir = await tempDir();
+    const data = randomBytes(16 * MiB, 41);
+    await Deno.writeFile(`${dir.path}/disk.img`, data);
+    const statsfile = `${dir.path}/stats`;
+    {
+      await using server = await startNbdServe([
+        "--filter=readahead",
+        "--filter=stats",
+        "file",
+        `${dir.path}/disk.img`,
+        `statsfile=${statsfile}`,
+      ]);
+      // One connection, 256 KiB requests: 64 reads from the client.
+      await runOk("nbdcopy", ["--connections=1", server.uri, `${dir.path}/out.img`]);
+    }
+    assertBytes(await Deno.readFile(`${dir.path}/out.img`), data);
+    const stats = await Deno.readTextFile(statsfile);
+    assertOk(statsOps(stats, "read") <= 16, stats);
+    assertOk(/^read: \d+ ops, 0 errors, [\d.]+ s, 16\.00 MiB/m.test(stats), stats);
+  },
+});
+
+Deno.test({
+  name: "cacheextents filter: qemu-img map's one-extent queries reach the plugin once",
+  ...peers("qemu-img"),
+  async fn() {
+    await using dir = await tempDir();
+    const path = `${dir.path}/sparse.img`;
+    // 16 data runs of 64 KiB separated by 1 MiB holes.
+    await Deno.writeFile(path, new Uint8Array(0));
+    const file = await Deno.open(path, { write: true });
+    for (let i = 0; i < 16; i++) {
+      await file.seek(i * 1088 * 1024 + MiB, Deno.SeekMode.Start);
+      await file.write(randomBytes(64 * 1024, 42 + i));
+    }
+    await file.truncate(18 * MiB);
+    file.close();
+    const map = async (filters: string[], statsfile: string) => {
+      await using server = await startNbdServe([
+        ...filters,
+        "--filter=stats",
+        "file",
+        path,
+        `statsfile=${statsfile}`,
+      ]);
+      return (await runOk("qemu-img", ["map", "--output=json", "-f", "raw", server.uri])).stdout;
+    };
+    const plain = await map([], `${dir.path}/plain`);
+    const cached = await map(["--filter=cacheextents"], `${dir.path}/cached`);
+    assertEquals(cached, plain);
+    assertEquals((JSON.parse(plain) as unknown[]).length, 33);
+    const asked = statsOps(await Deno.readTextFile(`${dir.path}/plain`), "extents");
+    assertOk(asked >= 33, `${asked} block-status requests without the filter`);
+    assertEquals(statsOps(await Deno.readTextFile(`${dir.path}/cached`), "extents"), 1);
+  },
+});
