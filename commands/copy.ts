@@ -215,6 +215,11 @@ the processors as threads, all but one to null:, one connection each (4 from
 TCP into a file); one thread into a file or block device; for files alone a
 thread per processor, at most 4.
 
+With --state=FILE the progress is saved (flushed first) every second, a
+new file's temporary file is kept when the copy stops, and the same command
+with --resume copies only what is left; --retry reconnects NBD endpoints
+after a lost connection. See the nbd-copy page for what each guarantees.
+
 Exit status: 0 on success, 1 when the copy failed (the message names the
 endpoint, the offset and the error), 2 on usage errors, 128+N when stopped
 by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP). The first signal stops
@@ -227,6 +232,8 @@ Examples:
   nbd copy [ qemu-nbd -f qcow2 disk.qcow2 ] disk.raw
   nbd copy https://example.com/disk.img - | sha256sum
   nbd copy --progress-json=3 nbd://server/disk disk.img 3>progress.log
+  nbd copy --retry --state=disk.state nbd://server/disk disk.img
+  nbd copy --retry --state=disk.state --resume nbd://server/disk disk.img
   nbd copy -f qcow2 https://example.com/disk.qcow2 disk.raw
   nbd copy -O qcow2 --compress --compression-type=zstd disk.raw disk.qcow2
   nbd copy -O qcow2 --backing=base.qcow2 new.raw overlay.qcow2
