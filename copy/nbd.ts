@@ -9,7 +9,7 @@
  */
 
 import { toNbdUri } from "../client/connect.ts";
-import { NbdConnectionError } from "../client/errors.ts";
+import { NbdConnectionError, NbdRequestError } from "../client/errors.ts";
 import { ProtocolError } from "../protocol/errors.ts";
 import { terminationSignal } from "../util/signals.ts";
 import { NbdClientPool } from "../client/pool.ts";
@@ -94,9 +94,14 @@ export interface RetryOptions {
   log?: (message: string) => void;
 }
 
-/** A failure that a new connection may cure: the connection broke, or timed out. */
+/**
+ * A failure that a new connection may cure: the connection broke or timed
+ * out, or the server is shutting down (ESHUTDOWN, which the protocol has
+ * for a request to be sent again after reconnecting).
+ */
 function isConnectionLoss(error: unknown): boolean {
-  return error instanceof NbdConnectionError || error instanceof ProtocolError;
+  return error instanceof NbdConnectionError || error instanceof ProtocolError ||
+    (error instanceof NbdRequestError && error.errno === "ESHUTDOWN");
 }
 
 /** What the protocol shows of an export, to check that a new connection reaches the same one. */
@@ -249,11 +254,20 @@ export class NbdEndpoint extends BaseEndpoint {
       let delay = retry.firstDelayMs ?? 250;
       let last: unknown = cause;
       for (let attempt = 1; attempt <= retry.attempts; attempt++) {
+        const signal = this.#options.signal ?? terminationSignal();
         if (attempt > 1) {
-          await new Promise((resolve) => setTimeout(resolve, delay));
+          // A stop signal ends the wait: the copy is stopping.
+          await new Promise<void>((resolve) => {
+            const done = () => {
+              clearTimeout(timer);
+              signal.removeEventListener("abort", done);
+              resolve();
+            };
+            const timer = setTimeout(done, delay);
+            signal.addEventListener("abort", done, { once: true });
+          });
           delay = Math.min(delay * 2, retry.maxDelayMs ?? 10_000);
         }
-        const signal = this.#options.signal ?? terminationSignal();
         if (signal.aborted || this.#closed) break;
         let pool: NbdClientPool;
         try {

@@ -481,3 +481,56 @@ Deno.test({
     assertIncludes(result.stderr, "acknowledged by a lost connection before a flush");
   },
 });
+
+Deno.test("copy --retry: a server gone for good fails in one line; SIGINT ends the waiting", async () => {
+  await using dir = await tempDir();
+  const src = `${dir.path}/src.img`;
+  const source = await writeSource(src, 23);
+  const socket = `${dir.path}/src.sock`;
+  const uri = `nbd+unix:///?socket=${socket}`;
+  const slow = ["--filter=delay", "file", src, "rdelay=100ms"];
+  // Two attempts, 0.25 s apart, then the copy gives up.
+  {
+    const server = await serveAt(socket, slow);
+    const state = `${dir.path}/a.state`;
+    const copy = await spawnNbd([
+      "copy",
+      "-R",
+      "2",
+      "--retry=2",
+      `--state=${state}`,
+      uri,
+      `${dir.path}/a`,
+    ]);
+    await progressAtLeast(state, MiB);
+    await server[Symbol.asyncDispose]();
+    const result = await copy.done();
+    assertEquals(result.code, 1, result.stderr);
+    const line = oneLine(result.stderr, "server gone");
+    assertIncludes(line, `lost ${uri} and could not reconnect in 2 attempts`);
+    assertIncludes(line, `progress saved in ${state}`);
+  }
+  // With the default ten attempts the waits grow to seconds: a signal ends them.
+  const state = `${dir.path}/b.state`;
+  const out = `${dir.path}/b`;
+  const args = ["copy", "-R", "2", "--retry", `--state=${state}`, uri, out];
+  {
+    const server = await serveAt(socket, slow);
+    const copy = await spawnNbd(args);
+    await progressAtLeast(state, MiB);
+    await server[Symbol.asyncDispose]();
+    // Past the first attempts, into the longer waits.
+    await new Promise((r) => setTimeout(r, 2000));
+    const sent = Date.now();
+    copy.child.kill("SIGINT");
+    const result = await copy.done();
+    const took = Date.now() - sent;
+    assertEquals(result.code, 130, result.stderr);
+    assertIncludes(oneLine(result.stderr, "SIGINT while reconnecting"), "interrupted by SIGINT");
+    assertOk(took < 1500, `took ${took} ms to stop`);
+  }
+  await using _server = await serveAt(socket, ["file", src]);
+  const resumed = await nbd([...args.slice(0, 1), "--resume", ...args.slice(1)]);
+  assertEquals(resumed.code, 0, resumed.stderr);
+  assertBytes(await Deno.readFile(out), source, "resumed after the server came back");
+});
