@@ -298,6 +298,29 @@ Deno.test("--request-timeout fails requests to a server that stops answering, on
   assertEquals([...Deno.readDirSync(dir.path)].map((e) => e.name), [], "left-over files");
 });
 
+Deno.test("--request-timeout of map and info --map against block status that never comes", async () => {
+  // The handshake completes; every BLOCK_STATUS then waits a minute (memory has extents).
+  await using server = await startNbdServe([
+    "--filter=delay",
+    "memory",
+    "1M",
+    "delay-extents=60",
+  ]);
+  const runs = await Promise.all([
+    spawnNbd(["map", "--request-timeout=1", server.uri]),
+    spawnNbd(["info", "--map", "--request-timeout=1", server.uri]),
+  ]);
+  for (const [i, run] of runs.entries()) {
+    const { code, stderr, ms } = await run.done();
+    const context = ["map", "info --map"][i]!;
+    assertEquals(code, 1, `${context}: ${stderr}`);
+    assertOneLine(stderr, context);
+    assertIncludes(stderr, "no reply from", context);
+    assertOk(ms < 1000 + START_MARGIN_MS + 1000, `${context}: took ${ms} ms`);
+  }
+  server.child.kill("SIGKILL");
+});
+
 Deno.test("SIGINT mid-copy from a slow server: exit 130, no destination left", async () => {
   await using server = await startNbdServe(["--filter=delay", "pattern", "64M", "rdelay=1"]);
   await using dir = await tempDir();
