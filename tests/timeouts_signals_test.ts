@@ -13,7 +13,7 @@
 import { foreignGreeting } from "../client/handshake.ts";
 import { Interrupted, signalExitCode, within } from "../util/signals.ts";
 import { assertEquals, assertIncludes, assertMatch, assertOk } from "./assert.ts";
-import { nbdExecutable, startNbdServe, tempDir } from "./helpers.ts";
+import { nbdExecutable, ROOT, startNbdServe, startServer, tempDir } from "./helpers.ts";
 import { mountable, mountScratch } from "./mount_helpers.ts";
 
 /** The NBD greeting of a fixed-newstyle server, after which the peer says nothing more. */
@@ -520,4 +520,27 @@ Deno.test("nbd serve --handshake-timeout drops a client that never finishes the 
     5000,
     `the server's note on stderr (so far: ${JSON.stringify(server.stderr())})`,
   );
+});
+
+Deno.test("proxy --request-timeout turns an upstream that stops answering into EIO", async () => {
+  // Reads upstream wait a minute; the proxy's clients get EIO after a second instead.
+  await using upstream = await startNbdServe(["--filter=delay", "pattern", "1M", "rdelay=60"]);
+  await using proxy = await startServer(Deno.execPath(), [
+    "run",
+    "-A",
+    "--quiet",
+    `${ROOT}/main.ts`,
+    "proxy",
+    "--request-timeout=1",
+    "-U",
+    "$SOCKET",
+    upstream.uri,
+  ]);
+  const run = await spawnNbd(["dump", "--length=512", proxy.uri]);
+  const { code, stderr, ms } = await run.done();
+  assertEquals(code, 1, stderr);
+  assertOneLine(stderr, "dump through the proxy");
+  assertIncludes(stderr, "EIO");
+  assertOk(ms < 1000 + START_MARGIN_MS + 1000, `took ${ms} ms`);
+  upstream.child.kill("SIGKILL");
 });
