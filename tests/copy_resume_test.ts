@@ -534,3 +534,29 @@ Deno.test("copy --retry: a server gone for good fails in one line; SIGINT ends t
   assertEquals(resumed.code, 0, resumed.stderr);
   assertBytes(await Deno.readFile(out), source, "resumed after the server came back");
 });
+
+Deno.test("copy --state: a second SIGINT stops at once and still leaves a resumable copy", async () => {
+  await using dir = await tempDir();
+  const src = `${dir.path}/src.img`;
+  const source = await writeSource(src, 29);
+  await using server = await startNbdServe(["--filter=delay", "file", src, "rdelay=1"]);
+  const out = `${dir.path}/out.img`;
+  const state = `${dir.path}/copy.state`;
+  const args = ["copy", "-R", "4", `--state=${state}`, server.uri, out];
+  const first = await spawnNbd(args);
+  await progressAtLeast(state, MiB);
+  // The reads in flight take a second each: the second signal does not wait for them.
+  first.child.kill("SIGINT");
+  await new Promise((r) => setTimeout(r, 200));
+  const sent = Date.now();
+  first.child.kill("SIGINT");
+  const stopped = await first.done();
+  assertEquals(stopped.code, 130, stopped.stderr);
+  assertOk(Date.now() - sent < 1000, "the second signal waited");
+  const saved = await readState(state);
+  assertOk((await Deno.stat(saved.destination.partial!)).isFile, "the partial copy was removed");
+  // More requests in flight is not a change of the result: the rest goes quicker.
+  const resumed = await nbd(["copy", "-R", "64", `--state=${state}`, "--resume", server.uri, out]);
+  assertEquals(resumed.code, 0, resumed.stderr);
+  assertBytes(await Deno.readFile(out), source, "the resumed copy");
+});
