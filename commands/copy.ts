@@ -805,8 +805,7 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     // A destination that reconnects keeps what its lost connections acknowledged
     // without a flush (copy/nbd.ts): that is written again, and flushes are paced so
     // that it stays small.
-    const tracked = config.retry > 0 && destination instanceof NbdEndpoint &&
-        destination.lost !== undefined
+    const tracked = destination instanceof NbdEndpoint && destination.tracksUnflushed
       ? destination
       : undefined;
     const to = destination;

@@ -180,6 +180,11 @@ export class NbdEndpoint extends BaseEndpoint {
     }
   }
 
+  /** Whether this destination keeps what it acknowledged until a flush (retrying, flushable). */
+  get tracksUnflushed(): boolean {
+    return this.#unflushed !== undefined;
+  }
+
   /**
    * Ranges this destination acknowledged on a connection that was lost
    * before a flush covered them (live); `takeLost` empties it.
