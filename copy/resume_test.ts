@@ -4,6 +4,7 @@ import {
   type CopyState,
   FLUSH_BYTES,
   FlushPacer,
+  MAX_STATE_RANGES,
   RangeSet,
   readState,
   refusal,
@@ -190,4 +191,23 @@ Deno.test("FlushPacer flushes after FLUSH_BYTES, and more often after each loss"
   pacer.done(1);
   assertEquals(pacer.interval, 4096);
   await pacer.stop();
+});
+
+Deno.test("a state file keeps at most MAX_STATE_RANGES ranges, the largest", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/state.json`;
+    const { done: _, ...base } = state();
+    const checkpoints = new Checkpointer(path, base, new RangeSet(), () => Promise.resolve());
+    // 10,000 islands of 512 bytes, and one large range.
+    for (let i = 0; i < 10_000; i++) checkpoints.record(i * 1024, 512);
+    checkpoints.record(100 << 20, 1 << 20);
+    await checkpoints.save();
+    const saved = (await readState(path)).done;
+    assertEquals(saved.length, MAX_STATE_RANGES);
+    assertOk(saved.some(([s, e]) => s === 100 << 20 && e === (100 << 20) + (1 << 20)));
+    assertOk((await Deno.stat(path)).size < 100_000, "the file stays small");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
