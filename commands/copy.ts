@@ -35,6 +35,7 @@ import {
 import {
   Checkpointer,
   type CopyState,
+  finishedCopy,
   FlushPacer,
   identify,
   RangeSet,
@@ -677,6 +678,14 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     printError(`copy: ${error.message}`);
     return 1;
   }
+  if (saved && await finishedCopy(saved)) {
+    // Stopped after renaming the finished copy into place, before removing the state.
+    await Deno.remove(config.state!).catch(() => {});
+    printError(
+      `copy: ${config.state} records a finished copy: ${saved.destination.argument} is complete`,
+    );
+    return 0;
+  }
   // Endpoints that threads can share are opened with one connection here: each
   // thread then adds its own (see copy/shares.ts). A resumable or retrying copy
   // keeps its bookkeeping in this thread, and so runs on it alone.
@@ -875,6 +884,7 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
         await flushDestination(tracked);
       }
     }
+    await checkpoints?.markComplete(size);
     const finished = destination;
     destination = undefined;
     await finished.close(true);

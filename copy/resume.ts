@@ -78,6 +78,11 @@ export interface CopyState {
   options: ResultOptions;
   /** Done ranges, `[start, end)`, sorted and disjoint. */
   done: Array<[number, number]>;
+  /**
+   * Everything was copied and flushed; only renaming a new file into place
+   * and removing this file were left.
+   */
+  complete?: boolean;
 }
 
 /** A set of disjoint byte ranges, merged as they are added. */
@@ -321,6 +326,17 @@ function isRange(value: unknown): value is [number, number] {
     value.every((n) => Number.isSafeInteger(n) && n >= 0) && value[0] < value[1];
 }
 
+/**
+ * Whether `state` describes a copy that finished: complete, its new file
+ * renamed into place (the temporary file gone, the destination there).
+ */
+export async function finishedCopy(state: CopyState): Promise<boolean> {
+  const partial = state.destination.partial;
+  if (!state.complete || partial === undefined) return false;
+  const exists = (path: string) => Deno.lstat(path).then(() => true, () => false);
+  return !(await exists(partial)) && await exists(state.destination.argument);
+}
+
 /** Reads and checks a state file; `StateError` with one line when it cannot be used. */
 export async function readState(path: string): Promise<CopyState> {
   let text: string;
@@ -462,6 +478,20 @@ export class Checkpointer {
     this.#wake?.();
     await this.#loop;
     await this.#saving;
+  }
+
+  /**
+   * Records that the copy is complete and flushed, before a new file is
+   * renamed into place: a crash between the rename and `remove()` then
+   * leaves a state that says so.
+   */
+  async markComplete(size: number): Promise<void> {
+    await this.stop();
+    await writeState(this.#path, {
+      ...this.#base,
+      done: size > 0 ? [[0, size]] : [],
+      complete: true,
+    });
   }
 
   /** Removes the state file (the copy is complete). */

@@ -9,7 +9,7 @@
  * @module
  */
 
-import { type CopyState, readState } from "../copy/resume.ts";
+import { type CopyState, readState, writeState } from "../copy/resume.ts";
 import { assertBytes, assertEquals, assertIncludes, assertOk } from "./assert.ts";
 import {
   nbdExecutable,
@@ -568,4 +568,38 @@ Deno.test("copy --state: a second SIGINT stops at once and still leaves a resuma
   const resumed = await nbd(["copy", "-R", "64", `--state=${state}`, "--resume", server.uri, out]);
   assertEquals(resumed.code, 0, resumed.stderr);
   assertBytes(await Deno.readFile(out), source, "the resumed copy");
+});
+
+Deno.test("copy --resume after the rename: a finished copy is reported, an unfinished one refused", async () => {
+  await using dir = await tempDir();
+  const src = `${dir.path}/src.img`;
+  await writeSource(src, 31);
+  const out = `${dir.path}/out.img`;
+  const state = `${dir.path}/copy.state`;
+  // A complete copy, then the state it would have left had it stopped before removing it.
+  const copied = await nbd(["copy", `--state=${state}`, src, out]);
+  assertEquals(copied.code, 0, copied.stderr);
+  assertEquals(await Deno.stat(state).then(() => true, () => false), false, "state left");
+  const left: CopyState = {
+    version: 1,
+    source: { argument: src, kind: "file", size: SIZE },
+    destination: {
+      argument: out,
+      kind: "file",
+      size: SIZE,
+      partial: `${dir.path}/.out.img.nbd-copy-0000`,
+    },
+    options: { sparse: 4096, allocated: false, destinationIsZero: false, extents: true },
+    done: [[0, SIZE]],
+  };
+  await writeState(state, { ...left, complete: true });
+  const finished = await nbd(["copy", `--state=${state}`, "--resume", src, out]);
+  assertEquals(finished.code, 0, finished.stderr);
+  assertIncludes(oneLine(finished.stderr, "finished"), `${state} records a finished copy`);
+  assertEquals(await Deno.stat(state).then(() => true, () => false), false, "state left");
+  // Not marked complete: the destination that appeared is not ours to trust.
+  await writeState(state, left);
+  const refused = await nbd(["copy", `--state=${state}`, "--resume", src, out]);
+  assertEquals(refused.code, 1, refused.stderr);
+  assertIncludes(oneLine(refused.stderr, "unfinished"), `${out} exists now`);
 });
