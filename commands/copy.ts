@@ -764,7 +764,7 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
       checkRoom(source, destination);
       done = new RangeSet(saved?.done ?? []);
       const lost = destination instanceof NbdEndpoint ? destination.lost : undefined;
-      checkpoints = new Checkpointer(
+      const checkpointer = new Checkpointer(
         config.state,
         current,
         done,
@@ -773,7 +773,12 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
         lost ? () => lost : undefined,
       );
       // Saved before anything is written, so that even a copy killed at once can be resumed.
-      await checkpoints.saveNow();
+      try {
+        await checkpointer.saveNow();
+      } catch (error) {
+        throw new StateError(`cannot write ${config.state}: ${describeCause(error)}`);
+      }
+      checkpoints = checkpointer;
     }
     if (config.state === undefined) checkRoom(source, destination);
     const resumed = done !== undefined && done.bytes > 0;

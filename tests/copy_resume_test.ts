@@ -603,3 +603,15 @@ Deno.test("copy --resume after the rename: a finished copy is reported, an unfin
   assertEquals(refused.code, 1, refused.stderr);
   assertIncludes(oneLine(refused.stderr, "unfinished"), `${out} exists now`);
 });
+
+Deno.test("copy --state where the state cannot be written: one line, nothing left", async () => {
+  await using dir = await tempDir();
+  const src = `${dir.path}/src.img`;
+  await writeSource(src, 37);
+  const out = `${dir.path}/out.img`;
+  const state = `${dir.path}/missing/copy.state`;
+  const result = await nbd(["copy", `--state=${state}`, src, out]);
+  assertEquals(result.code, 1, result.stderr);
+  assertIncludes(oneLine(result.stderr, "unwritable state"), `cannot write ${state}:`);
+  assertEquals([...Deno.readDirSync(dir.path)].map((e) => e.name), ["src.img"]);
+});
