@@ -122,7 +122,7 @@ export const CASE_NAMES: readonly string[] = Object.keys(CASES);
 // Server processes
 
 /** An `nbd serve` or `nbd proxy` subprocess (possibly under strace). */
-class NbdProcess {
+export class NbdProcess {
   readonly child: Deno.ChildProcess;
   readonly pid: number;
   readonly #stderr: Promise<string>;
@@ -154,6 +154,7 @@ class NbdProcess {
     args: string[],
     ready: () => Promise<void>,
     prefix: string[] = [],
+    denoFlags: string[] = [],
   ): Promise<NbdProcess> {
     const pidfile = `${dir}/pid-${crypto.randomUUID()}`;
     const argv = [
@@ -162,6 +163,7 @@ class NbdProcess {
       "run",
       "-A",
       "--quiet",
+      ...denoFlags,
       `${ROOT}/main.ts`,
       args[0]!,
       "-P",
@@ -237,11 +239,13 @@ class NbdProcess {
   }
 }
 
-async function serveUnix(
+/** Starts `nbd serve|proxy ARGS` on the Unix socket `socket` (`prefix`, e.g. strace, in front). */
+export async function serveUnix(
   dir: string,
   socket: string,
   args: string[],
   prefix: string[] = [],
+  denoFlags: string[] = [],
 ): Promise<NbdProcess> {
   await Deno.remove(socket).catch(() => {});
   return await NbdProcess.start(
@@ -249,6 +253,7 @@ async function serveUnix(
     [args[0]!, "-U", socket, ...args.slice(1)],
     () => waitForSocket(socket, 30_000),
     prefix,
+    denoFlags,
   );
 }
 

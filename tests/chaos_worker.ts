@@ -37,6 +37,8 @@ export interface ChaosStats {
   writes: number;
   /** Successful FLUSHes. */
   flushes: number;
+  /** Successful WRITE_ZEROES. */
+  zeroes: number;
   /** Error replies, by errno name. */
   errnos: Record<string, number>;
   /** Requests failed because the connection was lost. */
@@ -68,6 +70,7 @@ export function emptyChaosStats(): ChaosStats {
     reads: 0,
     writes: 0,
     flushes: 0,
+    zeroes: 0,
     errnos: {},
     connectionLosses: 0,
     reconnects: 0,
@@ -90,6 +93,7 @@ export function mergeChaosStats(into: ChaosStats, from: ChaosStats): ChaosStats 
       "reads",
       "writes",
       "flushes",
+      "zeroes",
       "connectionLosses",
       "reconnects",
       "hangs",
@@ -135,6 +139,12 @@ export interface ChaosWorkerOptions {
   fuaPercent?: number;
   /** Percentage of requests that are FLUSH (default 2). */
   flushPercent?: number;
+  /**
+   * Percentage of writes sent as WRITE_ZEROES (default 0). The model cannot
+   * tell a failed zeroing from the older zeroes of a never-written block, so
+   * this is for runs without faults (the soak).
+   */
+  zeroPercent?: number;
   /** Longest a request or a reconnection may take before it counts as a hang (default 20 s). */
   watchdogMs?: number;
 }
@@ -167,6 +177,7 @@ export class ChaosWorker {
       inFlight: 16,
       fuaPercent: 5,
       flushPercent: 2,
+      zeroPercent: 0,
       watchdogMs: 20_000,
       ...options,
     };
@@ -307,7 +318,18 @@ export class ChaosWorker {
     const length = count * blockSize;
     const writing = roll < 55;
     try {
-      if (writing) {
+      if (writing && this.#random(100) < this.#o.zeroPercent) {
+        // Zeroes are version 0, which every block's candidates include.
+        const mayTrim = this.#random(2) === 0;
+        await this.#bounded(client.zero(offset, length, mayTrim), watchdogMs, `ZERO ${offset}`);
+        for (let i = 0; i < count; i++) {
+          this.#acked[start + i] = 0;
+          const history = this.#history[start + i]!;
+          history.push(0);
+          if (history.length > HISTORY) history.shift();
+        }
+        this.stats.zeroes++;
+      } else if (writing) {
         const versions: number[] = [];
         const data = new Uint8Array(length);
         for (let i = 0; i < count; i++) {

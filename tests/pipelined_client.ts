@@ -120,6 +120,16 @@ export class PipelinedClient {
     return this.#submit(C.NBD_CMD_WRITE, fua ? C.NBD_CMD_FLAG_FUA : 0, offset, data.length, data);
   }
 
+  /** Writes zeroes over `length` bytes at `offset` (NO_HOLE unless `mayTrim`). */
+  zero(offset: number, length: number, mayTrim = true): Promise<void> {
+    return this.#submit(
+      C.NBD_CMD_WRITE_ZEROES,
+      mayTrim ? 0 : C.NBD_CMD_FLAG_NO_HOLE,
+      offset,
+      length,
+    );
+  }
+
   /** Flushes the export. */
   flush(): Promise<void> {
     return this.#submit(C.NBD_CMD_FLUSH, 0, 0, 0);
