@@ -121,6 +121,16 @@ export const CASE_NAMES: readonly string[] = Object.keys(CASES);
 // ---------------------------------------------------------------------------
 // Server processes
 
+/** How to start an `nbd` subprocess. */
+export interface SpawnOptions {
+  /** A command put in front (e.g. strace and its options). */
+  prefix?: string[];
+  /** Options for `deno run` (e.g. --v8-flags). */
+  denoFlags?: string[];
+  /** Extra environment variables. */
+  env?: Record<string, string>;
+}
+
 /** An `nbd serve` or `nbd proxy` subprocess (possibly under strace). */
 export class NbdProcess {
   readonly child: Deno.ChildProcess;
@@ -153,9 +163,9 @@ export class NbdProcess {
     dir: string,
     args: string[],
     ready: () => Promise<void>,
-    prefix: string[] = [],
-    denoFlags: string[] = [],
+    options: SpawnOptions = {},
   ): Promise<NbdProcess> {
+    const { prefix = [], denoFlags = [] } = options;
     const pidfile = `${dir}/pid-${crypto.randomUUID()}`;
     const argv = [
       ...prefix,
@@ -172,7 +182,7 @@ export class NbdProcess {
     ];
     const child = new Deno.Command(argv[0]!, {
       args: argv.slice(1),
-      env: { DENO_NO_UPDATE_CHECK: "1" },
+      env: { DENO_NO_UPDATE_CHECK: "1", ...options.env },
       stdin: "null",
       stdout: "null",
       stderr: "piped",
@@ -244,16 +254,14 @@ export async function serveUnix(
   dir: string,
   socket: string,
   args: string[],
-  prefix: string[] = [],
-  denoFlags: string[] = [],
+  options: SpawnOptions = {},
 ): Promise<NbdProcess> {
   await Deno.remove(socket).catch(() => {});
   return await NbdProcess.start(
     dir,
     [args[0]!, "-U", socket, ...args.slice(1)],
     () => waitForSocket(socket, 30_000),
-    prefix,
-    denoFlags,
+    options,
   );
 }
 
@@ -577,18 +585,20 @@ async function fsyncFail(ctx: CaseContext): Promise<CaseSetup | string> {
   await makeImage(image, ctx.exportSize);
   const trace = `${ctx.dir}/fsync.trace`;
   // Every second fsync (or fdatasync) the server makes fails with EIO without being performed.
-  const server = await serveUnix(ctx.dir, `${ctx.dir}/file.sock`, ["serve", "file", image], [
-    "strace",
-    "-f",
-    "-qq",
-    "--seccomp-bpf",
-    "-o",
-    trace,
-    "-e",
-    "trace=fsync,fdatasync",
-    "-e",
-    "inject=fsync,fdatasync:error=EIO:when=2+2",
-  ]);
+  const server = await serveUnix(ctx.dir, `${ctx.dir}/file.sock`, ["serve", "file", image], {
+    prefix: [
+      "strace",
+      "-f",
+      "-qq",
+      "--seccomp-bpf",
+      "-o",
+      trace,
+      "-e",
+      "trace=fsync,fdatasync",
+      "-e",
+      "inject=fsync,fdatasync:error=EIO:when=2+2",
+    ],
+  });
   const injected = async () =>
     ((await Deno.readTextFile(trace).catch(() => "")).match(/\(INJECTED\)/g) ?? []).length;
   return {

@@ -1,14 +1,17 @@
-// Durability of acknowledged data on a file export, an orderly SIGTERM, and
-// clients that die mid-request. The server runs as a subprocess so it can be
-// killed; where the test must see inside it (is a FLUSH reply really waiting
-// for fsync?) it runs under strace, which injects failures or delays into
-// fsync without changing the server.
+// Durability of acknowledged data on a file export, an orderly SIGTERM,
+// clients that die mid-request, and the writable filters (cache, qcow2, cow)
+// under SIGKILL at random points (rounds of tests/crash_consistency.ts).
+// The server runs as a subprocess so it can be killed; where the test must
+// see inside it (is a FLUSH reply really waiting for fsync?) it runs under
+// strace, which injects failures or delays into fsync without changing the
+// server.
 
 import { assertEquals, assertOk } from "./assert.ts";
 import { peers, ROOT, type ServerProcess, startNbdServe, startServer, tempDir } from "./helpers.ts";
 import { NbdReplyError, PipelinedClient } from "./pipelined_client.ts";
 import { blockContents, checkBlock, VerifiedWorker } from "./verified_io.ts";
 import * as C from "../protocol/constants.ts";
+import { formatCrash, runCrash } from "./crash_consistency.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -242,4 +245,53 @@ Deno.test("durability: clients killed mid-stream do not disturb verified I/O on 
   const fresh = await PipelinedClient.connect(server.socket!);
   assertEquals((await fresh.read(16 * MiB, 4)).length, 4);
   await fresh.disconnect();
+});
+
+Deno.test("durability: cache (writeback) keeps every flushed byte across SIGKILLs at random points", async () => {
+  const result = await runCrash("cache", { rounds: 4 });
+  console.log(formatCrash(result));
+  assertEquals(result.failures, []);
+  assertEquals([result.stats.lostFlushedBytes, result.stats.foreign], [0, 0]);
+  assertOk(result.stats.flushes > 0 && result.stats.bytesVerified > 0);
+});
+
+Deno.test(
+  "durability: qcow2 keeps every flushed byte across SIGKILLs and qemu-img check finds no corruption",
+  peers("qemu-img"),
+  async () => {
+    const result = await runCrash("qcow2", { rounds: 4 });
+    console.log(formatCrash(result));
+    assertEquals(result.failures, []);
+    assertEquals([result.stats.lostFlushedBytes, result.stats.foreign], [0, 0]);
+    assertEquals(result.checks["2"], undefined);
+    assertEquals(Object.values(result.checks).reduce((a, b) => a + b, 0), 4);
+  },
+);
+
+Deno.test("durability: cow is volatile as documented: after a SIGKILL the layer below is unchanged and nothing is left in TMPDIR", async () => {
+  const result = await runCrash("cow", { rounds: 2 });
+  console.log(formatCrash(result));
+  assertEquals(result.failures, []);
+  assertOk(result.overlayBytes > 0);
+});
+
+Deno.test("durability: cache=writeback loses unflushed writes on a crash, as documented, and FLUSH makes them persistent", async () => {
+  await using dir = await tempDir("nbd-durable");
+  const image = `${dir.path}/disk.img`;
+  await makeImage(image, 8 * MiB);
+  const args = ["--filter=cache", "file", image, "cache=writeback"];
+  {
+    await using server = await startNbdServe(args);
+    const client = await PipelinedClient.connect(server.socket!);
+    await client.write(block(5, 0, 1), 0);
+    await client.flush();
+    await client.write(block(5, 1, 1), 4 * KiB); // acknowledged, never flushed
+    assertOk(checkBlock(await client.read(4 * KiB, 4 * KiB), 5, 1, 1), "visible before the crash");
+    server.child.kill("SIGKILL");
+    assertEquals((await server.child.status).signal, "SIGKILL");
+    client.close();
+  }
+  const bytes = await Deno.readFile(image);
+  assertOk(checkBlock(bytes.subarray(0, 4 * KiB), 5, 0, 1), "the flushed block");
+  assertOk(checkBlock(bytes.subarray(4 * KiB, 8 * KiB), 5, 1, 0), "the unflushed block is gone");
 });

@@ -109,8 +109,7 @@ async function soakOne(kind: "memory" | "file", options: SoakOptions): Promise<S
       "64",
       ...(kind === "file" ? ["file", image] : ["memory", String(size)]),
     ],
-    [],
-    [`--v8-flags=${PRESIZED_YOUNG_GENERATION}`],
+    { denoFlags: [`--v8-flags=${PRESIZED_YOUNG_GENERATION}`] },
   );
   const result: SoakResult = {
     export: kind,
