@@ -20,7 +20,7 @@
 import { parseArgs } from "node:util";
 import * as C from "../protocol/constants.ts";
 import { BufferedReader } from "../io/buffered_reader.ts";
-import { writeAll } from "../io/byte_stream.ts";
+import { type ByteStream, writeAll } from "../io/byte_stream.ts";
 import {
   describeOption,
   describeRequest,
@@ -106,13 +106,16 @@ export interface FuzzReport {
   servers: ServerReport[];
 }
 
-interface Target extends TargetInfo {
+/** A server being fuzzed. */
+export interface Target extends TargetInfo {
+  /** The server process. */
   server: ServerProcess;
+  /** Its Unix socket. */
   socket: string;
 }
 
 /** Counts cases and violations. */
-class Tally {
+export class Tally {
   cases = 0;
   readonly classes = new Map<string, number>();
   readonly outcomes = new Map<string, number>();
@@ -134,18 +137,23 @@ class Tally {
 }
 
 /** A connection to the server being fuzzed, with a deadline per step. */
-class Wire {
-  readonly conn: Deno.Conn;
+export class Wire {
+  /** The byte stream (a socket, or TLS over one). */
+  readonly conn: ByteStream;
+  /** Buffered reads from `conn`. */
   readonly reader: BufferedReader;
+  /** The step deadline expired and closed the connection. */
   timedOut = false;
   #closed = false;
   #timer: ReturnType<typeof setTimeout> | undefined;
 
-  private constructor(conn: Deno.Conn) {
+  /** Wraps an open stream. */
+  constructor(conn: ByteStream) {
     this.conn = conn;
     this.reader = new BufferedReader(conn, 64 * 1024);
   }
 
+  /** Connects to a Unix socket. */
   static async open(path: string): Promise<Wire> {
     return new Wire(await Deno.connect({ transport: "unix", path }));
   }
@@ -159,6 +167,7 @@ class Wire {
     }, ms);
   }
 
+  /** Cancels the step deadline. */
   disarm(): void {
     clearTimeout(this.#timer);
   }
@@ -173,6 +182,7 @@ class Wire {
     }
   }
 
+  /** Reads exactly n bytes. */
   read(n: number): Promise<Uint8Array> {
     return this.reader.readExact(n, "a reply");
   }
@@ -198,6 +208,7 @@ class Wire {
     }
   }
 
+  /** Closes the connection (idempotent). */
   close(): void {
     this.disarm();
     if (this.#closed) return;
@@ -209,7 +220,7 @@ class Wire {
 }
 
 /** Thrown inside a connection when the stream cannot be followed any more. */
-class Desync extends Error {}
+export class Desync extends Error {}
 
 function u64(view: DataView, pos: number): bigint {
   return view.getBigUint64(pos);
@@ -291,7 +302,29 @@ async function drive(
     extended: false,
     meta: "none",
   };
-  let pendingFlags: Uint8Array | undefined = flagBytes;
+  await haggle(wire, target, rng, tally, stop, state, flagBytes);
+}
+
+/** How many request batches a session sends before its ending, at most. */
+export interface SessionShape {
+  /** Most pipelined request batches per session (default 6). */
+  maxBatches?: number;
+}
+
+/**
+ * Option haggling from `state` until a case ends the handshake, then
+ * transmission. `pendingFlags` (the client flags) go out with the first batch.
+ */
+export async function haggle(
+  wire: Wire,
+  target: Target,
+  rng: Rng,
+  tally: Tally,
+  stop: () => boolean,
+  state: HandshakeState,
+  pendingFlags: Uint8Array | undefined,
+  shape: SessionShape = {},
+): Promise<void> {
   // Option haggling in pipelined batches until a case ends the handshake.
   for (let round = 0; !stop(); round++) {
     const batch: OptionCase[] = [];
@@ -352,7 +385,7 @@ async function drive(
     if (goPipelined.length > 0) {
       await readRequestReplies(wire, tx, goPipelined, tally);
     }
-    await transmission(wire, tx, rng, tally, stop, goPipelined.length + 1);
+    await transmission(wire, tx, rng, tally, stop, goPipelined.length + 1, shape.maxBatches ?? 6);
     return;
   }
 }
@@ -393,7 +426,8 @@ function simpleValidRequest(
   };
 }
 
-function concatAll(parts: Uint8Array[]): Uint8Array {
+/** Concatenates byte arrays. */
+export function concatAll(parts: Uint8Array[]): Uint8Array {
   const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
   let pos = 0;
   for (const p of parts) {
@@ -572,9 +606,10 @@ async function transmission(
   tally: Tally,
   stop: () => boolean,
   firstCookie: number,
+  maxBatches: number,
 ): Promise<void> {
   let cookie = BigInt(firstCookie) | (BigInt(rng.next()) << 32n);
-  const batches = rng.range(1, 6);
+  const batches = rng.range(1, maxBatches);
   for (let b = 0; b < batches && !stop(); b++) {
     const n = rng.range(1, 16);
     const cases: RequestCase[] = [];
@@ -847,7 +882,9 @@ async function storm(target: Target, rng: Rng, tally: Tally): Promise<void> {
   }));
 }
 
-const CRASH_PATTERN = /Uncaught|panicked|RangeError|TypeError|ReferenceError|SyntaxError|^\s+at /;
+/** Log lines that show an internal error in the server. */
+export const CRASH_PATTERN =
+  /Uncaught|panicked|RangeError|TypeError|ReferenceError|SyntaxError|^\s+at /;
 
 /** Runs the fuzzer and returns its report. */
 export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzReport> {
@@ -998,14 +1035,15 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzReport> {
 }
 
 /** Keeps about n evenly spaced samples, always including the last. */
-function thin<T>(samples: T[], n: number): T[] {
+export function thin<T>(samples: T[], n: number): T[] {
   if (samples.length <= n) return samples;
   const out: T[] = [];
   for (let i = 1; i <= n; i++) out.push(samples[Math.round((i * samples.length) / n) - 1]!);
   return out;
 }
 
-function logKinds(lines: string[]): Array<[string, number]> {
+/** The most frequent kinds of log line (numbers masked) with their counts. */
+export function logKinds(lines: string[]): Array<[string, number]> {
   const kinds = new Map<string, number>();
   for (const line of lines) {
     const kind = line.replace(/\d+/g, "N").replace(/"[^"]*"/g, '"…"').slice(0, 120);
@@ -1076,11 +1114,15 @@ async function main(): Promise<number> {
       seconds: { type: "string", short: "s" },
       seed: { type: "string" },
       workers: { type: "string", short: "w" },
+      tls: { type: "boolean" },
       help: { type: "boolean", short: "h" },
     },
   });
   if (values.help) {
-    console.log("Usage: deno task fuzz [--cases N] [--seconds S] [--seed N] [--workers N]");
+    console.log(
+      "Usage: deno task fuzz [--tls] [--cases N] [--seconds S] [--seed N] [--workers N]\n" +
+        "  --tls   fuzz TLS sessions and the STARTTLS edge instead of plaintext connections",
+    );
     return 0;
   }
   const number = (text: string | undefined, name: string): number | undefined => {
@@ -1092,6 +1134,18 @@ async function main(): Promise<number> {
     }
     return n;
   };
+  if (values.tls) {
+    const { formatTlsFuzzReport, runTlsFuzz, tlsFuzzPassed } = await import("./fuzz_tls.ts");
+    const report = await runTlsFuzz({
+      cases: number(values.cases, "--cases"),
+      seconds: number(values.seconds, "--seconds"),
+      seed: number(values.seed, "--seed"),
+      workers: number(values.workers, "--workers"),
+      log: (line) => console.log(line),
+    });
+    console.log(formatTlsFuzzReport(report));
+    return tlsFuzzPassed(report) ? 0 : 1;
+  }
   const report = await runFuzz({
     cases: number(values.cases, "--cases"),
     seconds: number(values.seconds, "--seconds"),
@@ -1103,4 +1157,5 @@ async function main(): Promise<number> {
   return fuzzPassed(report) ? 0 : 1;
 }
 
-if (import.meta.main) Deno.exit(await main());
+// No top-level await: fuzz_tls.ts imports this module, and main() imports that one.
+if (import.meta.main) main().then((code) => Deno.exit(code));

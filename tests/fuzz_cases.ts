@@ -165,6 +165,8 @@ export interface HandshakeState {
   extended: boolean;
   /** base:allocation is selected for "" ("unknown" after a SET the spec leaves open). */
   meta: "none" | "base" | "unknown";
+  /** TLS is already negotiated on this connection. */
+  tls?: boolean;
 }
 
 /** The expected outcome of an option. */
@@ -395,6 +397,10 @@ export function nextOptionCase(rng: Rng, state: HandshakeState, terminalOk: bool
       ? finalCase("STARTTLS with data", C.NBD_OPT_STARTTLS, rng.bytes(rng.range(1, 64)), [
         C.NBD_REP_ERR_INVALID,
       ])
+      : state.tls
+      ? finalCase("STARTTLS inside TLS", C.NBD_OPT_STARTTLS, new Uint8Array(), [
+        C.NBD_REP_ERR_INVALID,
+      ])
       : finalCase("STARTTLS without TLS", C.NBD_OPT_STARTTLS, new Uint8Array(), [
         C.NBD_REP_ERR_POLICY,
         C.NBD_REP_ERR_UNSUP,
@@ -494,6 +500,38 @@ export function nextOptionCase(rng: Rng, state: HandshakeState, terminalOk: bool
       decoded.queries.some((q) => q === C.BASE_ALLOCATION || q === "base:");
   c.contexts = selected ? [1, 1] : [0, 0];
   return c;
+}
+
+/**
+ * An option case for a server that requires TLS, sent before STARTTLS:
+ * everything but ABORT and STARTTLS itself is refused with ERR_TLS_REQD
+ * (after the usual checks that come first: fixed newstyle, STARTTLS data),
+ * and EXPORT_NAME, which cannot be refused, closes the connection. Never
+ * returns a valid STARTTLS (the caller sends that).
+ */
+export function preTlsOptionCase(rng: Rng, state: HandshakeState): OptionCase {
+  if (rng.chance(0.05)) {
+    return {
+      name: "EXPORT_NAME before STARTTLS",
+      bytes: optionBytes(C.NBD_OPT_EXPORT_NAME, new Uint8Array()),
+      option: C.NBD_OPT_EXPORT_NAME,
+      expect: { kind: "close" },
+    };
+  }
+  while (true) {
+    const c = nextOptionCase(rng, state, false);
+    if (c.option === C.NBD_OPT_STARTTLS) {
+      if (c.expect.kind === "final" && c.expect.accept.includes(C.NBD_REP_ERR_INVALID)) return c;
+      continue; // a valid STARTTLS: the caller's job
+    }
+    if (!state.fixed || c.expect.kind !== "final") return c;
+    return {
+      name: `${c.name.split(" ")[0]} before STARTTLS`,
+      bytes: c.bytes,
+      option: c.option,
+      expect: { kind: "final", accept: [C.NBD_REP_ERR_TLS_REQD] },
+    };
+  }
 }
 
 /** A case that ends the handshake: GO/EXPORT_NAME into transmission, or a close. */

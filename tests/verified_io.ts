@@ -12,6 +12,9 @@
 
 import type { PipelinedClient } from "./pipelined_client.ts";
 
+/** The calls a worker makes: a PipelinedClient, or an adapter over another client. */
+export type VerifiedClient = Pick<PipelinedClient, "read" | "write" | "flush">;
+
 /** Figures one worker (or several, merged) collected. */
 export interface IoStats {
   /** Requests completed (successfully or not). */
@@ -135,7 +138,7 @@ export interface VerifiedWorkerOptions {
 export class VerifiedWorker {
   /** What this worker has done so far. */
   readonly stats: IoStats = emptyStats();
-  readonly #client: PipelinedClient;
+  readonly #client: VerifiedClient;
   readonly #o: Required<VerifiedWorkerOptions>;
   /** Last acknowledged version of each block. */
   readonly #versions: Uint32Array;
@@ -147,7 +150,7 @@ export class VerifiedWorker {
   #rand: number;
 
   /** Creates a worker over a negotiated connection. */
-  constructor(client: PipelinedClient, options: VerifiedWorkerOptions) {
+  constructor(client: VerifiedClient, options: VerifiedWorkerOptions) {
     this.#client = client;
     this.#o = {
       maxBlocks: 8,
