@@ -229,22 +229,29 @@ export const qcow2Filter: Filter = {
       imagePath: params.peek("file"),
     };
     if (options.backing === "") throw new UsageError("qcow2-backing: expected a path");
-    let opened: Promise<{ image: Qcow2Image; backing?: Layer }> | undefined;
+    // One image state per export: a plugin with several exports (file dir=...) has one image each.
+    const opened = new Map<string, Promise<{ image: Qcow2Image; backing?: Layer }>>();
     return Promise.resolve({
       async wrap(next, context) {
-        opened ??= openImage(next, context.readonly, options).catch((error) => {
-          opened = undefined; // let the next connection try again
-          if (error instanceof Qcow2FormatError || error instanceof Qcow2IoError) {
-            throw new NbdError("EINVAL", `qcow2: ${error.message}`);
-          }
-          throw error;
-        });
-        const { image } = await opened;
+        const key = context.exportName;
+        let state = opened.get(key);
+        if (!state) {
+          state = openImage(next, context.readonly, options).catch((error) => {
+            opened.delete(key); // let the next connection try again
+            if (error instanceof Qcow2FormatError || error instanceof Qcow2IoError) {
+              throw new NbdError("EINVAL", `qcow2: ${error.message}`);
+            }
+            throw error;
+          });
+          opened.set(key, state);
+        }
+        const { image } = await state;
         return new Qcow2Backend(next, image);
       },
       async close() {
-        const state = await opened?.catch(() => undefined);
-        await state?.backing?.close();
+        for (const state of opened.values()) {
+          await (await state.catch(() => undefined))?.backing?.close();
+        }
       },
     });
   },

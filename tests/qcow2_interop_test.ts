@@ -498,3 +498,33 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "qcow2 over file dir=: every export has its own image (size, mapping and data)",
+  ...PEERS,
+  async fn() {
+    await using dir = await tempDir("nbd-qcow2");
+    const d = dir.path;
+    // Different sizes, cluster sizes and contents: a shared image state would mix them up.
+    await runOk("qemu-img", ["create", "-q", "-f", "qcow2", `${d}/a.qcow2`, "1M"]);
+    await runOk("qemu-img", [
+      ...["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"],
+      ...[`${d}/b.qcow2`, "3M"],
+    ]);
+    await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0xaa 0 64k", `${d}/a.qcow2`]);
+    await runOk("qemu-io", [
+      ...["-f", "qcow2", "-c", "write -P 0xbb 2M 8k", "-c", "write -P 0xcc 0 4k"],
+      `${d}/b.qcow2`,
+    ]);
+    await using server = await startNbdServe(["-r", "--filter=qcow2", "file", `dir=${d}`]);
+    for (const name of ["a.qcow2", "b.qcow2", "a.qcow2"]) {
+      const uri = `nbd+unix:///${name}?socket=${server.socket}`;
+      await runOk("nbdcopy", [uri, `${d}/${name}.out`]);
+      await runOk("qemu-img", ["convert", "-O", "raw", `${d}/${name}`, `${d}/${name}.want`]);
+      assertBytes(
+        await Deno.readFile(`${d}/${name}.out`),
+        await Deno.readFile(`${d}/${name}.want`),
+      );
+    }
+  },
+});
