@@ -439,16 +439,29 @@ export class Qcow2Image {
   async read(store: ImageStore, buf: Uint8Array, offset: number): Promise<void> {
     const end = offset + buf.length;
     if (end > this.size) fail("read past the end of the image");
-    // The mapping is mostly in memory; the pieces are then read all at once.
+    // The mapping is mostly in memory; the pieces are read while later ones are looked up.
+    // Every piece started is settled before this returns or throws: a failed piece is then
+    // never an unhandled rejection (which would end the process), and no piece still
+    // writes into `buf` once the caller has it back.
     const reads: Promise<void>[] = [];
     let pos = offset;
-    while (pos < end) {
-      const run = await this.lookup(store, pos, end - pos);
-      const piece = buf.subarray(pos - offset, pos - offset + run.length);
-      reads.push(this.#readRun(store, run, piece, pos));
-      pos += run.length;
+    let lookupFailed = false;
+    let lookupError: unknown;
+    try {
+      while (pos < end) {
+        const run = await this.lookup(store, pos, end - pos);
+        const piece = buf.subarray(pos - offset, pos - offset + run.length);
+        const read = this.#readRun(store, run, piece, pos);
+        read.catch(() => {}); // reported below, after all pieces settle
+        reads.push(read);
+        pos += run.length;
+      }
+    } catch (error) {
+      lookupFailed = true;
+      lookupError = error;
     }
     const results = await Promise.allSettled(reads);
+    if (lookupFailed) throw lookupError;
     for (const r of results) if (r.status === "rejected") throw r.reason;
   }
 
