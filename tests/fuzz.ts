@@ -1115,13 +1115,17 @@ async function main(): Promise<number> {
       seed: { type: "string" },
       workers: { type: "string", short: "w" },
       tls: { type: "boolean" },
+      qcow2: { type: "boolean" },
+      served: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   });
   if (values.help) {
     console.log(
-      "Usage: deno task fuzz [--tls] [--cases N] [--seconds S] [--seed N] [--workers N]\n" +
-        "  --tls   fuzz TLS sessions and the STARTTLS edge instead of plaintext connections",
+      "Usage: deno task fuzz [--tls | --qcow2 [--served N]] [--cases N] [--seconds S] [--seed N] [--workers N]\n" +
+        "  --tls      fuzz TLS sessions and the STARTTLS edge instead of plaintext connections\n" +
+        "  --qcow2    fuzz the qcow2 format code with mutated images (in process, served\n" +
+        "             through --filter=qcow2 (--served N images), nbd info/copy, backing chains)",
     );
     return 0;
   }
@@ -1134,6 +1138,21 @@ async function main(): Promise<number> {
     }
     return n;
   };
+  if (values.qcow2) {
+    const { formatQcow2FuzzReport, qcow2FuzzPassed, runQcow2Fuzz } = await import(
+      "./fuzz_qcow2.ts"
+    );
+    const report = await runQcow2Fuzz({
+      cases: number(values.cases, "--cases"),
+      seconds: number(values.seconds, "--seconds"),
+      seed: number(values.seed, "--seed"),
+      workers: number(values.workers, "--workers"),
+      served: number(values.served, "--served"),
+      log: (line) => console.log(line),
+    });
+    console.log(formatQcow2FuzzReport(report));
+    return qcow2FuzzPassed(report) ? 0 : 1;
+  }
   if (values.tls) {
     const { formatTlsFuzzReport, runTlsFuzz, tlsFuzzPassed } = await import("./fuzz_tls.ts");
     const report = await runTlsFuzz({
