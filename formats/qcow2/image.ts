@@ -251,7 +251,7 @@ export class Qcow2Image {
     for (let i = 0; i < header.l1Size; i++) {
       const hi = l1View.getUint32(i * 8);
       const lo = l1View.getUint32(i * 8 + 4);
-      const offset = (hi & 0x00ffffff) * 2 ** 32 + (lo & 0xfffffe00);
+      const offset = (hi & 0x00ffffff) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
       if (offset === 0) continue;
       if (offset % cs !== 0 || (lo & 0x1ff) !== 0) {
         throw new Qcow2FormatError(`L1 entry ${i} is not cluster-aligned`);
@@ -275,7 +275,7 @@ export class Qcow2Image {
       for (let i = 0; i < reftable.length; i++) {
         const hi = view.getUint32(i * 8);
         const lo = view.getUint32(i * 8 + 4);
-        const offset = hi * 2 ** 32 + (lo & 0xfffffe00);
+        const offset = hi * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
         if (offset === 0) continue;
         if (hi >= 0x200000 || offset % cs !== 0 || offset + cs > fileSize) {
           throw new Qcow2FormatError(
@@ -294,7 +294,7 @@ export class Qcow2Image {
   #l1Offset(index: number): number {
     const hi = this.#l1View.getUint32(index * 8);
     const lo = this.#l1View.getUint32(index * 8 + 4);
-    return (hi & 0x00ffffff) * 2 ** 32 + (lo & 0xfffffe00);
+    return (hi & 0x00ffffff) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
   }
 
   /** The L2 table of L1 entry `index`, or undefined when unallocated. */
@@ -384,7 +384,7 @@ export class Qcow2Image {
         cluster: start,
       };
     }
-    const host = (hi & 0x00ffffff) * 2 ** 32 + (lo & 0xfffffe00);
+    const host = (hi & 0x00ffffff) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
     if (host % cs !== 0 || (hi & 0x3f000000) !== 0) fail("an L2 entry is not cluster-aligned");
     if (!this.#extended) {
       const kind = lo & 1 ? ZERO : host ? DATA : UNALLOCATED;
@@ -748,7 +748,7 @@ export class Qcow2Image {
   /** Whether guest cluster `cluster` is plain data (all of it) that may be written in place. */
   #inPlace(e: RawEntry | undefined): number {
     if (!e || (e.hi & COMPRESSED_BIT) || !(e.hi & COPIED)) return 0;
-    const host = (e.hi & 0x00ffffff) * 2 ** 32 + (e.lo & 0xfffffe00);
+    const host = (e.hi & 0x00ffffff) * 2 ** 32 + ((e.lo & 0xfffffe00) >>> 0);
     if (!host || (!this.#extended && (e.lo & 1))) return 0;
     if (this.#extended && e.allocBits !== 0xffffffff) return 0;
     if (this.#metadata.has(host)) fail("a data cluster overlaps metadata");
@@ -848,7 +848,7 @@ export class Qcow2Image {
   #releaseEntry(table: Uint8Array, c: number, first: Run): void {
     if (first.kind === COMPRESSED) return this.#release(first);
     const e = this.#entryOf(table, c)!;
-    const host = (e.hi & 0x00ffffff) * 2 ** 32 + (e.lo & 0xfffffe00);
+    const host = (e.hi & 0x00ffffff) * 2 ** 32 + ((e.lo & 0xfffffe00) >>> 0);
     if (host) this.#release({ kind: DATA, length: 0, host });
   }
 
@@ -891,7 +891,7 @@ export class Qcow2Image {
         const e = this.#entryOf(table, c)!;
         const host = old.kind === COMPRESSED
           ? 0
-          : (e.hi & 0x00ffffff) * 2 ** 32 + (e.lo & 0xfffffe00);
+          : (e.hi & 0x00ffffff) * 2 ** 32 + ((e.lo & 0xfffffe00) >>> 0);
         const keep = !v2 && host !== 0 && !deallocate && (e.hi & COPIED) !== 0;
         if (!keep) this.#releaseEntry(table, c, old);
         const index = c % this.#l2Entries;

@@ -264,3 +264,80 @@ Deno.test("qcow2 image: a failed piece of a read is settled with the rest, never
   await reopened.read(store, buf, 101 * cs);
   assertEquals(buf[0], 7);
 });
+
+/** A store with a small front and sparse windows far out (read as zeroes elsewhere). */
+class SparseStore implements ImageStore {
+  readonly front: MemoryStore;
+  readonly windows = new Map<number, Uint8Array>();
+  readonly length: number;
+  constructor(front: Uint8Array, length: number) {
+    this.front = new MemoryStore(front);
+    this.length = length;
+  }
+  size(): number {
+    return this.length;
+  }
+  window(at: number, bytes: number): Uint8Array {
+    const w = new Uint8Array(bytes);
+    this.windows.set(at, w);
+    return w;
+  }
+  #find(offset: number, length: number): Uint8Array | undefined {
+    for (const [at, w] of this.windows) {
+      if (offset >= at && offset + length <= at + w.length) return w.subarray(offset - at);
+    }
+    return undefined;
+  }
+  pread(buf: Uint8Array, offset: number): Promise<void> {
+    if (offset < 0) return Promise.reject(new RangeError(`negative offset ${offset}`));
+    const w = this.#find(offset, buf.length);
+    if (w) buf.set(w.subarray(0, buf.length));
+    else if (offset + buf.length <= this.front.length) return this.front.pread(buf, offset);
+    else buf.fill(0);
+    return Promise.resolve();
+  }
+  pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    if (offset < 0) return Promise.reject(new RangeError(`negative offset ${offset}`));
+    const w = this.#find(offset, buf.length);
+    if (!w) return Promise.reject(new RangeError(`write outside the windows at ${offset}`));
+    w.set(buf);
+    return Promise.resolve();
+  }
+  flush(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+Deno.test("qcow2 image: L2 tables and data clusters at host offsets with bit 31 set (past 2 GiB)", async () => {
+  const cs = 65536;
+  const built = new MemoryStore(createImage({ size: 8 * cs, clusterSize: cs }));
+  const image = await Qcow2Image.open(built, { writable: true });
+  await image.write(built, new Uint8Array(cs).fill(1), 0);
+  await image.flush(built);
+  const h = parseHeader(built.contents(), built.length);
+  const v = new DataView(built.bytes.buffer);
+  const l2 = Number(v.getBigUint64(h.l1TableOffset) & 0x00ff_ffff_ffff_fe00n);
+  // Move the L2 table to 2.5 GiB and guest clusters 0 and 1 to 3 GiB and 6.5 GiB.
+  const l2At = 0xa000_0000;
+  const dataAt = [0xc000_0000, 0x1_a000_0000];
+  const sparse = new SparseStore(built.contents(), 0x1_a000_0000 + cs);
+  const table = sparse.window(l2At, cs);
+  table.set(built.bytes.subarray(l2, l2 + cs));
+  const t = new DataView(table.buffer);
+  dataAt.forEach((at, i) => {
+    t.setBigUint64(i * 8, (1n << 63n) | BigInt(at));
+    sparse.window(at, cs).fill(0x41 + i);
+  });
+  new DataView(sparse.front.bytes.buffer).setBigUint64(h.l1TableOffset, (1n << 63n) | BigInt(l2At));
+  const reopened = await Qcow2Image.open(sparse, { writable: true });
+  const got = new Uint8Array(2 * cs);
+  await reopened.read(sparse, got, 0);
+  assertEquals([got[0], got[cs - 1], got[cs], got[2 * cs - 1]], [0x41, 0x41, 0x42, 0x42]);
+  const runs = await reopened.status(sparse, 0, 3 * cs);
+  assertEquals(runs.map((r) => [r.length, r.data]), [[2 * cs, true], [cs, false]]);
+  // In-place writes land in those clusters, not elsewhere.
+  await reopened.write(sparse, new Uint8Array(512).fill(0x5a), cs + 512);
+  assertEquals(sparse.windows.get(dataAt[1]!)![512], 0x5a);
+  await reopened.read(sparse, got, 0);
+  assertEquals([got[cs + 511], got[cs + 512], got[cs + 1024]], [0x42, 0x5a, 0x42]);
+});
