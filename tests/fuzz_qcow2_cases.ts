@@ -35,8 +35,11 @@ export class MemoryImage implements ImageStore {
     return this.#length;
   }
 
-  /** Reads; past the end reads zeroes, as a file does. */
+  /** Reads; past the end reads zeroes, as a file does. A bad offset is a bug in the caller. */
   pread(buf: Uint8Array, offset: number): Promise<void> {
+    if (!Number.isSafeInteger(offset) || offset < 0) {
+      return Promise.reject(new RangeError(`pread at offset ${offset}`));
+    }
     buf.fill(0);
     if (offset < this.#length) {
       buf.set(this.#bytes.subarray(offset, Math.min(this.#length, offset + buf.length)));
@@ -46,6 +49,9 @@ export class MemoryImage implements ImageStore {
 
   /** Writes, growing the store (bounded: a runaway writer fails like a full disk). */
   pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    if (!Number.isSafeInteger(offset) || offset < 0) {
+      return Promise.reject(new RangeError(`pwrite at offset ${offset}`));
+    }
     const end = offset + buf.length;
     if (end > 256 * MiB) return Promise.reject(new Qcow2IoError("fuzz store full (256 MiB)"));
     if (end > this.#bytes.length) {
