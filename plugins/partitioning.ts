@@ -466,7 +466,9 @@ export const partitioningPlugin: Plugin = {
     for (const path of paths) {
       let stat: Deno.FileInfo;
       try {
-        stat = await Deno.stat(path);
+        // Opened, not only looked at: an unreadable file is named now, not at the first client.
+        using file = await Deno.open(path, { read: true });
+        stat = await file.stat();
       } catch (error) {
         throw new UsageError(
           `partitioning: cannot open ${path}: ${

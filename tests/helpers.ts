@@ -441,3 +441,32 @@ export function assertCopyFailedFull(result: RunResult, out: string, dir: string
   assertOk(pattern.exec(lines[0]!), lines[0]);
   assertEquals([...Deno.readDirSync(dir)], [], "not even a temporary file");
 }
+
+/**
+ * Runs `nbd ARGS` as the unprivileged user nobody (uid 65534) through
+ * setpriv, so that file permissions apply. `dir` must be a directory
+ * nobody may enter: Deno's cache and a copy of the runtime go there.
+ */
+export async function runNbdAsNobody(dir: string, args: string[]): Promise<RunResult> {
+  await Deno.chmod(dir, 0o755);
+  const denoDir = `${dir}/deno-dir`;
+  await Deno.mkdir(denoDir, { recursive: true });
+  await Deno.chmod(denoDir, 0o777);
+  const deno = `${dir}/deno`;
+  await Deno.copyFile(Deno.execPath(), deno);
+  await Deno.chmod(deno, 0o755);
+  return await run("setpriv", [
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "env",
+    `DENO_DIR=${denoDir}`,
+    `HOME=${denoDir}`,
+    deno,
+    "run",
+    "-A",
+    "--quiet",
+    `${ROOT}/main.ts`,
+    ...args,
+  ]);
+}

@@ -28,8 +28,8 @@ import {
   nbdExecutable,
   peers,
   randomBytes,
-  ROOT,
   run,
+  runNbdAsNobody,
   runOk,
   startNbdServe,
   tempDir,
@@ -364,28 +364,10 @@ Deno.test({
     await Deno.writeTextFile(`${src}/secret.txt`, "no");
     await Deno.chmod(`${src}/secret.txt`, 0o600);
     await Deno.chmod(src, 0o755);
-    // Deno needs a cache directory the unprivileged user may write, and a runtime it may run.
-    const denoDir = `${dir.path}/deno-dir`;
-    await Deno.mkdir(denoDir);
-    await Deno.chmod(denoDir, 0o777);
-    const deno = `${dir.path}/deno`;
-    await Deno.copyFile(Deno.execPath(), deno);
-    await Deno.chmod(deno, 0o755);
-    const result = await run("setpriv", [
-      "--reuid=65534",
-      "--regid=65534",
-      "--clear-groups",
-      "env",
-      `DENO_DIR=${denoDir}`,
-      `HOME=${denoDir}`,
-      deno,
-      "run",
-      "-A",
-      "--quiet",
-      `${ROOT}/main.ts`,
+    const result = await runNbdAsNobody(dir.path, [
       "serve",
       "-U",
-      `${denoDir}/sock`,
+      `${dir.path}/deno-dir/sock`,
       "iso",
       src,
     ]);

@@ -11,11 +11,15 @@
 import { NbdClient } from "../client/client.ts";
 import { assertBytes, assertEquals, assertMatch, assertNotMatch, assertOk } from "./assert.ts";
 import {
+  eventually,
+  hasCommand,
+  INTEROP_REQUIRED,
   nbdExecutable,
   peers,
   randomBytes,
   readExport,
   run,
+  runNbdAsNobody,
   runOk,
   startNbdServe,
   tempDir,
@@ -192,4 +196,78 @@ Deno.test("partitioning: a missing file is a one-line error", async () => {
     2,
     'nbd: partitioning: partition-type must be gpt or mbr, got "apm"\n',
   ]);
+});
+
+Deno.test({
+  name: "partitioning: a file that changes size never lends bytes to its neighbours",
+  ...peers("nbdinfo"),
+  async fn() {
+    await using dir = await tempDir();
+    const a = `${dir.path}/a.img`;
+    const b = `${dir.path}/b.img`;
+    const aData = randomBytes(MiB + 100, 31);
+    const bData = randomBytes(2 * MiB, 32);
+    await Deno.writeFile(a, aData);
+    await Deno.writeFile(b, bData);
+    await using server = await startNbdServe(["partitioning", a, b, "partition-type=gpt"]);
+    await using client = await NbdClient.connect(server.uri);
+    // Partition 1 at 1 MiB (MiB + 100 bytes, padded to MiB + 512), partition 2 at 3 MiB.
+    const region = new Uint8Array(2 * MiB);
+    await client.pread(region, MiB);
+    assertBytes(region.subarray(0, aData.length), aData);
+    assertOk(region.subarray(aData.length).every((x) => x === 0));
+    // Shrunk under an open connection: what is gone reads as zeroes, the padding
+    // stays zero, and partition 2 is untouched.
+    await Deno.truncate(a, 500_000);
+    await client.pread(region, MiB);
+    assertBytes(region.subarray(0, 500_000), aData.subarray(0, 500_000));
+    assertOk(region.subarray(500_000).every((x) => x === 0), "zeroes past the shrunk end");
+    const second = new Uint8Array(bData.length);
+    await client.pread(second, 3 * MiB);
+    assertBytes(second, bData);
+    // Grown: the partition still ends where the table says; the new bytes stay out.
+    const grown = randomBytes(3 * MiB, 33);
+    await Deno.writeFile(a, grown);
+    await client.pread(region, MiB);
+    assertBytes(region.subarray(0, aData.length), grown.subarray(0, aData.length));
+    assertOk(region.subarray(aData.length).every((x) => x === 0), "padding stays zero");
+    await client.pread(second, 3 * MiB);
+    assertBytes(second, bData);
+    // A new connection is refused, and the server says why in one line.
+    const refused = await run("nbdinfo", ["--size", server.uri]);
+    assertEquals(refused.code, 1, refused.stdout);
+    await eventually(() => /changed size/.test(server.stderr()));
+    const lines = server.stderr().split("\n").filter((l) => /changed size/.test(l));
+    assertEquals(lines.length, 1, server.stderr());
+    assertMatch(lines[0]!, /^nbd: .*a\.img changed size since the partition table was made$/);
+  },
+});
+
+Deno.test({
+  name: "partitioning: an unreadable file is a one-line error at start-up (run as nobody)",
+  ignore: !hasCommand("setpriv") && !INTEROP_REQUIRED,
+  async fn() {
+    await using dir = await tempDir();
+    const readable = `${dir.path}/readable.img`;
+    const secret = `${dir.path}/secret.img`;
+    await Deno.writeFile(readable, randomBytes(4096, 1));
+    await Deno.writeFile(secret, randomBytes(4096, 2));
+    await Deno.chmod(readable, 0o644);
+    await Deno.chmod(secret, 0o600);
+    const result = await runNbdAsNobody(dir.path, [
+      "serve",
+      "-r",
+      "-U",
+      `${dir.path}/deno-dir/sock`,
+      "partitioning",
+      readable,
+      secret,
+    ]);
+    assertEquals(result.code, 2, result.stderr);
+    assertEquals(result.stderr.split("\n").length, 2, result.stderr);
+    assertMatch(
+      result.stderr,
+      /^nbd: partitioning: cannot open .*secret\.img: .*permission denied/i,
+    );
+  },
 });
