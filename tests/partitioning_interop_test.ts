@@ -24,6 +24,7 @@ import {
   startNbdServe,
   tempDir,
 } from "./helpers.ts";
+import { mountable, type MountScratch, mountScratch } from "./mount_helpers.ts";
 
 const MiB = 1 << 20;
 
@@ -269,5 +270,92 @@ Deno.test({
       result.stderr,
       /^nbd: partitioning: cannot open .*secret\.img: .*permission denied/i,
     );
+  },
+});
+
+/** `nbd attach ARGS`: the loop device it printed. */
+async function attachDevice(scratch: MountScratch, args: string[]): Promise<string> {
+  const result = await scratch.nbd(["attach", ...args]);
+  assertEquals(result.code, 0, result.stderr);
+  const device = result.stdout.trim();
+  assertMatch(device, /^\/dev\/loop\d+$/);
+  return device;
+}
+
+Deno.test({
+  name: "partitioning: ext4 made in a partition mounts through nbd attach, by filter and offset",
+  ...mountable(),
+  ...peers("mkfs.ext4", "e2fsck", "debugfs", "sfdisk", "mount", "umount", "losetup"),
+  async fn() {
+    await using scratch = await mountScratch();
+    const src = `${scratch.dir}/src`;
+    await Deno.mkdir(`${src}/dir`, { recursive: true });
+    const big = randomBytes(3 * MiB + 77, 41);
+    await Deno.writeFile(`${src}/dir/big.bin`, big);
+    await Deno.writeTextFile(`${src}/hello.txt`, "hello from a partition\n");
+    const boot = `${scratch.dir}/boot.img`;
+    await Deno.writeFile(boot, randomBytes(5 * MiB, 42));
+    const root = `${scratch.dir}/root.img`;
+    await runOk("mkfs.ext4", ["-q", "-F", "-L", "CIROOT", "-d", src, root, "48M"]);
+    const bootBefore = await Deno.readFile(boot);
+
+    // By the partition filter: the device is partition 2 only; a file written lands in root.img.
+    {
+      await using server = await startNbdServe([
+        "--filter=partition",
+        "partitioning",
+        boot,
+        root,
+        "partition-type=gpt",
+        "partition=2",
+      ]);
+      const device = await attachDevice(scratch, [server.uri]);
+      try {
+        await runOk("mount", [device, scratch.mnt]);
+        try {
+          assertEquals(
+            await Deno.readTextFile(`${scratch.mnt}/hello.txt`),
+            "hello from a partition\n",
+          );
+          assertBytes(await Deno.readFile(`${scratch.mnt}/dir/big.bin`), big);
+          await Deno.writeTextFile(`${scratch.mnt}/written.txt`, "written through nbd attach\n");
+        } finally {
+          await runOk("umount", [scratch.mnt]);
+        }
+      } finally {
+        const detached = await scratch.nbd(["detach", device]);
+        assertEquals(detached.code, 0, detached.stderr);
+      }
+    }
+    await runOk("e2fsck", ["-fn", root]);
+    const cat = await runOk("debugfs", ["-R", "cat /written.txt", root]);
+    assertEquals(cat.stdout, "written through nbd attach\n");
+    assertBytes(await Deno.readFile(boot), bootBefore, "the other partition's file is untouched");
+
+    // The whole disk, read-only: sfdisk reads the table from the device, and the file system
+    // mounts at partition 2's offset.
+    {
+      await using server = await startNbdServe(["-r", "partitioning", boot, root]);
+      const device = await attachDevice(scratch, ["-r", server.uri]);
+      try {
+        const table = JSON.parse((await runOk("sfdisk", ["--json", device])).stdout);
+        const [, second] = table.partitiontable.partitions as Array<{ start: number }>;
+        const offset = second!.start * 512;
+        assertEquals(offset, 6 * MiB, "5 MiB at 1 MiB, aligned to 1 MiB");
+        await runOk("mount", ["-o", `ro,offset=${offset}`, device, scratch.mnt]);
+        try {
+          assertEquals(
+            await Deno.readTextFile(`${scratch.mnt}/written.txt`),
+            "written through nbd attach\n",
+          );
+          assertBytes(await Deno.readFile(`${scratch.mnt}/dir/big.bin`), big);
+        } finally {
+          await runOk("umount", [scratch.mnt]);
+        }
+      } finally {
+        const detached = await scratch.nbd(["detach", device]);
+        assertEquals(detached.code, 0, detached.stderr);
+      }
+    }
   },
 });
