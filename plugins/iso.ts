@@ -95,6 +95,16 @@ function dateOf(d: Date | null): Date {
   return d ?? new Date(0);
 }
 
+/** Whether `path` exists (without following a final symbolic link). */
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** Reads the tree under `path`. Unreadable files are found now, not while serving. */
 async function scan(path: string, name: string, parent: Entry | undefined, options: Options) {
   const info = await Deno.lstat(path);
@@ -138,6 +148,13 @@ async function scan(path: string, name: string, parent: Entry | undefined, optio
   }
   names.sort();
   for (const child of names) {
+    // The runtime decodes names as UTF-8, replacing what is not: such a name cannot be
+    // opened again, and would otherwise fail later as a missing file.
+    if (child.includes("\uFFFD") && !(await exists(`${path}/${child}`))) {
+      throw new UsageError(
+        `iso: a name in ${path} is not valid UTF-8 (read as "${child}"): rename it`,
+      );
+    }
     entry.children.push(await scan(`${path}/${child}`, child, entry, options));
   }
   return entry;

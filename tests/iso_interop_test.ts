@@ -334,7 +334,7 @@ Deno.test("iso: a file that changes size while served reads as EIO, never foreig
   }
 });
 
-Deno.test("iso: a missing directory, a file instead, a bad label are one-line errors", async () => {
+Deno.test("iso: a missing directory, a file instead, a bad label, a non-UTF-8 name: one line", async () => {
   await using dir = await tempDir();
   const nbd = await nbdExecutable();
   const serve = (...args: string[]) =>
@@ -350,6 +350,17 @@ Deno.test("iso: a missing directory, a file instead, a bad label are one-line er
   const rock = await serve(dir.path, "rock=maybe");
   assertEquals(rock.code, 2);
   assertEquals(rock.stderr.split("\n").length, 2, rock.stderr);
+  // A name that is not UTF-8 cannot be opened by the name the runtime reads back.
+  const src = `${dir.path}/src`;
+  await Deno.mkdir(src);
+  await Deno.writeTextFile(`${src}/fine.txt`, "x");
+  await runOk("sh", ["-c", `printf x > "$1/$(printf 'bad-\\377-name')"`, "sh", src]);
+  const notUtf8 = await serve(src);
+  assertEquals(notUtf8.code, 2, notUtf8.stderr);
+  assertEquals(
+    notUtf8.stderr,
+    `nbd: iso: a name in ${src} is not valid UTF-8 (read as "bad-\uFFFD-name"): rename it\n`,
+  );
 });
 
 Deno.test({
