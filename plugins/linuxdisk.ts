@@ -36,9 +36,21 @@ async function treeBytes(path: string): Promise<{ bytes: number; inodes: number 
     for await (const entry of Deno.readDir(dir)) {
       inodes++;
       const child = `${dir}/${entry.name}`;
+      // The runtime reads names as UTF-8, replacing what is not: such a file cannot be
+      // looked at again to size the filesystem.
+      if (
+        entry.name.includes("\uFFFD") && !(await Deno.lstat(child).then(() => true, () => false))
+      ) {
+        throw new UsageError(
+          `linuxdisk: a name in ${dir} is not valid UTF-8 (read as "${entry.name}"): rename it`,
+        );
+      }
       if (entry.isDirectory) await walk(child);
-      else if (entry.isFile) bytes += Math.ceil((await Deno.lstat(child)).size / BLOCK) * BLOCK;
-      else if (entry.isSymlink) bytes += BLOCK;
+      else if (entry.isFile) {
+        // Opened, not only looked at: mke2fs would fail on an unreadable file without naming it.
+        using file = await Deno.open(child, { read: true });
+        bytes += Math.ceil((await file.stat()).size / BLOCK) * BLOCK;
+      } else if (entry.isSymlink) bytes += BLOCK;
     }
   };
   await walk(path);

@@ -10,7 +10,18 @@
 
 import { NbdClient } from "../client/client.ts";
 import { assertBytes, assertEquals, assertMatch, assertOk } from "./assert.ts";
-import { peers, randomBytes, ROOT, run, runOk, startServer, tempDir } from "./helpers.ts";
+import {
+  hasCommand,
+  INTEROP_REQUIRED,
+  peers,
+  randomBytes,
+  ROOT,
+  run,
+  runNbdAsNobody,
+  runOk,
+  startServer,
+  tempDir,
+} from "./helpers.ts";
 
 const FILES: Array<[string, Uint8Array]> = [
   ["hello.txt", new TextEncoder().encode("hello\n")],
@@ -159,4 +170,44 @@ Deno.test("linuxdisk: missing mke2fs, a missing directory, a bad type are one-li
   assertEquals(small.stderr.split("\n").length, 2, small.stderr);
   assertMatch(small.stderr, /^nbd: linuxdisk: mke2fs failed for a 1M ext2 filesystem: /);
   assertEquals((await entries(dir.path)).sort(), ["big"]);
+  // A name that is not UTF-8: the runtime cannot size (or open) it again.
+  await Deno.mkdir(`${dir.path}/odd`);
+  await runOk("sh", ["-c", `printf x > "$1/$(printf 'bad-\\377-name')"`, "sh", `${dir.path}/odd`]);
+  const odd = await nbd([`${dir.path}/odd`]);
+  assertEquals(odd.code, 2, odd.stderr);
+  assertEquals(
+    odd.stderr,
+    `nbd: linuxdisk: a name in ${dir.path}/odd is not valid UTF-8 (read as "bad-\uFFFD-name"): ` +
+      "rename it\n",
+  );
+  assertEquals((await entries(dir.path)).sort(), ["big", "odd"]);
+});
+
+Deno.test({
+  name: "linuxdisk: an unreadable file is named in a one-line error at start-up (run as nobody)",
+  ignore: !hasCommand("setpriv") && !INTEROP_REQUIRED,
+  async fn() {
+    await using dir = await tempDir();
+    const src = `${dir.path}/src`;
+    await Deno.mkdir(`${src}/sub`, { recursive: true });
+    await Deno.chmod(src, 0o755);
+    await Deno.chmod(`${src}/sub`, 0o755);
+    await Deno.writeTextFile(`${src}/readable.txt`, "yes");
+    await Deno.chmod(`${src}/readable.txt`, 0o644);
+    await Deno.writeTextFile(`${src}/sub/secret.txt`, "no");
+    await Deno.chmod(`${src}/sub/secret.txt`, 0o600);
+    const result = await runNbdAsNobody(dir.path, [
+      "serve",
+      "-U",
+      `${dir.path}/deno-dir/sock`,
+      "linuxdisk",
+      src,
+    ]);
+    assertEquals(result.code, 2, result.stderr);
+    assertEquals(result.stderr.split("\n").length, 2, result.stderr);
+    assertMatch(
+      result.stderr,
+      /^nbd: linuxdisk: cannot read .*: Permission denied.*sub\/secret\.txt/,
+    );
+  },
 });
