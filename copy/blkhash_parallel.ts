@@ -2,7 +2,8 @@
  * blkhash with the blocks hashed on several workers: the per-block
  * SHA-256s are independent, so whole blocks go to workers in batches,
  * and their digests come back into the outer hash in order. Runs of
- * zeroes never leave the main thread. The result equals `BlkHasher`'s.
+ * zeroes, reported or found in the data, never leave the main thread. The
+ * result equals `BlkHasher`'s.
  *
  * @module
  */
@@ -10,6 +11,7 @@
 import { createHash } from "node:crypto";
 import { BLKHASH_BLOCK_SIZE, type Hasher } from "./checksum.ts";
 import { ZERO_BUFFER } from "../util/zero_buffer.ts";
+import { rangeIsZero } from "./zero_scan.ts";
 
 /** Blocks per message to a worker. */
 const BATCH_BLOCKS = 16;
@@ -34,6 +36,8 @@ export class ParallelBlkHasher implements Hasher {
   #batchBlocks = 0;
   readonly #slots = new Map<number, Slot>();
   #nextSeq = 0;
+  /** The last slot made, while it is a run of zero blocks that may still grow. */
+  #zeroSlot: Slot | undefined;
   #outSeq = 0;
   #inflight = 0;
   #turn = 0;
@@ -99,6 +103,7 @@ export class ParallelBlkHasher implements Hasher {
     if (this.#batchBlocks === 0) return;
     const seq = this.#nextSeq++;
     this.#slots.set(seq, {});
+    this.#zeroSlot = undefined;
     const buf = this.#batch.buffer as ArrayBuffer;
     this.#workers[this.#turn++ % this.#workers.length]!.postMessage(
       { seq, buf, blocks: this.#batchBlocks, blockSize: this.#blockSize },
@@ -131,8 +136,30 @@ export class ParallelBlkHasher implements Hasher {
     }
   }
 
-  /** Adds one whole block (copied into the current batch). */
+  /** Adds `count` whole zero blocks: counted in order, never copied or hashed. */
+  #addZeroBlocks(count: number): void {
+    this.#send();
+    if (this.#zeroSlot && this.#slots.has(this.#nextSeq - 1)) {
+      this.#zeroSlot.zeroBlocks! += count;
+      return;
+    }
+    this.#zeroSlot = { zeroBlocks: count };
+    this.#slots.set(this.#nextSeq++, this.#zeroSlot);
+    this.#drain();
+  }
+
+  /**
+   * Adds one whole block: a zero block is counted (checked here, since the
+   * check is cheaper than the copy to a worker), others copied into the batch.
+   */
   #block(bytes: Uint8Array): void {
+    const words = bytes.byteOffset % 4 === 0
+      ? new Int32Array(bytes.buffer, bytes.byteOffset, this.#blockSize >>> 2)
+      : undefined;
+    if (words && rangeIsZero(bytes, words, 0, bytes.length)) {
+      this.#addZeroBlocks(1);
+      return;
+    }
     this.#batch.set(bytes, this.#batchBlocks * this.#blockSize);
     if (++this.#batchBlocks === BATCH_BLOCKS) this.#send();
   }
@@ -175,11 +202,7 @@ export class ParallelBlkHasher implements Hasher {
       }
     }
     const blocks = Math.floor(length / this.#blockSize);
-    if (blocks > 0) {
-      this.#send();
-      this.#slots.set(this.#nextSeq++, { zeroBlocks: blocks });
-      this.#drain();
-    }
+    if (blocks > 0) this.#addZeroBlocks(blocks);
     const rest = length - blocks * this.#blockSize;
     if (rest > 0) {
       this.#pending.fill(0, 0, rest);
@@ -197,6 +220,7 @@ export class ParallelBlkHasher implements Hasher {
   /** Waits until every block given so far is in the outer hash. */
   async settle(): Promise<void> {
     this.#send();
+    this.#drain();
     while (this.#slots.size > 0) {
       if (this.#failure) throw this.#failure;
       await new Promise<void>((resolve) => this.#wake.push(resolve));

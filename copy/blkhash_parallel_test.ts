@@ -36,6 +36,12 @@ Deno.test("parallel blkhash equals blkhash: odd pieces, zero runs, zero data, sh
   }
   const [small, smallExpected] = await both(2, 4096, pieces);
   assertEquals(small, smallExpected, "4 KiB blocks");
+  // Zero blocks in the data, last: the final run of zero blocks is counted without a worker.
+  const zeroTail = [data.subarray(0, 65536 * 20 + 3), new Uint8Array(65536 * 5 - 3)];
+  const [tail, tailExpected] = await both(2, 65536, zeroTail);
+  assertEquals(tail, tailExpected, "zero data last");
+  const [zeroes, zeroesExpected] = await both(2, 65536, [new Uint8Array(65536 * 7), 65536 * 3]);
+  assertEquals(zeroes, zeroesExpected, "only zeroes");
   const [empty, emptyExpected] = await both(2, 65536, []);
   assertEquals(empty, emptyExpected, "empty");
 });
