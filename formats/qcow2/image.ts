@@ -765,7 +765,15 @@ export class Qcow2Image {
     while (pos < end) {
       const cluster = Math.floor(pos / cs);
       const table = await this.#table(store, Math.floor(cluster / this.#l2Entries));
-      const host = this.#inPlace(this.#entryOf(table, cluster));
+      const entry = this.#entryOf(table, cluster);
+      const host = this.#inPlace(entry);
+      if (!host && this.#extended && this.#ownedHost(entry)) {
+        // Our cluster, but only some subclusters hold data: written at subcluster granularity.
+        const runEnd = Math.min((cluster + 1) * cs, end);
+        await this.#writeSubclusters(store, buf.subarray(pos - offset, runEnd - offset), pos);
+        pos = runEnd;
+        continue;
+      }
       if (host) {
         // A run of clusters already ours, contiguous on the host: one write.
         let runEnd = Math.min((cluster + 1) * cs, end);
@@ -799,6 +807,11 @@ export class Qcow2Image {
         // A partial cluster: the rest comes from what the guest sees now. The
         // cluster's lock keeps disjoint writes into one cluster from losing each other.
         const piece = buf.subarray(pos - offset, runEnd - offset);
+        if (this.#extended) {
+          await this.#writeSubclusters(store, piece, pos);
+          pos = runEnd;
+          continue;
+        }
         await this.#locks.run(cluster, async () => {
           const t = await this.#table(store, Math.floor(cluster / this.#l2Entries));
           const host = this.#inPlace(this.#entryOf(t, cluster));
@@ -815,6 +828,143 @@ export class Qcow2Image {
       }
       pos = runEnd;
     }
+  }
+
+  /** The host cluster of an entry that is ours to write in place (any subclusters), or 0. */
+  #ownedHost(e: RawEntry | undefined): number {
+    if (!e || (e.hi & COMPRESSED_BIT) || !(e.hi & COPIED)) return 0;
+    const host = (e.hi & 0x00ffffff) * 2 ** 32 + (e.lo & 0xfffffe00);
+    if (host && this.#metadata.has(host)) fail("a data cluster overlaps metadata");
+    return host;
+  }
+
+  /** The bitmap of subclusters `first` to `last` (exclusive). */
+  #subclusterMask(first: number, last: number): number {
+    let mask = 0;
+    for (let i = first; i < last; i++) mask |= 1 << i;
+    return mask >>> 0;
+  }
+
+  /**
+   * Writes `piece` (within one cluster of an extended-L2 image) at
+   * subcluster granularity: only the subclusters it touches are stored,
+   * in the cluster's host space (allocated now when it has none), and the
+   * partial subclusters at its ends are completed from what the guest sees
+   * now. Other subclusters keep their state (zero, unallocated, data).
+   */
+  async #writeSubclusters(store: ImageStore, piece: Uint8Array, pos: number): Promise<void> {
+    const cs = this.clusterSize;
+    const scs = this.#subclusterSize;
+    const cluster = Math.floor(pos / cs);
+    const base = cluster * cs;
+    const l1Index = Math.floor(cluster / this.#l2Entries);
+    await this.#locks.run(cluster, async () => {
+      for (;;) {
+        const entry = this.#entryOf(await this.#table(store, l1Index), cluster);
+        const current = entry ? (entry.hi & 0x00ffffff) * 2 ** 32 + (entry.lo & 0xfffffe00) : 0;
+        const owned = this.#ownedHost(entry);
+        if (entry && current && !owned) {
+          // Compressed or shared: the whole cluster is copied into a new one.
+          const block = new Uint8Array(cs);
+          const visible = Math.min(cs, this.size - base);
+          await this.read(store, block.subarray(0, visible), base);
+          block.set(piece, pos - base);
+          await this.#writeNew(store, block, cluster);
+          return;
+        }
+        const host = owned || await this.#meta.run(() => this.#allocate(store, 1));
+        const allocated = owned ? entry!.allocBits : 0;
+        const first = Math.floor((pos - base) / scs);
+        const last = Math.ceil((pos + piece.length - base) / scs);
+        const isData = (sc: number) => ((allocated >>> sc) & 1) === 1;
+        // Partial end subclusters already holding data are written in place as they are.
+        const from = isData(first) ? pos : base + first * scs;
+        const to = isData(last - 1) ? pos + piece.length : Math.min(base + last * scs, this.size);
+        let data = piece;
+        if (from < pos || to > pos + piece.length) {
+          data = new Uint8Array(to - from);
+          if (from < pos) await this.read(store, data.subarray(0, pos - from), from);
+          const after = pos + piece.length;
+          if (to > after) await this.read(store, data.subarray(after - from), after);
+          data.set(piece, pos - from);
+        }
+        await store.pwrite!(data, host + from - base, { fua: false });
+        const mask = this.#subclusterMask(first, last);
+        const mapped = await this.#meta.run(async () => {
+          const table = await this.#tableForWrite(store, cluster);
+          const now = this.#entryOf(table, cluster)!;
+          const nowHost = (now.hi & 0x00ffffff) * 2 ** 32 + (now.lo & 0xfffffe00);
+          if (nowHost !== (owned ? host : 0) || (now.hi & COMPRESSED_BIT)) {
+            // Changed meanwhile (a whole-cluster write or a deallocation): try again.
+            if (!owned) this.#pendingFree.push([host, 1]);
+            return false;
+          }
+          this.#setEntry(
+            table,
+            cluster % this.#l2Entries,
+            (Math.floor(host / 2 ** 32) | COPIED) >>> 0,
+            host >>> 0,
+            [(now.zeroBits & ~mask) >>> 0, (now.allocBits | mask) >>> 0],
+          );
+          this.#l2Dirty.add(this.#l1Offset(l1Index));
+          return true;
+        });
+        if (mapped) break;
+      }
+    });
+    await this.#maybeFlush(store);
+  }
+
+  /**
+   * Makes the subcluster-aligned part of [from, to) (within one cluster of
+   * an extended-L2 image) read as zeroes through the zero bitmap; with
+   * `deallocate`, a host cluster left without data is freed. The rest of
+   * the range is written as zeroes.
+   */
+  async #zeroSubclusters(
+    store: ImageStore,
+    from: number,
+    to: number,
+    deallocate: boolean,
+  ): Promise<void> {
+    const cs = this.clusterSize;
+    const scs = this.#subclusterSize;
+    const cluster = Math.floor(from / cs);
+    const base = cluster * cs;
+    const first = Math.ceil((from - base) / scs);
+    // The image's last, partial subcluster counts as whole when the range reaches the end.
+    const last = to === this.size ? Math.ceil((to - base) / scs) : Math.floor((to - base) / scs);
+    if (first >= last) return await this.#writeZeroes(store, from, to - from);
+    const l1Index = Math.floor(cluster / this.#l2Entries);
+    // Without a table or a backing file, the whole cluster reads as zeroes already.
+    if (!this.backing && !(await this.#table(store, l1Index))) return;
+    const done = await this.#locks.run(cluster, () =>
+      this.#meta.run(async () => {
+        const existing = await this.#table(store, l1Index);
+        const before = this.#entryOf(existing, cluster);
+        if (before && (before.hi & COMPRESSED_BIT)) return false;
+        const table = existing ?? await this.#tableForWrite(store, cluster);
+        const e = this.#entryOf(table, cluster)!;
+        const mask = this.#subclusterMask(first, last);
+        const alloc = (e.allocBits & ~mask) >>> 0;
+        let host = (e.hi & 0x00ffffff) * 2 ** 32 + (e.lo & 0xfffffe00);
+        if (host && !(e.hi & COPIED) && (e.allocBits & mask)) return false; // shared: copy it
+        if (deallocate && host && alloc === 0 && (e.hi & COPIED)) {
+          this.#release({ kind: DATA, length: 0, host });
+          host = 0;
+        }
+        const hi = host ? (Math.floor(host / 2 ** 32) | (e.hi & COPIED)) >>> 0 : 0;
+        this.#setEntry(table, cluster % this.#l2Entries, hi, host >>> 0, [
+          (e.zeroBits | mask) >>> 0,
+          alloc,
+        ]);
+        this.#l2Dirty.add(this.#l1Offset(l1Index));
+        return true;
+      }));
+    if (!done) return await this.#writeZeroes(store, from, to - from);
+    if (from < base + first * scs) await this.#writeZeroes(store, from, base + first * scs - from);
+    const tail = Math.min(base + last * scs, this.size);
+    if (tail < to) await this.#writeZeroes(store, tail, to - tail);
   }
 
   /** Stores whole clusters from `cluster` on in newly allocated space and maps them. */
@@ -871,11 +1021,21 @@ export class Qcow2Image {
     // The image's last, partial cluster counts as whole when the range reaches the end.
     if (end === this.size && end % cs !== 0) lastWhole++;
     const v2 = this.header.version === 2;
+    // Partial clusters: zero subclusters where the image has them, else zero data.
+    const partial = (from: number, to: number) =>
+      this.#extended
+        ? this.#zeroSubclusters(store, from, to, deallocate)
+        : this.#writeZeroes(store, from, to - from);
     if (firstWhole >= lastWhole || (v2 && this.backing)) {
-      await this.#writeZeroes(store, offset, length);
+      if (!this.#extended) return await this.#writeZeroes(store, offset, length);
+      for (let at = offset; at < end;) {
+        const next = Math.min((Math.floor(at / cs) + 1) * cs, end);
+        await partial(at, next);
+        at = next;
+      }
       return;
     }
-    if (offset < firstWhole * cs) await this.#writeZeroes(store, offset, firstWhole * cs - offset);
+    if (offset < firstWhole * cs) await partial(offset, firstWhole * cs);
     await this.#meta.run(async () => {
       for (let c = firstWhole; c < lastWhole; c++) {
         const l1Index = Math.floor(c / this.#l2Entries);
@@ -913,7 +1073,7 @@ export class Qcow2Image {
       this.#clusterCache.clear();
     });
     const tail = Math.min(lastWhole * cs, this.size);
-    if (tail < end) await this.#writeZeroes(store, tail, end - tail);
+    if (tail < end) await partial(tail, end);
     await this.#maybeFlush(store);
   }
 
@@ -928,10 +1088,13 @@ export class Qcow2Image {
     }
   }
 
-  /** Discards whole clusters of a range (partial clusters are left alone: trim is a hint). */
+  /**
+   * Discards whole clusters (subclusters in extended-L2 images) of a range;
+   * partial ones are left alone: trim is a hint.
+   */
   async discard(store: ImageStore, offset: number, length: number): Promise<void> {
     await this.#beginWrite(store);
-    const cs = this.clusterSize;
+    const cs = this.#subclusterSize;
     const end = offset + length;
     let last = Math.floor(end / cs);
     if (end === this.size && end % cs !== 0) last++;

@@ -74,9 +74,10 @@ async function exercise(options: Parameters<typeof createImage>[0], seed: number
       await image.zero(store, offset, length, next() < 0.5);
       model.fill(0, offset, offset + length);
     } else {
-      // Discarded whole clusters read as zeroes afterwards; partial ones are unchanged.
+      // Discarded whole clusters (subclusters with extended L2) read as zeroes
+      // afterwards; partial ones are unchanged.
       await image.discard(store, offset, length);
-      const cs = options.clusterSize ?? 65536;
+      const cs = (options.clusterSize ?? 65536) / (options.extendedL2 ? 32 : 1);
       const from = Math.ceil(offset / cs) * cs;
       let to = Math.floor((offset + length) / cs) * cs;
       if (offset + length === options.size) to = options.size;
