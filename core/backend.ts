@@ -119,6 +119,21 @@ export interface Backend {
   cache(offset: number, length: number): Promise<void>;
   /** Releases per-connection resources. */
   close(): Promise<void>;
+  /**
+   * Metadata contexts this export answers besides base:allocation (for
+   * example `qemu:allocation-depth`); absent = none.
+   */
+  extraContexts?(): string[];
+  /**
+   * Block status in the metadata context `name` (one of `extraContexts()`):
+   * consecutive extents from `offset` whose flags are that context's values.
+   */
+  contextExtents?(
+    name: string,
+    offset: number,
+    length: number,
+    flags: ExtentsFlags,
+  ): Promise<Extent[]>;
 }
 
 /** What a plugin or filter learns when a client opens an export. */
@@ -246,7 +261,26 @@ export class PassthroughBackend implements Backend {
     } else {
       this.readView = undefined;
     }
+    // Other metadata contexts describe the same offsets as base:allocation: they
+    // are forwarded only by filters that leave block status alone.
+    if (
+      this.extents === PassthroughBackend.prototype.extents && next.extraContexts &&
+      next.contextExtents && !this.extraContexts && !this.contextExtents
+    ) {
+      this.extraContexts = () => next.extraContexts!();
+      this.contextExtents = (name, offset, length, flags) =>
+        next.contextExtents!(name, offset, length, flags);
+    }
   }
+  /** Other metadata contexts, forwarded when safe (see the constructor). */
+  declare extraContexts?: () => string[];
+  /** Block status in another metadata context, forwarded when safe. */
+  declare contextExtents?: (
+    name: string,
+    offset: number,
+    length: number,
+    flags: ExtentsFlags,
+  ) => Promise<Extent[]>;
   /** Zero-copy read, forwarded when safe (see the class comment). */
   readView?: (offset: number, length: number) => ReadSegment[] | undefined;
   /** Size of the export. */

@@ -72,7 +72,21 @@ export class SerializedBackend implements Backend {
     this.#next = next;
     this.#lock = lock;
     this.#onClose = onClose;
+    if (next.extraContexts && next.contextExtents) {
+      this.extraContexts = () => next.extraContexts!();
+      this.contextExtents = (name, offset, length, flags) =>
+        lock.run(() => next.contextExtents!(name, offset, length, flags));
+    }
   }
+  /** Other metadata contexts of the export. */
+  extraContexts?: () => string[];
+  /** Block status in another metadata context, holding the lock. */
+  contextExtents?: (
+    name: string,
+    offset: number,
+    length: number,
+    flags: ExtentsFlags,
+  ) => Promise<Extent[]>;
   /** Size of the export. */
   size(): number {
     return this.#next.size();

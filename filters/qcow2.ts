@@ -42,6 +42,9 @@ import {
 } from "../formats/qcow2/image.ts";
 import { backingRefusal, openLayer, openRecordedBacking } from "../formats/qcow2/chain.ts";
 
+/** The metadata context telling which layer of the chain holds each range (as qemu-nbd's). */
+const ALLOCATION_DEPTH = "qemu:allocation-depth";
+
 /** A store over a backend, with writes only where the backend takes them. */
 function storeOf(next: Backend): ImageStore {
   const caps = next.capabilities();
@@ -131,6 +134,22 @@ class Qcow2Backend extends PassthroughBackend {
       return flags.reqOne ? out.slice(0, 1) : out;
     });
   }
+  override extraContexts = (): string[] => [ALLOCATION_DEPTH];
+  override contextExtents = (
+    name: string,
+    offset: number,
+    length: number,
+    flags: ExtentsFlags,
+  ): Promise<Extent[]> => {
+    if (name !== ALLOCATION_DEPTH) {
+      return Promise.reject(new NbdError("EINVAL", `qcow2: no metadata context ${name}`));
+    }
+    return guarded(async () => {
+      const runs = await this.#image.depth(this.#store, offset, length);
+      const out = runs.map((r) => ({ length: r.length, flags: r.depth }));
+      return flags.reqOne ? out.slice(0, 1) : out;
+    });
+  };
   override cache(_offset: number, _length: number): Promise<void> {
     return Promise.resolve();
   }

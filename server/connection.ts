@@ -117,6 +117,7 @@ export class Connection implements ConnectionContext {
             ? "structured replies"
             : "simple replies",
           ...(negotiated.baseAllocation ? ["base:allocation"] : []),
+          ...negotiated.contexts.map((c) => c.name),
         ];
         if (this.verbose) {
           this.log(

@@ -76,6 +76,8 @@ const MAX_OPTION_LENGTH = 1024 * 1024;
 const HARD_OPTION_LENGTH = 64 * 1024 * 1024;
 /** Id of base:allocation in SET_META_CONTEXT replies. */
 export const BASE_ALLOCATION_ID = 1;
+/** Id of the first other metadata context (the rest follow in the export's order). */
+const OTHER_CONTEXT_IDS = 2;
 
 /** The outcome of a successful handshake. */
 export interface Negotiated {
@@ -91,6 +93,22 @@ export interface Negotiated {
   extended: boolean;
   /** base:allocation selected for this export. */
   baseAllocation: boolean;
+  /** Other metadata contexts selected for this export, with their ids. */
+  contexts: MetaContext[];
+}
+
+/** A metadata context other than base:allocation, as selected by SET_META_CONTEXT. */
+export interface MetaContext {
+  /** The id sent in replies. */
+  id: number;
+  /** Its name, e.g. `qemu:allocation-depth`. */
+  name: string;
+}
+
+/** Whether a LIST/SET query names `context`: exactly, or (LIST only) by its namespace. */
+function queryMatches(query: string, context: string, set: boolean): boolean {
+  if (query === context) return true;
+  return !set && query.endsWith(":") && context.startsWith(query);
 }
 
 /** Computes the transmission flags for an export. */
@@ -138,7 +156,20 @@ export async function negotiate(conn: ConnectionContext): Promise<Negotiated | u
   let structured = false;
   let extended = false;
   // The last SET_META_CONTEXT: which export it named and whether it chose base:allocation.
-  let meta: { exportName: string; baseAllocation: boolean } | undefined;
+  let meta: { exportName: string; baseAllocation: boolean; contexts: MetaContext[] } | undefined;
+
+  // The other contexts an export offers: its backend is opened to ask (only when a query needs it).
+  const offeredContexts = async (name: string): Promise<string[]> => {
+    let backend: Backend | undefined;
+    try {
+      backend = await conn.openBackend(name);
+      return backend.extraContexts?.() ?? [];
+    } catch {
+      return [];
+    } finally {
+      await backend?.close().catch(() => {});
+    }
+  };
 
   const reply = (option: number, type: number, data?: Uint8Array) => {
     if (conn.verbose) conn.log(`option ${optionName(option)} → ${replyTypeName(type)}`);
@@ -239,6 +270,7 @@ export async function negotiate(conn: ConnectionContext): Promise<Negotiated | u
             structured,
             extended: false,
             baseAllocation: false,
+            contexts: [],
           };
         }
         case NBD_OPT_ABORT:
@@ -291,14 +323,19 @@ export async function negotiate(conn: ConnectionContext): Promise<Negotiated | u
           let keep = false;
           try {
             const caps = backend.capabilities();
-            const baseAllocation = meta !== undefined && meta.baseAllocation &&
+            const sameExport = meta !== undefined &&
               (meta.exportName === request.name || meta.exportName === info.name);
+            const baseAllocation = sameExport && meta!.baseAllocation;
+            const offered = backend.extraContexts?.() ?? [];
+            const contexts = sameExport
+              ? meta!.contexts.filter((c) => offered.includes(c.name))
+              : [];
             const flags = transmissionFlags(
               caps,
               server.readonly,
               structured,
               extended,
-              baseAllocation,
+              baseAllocation || contexts.length > 0,
             );
             reply(option, NBD_REP_INFO, encodeInfoExport(backend.size(), flags));
             if (request.infos.includes(NBD_INFO_NAME)) {
@@ -322,7 +359,15 @@ export async function negotiate(conn: ConnectionContext): Promise<Negotiated | u
             reply(option, NBD_REP_ACK);
             if (option === NBD_OPT_GO) {
               keep = true;
-              return { backend, export: info, flags, structured, extended, baseAllocation };
+              return {
+                backend,
+                export: info,
+                flags,
+                structured,
+                extended,
+                baseAllocation,
+                contexts,
+              };
             }
           } finally {
             if (!keep) await backend.close().catch(() => {});
@@ -362,11 +407,23 @@ export async function negotiate(conn: ConnectionContext): Promise<Negotiated | u
             break;
           }
           let matched = false;
+          const others = query.queries.some((q) => q !== BASE_ALLOCATION && q !== "base:") ||
+              (!set && query.queries.length === 0)
+            ? await offeredContexts(query.exportName)
+            : [];
+          const chosen: MetaContext[] = [];
           if (query.queries.length === 0) {
-            matched = !set; // LIST with no queries lists everything; SET selects nothing
+            // LIST with no queries lists everything; SET selects nothing.
+            matched = !set;
+            if (!set) others.forEach((name, i) => chosen.push({ id: OTHER_CONTEXT_IDS + i, name }));
           } else {
             for (const q of query.queries) {
               if (q === BASE_ALLOCATION || (!set && q === "base:")) matched = true;
+              others.forEach((name, i) => {
+                if (queryMatches(q, name, set) && !chosen.some((c) => c.name === name)) {
+                  chosen.push({ id: OTHER_CONTEXT_IDS + i, name });
+                }
+              });
             }
           }
           if (matched) {
@@ -376,7 +433,12 @@ export async function negotiate(conn: ConnectionContext): Promise<Negotiated | u
               encodeMetaContextReply(set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION),
             );
           }
-          if (set) meta = { exportName: query.exportName, baseAllocation: matched };
+          for (const c of chosen) {
+            reply(option, NBD_REP_META_CONTEXT, encodeMetaContextReply(set ? c.id : 0, c.name));
+          }
+          if (set) {
+            meta = { exportName: query.exportName, baseAllocation: matched, contexts: chosen };
+          }
           reply(option, NBD_REP_ACK);
           break;
         }

@@ -65,7 +65,7 @@ import type { Backend, Capabilities, ReadSegment } from "../core/backend.ts";
 import { ZERO_BUFFER } from "../util/zero_buffer.ts";
 import type { ConnectionContext } from "./context.ts";
 import type { IoCounters } from "./stats.ts";
-import { BASE_ALLOCATION_ID, type Negotiated } from "./negotiate.ts";
+import { BASE_ALLOCATION_ID, type MetaContext, type Negotiated } from "./negotiate.ts";
 import { PayloadPool } from "./payload_pool.ts";
 
 /** A WRITE payload beyond twice the accepted maximum is not drained: the connection is dropped. */
@@ -87,6 +87,10 @@ export class Transmission {
   readonly #structured: boolean;
   readonly #extended: boolean;
   readonly #baseAllocation: boolean;
+  /** Other metadata contexts negotiated. */
+  readonly #contexts: MetaContext[];
+  /** Context ids chosen by a BLOCK_STATUS payload, per request (absent = all negotiated). */
+  readonly #chosenContexts = new WeakMap<RequestHeader, number[]>();
   readonly #maxInFlight: number;
   readonly #maxRequest: number;
   readonly #counters: IoCounters;
@@ -109,6 +113,7 @@ export class Transmission {
     this.#structured = negotiated.structured || negotiated.extended;
     this.#extended = negotiated.extended;
     this.#baseAllocation = negotiated.baseAllocation;
+    this.#contexts = negotiated.contexts;
     this.#maxInFlight = Math.max(1, conn.server.maxInFlight);
     this.#maxRequest = conn.server.maxRequest;
     this.#counters = conn.server.stats.exportCounters(negotiated.export.name);
@@ -267,11 +272,19 @@ export class Transmission {
     }
     const view = new DataView(payload.buffer);
     request.length = getU64(view, 0);
+    const ids: number[] = [];
     for (let pos = 8; pos < payload.length; pos += 4) {
-      if (view.getUint32(pos) !== BASE_ALLOCATION_ID || payload.length !== 12) {
+      const id = view.getUint32(pos);
+      const known = id === BASE_ALLOCATION_ID
+        ? this.#baseAllocation
+        : this.#contexts.some((c) => c.id === id);
+      if (!known || ids.includes(id)) {
         return [NBD_EINVAL, "BLOCK_STATUS payload names an unknown or repeated context"];
       }
+      ids.push(id);
     }
+    if (ids.length === 0) return [NBD_EINVAL, "BLOCK_STATUS payload names no context"];
+    this.#chosenContexts.set(request, ids);
     return this.#validateRange(request);
   }
 
@@ -342,7 +355,7 @@ export class Transmission {
         }
         break;
       case NBD_CMD_BLOCK_STATUS:
-        if (!this.#baseAllocation) {
+        if (!this.#baseAllocation && this.#contexts.length === 0) {
           return [NBD_EINVAL, "no metadata context was negotiated for this export"];
         }
         if (request.flags & NBD_CMD_FLAG_PAYLOAD_LEN) {
@@ -613,16 +626,52 @@ export class Transmission {
   async #blockStatus(request: RequestHeader): Promise<void> {
     const { offset, length } = request;
     const reqOne = (request.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
-    // Without extents the answer is known without asking: all of it is allocated data.
-    const raw = this.#caps.extents
-      ? await this.#backend.extents(offset, length, { reqOne })
-      : [{ length, flags: 0 }];
+    const chosen = this.#chosenContexts.get(request);
+    const wanted = (id: number) => !chosen || chosen.includes(id);
+    // Every context's answer is gathered first, so a failure sends only the error.
+    const chunks: Uint8Array[] = [];
+    if (this.#baseAllocation && wanted(BASE_ALLOCATION_ID)) {
+      // Without extents the answer is known without asking: all of it is allocated data.
+      const raw = this.#caps.extents
+        ? await this.#backend.extents(offset, length, { reqOne })
+        : [{ length, flags: 0 }];
+      chunks.push(this.#statusPayload(BASE_ALLOCATION_ID, raw, length, reqOne, 3));
+    }
+    for (const context of this.#contexts) {
+      if (!wanted(context.id)) continue;
+      const raw = await this.#backend.contextExtents!(context.name, offset, length, { reqOne });
+      chunks.push(this.#statusPayload(context.id, raw, length, reqOne, 0xffffffff));
+    }
+    const headerSize = chunkHeaderSize(this.#extended);
+    chunks.forEach((payload, i) => {
+      const header = new Uint8Array(headerSize);
+      writeChunkHeader(
+        new DataView(header.buffer),
+        0,
+        this.#extended,
+        i === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0,
+        this.#extended ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT : NBD_REPLY_TYPE_BLOCK_STATUS,
+        request,
+        payload.length,
+      );
+      this.#conn.writer.write(header, payload);
+    });
+  }
+
+  /** One context's extents, normalised and encoded as a block-status payload. */
+  #statusPayload(
+    id: number,
+    raw: Extent[],
+    length: number,
+    reqOne: boolean,
+    mask: number,
+  ): Uint8Array {
     // Normalise: drop empty extents, merge equal neighbours, stop at the end of the request.
     const extents: Extent[] = [];
     let covered = 0;
     for (const e of raw) {
       if (e.length <= 0) continue;
-      const flags = e.flags & 3;
+      const flags = (e.flags & mask) >>> 0;
       const take = Math.min(e.length, length - covered);
       const last = extents[extents.length - 1];
       if (last && last.flags === flags) last.length += take;
@@ -642,18 +691,6 @@ export class Transmission {
         }
       }
     }
-    const payload = encodeBlockStatusPayload(BASE_ALLOCATION_ID, extents, this.#extended);
-    const headerSize = chunkHeaderSize(this.#extended);
-    const header = new Uint8Array(headerSize);
-    writeChunkHeader(
-      new DataView(header.buffer),
-      0,
-      this.#extended,
-      NBD_REPLY_FLAG_DONE,
-      this.#extended ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT : NBD_REPLY_TYPE_BLOCK_STATUS,
-      request,
-      payload.length,
-    );
-    this.#conn.writer.write(header, payload);
+    return encodeBlockStatusPayload(id, extents, this.#extended);
   }
 }

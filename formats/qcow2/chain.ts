@@ -139,6 +139,7 @@ export async function openLayer(
       size: image.size,
       read: (buf, offset) => image.read(store, buf, offset),
       status: (offset, length) => image.status(store, offset, length),
+      depth: (offset, length) => image.depth(store, offset, length),
       async close() {
         await below?.close();
         await store.close();

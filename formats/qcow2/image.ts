@@ -49,6 +49,11 @@ export interface Layer {
   read(buf: Uint8Array, offset: number): Promise<void>;
   /** Runs of allocation from `offset` within `size`: [length, kind]. */
   status(offset: number, length: number): Promise<StatusRun[]>;
+  /**
+   * Where in the chain the bytes from `offset` come from: 1 = this layer,
+   * 2 = the one below..., 0 = nowhere (they read as zeroes). Absent = 1.
+   */
+  depth?(offset: number, length: number): Promise<DepthRun[]>;
   /** Releases the layer. */
   close(): Promise<void>;
 }
@@ -84,6 +89,14 @@ export interface StatusRun {
   zero: boolean;
   /** Allocated in this image or a backing file (not a hole). */
   data: boolean;
+}
+
+/** A run of guest bytes that come from one level of the backing chain. */
+export interface DepthRun {
+  /** Length. */
+  length: number;
+  /** 1 = the image itself, 2 = its backing file, ..., 0 = unallocated everywhere. */
+  depth: number;
 }
 
 /** Options when opening an image. */
@@ -523,6 +536,46 @@ export class Qcow2Image {
           if (covered < n) push(n - covered, true, false);
         }
         if (run.length > n) push(run.length - n, false, true);
+      }
+      pos += run.length;
+    }
+    return out;
+  }
+
+  /**
+   * Allocation depth of the guest from `offset` (as qemu's
+   * `qemu:allocation-depth`): 1 where this image holds the bytes (data,
+   * compressed or zero), n + 1 where backing level n does (or where it
+   * ends before the image), 0 where no layer does.
+   */
+  async depth(store: ImageStore, offset: number, length: number): Promise<DepthRun[]> {
+    const end = offset + length;
+    const out: DepthRun[] = [];
+    const push = (n: number, depth: number) => {
+      const last = out[out.length - 1];
+      if (last && last.depth === depth) last.length += n;
+      else out.push({ length: n, depth });
+    };
+    let pos = offset;
+    while (pos < end) {
+      const run = await this.lookup(store, pos, end - pos);
+      if (run.kind !== UNALLOCATED) push(run.length, 1);
+      else {
+        const backing = this.backing;
+        const n = backing ? Math.max(0, Math.min(run.length, backing.size - pos)) : 0;
+        if (n > 0) {
+          const below = backing!.depth ? await backing!.depth(pos, n) : [{ length: n, depth: 1 }];
+          let covered = 0;
+          for (const r of below) {
+            const m = Math.min(r.length, n - covered);
+            if (m <= 0) break;
+            push(m, r.depth ? r.depth + 1 : 0);
+            covered += m;
+          }
+          if (covered < n) push(n - covered, 0);
+        }
+        // Past the end of the backing file, the bytes (zeroes) count as its own, as in qemu.
+        if (run.length > n) push(run.length - n, backing ? 2 : 0);
       }
       pos += run.length;
     }
