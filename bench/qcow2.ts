@@ -13,11 +13,26 @@
  * raw, raw → qcow2, raw → compressed qcow2 (zlib). Every run writes a new
  * file after `sync` (untimed), with the input in the page cache.
  *
+ * Server cases (when nbdcopy and qemu-nbd are installed) compare
+ * `nbd serve --filter=qcow2 file IMG` with `qemu-nbd -f qcow2 IMG`, each
+ * started before the timed command: nbdcopy reading the plain and the
+ * compressed image to `null:`, and `qemu-img bench -w` writing 4 KiB
+ * blocks scattered over a new, empty image (a fresh image and server per
+ * run, so every write allocates). Keys for `--only`: read, read-compressed,
+ * write, compress, serve-read, serve-read-compressed, serve-write.
+ *
  * @module
  */
 
 import { parseArgs } from "node:util";
-import { hasCommand, nbdExecutable, randomBytes, runOk } from "../tests/helpers.ts";
+import {
+  hasCommand,
+  nbdExecutable,
+  randomBytes,
+  runOk,
+  type ServerProcess,
+  startServer,
+} from "../tests/helpers.ts";
 import { parseSize } from "../util/parse.ts";
 
 const { values } = parseArgs({
@@ -78,6 +93,7 @@ interface Row {
   name: string;
   ours: number;
   theirs: number;
+  peer: string;
 }
 
 const dir = values.dir ?? await Deno.makeTempDir({ prefix: "nbd-bench-qcow2" });
@@ -138,22 +154,115 @@ try {
     await Deno.remove(out).catch(() => {});
     await runOk(nbd, c.ours);
     await runOk("qemu-img", ["compare", "-f", format, "-F", "raw", out, raw]);
-    rows.push({ name: c.name, ours: median(ours), theirs: median(theirs) });
+    rows.push({ name: c.name, ours: median(ours), theirs: median(theirs), peer: "qemu-img" });
   }
+  if (hasCommand("qemu-nbd") && hasCommand("nbdcopy")) await serverCases();
+  else console.error("bench/qcow2: server cases skipped (qemu-nbd and nbdcopy are needed)");
 } finally {
   if (!values.dir) await Deno.remove(dir, { recursive: true }).catch(() => {});
+}
+
+/** Starts our server or qemu-nbd on `image` (read-only unless `writable`). */
+function serve(who: "ours" | "theirs", image: string, writable: boolean): Promise<ServerProcess> {
+  const ro = writable ? [] : ["-r"];
+  return who === "ours"
+    ? startServer(nbd, ["serve", ...ro, "-U", "$SOCKET", "--filter=qcow2", "file", image])
+    : startServer("qemu-nbd", [...ro, "-t", "-k", "$SOCKET", "-f", "qcow2", image]);
+}
+
+/** The timed command against a running server, and whether each run needs a new image. */
+interface ServerCase {
+  name: string;
+  key: string;
+  image: string;
+  fresh: boolean;
+  command: (uri: string) => [string, string[]];
+}
+
+async function serverCases(): Promise<void> {
+  const writes = Math.max(1024, Math.min(20000, size / 65536));
+  const scattered = `${dir}/scattered.qcow2`;
+  const list: ServerCase[] = [
+    {
+      name: "nbdcopy ← server, qcow2",
+      key: "serve-read",
+      image: plain,
+      fresh: false,
+      command: (uri) => ["nbdcopy", [uri, "null:"]],
+    },
+    {
+      name: "nbdcopy ← server, compressed qcow2",
+      key: "serve-read-compressed",
+      image: compressed,
+      fresh: false,
+      command: (uri) => ["nbdcopy", [uri, "null:"]],
+    },
+    {
+      name: `qemu-img bench -w, ${writes} × 4 KiB scattered`,
+      key: "serve-write",
+      image: scattered,
+      fresh: true,
+      // 4 KiB writes 1 MiB + 4 KiB apart: each lands in a new cluster, in a new L2 range often.
+      command: (
+        uri,
+      ) => [
+        "qemu-img",
+        [
+          "bench",
+          "-w",
+          "-f",
+          "raw",
+          "-d",
+          "16",
+          "-c",
+          `${writes}`,
+          "-s",
+          "4k",
+          "-S",
+          "1052672",
+          uri,
+        ],
+      ],
+    },
+  ];
+  for (const c of list) {
+    if (values.only && values.only !== c.key && !c.key.startsWith(`${values.only}`)) continue;
+    const ours: number[] = [];
+    const theirs: number[] = [];
+    for (let round = 0; round < rounds; round++) {
+      const order: ("ours" | "theirs")[] = round % 2 === 0
+        ? ["ours", "theirs"]
+        : ["theirs", "ours"];
+      for (const who of order) {
+        if (c.fresh) {
+          await Deno.remove(c.image).catch(() => {});
+          await runOk("qemu-img", ["create", "-q", "-f", "qcow2", c.image, `${size}`]);
+        }
+        await using server = await serve(who, c.image, c.fresh);
+        const [cmd, args] = c.command(server.uri);
+        (who === "ours" ? ours : theirs).push(await timed(cmd, args));
+      }
+    }
+    if (c.fresh) await runOk("qemu-img", ["check", c.image]);
+    rows.push({ name: c.name, ours: median(ours), theirs: median(theirs), peer: "qemu-nbd" });
+  }
 }
 
 const mib = size / (1 << 20);
 console.log(
   `\nqcow2 benchmark: ${mib} MiB image, ${rounds} round(s) each, alternating, medians of ` +
-    `whole-process wall time; ratio = qemu-img time / ours (above 1.0: we are faster)\n`,
+    `whole-process wall time; ratio = peer's time / ours (above 1.0: we are faster)\n`,
 );
-console.log("| case | nbd copy | qemu-img convert | ratio |");
-console.log("| --- | --- | --- | --- |");
+console.log("| case | nbd | peer | peer's time | ratio |");
+console.log("| --- | --- | --- | --- | --- |");
 for (const r of rows) {
-  const rate = (s: number) => `${s.toFixed(2)} s (${(mib / s).toFixed(0)} MiB/s)`;
+  const rate = (s: number) =>
+    r.peer === "qemu-nbd" && r.name.startsWith("qemu-img bench")
+      ? `${s.toFixed(2)} s`
+      : `${s.toFixed(2)} s (${(mib / s).toFixed(0)} MiB/s)`;
   console.log(
-    `| ${r.name} | ${rate(r.ours)} | ${rate(r.theirs)} | ${(r.theirs / r.ours).toFixed(2)} |`,
+    `| ${r.name} | ${rate(r.ours)} | ${r.peer} | ${rate(r.theirs)} | ${
+      (r.theirs / r.ours).toFixed(2)
+    } |`,
   );
 }
