@@ -418,13 +418,21 @@ export class Qcow2Image {
     return { kind, length: runEnd - pos, host: kind === DATA ? host + pos - start : 0 };
   }
 
-  /** The inflated contents of a compressed cluster (kept in a small cache). */
+  /**
+   * The inflated contents of a compressed cluster, kept in a small cache;
+   * with `into` (a whole cluster's room the caller reads entirely), inflated
+   * there and not cached: sequential readers never come back for it.
+   */
   async #inflate(
     store: ImageStore,
     compressed: { offset: number; size: number },
+    into?: Uint8Array,
   ): Promise<Uint8Array> {
     const cached = this.#clusterCache.get(compressed.offset);
-    if (cached) return cached;
+    if (cached) {
+      into?.set(cached);
+      return cached;
+    }
     const limit = Math.max(this.#end, this.#fileSize);
     if (compressed.offset >= limit || compressed.offset < this.clusterSize) {
       fail("a compressed cluster lies outside the file");
@@ -435,12 +443,13 @@ export class Qcow2Image {
     // may reach past the end of the file: read what is there (the rest stays zero).
     const stored = Math.max(0, Math.min(length, store.size() - compressed.offset));
     if (stored > 0) await store.pread(data.subarray(0, stored), compressed.offset);
-    const out = new Uint8Array(this.clusterSize);
+    const out = into ?? new Uint8Array(this.clusterSize);
     try {
       decompressCluster(this.header.compressionType, data, out);
     } catch (error) {
       fail((error as Error).message);
     }
+    if (into) return out;
     if (this.#clusterCache.size >= MAX_CACHED_CLUSTERS) {
       this.#clusterCache.delete(this.#clusterCache.keys().next().value!);
     }
@@ -490,8 +499,12 @@ export class Qcow2Image {
         piece.fill(0);
         return;
       case COMPRESSED: {
-        const cluster = await this.#inflate(store, run.compressed!);
         const within = pos - run.cluster!;
+        if (within === 0 && piece.length === this.clusterSize) {
+          await this.#inflate(store, run.compressed!, piece);
+          return;
+        }
+        const cluster = await this.#inflate(store, run.compressed!);
         piece.set(cluster.subarray(within, within + piece.length));
         return;
       }
