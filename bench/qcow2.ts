@@ -202,7 +202,7 @@ async function serverCases(): Promise<void> {
       key: "serve-write",
       image: scattered,
       fresh: true,
-      // 4 KiB writes 1 MiB + 4 KiB apart: each lands in a new cluster, in a new L2 range often.
+      // 4 KiB writes 17 × 64 KiB + 4 KiB apart: nearly every one allocates a new cluster.
       command: (
         uri,
       ) => [
@@ -219,7 +219,7 @@ async function serverCases(): Promise<void> {
           "-s",
           "4k",
           "-S",
-          "1052672",
+          "1118208",
           uri,
         ],
       ],

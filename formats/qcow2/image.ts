@@ -885,10 +885,20 @@ export class Qcow2Image {
             await store.pwrite!(piece, host + pos - cluster * cs, { fua: false });
             return;
           }
+          const within = pos - cluster * cs;
+          if (this.#readsAsZero(t, cluster)) {
+            // Nothing to copy: a new cluster lies past everything the file held, so
+            // its head reads as zeroes unwritten; the piece and the zeroes after it
+            // are written.
+            const tail = new Uint8Array(cs - within);
+            tail.set(piece);
+            await this.#writeNew(store, tail, cluster, within);
+            return;
+          }
           const block = new Uint8Array(cs);
           const visible = Math.min(cs, this.size - cluster * cs);
           await this.read(store, block.subarray(0, visible), cluster * cs);
-          block.set(piece, pos - cluster * cs);
+          block.set(piece, within);
           await this.#writeNew(store, block, cluster);
         });
       }
@@ -1033,12 +1043,39 @@ export class Qcow2Image {
     if (tail < to) await this.#writeZeroes(store, tail, to - tail);
   }
 
-  /** Stores whole clusters from `cluster` on in newly allocated space and maps them. */
-  async #writeNew(store: ImageStore, data: Uint8Array, cluster: number): Promise<void> {
+  /**
+   * Whether guest cluster `cluster` (of a non-extended image, with its L2
+   * table `table`, if it has one) reads as zeroes: a zero cluster, or unallocated with no
+   * backing file under it.
+   */
+  #readsAsZero(table: Uint8Array | undefined, cluster: number): boolean {
     const cs = this.clusterSize;
-    const n = data.length / cs;
+    const run = !table ? { kind: UNALLOCATED } : this.#entryRun(
+      table,
+      cluster % this.#l2Entries,
+      cluster * cs,
+      cluster * cs,
+      (cluster + 1) * cs,
+    );
+    if (run.kind === ZERO) return true;
+    return run.kind === UNALLOCATED && (!this.backing || cluster * cs >= this.backing.size);
+  }
+
+  /**
+   * Stores whole clusters from `cluster` on in newly allocated space and
+   * maps them; `data` goes `skip` bytes into the first one (whose head then
+   * reads as zeroes, never having been written).
+   */
+  async #writeNew(
+    store: ImageStore,
+    data: Uint8Array,
+    cluster: number,
+    skip = 0,
+  ): Promise<void> {
+    const cs = this.clusterSize;
+    const n = (skip + data.length) / cs;
     const at = await this.#meta.run(() => this.#allocate(store, n));
-    await store.pwrite!(data, at, { fua: false });
+    await store.pwrite!(data, at + skip, { fua: false });
     await this.#meta.run(async () => {
       for (let i = 0; i < n; i++) {
         const c = cluster + i;
