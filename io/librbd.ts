@@ -75,6 +75,8 @@ const RBD = {
   rbd_aio_wait_for_complete: { parameters: ["pointer"], result: "i32", nonblocking: true },
   rbd_aio_get_return_value: { parameters: ["pointer"], result: "isize" },
   rbd_aio_release: { parameters: ["pointer"], result: "void" },
+  rbd_set_image_notification: { parameters: ["pointer", "i32", "i32"], result: "i32" },
+  rbd_poll_io_events: { parameters: ["pointer", "buffer", "i32"], result: "i32" },
   rbd_diff_iterate2: {
     parameters: ["pointer", "pointer", "u64", "u64", "u8", "u8", "function", "pointer"],
     result: "i32",
@@ -135,7 +137,24 @@ function load(): Libraries {
   return libraries;
 }
 
-const libc = lazyLibc({ strerror: { parameters: ["i32"], result: "pointer" } } as const);
+const libc = lazyLibc(
+  {
+    strerror: { parameters: ["i32"], result: "pointer" },
+    eventfd: { parameters: ["u32", "i32"], result: "i32" },
+    close: { parameters: ["i32"], result: "i32" },
+  } as const,
+);
+/** The blocking read of the completion eventfd, on the FFI thread pool. */
+const eventLibc = lazyLibc(
+  {
+    read: { parameters: ["i32", "buffer", "usize"], result: "isize", nonblocking: true },
+  } as const,
+);
+/** rbd_set_image_notification type: an eventfd. */
+const EVENT_TYPE_EVENTFD = 2;
+const EFD_CLOEXEC = 0o2000000;
+/** Completions collected per rbd_poll_io_events call. */
+const POLL_BATCH = 64;
 
 /** The system's text for a (negative) errno returned by librados or librbd. */
 export function errnoText(code: number): string {
@@ -293,6 +312,13 @@ export class RbdImage {
   #diffCallback: Deno.UnsafeCallback<typeof DIFF_CALLBACK> | undefined;
   #diffs = new Map<number, RbdExtent[]>();
   #nextDiff = 1;
+  /** The eventfd librbd signals completions on (-1: each request waits on its own). */
+  #eventFd = -1;
+  /** Requests waiting for their completion, by completion pointer. */
+  #waiting = new Map<bigint, () => void>();
+  #polling = false;
+  #polled = new BigUint64Array(POLL_BATCH);
+  #counter = new BigUint64Array(1);
   /** Size in bytes. */
   readonly size: number;
   /** Object size in bytes. */
@@ -325,6 +351,65 @@ export class RbdImage {
     const flags = r < 0 ? RBD_FLAG_FAST_DIFF_INVALID : size[0]!;
     this.fastDiff = (this.features & RBD_FEATURE_FAST_DIFF) !== 0n &&
       (flags & (RBD_FLAG_FAST_DIFF_INVALID | RBD_FLAG_OBJECT_MAP_INVALID)) === 0n;
+    this.#eventFd = this.#notifyOnEventFd();
+  }
+
+  /**
+   * Asks librbd to signal completions on an eventfd, so that one wait on
+   * the FFI thread pool collects every completion instead of one blocked
+   * thread per request in flight. -1 when that is not possible.
+   */
+  #notifyOnEventFd(): number {
+    const c = libc();
+    if (!c || !eventLibc()) return -1;
+    const fd = c.symbols.eventfd(0, EFD_CLOEXEC);
+    if (fd < 0) return -1;
+    if (this.#lib.rbd.rbd_set_image_notification(this.#handle, fd, EVENT_TYPE_EVENTFD) < 0) {
+      c.symbols.close(fd);
+      return -1;
+    }
+    return fd;
+  }
+
+  /** Waits on the eventfd and wakes the requests whose completions librbd reports. */
+  async #poll(): Promise<void> {
+    this.#polling = true;
+    try {
+      while (this.#waiting.size > 0) {
+        const n = await eventLibc()!.symbols.read(this.#eventFd, this.#counter, 8n);
+        if (n < 0) throw new Error("reading the completion eventfd failed");
+        for (;;) {
+          const count = this.#lib.rbd.rbd_poll_io_events(this.#handle, this.#polled, POLL_BATCH);
+          for (let i = 0; i < count; i++) {
+            const wake = this.#waiting.get(this.#polled[i]!);
+            this.#waiting.delete(this.#polled[i]!);
+            wake?.();
+          }
+          if (count < POLL_BATCH) break;
+        }
+      }
+    } finally {
+      this.#polling = false;
+    }
+  }
+
+  /** Resolves once librbd has completed `completion`. */
+  #completed(completion: Deno.PointerValue): Promise<unknown> {
+    if (this.#eventFd < 0) return this.#lib.rbd.rbd_aio_wait_for_complete(completion);
+    const done = new Promise<void>((resolve) => {
+      this.#waiting.set(BigInt(Deno.UnsafePointer.value(completion)), resolve);
+    });
+    if (!this.#polling) {
+      this.#poll().catch(() => {
+        // The eventfd failed: fall back to waiting on each completion.
+        this.#eventFd = -1;
+        for (const [pointer, wake] of this.#waiting) {
+          this.#lib.rbd.rbd_aio_wait_for_complete(Deno.UnsafePointer.create(pointer)).then(wake);
+        }
+        this.#waiting.clear();
+      });
+    }
+    return done;
   }
 
   /**
@@ -372,7 +457,7 @@ export class RbdImage {
       lib.rbd_aio_release(completion);
       throw new CephError(what, r);
     }
-    const wait = lib.rbd_aio_wait_for_complete(completion);
+    const wait = this.#completed(completion);
     this.#inFlight.add(wait);
     try {
       await wait;
@@ -496,6 +581,8 @@ export class RbdImage {
     this.#closed = true;
     while (this.#inFlight.size > 0) await Promise.allSettled([...this.#inFlight]);
     const r = await this.#lib.rbd.rbd_close(this.#handle);
+    if (this.#eventFd >= 0) libc()?.symbols.close(this.#eventFd);
+    this.#eventFd = -1;
     this.#diffCallback?.close();
     if (r < 0) throw new CephError("close", r);
   }
