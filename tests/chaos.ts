@@ -78,6 +78,8 @@ export interface CaseResult {
   sockets: { before: number; after: number };
   /** Why the case failed (empty when it passed). */
   failures: string[];
+  /** Case-specific figures for the report. */
+  notes: string[];
 }
 
 /** A case: starts its servers, injects faults until told to stop, checks what it owns. */
@@ -93,7 +95,7 @@ interface CaseSetup {
   /** The process whose connections and memory are watched. */
   watched: () => number | undefined;
   /** Injects faults until `stopped()`; returns how many. */
-  inject(stopped: () => boolean): Promise<number>;
+  inject(stopped: () => boolean, progress: () => number, result: CaseResult): Promise<number>;
   /** Brings everything back to working order after the faults. */
   heal(): Promise<void>;
   /** Error replies this case may produce. */
@@ -316,23 +318,56 @@ function between(min: number, max: number): number {
 // ---------------------------------------------------------------------------
 // The cases
 
-/** Restarts a killed upstream on the same socket, as many times as asked. */
+/** How long the clients may go without a successful request after an upstream restart. */
+const RECOVERY_LIMIT_MS = 15_000;
+
+/**
+ * Kills the upstream and restarts it on the same socket, again and again;
+ * before each kill it waits until the clients got requests through again
+ * (the recovery, bounded by RECOVERY_LIMIT_MS), so every kill hits a
+ * working chain.
+ */
 function upstreamKiller(
   dir: string,
   socket: string,
   args: string[],
   holder: { upstream: NbdProcess },
 ) {
-  return async (stopped: () => boolean): Promise<number> => {
+  return async (
+    stopped: () => boolean,
+    progress: () => number,
+    result: CaseResult,
+  ): Promise<number> => {
     let kills = 0;
+    let recovered = 0;
+    let slowest = 0;
     while (!stopped()) {
-      await pause(between(600, 1400), stopped);
+      await pause(between(200, 800), stopped);
       if (stopped()) break;
       await holder.upstream.kill();
       kills++;
       await sleep(between(50, 300));
       holder.upstream = await serveUnix(dir, socket, args);
+      const restarted = Date.now();
+      const before = progress();
+      while (!stopped() && progress() < before + 50) {
+        if (Date.now() - restarted > RECOVERY_LIMIT_MS) {
+          result.failures.push(
+            `no request got through within ${RECOVERY_LIMIT_MS} ms of an upstream restart`,
+          );
+          return kills;
+        }
+        await sleep(20);
+      }
+      if (stopped()) break;
+      recovered++;
+      slowest = Math.max(slowest, Date.now() - restarted);
     }
+    // A restart the faults' end interrupted is checked by the final flush and read-back instead.
+    result.notes.push(
+      `requests got through again after ${recovered} of ${kills} upstream restarts before the ` +
+        `faults ended (slowest ${slowest} ms)`,
+    );
     return kills;
   };
 }
@@ -380,8 +415,10 @@ async function retryRestart(ctx: CaseContext): Promise<CaseSetup> {
     "nbd",
     `uri=nbd+unix:///?socket=${upSocket}`,
     "timeout=5",
-    "retries=12",
-    "retry-delay=50ms",
+    // Fixed 100 ms waits for up to 12 s: an upstream restart fits well inside the clients' watchdog.
+    "retries=120",
+    "retry-delay=100ms",
+    "retry-exponential=false",
   ]);
   return {
     socket: `${ctx.dir}/front.sock`,
@@ -687,6 +724,7 @@ export async function runCase(name: string, options: ChaosOptions = {}): Promise
     rss: {},
     sockets: { before: 0, after: 0 },
     failures: [],
+    notes: [],
   };
   const setup = await make({ dir: dir.path, log, exportSize: clients * regionBlocks * blockSize });
   if (typeof setup === "string") {
@@ -727,7 +765,13 @@ export async function runCase(name: string, options: ChaosOptions = {}): Promise
       }
     })();
     const running = workers.map((w) => w.run(stopped));
-    const faults = setup.inject(stopped);
+    const progress = () => workers.reduce((n, w) => n + w.stats.reads + w.stats.writes, 0);
+    // The faults start once every client got requests through (a loaded machine starts slowly).
+    const warm = Date.now() + 30_000;
+    while (workers.some((w) => w.stats.reads + w.stats.writes < 10) && Date.now() < warm) {
+      await sleep(20);
+    }
+    const faults = setup.inject(stopped, progress, result);
     await sleep(duration * 1000);
     stop = true;
     result.faults = await faults;
@@ -806,6 +850,7 @@ export function formatCase(r: CaseResult): string {
       formatKiB(r.rss.warm)
     }, ` +
     `peak ${formatKiB(r.rss.peak)}, end ${formatKiB(r.rss.end)}`,
+    ...r.notes.map((n) => `  ${n}`),
     `  ${r.failures.length ? `FAILED: ${r.failures.join("; ")}` : "ok"}`,
   ];
   for (const p of s.problems.slice(0, 6)) lines.push(`  problem: ${p}`);

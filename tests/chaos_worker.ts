@@ -362,7 +362,7 @@ export class ChaosWorker {
     } catch (error) {
       this.#failure(client, error, `${writing ? "WRITE" : "READ"} ${offset}+${length}`);
       // An export that fails everything at once must not turn the clients into a busy loop.
-      await new Promise((r) => setTimeout(r, 5));
+      await new Promise((r) => setTimeout(r, 20));
     } finally {
       this.stats.requests++;
       for (let i = 0; i < count; i++) this.#busy[start + i] = 0;
