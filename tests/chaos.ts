@@ -749,14 +749,15 @@ export async function runCase(name: string, options: ChaosOptions = {}): Promise
     let stop = false;
     const stopped = () => stop;
     const started = performance.now();
-    // RSS: sampled all along; "warm" is the first sample after a fifth of the run.
+    // RSS: sampled all along; "warm" is the first sample a fifth of the way into the faults.
+    let faultsStarted = Infinity;
     let sampling = true;
     const sampler = (async () => {
       while (sampling) {
         const kib = rssKiB(watchedPid);
         if (kib !== undefined) {
           result.rss.peak = Math.max(result.rss.peak ?? 0, kib);
-          if (result.rss.warm === undefined && performance.now() - started > duration * 200) {
+          if (result.rss.warm === undefined && performance.now() - faultsStarted > duration * 200) {
             result.rss.warm = kib;
           }
           result.rss.end = kib;
@@ -771,6 +772,7 @@ export async function runCase(name: string, options: ChaosOptions = {}): Promise
     while (workers.some((w) => w.stats.reads + w.stats.writes < 10) && Date.now() < warm) {
       await sleep(20);
     }
+    faultsStarted = performance.now();
     const faults = setup.inject(stopped, progress, result);
     await sleep(duration * 1000);
     stop = true;

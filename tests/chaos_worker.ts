@@ -252,7 +252,7 @@ export class ChaosWorker {
     client.close();
   }
 
-  /** Counts a failed request; true when the connection is still usable. */
+  /** Counts a failed request; drops the connection unless the server answered with an error. */
   #failure(client: PipelinedClient, error: unknown, what: string): void {
     if (error instanceof NbdReplyError) {
       const name = C.errnoName(error.errno);
