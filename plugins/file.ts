@@ -157,8 +157,11 @@ export function fileBackend(
     writable = false;
   }
   const size = device?.size ?? (blockDevice ? fileIo.deviceSize(fd, path) : stat.size);
-  if (options.fadvise && linux) adviseFile(fd, options.fadvise);
   const uncached = options.cache === "none" && linux;
+  // Without readahead under cache=none: it would cache pages nobody asked for, in folios
+  // larger than the range read, which eviction could not drop.
+  const advice = options.fadvise ?? (uncached ? "random" : undefined);
+  if (advice && linux) adviseFile(fd, advice);
   const directFd = uncached ? openDirect(path, writable) : undefined;
   const eviction = uncached ? new PageCacheEviction(fd) : undefined;
   let canPunch = linux && !blockDevice;
