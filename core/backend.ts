@@ -102,6 +102,11 @@ export interface Backend {
    */
   readView?(offset: number, length: number): ReadSegment[] | undefined;
   /**
+   * `pread` sets every byte of `buf` (or fails): the server may hand it a
+   * reused buffer without clearing it first.
+   */
+  readonly preadFills?: boolean;
+  /**
    * Writes `buf` at `offset`. Once the returned promise has resolved, `buf`
    * is the caller's again (the server reuses it for the next write): what
    * an implementation keeps, it copies.
@@ -261,6 +266,8 @@ export class PassthroughBackend implements Backend {
     } else {
       this.readView = undefined;
     }
+    // Likewise: a filter with a pread of its own says for itself whether it fills the buffer.
+    this.preadFills = this.pread === PassthroughBackend.prototype.pread && next.preadFills === true;
     // Other metadata contexts describe the same offsets as base:allocation: they
     // are forwarded only by filters that leave block status alone.
     if (
@@ -281,6 +288,8 @@ export class PassthroughBackend implements Backend {
     length: number,
     flags: ExtentsFlags,
   ) => Promise<Extent[]>;
+  /** `pread` sets every byte of its buffer (forwarded like `readView`). */
+  preadFills: boolean;
   /** Zero-copy read, forwarded when safe (see the class comment). */
   readView?: (offset: number, length: number) => ReadSegment[] | undefined;
   /** Size of the export. */
@@ -338,6 +347,8 @@ export interface PluginBackend {
   pread(buf: Uint8Array, offset: number): Promise<void>;
   /** Zero-copy read. */
   readView?(offset: number, length: number): ReadSegment[] | undefined;
+  /** `pread` sets every byte of its buffer (or fails). */
+  preadFills?: boolean;
   /** Writes; absent = read-only. `buf` is the caller's again once the promise resolves. */
   pwrite?(buf: Uint8Array, offset: number, flags: WriteFlags): Promise<void>;
   /** Flush; absent = FLUSH not advertised. */
@@ -391,6 +402,7 @@ export function completeBackend(plugin: PluginBackend): Backend {
     size: () => plugin.size(),
     capabilities: () => capabilities,
     pread: (buf, offset) => plugin.pread(buf, offset),
+    preadFills: plugin.preadFills === true,
     async pwrite(buf, offset, flags) {
       if (!plugin.pwrite) throw new NbdError("EPERM", "the export is read-only");
       await plugin.pwrite(buf, offset, { fua: flags.fua && capabilities.fua === "native" });

@@ -73,6 +73,8 @@ export class CheckingBackend implements Backend {
   #grown = 0;
   /** Zero-copy read, checked; present only when the layer below has one. */
   readView?: (offset: number, length: number) => ReadSegment[] | undefined;
+  /** Whether the layer below fills every read buffer. */
+  readonly preadFills: boolean;
 
   /** Wraps `below`; `above` and `belowName` name the two layers in reports. */
   constructor(below: Backend, above: string, belowName: string, report = defaultReport) {
@@ -81,6 +83,7 @@ export class CheckingBackend implements Backend {
     this.#belowName = belowName;
     this.#report = report;
     this.#size = below.size();
+    this.preadFills = below.preadFills === true;
     if (!Number.isSafeInteger(this.#size) || this.#size < 0) {
       throw this.#fault("below", `size() returned ${this.#size}`);
     }

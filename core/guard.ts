@@ -154,9 +154,11 @@ class GuardedBackend implements Backend {
   readonly #who: string;
   readonly #caps: Capabilities;
   readView?: (offset: number, length: number) => ReadSegment[] | undefined;
+  readonly preadFills: boolean;
 
   constructor(inner: Backend, who: string) {
     this.#inner = inner;
+    this.preadFills = inner.preadFills === true;
     this.#who = who;
     this.size();
     this.#caps = checkCapabilities(inner.capabilities(), who);

@@ -66,10 +66,13 @@ export class SerializedBackend implements Backend {
   readonly #next: Backend;
   readonly #lock: Mutex;
   readonly #onClose?: () => void;
+  /** Whether `next` fills every read buffer. */
+  readonly preadFills: boolean;
 
   /** Serializes the calls into `next` with `lock`. */
   constructor(next: Backend, lock: Mutex, onClose?: () => void) {
     this.#next = next;
+    this.preadFills = next.preadFills === true;
     this.#lock = lock;
     this.#onClose = onClose;
     if (next.extraContexts && next.contextExtents) {

@@ -216,6 +216,8 @@ export function fileBackend(
 
   const backend: PluginBackend = {
     size: () => size,
+    // Every byte: read, or zero past a shrunken end; a failed read is an error reply.
+    preadFills: true,
     capabilities: () => ({
       writable,
       fua: writable ? "emulate" : "none",

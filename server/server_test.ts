@@ -586,3 +586,43 @@ Deno.test("counters: requests, bytes, failures and in-flight per export and conn
   assertEquals([conn!.exportName, conn!.counters.commands.TRIM.completed], ["disk", 1]);
   assertOk(conn!.counters.lastReplyAt >= conn!.counters.lastRequestAt);
 });
+
+Deno.test("transmission: reused READ buffers are cleared unless the backend fills every byte", async () => {
+  /** A plugin whose reads at offset 0 fill the buffer, and elsewhere only its first half. */
+  const halfFilling = (preadFills: boolean): Plugin => ({
+    name: "half",
+    summary: "test",
+    params: [],
+    create: () =>
+      Promise.resolve({
+        open: () =>
+          Promise.resolve(completeBackend({
+            size: () => MiB,
+            preadFills,
+            pread(buf, offset) {
+              buf.fill(0x55, 0, offset === 0 ? buf.length : buf.length / 2);
+              return Promise.resolve();
+            },
+          })),
+      }),
+  });
+  const expected = new Uint8Array(4096).fill(0x55, 0, 2048);
+  for (const fills of [false, true]) {
+    await using f = await serve(halfFilling(fills), []);
+    using c = await client(f.path);
+    await c.start();
+    await c.go();
+    const read = async (offset: number) => {
+      await c.request(C.NBD_CMD_READ, { offset, length: 4096 });
+      const reply = await c.reply(4096);
+      assertOk(reply.kind === "simple" && reply.data, "a simple reply with data");
+      return reply.data;
+    };
+    assertBytes(await read(0), new Uint8Array(4096).fill(0x55));
+    const second = await read(4096);
+    if (!fills) assertBytes(second, expected, "an earlier reply's bytes were sent");
+    // The plugin broke its word: the buffer of the first reply went out uncleared, which
+    // shows that the server trusts the declaration and skips the clearing.
+    else assertBytes(second, new Uint8Array(4096).fill(0x55));
+  }
+});

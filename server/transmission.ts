@@ -534,8 +534,8 @@ export class Transmission {
     // One buffer holds the reply header and the data, so one write sends both.
     const header = this.#structured ? chunkHeaderSize(this.#extended) + 8 : SIMPLE_REPLY_SIZE;
     // Zeroed, as a new buffer would be, so that a backend that leaves part of it alone
-    // sends zeroes, never an earlier reply's data.
-    const out = this.#replies.take(header + length, true);
+    // sends zeroes, never an earlier reply's data; unless the backend fills it all.
+    const out = this.#replies.take(header + length, this.#backend.preadFills !== true);
     await this.#backend.pread(out.subarray(header), offset);
     const view = new DataView(out.buffer);
     if (this.#structured) {
