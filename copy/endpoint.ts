@@ -62,6 +62,11 @@ export interface Endpoint {
    */
   readonly synchronous: boolean;
   /**
+   * Reads worth having in flight at once from this source; more would only
+   * wait for one of them, each holding a buffer. Undefined: no limit.
+   */
+  readonly maxReads?: number;
+  /**
    * Fills `buf` from `offset`; resolves to the bytes read, which is less than
    * `buf.length` only at the end of a stream.
    */

@@ -19,6 +19,15 @@ function plainError(error: unknown): Error {
   return new Error(message, { cause: error });
 }
 
+/**
+ * Each request costs a round trip before its first byte: large ones keep
+ * a slow link busy with a few requests in flight.
+ */
+const HTTP_BLOCK_SIZE: BlockSize = Object.freeze({
+  ...COPY_BLOCK_SIZE,
+  preferred: 4 << 20,
+});
+
 /** Options of `HttpSource.open`. */
 export interface HttpSourceOptions {
   /** Requests in flight at once (default 4). */
@@ -30,7 +39,8 @@ export class HttpSource extends BaseEndpoint {
   readonly name: string;
   readonly kind = "http";
   readonly size: number;
-  readonly blockSize: BlockSize = COPY_BLOCK_SIZE;
+  readonly blockSize: BlockSize = HTTP_BLOCK_SIZE;
+  readonly maxReads: number;
   readonly #image: HttpImage;
 
   private constructor(name: string, image: HttpImage) {
@@ -38,6 +48,8 @@ export class HttpSource extends BaseEndpoint {
     this.name = name;
     this.#image = image;
     this.size = image.size;
+    // One more read per request slot, so the next one is ready to go when a slot frees.
+    this.maxReads = 2 * image.options.connections;
   }
 
   /**
@@ -69,6 +81,12 @@ export class HttpSource extends BaseEndpoint {
   override async read(buf: Uint8Array, offset: number): Promise<number> {
     await this.#image.read(buf, offset);
     return buf.length;
+  }
+
+  /** Closes the connections kept open for the reads. */
+  override close(_complete: boolean): Promise<void> {
+    this.#image.close();
+    return Promise.resolve();
   }
 }
 

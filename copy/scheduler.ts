@@ -368,7 +368,7 @@ export async function copyImage(
     // file copy took twice the system time.
     lanes: source.synchronous && destination.synchronous
       ? 1
-      : Math.max(1, Math.floor(options.requests)),
+      : Math.max(1, Math.min(Math.floor(options.requests), source.maxReads ?? Infinity)),
   };
   let done = 0;
   let streamEnd: number | undefined;

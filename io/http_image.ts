@@ -14,6 +14,7 @@
 import { NbdError } from "../protocol/errors.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { sleep } from "../util/sleep.ts";
+import { Http1Pool } from "./http1.ts";
 
 /** Settings of one remote image. */
 export interface HttpOptions {
@@ -68,6 +69,15 @@ const TRANSIENT_STATUS = new Set([408, 425, 429, 500, 502, 503, 504]);
 /** Answers of a redirect's target that mean it is no longer valid (an expired signed URL). */
 const STALE_TARGET_STATUS = new Set([401, 403, 404, 410]);
 
+/** A proxy is set for http: URLs: fetch goes through it, so every request must. */
+const PROXIED = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"].some((name) => {
+  try {
+    return !!Deno.env.get(name);
+  } catch {
+    return true; // not allowed to look: assume one, fetch will know
+  }
+});
+
 /** Headers that are not sent to another origin than the one they were given for. */
 const ORIGIN_BOUND_HEADERS = ["Authorization", "Cookie"];
 
@@ -105,6 +115,8 @@ export class HttpImage {
   #resolving: Promise<void> | undefined;
   /** Times `options.url` was resolved again because its target went stale. */
   reresolutions = 0;
+  /** Keep-alive connections to the target, when it is an http: URL. */
+  #pool: { url: string; pool: Http1Pool } | undefined;
 
   /** Prepares requests to `options.url`. */
   constructor(options: HttpOptions) {
@@ -298,41 +310,95 @@ export class HttpImage {
   read(buf: Uint8Array, offset: number): Promise<void> {
     return this.#slots.run(() =>
       this.#withRetries(async () => {
-        const range: [number, number] = [offset, offset + buf.length - 1];
         const target = this.#target;
-        let response = await this.#fetch("GET", range, undefined, target);
-        if (STALE_TARGET_STATUS.has(response.status) && target !== this.options.url) {
-          await response.body?.cancel();
+        let status = await this.#getRange(buf, offset, target);
+        if (STALE_TARGET_STATUS.has(status) && target !== this.options.url) {
           await this.#resolveAgain(target);
-          response = await this.#fetch("GET", range);
+          status = await this.#getRange(buf, offset, this.#target);
         }
-        if (response.status !== 206) {
-          await response.body?.cancel();
-          if (response.status === 200) {
-            throw new NbdError("EIO", "the server ignored the Range header");
-          }
-          throw new NbdError("EIO", `GET ${this.#target}: ${response.status}`);
-        }
-        const start = /bytes\s+(\d+)-/.exec(response.headers.get("Content-Range") ?? "")?.[1];
-        if (start !== undefined && Number(start) !== offset) {
-          await response.body?.cancel();
-          throw new NbdError("EIO", `the server sent bytes from ${start}, not ${offset}`);
-        }
-        let done = 0;
-        try {
-          for await (const chunk of response.body!) {
-            const n = Math.min(chunk.length, buf.length - done);
-            buf.set(chunk.subarray(0, n), done);
-            done += n;
-            if (done >= buf.length) break;
-          }
-        } catch (error) {
-          throw new TransientError(`reading ${this.options.url}: ${(error as Error).message}`);
-        }
-        if (done < buf.length) {
-          throw new TransientError(`short read from ${this.options.url}: ${done} of ${buf.length}`);
-        }
+        if (status === 200) throw new NbdError("EIO", "the server ignored the Range header");
+        if (status !== 206) throw new NbdError("EIO", `GET ${this.#target}: ${status}`);
       })
     );
+  }
+
+  /** The plain-TCP client for `url`, when it is an http: URL it can take (no proxy in the way). */
+  #poolFor(url: string): Http1Pool | undefined {
+    if (this.#pool?.url === url) return this.#pool.pool;
+    const parsed = new URL(url);
+    if (parsed.protocol !== "http:" || PROXIED) return undefined;
+    this.#pool?.pool.close();
+    this.#pool = { url, pool: new Http1Pool(parsed, this.options.timeout) };
+    return this.#pool.pool;
+  }
+
+  /**
+   * One Range GET of `url` into `buf`: 206 when `buf` holds the bytes, else
+   * the status of the answer (its body dropped). Transient failures throw
+   * `TransientError`.
+   */
+  async #getRange(buf: Uint8Array, offset: number, url: string): Promise<number> {
+    const pool = this.#poolFor(url);
+    if (pool) {
+      const headers = url === this.options.url ? this.options.headers : this.#targetHeaders;
+      let answer;
+      try {
+        answer = await pool.getRange(
+          new URL(url).pathname + new URL(url).search,
+          headers,
+          offset,
+          buf,
+        );
+      } catch (error) {
+        throw new TransientError(`GET ${url}: ${(error as Error).message}`);
+      }
+      if (answer.filled) return 206;
+      if (TRANSIENT_STATUS.has(answer.status)) {
+        const failure = new TransientError(`GET ${url}: ${answer.status} ${answer.statusText}`);
+        const after = Number(answer.headers.get("Retry-After"));
+        if (after > 0) failure.retryAfter = after;
+        throw failure;
+      }
+      // A redirect, a chunked or compressed body, a range not as asked: fetch sorts them out.
+      if (!STALE_TARGET_STATUS.has(answer.status)) return await this.#fetchRange(buf, offset, url);
+      return answer.status;
+    }
+    return await this.#fetchRange(buf, offset, url);
+  }
+
+  /** `#getRange` through fetch. */
+  async #fetchRange(buf: Uint8Array, offset: number, url: string): Promise<number> {
+    const response = await this.#fetch("GET", [offset, offset + buf.length - 1], undefined, url);
+    if (response.status !== 206) {
+      await response.body?.cancel();
+      return response.status;
+    }
+    const start = /bytes\s+(\d+)-/.exec(response.headers.get("Content-Range") ?? "")?.[1];
+    if (start !== undefined && Number(start) !== offset) {
+      await response.body?.cancel();
+      throw new NbdError("EIO", `the server sent bytes from ${start}, not ${offset}`);
+    }
+    let done = 0;
+    try {
+      for await (const chunk of response.body!) {
+        const n = Math.min(chunk.length, buf.length - done);
+        buf.set(chunk.subarray(0, n), done);
+        done += n;
+        if (done >= buf.length) break;
+      }
+    } catch (error) {
+      throw new TransientError(`reading ${url}: ${(error as Error).message}`);
+    }
+    if (done < buf.length) {
+      throw new TransientError(`short read from ${url}: ${done} of ${buf.length}`);
+    }
+    return 206;
+  }
+
+  /** Closes the connections kept open for reads. */
+  close(): void {
+    this.#pool?.pool.close();
+    this.#pool = undefined;
+    this.options.client?.close();
   }
 }

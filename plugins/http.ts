@@ -175,7 +175,7 @@ function makeHttpPlugin(name: string): Plugin {
       try {
         await image.open();
       } catch (error) {
-        image.options.client?.close();
+        image.close();
         if (error instanceof UsageError) throw error;
         throw new UsageError(`http: ${(error as Error).message}`);
       }
@@ -187,7 +187,7 @@ function makeHttpPlugin(name: string): Plugin {
             pread: (buf, offset) => image.read(buf, offset),
           })),
         close() {
-          image.options.client?.close();
+          image.close();
           return Promise.resolve();
         },
       };

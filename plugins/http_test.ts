@@ -243,3 +243,36 @@ function concat(parts: Uint8Array[]): Uint8Array {
   }
   return out;
 }
+
+Deno.test("http plugin reads ranges sent chunked (no Content-Length), byte-exact", async () => {
+  const data = randomBytes(200000, 27);
+  let chunked = 0;
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, (req) => {
+    if (req.method === "HEAD") {
+      return new Response(null, { headers: { "Content-Length": String(data.length) } });
+    }
+    const [, start, end] = /^bytes=(\d+)-(\d+)$/.exec(req.headers.get("Range")!)!.map(Number);
+    chunked++;
+    const body = data.slice(start, end! + 1);
+    return new Response(
+      new ReadableStream({
+        start(controller) {
+          controller.enqueue(body.subarray(0, 1000));
+          controller.enqueue(body.subarray(1000));
+          controller.close();
+        },
+      }),
+      { status: 206, headers: { "Content-Range": `bytes ${start}-${end}/${data.length}` } },
+    );
+  });
+  try {
+    const url = `http://127.0.0.1:${server.addr.port}/disk.img`;
+    const { backend, instance } = await openPlugin(httpPlugin, [url]);
+    assertBytes(await read(backend, 70000, 100000), data.subarray(70000, 170000));
+    // The probe (through fetch), then the read twice: plainly, then again through fetch.
+    assertEquals(chunked, 3);
+    await instance.close?.();
+  } finally {
+    await server.shutdown();
+  }
+});

@@ -8,7 +8,7 @@
  * round trip, so that a single stream is slower than several in parallel,
  * as over a long link.
  *
- * As a script (for benchmarks, in its own process):
+ * As a script (for benchmarks, in its own process, with the image in memory):
  *
  * ```
  * deno run -A tests/http_server.ts FILE [--rtt=MS] [--window=BYTES]
@@ -27,9 +27,6 @@ export interface ImageServerOptions {
   windowBytes?: number;
 }
 
-/** Where the image's bytes come from: memory, or a file read per request. */
-export type ImageData = Uint8Array | { path: string; size: number };
-
 /** A running image server. */
 export interface ImageServer extends AsyncDisposable {
   /** Its port on 127.0.0.1. */
@@ -46,55 +43,49 @@ export interface ImageServer extends AsyncDisposable {
   close(): Promise<void>;
 }
 
+/** The part of a body sent at once, so that pacing and cancellation have a grain. */
 const CHUNK = 1 << 20;
 
-/** A stream of `length` bytes of `data` from `start`, paced by `options`. */
-function body(data: ImageData, start: number, length: number, options: ImageServerOptions) {
+/** `length` bytes of `data` from `start`, paced by `options`. */
+function body(
+  data: Uint8Array<ArrayBuffer>,
+  start: number,
+  length: number,
+  options: ImageServerOptions,
+): Uint8Array<ArrayBuffer> | ReadableStream<Uint8Array> {
+  const window = options.windowBytes;
+  // Unpaced: the runtime copies the range once, with no stream machinery in the way.
+  if (window === undefined) return data.subarray(start, start + length);
   let sent = 0;
   let inWindow = 0;
-  let file: Deno.FsFile | undefined;
   return new ReadableStream<Uint8Array>({
-    type: "bytes",
     async pull(controller) {
       if (sent >= length) {
-        file?.close();
         controller.close();
         return;
       }
-      const window = options.windowBytes ?? Infinity;
       if (inWindow >= window) {
         await new Promise((resolve) => setTimeout(resolve, options.rttMs ?? 0));
         inWindow = 0;
       }
       const n = Math.min(CHUNK, length - sent, window - inWindow);
-      let chunk: Uint8Array;
-      if (data instanceof Uint8Array) {
-        chunk = data.slice(start + sent, start + sent + n);
-      } else {
-        if (!file) {
-          file = await Deno.open(data.path);
-          await file.seek(start, Deno.SeekMode.Start);
-        }
-        chunk = new Uint8Array(n);
-        for (let got = 0; got < n;) {
-          const r = await file.read(chunk.subarray(got));
-          if (r === null) throw new Error(`${data.path} ended early`);
-          got += r;
-        }
-      }
+      // A copy: a view would let the runtime take (detach) the whole image's buffer.
+      controller.enqueue(data.slice(start + sent, start + sent + n));
       sent += n;
       inWindow += n;
-      controller.enqueue(chunk);
-    },
-    cancel() {
-      file?.close();
     },
   });
 }
 
 /** Starts the server on a free port of 127.0.0.1. */
-export function serveImage(data: ImageData, options: ImageServerOptions = {}): ImageServer {
-  const size = data instanceof Uint8Array ? data.length : data.size;
+export function serveImage(
+  bytes: Uint8Array,
+  options: ImageServerOptions = {},
+): ImageServer {
+  const data = bytes.buffer instanceof ArrayBuffer
+    ? new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+    : new Uint8Array(bytes);
+  const size = data.length;
   const counts = new Map<string, number>();
   const count = (key: string) => counts.set(key, (counts.get(key) ?? 0) + 1);
   let token = 1;
@@ -158,7 +149,7 @@ if (import.meta.main) {
     const value = flags.find((f) => f.startsWith(`--${name}=`))?.split("=")[1];
     return value === undefined ? undefined : Number(value);
   };
-  const server = serveImage({ path, size: Deno.statSync(path).size }, {
+  const server = serveImage(await Deno.readFile(path), {
     rttMs: flag("rtt"),
     windowBytes: flag("window"),
   });

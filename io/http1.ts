@@ -1,0 +1,217 @@
+/**
+ * A small HTTP/1.1 client for ranged GETs over plain TCP, with keep-alive
+ * connections: the body of a `206 Partial Content` answer is read from the
+ * socket straight into the caller's buffer. It takes about a third of the
+ * processor time `fetch` takes for the same bytes, which decides the rate
+ * of an import when the processor is shared. Anything out of the ordinary
+ * (a redirect, a chunked or compressed body) is left to the caller, which
+ * falls back to `fetch`.
+ *
+ * @module
+ */
+
+/** Status and headers of an answer. */
+export interface Http1Answer {
+  /** The body is in the caller's buffer (a plain 206 of the range asked); else it was dropped. */
+  filled: boolean;
+  /** The status code. */
+  status: number;
+  /** The reason phrase. */
+  statusText: string;
+  /** The headers. */
+  headers: Headers;
+}
+
+/** The connection broke or timed out: worth retrying. */
+export class Http1Error extends Error {
+  /** Nothing of the answer had arrived, on a connection used before (the server closed it idle). */
+  readonly stale: boolean;
+  /** Creates the error. */
+  constructor(message: string, stale = false) {
+    super(message);
+    this.name = "Http1Error";
+    this.stale = stale;
+  }
+}
+
+const HEAD_END = new Uint8Array([13, 10, 13, 10]);
+const MAX_HEAD = 64 * 1024;
+
+function indexOfHeadEnd(bytes: Uint8Array, from: number): number {
+  for (let i = Math.max(0, from - 3); i + 4 <= bytes.length; i++) {
+    if (
+      bytes[i] === HEAD_END[0] && bytes[i + 1] === HEAD_END[1] && bytes[i + 2] === HEAD_END[2] &&
+      bytes[i + 3] === HEAD_END[3]
+    ) return i;
+  }
+  return -1;
+}
+
+/** Parses a status line and header lines. */
+function parseHead(text: string): Http1Answer {
+  const lines = text.split("\r\n");
+  const status = /^HTTP\/1\.[01] (\d{3}) ?(.*)$/.exec(lines[0] ?? "");
+  if (!status) throw new Http1Error(`not an HTTP/1.1 answer: ${JSON.stringify(lines[0])}`);
+  const headers = new Headers();
+  for (const line of lines.slice(1)) {
+    const colon = line.indexOf(":");
+    if (colon > 0) headers.append(line.slice(0, colon).trim(), line.slice(colon + 1).trim());
+  }
+  return { filled: false, status: Number(status[1]), statusText: status[2] ?? "", headers };
+}
+
+/** One keep-alive connection. */
+class Connection {
+  readonly conn: Deno.Conn;
+  /** Requests answered on it so far. */
+  uses = 0;
+  constructor(conn: Deno.Conn) {
+    this.conn = conn;
+  }
+  close(): void {
+    try {
+      this.conn.close();
+    } catch { /* already closed */ }
+  }
+}
+
+/** Keep-alive connections to one `http://` origin, each carrying one request at a time. */
+export class Http1Pool {
+  readonly #hostname: string;
+  readonly #port: number;
+  readonly #host: string;
+  readonly #timeout: number;
+  readonly #idle: Connection[] = [];
+  #closed = false;
+
+  /** Connections to the origin of `url` (http:), with a per-request `timeout` in milliseconds. */
+  constructor(url: URL, timeout: number) {
+    this.#hostname = url.hostname.replace(/^\[(.*)\]$/, "$1");
+    this.#port = url.port === "" ? 80 : Number(url.port);
+    this.#host = url.host;
+    this.#timeout = timeout;
+  }
+
+  /**
+   * GETs `buf.length` bytes at `start` of `path` (with its query). On a
+   * plain `206` whose `Content-Range` starts at `start` and whose length is
+   * `buf.length`, the body goes into `buf` (`filled`); any other answer is
+   * returned with its body unread (and its connection closed). Throws `Http1Error` when the connection fails.
+   */
+  async getRange(
+    path: string,
+    headers: Headers,
+    start: number,
+    buf: Uint8Array,
+  ): Promise<Http1Answer> {
+    let reused = this.#idle.pop();
+    try {
+      return await this.#exchange(reused ?? await this.#connect(), path, headers, start, buf);
+    } catch (error) {
+      // A connection the server closed while it sat idle: once more on a new one.
+      if (!(error instanceof Http1Error && error.stale && reused)) throw error;
+      reused = undefined;
+      return await this.#exchange(await this.#connect(), path, headers, start, buf);
+    }
+  }
+
+  async #connect(): Promise<Connection> {
+    try {
+      const conn = await Deno.connect({ hostname: this.#hostname, port: this.#port });
+      conn.setNoDelay(true);
+      return new Connection(conn);
+    } catch (error) {
+      throw new Http1Error(`connecting to ${this.#host}: ${(error as Error).message}`);
+    }
+  }
+
+  async #exchange(
+    connection: Connection,
+    path: string,
+    headers: Headers,
+    start: number,
+    buf: Uint8Array,
+  ): Promise<Http1Answer> {
+    let request = `GET ${path} HTTP/1.1\r\nHost: ${this.#host}\r\n`;
+    for (const [name, value] of headers) request += `${name}: ${value}\r\n`;
+    request += `Range: bytes=${start}-${start + buf.length - 1}\r\n\r\n`;
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      connection.close();
+    }, this.#timeout);
+    let received = 0;
+    let keep = false;
+    try {
+      const bytes = new TextEncoder().encode(request);
+      for (let sent = 0; sent < bytes.length;) {
+        sent += await connection.conn.write(bytes.subarray(sent));
+      }
+      // The head, and whatever part of the body came with it.
+      let head = new Uint8Array(4096);
+      let end = -1;
+      while (end < 0) {
+        if (received === head.length) {
+          if (head.length >= MAX_HEAD) {
+            throw new Http1Error(`answer headers over ${MAX_HEAD} bytes`);
+          }
+          const bigger = new Uint8Array(head.length * 2);
+          bigger.set(head);
+          head = bigger;
+        }
+        const n = await connection.conn.read(head.subarray(received));
+        if (n === null) {
+          throw new Http1Error(
+            `${this.#host} closed the connection`,
+            received === 0 && connection.uses > 0,
+          );
+        }
+        const before = received;
+        received += n;
+        end = indexOfHeadEnd(head.subarray(0, received), before);
+      }
+      const answer = parseHead(new TextDecoder().decode(head.subarray(0, end)));
+      const length = answer.headers.get("Content-Length");
+      const range = /^bytes (\d+)-(\d+)\//.exec(answer.headers.get("Content-Range") ?? "");
+      const plain = !answer.headers.has("Transfer-Encoding") &&
+        !answer.headers.has("Content-Encoding");
+      if (
+        answer.status !== 206 || !plain || length !== String(buf.length) || !range ||
+        Number(range[1]) !== start
+      ) {
+        return answer;
+      }
+      const early = head.subarray(end + 4, received);
+      if (early.length > buf.length) throw new Http1Error("more bytes than Content-Length");
+      buf.set(early);
+      for (let got = early.length; got < buf.length;) {
+        const n = await connection.conn.read(buf.subarray(got));
+        if (n === null) {
+          throw new Http1Error(`short read from ${this.#host}: ${got} of ${buf.length} bytes`);
+        }
+        got += n;
+      }
+      keep = !/\bclose\b/i.test(answer.headers.get("Connection") ?? "");
+      answer.filled = true;
+      return answer;
+    } catch (error) {
+      if (timedOut) throw new Http1Error(`${this.#host}: no answer within ${this.#timeout} ms`);
+      if (error instanceof Http1Error) throw error;
+      throw new Http1Error(
+        `${this.#host}: ${(error as Error).message}`,
+        received === 0 && connection.uses > 0,
+      );
+    } finally {
+      clearTimeout(timer);
+      connection.uses++;
+      if (keep && !timedOut && !this.#closed) this.#idle.push(connection);
+      else connection.close();
+    }
+  }
+
+  /** Closes the idle connections; those in use close when their request ends. */
+  close(): void {
+    this.#closed = true;
+    for (const connection of this.#idle.splice(0)) connection.close();
+  }
+}
