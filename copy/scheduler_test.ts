@@ -366,3 +366,16 @@ Deno.test("copyImage() reads into one buffer for a destination that keeps nothin
   assertOk(source.maxInFlight > 1, `${source.maxInFlight} reads in flight`);
   assertEquals(source.buffers.size, 1);
 });
+
+Deno.test("copyImage() keeps no more reads in flight than the source's maxReads", async () => {
+  class FewReadsSource extends MemorySource {
+    readonly maxReads = 3;
+  }
+  const data = patterned(2 * MiB + 99);
+  const source = new FewReadsSource(data, undefined, { jitterMs: 2 });
+  const destination = new MemoryDestination(data.length, { jitterMs: 1 });
+  const stats = await copyImage(source, destination, options());
+  assertBytes(destination.data, data);
+  assertEquals(stats.lanes, 3);
+  assertEquals(source.maxInFlight, 3);
+});
