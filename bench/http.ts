@@ -107,9 +107,30 @@ interface Row {
   server: number;
 }
 
+const cell = (seconds: number) =>
+  `${seconds.toFixed(2)} s (${(size / seconds / 1e6).toFixed(0)} MB/s)`;
+const ratio = (theirs: number, ours: number) => `${(theirs / ours).toFixed(2)}x`;
+console.log(
+  `\nhttp import benchmark: ${values.size} behind a 302 redirect, ${rounds} rounds, alternating, ` +
+    `medians of whole-process wall time; ratios are the other's time / ours (> 1.0: we are faster)\n`,
+);
+console.log(
+  "| case | nbd copy URL | curl -L -o | ratio | nbdcopy over nbdkit curl | ratio " +
+    "| nbdcopy over nbd serve http | ratio vs nbdkit curl |",
+);
+console.log("|---|---|---|---|---|---|---|---|");
+
+/** Prints one case's row. */
+function print(row: Row): void {
+  console.log(
+    `| ${row.name} | ${cell(row.ours)} | ${cell(row.curl)} | ${ratio(row.curl, row.ours)} | ` +
+      `${cell(row.nbdkit)} | ${ratio(row.nbdkit, row.ours)} | ${cell(row.server)} | ` +
+      `${ratio(row.nbdkit, row.server)} |`,
+  );
+}
+
 const nbd = await nbdExecutable();
 const dir = await Deno.makeTempDir({ prefix: "nbd-bench-http" });
-const rows: Row[] = [];
 try {
   const image = `${dir}/image.img`;
   await runOk("sh", ["-c", `head -c ${size} /dev/urandom > "$0"`, image]);
@@ -165,7 +186,7 @@ try {
         times[key]!.push(await timed(contenders[key]));
       }
     }
-    rows.push({
+    print({
       name,
       ours: median(times.ours!),
       curl: median(times.curl!),
@@ -175,24 +196,4 @@ try {
   }
 } finally {
   await Deno.remove(dir, { recursive: true }).catch(() => {});
-}
-
-const cell = (seconds: number) =>
-  `${seconds.toFixed(2)} s (${(size / seconds / 1e6).toFixed(0)} MB/s)`;
-const ratio = (theirs: number, ours: number) => `${(theirs / ours).toFixed(2)}x`;
-console.log(
-  `\nhttp import benchmark: ${values.size} behind a 302 redirect, ${rounds} rounds, alternating, ` +
-    `medians of whole-process wall time; ratios are the other's time / ours (> 1.0: we are faster)\n`,
-);
-console.log(
-  "| case | nbd copy URL | curl -L -o | ratio | nbdcopy over nbdkit curl | ratio " +
-    "| nbdcopy over nbd serve http | ratio vs nbdkit curl |",
-);
-console.log("|---|---|---|---|---|---|---|---|");
-for (const row of rows) {
-  console.log(
-    `| ${row.name} | ${cell(row.ours)} | ${cell(row.curl)} | ${ratio(row.curl, row.ours)} | ` +
-      `${cell(row.nbdkit)} | ${ratio(row.nbdkit, row.ours)} | ${cell(row.server)} | ` +
-      `${ratio(row.nbdkit, row.server)} |`,
-  );
 }
