@@ -43,99 +43,165 @@ export interface ImageServer extends AsyncDisposable {
   close(): Promise<void>;
 }
 
-/** The part of a body sent at once, so that pacing and cancellation have a grain. */
-const CHUNK = 1 << 20;
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** `length` bytes of `data` from `start`, paced by `options`. */
-function body(
-  data: Uint8Array<ArrayBuffer>,
-  start: number,
-  length: number,
-  options: ImageServerOptions,
-): Uint8Array<ArrayBuffer> | ReadableStream<Uint8Array> {
-  const window = options.windowBytes;
-  // Unpaced: the runtime copies the range once, with no stream machinery in the way.
-  if (window === undefined) return data.subarray(start, start + length);
-  let sent = 0;
-  let inWindow = 0;
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      if (sent >= length) {
-        controller.close();
-        return;
-      }
-      if (inWindow >= window) {
-        await new Promise((resolve) => setTimeout(resolve, options.rttMs ?? 0));
-        inWindow = 0;
-      }
-      const n = Math.min(CHUNK, length - sent, window - inWindow);
-      // A copy: a view would let the runtime take (detach) the whole image's buffer.
-      controller.enqueue(data.slice(start + sent, start + sent + n));
-      sent += n;
-      inWindow += n;
-    },
-  });
+/** Writes all of `bytes`. */
+async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
 }
 
-/** Starts the server on a free port of 127.0.0.1. */
-export function serveImage(
-  bytes: Uint8Array,
-  options: ImageServerOptions = {},
-): ImageServer {
-  const data = bytes.buffer instanceof ArrayBuffer
-    ? new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength)
-    : new Uint8Array(bytes);
+/** One answer: status line and headers, then `body` paced by `options`. */
+async function answer(
+  conn: Deno.Conn,
+  status: string,
+  headers: Record<string, string>,
+  body: Uint8Array,
+  options: ImageServerOptions,
+  sendBody: boolean,
+): Promise<void> {
+  let head = `HTTP/1.1 ${status}\r\nContent-Length: ${body.length}\r\n`;
+  for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`;
+  await writeAll(conn, new TextEncoder().encode(head + "\r\n"));
+  if (!sendBody) return;
+  // Views of the image, no copies: the server's own cost stays small beside its clients'.
+  const window = options.windowBytes ?? body.length;
+  for (let sent = 0; sent < body.length; sent += window) {
+    if (sent > 0) await sleep(options.rttMs ?? 0);
+    await writeAll(conn, body.subarray(sent, sent + window));
+  }
+}
+
+/**
+ * Starts the server on a free port of 127.0.0.1: plain HTTP/1.1 with
+ * keep-alive, written on the sockets directly.
+ */
+export function serveImage(data: Uint8Array, options: ImageServerOptions = {}): ImageServer {
   const size = data.length;
   const counts = new Map<string, number>();
   const count = (key: string) => counts.set(key, (counts.get(key) ?? 0) + 1);
   let token = 1;
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (req) => {
-    const path = new URL(req.url).pathname;
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const open = new Set<Deno.Conn>();
+  const served = new Set<Promise<void>>();
+
+  /** Answers one request; false when the connection is to be closed. */
+  const handle = async (conn: Deno.Conn, head: string): Promise<boolean> => {
+    const [requestLine, ...lines] = head.split("\r\n");
+    const [method = "", target = ""] = (requestLine ?? "").split(" ");
+    const headers = new Map<string, string>();
+    for (const line of lines) {
+      const colon = line.indexOf(":");
+      if (colon > 0) {
+        headers.set(line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim());
+      }
+    }
+    const path = new URL(target, "http://localhost").pathname;
     count(path);
-    count(`${req.method} ${path}`);
-    if (options.rttMs) await new Promise((resolve) => setTimeout(resolve, options.rttMs));
+    count(`${method} ${path}`);
+    const withBody = method !== "HEAD";
+    const empty = new Uint8Array(0);
+    if (options.rttMs) await sleep(options.rttMs);
     if (path === "/redirect/disk.img") {
-      return new Response(null, {
-        status: 302,
-        headers: { Location: `/signed/${token}/disk.img` },
-      });
+      await answer(
+        conn,
+        "302 Found",
+        { Location: `/signed/${token}/disk.img` },
+        empty,
+        options,
+        false,
+      );
+    } else if (
+      path !== "/disk.img" && Number(/^\/signed\/(\d+)\/disk\.img$/.exec(path)?.[1]) !== token
+    ) {
+      const known = /^\/signed\//.test(path);
+      const text = new TextEncoder().encode(known ? "expired" : "not found");
+      await answer(conn, known ? "403 Forbidden" : "404 Not Found", {}, text, options, withBody);
+    } else {
+      const range = /^bytes=(\d+)-(\d*)$/.exec(headers.get("range") ?? "");
+      if (!range) {
+        await answer(conn, "200 OK", { "Accept-Ranges": "bytes" }, data, options, withBody);
+      } else {
+        const start = Number(range[1]);
+        const end = Math.min(range[2] === "" ? size - 1 : Number(range[2]), size - 1);
+        if (start >= size) {
+          await answer(
+            conn,
+            "416 Range Not Satisfiable",
+            { "Content-Range": `bytes */${size}` },
+            empty,
+            options,
+            withBody,
+          );
+        } else {
+          await answer(
+            conn,
+            "206 Partial Content",
+            { "Content-Range": `bytes ${start}-${end}/${size}` },
+            data.subarray(start, end + 1),
+            options,
+            withBody,
+          );
+        }
+      }
     }
-    const signed = /^\/signed\/(\d+)\/disk\.img$/.exec(path);
-    if (signed && Number(signed[1]) !== token) return new Response("expired", { status: 403 });
-    if (!signed && path !== "/disk.img") return new Response("not found", { status: 404 });
-    if (req.method === "HEAD") {
-      return new Response(null, {
-        headers: { "Content-Length": String(size), "Accept-Ranges": "bytes" },
-      });
+    return !/close/i.test(headers.get("connection") ?? "");
+  };
+
+  const serve = async (conn: Deno.Conn) => {
+    const buf = new Uint8Array(16384);
+    let pending = "";
+    try {
+      for (;;) {
+        const end = pending.indexOf("\r\n\r\n");
+        if (end >= 0) {
+          const head = pending.slice(0, end);
+          pending = pending.slice(end + 4);
+          if (!await handle(conn, head)) break;
+          continue;
+        }
+        const n = await conn.read(buf);
+        if (n === null) break;
+        pending += new TextDecoder().decode(buf.subarray(0, n));
+      }
+    } catch {
+      // The client went away.
+    } finally {
+      open.delete(conn);
+      try {
+        conn.close();
+      } catch { /* closed already */ }
     }
-    const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.get("Range") ?? "");
-    if (!range) {
-      return new Response(body(data, 0, size, options), {
-        headers: { "Content-Length": String(size) },
-      });
+  };
+
+  const accepting = (async () => {
+    for await (const conn of listener) {
+      open.add(conn);
+      const done = serve(conn);
+      served.add(done);
+      done.then(() => served.delete(done));
     }
-    const start = Number(range[1]);
-    const end = Math.min(range[2] === "" ? size - 1 : Number(range[2]), size - 1);
-    if (start >= size) {
-      return new Response(null, { status: 416, headers: { "Content-Range": `bytes */${size}` } });
+  })().catch(() => {});
+
+  const close = async () => {
+    listener.close();
+    for (const conn of open) {
+      try {
+        conn.close();
+      } catch { /* closed already */ }
     }
-    return new Response(body(data, start, end - start + 1, options), {
-      status: 206,
-      headers: {
-        "Content-Range": `bytes ${start}-${end}/${size}`,
-        "Content-Length": String(end - start + 1),
-      },
-    });
-  });
-  const base = `http://127.0.0.1:${server.addr.port}`;
+    await accepting;
+    await Promise.all(served);
+  };
+  const port = (listener.addr as Deno.NetAddr).port;
+  const base = `http://127.0.0.1:${port}`;
   return {
-    port: server.addr.port,
+    port,
     directUrl: `${base}/disk.img`,
     redirectUrl: `${base}/redirect/disk.img`,
     counts,
     expire: () => void token++,
-    close: () => server.shutdown(),
-    [Symbol.asyncDispose]: () => server.shutdown(),
+    close,
+    [Symbol.asyncDispose]: close,
   };
 }
 
