@@ -66,8 +66,9 @@ Print the checksum of a disk image as "DIGEST  SOURCE", like sha256sum.
 Holes the source reports are hashed without being read.
 
 SOURCE is anything nbd copy reads: a file or block device, an NBD URI,
-an http(s) URL, - for stdin, or [ CMD ARGS ... ] (an NBD server started
-for the occasion by socket activation).
+an http(s) URL, an RBD image (rbd:POOL/IMAGE[:conf=FILE]), an S3 object
+(s3://BUCKET/KEY), - for stdin, or [ CMD ARGS ... ] (an NBD server
+started for the occasion by socket activation).
 
 Options:
 ${formatOptions(OPTIONS)}
@@ -245,7 +246,10 @@ async function runChecksum(config: ChecksumConfig): Promise<number> {
       });
     } catch (error) {
       if (error instanceof UsageError || error instanceof Interrupted) throw error;
-      printError(`${describeSpec(config.source)}: ${describeCause(error)}`);
+      const name = describeSpec(config.source);
+      const cause = describeCause(error);
+      // Endpoints that name themselves in their messages are not named twice.
+      printError(cause.startsWith(name) ? cause : `${name}: ${cause}`);
       return 1;
     }
     const { digest } = await checksumEndpoint(source, config.algorithm, {

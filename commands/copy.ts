@@ -919,15 +919,13 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
     return 0;
   } catch (error) {
     progress?.finish(false);
-    let note = started ? destination?.incompleteNote() : undefined;
+    let kept: string | undefined;
     if (checkpoints) {
       await checkpoints.stop();
       // What was written and flushed now is saved; when the destination cannot flush,
       // the last checkpoint stays.
       const flushed = await checkpoints.save().then(() => true, () => false);
-      const kept = flushed ? "saved" : "as of the last checkpoint";
-      note = `${note ? `${note}; ` : ""}progress ${kept} in ${config.state}: ` +
-        `run the same command with --resume to continue`;
+      kept = flushed ? "saved" : "as of the last checkpoint";
     }
     // A partial copy whose state was never saved could not be resumed: it goes.
     const orphan = checkpoints || saved
@@ -935,6 +933,12 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
       : (destination as { partialPath?: string } | undefined)?.partialPath;
     await destination?.close(false).catch(() => {});
     if (orphan !== undefined) await Deno.remove(orphan).catch(() => {});
+    // After close: what a failure leaves may depend on how the clean-up went.
+    let note = started ? destination?.incompleteNote() : undefined;
+    if (kept !== undefined) {
+      note = `${note ? `${note}; ` : ""}progress ${kept} in ${config.state}: ` +
+        `run the same command with --resume to continue`;
+    }
     await source?.close(false).catch(() => {});
     const suffix = note ? `; ${note}` : "";
     if (error instanceof Interrupted) {

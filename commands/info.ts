@@ -76,12 +76,14 @@ const OPTIONS = { ...OWN_OPTIONS, ...CLIENT_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd info [OPTIONS] URI
        nbd info [OPTIONS] FILE
+       nbd info [OPTIONS] rbd:POOL/IMAGE[:conf=FILE] | s3://BUCKET/KEY
 
 Show what an NBD server says about an export: size, flags, block sizes,
 metadata contexts and (by default) what the first bytes look like. When
 those bytes are a qcow2 image, its format, version, virtual size, cluster
 size, backing file (named, never followed), compression type and dirty and
-corrupt bits follow. For a local FILE, only its format is shown.
+corrupt bits follow. For a local FILE, an RBD image or an S3 object (named
+as nbd copy names them), its size and format are shown.
 
 Options:
 ${formatOptions(OWN_OPTIONS)}
@@ -415,6 +417,8 @@ export const infoCommand: Command = {
     if (values.totals && extracted.map === undefined) {
       throw new UsageError("--totals only makes sense with --map");
     }
+    const remote = remoteImage(positionals);
+    if (remote !== undefined) return await runRemoteInfo(remote, values, extracted.map);
     const file = await localFile(positionals);
     if (file !== undefined) return await runLocalInfo(file, values, extracted.map);
     return await withUriArgument(positionals, "info", (uriText) => {
@@ -480,6 +484,69 @@ export async function localFile(positionals: string[]): Promise<string | undefin
   }
 }
 
+/** The `rbd:` image or `s3://` object the positional arguments name, if they name one. */
+export function remoteImage(positionals: string[]): string | undefined {
+  if (positionals.length !== 1) return undefined;
+  const text = positionals[0]!;
+  return text.startsWith("rbd:") || /^s3:\/\//i.test(text) ? text : undefined;
+}
+
+/** How many bytes the format probe reads from the head of an image. */
+const FORMAT_PROBE_BYTES = 2 * 1024 * 1024;
+
+/**
+ * `nbd info rbd:...` or `nbd info s3://...`: the size and format of an RBD
+ * image or S3 object, read through the copy endpoints (`--map` maps it as
+ * `nbd map` does).
+ */
+async function runRemoteInfo(
+  text: string,
+  values: InfoValues,
+  map: string | undefined,
+): Promise<number> {
+  rejectServerOnly(values);
+  const { parseEndpoint } = await import("../copy/endpoint.ts");
+  if (map !== undefined) {
+    if (map !== BASE_ALLOCATION) throw new UsageError(`--map=${map} needs an NBD URI`);
+    const { showImageMap } = await import("./map.ts");
+    return await showImageMap(text, "raw", {
+      context: map,
+      totals: values.totals ?? false,
+      json: values.json ?? false,
+    });
+  }
+  const { openSource } = await import("../copy/open.ts");
+  const source = await openSource(parseEndpoint(text), {});
+  let size: number;
+  let format: FormatInfo;
+  try {
+    size = source.size!;
+    const head = new Uint8Array(Math.min(size, FORMAT_PROBE_BYTES));
+    if (head.length > 0) await source.read(head, 0);
+    format = probeFormat(head, size);
+  } finally {
+    await source.close(true);
+  }
+  return await printImageInfo(
+    text.startsWith("rbd:") ? "image" : "object",
+    text,
+    size,
+    format,
+    values,
+  );
+}
+
+/** The flags only a server can answer; a local file or remote image refuses them. */
+function rejectServerOnly(values: InfoValues): void {
+  for (
+    const [flag, given] of [["--can", values.can], ["--is", values.is], ["--list", values.list]]
+  ) {
+    if (given !== undefined && given !== false) {
+      throw new UsageError(`${flag} needs an NBD URI, not a local file or image`);
+    }
+  }
+}
+
 /** Reads the head of a local file (or block device) and recognises its format. */
 export async function localFormat(path: string): Promise<{ size: number; format: FormatInfo }> {
   using file = await Deno.open(path, { read: true });
@@ -495,37 +562,45 @@ export async function localFormat(path: string): Promise<{ size: number; format:
   return { size, format: probeFormat(head.subarray(0, done), size) };
 }
 
+/** The option values `nbd info FILE` and `nbd info rbd:|s3://` look at. */
+interface InfoValues {
+  can?: string;
+  is?: string;
+  size?: boolean;
+  list?: boolean;
+  json?: boolean;
+  totals?: boolean;
+}
+
 /** `nbd info FILE`: the format of a local image (nothing it names is opened). */
 async function runLocalInfo(
   path: string,
-  values: {
-    can?: string;
-    is?: string;
-    size?: boolean;
-    list?: boolean;
-    json?: boolean;
-    totals?: boolean;
-  },
+  values: InfoValues,
   map: string | undefined,
 ): Promise<number> {
-  for (
-    const [flag, given] of [["--can", values.can], ["--is", values.is], ["--list", values.list]]
-  ) {
-    if (given !== undefined && given !== false) {
-      throw new UsageError(`${flag} needs an NBD URI, not a local file`);
-    }
-  }
+  rejectServerOnly(values);
   if (map !== undefined) {
     throw new UsageError("--map needs an NBD URI, not a local file (see nbd map)");
   }
   const { size, format } = await localFormat(path);
+  return await printImageInfo("file", path, size, format, values);
+}
+
+/** Prints the size and format of a file (`kind` "file") or a remote image or object. */
+async function printImageInfo(
+  kind: "file" | "image" | "object",
+  name: string,
+  size: number,
+  format: FormatInfo,
+  values: InfoValues,
+): Promise<number> {
   if (values.size) {
     await writeStdout(`${format.virtualSize}\n`);
     return 0;
   }
   if (values.json) {
     const { qcow2, ...rest } = formatInfoJson(format);
-    const out: Record<string, unknown> = { file: path, "file-size": size, ...rest };
+    const out: Record<string, unknown> = { [kind]: name, [`${kind}-size`]: size, ...rest };
     if (format.error === undefined) out["virtual-size"] = format.virtualSize;
     if (qcow2 !== undefined) out.qcow2 = qcow2;
     await writeStdout(JSON.stringify(out, null, 2) + "\n");
@@ -533,8 +608,8 @@ async function runLocalInfo(
   }
   const human = humanSize(size);
   const lines = [
-    `file: ${path}`,
-    `\tfile-size: ${size}${human.scaled ? ` (${human.text})` : ""}`,
+    `${kind}: ${name}`,
+    `\t${kind}-size: ${size}${human.scaled ? ` (${human.text})` : ""}`,
     ...formatInfoLines(format).map((line) => `\t${line}`),
   ];
   if (format.format === "raw") lines.push(`\tvirtual-size: ${size}`);

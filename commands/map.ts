@@ -52,6 +52,7 @@ const OPTIONS = { ...OWN_OPTIONS, ...CLIENT_OPTIONS, ...TLS_OPTIONS } as const;
 
 const USAGE = `Usage: nbd map [OPTIONS] URI
        nbd map [OPTIONS] FILE
+       nbd map [OPTIONS] rbd:POOL/IMAGE[:conf=FILE] | s3://BUCKET/KEY
 
 Print which parts of an export are allocated, holes or zeroes: one line
 per run of extents with the same type (offset, length, type, description).
@@ -67,6 +68,8 @@ With --source-format=qcow2 the export's (or FILE's, or an http URL's) content
 is read as a qcow2 image and the map shows the guest's allocation, from the
 L2 tables: data (type 0), or hole,zero (3) for unallocated and zero clusters.
 A local FILE without it is mapped raw: its holes (SEEK_HOLE) are hole,zero.
+An RBD image is mapped from librbd's allocation (objects never written are
+hole,zero), an S3 object as data (the same forms as nbd copy's endpoints).
 
 URI may also be a server command, started for the command by socket activation
 and stopped afterwards: nbd map [OPTIONS] -- [ CMD ARGS ... ]
@@ -263,7 +266,9 @@ export const mapCommand: Command = {
       json: values.json ?? false,
       timeouts: clientTimeouts(values),
     };
-    const local = await isLocalFile(positionals);
+    const remote = positionals.length === 1 &&
+      (positionals[0]!.startsWith("rbd:") || /^s3:\/\//i.test(positionals[0]!));
+    const local = remote || await isLocalFile(positionals);
     if (format !== undefined || local) {
       if (options.context !== BASE_ALLOCATION) {
         throw new UsageError(

@@ -43,8 +43,11 @@ export async function s3ClientFromEnvironment(connections?: number): Promise<S3C
 }
 
 function plain(text: string, error: unknown): Error {
-  if (error instanceof S3Error) return new Error(error.message, { cause: error });
-  return new Error(`${text}: ${(error as Error).message}`, { cause: error });
+  const message = (error as Error).message;
+  if (error instanceof S3Error || message.startsWith(text)) {
+    return new Error(message, { cause: error });
+  }
+  return new Error(`${text}: ${message}`, { cause: error });
 }
 
 /** An object read with ranged GETs. */
@@ -118,6 +121,8 @@ export class S3Destination extends BaseEndpoint {
   readonly #etags: string[] = [];
   readonly #uploading = new Set<Promise<void>>();
   #failure: Error | undefined;
+  /** Whether close(false) aborted the upload (undefined until it tried). */
+  #aborted: boolean | undefined;
 
   private constructor(
     name: string,
@@ -230,13 +235,22 @@ export class S3Destination extends BaseEndpoint {
       );
     } catch (error) {
       await Promise.allSettled([...this.#uploading]);
-      await this.#s3.abortMultipartUpload(this.#bucket, this.#key, this.#uploadId).catch(() => {});
+      try {
+        await this.#s3.abortMultipartUpload(this.#bucket, this.#key, this.#uploadId);
+        this.#aborted = true;
+      } catch {
+        this.#aborted = false;
+      }
       if (complete) throw plain(this.name, error);
     }
   }
 
-  /** A failed copy leaves no object (the upload is aborted). */
+  /** A failed copy leaves no object; the upload's parts are removed when the service answers. */
   override incompleteNote(): string {
-    return `the upload to ${this.name} was abandoned; no object was written`;
+    if (this.#aborted === false) {
+      return `no object was written to ${this.name}, but its multipart upload could not be ` +
+        `aborted (upload id ${this.#uploadId}): the service keeps its parts until it is`;
+    }
+    return `the upload to ${this.name} was aborted; no object was written`;
   }
 }

@@ -359,7 +359,11 @@ export class S3Client {
           failure.code === "SlowDown" || failure.code === "RequestTimeout";
         if (!transient) throw failure;
       }
-      if (attempt >= this.options.retries) throw failure!;
+      if (attempt >= this.options.retries) {
+        // Say that it was retried: a failure after retries is not a first refusal.
+        if (attempt > 0) failure!.message += ` (gave up after ${attempt + 1} attempts)`;
+        throw failure!;
+      }
       await sleep(delay);
       delay = Math.min(delay * 2, 5000);
     }

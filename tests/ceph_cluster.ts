@@ -55,6 +55,8 @@ export interface CephCluster extends AsyncDisposable {
   ceph(...args: string[]): Promise<string>;
   /** Stops the radosgw daemon only (to test failures of S3 clients). */
   stopRgw(): Promise<void>;
+  /** Starts radosgw again after `stopRgw` (same port, same users). */
+  startRgw(): Promise<void>;
   /** Stops every daemon and removes the directory. */
   stop(): Promise<void>;
 }
@@ -267,16 +269,20 @@ export async function startCephCluster(options: CephClusterOptions = {}): Promis
 
     let s3: CephS3 | undefined;
     let rgw: Daemon | undefined;
-    if (options.rgw) {
-      const accessKey = "NBDTESTACCESSKEY0001";
-      const secretKey = "nbd-test-secret-" + crypto.randomUUID();
-      rgw = spawn("radosgw", "radosgw", ["-n", "client.rgw"]);
-      const endpoint = `http://127.0.0.1:${ports.rgw}`;
-      await waitFor("radosgw to answer", deadline, async () => {
+    const endpoint = `http://127.0.0.1:${ports.rgw}`;
+    const startRgw = async (until: number): Promise<Daemon> => {
+      const daemon = spawn("radosgw", "radosgw", ["-n", "client.rgw"]);
+      await waitFor("radosgw to answer", until, async () => {
         const response = await fetch(endpoint);
         await response.body?.cancel();
         return true;
-      }, daemons);
+      }, [daemon]);
+      return daemon;
+    };
+    if (options.rgw) {
+      const accessKey = "NBDTESTACCESSKEY0001";
+      const secretKey = "nbd-test-secret-" + crypto.randomUUID();
+      rgw = await startRgw(deadline);
       await tool(
         "radosgw-admin",
         "user",
@@ -298,6 +304,11 @@ export async function startCephCluster(options: CephClusterOptions = {}): Promis
       ceph: (...args) => tool("ceph", ...args),
       async stopRgw() {
         if (rgw) await stopDaemon(rgw);
+      },
+      async startRgw() {
+        if (!rgw) throw new Error("the cluster was started without radosgw");
+        if (!rgw.exited) return;
+        rgw = await startRgw(Date.now() + (options.timeoutMs ?? 60_000));
       },
       stop,
       [Symbol.asyncDispose]: stop,

@@ -387,5 +387,216 @@ Deno.test({
       assertMatch(bad.stderr, /denied \(SignatureDoesNotMatch\)/);
       assertOk(!(await s3cmd("ls", "s3://disks/up/")).stdout.includes("bad.raw"));
     });
+
+    const copyEnv = { ...awsEnv, AWS_ENDPOINT_URL: s3.endpoint };
+
+    await t.step("nbd info, map and checksum read rbd: images and s3:// objects", async () => {
+      const nbd = await nbdExecutable();
+      const env = { ...copyEnv, ...cluster.env };
+      const nbdOk = async (...args: string[]) => (await runOk(nbd, args, { env })).stdout;
+      // rbd/copied holds patterned(16M, 13): its third 4 MiB object was never written.
+      const image = "rbd:rbd/copied";
+      const source = patterned(16 * MiB, 13);
+      const info = JSON.parse(await nbdOk("info", "--json", image));
+      assertEquals(info, {
+        image,
+        "image-size": 16 * MiB,
+        format: "raw",
+        "virtual-size": 16 * MiB,
+      });
+      assertEquals((await nbdOk("info", "--size", image)).trim(), String(16 * MiB));
+      const map = JSON.parse(await nbdOk("map", "--json", `${image}:conf=${cluster.conf}`));
+      assertEquals(
+        map.map((e: { offset: number; length: number; type: number }) => [
+          e.offset / MiB,
+          e.length / MiB,
+          e.type,
+        ]),
+        [[0, 8, 0], [8, 4, 3], [12, 4, 0]],
+      );
+      assertEquals(await nbdOk("info", "--map", image), await nbdOk("map", image));
+      await Deno.writeFile(`${dir.path}/sum.img`, source);
+      const expected = (await runOk("sha256sum", [`${dir.path}/sum.img`])).stdout.split(" ")[0];
+      assertEquals(await nbdOk("checksum", image), `${expected}  ${image}\n`);
+
+      // A qcow2 image stored in RBD is recognised as one.
+      await runOk("qemu-img", ["create", "-f", "qcow2", `${dir.path}/small.qcow2`, "1G"]);
+      await cluster.rbd("import", `${dir.path}/small.qcow2`, "rbd/qcow2");
+      const qcow2 = await nbdOk("info", "rbd:rbd/qcow2");
+      assertMatch(qcow2, /^image: rbd:rbd\/qcow2\n/);
+      assertMatch(qcow2, /\tformat: qcow2\n/);
+      assertMatch(qcow2, /\tvirtual-size: 1073741824\b/);
+
+      // The object uploaded by the step before: 40 MiB + 4 KiB.
+      const object = "s3://disks/up/image.raw";
+      const objectInfo = await nbdOk("info", object);
+      assertMatch(
+        objectInfo,
+        /^object: s3:\/\/disks\/up\/image\.raw\n\tobject-size: 41947136 \(40964K\)\n/,
+      );
+      const uploaded = (await runOk("sha256sum", [`${dir.path}/up.img`])).stdout.split(" ")[0];
+      assertEquals(await nbdOk("checksum", object), `${uploaded}  ${object}\n`);
+      assertEquals(await nbdOk("map", object), `         0    41947136    0  data\n`);
+      const refused = await run(nbd, ["info", "--can", "trim", object], { env });
+      assertEquals(refused.code, 2);
+      assertMatch(refused.stderr.trim(), /^nbd: --can needs an NBD URI/);
+      const absent = await run(nbd, ["checksum", "s3://disks/up/absent.raw"], { env });
+      assertEquals(absent.code, 1);
+      assertEquals(absent.stderr.trim(), "nbd: s3://disks/up/absent.raw does not exist");
+    });
+    /** The multipart uploads in progress under `key` in the bucket disks (their ids). */
+    const uploadsOf = async (key: string): Promise<string[]> => {
+      const listing = (await s3cmd("multipart", "s3://disks")).stdout;
+      return [...listing.matchAll(/\ts3:\/\/disks\/(\S+)\t(\S+)/g)]
+        .filter((m) => m[1] === key).map((m) => m[2]!);
+    };
+    /** Waits until the upload to `key` has stored at least one part (the copy is mid-way). */
+    const partStored = async (key: string, copy: Promise<Deno.CommandOutput>) => {
+      const deadline = Date.now() + 30_000;
+      let ended: Deno.CommandOutput | undefined;
+      copy.then((output) => ended = output);
+      while (Date.now() < deadline && !ended) {
+        const [id] = await uploadsOf(key);
+        if (id !== undefined) {
+          const parts = (await s3cmd("listmp", `s3://disks/${key}`, id)).stdout;
+          if (/^\S+\t1\t/m.test(parts)) return;
+        }
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const why = ended ? `ended: ${new TextDecoder().decode(ended.stderr)}` : "ran on";
+      throw new Error(`no part of ${key} was stored before the copy ${why}`);
+    };
+    const spawnNbd = async (args: string[]) =>
+      new Deno.Command(await nbdExecutable(), {
+        args,
+        env: copyEnv,
+        stdin: "null",
+        stdout: "piped",
+        stderr: "piped",
+      }).spawn();
+    /** HTTP status of a HEAD of the object, signed by curl. */
+    const curlStatus = async (path: string): Promise<string> =>
+      (await run("curl", [
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-I",
+        "--aws-sigv4",
+        `aws:amz:${s3.region}:s3`,
+        "--user",
+        `${s3.accessKey}:${s3.secretKey}`,
+        "-H",
+        `x-amz-content-sha256: ${EMPTY_SHA256}`,
+        `${s3.endpoint}/${path}`,
+      ])).stdout;
+
+    await t.step("s3: a 1 GiB sparse image uploads by parts and reads back equal", async () => {
+      const nbd = await nbdExecutable();
+      const size = 1024 * MiB;
+      const path = `${dir.path}/sparse.img`;
+      {
+        using file = await Deno.open(path, { write: true, create: true, truncate: true });
+        await file.truncate(size);
+        for (const [at, seed] of [[0, 21], [517 * MiB + 4096, 22], [size - 2 * MiB, 23]]) {
+          await file.seek(at, Deno.SeekMode.Start);
+          const data = randomBytes(MiB, seed);
+          for (let done = 0; done < data.length;) done += await file.write(data.subarray(done));
+        }
+      }
+      await runOk(nbd, ["copy", path, "s3://disks/big/sparse.raw"], { env: copyEnv });
+      // 10 MiB parts: 103 of them, named in the ETag of the assembled object.
+      const head = (await runOk("s3cmd", ["-c", s3cmdConfig, "info", "s3://disks/big/sparse.raw"]))
+        .stdout;
+      assertMatch(head, /MD5 sum:\s+[0-9a-f]{32}-103\b/);
+      const expected = (await runOk("sha256sum", [path])).stdout.split(" ")[0]!;
+      const fetched = await runOk("sh", [
+        "-c",
+        `curl -sSf --aws-sigv4 aws:amz:${s3.region}:s3 --user "$KEYS" ` +
+        `-H "x-amz-content-sha256: ${EMPTY_SHA256}" "$URL" | sha256sum`,
+      ], {
+        env: {
+          KEYS: `${s3.accessKey}:${s3.secretKey}`,
+          URL: `${s3.endpoint}/disks/big/sparse.raw`,
+        },
+      });
+      assertEquals(fetched.stdout.split(" ")[0], expected);
+      await s3cmd("del", "s3://disks/big/sparse.raw");
+    });
+
+    /**
+     * A 64 MiB source (an sh plugin script) whose reads past 20 MiB wait until the file
+     * `open` or `fail` appears in `gate`, and fail once `fail` is there: the copy stops
+     * mid-way, after two 10 MiB parts, for as long as the test needs.
+     */
+    const gatedSource = async (gate: string) => {
+      await Deno.mkdir(gate);
+      const script = `${gate}/source.sh`;
+      await Deno.writeTextFile(
+        script,
+        `#!/bin/sh
+case "$1" in
+  get_size) echo ${64 * MiB} ;;
+  pread)
+    if [ "$4" -ge ${20 * MiB} ]; then
+      while [ ! -e '${gate}/open' ] && [ ! -e '${gate}/fail' ]; do sleep 0.05; done
+      if [ -e '${gate}/fail' ]; then echo "EIO injected" >&2; exit 1; fi
+    fi
+    head -c "$3" /dev/urandom ;;
+  *) exit 2 ;;
+esac
+`,
+      );
+      await Deno.chmod(script, 0o755);
+      return await startNbdServe(["-r", "sh", script]);
+    };
+
+    await t.step("s3: radosgw stopped mid-copy: retries, one line, no object", async () => {
+      const gate = `${dir.path}/gate-stopped`;
+      await using source = await gatedSource(gate);
+      const key = "stopped/image.raw";
+      const copy = await spawnNbd(["copy", source.uri, `s3://disks/${key}`]);
+      const output = copy.output();
+      await partStored(key, output);
+      await cluster.stopRgw();
+      await Deno.writeTextFile(`${gate}/open`, "");
+      const result = await output;
+      await cluster.startRgw();
+      const stderr = new TextDecoder().decode(result.stderr);
+      assertEquals(result.code, 1, stderr);
+      const lines = stderr.trim().split("\n");
+      assertEquals(lines.length, 1, stderr);
+      assertMatch(lines[0]!, /^nbd: .*\(gave up after 6 attempts\)/);
+      assertIncludes(lines[0]!, `no object was written to s3://disks/${key}`);
+      assertIncludes(lines[0]!, "could not be aborted");
+      assertOk(!stderr.includes(s3.secretKey), "the secret key was printed");
+      // Nothing looks complete: no object, only the unfinished upload (which the note names).
+      assertEquals(await curlStatus(`disks/${key}`), "404");
+      const [left] = await uploadsOf(key);
+      assertOk(left !== undefined && lines[0]!.includes(left), stderr);
+      await s3cmd("abortmp", `s3://disks/${key}`, left!);
+    });
+
+    await t.step("s3: a source failing mid-copy aborts the upload", async () => {
+      const gate = `${dir.path}/gate-failed`;
+      await using source = await gatedSource(gate);
+      const key = "failed/image.raw";
+      const copy = await spawnNbd(["copy", source.uri, `s3://disks/${key}`]);
+      const output = copy.output();
+      await partStored(key, output);
+      await Deno.writeTextFile(`${gate}/fail`, "");
+      const result = await output;
+      const stderr = new TextDecoder().decode(result.stderr);
+      assertEquals(result.code, 1, stderr);
+      const lines = stderr.trim().split("\n");
+      assertEquals(lines.length, 1, stderr);
+      assertIncludes(
+        lines[0]!,
+        `the upload to s3://disks/${key} was aborted; no object was written`,
+      );
+      assertEquals(await curlStatus(`disks/${key}`), "404");
+      assertEquals(await uploadsOf(key), []);
+    });
   },
 });
