@@ -29,7 +29,7 @@ import {
   errorReplies,
   mergeChaosStats,
 } from "./chaos_worker.ts";
-import { NbdProcess, serveUnix, socketCount } from "./chaos.ts";
+import { type NbdProcess, serveUnix, socketCount } from "./chaos.ts";
 import { formatKiB, rssKiB } from "./proc_stats.ts";
 import * as C from "../protocol/constants.ts";
 
