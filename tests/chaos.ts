@@ -13,7 +13,10 @@
  * - `fsync-fail`: strace makes the file export's real fsync calls fail
  *   (EIO) while the server runs;
  * - `stall`: the upstream of `nbd proxy --request-timeout` is stopped
- *   (SIGSTOP) for longer or shorter than the timeout, then resumed.
+ *   (SIGSTOP) for longer or shorter than the timeout, then resumed;
+ * - `delay`: that upstream is replaced in turn by one behind the delay
+ *   filter, whose replies all come after the proxy's request timeout (every
+ *   request must then fail with EIO, none succeed), and a prompt one.
  *
  * After each case the faults stop, every client flushes and reads its region
  * back, the servers stop, and file images are checked on disk. A case fails
@@ -38,6 +41,7 @@ import {
   emptyChaosStats,
   errorReplies,
   mergeChaosStats,
+  SLOW_FAILURE_MS,
 } from "./chaos_worker.ts";
 import { formatKiB, rssKiB } from "./proc_stats.ts";
 
@@ -95,13 +99,20 @@ interface CaseSetup {
   /** The process whose connections and memory are watched. */
   watched: () => number | undefined;
   /** Injects faults until `stopped()`; returns how many. */
-  inject(stopped: () => boolean, progress: () => number, result: CaseResult): Promise<number>;
+  inject(
+    stopped: () => boolean,
+    progress: () => number,
+    result: CaseResult,
+    timedOut: () => number,
+  ): Promise<number>;
   /** Brings everything back to working order after the faults. */
   heal(): Promise<void>;
   /** Error replies this case may produce. */
   allowedErrnos: string[];
   /** Whether clients may see errors at all (false: the case must hide its faults). */
   errorsAllowed: boolean;
+  /** Whether some requests must have failed by a timeout (waited >= SLOW_FAILURE_MS). */
+  timeoutsExpected?: boolean;
   /** Stops the servers; returns image bytes to check on disk, if any. */
   finish(): Promise<Uint8Array | undefined>;
   /** Kills everything (on failure paths). */
@@ -115,6 +126,7 @@ const CASES: Record<string, (ctx: CaseContext) => Promise<CaseSetup | string>> =
   "enospc": enospc,
   "fsync-fail": fsyncFail,
   "stall": stall,
+  "delay": delay,
 };
 
 /** Names of all cases, in the order they run. */
@@ -702,6 +714,87 @@ async function stall(ctx: CaseContext): Promise<CaseSetup> {
   };
 }
 
+async function delay(ctx: CaseContext): Promise<CaseSetup> {
+  const image = `${ctx.dir}/disk.img`;
+  await makeImage(image, ctx.exportSize);
+  const upSocket = `${ctx.dir}/up.sock`;
+  const prompt = ["serve", "file", image];
+  // Every reply 2.5 s late, well past the proxy's 1 s request timeout (checked every 250 ms).
+  const slow = [
+    "serve",
+    "--filter=delay",
+    "file",
+    image,
+    "rdelay=2500ms",
+    "wdelay=2500ms",
+    "delay-flush=2500ms",
+  ];
+  const holder = { upstream: await serveUnix(ctx.dir, upSocket, prompt), slow: false };
+  const proxy = await serveUnix(ctx.dir, `${ctx.dir}/proxy.sock`, [
+    "proxy",
+    "--timeout",
+    "2",
+    "--request-timeout",
+    "1",
+    `nbd+unix:///?socket=${upSocket}`,
+  ]);
+  const swap = async (toSlow: boolean) => {
+    await holder.upstream.kill();
+    holder.upstream = await serveUnix(ctx.dir, upSocket, toSlow ? slow : prompt);
+    holder.slow = toSlow;
+  };
+  return {
+    socket: `${ctx.dir}/proxy.sock`,
+    watched: () => proxy.pid,
+    async inject(stopped, progress, result, timedOut) {
+      // The upstream is replaced in turn by a slow one (the delay filter) and a prompt one.
+      // While it is slow every request must fail (EIO from the proxy's timeout): none may
+      // succeed, since every reply comes after the timeout.
+      let spells = 0;
+      let late = 0;
+      while (!stopped()) {
+        await pause(between(300, 800), stopped);
+        if (stopped()) break;
+        await swap(true);
+        spells++;
+        const before = progress();
+        const timeoutsBefore = timedOut();
+        // At least 3 s, and until requests timed out (the proxy reconnects after a back-off
+        // of up to 5 s); not cut short when the faults end.
+        const spell = Date.now();
+        while (
+          Date.now() - spell < 3000 ||
+          (timedOut() === timeoutsBefore && Date.now() - spell < 15_000)
+        ) {
+          await sleep(50);
+        }
+        late += progress() - before;
+        await swap(false);
+      }
+      result.notes.push(`${spells} spells of an upstream answering 2.5 s late`);
+      if (late > 0) {
+        result.failures.push(`${late} requests succeeded although answered past the timeout`);
+      }
+      return spells;
+    },
+    heal: async () => {
+      if (holder.slow) await swap(false);
+    },
+    allowedErrnos: ["EIO"],
+    timeoutsExpected: true,
+    errorsAllowed: true,
+    async finish() {
+      await proxy.stop();
+      await holder.upstream.kill();
+      return await Deno.readFile(image);
+    },
+    async cleanup() {
+      await proxy.kill();
+      await holder.upstream.kill();
+    },
+  };
+}
+
 // ---------------------------------------------------------------------------
 // Running
 
@@ -773,7 +866,8 @@ export async function runCase(name: string, options: ChaosOptions = {}): Promise
       await sleep(20);
     }
     faultsStarted = performance.now();
-    const faults = setup.inject(stopped, progress, result);
+    const timedOut = () => workers.reduce((n, w) => n + w.stats.slowFailures, 0);
+    const faults = setup.inject(stopped, progress, result, timedOut);
     await sleep(duration * 1000);
     stop = true;
     result.faults = await faults;
@@ -823,6 +917,9 @@ function judge(r: CaseResult, setup: CaseSetup): void {
   if (unexpected.length > 0) f.push(`unexpected errors: ${unexpected.join(", ")}`);
   if (s.writes === 0 || s.reads === 0) f.push("no successful writes or reads");
   if (r.faults === 0) f.push("no fault was injected");
+  if (setup.timeoutsExpected && s.slowFailures === 0) {
+    f.push("no request failed by a timeout while the upstream was slow");
+  }
   if (r.sockets.after > r.sockets.before) {
     f.push(`the server holds ${r.sockets.after - r.sockets.before} sockets after the clients left`);
   }
@@ -843,7 +940,8 @@ export function formatCase(r: CaseResult): string {
   const lines = [
     `${r.name}: ${r.faults} faults in ${r.seconds.toFixed(1)} s; ${s.requests} requests ` +
     `(${s.reads} reads, ${s.writes} writes, ${s.flushes} flushes)`,
-    `  error replies: ${errnos}; connections lost ${s.connectionLosses}, reopened ${s.reconnects}; hangs ${s.hangs}`,
+    `  error replies: ${errnos}; connections lost ${s.connectionLosses}, reopened ${s.reconnects}; ` +
+    `failed after waiting >= ${SLOW_FAILURE_MS / 1000} s ${s.slowFailures}; hangs ${s.hangs}`,
     `  verified ${
       (s.bytesVerified / MiB).toFixed(1)
     } MiB; failed writes seen ${s.failedWriteBlocks}, ` +

@@ -16,7 +16,7 @@ import { tempDir } from "./helpers.ts";
 Deno.test("chaos: 8 verifying clients survive every fault case with nothing lost", async (t) => {
   const results: CaseResult[] = [];
   for (const name of CASE_NAMES) {
-    const result = await runCase(name, { duration: 4 });
+    const result = await runCase(name, { duration: 3 });
     results.push(result);
     if (result.skipped) console.error(`\n*** SKIPPING chaos case ${formatCase(result)} ***\n`);
     else console.log(formatCase(result));

@@ -27,6 +27,9 @@ import * as C from "../protocol/constants.ts";
 
 const SECTOR = 512;
 
+/** A failed request that took this long waited for a timeout rather than failing at once. */
+export const SLOW_FAILURE_MS = 900;
+
 /** What the chaos workers saw, merged over workers. */
 export interface ChaosStats {
   /** Requests completed, successfully or not. */
@@ -47,6 +50,8 @@ export interface ChaosStats {
   reconnects: number;
   /** Requests (or reconnections) that did not end within the watchdog bound. */
   hangs: number;
+  /** Failed requests that took at least SLOW_FAILURE_MS (they waited for a timeout). */
+  slowFailures: number;
   /** Bytes read back and found to be what the model allows. */
   bytesVerified: number;
   /** Blocks read back as a version whose write had failed (allowed). */
@@ -75,6 +80,7 @@ export function emptyChaosStats(): ChaosStats {
     connectionLosses: 0,
     reconnects: 0,
     hangs: 0,
+    slowFailures: 0,
     bytesVerified: 0,
     failedWriteBlocks: 0,
     tornBlocks: 0,
@@ -97,6 +103,7 @@ export function mergeChaosStats(into: ChaosStats, from: ChaosStats): ChaosStats 
       "connectionLosses",
       "reconnects",
       "hangs",
+      "slowFailures",
       "bytesVerified",
       "failedWriteBlocks",
       "tornBlocks",
@@ -253,7 +260,8 @@ export class ChaosWorker {
   }
 
   /** Counts a failed request; drops the connection unless the server answered with an error. */
-  #failure(client: PipelinedClient, error: unknown, what: string): void {
+  #failure(client: PipelinedClient, error: unknown, what: string, started: number): void {
+    if (performance.now() - started >= SLOW_FAILURE_MS) this.stats.slowFailures++;
     if (error instanceof NbdReplyError) {
       const name = C.errnoName(error.errno);
       this.stats.errnos[name] = (this.stats.errnos[name] ?? 0) + 1;
@@ -317,6 +325,7 @@ export class ChaosWorker {
     const offset = regionStart + start * blockSize;
     const length = count * blockSize;
     const writing = roll < 55;
+    const started = performance.now();
     try {
       if (writing && this.#random(100) < this.#o.zeroPercent) {
         // Zeroes are version 0, which every block's candidates include.
@@ -360,7 +369,7 @@ export class ChaosWorker {
         }
       }
     } catch (error) {
-      this.#failure(client, error, `${writing ? "WRITE" : "READ"} ${offset}+${length}`);
+      this.#failure(client, error, `${writing ? "WRITE" : "READ"} ${offset}+${length}`, started);
       // An export that fails everything at once must not turn the clients into a busy loop.
       await new Promise((r) => setTimeout(r, 20));
     } finally {
@@ -372,6 +381,7 @@ export class ChaosWorker {
   /** One FLUSH: on success every write acknowledged before it was sent is durable. */
   async #flush(client: PipelinedClient): Promise<boolean> {
     const snapshot = this.#acked.slice();
+    const started = performance.now();
     try {
       await this.#bounded(client.flush(), this.#o.watchdogMs, "FLUSH");
       this.stats.flushes++;
@@ -380,7 +390,7 @@ export class ChaosWorker {
       }
       return true;
     } catch (error) {
-      this.#failure(client, error, "FLUSH");
+      this.#failure(client, error, "FLUSH", started);
       return false;
     } finally {
       this.stats.requests++;
@@ -421,7 +431,7 @@ export class ChaosWorker {
         }
         b += n;
       } catch (error) {
-        this.#failure(client, error, "sweep READ");
+        this.#failure(client, error, "sweep READ", performance.now());
         if (error instanceof HangError) return;
       }
     }
