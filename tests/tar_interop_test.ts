@@ -290,7 +290,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "tar: missing entries, tar-limit, a non-archive are one-line errors",
+  name: "tar: missing entries, tar-limit, directories and links, a non-archive: one line",
   ...peers("tar"),
   async fn() {
     await using dir = await tempDir();
@@ -304,6 +304,20 @@ Deno.test({
       () => member(gnu, "other.bin", ["tar-limit=64K"]),
       Error,
       'tar: no entry named "other.bin" in the first 65536 bytes (tar-limit)',
+    );
+    // Directories and symbolic links are entries too, but not disks.
+    await Deno.symlink("small.txt", `${dir.path}/src/link`);
+    const withDirs = `${dir.path}/dirs.tar`;
+    await runOk("tar", ["-C", `${dir.path}/src`, "-cf", withDirs, "a/directory", "link"]);
+    await assertRejects(
+      () => member(withDirs, "a/directory/"),
+      Error,
+      `tar: "a/directory/" is not a regular file (type '5')`,
+    );
+    await assertRejects(
+      () => member(withDirs, "link"),
+      Error,
+      `tar: "link" is not a regular file (type '2')`,
     );
     const notTar = `${dir.path}/src/disk1.img`;
     await assertRejects(() => member(notTar, "x"), Error, "bad checksum (not a tar archive?)");
