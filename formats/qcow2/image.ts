@@ -818,6 +818,10 @@ export class Qcow2Image {
     if (!host || (!this.#extended && (e.lo & 1))) return 0;
     if (this.#extended && e.allocBits !== 0xffffffff) return 0;
     if (this.#metadata.has(host)) fail("a data cluster overlaps metadata");
+    // Writing there would extend the file to wherever a corrupt entry points.
+    if (host + this.clusterSize > Math.max(this.#end, this.#fileSize)) {
+      fail("a data cluster lies past the end of the file");
+    }
     return host;
   }
 

@@ -342,3 +342,32 @@ Deno.test("qcow2 image: L2 tables and data clusters at host offsets with bit 31 
   await reopened.read(sparse, got, 0);
   assertEquals([got[cs + 511], got[cs + 512], got[cs + 1024]], [0x42, 0x5a, 0x42]);
 });
+
+Deno.test("qcow2 image: an in-place write to a data cluster past the end of the file is EIO", async () => {
+  const cs = 4096;
+  const store = new MemoryStore(createImage({ size: 64 * cs, clusterSize: cs }));
+  const image = await Qcow2Image.open(store, { writable: true });
+  await image.write(store, new Uint8Array(2 * cs).fill(3), 0);
+  await image.flush(store);
+  const h = parseHeader(store.contents(), store.length);
+  const v = new DataView(store.bytes.buffer);
+  const l2 = Number(v.getBigUint64(h.l1TableOffset) & 0x00ff_ffff_ffff_fe00n);
+  // A corrupt entry: "ours" (copied flag) but 8 PiB into the file.
+  v.setBigUint64(l2, (1n << 63n) | (1n << 53n));
+  const length = store.length;
+  const reopened = await Qcow2Image.open(store, { writable: true });
+  for (
+    const op of [
+      () => reopened.write(store, new Uint8Array(512).fill(9), 512),
+      () => reopened.zero(store, 100, 1000, false),
+    ]
+  ) {
+    await assertRejects(op, Qcow2IoError, /past the end of the file/);
+  }
+  assertEquals(store.length, length);
+  // The next cluster is still written in place.
+  await reopened.write(store, new Uint8Array(512).fill(9), cs);
+  const back = new Uint8Array(cs);
+  await reopened.read(store, back, cs);
+  assertEquals([back[0], back[511], back[512]], [9, 9, 3]);
+});
