@@ -8,6 +8,7 @@ import {
   expectMeta,
   judgeRequest,
   optionBytes,
+  preTlsOptionCase,
   Rng,
   type TransmissionState,
 } from "./fuzz_cases.ts";
@@ -115,4 +116,30 @@ Deno.test("fuzz oracle: requests are judged by flags, ranges and limits", () => 
   // Equal seeds give equal streams.
   const a = new Rng(5), b = new Rng(5);
   assertEquals([a.next(), a.next(), a.u64()], [b.next(), b.next(), b.u64()]);
+});
+
+Deno.test("fuzz oracle: before STARTTLS a TLS-only server refuses with ERR_TLS_REQD", () => {
+  const rng = new Rng(11);
+  const state = { fixed: true, noZeroes: true, structured: false, extended: false, meta: "none" };
+  const seen = new Set<string>();
+  for (let i = 0; i < 2000; i++) {
+    const c = preTlsOptionCase(rng, { ...state, meta: "none" });
+    const accept = c.expect.kind === "final" ? c.expect.accept : [];
+    if (c.option === C.NBD_OPT_STARTTLS) {
+      // Only the malformed STARTTLS (with data) comes from here, refused as invalid.
+      assertEquals(accept, [C.NBD_REP_ERR_INVALID]);
+    } else if (c.option === C.NBD_OPT_EXPORT_NAME) {
+      assertEquals(c.expect.kind, "close");
+    } else {
+      assertEquals(accept, [C.NBD_REP_ERR_TLS_REQD], c.name);
+      assertOk(c.name.endsWith("before STARTTLS"), c.name);
+    }
+    seen.add(c.name);
+  }
+  assertOk(seen.size >= 8, `only ${seen.size} classes`);
+  // Without fixed newstyle the fixed-newstyle check comes first.
+  const old = preTlsOptionCase(new Rng(3), { ...state, fixed: false, meta: "none" });
+  if (old.option !== C.NBD_OPT_EXPORT_NAME) {
+    assertEquals(old.expect.kind === "final" && old.expect.accept, [C.NBD_REP_ERR_INVALID]);
+  }
 });
