@@ -720,7 +720,7 @@ async function opensslCase(
     };
     const settled = await waitFor(() => answered() || exited, CLOSE_WITHIN_MS);
     const outcome = answered() ? "answered" : exited ? "close" : "hang";
-    tally.record(target, kind, "answered|close", outcome);
+    tally.record(target, kind, "answered|close", `${outcome} after ${kind}`);
     if (!settled) tally.violation(target, `${kind}: neither answered nor closed`);
   } catch (error) {
     tally.violation(target, `${kind}: ${(error as Error).message}`);
