@@ -842,7 +842,7 @@ export async function runTlsFuzz(options: TlsFuzzOptions = {}): Promise<TlsFuzzR
         regionStart: 0,
         regionBlocks: (checkerBytes - 16384) / 4096,
         blockSize: 4096,
-        inFlight: 8,
+        inFlight: 2,
         seed: seed + i,
       });
       return { client, worker };
