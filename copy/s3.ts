@@ -16,7 +16,7 @@
 
 import type { BlockSize } from "../protocol/handshake.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { findCredentials, S3Client, S3Error } from "../io/s3.ts";
+import { findCredentials, S3Client, S3Error, sha256Hex } from "../io/s3.ts";
 import { BaseEndpoint } from "./endpoint.ts";
 
 /** Whether a copy argument names an S3 object. */
@@ -102,7 +102,10 @@ const MIN_PART = 5 << 20;
 const MAX_PARTS = 10_000;
 
 interface Part {
-  bytes: Uint8Array;
+  /** Its bytes; absent while nothing but zeroes was accounted (no buffer is needed then). */
+  bytes?: Uint8Array;
+  /** Its length. */
+  length: number;
   filled: number;
 }
 
@@ -121,6 +124,8 @@ export class S3Destination extends BaseEndpoint {
   readonly #etags: string[] = [];
   readonly #uploading = new Set<Promise<void>>();
   #failure: Error | undefined;
+  /** One all-zero part (and its SHA-256), sent for every part nothing was written to. */
+  #zeroPart: Promise<{ bytes: Uint8Array; hash: string }> | undefined;
   /** Whether close(false) aborted the upload (undefined until it tried). */
   #aborted: boolean | undefined;
 
@@ -174,27 +179,49 @@ export class S3Destination extends BaseEndpoint {
       const n = Math.min(this.#partSize - within, length - done);
       let part = this.#parts.get(index);
       if (!part) {
-        part = { bytes: new Uint8Array(this.#partLength(index)), filled: 0 };
+        part = { length: this.#partLength(index), filled: 0 };
         this.#parts.set(index, part);
       }
-      if (buf) part.bytes.set(buf.subarray(done, done + n), within);
+      if (buf) {
+        part.bytes ??= new Uint8Array(part.length);
+        part.bytes.set(buf.subarray(done, done + n), within);
+      }
       part.filled += n;
-      if (part.filled >= part.bytes.length) full.push(this.#upload(index, part));
+      if (part.filled >= part.length) full.push(this.#upload(index, part));
       done += n;
     }
     // The write that completes a part waits for its upload: that bounds the memory held.
     await Promise.all(full);
   }
 
+  /** The bytes of an all-zero part of `length`, and their hash (computed once). */
+  async #zeroes(length: number): Promise<{ bytes: Uint8Array; hash?: string }> {
+    this.#zeroPart ??= (async () => {
+      const bytes = new Uint8Array(this.#partSize);
+      return { bytes, hash: await sha256Hex(bytes) };
+    })();
+    const zero = await this.#zeroPart;
+    // Only the last part may be shorter: its hash is computed as usual.
+    if (length === zero.bytes.length) return zero;
+    return { bytes: zero.bytes.subarray(0, length) };
+  }
+
   #upload(index: number, part: Part): Promise<void> {
     this.#parts.delete(index);
-    const upload = this.#s3.uploadPart(
-      this.#bucket,
-      this.#key,
-      this.#uploadId,
-      index + 1,
-      part.bytes,
-    ).then((etag) => {
+    const upload = (async () => {
+      // A sparse source's zero runs never allocate or hash a part of their own.
+      const body: { bytes: Uint8Array; hash?: string } = part.bytes
+        ? { bytes: part.bytes }
+        : await this.#zeroes(part.length);
+      return await this.#s3.uploadPart(
+        this.#bucket,
+        this.#key,
+        this.#uploadId,
+        index + 1,
+        body.bytes,
+        body.hash,
+      );
+    })().then((etag) => {
       this.#etags[index] = etag;
     }, (error) => {
       this.#failure ??= plain(this.name, error);
@@ -223,10 +250,16 @@ export class S3Destination extends BaseEndpoint {
         await this.#s3.abortMultipartUpload(this.#bucket, this.#key, this.#uploadId);
         return await this.#s3.putObject(this.#bucket, this.#key, new Uint8Array(0));
       }
-      // Parts not wholly written (only if the copy skipped zero runs) go as they are.
+      // Parts not wholly written (only if the copy skipped zero runs) go as they are,
+      // and parts never touched at all as zeroes.
       for (const [index, part] of [...this.#parts]) this.#upload(index, part).catch(() => {});
       while (this.#uploading.size > 0) await Promise.all([...this.#uploading]);
       const count = Math.ceil(this.size / this.#partSize);
+      for (let index = 0; index < count; index++) {
+        if (this.#etags[index] !== undefined) continue;
+        this.#upload(index, { length: this.#partLength(index), filled: 0 }).catch(() => {});
+      }
+      while (this.#uploading.size > 0) await Promise.all([...this.#uploading]);
       await this.#s3.completeMultipartUpload(
         this.#bucket,
         this.#key,

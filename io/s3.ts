@@ -288,6 +288,8 @@ interface RequestInput {
   query?: Record<string, string>;
   headers?: Record<string, string>;
   body?: Uint8Array;
+  /** Hex SHA-256 of `body`, when the caller already knows it. */
+  bodyHash?: string;
   /** Statuses that are answers, not failures (e.g. 404 for a missing object). */
   accept?: number[];
 }
@@ -329,7 +331,8 @@ export class S3Client {
   async #requestWithRetries(input: RequestInput): Promise<Response> {
     const url = this.url(input.bucket, input.key);
     for (const [k, v] of Object.entries(input.query ?? {})) url.searchParams.set(k, v);
-    const payloadHash = input.body ? await sha256Hex(input.body) : EMPTY_SHA256;
+    const payloadHash = input.bodyHash ??
+      (input.body ? await sha256Hex(input.body) : EMPTY_SHA256);
     let delay = this.options.retryDelay;
     for (let attempt = 0;; attempt++) {
       const headers = new Headers(input.headers);
@@ -510,6 +513,7 @@ export class S3Client {
     uploadId: string,
     part: number,
     body: Uint8Array,
+    bodyHash?: string,
   ): Promise<string> {
     const response = await this.request({
       method: "PUT",
@@ -517,6 +521,7 @@ export class S3Client {
       key,
       query: { partNumber: String(part), uploadId },
       body,
+      bodyHash,
     });
     await response.body?.cancel();
     return response.headers.get("ETag") ?? "";
