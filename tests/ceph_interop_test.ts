@@ -377,6 +377,15 @@ Deno.test({
       assertBytes(await Deno.readFile(`${dir.path}/s3cmd.out`), source);
       await runOk(nbd, ["copy", "s3://disks/up/image.raw", `${dir.path}/down.img`], { env });
       assertBytes(await Deno.readFile(`${dir.path}/down.img`), source);
+      // Parts the copy never touches (zero runs skipped) are still sent, as zeroes.
+      await runOk(nbd, [
+        "copy",
+        "--destination-is-zero",
+        `${dir.path}/up.img`,
+        "s3://disks/up/skipped.raw",
+      ], { env });
+      await s3cmd("get", "s3://disks/up/skipped.raw", `${dir.path}/skipped.out`);
+      assertBytes(await Deno.readFile(`${dir.path}/skipped.out`), source);
 
       // Refused credentials: one line, and no object left behind.
       const bad = await run(nbd, ["copy", `${dir.path}/up.img`, "s3://disks/up/bad.raw"], {
