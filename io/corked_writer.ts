@@ -28,6 +28,8 @@ export class CorkedWriter {
   #idleWaiters: Array<() => void> = [];
   /** What to call once a chunk queued by `writeReleasing` is no longer needed here. */
   readonly #releases = new Map<Uint8Array, () => void>();
+  /** Queued chunks to write as they are, whatever their size (`writeReleasing`'s `whole`). */
+  readonly #whole = new Set<Uint8Array>();
 
   /**
    * Creates a writer; `write` callers are told to wait past `highWater`
@@ -78,10 +80,13 @@ export class CorkedWriter {
    * Queues `chunk` like `write`, and calls `release` once the writer no
    * longer needs it: when it has been handed to the stream, or copied to
    * go out with others. Never called after a failure (nothing is assumed).
+   * With `whole`, the chunk is written as it is, never copied to go out
+   * with others.
    */
-  writeReleasing(chunk: Uint8Array, release: () => void): void {
+  writeReleasing(chunk: Uint8Array, release: () => void, options: { whole?: boolean } = {}): void {
     if (this.#error !== undefined || chunk.length === 0) return;
     this.#releases.set(chunk, release);
+    if (options.whole) this.#whole.add(chunk);
     this.write(chunk);
   }
 
@@ -108,7 +113,8 @@ export class CorkedWriter {
         let i = 0;
         while (i < batch.length) {
           const chunk = batch[i]!;
-          if (chunk.length >= this.#smallChunk || i + 1 === batch.length) {
+          if (this.#writesAsIs(chunk) || i + 1 === batch.length) {
+            this.#whole.delete(chunk);
             await writeAll(this.#sink, chunk);
             this.#released(chunk);
             this.#release(chunk.length);
@@ -118,7 +124,7 @@ export class CorkedWriter {
           // Concatenate a run of small chunks into the staging buffer.
           let used = 0;
           while (
-            i < batch.length && batch[i]!.length < this.#smallChunk &&
+            i < batch.length && !this.#writesAsIs(batch[i]!) &&
             used + batch[i]!.length <= STAGING_SIZE
           ) {
             this.#staging.set(batch[i]!, used);
@@ -135,12 +141,18 @@ export class CorkedWriter {
       this.#queue = [];
       this.#queuedBytes = 0;
       this.#releases.clear();
+      this.#whole.clear();
     }
     this.#running = false;
     this.#wakeDrain();
     const idle = this.#idleWaiters;
     this.#idleWaiters = [];
     for (const wake of idle) wake();
+  }
+
+  /** Whether `chunk` goes out in a write of its own rather than copied into the staging buffer. */
+  #writesAsIs(chunk: Uint8Array): boolean {
+    return chunk.length >= this.#smallChunk || this.#whole.has(chunk);
   }
 
   /** Calls the release of `chunk`, if it has one. */

@@ -118,3 +118,29 @@ Deno.test("CorkedWriter stops and surfaces the error when the sink fails", async
   writer.write(Uint8Array.from([2])); // ignored, does not throw
   assertEquals((writer.error as Error).message, "broken pipe");
 });
+
+Deno.test("CorkedWriter writes a chunk queued whole in a write of its own, small or not", async () => {
+  const writes: number[][] = [];
+  let open!: () => void;
+  const gate = new Promise<void>((resolve) => open = resolve);
+  const sink = {
+    async write(buf: Uint8Array) {
+      await gate;
+      writes.push([...buf]);
+      return buf.length;
+    },
+  };
+  const writer = new CorkedWriter(sink, 1 << 20, 8);
+  writer.write(Uint8Array.from([1]));
+  await Promise.resolve();
+  // Queued while the first write waits: two small chunks, one of them whole, and a last one.
+  const released: number[] = [];
+  writer.write(Uint8Array.from([2]));
+  writer.writeReleasing(Uint8Array.from([3, 3]), () => released.push(3), { whole: true });
+  writer.writeReleasing(Uint8Array.from([4]), () => released.push(4));
+  writer.write(Uint8Array.from([5]));
+  open();
+  await writer.flush();
+  assertEquals(writes, [[1], [2], [3, 3], [4, 5]]);
+  assertEquals(released, [3, 4]);
+});

@@ -68,6 +68,13 @@ import type { IoCounters } from "./stats.ts";
 import { BASE_ALLOCATION_ID, type MetaContext, type Negotiated } from "./negotiate.ts";
 import { PayloadPool } from "./payload_pool.ts";
 
+/**
+ * READ replies at least this large go out in writes of their own: copying
+ * one into the writer's staging buffer to save a system call costs more
+ * than the call (docs/performance.md).
+ */
+const WHOLE_REPLY = 64 * 1024;
+
 /** A WRITE payload beyond twice the accepted maximum is not drained: the connection is dropped. */
 const HARD_PAYLOAD_FACTOR = 2;
 /** Zero runs at least this long become OFFSET_HOLE chunks in structured READ replies. */
@@ -552,7 +559,9 @@ export class Transmission {
     } else {
       writeSimpleReply(view, 0, 0, request.cookieHi, request.cookieLo);
     }
-    this.#conn.writer.writeReleasing(out, () => this.#replies.give(out));
+    this.#conn.writer.writeReleasing(out, () => this.#replies.give(out), {
+      whole: out.length >= WHOLE_REPLY,
+    });
   }
 
   /** Sends a READ reply from zero-copy segments: views are written as they are, zero runs as holes. */
