@@ -32,7 +32,7 @@ async function cachedBytes(path: string): Promise<number> {
 async function cachedUntil(
   path: string,
   predicate: (bytes: number) => boolean,
-  timeoutMs = 5000,
+  timeoutMs = 10000,
 ): Promise<number> {
   const deadline = Date.now() + timeoutMs;
   while (true) {
