@@ -4,12 +4,12 @@
  * over `nbdkit curl`, whole processes, alternating, medians of wall time.
  *
  *   deno task bench:http                          # 3 rounds, 256 MiB
- *   deno task bench:http --rounds 5 --size 512M --only latency
+ *   deno task bench:http --rounds 5 --size 512M --window 1M --only "round trip"
  *
  * Two servers (tests/http_server.ts, each in its own process, the image in
  * memory) redirect `/redirect/disk.img` to a signed URL of the image:
  * - "low latency": answers at once;
- * - "latency": waits `--rtt` ms (20) before each answer, and sends each body
+ * - "round trip": waits `--rtt` ms (20) before each answer, and sends each body
  *   as one TCP stream would over that round trip with a `--window` (4 MiB)
  *   window: one window per round trip. A single stream then moves at most
  *   window / rtt, and requests in parallel add up, as over a long link.
@@ -138,7 +138,7 @@ try {
   const cases = [
     { name: "low latency", flags: [] },
     {
-      name: `latency ${rtt} ms, ${values.window} per round trip`,
+      name: `${rtt} ms round trip, ${values.window} window`,
       flags: [`--rtt=${rtt}`, `--window=${window}`],
     },
   ];
