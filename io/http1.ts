@@ -191,7 +191,11 @@ export class Http1Pool {
         }
         got += n;
       }
-      keep = !/\bclose\b/i.test(answer.headers.get("Connection") ?? "");
+      // HTTP/1.0 closes after each answer unless it says otherwise.
+      const persistence = answer.headers.get("Connection") ?? "";
+      keep = head[7] === 0x31 /* "HTTP/1.1" */
+        ? !/\bclose\b/i.test(persistence)
+        : /\bkeep-alive\b/i.test(persistence);
       answer.filled = true;
       return answer;
     } catch (error) {

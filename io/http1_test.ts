@@ -149,3 +149,20 @@ Deno.test("http1: a body cut short and a server that never answers fail with Htt
   assertOk(performance.now() - start >= 290);
   pool.close();
 });
+
+Deno.test("http1: an HTTP/1.0 answer's connection is not reused", async () => {
+  const data = randomBytes(65536, 65);
+  using server = rawServer(data, (range, d) => {
+    const answer = partial(range, d);
+    answer.set(encoder.encode("HTTP/1.0"));
+    return answer;
+  });
+  const pool = new Http1Pool(server.url, 5000);
+  for (let i = 0; i < 3; i++) {
+    const buf = new Uint8Array(4096);
+    assertEquals((await pool.getRange("/disk.img", new Headers(), i * 4096, buf)).filled, true);
+    assertBytes(buf, data.subarray(i * 4096, (i + 1) * 4096));
+  }
+  assertEquals(server.state.connections, 3);
+  pool.close();
+});
