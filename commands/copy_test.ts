@@ -1,6 +1,11 @@
 import { assertEquals, assertThrows } from "../tests/assert.ts";
 import { UsageError } from "../util/usage_error.ts";
-import { defaultSourceConnections, defaultThreads, parseCopyArgs } from "./copy.ts";
+import {
+  DEFAULT_RETRIES,
+  defaultSourceConnections,
+  defaultThreads,
+  parseCopyArgs,
+} from "./copy.ts";
 import { localConnections } from "../copy/nbd.ts";
 
 Deno.test("parseCopyArgs() applies nbdcopy's defaults", () => {
@@ -113,4 +118,22 @@ Deno.test("defaultThreads(): one into a file, the processors shared with a serve
     assertEquals(defaultThreads(file, loopback), half, uri);
     assertEquals(defaultThreads(loopback, tcp), half, uri);
   }
+});
+
+Deno.test("parseCopyArgs() reads --state, --resume and --retry[=N], and refuses what cannot resume", () => {
+  const plain = parseCopyArgs(["a", "b"]);
+  assertEquals([plain.state, plain.resume, plain.retry], [undefined, false, 0]);
+  const resumed = parseCopyArgs(["--state=s", "--resume", "--retry", "a", "nbd://h/e"]);
+  assertEquals([resumed.state, resumed.resume, resumed.retry], ["s", true, DEFAULT_RETRIES]);
+  assertEquals(parseCopyArgs(["--retry=3", "a", "b"]).retry, 3);
+  assertThrows(() => parseCopyArgs(["--retry=0", "a", "b"]), UsageError, "--retry");
+  assertThrows(() => parseCopyArgs(["--resume", "a", "b"]), UsageError, "--resume needs --state");
+  for (const ends of [["a", "null:"], ["-", "b"], ["a", "-"], ["https://h/x", "b"]]) {
+    assertThrows(() => parseCopyArgs(["--state=s", ...ends]), UsageError, "random access");
+  }
+  assertThrows(
+    () => parseCopyArgs(["--state=s", "-O", "qcow2", "a", "b"]),
+    UsageError,
+    "raw images only",
+  );
 });
