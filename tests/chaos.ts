@@ -196,7 +196,9 @@ export class NbdProcess {
     ];
     const child = new Deno.Command(argv[0]!, {
       args: argv.slice(1),
-      env: { DENO_NO_UPDATE_CHECK: "1", ...options.env },
+      // The servers run as users run them: without the checking layer (with it, the
+      // retry-restart case has been seen to hang; see docs/security.md).
+      env: { DENO_NO_UPDATE_CHECK: "1", NBD_DEBUG_LAYERS: "0", ...options.env },
       stdin: "null",
       stdout: "null",
       stderr: "piped",
