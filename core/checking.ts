@@ -75,6 +75,15 @@ export class CheckingBackend implements Backend {
   readView?: (offset: number, length: number) => ReadSegment[] | undefined;
   /** Whether the layer below fills every read buffer. */
   readonly preadFills: boolean;
+  /** Other metadata contexts of the layer below; present only when it has some. */
+  extraContexts?: () => string[];
+  /** Block status in another metadata context, checked like `extents`. */
+  contextExtents?: (
+    name: string,
+    offset: number,
+    length: number,
+    flags: ExtentsFlags,
+  ) => Promise<Extent[]>;
 
   /** Wraps `below`; `above` and `belowName` name the two layers in reports. */
   constructor(below: Backend, above: string, belowName: string, report = defaultReport) {
@@ -98,6 +107,15 @@ export class CheckingBackend implements Backend {
         const segments = below.readView!(offset, length);
         if (segments !== undefined) this.#answer(() => checkSegments(segments, length, "readView"));
         return segments;
+      };
+    }
+    if (below.extraContexts && below.contextExtents) {
+      this.extraContexts = () => below.extraContexts!();
+      this.contextExtents = async (name, offset, length, flags) => {
+        this.#range("contextExtents", offset, length);
+        const extents = await below.contextExtents!(name, offset, length, flags);
+        this.#answer(() => checkExtents(extents, `contextExtents(${name})`));
+        return extents;
       };
     }
   }
