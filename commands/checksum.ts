@@ -13,6 +13,9 @@ import {
   parseAlgorithm,
 } from "../copy/checksum.ts";
 import { ParallelBlkHasher } from "../copy/blkhash_parallel.ts";
+import { BlkhashSink } from "../copy/blkhash_shared.ts";
+import { BLKHASH_BLOCK_SIZE } from "../copy/checksum.ts";
+import { copyShared, shareableThreads } from "../copy/shares.ts";
 import { describeSpec, type Endpoint, type EndpointSpec, parseEndpoint } from "../copy/endpoint.ts";
 import { openSource } from "../copy/open.ts";
 import { CopyError, copyImage, describeCause } from "../copy/scheduler.ts";
@@ -54,7 +57,7 @@ const OPTIONS = {
     short: "T",
     value: "N",
     help:
-      "blkhash: hash blocks on N workers (default: one per CPU but one, at most 8; 1 = in the main thread)",
+      "blkhash: read and hash on N threads (default: one per CPU, at most 8; 1 = the main thread alone)",
   },
   help: { type: "boolean", short: "h", help: "show this help" },
   ...CLIENT_OPTIONS,
@@ -115,12 +118,14 @@ function count(text: string, what: string, max: number): number {
   return Number(text);
 }
 
-/**
- * Workers pay off only with a core to spare beyond the main thread, which
- * reads and feeds them: one per CPU but one, at most 8 (1 = no workers).
- */
+/** One thread per CPU, at most 8. */
 function defaultThreads(): number {
-  return Math.min(8, Math.max(1, (navigator.hardwareConcurrency || 1) - 1));
+  return Math.min(8, Math.max(1, navigator.hardwareConcurrency || 1));
+}
+
+/** Sources that threads can each open for their share of the reading. */
+function canShare(spec: EndpointSpec): boolean {
+  return spec.kind === "path" || spec.kind === "nbd" || spec.kind === "command";
 }
 
 /** Parses the arguments of `nbd checksum`; a `[ CMD ]` group is the source. */
@@ -169,15 +174,42 @@ function parseChecksumArgs(argv: string[]): ChecksumConfig {
   };
 }
 
-/** The checksum of `source` by the copy engine, and the length hashed. */
+/** How `nbd checksum` reads: reads in flight, holes, threads. */
+interface ChecksumOptions {
+  requests: number;
+  extents: boolean;
+  threads?: number;
+  signal?: AbortSignal;
+  /** The source was opened with one connection for threads to share it; the count otherwise. */
+  sharedConnections?: { connections: number | undefined };
+}
+
+/**
+ * The checksum of `source` by the copy engine, and the length hashed.
+ * blkhash of a source every thread can open is read and hashed by all of
+ * them (blkhash_shared.ts); otherwise one thread reads, and blkhash's
+ * blocks are hashed on `threads - 1` workers.
+ */
 async function checksumEndpoint(
   source: Endpoint,
   algorithm: ChecksumAlgorithm,
-  options: { requests: number; extents: boolean; threads?: number; signal?: AbortSignal },
+  options: ChecksumOptions,
 ): Promise<{ digest: string; size: number }> {
   const threads = options.threads ?? 1;
+  if (algorithm === "blkhash" && threads > 1 && source.size !== undefined) {
+    const sink = new BlkhashSink(BLKHASH_BLOCK_SIZE, source.size);
+    const shared = shareableThreads(source, sink, threads);
+    if (shared > 1) {
+      await copyShared(source, sink, copyOptions(options), shared);
+      return { digest: sink.collector!.digest(), size: source.size };
+    }
+  }
+  if (options.sharedConnections) {
+    // Not shared after all: the source gets its connections as it would alone.
+    await source.useConnections(options.sharedConnections.connections);
+  }
   const parallel = algorithm === "blkhash" && threads > 1
-    ? new ParallelBlkHasher(threads)
+    ? new ParallelBlkHasher(threads - 1)
     : undefined;
   const hasher = parallel ?? createHasher(algorithm);
   try {
@@ -187,13 +219,9 @@ async function checksumEndpoint(
   }
 }
 
-async function checksumWith(
-  hasher: ReturnType<typeof createHasher>,
-  source: Endpoint,
-  options: { requests: number; extents: boolean; signal?: AbortSignal },
-): Promise<{ digest: string; size: number }> {
-  const sink = new HashSink(hasher);
-  const stats = await copyImage(source, sink, {
+/** The copy engine's options for reading a whole source into a hashing sink. */
+function copyOptions(options: ChecksumOptions) {
+  return {
     requests: options.requests,
     requestSize: 1 << 20,
     sparseSize: 0,
@@ -201,7 +229,16 @@ async function checksumWith(
     destinationIsZero: false,
     extents: options.extents,
     signal: options.signal,
-  });
+  };
+}
+
+async function checksumWith(
+  hasher: ReturnType<typeof createHasher>,
+  source: Endpoint,
+  options: ChecksumOptions,
+): Promise<{ digest: string; size: number }> {
+  const sink = new HashSink(hasher);
+  const stats = await copyImage(source, sink, copyOptions(options));
   if (sink.feed.hashed !== stats.size) {
     throw new Error(`hashed ${sink.feed.hashed} bytes of ${stats.size}`);
   }
@@ -237,10 +274,13 @@ async function runChecksum(config: ChecksumConfig): Promise<number> {
   // Aborted by the process's first stop signal (util/signals.ts), in any state.
   const stop = terminationSignal();
   let source: Endpoint | undefined;
+  // Threads that share the reading each open the source once: the main thread too.
+  const shareable = config.algorithm === "blkhash" && config.threads > 1 &&
+    config.connections !== 1 && canShare(config.source);
   try {
     try {
       source = await openSource(config.source, {
-        connections: config.connections,
+        connections: shareable ? 1 : config.connections,
         signal: stop,
         timeouts: config.timeouts,
       });
@@ -257,6 +297,7 @@ async function runChecksum(config: ChecksumConfig): Promise<number> {
       extents: config.extents,
       threads: config.threads,
       signal: stop,
+      sharedConnections: shareable ? { connections: config.connections } : undefined,
     });
     return await reportChecksum(
       digest,

@@ -117,6 +117,11 @@ export interface Endpoint {
    * endpoint was opened with fewer, expecting to share the copy between threads.
    */
   useConnections(connections?: number): Promise<void>;
+  /**
+   * On the main thread of a shared copy: a message a worker's share of
+   * this endpoint sent (`ShareReport` "endpoint").
+   */
+  acceptShareMessage?(payload: unknown): void;
 }
 
 /** Timeouts of NBD connections, in seconds (0 = none): connect and handshake, and requests. */
@@ -152,7 +157,9 @@ export type ShareSpec =
     writeLock?: SharedArrayBuffer;
   }
   /** Discards everything. */
-  | { kind: "null" };
+  | { kind: "null" }
+  /** Hashes blocks for blkhash, reporting digests to the main thread (blkhash_shared.ts). */
+  | { kind: "blkhash"; blockSize: number; size: number };
 
 /** A parsed SOURCE or DESTINATION argument. */
 export type EndpointSpec =
@@ -257,4 +264,6 @@ export abstract class BaseEndpoint implements Endpoint {
   useConnections(_connections?: number): Promise<void> {
     return Promise.resolve();
   }
+  /** Shares of most endpoints send nothing. */
+  acceptShareMessage(_payload: unknown): void {}
 }

@@ -42,6 +42,20 @@ async function openShared(spec: ShareSpec, role: Role): Promise<Endpoint> {
       const { NullDestination } = await import("./null.ts");
       return new NullDestination();
     }
+    case "blkhash": {
+      const { BlkhashSink } = await import("./blkhash_shared.ts");
+      return new BlkhashSink(spec.blockSize, spec.size, (payload) => {
+        const buffer = payload.kind === "digests"
+          ? payload.digests.buffer
+          : payload.kind === "piece"
+          ? payload.bytes.buffer
+          : undefined;
+        self.postMessage(
+          { type: "endpoint", payload } satisfies ShareReport,
+          buffer ? [buffer as ArrayBuffer] : [],
+        );
+      });
+    }
   }
 }
 

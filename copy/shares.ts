@@ -73,6 +73,8 @@ export type ShareFailure =
 /** Messages from a worker. */
 export type ShareReport =
   | { type: "done"; stats: CopyStats }
+  /** For the main thread's destination (`Endpoint.acceptShareMessage`). */
+  | { type: "endpoint"; payload: unknown }
   | { type: "failed"; failure: ShareFailure };
 
 /** Messages to a worker. */
@@ -224,7 +226,8 @@ export async function copyShared(
         new Promise<CopyStats | undefined>((resolve) => {
           worker.onmessage = (event: MessageEvent<ShareReport>) => {
             const message = event.data;
-            if (message.type === "done") resolve(message.stats);
+            if (message.type === "endpoint") destination.acceptShareMessage?.(message.payload);
+            else if (message.type === "done") resolve(message.stats);
             else {
               stopAll(failureError(message.failure));
               resolve(undefined);

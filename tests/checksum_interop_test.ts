@@ -143,6 +143,60 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "checksum blkhash read and hashed on several threads equals Python's, file and NBD",
+  ...peers("/usr/bin/python3", "nbdkit"),
+  async fn() {
+    // Large enough for threads to share (two parts of 32 MiB or more), with data
+    // islands cut across blocks, holes and an odd size.
+    await using dir = await tempDir();
+    const path = `${dir.path}/large.img`;
+    const file = await Deno.open(path, { write: true, create: true, truncate: true });
+    await file.truncate(100 * MiB + 777);
+    for (let i = 0; i < 12; i++) {
+      await file.seek(i * 8 * MiB + i * 4099, Deno.SeekMode.Start);
+      await file.write(randomBytes(MiB / 2 + i * 1000, 20 + i));
+    }
+    await file.seek(100 * MiB, Deno.SeekMode.Start);
+    await file.write(randomBytes(777, 40));
+    file.close();
+    const expected = await pythonBlkhash(path);
+    for (const threads of ["1", "2", "3"]) {
+      for (const extents of [[], ["--no-extents"]]) {
+        const out = await nbdOk(["checksum", "-a", "blkhash", "-T", threads, ...extents, path]);
+        assertEquals(out, `${expected}  ${path}\n`, `-T ${threads} ${extents.join(" ")}`);
+      }
+    }
+    // Over NBD each thread opens its own connection: nbdkit's log filter counts them.
+    // (Threads start once the first has read 16 MiB, so the holes are read too.)
+    const log = `${dir.path}/connections.log`;
+    {
+      await using server = await startServer("nbdkit", [
+        "-f",
+        "-U",
+        "$SOCKET",
+        "-r",
+        "--filter=log",
+        "file",
+        path,
+        `logfile=${log}`,
+      ]);
+      const out = await nbdOk([
+        "checksum",
+        "-a",
+        "blkhash",
+        "-T",
+        "3",
+        "--no-extents",
+        server.uri,
+      ]);
+      assertEquals(out.split("  ")[0], expected);
+    }
+    const connections = (await Deno.readTextFile(log)).match(/ Connect /g)?.length ?? 0;
+    assertEquals(connections, 3, "connections with -T 3");
+  },
+});
+
 /** A file from a vector's runs: "-" runs are left as holes, the rest written. */
 async function vectorImage(path: string, runs: Array<[string, number]>): Promise<void> {
   const file = await Deno.open(path, { write: true, create: true, truncate: true });
