@@ -5,11 +5,14 @@
  * logical partitions in an extended partition beyond the fourth. The
  * files are read and written in place; the partition table and the
  * padding around the partitions are generated and read-only (a write
- * there is accepted only when it leaves the bytes as they are).
+ * there is accepted only when it leaves the bytes as they are). A source
+ * may also be an NBD URI: each client connection then has its own
+ * connection to that export.
  *
  * ```
  * nbd serve partitioning boot.img root.img
  * nbd serve partitioning boot.img root.img partition-type=mbr mbr-id=0x0c mbr-id=0x83
+ * nbd serve partitioning boot.img nbd+unix:///root?socket=/run/root.sock
  * ```
  *
  * @module
@@ -28,6 +31,9 @@ import {
 import type { Params } from "../core/params.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { fileBackend } from "./file.ts";
+import { UpstreamBackend } from "./nbd.ts";
+import { NbdClient } from "../client/client.ts";
+import { isNbdUri, type NbdUri, parseNbdUri } from "../protocol/uri.ts";
 
 const SECTOR = 512;
 /** GPT partition entries: 128 of 128 bytes, 32 sectors. */
@@ -205,7 +211,7 @@ function layoutDisk(
       entries.set(derivedGuid(`${seed}\0partition ${i}`), base + 16);
       view.setBigUint64(base + 32, BigInt(p.offset / SECTOR), true);
       view.setBigUint64(base + 40, BigInt((p.offset + p.length) / SECTOR - 1), true);
-      const name = (p.path.split("/").pop() ?? "").slice(0, 36);
+      const name = partitionName(p.path).slice(0, 36);
       for (let c = 0; c < name.length; c++) {
         view.setUint16(base + 56 + 2 * c, name.charCodeAt(c), true);
       }
@@ -404,9 +410,9 @@ export const partitioningPlugin: Plugin = {
   params: [
     {
       name: "file",
-      value: "PATH",
+      value: "PATH|URI",
       type: "path",
-      description: "a file, one partition each, in order",
+      description: "a file or an NBD URI, one partition each, in order",
       required: true,
       repeatable: true,
     },
@@ -463,7 +469,16 @@ export const partitioningPlugin: Plugin = {
       throw new UsageError(`partitioning: alignment must be a multiple of 512, got ${alignment}`);
     }
     const sizes: number[] = [];
+    /** The parsed URI of each source that is an NBD export. */
+    const uris: Array<NbdUri | undefined> = [];
     for (const path of paths) {
+      if (isNbdUri(path)) {
+        const uri = parseSourceUri(path);
+        uris.push(uri);
+        sizes.push(await exportSize(path, uri));
+        continue;
+      }
+      uris.push(undefined);
       let stat: Deno.FileInfo;
       try {
         // Opened, not only looked at: an unreadable file is named now, not at the first client.
@@ -499,11 +514,21 @@ export const partitioningPlugin: Plugin = {
       alignment,
     );
     return {
-      open(context: OpenContext) {
+      async open(context: OpenContext) {
         const files: Backend[] = [];
         try {
-          for (const path of paths) {
-            files.push(completeBackend(fileBackend(path, context.readonly)));
+          for (const [i, path] of paths.entries()) {
+            const uri = uris[i];
+            files.push(completeBackend(
+              uri
+                ? await UpstreamBackend.open(uri, {
+                  uri,
+                  dynamicExport: false,
+                  reconnect: true,
+                  log: (message) => console.error(`nbd: partitioning: ${path}: ${message}`),
+                })
+                : fileBackend(path, context.readonly),
+            ));
           }
         } catch (error) {
           for (const file of files) void file.close();
@@ -538,7 +563,7 @@ export const partitioningPlugin: Plugin = {
           }
           await Promise.all(reads);
         };
-        return Promise.resolve(completeBackend({
+        return completeBackend({
           size: () => layout.size,
           capabilities: () => ({
             writable,
@@ -658,8 +683,36 @@ export const partitioningPlugin: Plugin = {
           async close() {
             for (const file of files) await file.close();
           },
-        }));
+        });
       },
     };
   },
 };
+
+/** A GPT partition's name: the file's name, or the export's (else "nbd") for a URI. */
+function partitionName(path: string): string {
+  if (isNbdUri(path)) return parseNbdUri(path).exportName || "nbd";
+  return path.split("/").pop() ?? "";
+}
+
+function parseSourceUri(text: string): NbdUri {
+  try {
+    return parseNbdUri(text);
+  } catch (error) {
+    throw new UsageError(`partitioning: ${text}: ${(error as Error).message}`);
+  }
+}
+
+/** The size of an NBD export, asked once at start-up so that the table can be laid out. */
+async function exportSize(text: string, uri: NbdUri): Promise<number> {
+  try {
+    const client = await NbdClient.connect(uri, {});
+    try {
+      return client.size();
+    } finally {
+      await client.close().catch(() => {});
+    }
+  } catch (error) {
+    throw new UsageError(`partitioning: cannot open ${text}: ${(error as Error).message}`);
+  }
+}

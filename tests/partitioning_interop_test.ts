@@ -22,6 +22,7 @@ import {
   runNbdAsNobody,
   runOk,
   startNbdServe,
+  startServer,
   tempDir,
 } from "./helpers.ts";
 import { mountable, type MountScratch, mountScratch } from "./mount_helpers.ts";
@@ -171,6 +172,69 @@ Deno.test("partitioning: writes land in the files; the table refuses changes", a
   const after = new Uint8Array(512);
   await client.pread(after, 512);
   assertBytes(after, header);
+});
+
+Deno.test({
+  name: "partitioning: NBD exports as partitions, read and written through to nbdkit",
+  ...peers("nbdkit", "sfdisk", "nbdcopy", "qemu-io"),
+  async fn() {
+    await using dir = await tempDir();
+    const [file] = await makeFiles(dir.path, 1);
+    const content = randomBytes(3 * MiB, 61);
+    const seed = `${dir.path}/seed.img`;
+    await Deno.writeFile(seed, content);
+    // A copy-on-write overlay over the seed: the export reads as the seed, writes stay in nbdkit.
+    await using upstream = await startServer("nbdkit", [
+      "-f",
+      "-U",
+      "$SOCKET",
+      "--filter=cow",
+      "file",
+      seed,
+    ]);
+    await using server = await startNbdServe([
+      "partitioning",
+      file!,
+      upstream.uri,
+      "partition-type=gpt",
+    ]);
+    const disk = `${dir.path}/disk.img`;
+    await runOk("nbdcopy", [server.uri, disk]);
+    const dump = (await runOk("sfdisk", ["--dump", disk])).stdout;
+    const starts = [...dump.matchAll(/start=\s*(\d+), size=\s*(\d+)/g)].map((m) => Number(m[1]));
+    assertEquals(starts.length, 2, dump);
+    const image = await Deno.readFile(disk);
+    const second = starts[1]! * 512;
+    assertBytes(image.subarray(second, second + content.length), content);
+    // A write into partition 2 lands in nbdkit's overlay, not in the seed file.
+    await runOk("qemu-io", [
+      "-f",
+      "raw",
+      "-c",
+      `write -P 0x5a ${second + 4096} 65536`,
+      server.uri.replace(/^nbd\+unix:\/\/\/\?socket=/, "nbd:unix:"),
+    ]);
+    const overlay = `${dir.path}/overlay.img`;
+    await runOk("nbdcopy", [upstream.uri, overlay]);
+    const expected = content.slice();
+    expected.fill(0x5a, 4096, 4096 + 65536);
+    assertBytes(await Deno.readFile(overlay), expected);
+    assertBytes(await Deno.readFile(seed), content);
+  },
+});
+
+Deno.test("partitioning: an NBD URI nobody serves is a one-line error", async () => {
+  await using dir = await tempDir();
+  const result = await run(await nbdExecutable(), [
+    "serve",
+    "partitioning",
+    `nbd+unix:///?socket=${dir.path}/nobody.sock`,
+    "-U",
+    `${dir.path}/sock`,
+  ]);
+  assertOk(result.code === 1 || result.code === 2, `exit ${result.code}`);
+  assertEquals(result.stderr.trim().split("\n").length, 1, result.stderr);
+  assertMatch(result.stderr, /^nbd: partitioning: cannot open nbd\+unix:.*nobody\.sock/);
 });
 
 Deno.test("partitioning: a missing file is a one-line error", async () => {
