@@ -924,16 +924,14 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzReport> {
       socket: file.socket!,
     },
   ];
-  const startRss = targets.map((t) => rssKiB(t.server.child.pid));
   const tally = new Tally();
   const checker = emptyStats();
   const servers: ServerReport[] = [];
   const started = performance.now();
+  const watch = new ServerWatch(targets, started);
   const deadline = started + seconds * 1000;
   let stopping = false;
   const stop = () => stopping || tally.cases >= maxCases || performance.now() >= deadline;
-  const peaks: Array<number | undefined> = [undefined, undefined];
-  const timelines: Array<Array<[number, number]>> = [[], []];
   let elapsed = 0;
   try {
     // The well-behaved clients: structured replies on one server, extended headers on the other.
@@ -971,19 +969,10 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzReport> {
         }
       })
     );
-    const sampler = setInterval(() => {
-      const at = (performance.now() - started) / 1000;
-      targets.forEach((t, i) => {
-        const peak = peakRssKiB(t.server.child.pid);
-        if (peak !== undefined) peaks[i] = Math.max(peaks[i] ?? 0, peak);
-        const rss = rssKiB(t.server.child.pid);
-        if (rss !== undefined) timelines[i]!.push([at, rss]);
-      });
-    }, 500);
     try {
       await Promise.all(fuzzers);
     } finally {
-      clearInterval(sampler);
+      watch.stop();
       elapsed = (performance.now() - started) / 1000;
       stopping = true;
       await Promise.all(checkerRuns);
@@ -995,29 +984,7 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzReport> {
     }
   } finally {
     stopping = true;
-    for (let i = 0; i < targets.length; i++) {
-      const t = targets[i]!;
-      const exited = await Promise.race([
-        t.server.child.status.then(() => true),
-        new Promise<boolean>((r) => setTimeout(() => r(false), 0)),
-      ]);
-      const final = peakRssKiB(t.server.child.pid);
-      if (final !== undefined) peaks[i] = Math.max(peaks[i] ?? 0, final);
-      await t.server[Symbol.asyncDispose]();
-      const status = await t.server.child.status;
-      const lines = t.server.stderr().split("\n").filter((l) => l.length > 0);
-      servers.push({
-        kind: t.kind,
-        peakRssKiB: peaks[i],
-        startRssKiB: startRss[i],
-        rssTimeline: thin(timelines[i]!, 6),
-        survived: !exited,
-        exitCode: status.code,
-        internalErrors: lines.filter((l) => CRASH_PATTERN.test(l)).slice(0, 20),
-        logLines: lines.length,
-        logKinds: logKinds(lines),
-      });
-    }
+    servers.push(...await watch.finish());
   }
   const report: FuzzReport = {
     seed,
@@ -1032,6 +999,77 @@ export async function runFuzz(options: FuzzOptions = {}): Promise<FuzzReport> {
     servers,
   };
   return report;
+}
+
+/**
+ * Samples the fuzzed servers' memory every half second while a run goes
+ * on, then stops them and reports how each one ended.
+ */
+export class ServerWatch {
+  readonly #targets: Target[];
+  readonly #started: number;
+  readonly #startRss: Array<number | undefined>;
+  readonly #peaks: Array<number | undefined>;
+  readonly #timelines: Array<Array<[number, number]>>;
+  #timer: ReturnType<typeof setInterval> | undefined;
+
+  /** Starts sampling `targets`; times are counted from `started` (performance.now()). */
+  constructor(targets: Target[], started: number) {
+    this.#targets = targets;
+    this.#started = started;
+    this.#startRss = targets.map((t) => rssKiB(t.server.child.pid));
+    this.#peaks = targets.map(() => undefined);
+    this.#timelines = targets.map(() => []);
+    this.#timer = setInterval(() => this.#sample(), 500);
+  }
+
+  #sample(): void {
+    const at = (performance.now() - this.#started) / 1000;
+    this.#targets.forEach((t, i) => {
+      this.#peak(i);
+      const rss = rssKiB(t.server.child.pid);
+      if (rss !== undefined) this.#timelines[i]!.push([at, rss]);
+    });
+  }
+
+  #peak(i: number): void {
+    const peak = peakRssKiB(this.#targets[i]!.server.child.pid);
+    if (peak !== undefined) this.#peaks[i] = Math.max(this.#peaks[i] ?? 0, peak);
+  }
+
+  /** Stops sampling. */
+  stop(): void {
+    if (this.#timer !== undefined) clearInterval(this.#timer);
+    this.#timer = undefined;
+  }
+
+  /** Stops sampling and the servers; what each one did. */
+  async finish(): Promise<ServerReport[]> {
+    this.stop();
+    const reports: ServerReport[] = [];
+    for (const [i, t] of this.#targets.entries()) {
+      const exited = await Promise.race([
+        t.server.child.status.then(() => true),
+        new Promise<boolean>((r) => setTimeout(() => r(false), 0)),
+      ]);
+      this.#peak(i);
+      await t.server[Symbol.asyncDispose]();
+      const status = await t.server.child.status;
+      const lines = t.server.stderr().split("\n").filter((l) => l.length > 0);
+      reports.push({
+        kind: t.kind,
+        peakRssKiB: this.#peaks[i],
+        startRssKiB: this.#startRss[i],
+        rssTimeline: thin(this.#timelines[i]!, 6),
+        survived: !exited,
+        exitCode: status.code,
+        internalErrors: lines.filter((l) => CRASH_PATTERN.test(l)).slice(0, 20),
+        logLines: lines.length,
+        logKinds: logKinds(lines),
+      });
+    }
+    return reports;
+  }
 }
 
 /** Keeps about n evenly spaced samples, always including the last. */

@@ -34,19 +34,18 @@ import { NbdClient } from "../client/client.ts";
 import { makeCertificates } from "./certs.ts";
 import {
   concatAll,
-  CRASH_PATTERN,
   Desync,
   haggle,
   logKinds,
   type ServerReport,
+  ServerWatch,
   Tally,
   type Target,
-  thin,
   Wire,
 } from "./fuzz.ts";
 import { type HandshakeState, optionBytes, preTlsOptionCase, Rng } from "./fuzz_cases.ts";
 import { hasCommand, startNbdServe, tempDir } from "./helpers.ts";
-import { formatKiB, peakRssKiB, rssKiB } from "./proc_stats.ts";
+import { formatKiB } from "./proc_stats.ts";
 import { emptyStats, type IoStats, mergeStats, VerifiedWorker } from "./verified_io.ts";
 
 const MiB = 1024 * 1024;
@@ -816,12 +815,10 @@ export async function runTlsFuzz(options: TlsFuzzOptions = {}): Promise<TlsFuzzR
   const counts = { sessions: 0, edge: 0, probes: 0 };
   const probeFailures: string[] = [];
   const started = performance.now();
+  const watch = new ServerWatch(targets, started);
   const deadline = started + seconds * 1000;
   let stopping = false;
   const stop = () => stopping || tally.cases >= maxCases || performance.now() >= deadline;
-  const peaks: Array<number | undefined> = [undefined, undefined];
-  const timelines: Array<Array<[number, number]>> = [[], []];
-  const startRss = targets.map((t) => rssKiB(t.server.child.pid));
   let elapsed = 0;
   const openssl = hasCommand("openssl");
   try {
@@ -890,19 +887,10 @@ export async function runTlsFuzz(options: TlsFuzzOptions = {}): Promise<TlsFuzzR
         batch++;
       }
     })();
-    const sampler = setInterval(() => {
-      const at = (performance.now() - started) / 1000;
-      targets.forEach((t, i) => {
-        const peak = peakRssKiB(t.server.child.pid);
-        if (peak !== undefined) peaks[i] = Math.max(peaks[i] ?? 0, peak);
-        const rss = rssKiB(t.server.child.pid);
-        if (rss !== undefined) timelines[i]!.push([at, rss]);
-      });
-    }, 500);
     try {
       await Promise.all([...fuzzers, edgeRunner]);
     } finally {
-      clearInterval(sampler);
+      watch.stop();
       elapsed = (performance.now() - started) / 1000;
       stopping = true;
       await Promise.all(checkerRuns);
@@ -914,29 +902,7 @@ export async function runTlsFuzz(options: TlsFuzzOptions = {}): Promise<TlsFuzzR
     }
   } finally {
     stopping = true;
-    for (let i = 0; i < targets.length; i++) {
-      const t = targets[i]!;
-      const exited = await Promise.race([
-        t.server.child.status.then(() => true),
-        new Promise<boolean>((r) => setTimeout(() => r(false), 0)),
-      ]);
-      const final = peakRssKiB(t.server.child.pid);
-      if (final !== undefined) peaks[i] = Math.max(peaks[i] ?? 0, final);
-      await t.server[Symbol.asyncDispose]();
-      const status = await t.server.child.status;
-      const lines = t.server.stderr().split("\n").filter((l) => l.length > 0);
-      servers.push({
-        kind: t.kind,
-        peakRssKiB: peaks[i],
-        startRssKiB: startRss[i],
-        rssTimeline: thin(timelines[i]!, 6),
-        survived: !exited,
-        exitCode: status.code,
-        internalErrors: lines.filter((l) => CRASH_PATTERN.test(l)).slice(0, 20),
-        logLines: lines.length,
-        logKinds: logKinds(lines),
-      });
-    }
+    servers.push(...await watch.finish());
   }
   return {
     seed,
