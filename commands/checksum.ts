@@ -118,6 +118,9 @@ function count(text: string, what: string, max: number): number {
   return Number(text);
 }
 
+/** Below this size a source read by one thread is hashed on that thread alone. */
+const PARALLEL_MINIMUM = 64 << 20;
+
 /** One thread per CPU, at most 8. */
 function defaultThreads(): number {
   return Math.min(8, Math.max(1, navigator.hardwareConcurrency || 1));
@@ -208,7 +211,10 @@ async function checksumEndpoint(
     // Not shared after all: the source gets its connections as it would alone.
     await source.useConnections(options.sharedConnections.connections);
   }
-  const parallel = algorithm === "blkhash" && threads > 1
+  // Hashing workers for a source one thread reads, unless it is known to be
+  // small: starting a worker costs more than hashing a few tens of MiB.
+  const parallel = algorithm === "blkhash" && threads > 1 && !source.shareSpec() &&
+      (source.size === undefined || source.size >= PARALLEL_MINIMUM)
     ? new ParallelBlkHasher(threads - 1)
     : undefined;
   const hasher = parallel ?? createHasher(algorithm);

@@ -144,7 +144,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "checksum blkhash read and hashed on several threads equals Python's, file and NBD",
+  name: "checksum blkhash on several threads equals Python's: file, stdin and NBD",
   ...peers("/usr/bin/python3", "nbdkit"),
   async fn() {
     // Large enough for threads to share (two parts of 32 MiB or more), with data
@@ -167,6 +167,12 @@ Deno.test({
         assertEquals(out, `${expected}  ${path}\n`, `-T ${threads} ${extents.join(" ")}`);
       }
     }
+    // stdin cannot be shared: one thread reads, two workers hash.
+    assertEquals(
+      await nbdOk(["checksum", "-a", "blkhash", "-T", "3", "-"], await Deno.readFile(path)),
+      `${expected}  -\n`,
+      "stdin, -T 3",
+    );
     // Over NBD each thread opens its own connection: nbdkit's log filter counts them.
     // (Threads start once the first has read 16 MiB, so the holes are read too.)
     const log = `${dir.path}/connections.log`;
