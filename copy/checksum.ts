@@ -411,6 +411,14 @@ export class HashingSource implements Endpoint {
   get synchronous(): boolean {
     return this.#inner.synchronous;
   }
+  /** As the source. */
+  get maxReads(): number | undefined {
+    return this.#inner.maxReads;
+  }
+  /** As the source. */
+  get maxBytesInFlight(): number | undefined {
+    return this.#inner.maxBytesInFlight;
+  }
 
   /** Reads, then waits for the data's turn to be hashed. */
   async read(buf: Uint8Array, offset: number): Promise<number> {

@@ -67,6 +67,12 @@ export interface Endpoint {
    */
   readonly maxReads?: number;
   /**
+   * Bytes worth having in flight at once to or from this endpoint, all
+   * requests together; beyond it more requests only cost memory (and the
+   * page faults of filling it). Undefined: no limit.
+   */
+  readonly maxBytesInFlight?: number;
+  /**
    * Fills `buf` from `offset`; resolves to the bytes read, which is less than
    * `buf.length` only at the end of a stream.
    */
@@ -221,6 +227,8 @@ export abstract class BaseEndpoint implements Endpoint {
   readonly discards: boolean = false;
   /** Requests complete asynchronously unless a subclass says otherwise. */
   readonly synchronous: boolean = false;
+  /** No limit on the bytes in flight unless a subclass sets one. */
+  readonly maxBytesInFlight: number | undefined = undefined;
 
   /** Not a source unless overridden. */
   read(_buf: Uint8Array, _offset: number): Promise<number> {

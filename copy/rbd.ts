@@ -24,6 +24,9 @@ import {
 } from "../io/librbd.ts";
 import { BaseEndpoint, type CopyExtent, type Role } from "./endpoint.ts";
 
+/** Bytes a copy keeps in flight to or from an image (eight 4 MiB objects). */
+export const RBD_BYTES_IN_FLIGHT = 32 << 20;
+
 /** Whether a copy argument names an RBD image. */
 export function isRbdUri(text: string): boolean {
   return text.startsWith("rbd:");
@@ -63,6 +66,11 @@ export class RbdEndpoint extends BaseEndpoint {
   readonly kind = "rbd";
   readonly size: number;
   override readonly canExtents = true;
+  /**
+   * Whole objects in flight beyond a few only queue in librbd and the OSDs
+   * while their buffers cost page faults here (docs/performance.md).
+   */
+  override readonly maxBytesInFlight = RBD_BYTES_IN_FLIGHT;
   override readonly isZero: boolean;
   readonly blockSize: BlockSize;
   readonly #cluster: RadosCluster;

@@ -335,6 +335,11 @@ export function planSizes(
   return { requestSize: size, align, sparseSize: sparse };
 }
 
+/** How many requests of `requestSize` fit in `budget` bytes (at least one; no budget: no limit). */
+function requestsWithin(budget: number | undefined, requestSize: number): number {
+  return budget === undefined ? Infinity : Math.max(1, Math.floor(budget / requestSize));
+}
+
 /** Copies `source` to `destination`; rejects with `CopyError` or `CopyInterrupted`. */
 export async function copyImage(
   source: Endpoint,
@@ -366,9 +371,15 @@ export async function copyImage(
     // many, and its single buffer stays in the processor's cache: with a lane per request
     // the kernel copied into and out of 16 MiB of buffers in turn, and a 1 GiB file to
     // file copy took twice the system time.
-    lanes: source.synchronous && destination.synchronous
-      ? 1
-      : Math.max(1, Math.min(Math.floor(options.requests), source.maxReads ?? Infinity)),
+    lanes: source.synchronous && destination.synchronous ? 1 : Math.max(
+      1,
+      Math.min(
+        Math.floor(options.requests),
+        source.maxReads ?? Infinity,
+        requestsWithin(source.maxBytesInFlight, requestSize),
+        requestsWithin(destination.maxBytesInFlight, requestSize),
+      ),
+    ),
   };
   let done = 0;
   let streamEnd: number | undefined;

@@ -379,3 +379,43 @@ Deno.test("copyImage() keeps no more reads in flight than the source's maxReads"
   assertEquals(stats.lanes, 3);
   assertEquals(source.maxInFlight, 3);
 });
+
+Deno.test("copyImage() keeps a source's bytes in flight within its maxBytesInFlight", async () => {
+  class BudgetSource extends MemorySource {
+    override readonly maxBytesInFlight = 256 * 1024 + 1;
+  }
+  const data = patterned(2 * MiB + 99);
+  const source = new BudgetSource(data, undefined, { jitterMs: 2 });
+  const destination = new MemoryDestination(data.length, { jitterMs: 1 });
+  const stats = await copyImage(source, destination, options());
+  assertBytes(destination.data, data);
+  // 64 KiB requests: four fit in 256 KiB + 1 byte, five do not.
+  assertEquals(stats.lanes, 4);
+  assertEquals(source.maxInFlight, 4);
+});
+
+Deno.test("copyImage() keeps a destination's bytes in flight within its budget", async () => {
+  class BudgetDestination extends MemoryDestination {
+    override readonly maxBytesInFlight = 128 * 1024;
+  }
+  const data = patterned(MiB + 7);
+  const source = new MemorySource(data, undefined, { jitterMs: 2 });
+  const destination = new BudgetDestination(data.length, { jitterMs: 1 });
+  const stats = await copyImage(source, destination, options());
+  assertBytes(destination.data, data);
+  assertEquals(stats.lanes, 2);
+  assertOk(source.maxInFlight <= 2, `${source.maxInFlight} reads in flight`);
+});
+
+Deno.test("copyImage() keeps one lane when a request is larger than the budget", async () => {
+  class TinyBudgetSource extends MemorySource {
+    override readonly maxBytesInFlight = 1000;
+  }
+  const data = patterned(MiB);
+  const source = new TinyBudgetSource(data, undefined, { jitterMs: 1 });
+  const destination = new MemoryDestination(data.length);
+  const stats = await copyImage(source, destination, options());
+  assertBytes(destination.data, data);
+  assertEquals(stats.lanes, 1);
+  assertEquals(source.maxInFlight, 1);
+});
