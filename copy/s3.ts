@@ -50,12 +50,20 @@ function plain(text: string, error: unknown): Error {
   return new Error(`${text}: ${message}`, { cause: error });
 }
 
+/** Bytes of ranged GETs a copy keeps in flight (four 8 MiB ranges). */
+export const S3_BYTES_IN_FLIGHT = 32 << 20;
+
 /** An object read with ranged GETs. */
 export class S3Source extends BaseEndpoint {
   readonly name: string;
   readonly kind = "s3";
   readonly size: number;
   readonly blockSize: BlockSize = { minimum: 1, preferred: 8 << 20, maximum: 32 << 20 };
+  /**
+   * A few ranges at once already keep the service busy; more only wait for
+   * it, holding their buffers (docs/performance.md).
+   */
+  override readonly maxBytesInFlight = S3_BYTES_IN_FLIGHT;
   readonly #s3: S3Client;
   readonly #bucket: string;
   readonly #key: string;
@@ -93,6 +101,12 @@ export class S3Source extends BaseEndpoint {
     });
     if (n < buf.length) throw new Error(`${this.name} changed while it was read`);
     return n;
+  }
+
+  /** Closes the client's idle connections. */
+  override close(): Promise<void> {
+    this.#s3.close();
+    return Promise.resolve();
   }
 }
 

@@ -13,6 +13,7 @@
  */
 
 import { sleep } from "../util/sleep.ts";
+import { Http1Error, Http1Pool } from "./http1.ts";
 
 /** Access credentials. */
 export interface S3Credentials {
@@ -299,6 +300,8 @@ export class S3Client {
   /** The settings. */
   readonly options: Required<Omit<S3Options, "credentials" | "endpoint">> & S3Options;
   #slots: Slots;
+  /** Kept-alive connections for ranged reads from an `http://` endpoint. */
+  #http1: Http1Pool | undefined;
 
   /** Creates a client. */
   constructor(options: S3Options) {
@@ -311,6 +314,14 @@ export class S3Client {
       ...options,
     };
     this.#slots = new Slots(this.options.connections);
+    if (this.options.endpoint && /^http:/i.test(this.options.endpoint)) {
+      this.#http1 = new Http1Pool(new URL(this.options.endpoint), this.options.timeout);
+    }
+  }
+
+  /** Closes the idle connections of ranged reads. */
+  close(): void {
+    this.#http1?.close();
   }
 
   /** The URL of an object (path style with an endpoint, virtual-hosted on AWS). */
@@ -414,6 +425,9 @@ export class S3Client {
    */
   async readObject(bucket: string, key: string, buf: Uint8Array, offset: number): Promise<number> {
     if (buf.length === 0) return 0;
+    if (this.#http1 && await this.#slots.run(() => this.#readDirect(bucket, key, buf, offset))) {
+      return buf.length;
+    }
     const response = await this.request({
       method: "GET",
       bucket,
@@ -451,6 +465,34 @@ export class S3Client {
     }
     if (n >= buf.length) await reader.cancel().catch(() => {});
     return n;
+  }
+
+  /**
+   * One ranged GET on a kept-alive connection of our own, the body read
+   * straight into `buf`. False for any answer but the plain 206 asked for,
+   * or a broken connection: the caller asks again through `fetch`, which
+   * retries and explains failures.
+   */
+  async #readDirect(bucket: string, key: string, buf: Uint8Array, offset: number) {
+    const url = this.url(bucket, key);
+    const range = `bytes=${offset}-${offset + buf.length - 1}`;
+    const headers = new Headers({ Range: range });
+    if (this.options.credentials) {
+      await signV4(
+        { method: "GET", url, headers, payloadHash: EMPTY_SHA256, date: new Date() },
+        this.options.credentials,
+        this.options.region,
+      );
+    }
+    // Signed with the range; the pool sends the same Range header itself.
+    headers.delete("Range");
+    try {
+      const answer = await this.#http1!.getRange(url.pathname + url.search, headers, offset, buf);
+      return answer.filled;
+    } catch (error) {
+      if (error instanceof Http1Error) return false;
+      throw error;
+    }
   }
 
   /** Stores an object. */

@@ -1,5 +1,5 @@
-import { assertEquals, assertRejects } from "../tests/assert.ts";
-import { findCredentials, type S3Credentials, signV4 } from "./s3.ts";
+import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
+import { findCredentials, S3Client, type S3Credentials, signV4 } from "./s3.ts";
 
 const EXAMPLE: S3Credentials = {
   accessKeyId: "AKIAIOSFODNN7EXAMPLE",
@@ -80,4 +80,57 @@ Deno.test("credentials: environment first, then the profile in the shared file",
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("readObject over http: signed ranged GETs on kept-alive connections", async () => {
+  const data = new Uint8Array(300_000).map((_, i) => (i * 7 + (i >> 9)) & 0xff);
+  const seen: Array<{ range: string | null; auth: string; client: string }> = [];
+  // Ranges are honoured only for the first key: the other answers 200 with the whole
+  // object, which the client must still cut to the range.
+  await using server = Deno.serve(
+    { port: 0, hostname: "127.0.0.1", onListen() {} },
+    (req, info) => {
+      const client = `${info.remoteAddr.hostname}:${info.remoteAddr.port}`;
+      const url = new URL(req.url);
+      const range = req.headers.get("range");
+      seen.push({ range, auth: req.headers.get("authorization") ?? "", client });
+      const match = /^bytes=(\d+)-(\d+)$/.exec(range ?? "");
+      if (url.pathname === "/bucket/disk" && match) {
+        const [start, end] = [Number(match[1]), Number(match[2])];
+        return new Response(data.slice(start, end + 1), {
+          status: 206,
+          headers: { "Content-Range": `bytes ${start}-${end}/${data.length}` },
+        });
+      }
+      return new Response(data);
+    },
+  );
+  const s3 = new S3Client({
+    endpoint: `http://127.0.0.1:${server.addr.port}`,
+    credentials: EXAMPLE,
+    connections: 1,
+  });
+  try {
+    for (const [offset, length] of [[0, 65536], [65536, 100_000], [299_000, 1000]]) {
+      const buf = new Uint8Array(length!);
+      assertEquals(await s3.readObject("bucket", "disk", buf, offset!), length);
+      assertBytes(buf, data.subarray(offset!, offset! + length!));
+    }
+    const other = new Uint8Array(5000);
+    assertEquals(await s3.readObject("bucket", "whole", other, 1234), 5000);
+    assertBytes(other, data.subarray(1234, 6234));
+  } finally {
+    s3.close();
+  }
+  // One Range header each (not sent twice), and signed.
+  assertEquals(seen.slice(0, 3).map((r) => r.range), [
+    "bytes=0-65535",
+    "bytes=65536-165535",
+    "bytes=299000-299999",
+  ]);
+  for (const request of seen) {
+    assertOk(/SignedHeaders=[^,]*\brange\b/.test(request.auth), request.auth);
+  }
+  // The three ranged reads went over one kept-alive connection.
+  assertEquals(new Set(seen.slice(0, 3).map((r) => r.client)).size, 1);
 });
