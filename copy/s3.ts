@@ -50,7 +50,7 @@ function plain(text: string, error: unknown): Error {
   return new Error(`${text}: ${message}`, { cause: error });
 }
 
-/** Bytes of ranged GETs a copy keeps in flight (four 8 MiB ranges). */
+/** Bytes a copy keeps in flight to or from an object (four 8 MiB requests). */
 export const S3_BYTES_IN_FLIGHT = 32 << 20;
 
 /** An object read with ranged GETs. */
@@ -112,6 +112,8 @@ export class S3Source extends BaseEndpoint {
 
 /** The smallest part S3 accepts (except the last). */
 const MIN_PART = 5 << 20;
+/** Part buffers kept for reuse once uploaded. */
+const MAX_SPARE_PARTS = 8;
 /** S3 allows at most this many parts. */
 const MAX_PARTS = 10_000;
 
@@ -129,6 +131,8 @@ export class S3Destination extends BaseEndpoint {
   readonly kind = "s3";
   readonly size: number;
   readonly blockSize: BlockSize;
+  /** As for the source: a few parts at once keep the service busy. */
+  override readonly maxBytesInFlight = S3_BYTES_IN_FLIGHT;
   readonly #s3: S3Client;
   readonly #bucket: string;
   readonly #key: string;
@@ -137,6 +141,8 @@ export class S3Destination extends BaseEndpoint {
   readonly #parts = new Map<number, Part>();
   readonly #etags: string[] = [];
   readonly #uploading = new Set<Promise<void>>();
+  /** Part buffers whose upload finished, for the next parts. */
+  readonly #spare: Uint8Array[] = [];
   #failure: Error | undefined;
   /** One all-zero part (and its SHA-256), sent for every part nothing was written to. */
   #zeroPart: Promise<{ bytes: Uint8Array; hash: string }> | undefined;
@@ -197,7 +203,7 @@ export class S3Destination extends BaseEndpoint {
         this.#parts.set(index, part);
       }
       if (buf) {
-        part.bytes ??= new Uint8Array(part.length);
+        part.bytes ??= this.#partBuffer(part.length);
         part.bytes.set(buf.subarray(done, done + n), within);
       }
       part.filled += n;
@@ -206,6 +212,12 @@ export class S3Destination extends BaseEndpoint {
     }
     // The write that completes a part waits for its upload: that bounds the memory held.
     await Promise.all(full);
+  }
+
+  /** A zeroed buffer for a part: one an upload finished with, else a new one. */
+  #partBuffer(length: number): Uint8Array {
+    const spare = length === this.#partSize ? this.#spare.pop() : undefined;
+    return spare ? spare.fill(0) : new Uint8Array(length);
   }
 
   /** The bytes of an all-zero part of `length`, and their hash (computed once). */
@@ -237,6 +249,10 @@ export class S3Destination extends BaseEndpoint {
       );
     })().then((etag) => {
       this.#etags[index] = etag;
+      // Filling a buffer already mapped costs less than the page faults of a new one.
+      if (part.bytes?.length === this.#partSize && this.#spare.length < MAX_SPARE_PARTS) {
+        this.#spare.push(part.bytes);
+      }
     }, (error) => {
       this.#failure ??= plain(this.name, error);
       throw this.#failure;

@@ -147,29 +147,8 @@ export class Http1Pool {
       for (let sent = 0; sent < bytes.length;) {
         sent += await connection.conn.write(bytes.subarray(sent));
       }
-      // The head, and whatever part of the body came with it.
-      let head = new Uint8Array(4096);
-      let end = -1;
-      while (end < 0) {
-        if (received === head.length) {
-          if (head.length >= MAX_HEAD) {
-            throw new Http1Error(`answer headers over ${MAX_HEAD} bytes`);
-          }
-          const bigger = new Uint8Array(head.length * 2);
-          bigger.set(head);
-          head = bigger;
-        }
-        const n = await connection.conn.read(head.subarray(received));
-        if (n === null) {
-          throw new Http1Error(
-            `${this.#host} closed the connection`,
-            received === 0 && connection.uses > 0,
-          );
-        }
-        const before = received;
-        received += n;
-        end = indexOfHeadEnd(head.subarray(0, received), before);
-      }
+      const { head, end, length: got } = await this.#readHead(connection, (n) => received = n);
+      received = got;
       const answer = parseHead(new TextDecoder().decode(head.subarray(0, end)));
       const length = answer.headers.get("Content-Length");
       const range = /^bytes (\d+)-(\d+)\//.exec(answer.headers.get("Content-Range") ?? "");
@@ -194,6 +173,121 @@ export class Http1Pool {
       // HTTP/1.0 closes after each answer unless it says otherwise.
       const persistence = answer.headers.get("Connection") ?? "";
       keep = head[7] === 0x31 /* "HTTP/1.1" */
+        ? !/\bclose\b/i.test(persistence)
+        : /\bkeep-alive\b/i.test(persistence);
+      answer.filled = true;
+      return answer;
+    } catch (error) {
+      if (timedOut) throw new Http1Error(`${this.#host}: no answer within ${this.#timeout} ms`);
+      if (error instanceof Http1Error) throw error;
+      throw new Http1Error(
+        `${this.#host}: ${(error as Error).message}`,
+        received === 0 && connection.uses > 0,
+      );
+    } finally {
+      clearTimeout(timer);
+      connection.uses++;
+      if (keep && !timedOut && !this.#closed) this.#idle.push(connection);
+      else connection.close();
+    }
+  }
+
+  /**
+   * Reads an answer's head, and whatever part of the body came with it:
+   * `end` is where the blank line starts, `length` the bytes received.
+   * `progress` hears the count as it grows (for the stale-connection test).
+   */
+  async #readHead(
+    connection: Connection,
+    progress: (received: number) => void,
+  ): Promise<{ head: Uint8Array; end: number; length: number }> {
+    let head = new Uint8Array(4096);
+    let received = 0;
+    let end = -1;
+    while (end < 0) {
+      if (received === head.length) {
+        if (head.length >= MAX_HEAD) {
+          throw new Http1Error(`answer headers over ${MAX_HEAD} bytes`);
+        }
+        const bigger = new Uint8Array(head.length * 2);
+        bigger.set(head);
+        head = bigger;
+      }
+      const n = await connection.conn.read(head.subarray(received));
+      if (n === null) {
+        throw new Http1Error(
+          `${this.#host} closed the connection`,
+          received === 0 && connection.uses > 0,
+        );
+      }
+      const before = received;
+      received += n;
+      progress(received);
+      end = indexOfHeadEnd(head.subarray(0, received), before);
+    }
+    return { head, end, length: received };
+  }
+
+  /**
+   * PUTs `body` to `path` (with its query), written to the socket from the
+   * caller's buffer. Returns the answer when it is a 2xx with an empty or
+   * short body (read and dropped); any other answer comes back with
+   * `filled` false and its connection closed. Throws `Http1Error` when the
+   * connection fails.
+   */
+  async put(path: string, headers: Headers, body: Uint8Array): Promise<Http1Answer> {
+    let reused = this.#idle.pop();
+    try {
+      return await this.#send(reused ?? await this.#connect(), path, headers, body);
+    } catch (error) {
+      if (!(error instanceof Http1Error && error.stale && reused)) throw error;
+      reused = undefined;
+      return await this.#send(await this.#connect(), path, headers, body);
+    }
+  }
+
+  async #send(
+    connection: Connection,
+    path: string,
+    headers: Headers,
+    body: Uint8Array,
+  ): Promise<Http1Answer> {
+    let request = `PUT ${path} HTTP/1.1\r\nHost: ${this.#host}\r\n`;
+    for (const [name, value] of headers) request += `${name}: ${value}\r\n`;
+    request += `Content-Length: ${body.length}\r\n\r\n`;
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      connection.close();
+    }, this.#timeout);
+    let received = 0;
+    let keep = false;
+    try {
+      const head = new TextEncoder().encode(request);
+      for (let sent = 0; sent < head.length;) {
+        sent += await connection.conn.write(head.subarray(sent));
+      }
+      for (let sent = 0; sent < body.length;) {
+        sent += await connection.conn.write(body.subarray(sent));
+      }
+      const answerHead = await this.#readHead(connection, (n) => received = n);
+      const answer = parseHead(
+        new TextDecoder().decode(answerHead.head.subarray(0, answerHead.end)),
+      );
+      const length = answer.headers.get("Content-Length");
+      const ok = answer.status >= 200 && answer.status < 300 && length !== null &&
+        Number(length) <= MAX_HEAD && !answer.headers.has("Transfer-Encoding");
+      if (!ok) return answer;
+      // A short body (an S3 part's answer has none): read and dropped.
+      let rest = Number(length) - (answerHead.length - answerHead.end - 4);
+      const scratch = new Uint8Array(Math.max(0, rest));
+      while (rest > 0) {
+        const n = await connection.conn.read(scratch.subarray(0, rest));
+        if (n === null) throw new Http1Error(`short answer from ${this.#host}`);
+        rest -= n;
+      }
+      const persistence = answer.headers.get("Connection") ?? "";
+      keep = answerHead.head[7] === 0x31 /* "HTTP/1.1" */
         ? !/\bclose\b/i.test(persistence)
         : /\bkeep-alive\b/i.test(persistence);
       answer.filled = true;

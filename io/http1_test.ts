@@ -166,3 +166,35 @@ Deno.test("http1: an HTTP/1.0 answer's connection is not reused", async () => {
   assertEquals(server.state.connections, 3);
   pool.close();
 });
+
+Deno.test("http1: PUTs go over one kept-alive connection; a refusal comes back unfilled", async () => {
+  const stored = new Map<string, Uint8Array>();
+  const clients: string[] = [];
+  await using server = Deno.serve(
+    { port: 0, hostname: "127.0.0.1", onListen() {} },
+    async (req, info) => {
+      clients.push(`${info.remoteAddr.port}`);
+      const path = new URL(req.url).pathname;
+      if (path === "/refused") {
+        return new Response("<Error><Code>X</Code></Error>", { status: 403 });
+      }
+      stored.set(path, new Uint8Array(await req.arrayBuffer()));
+      return new Response(null, { headers: { ETag: `"${path}"` } });
+    },
+  );
+  const pool = new Http1Pool(new URL(`http://127.0.0.1:${server.addr.port}/`), 5000);
+  try {
+    const bodies = [randomBytes(3 << 20, 71), randomBytes(1000, 72), new Uint8Array(0)];
+    for (const [i, body] of bodies.entries()) {
+      const answer = await pool.put(`/part${i}?uploadId=u`, new Headers({ "x-test": "1" }), body);
+      assertEquals([answer.filled, answer.status], [true, 200]);
+      assertEquals(answer.headers.get("ETag"), `"/part${i}"`);
+      assertBytes(stored.get(`/part${i}`)!, body);
+    }
+    assertEquals(new Set(clients).size, 1);
+    const refused = await pool.put("/refused", new Headers(), new Uint8Array(10));
+    assertEquals([refused.filled, refused.status], [false, 403]);
+  } finally {
+    pool.close();
+  }
+});

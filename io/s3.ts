@@ -12,6 +12,7 @@
  * @module
  */
 
+import { createHash } from "node:crypto";
 import { sleep } from "../util/sleep.ts";
 import { Http1Error, Http1Pool } from "./http1.ts";
 
@@ -132,20 +133,17 @@ function hex(bytes: ArrayBuffer): string {
   return Array.from(new Uint8Array(bytes), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** Lowercase hex SHA-256 of `data`. */
-export async function sha256Hex(data: Uint8Array | string): Promise<string> {
-  const bytes = typeof data === "string" ? encoder.encode(data) : data;
-  return hex(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
+/**
+ * Lowercase hex SHA-256 of `data`. Through node:crypto: about three times
+ * faster than crypto.subtle on part-sized bodies (docs/performance.md).
+ */
+export function sha256Hex(data: Uint8Array | string): Promise<string> {
+  return Promise.resolve(createHash("sha256").update(data).digest("hex"));
 }
 
 /** Base64 SHA-256 of `data` (the x-amz-checksum-sha256 header). */
-export async function sha256Base64(data: Uint8Array): Promise<string> {
-  const digest = new Uint8Array(
-    await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>),
-  );
-  let text = "";
-  for (const b of digest) text += String.fromCharCode(b);
-  return btoa(text);
+export function sha256Base64(data: Uint8Array): Promise<string> {
+  return Promise.resolve(createHash("sha256").update(data).digest("base64"));
 }
 
 async function hmac(key: Uint8Array | string, data: string): Promise<Uint8Array> {
@@ -495,6 +493,45 @@ export class S3Client {
     }
   }
 
+  /**
+   * One PUT on a kept-alive connection of our own, the body written from
+   * the caller's buffer (`fetch` copies it first). Returns the ETag, or
+   * undefined for any answer but a success or a broken connection: the
+   * caller sends it again through `fetch`, which retries and explains
+   * failures.
+   */
+  async #putDirect(
+    bucket: string,
+    key: string,
+    query: Record<string, string>,
+    body: Uint8Array,
+    bodyHash?: string,
+  ): Promise<string | undefined> {
+    const url = this.url(bucket, key);
+    for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
+    const headers = new Headers();
+    if (this.options.credentials) {
+      await signV4(
+        {
+          method: "PUT",
+          url,
+          headers,
+          payloadHash: bodyHash ?? await sha256Hex(body),
+          date: new Date(),
+        },
+        this.options.credentials,
+        this.options.region,
+      );
+    }
+    try {
+      const answer = await this.#http1!.put(url.pathname + url.search, headers, body);
+      return answer.filled ? answer.headers.get("ETag") ?? "" : undefined;
+    } catch (error) {
+      if (error instanceof Http1Error) return undefined;
+      throw error;
+    }
+  }
+
   /** Stores an object. */
   async putObject(bucket: string, key: string, body: Uint8Array): Promise<void> {
     const response = await this.request({ method: "PUT", bucket, key, body });
@@ -557,6 +594,11 @@ export class S3Client {
     body: Uint8Array,
     bodyHash?: string,
   ): Promise<string> {
+    const query = { partNumber: String(part), uploadId };
+    if (this.#http1) {
+      const etag = await this.#slots.run(() => this.#putDirect(bucket, key, query, body, bodyHash));
+      if (etag !== undefined) return etag;
+    }
     const response = await this.request({
       method: "PUT",
       bucket,
