@@ -272,7 +272,7 @@ export class S3Destination extends BaseEndpoint {
     await this.#fill(offset, length);
   }
 
-  /** Completes the upload after a successful copy, else aborts it. */
+  /** Completes the upload after a successful copy, else aborts it; then closes the client. */
   override async close(complete: boolean): Promise<void> {
     try {
       if (!complete || this.#failure) throw this.#failure ?? new Error("the copy failed");
@@ -305,6 +305,8 @@ export class S3Destination extends BaseEndpoint {
         this.#aborted = false;
       }
       if (complete) throw plain(this.name, error);
+    } finally {
+      this.#s3.close();
     }
   }
 
