@@ -13,16 +13,28 @@
  * Windows run) instead of nbdcopy: ratio = portable rate / Linux rate.
  *
  * Cases: nbdkit memory (filled with random data) → null:, nbdkit memory →
- * a new file in the temporary directory, a file → nbdkit memory, and
- * nbdkit sparse-random → a new file. Runs that write a file start after
- * `sync` (untimed), so that none pays for the previous one's writeback;
- * runs that read the input file start with it in the page cache.
+ * a new file in the temporary directory, a file → nbdkit memory, nbdkit
+ * memory → a second nbdkit memory, nbdkit sparse-random → a new file, a
+ * file → a new file, `[ nbd serve file ]` (started by each copy) → a new
+ * file, and nbdkit memory with TLS → null: over a Unix socket and over TCP.
+ * Runs that write a file start after `sync` (untimed), so that none pays
+ * for the previous one's writeback; runs that read the input file start
+ * with it in the page cache. The peak memory of `[ CMD ]` cases is the
+ * largest process's, which may be the server's.
  *
  * @module
  */
 
 import { parseArgs } from "node:util";
-import { hasCommand, nbdExecutable, runOk, startServer } from "../tests/helpers.ts";
+import {
+  freePort,
+  hasCommand,
+  nbdExecutable,
+  runOk,
+  type ServerProcess,
+  startServer,
+} from "../tests/helpers.ts";
+import { makeCertificates } from "../tests/certs.ts";
 import { parseSize } from "../util/parse.ts";
 
 const { values } = parseArgs({
@@ -94,11 +106,18 @@ interface Row {
 const rows: Row[] = [];
 const nbd = await nbdExecutable();
 /** What ours is compared with: nbdcopy, or with --portable our own copy on the portable paths. */
-const other = (source: string, destination: string) =>
+const other = (args: string[], env: Record<string, string>) =>
   portable
-    ? measure(nbd, ["copy", source, destination], { NBD_PORTABLE: "1" })
-    : measure("nbdcopy", [source, destination]);
+    ? measure(nbd, ["copy", ...args], { ...env, NBD_PORTABLE: "1" })
+    : measure("nbdcopy", args, env);
 const dir = values.dir ?? await Deno.makeTempDir({ prefix: "nbd-bench-copy" });
+
+/** What else a case gives both tools: their environment, a source of several words. */
+interface CaseOptions {
+  env?: Record<string, string>;
+  /** Replaces `source` on both command lines (e.g. `[ CMD ]`, after a `--` source). */
+  source?: string[];
+}
 
 /**
  * Alternates ours and nbdcopy `rounds` times. `prepare` runs before each
@@ -110,44 +129,46 @@ async function compare(
   source: string,
   destination: string,
   prepare: () => Promise<void> = () => Promise.resolve(),
+  options: CaseOptions = {},
 ): Promise<void> {
   if (values.only && !name.includes(values.only)) return;
-  const ours: number[] = [];
-  const theirs: number[] = [];
+  const args = [source, ...options.source ?? [], destination];
+  const env = options.env ?? {};
+  const ours = (): Promise<{ seconds: number; peakKiB: number }> =>
+    measure(nbd, ["copy", ...args], { ...env, NBD_PORTABLE: "0" });
+  const oursTimes: number[] = [];
+  const theirTimes: number[] = [];
   let oursPeak = 0;
   let theirsPeak = 0;
   // One untimed run each first: page cache, server memory, code caches.
   await prepare();
-  await measure(nbd, ["copy", source, destination], { NBD_PORTABLE: "0" });
+  await ours();
   await prepare();
-  await other(source, destination);
+  await other(args, env);
   for (let i = 0; i < rounds; i++) {
     await prepare();
-    const a = await measure(nbd, ["copy", source, destination], { NBD_PORTABLE: "0" });
-    ours.push(a.seconds);
+    const a = await ours();
+    oursTimes.push(a.seconds);
     oursPeak = Math.max(oursPeak, a.peakKiB);
     await prepare();
-    const b = await other(source, destination);
-    theirs.push(b.seconds);
+    const b = await other(args, env);
+    theirTimes.push(b.seconds);
     theirsPeak = Math.max(theirsPeak, b.peakKiB);
   }
-  rows.push({ name, bytes, ours: median(ours), theirs: median(theirs), oursPeak, theirsPeak });
+  rows.push({
+    name,
+    bytes,
+    ours: median(oursTimes),
+    theirs: median(theirTimes),
+    oursPeak,
+    theirsPeak,
+  });
 }
 
 try {
-  await using memory = await startServer("nbdkit", ["-f", "-U", "$SOCKET", "memory", String(size)]);
-  await using sparse = await startServer("nbdkit", [
-    "-f",
-    "-U",
-    "$SOCKET",
-    "sparse-random",
-    String(sparseSize),
-    "seed=1",
-  ]);
   // Random data, so nothing is a hole or all-zero: every byte is read and written.
   const input = `${dir}/input.img`;
   await runOk("sh", ["-c", `head -c ${size} /dev/urandom > "$0"`, input]);
-  await runOk("nbdcopy", [input, memory.uri]);
   // The new input's dirty pages would otherwise be written back during the first case.
   await runOk("sync", []);
   const output = `${dir}/output.img`;
@@ -158,29 +179,118 @@ try {
     await Deno.remove(output).catch(() => {});
     await runOk("sync", []);
   };
-
-  await compare(`nbdkit memory ${values.size} → null:`, size, memory.uri, "null:");
-  await compare(
-    `nbdkit memory ${values.size} → file`,
-    size,
-    memory.uri,
-    output,
-    removeOutput,
-  );
   // nbdcopy drops from the page cache what it read of a source file that was not cached
   // before: each run starts by reading the input back in (untimed), so both find it cached.
   const warmInput = () => runOk("sh", ["-c", 'cat "$0" > /dev/null', input]).then(() => {});
-  await compare(`file ${values.size} → nbdkit memory`, size, input, memory.uri, warmInput);
-  await compare(
-    `nbdkit sparse-random ${values["sparse-size"]} → file`,
-    sparseSize,
-    sparse.uri,
-    output,
-    removeOutput,
-  );
+  /** Servers start only for the cases that run, and stop after them. */
+  const selected = (name: string) => !values.only || name.includes(values.only);
+  /** nbdkit memory filled with the input; `uri` says how to reach it (with TLS, say). */
+  const filledMemory = async (args: string[] = [], uri = (server: ServerProcess) => server.uri) => {
+    const server = await startServer("nbdkit", [
+      "-f",
+      "-U",
+      "$SOCKET",
+      ...args,
+      "memory",
+      `${size}`,
+    ]);
+    await runOk("nbdcopy", [input, uri(server)]);
+    return server;
+  };
+
+  const memoryToNull = `nbdkit memory ${values.size} → null:`;
+  const memoryToFile = `nbdkit memory ${values.size} → file`;
+  const fileToMemory = `file ${values.size} → nbdkit memory`;
+  const memoryToMemory = `nbdkit memory ${values.size} → nbdkit memory`;
+  if ([memoryToNull, memoryToFile, fileToMemory, memoryToMemory].some(selected)) {
+    await using memory = await filledMemory();
+    await compare(memoryToNull, size, memory.uri, "null:");
+    await compare(memoryToFile, size, memory.uri, output, removeOutput);
+    await compare(fileToMemory, size, input, memory.uri, warmInput);
+    if (selected(memoryToMemory)) {
+      await using target = await startServer("nbdkit", [
+        "-f",
+        "-U",
+        "$SOCKET",
+        "memory",
+        `${size}`,
+      ]);
+      await compare(memoryToMemory, size, memory.uri, target.uri);
+    }
+  }
+  const sparseToFile = `nbdkit sparse-random ${values["sparse-size"]} → file`;
+  if (selected(sparseToFile)) {
+    await using sparse = await startServer("nbdkit", [
+      ...["-f", "-U", "$SOCKET", "sparse-random", String(sparseSize), "seed=1"],
+    ]);
+    await compare(sparseToFile, sparseSize, sparse.uri, output, removeOutput);
+  }
+  await compare(`file ${values.size} → file`, size, input, output, async () => {
+    await removeOutput();
+    await warmInput();
+  });
+  // The same program serving the input, started by each copy on a socket of its own.
+  const serveToFile = `[ nbd serve file ] ${values.size} → file`;
+  if (selected(serveToFile)) {
+    const path = `${Deno.env.get("PATH") ?? ""}`;
+    const env = { PATH: `${nbd.replace(/\/[^/]*$/, "")}:${path}` };
+    await compare(serveToFile, size, "--", output, async () => {
+      await removeOutput();
+      await warmInput();
+    }, { env, source: ["[", "nbd", "serve", "-r", "file", input, "]"] });
+  }
+  const tlsUnix = `TLS nbdkit memory ${values.size} → null: (Unix socket)`;
+  const tlsTcp = `TLS nbdkit memory ${values.size} → null: (TCP)`;
+  if (selected(tlsUnix) || selected(tlsTcp)) {
+    const certificates = `${dir}/pki`;
+    await Deno.mkdir(certificates);
+    await makeCertificates(certificates);
+    const tls = ["--tls=require", `--tls-certificates=${certificates}`];
+    if (selected(tlsUnix)) {
+      const tlsUri = (server: ServerProcess) =>
+        `nbds+unix:///?socket=${server.socket}&tls-certificates=${certificates}`;
+      await using memory = await filledMemory(tls, tlsUri);
+      await compare(tlsUnix, size, tlsUri(memory), "null:");
+    }
+    if (selected(tlsTcp)) {
+      const port = freePort();
+      await using _memory = await startTcpServer(port, [...tls, "memory", `${size}`]);
+      const uri = `nbds://localhost:${port}/?tls-certificates=${certificates}`;
+      await runOk("nbdcopy", [input, uri]);
+      await compare(tlsTcp, size, uri, "null:");
+    }
+  }
   await removeOutput();
 } finally {
   if (!values.dir) await Deno.remove(dir, { recursive: true }).catch(() => {});
+}
+
+/** Starts nbdkit on 127.0.0.1:`port` with `args`; stops it on dispose. */
+async function startTcpServer(port: number, args: string[]): Promise<AsyncDisposable> {
+  const child = new Deno.Command("nbdkit", {
+    args: ["-f", "-p", String(port), "-i", "127.0.0.1", ...args],
+    stdin: "null",
+    stdout: "null",
+    stderr: "inherit",
+  }).spawn();
+  const stop = {
+    async [Symbol.asyncDispose]() {
+      child.kill("SIGTERM");
+      await child.status;
+    },
+  };
+  for (let i = 0;; i++) {
+    try {
+      (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+      return stop;
+    } catch (error) {
+      if (i >= 300) {
+        await stop[Symbol.asyncDispose]();
+        throw error;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
 }
 
 const rate = (bytes: number, seconds: number) => `${(bytes / seconds / 1e6).toFixed(0)} MB/s`;

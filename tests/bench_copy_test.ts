@@ -6,7 +6,7 @@ import { peers, run } from "./helpers.ts";
 
 Deno.test({
   name: "bench/copy.ts: one short round prints both tools' times, rates, ratio and peak memory",
-  ...peers("nbdkit", "nbdcopy"),
+  ...peers("nbdkit", "nbdcopy", "openssl"),
   async fn() {
     const result = await run(Deno.execPath(), [
       "run",
@@ -20,12 +20,17 @@ Deno.test({
       "64M",
     ]);
     assertEquals(result.code, 0, result.stderr);
-    const rows = result.stdout.split("\n").filter((line) => /^\| (nbdkit|file) /.test(line));
+    const rows = result.stdout.split("\n").filter((line) => /^\| (nbdkit|file|TLS|\[) /.test(line));
     assertEquals(rows.map((row) => row.split("|")[1]!.trim()), [
       "nbdkit memory 16M → null:",
       "nbdkit memory 16M → file",
       "file 16M → nbdkit memory",
+      "nbdkit memory 16M → nbdkit memory",
       "nbdkit sparse-random 64M → file",
+      "file 16M → file",
+      "[ nbd serve file ] 16M → file",
+      "TLS nbdkit memory 16M → null: (Unix socket)",
+      "TLS nbdkit memory 16M → null: (TCP)",
     ]);
     for (const row of rows) {
       const cells = row.split("|").map((cell) => cell.trim());
