@@ -8,7 +8,6 @@
  * @module
  */
 
-import * as tls from "node:tls";
 import { type ByteStream, fromDenoConn, fromNodeSocket } from "../io/byte_stream.ts";
 import type { NbdUri } from "../protocol/uri.ts";
 import { NbdConnectionError } from "./errors.ts";
@@ -147,15 +146,17 @@ async function startNativeTls(
  * node:tls. Rejects with a one-line reason if the handshake or the
  * certificate check fails.
  */
-export function startClientTls(
+export async function startClientTls(
   stream: ByteStream,
   settings: ClientTlsSettings,
   server: string,
 ): Promise<ByteStream> {
-  if (stream.takeConn) return startNativeTls(stream.takeConn(), settings, server);
+  if (stream.takeConn) return await startNativeTls(stream.takeConn(), settings, server);
   if (!stream.detach) {
     throw new NbdConnectionError("Cannot start TLS: this connection does not support it");
   }
+  // Loaded on first use: the Node compatibility layer costs every copy start-up time and memory.
+  const tls = await import("node:tls");
   const { socket, unread } = stream.detach();
   if (unread.length > 0) {
     socket.destroy();
@@ -163,7 +164,7 @@ export function startClientTls(
       "the server sent data after its STARTTLS reply before the TLS handshake",
     );
   }
-  return new Promise((resolve, reject) => {
+  return await new Promise((resolve, reject) => {
     const secure = tls.connect({
       socket,
       ca: settings.ca,

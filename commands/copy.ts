@@ -51,9 +51,9 @@ import { type ChecksumAlgorithm, parseAlgorithm } from "../copy/checksum_names.t
 import { parseSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { lazyImport } from "../util/lazy_import.ts";
+import { absolutePath } from "../util/absolute_path.ts";
 import { type Command, formatOptions, parseOptions, printError } from "./command.ts";
 import { writeStdout } from "./output.ts";
-import { resolve } from "node:path";
 import type { ImageFormat, Qcow2WriteOptions } from "../copy/qcow2.ts";
 
 const OPTIONS = {
@@ -755,7 +755,7 @@ async function runCopy(config: CopyCommandConfig): Promise<number> {
       const partialPath = (destination as { partialPath?: string }).partialPath;
       if (partialPath !== undefined) {
         // Absolute, so that a copy resumed from another directory finds it.
-        current.destination.partial = resolve(partialPath);
+        current.destination.partial = absolutePath(partialPath);
       }
       if (saved) {
         const why = refusal(saved, current);
