@@ -14,11 +14,12 @@
  */
 
 /**
- * Bytes of idle buffers one pool keeps at most: the requests one connection
- * usually has in flight (16 of 256 KiB; a larger budget was no faster), and
- * little for a connection that goes quiet to hold on to.
+ * Bytes of idle buffers one pool keeps at most: every request nbdcopy keeps
+ * in flight on one connection (64 of 256 KiB). With room for only 16, each
+ * burst allocated the rest afresh, and zeroing and faulting them in took a
+ * tenth of the server's time on reads (docs/performance.md).
  */
-const POOL_BUDGET = 4 << 20;
+const POOL_BUDGET = 16 << 20;
 
 /** Idle payload buffers of one size. */
 export class PayloadPool {

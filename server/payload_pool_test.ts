@@ -27,3 +27,13 @@ Deno.test("PayloadPool hands back buffers of the size in use, within its budget"
   pool.give(new Uint8Array(8 * 1024));
   assertEquals(pool.idle, 4);
 });
+
+Deno.test("PayloadPool: the default budget keeps every reply of a full nbdcopy pipeline", () => {
+  // nbdcopy keeps 64 requests of 256 KiB in flight per connection.
+  const pool = new PayloadPool();
+  const first = Array.from({ length: 64 }, () => pool.take(256 * 1024));
+  for (const buffer of first) pool.give(buffer);
+  assertEquals(pool.idle, 64);
+  const again = new Set(Array.from({ length: 64 }, () => pool.take(256 * 1024)));
+  assertEquals(first.filter((buffer) => again.has(buffer)).length, 64);
+});
