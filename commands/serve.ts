@@ -10,7 +10,19 @@ import { FILTERS } from "../filters/mod.ts";
 import { PLUGINS } from "../plugins/mod.ts";
 import type { Filter, Plugin } from "../core/backend.ts";
 import { Exports } from "../server/exports.ts";
-import { activationFds, listenerUri, type ListenPlan, openListeners } from "../server/listener.ts";
+import {
+  activationFds,
+  listenerUri,
+  listenOnDescriptors,
+  type ListenPlan,
+  openListeners,
+} from "../server/listener.ts";
+import {
+  duplicateDescriptor,
+  newListeningDescriptors,
+  socketDescriptors,
+} from "../io/listening_fds.ts";
+import { startSharing } from "../util/shared_buffers.ts";
 import { formatParams, paramKey, Params } from "../core/params.ts";
 import { parseSize } from "../util/parse.ts";
 import { UsageError } from "../util/usage_error.ts";
@@ -154,6 +166,12 @@ export const SERVE_OPTIONS = {
     value: "TOKEN",
     help: "with --view-control: accept changes from any peer that sends TOKEN (else loopback only)",
   },
+  workers: {
+    type: "string",
+    value: "N",
+    help:
+      "serve on N threads, each accepting connections on the same sockets (default 1; memory, file, null and pattern plugins, no filters)",
+  },
   verbose: { type: "boolean", short: "v", help: "log options and requests to stderr" },
   "debug-layers": {
     type: "boolean",
@@ -220,6 +238,7 @@ export interface ServeValues {
   view?: string;
   "view-control"?: boolean;
   "view-token"?: string;
+  workers?: string;
   verbose?: boolean;
   "debug-layers"?: boolean;
 }
@@ -377,6 +396,8 @@ export interface ServeConfig {
   view?: { text: string; hostname: string; port: number };
   /** Fault injection from the view (`--view-control`), with its token if any. */
   viewControl?: { token?: string };
+  /** Threads serving connections (`--workers`): 1 = the event loop alone. */
+  workers: number;
 }
 
 /** What the options are checked against besides themselves. */
@@ -492,7 +513,10 @@ export function parseServeConfig(values: ServeValues, environment: ServeEnvironm
       };
     }
   }
+  const workers = integerOption(values.workers, "--workers", 1, MAX_WORKERS) ?? 1;
+  if (workers > 1) checkWorkers(values, listen, filters);
   return {
+    workers,
     filters,
     exportName: values["export-name"] ?? "",
     description: values.description,
@@ -508,6 +532,27 @@ export function parseServeConfig(values: ServeValues, environment: ServeEnvironm
     view,
     viewControl,
   };
+}
+
+/** Most threads `--workers` starts. */
+const MAX_WORKERS = 256;
+
+/**
+ * Plugins whose state every worker sees alike: the file's is the kernel's,
+ * memory's is shared memory, the rest have none to diverge.
+ */
+export const WORKER_PLUGINS: ReadonlySet<string> = new Set(["file", "memory", "null", "pattern"]);
+
+/** Refuses `--workers` where the workers could not serve as one server. */
+function checkWorkers(values: ServeValues, listen: ListenPlan, filters: Filter[]): void {
+  if (listen.transport !== "sockets") {
+    throw new UsageError("--workers needs -p, -i or -U (not --single or socket activation)");
+  }
+  if (values.tls !== undefined && values.tls !== "off") {
+    throw new UsageError("--workers cannot be combined with --tls");
+  }
+  if (values.view !== undefined) throw new UsageError("--workers cannot be combined with --view");
+  if (filters.length > 0) throw new UsageError("--workers cannot be combined with --filter");
 }
 
 /** Checks the TLS options. */
@@ -536,6 +581,8 @@ export interface ServerSetup {
   plugin: Plugin;
   /** Its parameters (filters take theirs first). */
   params: Params;
+  /** The command line these came from (what `--workers` hands each worker). */
+  argv?: string[];
 }
 
 /** Default certificate directories, as nbdkit looks them up. */
@@ -586,7 +633,134 @@ function configureTls(config: TlsConfig): TlsSetup {
 export async function runServer(setup: ServerSetup): Promise<number> {
   const filterModules = await loadFilterModules(setup.values.filter ?? []);
   const config = parseServeConfig(setup.values, { listenFds: activationFds(), filterModules });
+  if (config.workers > 1) {
+    if (!WORKER_PLUGINS.has(setup.plugin.name) || setup.argv === undefined) {
+      throw new UsageError(
+        `--workers: the ${setup.plugin.name} plugin cannot be served by several workers (only ${
+          [...WORKER_PLUGINS].join(", ")
+        })`,
+      );
+    }
+    // From here on the memory plugin keeps its disk where the workers can see it.
+    const shared = startSharing();
+    return await serve(config, setup.plugin, setup.params, { argv: setup.argv, shared });
+  }
   return await serve(config, setup.plugin, setup.params);
+}
+
+/** What the main thread hands its workers. */
+interface WorkerPlan {
+  /** The `nbd serve` command line, parsed again by each worker. */
+  argv: string[];
+  /** The shared regions plugins created on the main thread. */
+  shared: Map<string, SharedArrayBuffer>;
+}
+
+/** Parses a `nbd serve` command line into what a server needs (as `serveCommand` does). */
+async function parseServeArgv(
+  argv: string[],
+): Promise<{ values: ServeValues; plugin: Plugin; params: Params }> {
+  const { values, positionals } = parseOptions(expandViewOption(argv), SERVE_OPTIONS);
+  const [pluginName, ...words] = positionals;
+  if (!pluginName) throw new UsageError("missing PLUGIN");
+  const plugin = await resolvePlugin(pluginName);
+  const params = Params.parse(
+    words,
+    plugin.magicParam,
+    plugin.params.some((p) => p.name === plugin.magicParam && p.repeatable),
+  );
+  return { values, plugin, params };
+}
+
+/**
+ * In a serve worker: builds the same server as the main thread from its
+ * command line and accepts on the main thread's listening sockets (`fds`,
+ * this worker's own copies). Resolves once accepting, to the function that
+ * stops it (listeners first, then connections and layers).
+ */
+export async function serveWorker(argv: string[], fds: number[]): Promise<() => Promise<void>> {
+  const { values, plugin, params } = await parseServeArgv(argv);
+  const config = parseServeConfig(values, { listenFds: 0 });
+  const layers = await startLayers(config.filters, plugin, params);
+  const exports = new Exports({
+    plugin: layers.plugin,
+    filters: layers.filters,
+    exportName: config.exportName,
+    description: config.description,
+    debugLayers: config.debugLayers,
+    layerNames: { plugin: plugin.name, filters: [] },
+  });
+  const server = new NbdServer({
+    exports,
+    readonly: config.readonly,
+    verbose: config.verbose,
+    ...config.limits,
+    tlsMode: "off",
+  });
+  const listener = listenOnDescriptors(server, fds, { transport: "activation", fds: fds.length });
+  return async () => {
+    listener.close();
+    await server.shutdown();
+  };
+}
+
+/**
+ * Starts `count` workers serving on the listening sockets opened since
+ * `before`; resolves once each accepts, and disposes by stopping them all.
+ */
+async function startWorkers(
+  count: number,
+  plan: WorkerPlan,
+  before: Map<number, string>,
+): Promise<AsyncDisposable> {
+  const listening = newListeningDescriptors(before);
+  if (listening === null || listening.length === 0) {
+    throw new Error("--workers: cannot find the listening sockets to share (needs Linux and FFI)");
+  }
+  const workers: Worker[] = [];
+  const stopAll = async () => {
+    await Promise.all(workers.map((worker) => stopWorker(worker)));
+  };
+  try {
+    for (let i = 0; i < count; i++) {
+      const fds = listening.map((fd) => duplicateDescriptor(fd) ?? fd);
+      const worker = new Worker(new URL("./serve_worker.ts", import.meta.url), { type: "module" });
+      workers.push(worker);
+      await workerReply(worker, { type: "start", argv: plan.argv, fds, shared: plan.shared }, [
+        "ready",
+      ]);
+    }
+  } catch (error) {
+    await stopAll();
+    throw error;
+  }
+  return { [Symbol.asyncDispose]: stopAll };
+}
+
+/** Asks a worker to stop serving and waits for it (within the server's grace), then ends it. */
+async function stopWorker(worker: Worker): Promise<void> {
+  try {
+    await workerReply(worker, { type: "stop" }, ["stopped"]);
+  } catch {
+    // It failed or had already stopped: ending it is all that is left.
+  }
+  worker.terminate();
+}
+
+/** Sends `message` and waits for a reply of one of `types`; rejects on "failed" or an error. */
+function workerReply(worker: Worker, message: unknown, types: string[]): Promise<void> {
+  return new Promise((resolve, reject) => {
+    worker.onmessage = (event: MessageEvent) => {
+      const data = event.data as { type: string; message?: string };
+      if (types.includes(data.type)) resolve();
+      else if (data.type === "failed") reject(new Error(data.message ?? "worker failed"));
+    };
+    worker.onerror = (event: ErrorEvent) => {
+      event.preventDefault();
+      reject(new Error(`worker: ${event.message}`));
+    };
+    worker.postMessage(message);
+  });
 }
 
 /**
@@ -597,12 +771,17 @@ export async function runServer(setup: ServerSetup): Promise<number> {
  * command, the signal handlers, the listeners, the view, then the
  * connections and the layers, and last the pidfile.
  */
-async function serve(config: ServeConfig, plugin: Plugin, params: Params): Promise<number> {
+async function serve(
+  config: ServeConfig,
+  plugin: Plugin,
+  params: Params,
+  workers?: WorkerPlan,
+): Promise<number> {
   const tls = configureTls(config.tls);
   const stack = new AsyncDisposableStack();
   let status: number;
   try {
-    status = await serveUntilStopped(config, tls, plugin, params, stack);
+    status = await serveUntilStopped(config, tls, plugin, params, stack, workers);
   } catch (error) {
     // What stopped the server is what the user must see, not a failure to undo it.
     await stack.disposeAsync().catch(() => {});
@@ -624,6 +803,7 @@ async function serveUntilStopped(
   plugin: Plugin,
   params: Params,
   stack: AsyncDisposableStack,
+  workers?: WorkerPlan,
 ): Promise<number> {
   const pidfile = config.pidfile;
   let pidfileWritten = false;
@@ -683,9 +863,12 @@ async function serveUntilStopped(
     stack.use(view);
   }
 
+  const socketsBefore = socketDescriptors();
   const listeners = stack.use(
     await openListeners(server, config.listen, { nodeSockets: tls.mode !== "off" }),
   );
+  // Workers stop before the main thread's server (the stack unwinds in reverse).
+  if (workers) stack.use(await startWorkers(config.workers - 1, workers, socketsBefore));
   const address = listeners.primary.address;
   const uri = listenerUri(address, config.exportName, {
     tls: tls.mode === "require",
@@ -781,6 +964,6 @@ export const serveCommand: Command = {
       plugin.magicParam,
       plugin.params.some((p) => p.name === plugin.magicParam && p.repeatable),
     );
-    return await runServer({ values, plugin, params });
+    return await runServer({ values, plugin, params, argv });
   },
 };

@@ -15,12 +15,17 @@ import type { Plugin, PluginBackend } from "../core/backend.ts";
 import { completeBackend } from "../core/backend.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { SparseStore } from "./sparse_store.ts";
+import { SharedStore } from "./shared_store.ts";
+import { sharing } from "../util/shared_buffers.ts";
 
 /** Largest size accepted: the store indexes pages with safe integers. */
 const MAX_MEMORY_SIZE = 2 ** 53 - 2 ** 16;
 
+/** What `storeBackend` needs of a store: the sparse one, or the shared one of serve workers. */
+export type Store = Pick<SparseStore, "size" | "read" | "segments" | "write" | "zero" | "extents">;
+
 /** Backend methods over a sparse store, shared by the memory and data plugins. */
-export function storeBackend(store: SparseStore): PluginBackend {
+export function storeBackend(store: Store): PluginBackend {
   return {
     size: () => store.size,
     capabilities: () => ({
@@ -51,6 +56,9 @@ export function storeBackend(store: SparseStore): PluginBackend {
     cache: () => Promise.resolve(),
   };
 }
+
+/** Memory disks created so far in shared memory (names their regions). */
+let sharedStores = 0;
 
 /** The memory plugin. */
 export const memoryPlugin: Plugin = {
@@ -84,7 +92,17 @@ export const memoryPlugin: Plugin = {
     if (allocator !== undefined && allocator !== "sparse") {
       throw new UsageError(`memory: allocator=${allocator} is not supported (only sparse)`);
     }
-    const store = new SparseStore(size);
+    // Serve workers share one disk in shared memory; the creation order names it alike in each.
+    let store: Store;
+    if (sharing()) {
+      try {
+        store = new SharedStore(`memory.${sharedStores++}`, size);
+      } catch (error) {
+        throw new UsageError(
+          `memory: cannot share ${size} bytes between workers: ${(error as Error).message}`,
+        );
+      }
+    } else store = new SparseStore(size);
     return Promise.resolve({
       open: () => Promise.resolve(completeBackend(storeBackend(store))),
     });

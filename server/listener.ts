@@ -196,21 +196,35 @@ export function activationFds(): number {
 
 /** Accepts on the sockets inherited through socket activation. */
 function listenActivated(server: NbdServer, fds: number): Listener {
+  const descriptors = Array.from({ length: fds }, (_, i) => 3 + i);
+  return listenOnDescriptors(server, descriptors, { transport: "activation", fds });
+}
+
+/**
+ * Accepts on listening sockets this process already has open, by
+ * descriptor: those of socket activation, or the main thread's in a serve
+ * worker. Closing the listener closes the descriptors.
+ */
+export function listenOnDescriptors(
+  server: NbdServer,
+  fds: number[],
+  address: ListenAddress,
+): Listener {
   const servers: net.Server[] = [];
   const done: Promise<void>[] = [];
-  for (let fd = 3; fd < 3 + fds; fd++) {
+  for (const fd of fds) {
     const s = net.createServer({ pauseOnConnect: false }, (socket) => {
       socket.setNoDelay?.(true);
       enlargeNewSocketBuffers();
-      server.serve(fromNodeSocket(socket), socket.remoteAddress ?? "activation");
+      server.serve(fromNodeSocket(socket), socket.remoteAddress ?? address.transport);
     });
     done.push(new Promise((resolve) => s.on("close", () => resolve())));
-    s.on("error", (error) => server.state.log(`activation socket: ${error.message}`));
+    s.on("error", (error) => server.state.log(`listening socket ${fd}: ${error.message}`));
     s.listen({ fd });
     servers.push(s);
   }
   return {
-    address: { transport: "activation", fds },
+    address,
     close: () => servers.forEach((s) => s.close()),
     done: Promise.all(done).then(() => {}),
   };
