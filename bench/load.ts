@@ -8,6 +8,7 @@
  *
  *   deno task load                                   # 16 connections x 32 in flight, 20 s per export
  *   deno task load --seconds 5 --connections 4 --exports memory
+ *   deno task load --workers 2                       # the server on two threads
  *
  * Prints requests served, errors, mismatches, latency percentiles,
  * throughput and the server's peak RSS; exits 1 on any error or mismatch.
@@ -39,6 +40,8 @@ export interface LoadOptions {
   regionBlocks?: number;
   /** Negotiate extended headers instead of structured replies. */
   extended?: boolean;
+  /** Threads serving (`nbd serve --workers`, default 1). */
+  workers?: number;
   /** Progress and report lines (default: none). */
   log?: (line: string) => void;
 }
@@ -101,6 +104,7 @@ async function loadOne(kind: "memory" | "file", options: LoadOptions): Promise<L
   } else {
     args = ["--max-in-flight", String(Math.max(64, inFlight)), "memory", String(size)];
   }
+  if ((options.workers ?? 1) > 1) args = ["--workers", String(options.workers), ...args];
   const server: ServerProcess = await startNbdServe(args);
   const stats = emptyStats();
   let measured = 0;
@@ -222,13 +226,15 @@ async function main(): Promise<number> {
       "max-blocks": { type: "string" },
       "region-blocks": { type: "string" },
       extended: { type: "boolean" },
+      workers: { type: "string", short: "w" },
       help: { type: "boolean", short: "h" },
     },
   });
   if (values.help) {
     console.log(
       `Usage: deno task load [--connections N] [--in-flight N] [--seconds S] [--exports memory,file]
-                      [--block-size BYTES] [--max-blocks N] [--region-blocks N] [--extended]`,
+                      [--block-size BYTES] [--max-blocks N] [--region-blocks N] [--extended]
+                      [--workers N]`,
     );
     return 0;
   }
@@ -248,6 +254,7 @@ async function main(): Promise<number> {
     maxBlocks: positive(values["max-blocks"], "--max-blocks", 8),
     regionBlocks: positive(values["region-blocks"], "--region-blocks", 1024),
     extended: values.extended,
+    workers: positive(values.workers, "--workers", 1),
     log: (line) => console.log(line),
   });
   const failed = results.some((r) => r.stats.errors > 0 || r.stats.mismatches > 0 || !r.cleanExit);
