@@ -46,7 +46,18 @@ function nodeModulesAtStart(entry: string): string[] {
   return found;
 }
 
-for (const command of ["main.ts", "commands/copy.ts", "commands/info.ts", "commands/dump.ts"]) {
+/** The entry point and the client commands, which start before every short job. */
+const ENTRIES = [
+  "main.ts",
+  "commands/copy.ts",
+  "commands/info.ts",
+  "commands/list.ts",
+  "commands/map.ts",
+  "commands/dump.ts",
+  "commands/stats.ts",
+];
+
+for (const command of ENTRIES) {
   Deno.test(`start-up: ${command} evaluates no node: module before its first line`, () => {
     assertEquals(nodeModulesAtStart(command), []);
   });
