@@ -16,7 +16,8 @@
  * a new file in the temporary directory, a file → nbdkit memory, nbdkit
  * memory → a second nbdkit memory, nbdkit sparse-random → a new file, a
  * file → a new file, `[ nbd serve file ]` (started by each copy) → a new
- * file, and nbdkit memory with TLS → null: over a Unix socket and over TCP.
+ * file, and nbdkit memory with TLS → null: over a Unix socket and over TCP
+ * (with a client certificate, and with only the CA).
  * Runs that write a file start after `sync` (untimed), so that none pays
  * for the previous one's writeback; runs that read the input file start
  * with it in the page cache. The peak memory of `[ CMD ]` cases is the
@@ -240,11 +241,17 @@ try {
     }, { env, source: ["[", "nbd", "serve", "-r", "file", input, "]"] });
   }
   const tlsUnix = `TLS nbdkit memory ${values.size} → null: (Unix socket)`;
-  const tlsTcp = `TLS nbdkit memory ${values.size} → null: (TCP)`;
-  if (selected(tlsUnix) || selected(tlsTcp)) {
+  // With a client certificate in the directory both tools present it; with only the CA
+  // (a server that does not check clients) our copy can use the runtime's own TLS.
+  const tlsTcp = `TLS nbdkit memory ${values.size} → null: (TCP, client certificate)`;
+  const tlsTcpCaOnly = `TLS nbdkit memory ${values.size} → null: (TCP, CA only)`;
+  if ([tlsUnix, tlsTcp, tlsTcpCaOnly].some(selected)) {
     const certificates = `${dir}/pki`;
     await Deno.mkdir(certificates);
     await makeCertificates(certificates);
+    const caOnly = `${dir}/ca`;
+    await Deno.mkdir(caOnly);
+    await Deno.copyFile(`${certificates}/ca-cert.pem`, `${caOnly}/ca-cert.pem`);
     const tls = ["--tls=require", `--tls-certificates=${certificates}`];
     if (selected(tlsUnix)) {
       const tlsUri = (server: ServerProcess) =>
@@ -252,12 +259,13 @@ try {
       await using memory = await filledMemory(tls, tlsUri);
       await compare(tlsUnix, size, tlsUri(memory), "null:");
     }
-    if (selected(tlsTcp)) {
+    if (selected(tlsTcp) || selected(tlsTcpCaOnly)) {
       const port = freePort();
       await using _memory = await startTcpServer(port, [...tls, "memory", `${size}`]);
-      const uri = `nbds://localhost:${port}/?tls-certificates=${certificates}`;
-      await runOk("nbdcopy", [input, uri]);
-      await compare(tlsTcp, size, uri, "null:");
+      const uri = (pki: string) => `nbds://localhost:${port}/?tls-certificates=${pki}`;
+      await runOk("nbdcopy", [input, uri(certificates)]);
+      await compare(tlsTcp, size, uri(certificates), "null:");
+      await compare(tlsTcpCaOnly, size, uri(caOnly), "null:");
     }
   }
   await removeOutput();

@@ -30,7 +30,8 @@ Deno.test({
       "file 16M → file",
       "[ nbd serve file ] 16M → file",
       "TLS nbdkit memory 16M → null: (Unix socket)",
-      "TLS nbdkit memory 16M → null: (TCP)",
+      "TLS nbdkit memory 16M → null: (TCP, client certificate)",
+      "TLS nbdkit memory 16M → null: (TCP, CA only)",
     ]);
     for (const row of rows) {
       const cells = row.split("|").map((cell) => cell.trim());
