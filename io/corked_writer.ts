@@ -13,6 +13,11 @@ import { type ByteStream, writeAll } from "./byte_stream.ts";
 // page view.
 const SMALL_CHUNK = 512 * 1024;
 const STAGING_SIZE = 1024 * 1024;
+/**
+ * While corked, writing starts anyway once this much is queued: large
+ * replies should not wait for the rest of a batch.
+ */
+const CORK_LIMIT = 256 * 1024;
 
 /** Serialising, batching writer over a `ByteStream`. */
 export class CorkedWriter {
@@ -20,6 +25,8 @@ export class CorkedWriter {
   #queue: Uint8Array[] = [];
   #queuedBytes = 0;
   #running = false;
+  /** Between `cork` and `uncork`: chunks queue, no write starts. */
+  #corked = false;
   #error: unknown = undefined;
   #highWater: number;
   #smallChunk: number;
@@ -69,6 +76,27 @@ export class CorkedWriter {
       this.#queue.push(chunk);
       this.#queuedBytes += chunk.length;
     }
+    if (!this.#corked || this.#queuedBytes >= CORK_LIMIT) this.#start();
+  }
+
+  /**
+   * Holds back writes until `uncork` (or until a large amount is queued):
+   * what is queued meanwhile goes out together. For a caller that produces
+   * many small chunks between two waits (replies to a batch of requests
+   * already received).
+   */
+  cork(): void {
+    this.#corked = true;
+  }
+
+  /** Ends `cork`: starts writing what was queued. */
+  uncork(): void {
+    if (!this.#corked) return;
+    this.#corked = false;
+    this.#start();
+  }
+
+  #start(): void {
     if (!this.#running && this.#queue.length > 0) {
       this.#running = true;
       // Start on a microtask so replies produced in the same turn share one write.
@@ -92,12 +120,15 @@ export class CorkedWriter {
 
   /** Resolves once the queue is below the high-water mark (or the writer failed). */
   drain(): Promise<void> {
+    // Waiting for the queue to go out needs it to go out.
+    this.uncork();
     if (!this.full || this.#error !== undefined) return Promise.resolve();
     return new Promise((resolve) => this.#drainWaiters.push(resolve));
   }
 
   /** Resolves once everything queued so far has been written; rejects if writing failed. */
   flush(): Promise<void> {
+    this.uncork();
     if (this.#error !== undefined) return Promise.reject(this.#error);
     if (!this.#running && this.#queue.length === 0) return Promise.resolve();
     return new Promise((resolve, reject) =>

@@ -144,3 +144,50 @@ Deno.test("CorkedWriter writes a chunk queued whole in a write of its own, small
   assertEquals(writes, [[1], [2], [3, 3], [4, 5]]);
   assertEquals(released, [3, 4]);
 });
+
+Deno.test("CorkedWriter holds writes while corked and sends them together; drain and flush uncork", async () => {
+  const writes: number[][] = [];
+  const sink = {
+    write(buf: Uint8Array) {
+      writes.push([...buf]);
+      return Promise.resolve(buf.length);
+    },
+  };
+  const writer = new CorkedWriter(sink);
+  writer.cork();
+  writer.write(Uint8Array.from([1]));
+  await Promise.resolve();
+  writer.write(Uint8Array.from([2]), Uint8Array.from([3]));
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  assertEquals(writes, []);
+  writer.uncork();
+  await writer.flush();
+  assertEquals(writes, [[1, 2, 3]]);
+  // Uncorked, a write starts on its own.
+  writer.write(Uint8Array.from([4]));
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  assertEquals(writes, [[1, 2, 3], [4]]);
+  // Waiting for the queue to go out lets it go out.
+  writer.cork();
+  writer.write(Uint8Array.from([5]));
+  await writer.flush();
+  assertEquals(writes, [[1, 2, 3], [4], [5]]);
+});
+
+Deno.test("CorkedWriter starts writing while corked once 256 KiB are queued", async () => {
+  const writes: number[] = [];
+  const sink = {
+    write(buf: Uint8Array) {
+      writes.push(buf.length);
+      return Promise.resolve(buf.length);
+    },
+  };
+  const writer = new CorkedWriter(sink);
+  writer.cork();
+  writer.write(new Uint8Array(200 * 1024));
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  assertEquals(writes, []);
+  writer.write(new Uint8Array(56 * 1024));
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  assertEquals(writes, [256 * 1024]);
+});

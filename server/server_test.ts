@@ -15,6 +15,7 @@ import { PLUGINS } from "../plugins/mod.ts";
 import { completeBackend, type Plugin } from "../core/backend.ts";
 import { Exports } from "./exports.ts";
 import { listenUnix } from "./listener.ts";
+import { fromDenoConn } from "../io/byte_stream.ts";
 import { Params } from "../core/params.ts";
 import { NbdServer, type NbdServerOptions } from "./server.ts";
 
@@ -628,5 +629,69 @@ Deno.test("transmission: reused READ buffers are cleared unless the backend fill
     // The plugin broke its word: the buffer of the first reply went out uncleared, which
     // shows that the server trusts the declaration and skips the clearing.
     else assertBytes(second, new Uint8Array(4096).fill(0x55));
+  }
+});
+
+Deno.test("transmission: replies to requests received together go out in one write", async () => {
+  const instance = await PLUGINS.get("memory")!.create(Params.parse(["1M"], "size"));
+  const server = new NbdServer({ exports: new Exports({ plugin: instance }), log: () => {} });
+  const dir = await Deno.makeTempDir({ prefix: "nbd-server-test" });
+  const path = `${dir}/sock`;
+  const listener = Deno.listen({ transport: "unix", path });
+  let writes = 0;
+  const served = (async () => {
+    const conn = await listener.accept();
+    const stream = fromDenoConn(conn);
+    await server.serve({
+      ...stream,
+      write(buf) {
+        writes++;
+        return stream.write(buf);
+      },
+    }, "test");
+  })();
+  try {
+    using c = await client(path);
+    await c.start();
+    await c.go();
+    // 64 READs and 64 WRITEs of 4 KiB, sent in one write.
+    const count = 64;
+    const requests: Uint8Array[] = [];
+    for (let i = 0; i < count; i++) {
+      const header = new Uint8Array(28);
+      const view = new DataView(header.buffer);
+      view.setUint32(0, C.NBD_REQUEST_MAGIC);
+      view.setUint16(6, i % 2 ? C.NBD_CMD_READ : C.NBD_CMD_WRITE);
+      view.setUint32(12, i + 1);
+      view.setUint32(20, i * 4096);
+      view.setUint32(24, 4096);
+      requests.push(header);
+      if (i % 2 === 0) requests.push(new Uint8Array(4096).fill(i));
+    }
+    const batch = new Uint8Array(requests.reduce((n, r) => n + r.length, 0));
+    requests.reduce((at, r) => (batch.set(r, at), at + r.length), 0);
+    const before = writes;
+    await c.send(batch);
+    const cookies = new Set<number>();
+    for (let i = 0; i < count; i++) {
+      // Replies come in completion order: a READ's data follows its header.
+      const reply = await c.reply(0);
+      assertOk(reply.kind === "simple" && reply.errno === 0, "a simple reply, no error");
+      if (reply.cookie % 2 === 0) assertBytes(await c.read(4096), new Uint8Array(4096));
+      cookies.add(reply.cookie);
+    }
+    assertEquals(cookies.size, count);
+    await c.request(C.NBD_CMD_READ, { offset: 2 * 4096, length: 4096 });
+    const written = await c.reply(4096);
+    assertOk(written.kind === "simple" && written.data, "a simple reply with data");
+    assertBytes(written.data, new Uint8Array(4096).fill(2));
+    // Without corking each reply is a write of its own (64); a batch split by
+    // the kernel may take a few.
+    assertOk(writes - before <= 4, `${writes - before} writes for ${count} replies`);
+  } finally {
+    listener.close();
+    await server.shutdown();
+    await served.catch(() => {});
+    await Deno.remove(dir, { recursive: true });
   }
 });

@@ -145,13 +145,19 @@ export class Transmission {
       while (true) {
         if (this.#inFlight >= this.#maxInFlight) {
           if (conn.verbose) conn.log(`${this.#inFlight} requests in flight: reading no more yet`);
+          conn.writer.uncork();
           await this.#slot();
         }
         if (conn.writer.full) await conn.writer.drain();
         if (conn.writer.error !== undefined) break;
         const reader = conn.reader;
         this.#armIdleTimer();
+        // Replies to the requests already received go out together, once the
+        // loop has to wait for the client: one write and one wake-up of the
+        // client for the batch, not one per reply.
+        if (reader.buffered < headerSize) conn.writer.uncork();
         if (!(await reader.ensure(headerSize, "a request header"))) break;
+        conn.writer.cork();
         const request = decodeRequest(reader.view, reader.position, this.#extended);
         if (!request) {
           conn.log(
@@ -172,6 +178,7 @@ export class Transmission {
       if (error instanceof UnexpectedEofError) conn.log(error.message);
       else if (!conn.closing) conn.log(`connection error: ${(error as Error).message}`);
     }
+    conn.writer.uncork();
     clearTimeout(this.#idleTimer);
     await this.idle();
   }
@@ -220,8 +227,11 @@ export class Transmission {
       if (conn.verbose) {
         conn.log(`${this.#inFlightBytes} bytes of requests in flight: reading no more yet`);
       }
+      conn.writer.uncork();
       await this.#slot();
     }
+    // A payload not yet received means waiting for the client: let the replies go first.
+    if (payloadLength > conn.reader.buffered) conn.writer.uncork();
     let payload: Uint8Array | undefined;
     if (payloadLength > 0) {
       if (failure) {
@@ -405,7 +415,10 @@ export class Transmission {
   }
 
   /** Runs a validated request and sends its reply; resolves to whether it succeeded. Never rejects. */
-  async #execute(request: RequestHeader, payload: Uint8Array | undefined): Promise<boolean> {
+  async #execute(
+    request: RequestHeader,
+    payload: Uint8Array | undefined,
+  ): Promise<boolean> {
     const backend = this.#backend;
     const { offset, length } = request;
     const fua = (request.flags & NBD_CMD_FLAG_FUA) !== 0;
@@ -445,19 +458,25 @@ export class Transmission {
       if (this.#conn.verbose) this.#logRequest(request, 0);
       return true;
     } catch (error) {
-      const errno = toWireErrno(error);
-      if (!(error instanceof NbdError)) {
-        this.#conn.log(`${commandName(request.type)} failed: ${(error as Error)?.stack ?? error}`);
-      }
-      const message = error instanceof NbdError
-        ? error.detail
-        : error instanceof Error
-        ? error.message
-        : String(error);
+      const [errno, message] = this.#failureOf(request, error);
       if (this.#conn.verbose) this.#logRequest(request, errno, message);
       this.#sendError(request, errno, message);
       return false;
     }
+  }
+
+  /** The errno and message a failed request is answered with; unexpected errors are logged. */
+  #failureOf(request: RequestHeader, error: unknown): [number, string] {
+    const errno = toWireErrno(error);
+    if (!(error instanceof NbdError)) {
+      this.#conn.log(`${commandName(request.type)} failed: ${(error as Error)?.stack ?? error}`);
+    }
+    const message = error instanceof NbdError
+      ? error.detail
+      : error instanceof Error
+      ? error.message
+      : String(error);
+    return [errno, message];
   }
 
   #done(cost: number): void {
