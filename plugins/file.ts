@@ -43,6 +43,7 @@ import {
   O_DIRECT,
   preadCached,
   preadOnThread,
+  pwrite,
   pwriteOnThread,
   seekData,
   zeroOutRange,
@@ -79,6 +80,13 @@ export interface FileOptions {
 }
 
 const DEFAULT_OPTIONS: FileOptions = { cache: "default" };
+
+/**
+ * Writes up to this size go into the page cache from the event loop's
+ * thread; larger ones on a runtime thread, so that a long copy does not
+ * hold up the other requests.
+ */
+const SMALL_WRITE = 64 * 1024;
 
 /** Opens a file read-write when allowed, read-only otherwise (or when asked). */
 function openFile(
@@ -200,7 +208,13 @@ export function fileBackend(
       const n = await writeDirect(directFd, view, position);
       if (n >= 0) return n;
     }
-    let n = linux ? await pwriteOnThread(fd, view, position) : undefined;
+    // Small writes are made at once: handing one to a runtime thread costs the
+    // event loop more than the copy into the page cache (docs/performance.md).
+    let n = !linux
+      ? undefined
+      : view.length <= SMALL_WRITE
+      ? pwrite(fd, view, position)
+      : await pwriteOnThread(fd, view, position);
     // Failed, or the portable path: node:fs writes (and reports the error).
     if (n === undefined || n < 0) n = await writeAt(fd, view, position);
     if (eviction && n > 0) await eviction.afterWrite(position, n);

@@ -100,6 +100,44 @@ Deno.test({
 });
 
 Deno.test({
+  name: "file writes on both sides of the small-write size land byte for byte, pipelined",
+  ...linuxPaths("small writes on the event loop", peers("qemu-io")),
+  async fn() {
+    await using dir = await tempDir();
+    const image = `${dir.path}/disk.img`;
+    const size = 8 * MiB;
+    await Deno.writeFile(image, new Uint8Array(size));
+    const expected = new Uint8Array(size);
+    {
+      await using server = await startNbdServe(["file", image]);
+      await using client = await NbdClient.connect(server.uri);
+      // Sizes below, at and above the 64 KiB that splits the two write paths, all in flight
+      // at once, some with FUA; the ranges do not overlap.
+      const writes: Promise<void>[] = [];
+      let offset = 0;
+      let seed = 80;
+      for (const length of [1, 4096, 65535, 65536, 65537, 1 << 20, 4096, 100000]) {
+        const data = randomBytes(length, seed++);
+        expected.set(data, offset);
+        writes.push(client.pwrite(data, offset, { fua: seed % 3 === 0 }));
+        offset += length + 4093;
+      }
+      await Promise.all(writes);
+      await client.flush();
+    }
+    // A peer's 4 KiB writes, odd offsets too.
+    {
+      await using server = await startNbdServe(["file", image]);
+      const script = ["write -P 0x5a 6000000 4096", "write -P 0xa5 7000001 3000"];
+      await runOk("qemu-io", ["-f", "raw", ...script.flatMap((c) => ["-c", c]), server.uri]);
+      expected.fill(0x5a, 6000000, 6000000 + 4096);
+      expected.fill(0xa5, 7000001, 7000001 + 3000);
+    }
+    assertBytes(await Deno.readFile(image), expected);
+  },
+});
+
+Deno.test({
   name: "file fadvise=random: a 4 KiB read brings no readahead; normal does",
   ...linuxPaths("fadvise=", peers("fincore", "dd", "sync")),
   async fn() {
