@@ -12,7 +12,8 @@
  * writes at depth 64; the same reads from a loop block device over the
  * file (needs root and losetup, else the row is skipped with a note); and
  * fio's nbd engine doing 70/30 random 4 KiB reads and writes over 4
- * connections (IOPS, needs fio).
+ * connections with 32 requests in flight each (IOPS, needs fio), against
+ * the file and against the memory plugin (`--only mixed`).
  *
  * @module
  */
@@ -124,6 +125,9 @@ const qemuBench = (uri: string, write: boolean) =>
     uri,
   ]);
 
+/** Requests in flight on each of fio's connections in the mixed rows. */
+const FIO_DEPTH = 32;
+
 /** fio's nbd engine, 70/30 random 4 KiB reads and writes, 4 connections: total IOPS. */
 async function fioMixed(uri: string): Promise<number> {
   const out = await Deno.makeTempFile({ prefix: "nbd-bench-fio", suffix: ".json" });
@@ -135,7 +139,7 @@ async function fioMixed(uri: string): Promise<number> {
       "--rw=randrw",
       "--rwmixread=70",
       "--bs=4k",
-      "--iodepth=16",
+      `--iodepth=${FIO_DEPTH}`,
       "--numjobs=4",
       `--size=${size}`,
       "--time_based",
@@ -243,11 +247,24 @@ try {
     if (!hasCommand("fio")) {
       notes.push("mixed row skipped: fio is needed (apt-get install fio)");
     } else {
-      const [ours, nbdkit] = await serveBoth(["file", image]);
+      {
+        const [ours, nbdkit] = await serveBoth(["file", image]);
+        await using _ours = ours;
+        await using _nbdkit = nbdkit;
+        await compare(
+          `fio 70/30 random 4 KiB reads/writes, 4 connections × depth ${FIO_DEPTH}`,
+          [ours.uri, nbdkit.uri],
+          fioMixed,
+          { unit: "IOPS", lowerIsBetter: false },
+        );
+      }
+      // The same load against the memory plugins, filled with the same data first.
+      const [ours, nbdkit] = await serveBoth(["memory", String(size)]);
       await using _ours = ours;
       await using _nbdkit = nbdkit;
+      for (const uri of [ours.uri, nbdkit.uri]) await runOk("nbdcopy", [image, uri]);
       await compare(
-        `fio 70/30 random 4 KiB reads/writes, 4 connections × depth 16`,
+        `memory plugin: fio 70/30 random 4 KiB, 4 connections × depth ${FIO_DEPTH}`,
         [ours.uri, nbdkit.uri],
         fioMixed,
         { unit: "IOPS", lowerIsBetter: false },
