@@ -2,8 +2,9 @@
  * The `qcow2` filter (alias `qcow2dec`): serves the guest view of a qcow2
  * image read from the layer below, read-write unless the server is
  * read-only. All connections share one image state (mapping caches,
- * allocation, refcounts), so multi-conn stays coherent; each request does
- * its I/O through its own connection's layer below.
+ * allocation, refcounts), so several connections may write at once; each
+ * request does its I/O through its own connection's layer below. Multi-conn
+ * is not offered, so that clients keep to one connection.
  *
  * ```
  * nbd serve --filter=qcow2 file disk.qcow2
@@ -77,6 +78,9 @@ class Qcow2Backend extends PassthroughBackend {
     super(next);
     this.#image = image;
     this.#store = storeOf(next);
+    // Every byte of a read comes from a data cluster, an inflated one, zeroes or the
+    // backing file, or the read fails: a reused reply buffer needs no clearing.
+    this.preadFills = true;
   }
   override size(): number {
     return this.#image.size;
@@ -94,7 +98,11 @@ class Qcow2Backend extends PassthroughBackend {
       fua: writable ? "native" : "none",
       extents: true,
       cache: "emulate",
-      multiConn: caps.multiConn || !writable,
+      // Not offered: the format's work (lookups, inflating, allocation) runs on the
+      // server's one thread, so more connections add no parallelism, and a client
+      // that opens one per processor (nbdcopy: 4) then takes processor time from
+      // the server (docs/performance.md, "qcow2").
+      multiConn: false,
     };
   }
   override pread(buf: Uint8Array, offset: number): Promise<void> {
