@@ -112,6 +112,8 @@ export interface OpenOptions {
 const COPIED = 0x80000000; // bit 63, in the high word
 const COMPRESSED_BIT = 0x40000000; // bit 62, in the high word
 const MAX_CACHED_CLUSTERS = 16;
+/** Bytes of idle all-zero cluster buffers kept for partial writes into new clusters. */
+const ZERO_CLUSTER_BUDGET = 4 << 20;
 const FLUSH_AFTER_DIRTY = 512;
 
 /** An L2 entry as stored: the two words and, for extended entries, the bitmaps. */
@@ -189,6 +191,12 @@ export class Qcow2Image {
   readonly #refEntries: number;
   #pendingFree: [number, number][] = [];
   readonly #locks = new KeyedLocks();
+  /**
+   * Idle cluster buffers, all zero: a partial write into a new cluster puts
+   * its piece into one instead of a fresh buffer (zeroing and faulting in a
+   * whole cluster for each small write), and clears only the piece after.
+   */
+  readonly #zeroClusters: Uint8Array[] = [];
   #end: number;
   #headerDirty = false;
   #autoclear: number;
@@ -894,9 +902,15 @@ export class Qcow2Image {
             // Nothing to copy: a new cluster lies past everything the file held, so
             // its head reads as zeroes unwritten; the piece and the zeroes after it
             // are written.
-            const tail = new Uint8Array(cs - within);
+            const zeroes = this.#zeroClusters.pop() ?? new Uint8Array(cs);
+            const tail = zeroes.subarray(0, cs - within);
             tail.set(piece);
             await this.#writeNew(store, tail, cluster, within);
+            // Given back only after a write that succeeded: the store is done with it.
+            tail.fill(0, 0, piece.length);
+            if ((this.#zeroClusters.length + 1) * cs <= ZERO_CLUSTER_BUDGET) {
+              this.#zeroClusters.push(zeroes);
+            }
             return;
           }
           const block = new Uint8Array(cs);
