@@ -48,6 +48,78 @@ export function zstdFrameLength(data: Uint8Array): number {
   return at <= data.length ? at : -1;
 }
 
+/** The native raw-deflate state behind a node:zlib stream, driven directly. */
+interface RawInflater {
+  handle: {
+    writeSync(
+      flush: number,
+      input: Uint8Array,
+      inOffset: number,
+      inLength: number,
+      output: Uint8Array,
+      outOffset: number,
+      outLength: number,
+    ): void;
+    reset(): void;
+    onerror: (message: string, errno: number) => void;
+  };
+  /** After a write: the output bytes left unused, the input bytes left unread. */
+  state: Uint32Array;
+  error: string | undefined;
+}
+
+let rawInflater: RawInflater | null | undefined;
+
+/**
+ * One inflate state, reused and writing straight into the caller's buffer:
+ * `inflateRawSync` builds a stream and two output buffers for every call,
+ * which cost ten times the inflating itself. null when the runtime's
+ * node:zlib does not have this shape (then `inflateRawSync` is used).
+ */
+function inflater(): RawInflater | null {
+  if (rawInflater !== undefined) return rawInflater;
+  rawInflater = null;
+  try {
+    const stream = zlib.createInflateRaw() as unknown as {
+      _handle?: RawInflater["handle"];
+      _writeState?: unknown;
+    };
+    const handle = stream._handle;
+    const state = stream._writeState;
+    if (
+      handle && typeof handle.writeSync === "function" && typeof handle.reset === "function" &&
+      state instanceof Uint32Array && state.length >= 2
+    ) {
+      const made: RawInflater = { handle, state, error: undefined };
+      // Errors arrive through this callback (not as exceptions), and no longer reach the stream.
+      handle.onerror = (message) => made.error = message;
+      rawInflater = made;
+    }
+  } catch {
+    // The fallback below.
+  }
+  return rawInflater;
+}
+
+/** Inflates raw deflate `data` into `out`: the bytes produced. */
+function inflateRawInto(data: Uint8Array, out: Uint8Array): number {
+  const raw = inflater();
+  if (!raw) {
+    const result = zlib.inflateRawSync(data, {
+      finishFlush: zlib.constants.Z_SYNC_FLUSH,
+      chunkSize: out.length,
+      maxOutputLength: out.length,
+    });
+    out.set(result);
+    return result.length;
+  }
+  raw.error = undefined;
+  raw.handle.reset();
+  raw.handle.writeSync(zlib.constants.Z_SYNC_FLUSH, data, 0, data.length, out, 0, out.length);
+  if (raw.error !== undefined) throw new Error(raw.error);
+  return out.length - raw.state[0]!;
+}
+
 /**
  * Inflates one compressed cluster into `out` (exactly one cluster). Throws
  * a Qcow2FormatError when the data does not inflate to a whole cluster.
@@ -60,13 +132,7 @@ export function decompressCluster(
   let produced = 0;
   try {
     if (type === "zlib") {
-      const result = zlib.inflateRawSync(data, {
-        finishFlush: zlib.constants.Z_SYNC_FLUSH,
-        chunkSize: out.length,
-        maxOutputLength: out.length,
-      });
-      out.set(result);
-      produced = result.length;
+      produced = inflateRawInto(data, out);
     } else {
       let at = 0;
       while (produced < out.length && at < data.length) {
