@@ -68,7 +68,14 @@ Deno.test("every FFI declaration goes through the platform switch", async () => 
   const linux = [...texts].filter(([, text]) => /\blazyLibc\(/.test(text)).map(([p]) => p);
   assertEquals(
     linux,
-    ["io/libc.ts", "io/librbd.ts", "io/pipes.ts", "io/socket_buffers.ts", "io/socket_fast.ts"],
+    [
+      "io/libc.ts",
+      "io/librbd.ts",
+      "io/listening_fds.ts",
+      "io/pipes.ts",
+      "io/socket_buffers.ts",
+      "io/socket_fast.ts",
+    ],
     "the modules declaring Linux symbols (add a new one here once it is behind the switch)",
   );
   const ffi = texts.get("io/ffi.ts")!;
