@@ -197,6 +197,8 @@ export class Qcow2Destination extends BaseEndpoint {
   readonly #pool: CompressPool | undefined;
   readonly #backing: Layer | undefined;
   readonly #clusterSize: number;
+  /** Whether the writer's own flushes reach the disk (see `open`). */
+  readonly #durable: { wanted: boolean };
   #closed = false;
 
   private constructor(
@@ -204,10 +206,12 @@ export class Qcow2Destination extends BaseEndpoint {
     writer: Qcow2Writer,
     pool: CompressPool | undefined,
     backing: Layer | undefined,
+    durable: { wanted: boolean },
   ) {
     super();
     this.name = inner.name;
     this.#inner = inner;
+    this.#durable = durable;
     this.#writer = writer;
     this.#pool = pool;
     this.#backing = backing;
@@ -239,10 +243,15 @@ export class Qcow2Destination extends BaseEndpoint {
     }
     let pool: CompressPool | undefined;
     try {
+      // A new file is written under a temporary name and renamed into place only once
+      // complete, so no crash can leave it looking like the image: the writer's ordering
+      // flushes would only wait for the disk, which a raw copy into a new file does not.
+      // Once the copy asks for durability (--flush, checkpoints), they are made again.
+      const durable = { wanted: (inner as { partialPath?: string }).partialPath === undefined };
       const writer = await Qcow2Writer.create({
         limit: inner.size,
         pwrite: (buf, offset) => inner.write(buf, offset),
-        flush: () => inner.flush(),
+        flush: () => durable.wanted ? inner.flush() : Promise.resolve(),
       }, {
         size,
         clusterSize: options.clusterSize,
@@ -257,7 +266,7 @@ export class Qcow2Destination extends BaseEndpoint {
           options.threads ?? navigator.hardwareConcurrency,
         );
       }
-      return new Qcow2Destination(inner, writer, pool, backing);
+      return new Qcow2Destination(inner, writer, pool, backing, durable);
     } catch (error) {
       await backing?.close();
       throw error;
@@ -352,8 +361,9 @@ export class Qcow2Destination extends BaseEndpoint {
     }
   }
 
-  /** Makes the data written so far durable. */
+  /** Makes the data written so far durable, and from now on the metadata written at the end. */
   override flush(): Promise<void> {
+    this.#durable.wanted = true;
     return this.#inner.flush();
   }
 

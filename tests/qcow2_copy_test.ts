@@ -310,3 +310,51 @@ Deno.test({
     }
   },
 });
+
+/** Runs `nbd copy ARGS` under strace: the fsync and fdatasync calls it made. */
+async function tracedFlushes(trace: string, args: string[]): Promise<string[]> {
+  await runOk("strace", [
+    "-f",
+    "-e",
+    "trace=fsync,fdatasync",
+    "-o",
+    trace,
+    Deno.execPath(),
+    "run",
+    "-A",
+    "--quiet",
+    `${ROOT}/main.ts`,
+    "copy",
+    ...args,
+  ]);
+  return (await Deno.readTextFile(trace)).split("\n")
+    .filter((line) => /\b(fsync|fdatasync)\(/.test(line) && !/resumed/.test(line));
+}
+
+Deno.test({
+  name: "nbd copy into a new qcow2 file waits for no disk flush unless --flush asks",
+  ...peers("qemu-img", "strace"),
+  async fn() {
+    await using dir = await tempDir();
+    const raw = `${dir.path}/disk.raw`;
+    await Deno.writeFile(raw, randomBytes(6 * MiB + 4096, 31));
+    const trace = `${dir.path}/trace`;
+    // A new file is written under a temporary name and renamed into place: no crash can
+    // leave it looking like the image, so the writer's ordering flushes are not needed.
+    const out = `${dir.path}/new.qcow2`;
+    assertEquals(await tracedFlushes(trace, ["--destination-format=qcow2", raw, out]), []);
+    await assertClean(out);
+    await runOk("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", raw, out]);
+    // --flush asks for durability: the data, then the metadata and the header written at
+    // the end, each flushed (three at least).
+    const durable = `${dir.path}/durable.qcow2`;
+    const flushes = await tracedFlushes(trace, [
+      "--flush",
+      "--destination-format=qcow2",
+      raw,
+      durable,
+    ]);
+    assertOk(flushes.length >= 3, `flushes with --flush: ${flushes.join("\n")}`);
+    await assertClean(durable);
+  },
+});
