@@ -104,14 +104,74 @@ export class Http1Pool {
     start: number,
     buf: Uint8Array,
   ): Promise<Http1Answer> {
-    let reused = this.#idle.pop();
+    let request = `GET ${path} HTTP/1.1\r\nHost: ${this.#host}\r\n`;
+    for (const [name, value] of headers) request += `${name}: ${value}\r\n`;
+    request += `Range: bytes=${start}-${start + buf.length - 1}\r\n\r\n`;
+    return await this.#pooled((connection) =>
+      this.#exchange(connection, request, undefined, async (answer, early) => {
+        const length = answer.headers.get("Content-Length");
+        const range = /^bytes (\d+)-(\d+)\//.exec(answer.headers.get("Content-Range") ?? "");
+        const plain = !answer.headers.has("Transfer-Encoding") &&
+          !answer.headers.has("Content-Encoding");
+        if (
+          answer.status !== 206 || !plain || length !== String(buf.length) || !range ||
+          Number(range[1]) !== start
+        ) {
+          return false;
+        }
+        if (early.length > buf.length) throw new Http1Error("more bytes than Content-Length");
+        buf.set(early);
+        for (let got = early.length; got < buf.length;) {
+          const n = await connection.conn.read(buf.subarray(got));
+          if (n === null) {
+            throw new Http1Error(`short read from ${this.#host}: ${got} of ${buf.length} bytes`);
+          }
+          got += n;
+        }
+        return true;
+      })
+    );
+  }
+
+  /**
+   * PUTs `body` to `path` (with its query), written to the socket from the
+   * caller's buffer. Returns the answer when it is a 2xx with an empty or
+   * short body (read and dropped); any other answer comes back with
+   * `filled` false and its connection closed. Throws `Http1Error` when the
+   * connection fails.
+   */
+  async put(path: string, headers: Headers, body: Uint8Array): Promise<Http1Answer> {
+    let request = `PUT ${path} HTTP/1.1\r\nHost: ${this.#host}\r\n`;
+    for (const [name, value] of headers) request += `${name}: ${value}\r\n`;
+    request += `Content-Length: ${body.length}\r\n\r\n`;
+    return await this.#pooled((connection) =>
+      this.#exchange(connection, request, body, async (answer, early) => {
+        const length = answer.headers.get("Content-Length");
+        const ok = answer.status >= 200 && answer.status < 300 && length !== null &&
+          Number(length) <= MAX_HEAD && !answer.headers.has("Transfer-Encoding");
+        if (!ok) return false;
+        // A short body (an S3 part's answer has none): read and dropped.
+        let rest = Number(length) - early.length;
+        const scratch = new Uint8Array(Math.max(0, rest));
+        while (rest > 0) {
+          const n = await connection.conn.read(scratch.subarray(0, rest));
+          if (n === null) throw new Http1Error(`short answer from ${this.#host}`);
+          rest -= n;
+        }
+        return true;
+      })
+    );
+  }
+
+  /** Runs `exchange` on an idle connection, or a new one; once more on a new one if the idle one was stale. */
+  async #pooled(exchange: (connection: Connection) => Promise<Http1Answer>): Promise<Http1Answer> {
+    const reused = this.#idle.pop();
     try {
-      return await this.#exchange(reused ?? await this.#connect(), path, headers, start, buf);
+      return await exchange(reused ?? await this.#connect());
     } catch (error) {
       // A connection the server closed while it sat idle: once more on a new one.
       if (!(error instanceof Http1Error && error.stale && reused)) throw error;
-      reused = undefined;
-      return await this.#exchange(await this.#connect(), path, headers, start, buf);
+      return await exchange(await this.#connect());
     }
   }
 
@@ -125,16 +185,19 @@ export class Http1Pool {
     }
   }
 
+  /**
+   * Sends `request` (a head) and `body`, reads the answer's head, and lets
+   * `readBody` take the body (given what of it came with the head): it
+   * resolves false to return the answer unfilled, its connection closed.
+   * The timeout, keep-alive and the mapping of failures are the same for
+   * every request.
+   */
   async #exchange(
     connection: Connection,
-    path: string,
-    headers: Headers,
-    start: number,
-    buf: Uint8Array,
+    request: string,
+    body: Uint8Array | undefined,
+    readBody: (answer: Http1Answer, early: Uint8Array) => Promise<boolean>,
   ): Promise<Http1Answer> {
-    let request = `GET ${path} HTTP/1.1\r\nHost: ${this.#host}\r\n`;
-    for (const [name, value] of headers) request += `${name}: ${value}\r\n`;
-    request += `Range: bytes=${start}-${start + buf.length - 1}\r\n\r\n`;
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
@@ -147,29 +210,12 @@ export class Http1Pool {
       for (let sent = 0; sent < bytes.length;) {
         sent += await connection.conn.write(bytes.subarray(sent));
       }
-      const { head, end, length: got } = await this.#readHead(connection, (n) => received = n);
-      received = got;
+      for (let sent = 0; body && sent < body.length;) {
+        sent += await connection.conn.write(body.subarray(sent));
+      }
+      const { head, end, length } = await this.#readHead(connection, (n) => received = n);
       const answer = parseHead(new TextDecoder().decode(head.subarray(0, end)));
-      const length = answer.headers.get("Content-Length");
-      const range = /^bytes (\d+)-(\d+)\//.exec(answer.headers.get("Content-Range") ?? "");
-      const plain = !answer.headers.has("Transfer-Encoding") &&
-        !answer.headers.has("Content-Encoding");
-      if (
-        answer.status !== 206 || !plain || length !== String(buf.length) || !range ||
-        Number(range[1]) !== start
-      ) {
-        return answer;
-      }
-      const early = head.subarray(end + 4, received);
-      if (early.length > buf.length) throw new Http1Error("more bytes than Content-Length");
-      buf.set(early);
-      for (let got = early.length; got < buf.length;) {
-        const n = await connection.conn.read(buf.subarray(got));
-        if (n === null) {
-          throw new Http1Error(`short read from ${this.#host}: ${got} of ${buf.length} bytes`);
-        }
-        got += n;
-      }
+      if (!await readBody(answer, head.subarray(end + 4, length))) return answer;
       // HTTP/1.0 closes after each answer unless it says otherwise.
       const persistence = answer.headers.get("Connection") ?? "";
       keep = head[7] === 0x31 /* "HTTP/1.1" */
@@ -228,86 +274,6 @@ export class Http1Pool {
     return { head, end, length: received };
   }
 
-  /**
-   * PUTs `body` to `path` (with its query), written to the socket from the
-   * caller's buffer. Returns the answer when it is a 2xx with an empty or
-   * short body (read and dropped); any other answer comes back with
-   * `filled` false and its connection closed. Throws `Http1Error` when the
-   * connection fails.
-   */
-  async put(path: string, headers: Headers, body: Uint8Array): Promise<Http1Answer> {
-    let reused = this.#idle.pop();
-    try {
-      return await this.#send(reused ?? await this.#connect(), path, headers, body);
-    } catch (error) {
-      if (!(error instanceof Http1Error && error.stale && reused)) throw error;
-      reused = undefined;
-      return await this.#send(await this.#connect(), path, headers, body);
-    }
-  }
-
-  async #send(
-    connection: Connection,
-    path: string,
-    headers: Headers,
-    body: Uint8Array,
-  ): Promise<Http1Answer> {
-    let request = `PUT ${path} HTTP/1.1\r\nHost: ${this.#host}\r\n`;
-    for (const [name, value] of headers) request += `${name}: ${value}\r\n`;
-    request += `Content-Length: ${body.length}\r\n\r\n`;
-    let timedOut = false;
-    const timer = setTimeout(() => {
-      timedOut = true;
-      connection.close();
-    }, this.#timeout);
-    let received = 0;
-    let keep = false;
-    try {
-      const head = new TextEncoder().encode(request);
-      for (let sent = 0; sent < head.length;) {
-        sent += await connection.conn.write(head.subarray(sent));
-      }
-      for (let sent = 0; sent < body.length;) {
-        sent += await connection.conn.write(body.subarray(sent));
-      }
-      const answerHead = await this.#readHead(connection, (n) => received = n);
-      const answer = parseHead(
-        new TextDecoder().decode(answerHead.head.subarray(0, answerHead.end)),
-      );
-      const length = answer.headers.get("Content-Length");
-      const ok = answer.status >= 200 && answer.status < 300 && length !== null &&
-        Number(length) <= MAX_HEAD && !answer.headers.has("Transfer-Encoding");
-      if (!ok) return answer;
-      // A short body (an S3 part's answer has none): read and dropped.
-      let rest = Number(length) - (answerHead.length - answerHead.end - 4);
-      const scratch = new Uint8Array(Math.max(0, rest));
-      while (rest > 0) {
-        const n = await connection.conn.read(scratch.subarray(0, rest));
-        if (n === null) throw new Http1Error(`short answer from ${this.#host}`);
-        rest -= n;
-      }
-      const persistence = answer.headers.get("Connection") ?? "";
-      keep = answerHead.head[7] === 0x31 /* "HTTP/1.1" */
-        ? !/\bclose\b/i.test(persistence)
-        : /\bkeep-alive\b/i.test(persistence);
-      answer.filled = true;
-      return answer;
-    } catch (error) {
-      if (timedOut) throw new Http1Error(`${this.#host}: no answer within ${this.#timeout} ms`);
-      if (error instanceof Http1Error) throw error;
-      throw new Http1Error(
-        `${this.#host}: ${(error as Error).message}`,
-        received === 0 && connection.uses > 0,
-      );
-    } finally {
-      clearTimeout(timer);
-      connection.uses++;
-      if (keep && !timedOut && !this.#closed) this.#idle.push(connection);
-      else connection.close();
-    }
-  }
-
-  /** Closes the idle connections; those in use close when their request ends. */
   close(): void {
     this.#closed = true;
     for (const connection of this.#idle.splice(0)) connection.close();

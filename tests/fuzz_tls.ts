@@ -36,7 +36,6 @@ import {
   concatAll,
   Desync,
   haggle,
-  logKinds,
   type ServerReport,
   ServerWatch,
   Tally,
