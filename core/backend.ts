@@ -88,6 +88,14 @@ export interface ExtentsFlags {
  */
 export type ReadSegment = Uint8Array | number;
 
+/** Where a range of an export lies in an open file (`Backend.fileRange`). */
+export interface FileRange {
+  /** An open file descriptor, valid until the backend is closed. */
+  fd: number;
+  /** Where the range starts in that file. */
+  offset: number;
+}
+
 /** One open export on one connection. Offsets and lengths are already validated. */
 export interface Backend {
   /** Size of the export in bytes. */
@@ -101,6 +109,14 @@ export interface Backend {
    * the range in order, valid until the reply is sent; undefined = use pread.
    */
   readView?(offset: number, length: number): ReadSegment[] | undefined;
+  /**
+   * Optional, from plugins only: where the range's bytes are those of an
+   * open file, all of them in the page cache right now, that file and
+   * offset, so that the server can send them to a plain socket straight
+   * from the page cache (sendfile); undefined = use pread. Filters never
+   * forward it: they may change the data.
+   */
+  fileRange?(offset: number, length: number): FileRange | undefined;
   /**
    * `pread` sets every byte of `buf` (or fails): the server may hand it a
    * reused buffer without clearing it first.
@@ -347,6 +363,8 @@ export interface PluginBackend {
   pread(buf: Uint8Array, offset: number): Promise<void>;
   /** Zero-copy read. */
   readView?(offset: number, length: number): ReadSegment[] | undefined;
+  /** The range in an open file, all in the page cache (see `Backend.fileRange`). */
+  fileRange?(offset: number, length: number): FileRange | undefined;
   /** `pread` sets every byte of its buffer (or fails). */
   preadFills?: boolean;
   /** Writes; absent = read-only. `buf` is the caller's again once the promise resolves. */
@@ -452,5 +470,6 @@ export function completeBackend(plugin: PluginBackend): Backend {
     },
   };
   if (plugin.readView) backend.readView = (offset, length) => plugin.readView!(offset, length);
+  if (plugin.fileRange) backend.fileRange = (offset, length) => plugin.fileRange!(offset, length);
   return backend;
 }

@@ -20,6 +20,7 @@ import type {
   Capabilities,
   Extent,
   ExtentsFlags,
+  FileRange,
   ReadSegment,
   WriteFlags,
   ZeroFlags,
@@ -73,6 +74,8 @@ export class CheckingBackend implements Backend {
   #grown = 0;
   /** Zero-copy read, checked; present only when the layer below has one. */
   readView?: (offset: number, length: number) => ReadSegment[] | undefined;
+  /** The range in an open file; present only when the layer below has it. */
+  fileRange?: (offset: number, length: number) => FileRange | undefined;
   /** Whether the layer below fills every read buffer. */
   readonly preadFills: boolean;
   /** Other metadata contexts of the layer below; present only when it has some. */
@@ -107,6 +110,12 @@ export class CheckingBackend implements Backend {
         const segments = below.readView!(offset, length);
         if (segments !== undefined) this.#answer(() => checkSegments(segments, length, "readView"));
         return segments;
+      };
+    }
+    if (below.fileRange) {
+      this.fileRange = (offset, length) => {
+        this.#range("fileRange", offset, length);
+        return below.fileRange!(offset, length);
       };
     }
     if (below.extraContexts && below.contextExtents) {

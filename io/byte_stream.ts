@@ -23,6 +23,19 @@ export interface ByteStream {
   tryRead?(buf: Uint8Array): number | null | undefined;
   /** Where supported, writes only what fits now, without waiting: the count (0 if none). */
   tryWrite?(buf: Uint8Array): number;
+  /**
+   * Where supported, like `tryWrite`, telling the kernel that more data
+   * follows at once (a reply header before `trySendFile`).
+   */
+  tryWriteMore?(buf: Uint8Array): number;
+  /**
+   * Where supported (plain sockets on the Linux fast paths), sends up to
+   * `length` bytes of the open file `file` from `offset` straight from the
+   * page cache, without waiting: the count, 0 at the end of the file, -1
+   * when nothing fits now or the call failed (`write` then waits, or
+   * reports the error).
+   */
+  trySendFile?(file: number, offset: number, length: number): number;
   /** Closes both directions. Safe to call more than once. */
   close(): void;
   /** Closes the write side only, where supported. */
@@ -54,12 +67,15 @@ export async function writeAll(
 /**
  * Wraps a Deno connection (TCP or Unix) so that close() is idempotent.
  * Given the connection's descriptor (see `connectWithFd`), reads and
- * writes that need no waiting take a faster synchronous path.
+ * writes that need no waiting take a faster synchronous path; with
+ * `files`, the stream can also send from files (`trySendFile`), and with
+ * `files` alone (`syncReadWrite: false`) reads and writes stay the
+ * runtime's.
  */
 export function fromDenoConn(
   conn: Deno.Conn,
   fd?: number,
-  options: { upgradable?: boolean } = {},
+  options: { upgradable?: boolean; files?: boolean; syncReadWrite?: boolean } = {},
 ): ByteStream {
   let closed = false;
   const fast = SocketFastPath.create(fd);
@@ -77,7 +93,15 @@ export function fromDenoConn(
     ...takeConn,
     read: (buf) => conn.read(buf),
     write: (buf) => conn.write(buf),
-    ...(fast ? { tryRead: (buf) => fast.read(buf), tryWrite: (buf) => fast.write(buf) } : {}),
+    ...(fast && options.syncReadWrite !== false
+      ? { tryRead: (buf) => fast.read(buf), tryWrite: (buf) => fast.write(buf) }
+      : {}),
+    ...(fast && options.files
+      ? {
+        tryWriteMore: (buf) => fast.writeMore(buf),
+        trySendFile: (file, offset, length) => fast.sendFile(file, offset, length),
+      }
+      : {}),
     close() {
       if (closed) return;
       closed = true;

@@ -7,6 +7,7 @@
  */
 
 import { type ByteStream, writeAll } from "./byte_stream.ts";
+import { pread } from "./libc.ts";
 
 // By default chunks below this are copied into one staging buffer: fewer,
 // larger writes cost both sides fewer syscalls and wake-ups than a write per
@@ -18,11 +19,24 @@ const STAGING_SIZE = 1024 * 1024;
  * replies should not wait for the rest of a batch.
  */
 const CORK_LIMIT = 256 * 1024;
+/**
+ * When the socket has no room for a file range, this much of it is read
+ * and written the ordinary way, which waits for room; then sendfile again.
+ */
+const FILE_PIECE = 16 * 1024;
+
+/** A header followed by a range of an open file, queued by `writeFile`. */
+interface FileChunk {
+  header: Uint8Array;
+  fd: number;
+  offset: number;
+  length: number;
+}
 
 /** Serialising, batching writer over a `ByteStream`. */
 export class CorkedWriter {
-  #sink: Pick<ByteStream, "write" | "tryWrite">;
-  #queue: Uint8Array[] = [];
+  #sink: Pick<ByteStream, "write" | "tryWrite" | "tryWriteMore" | "trySendFile">;
+  #queue: Array<Uint8Array | FileChunk> = [];
   #queuedBytes = 0;
   #running = false;
   /** Between `cork` and `uncork`: chunks queue, no write starts. */
@@ -31,6 +45,8 @@ export class CorkedWriter {
   #highWater: number;
   #smallChunk: number;
   #staging = new Uint8Array(STAGING_SIZE);
+  /** The piece of a file range sent the ordinary way (`#sendFile`). */
+  #piece = new Uint8Array(FILE_PIECE);
   #drainWaiters: Array<() => void> = [];
   #idleWaiters: Array<() => void> = [];
   /** What to call once a chunk queued by `writeReleasing` is no longer needed here. */
@@ -44,13 +60,32 @@ export class CorkedWriter {
    * ones written as they are.
    */
   constructor(
-    sink: Pick<ByteStream, "write" | "tryWrite">,
+    sink: Pick<ByteStream, "write" | "tryWrite" | "tryWriteMore" | "trySendFile">,
     highWater = 8 * 1024 * 1024,
     smallChunk = SMALL_CHUNK,
   ) {
     this.#sink = sink;
     this.#highWater = highWater;
     this.#smallChunk = Math.min(smallChunk, STAGING_SIZE);
+  }
+
+  /** Whether `writeFile` may be used: the stream sends from files. */
+  get sendsFiles(): boolean {
+    return this.#sink.trySendFile !== undefined && this.#sink.tryWriteMore !== undefined;
+  }
+
+  /**
+   * Queues `header` followed by `length` bytes of the open file `fd` from
+   * `offset`, in order with everything else, sent without copying through
+   * this process (only where `sendsFiles`). `fd` must stay open until the
+   * writer is idle (`flush`) or has failed. Where the file ends early the
+   * rest is sent as zeroes; a failed read of the file fails the writer.
+   */
+  writeFile(header: Uint8Array, fd: number, offset: number, length: number): void {
+    if (this.#error !== undefined) return;
+    this.#queue.push({ header, fd, offset, length });
+    this.#queuedBytes += header.length + length;
+    if (!this.#corked || this.#queuedBytes >= CORK_LIMIT) this.#start();
   }
 
   /** Bytes queued and not yet handed to the socket. */
@@ -144,6 +179,12 @@ export class CorkedWriter {
         let i = 0;
         while (i < batch.length) {
           const chunk = batch[i]!;
+          if (!(chunk instanceof Uint8Array)) {
+            await this.#sendFile(chunk);
+            this.#release(chunk.header.length + chunk.length);
+            i++;
+            continue;
+          }
           if (this.#writesAsIs(chunk) || i + 1 === batch.length) {
             this.#whole.delete(chunk);
             await writeAll(this.#sink, chunk);
@@ -154,13 +195,17 @@ export class CorkedWriter {
           }
           // Concatenate a run of small chunks into the staging buffer.
           let used = 0;
-          while (
-            i < batch.length && !this.#writesAsIs(batch[i]!) &&
-            used + batch[i]!.length <= STAGING_SIZE
-          ) {
-            this.#staging.set(batch[i]!, used);
-            used += batch[i]!.length;
-            this.#released(batch[i]!);
+          while (i < batch.length) {
+            const next = batch[i]!;
+            if (
+              !(next instanceof Uint8Array) || this.#writesAsIs(next) ||
+              used + next.length > STAGING_SIZE
+            ) {
+              break;
+            }
+            this.#staging.set(next, used);
+            used += next.length;
+            this.#released(next);
             i++;
           }
           await writeAll(this.#sink, this.#staging.subarray(0, used));
@@ -179,6 +224,31 @@ export class CorkedWriter {
     const idle = this.#idleWaiters;
     this.#idleWaiters = [];
     for (const wake of idle) wake();
+  }
+
+  /** Sends a `writeFile` chunk: the header, then the range with sendfile. */
+  async #sendFile(chunk: FileChunk): Promise<void> {
+    const sink = this.#sink;
+    const { header, fd, offset, length } = chunk;
+    const sent = sink.tryWriteMore!(header);
+    if (sent < header.length) await writeAll(sink, header.subarray(sent));
+    let done = 0;
+    while (done < length) {
+      const n = sink.trySendFile!(fd, offset + done, length - done);
+      if (n > 0) {
+        done += n;
+        continue;
+      }
+      // No room (or a failure): a piece goes the ordinary way, whose write
+      // waits for room without holding up the event loop (or reports the error).
+      const piece = this.#piece.subarray(0, Math.min(FILE_PIECE, length - done));
+      const read = n === 0 ? 0 : pread(fd, piece, offset + done) ?? -1;
+      if (read < 0) throw new Error("reading the file for a reply failed");
+      // The file ended early (it shrank): the rest reads as zeroes, as with pread.
+      if (read === 0) piece.fill(0);
+      await writeAll(sink, read === 0 ? piece : piece.subarray(0, read));
+      done += read === 0 ? piece.length : read;
+    }
   }
 
   /** Whether `chunk` goes out in a write of its own rather than copied into the staging buffer. */

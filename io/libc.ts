@@ -60,6 +60,11 @@ const SYMBOLS = {
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   preadv2: { parameters: ["i32", "buffer", "i32", "i64", "i32"], result: "isize" },
+  cachestat: {
+    name: "syscall",
+    parameters: ["i64", "i64", "buffer", "buffer", "i64"],
+    result: "i64",
+  },
   pread_on_thread: {
     name: "pread",
     parameters: ["i32", "buffer", "usize", "i64"],
@@ -322,6 +327,31 @@ export function preadCached(
   const n = Number(l.symbols.preadv2(fd, IOVEC, 1, BigInt(offset), RWF_NOWAIT));
   if (n >= 0) return n;
   return errno() === EAGAIN ? undefined : null;
+}
+
+/** cachestat(2)'s number: one number on every architecture for system calls this recent. */
+const SYS_CACHESTAT = 451n;
+/** Its struct cachestat_range { u64 off, len } and struct cachestat (nr_cache first). */
+const CACHESTAT_RANGE = new BigUint64Array(2);
+const CACHESTAT = new BigUint64Array(5);
+const PAGE = 4096;
+
+/**
+ * Whether every page under `length` bytes at `offset` of `fd` is in the
+ * page cache right now (cachestat(2), Linux 6.5 and later); undefined when
+ * the call is unavailable (older kernel, no FFI, a file it does not serve).
+ */
+export function rangeCached(fd: number, offset: number, length: number): boolean | undefined {
+  const l = libc();
+  if (!l || length <= 0) return undefined;
+  CACHESTAT_RANGE[0] = BigInt(offset);
+  CACHESTAT_RANGE[1] = BigInt(length);
+  if (l.symbols.cachestat(SYS_CACHESTAT, BigInt(fd), CACHESTAT_RANGE, CACHESTAT, 0n) !== 0n) {
+    return undefined;
+  }
+  // Counted in pages (of 4 KiB; with larger pages the count falls short, which only says no).
+  const pages = Math.ceil((offset + length) / PAGE) - Math.floor(offset / PAGE);
+  return Number(CACHESTAT[0]) >= pages;
 }
 
 /** pread or pwrite on one of the runtime's threads: the count, -1 on failure, undefined without FFI. */

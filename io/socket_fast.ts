@@ -23,11 +23,15 @@
 import { lazyLibc } from "./ffi.ts";
 
 const MSG_DONTWAIT = 0x40;
+const MSG_MORE = 0x8000;
 const MSG_NOSIGNAL = 0x4000;
 
 const SYMBOLS = {
   recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
   send: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
+  sendfile: { parameters: ["i32", "i32", "buffer", "usize"], result: "isize" },
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  getpeername: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
 } as const;
 
 const libc = lazyLibc(SYMBOLS);
@@ -81,6 +85,93 @@ async function connectAndFind<T>(
   return { conn, fd: appeared.length === 1 ? appeared[0]![0] : undefined };
 }
 
+/** sendfile's in-out offset argument. */
+const SENDFILE_OFFSET = new BigInt64Array(1);
+const SENDFILE_OFFSET_BYTES = new Uint8Array(SENDFILE_OFFSET.buffer);
+
+/** Socket inodes ("socket:[N]") present at the last `acceptedFd` scan. */
+const earlier = new Set<string>();
+const ADDRESS = new Uint8Array(128);
+const ADDRESS_LENGTH = new Uint32Array(1);
+
+/**
+ * A socket's own or peer address, in the form of a `Deno.Addr`'s key
+ * (`addressKey`): "tcp:PORT" or "unix:PATH"; undefined when the call fails
+ * (not a socket, not connected) or the family is another.
+ */
+function socketAddress(
+  call: (fd: number, address: Uint8Array, length: Uint32Array) => number,
+  fd: number,
+): string | undefined {
+  ADDRESS_LENGTH[0] = ADDRESS.length;
+  if (call(fd, ADDRESS, ADDRESS_LENGTH) !== 0) return undefined;
+  const length = Math.min(ADDRESS_LENGTH[0]!, ADDRESS.length);
+  const family = ADDRESS[0]! | (ADDRESS[1]! << 8);
+  // AF_INET and AF_INET6 keep the port at the same place, in network order.
+  if (family === 2 || family === 10) return `tcp:${(ADDRESS[2]! << 8) | ADDRESS[3]!}`;
+  if (family !== 1) return undefined;
+  let end = 2;
+  while (end < length && ADDRESS[end] !== 0) end++;
+  return `unix:${new TextDecoder().decode(ADDRESS.subarray(2, end))}`;
+}
+
+/** The key `socketAddress` gives for a runtime address; undefined for other transports. */
+function addressKey(addr: Deno.Addr): string | undefined {
+  if (addr.transport === "tcp") return `tcp:${addr.port}`;
+  if (addr.transport === "unix") return `unix:${addr.path}`;
+  return undefined;
+}
+
+/**
+ * Whether replies may be sent straight from files: not when `NBD_NO_SENDFILE`
+ * is set to anything but "" or "0" (to compare, or to rule the path out).
+ */
+export function sendFileAllowed(): boolean {
+  try {
+    if (
+      Deno.permissions.querySync({ name: "env", variable: "NBD_NO_SENDFILE" }).state !== "granted"
+    ) {
+      return true;
+    }
+    const value = Deno.env.get("NBD_NO_SENDFILE");
+    return value === undefined || value === "" || value === "0";
+  } catch {
+    return true;
+  }
+}
+
+/**
+ * The descriptor of a connection just accepted, for sending files straight
+ * into it; call right after `accept` resolves, before anything else runs.
+ * The runtime does not expose it, so the process's sockets (through /proc)
+ * are searched for one that was not there at the previous call and whose
+ * own address is the connection's local one and (TCP) whose peer's port
+ * is the remote one. Only a single match counts: anything else (a socket
+ * accepted on another thread meanwhile, say) gives undefined, and the
+ * connection goes without. Undefined without FFI or /proc.
+ */
+export function acceptedFd(conn: Deno.Conn): number | undefined {
+  const l = libc();
+  if (!l) return undefined;
+  const local = addressKey(conn.localAddr);
+  if (local === undefined) return undefined;
+  const remote = conn.remoteAddr.transport === "tcp" ? addressKey(conn.remoteAddr) : undefined;
+  const now = sockets();
+  if (!now) return undefined;
+  const found: number[] = [];
+  for (const [fd, target] of now) {
+    if (earlier.has(target)) continue;
+    if (socketAddress(l.symbols.getsockname, fd) !== local) continue;
+    // A listening socket has no peer; an accepted Unix one has an unnamed peer.
+    const peer = socketAddress(l.symbols.getpeername, fd);
+    if (peer === undefined || (remote !== undefined && peer !== remote)) continue;
+    found.push(fd);
+  }
+  earlier.clear();
+  for (const target of now.values()) earlier.add(target);
+  return found.length === 1 ? found[0] : undefined;
+}
+
 /**
  * Non-blocking reads and writes on a descriptor that a `Deno.Conn` owns.
  * The owner calls `disable()` before closing the connection, so that a
@@ -119,6 +210,38 @@ export class SocketFastPath {
       this.#symbols.send(this.#fd, buf, BigInt(buf.length), MSG_DONTWAIT | MSG_NOSIGNAL),
     );
     return n > 0 ? n : 0;
+  }
+
+  /**
+   * Like `write`, telling the kernel that more follows at once (MSG_MORE),
+   * so that a reply header and its data leave together.
+   */
+  writeMore(buf: Uint8Array): number {
+    if (this.#fd < 0 || buf.length === 0) return 0;
+    const n = Number(
+      this.#symbols.send(
+        this.#fd,
+        buf,
+        BigInt(buf.length),
+        MSG_DONTWAIT | MSG_NOSIGNAL | MSG_MORE,
+      ),
+    );
+    return n > 0 ? n : 0;
+  }
+
+  /**
+   * Sends up to `length` bytes of the file `file` from `offset` with
+   * sendfile(2), without waiting (the socket is non-blocking): the count
+   * sent, 0 at the end of the file, -1 when nothing fits now or the call
+   * failed (an ordinary write then waits, or reports the error).
+   */
+  sendFile(file: number, offset: number, length: number): number {
+    if (this.#fd < 0) return -1;
+    SENDFILE_OFFSET[0] = BigInt(offset);
+    const n = Number(
+      this.#symbols.sendfile(this.#fd, file, SENDFILE_OFFSET_BYTES, BigInt(length)),
+    );
+    return n >= 0 ? n : -1;
   }
 
   /** No more calls on the descriptor (it is about to be closed). */

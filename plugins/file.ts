@@ -45,6 +45,7 @@ import {
   preadOnThread,
   pwrite,
   pwriteOnThread,
+  rangeCached,
   seekData,
   zeroOutRange,
 } from "../io/libc.ts";
@@ -182,6 +183,8 @@ export function fileBackend(
   let canFastZero = device !== undefined;
   const sector = device?.sectorSize ?? 512;
   const extentsSupported = !blockDevice && seekData(fd, 0) !== undefined;
+  /** Ranges are offered for sendfile while cachestat answers (not under cache=none). */
+  let canOfferRanges = linux && !uncached;
 
   /** Reads into `view` at `position`: the count (0 at the end of the file). */
   async function readSome(view: Uint8Array, position: number): Promise<number> {
@@ -251,6 +254,14 @@ export function fileBackend(
         }
         done += n;
       }
+    },
+    fileRange(offset, length) {
+      if (!canOfferRanges || offset + length > size) return undefined;
+      // Only what is all in the page cache: sendfile on the event loop's
+      // thread must never wait for the disk.
+      const cached = rangeCached(fd, offset, length);
+      if (cached === undefined) canOfferRanges = false;
+      return cached ? { fd, offset } : undefined;
     },
     async flush() {
       await eviction?.drain();

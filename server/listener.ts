@@ -11,6 +11,7 @@ import * as net from "node:net";
 import { fromDenoConn, fromNodeSocket, fromStdio } from "../io/byte_stream.ts";
 import { formatNbdUri, type NbdUri } from "../protocol/uri.ts";
 import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
+import { acceptedFd, sendFileAllowed } from "../io/socket_fast.ts";
 import { unixSocketUnsupported } from "../io/platform.ts";
 import type { NbdServer } from "./server.ts";
 
@@ -33,6 +34,7 @@ export type ListenAddress =
 
 /** Accepts from a Deno listener until it is closed. */
 function acceptLoop(listener: Deno.Listener, server: NbdServer, tcp: boolean): Promise<void> {
+  const files = sendFileAllowed();
   return (async () => {
     while (true) {
       let conn: Deno.Conn;
@@ -47,6 +49,8 @@ function acceptLoop(listener: Deno.Listener, server: NbdServer, tcp: boolean): P
         await new Promise((r) => setTimeout(r, 100));
         continue;
       }
+      // Found before anything else runs: see acceptedFd.
+      const fd = files ? acceptedFd(conn) : undefined;
       enlargeNewSocketBuffers();
       let peer = "unix";
       if (tcp) {
@@ -56,7 +60,8 @@ function acceptLoop(listener: Deno.Listener, server: NbdServer, tcp: boolean): P
         const remote = conn.remoteAddr as Deno.NetAddr;
         peer = `${remote.hostname}:${remote.port}`;
       }
-      server.serve(fromDenoConn(conn), peer);
+      // Only READ replies from files use the descriptor (docs/performance.md).
+      server.serve(fromDenoConn(conn, fd, { files: true, syncReadWrite: false }), peer);
     }
   })();
 }

@@ -61,7 +61,7 @@ import {
   writeSimpleReply,
 } from "../protocol/transmission.ts";
 import { UnexpectedEofError } from "../io/buffered_reader.ts";
-import type { Backend, Capabilities, ReadSegment } from "../core/backend.ts";
+import type { Backend, Capabilities, FileRange, ReadSegment } from "../core/backend.ts";
 import { ZERO_BUFFER } from "../util/zero_buffer.ts";
 import type { ConnectionContext } from "./context.ts";
 import type { IoCounters } from "./stats.ts";
@@ -101,6 +101,8 @@ export class Transmission {
   readonly #maxInFlight: number;
   readonly #maxRequest: number;
   readonly #counters: IoCounters;
+  /** The backend's ranges in files, where READ replies can be sent from them (plain sockets). */
+  readonly #fileRange: ((offset: number, length: number) => FileRange | undefined) | undefined;
   #idleTimer: ReturnType<typeof setTimeout> | undefined;
   #inFlight = 0;
   #inFlightBytes = 0;
@@ -124,6 +126,10 @@ export class Transmission {
     this.#maxInFlight = Math.max(1, conn.server.maxInFlight);
     this.#maxRequest = conn.server.maxRequest;
     this.#counters = conn.server.stats.exportCounters(negotiated.export.name);
+    const backend = negotiated.backend;
+    this.#fileRange = backend.fileRange && !conn.tls && conn.writer.sendsFiles
+      ? (offset, length) => backend.fileRange!(offset, length)
+      : undefined;
   }
 
   /** Requests currently being processed. */
@@ -557,13 +563,29 @@ export class Transmission {
       this.#sendSegments(request, segments);
       return;
     }
-    // One buffer holds the reply header and the data, so one write sends both.
     const header = this.#structured ? chunkHeaderSize(this.#extended) + 8 : SIMPLE_REPLY_SIZE;
+    // Large replies whose data is in the page cache go straight from there to the socket.
+    const range = length >= WHOLE_REPLY ? this.#fileRange?.(offset, length) : undefined;
+    if (range) {
+      const out = new Uint8Array(header);
+      this.#writeReadHeader(out, request);
+      this.#conn.writer.writeFile(out, range.fd, range.offset, length);
+      return;
+    }
+    // One buffer holds the reply header and the data, so one write sends both.
     // Zeroed, as a new buffer would be, so that a backend that leaves part of it alone
     // sends zeroes, never an earlier reply's data; unless the backend fills it all.
     const out = this.#replies.take(header + length, this.#backend.preadFills !== true);
     await this.#backend.pread(out.subarray(header), offset);
-    const view = new DataView(out.buffer);
+    this.#writeReadHeader(out, request);
+    this.#conn.writer.writeReleasing(out, () => this.#replies.give(out), {
+      whole: out.length >= WHOLE_REPLY,
+    });
+  }
+
+  /** Writes the header of a successful READ reply at the start of `out`. */
+  #writeReadHeader(out: Uint8Array, request: RequestHeader): void {
+    const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
     if (this.#structured) {
       const h = writeChunkHeader(
         view,
@@ -572,15 +594,12 @@ export class Transmission {
         NBD_REPLY_FLAG_DONE,
         NBD_REPLY_TYPE_OFFSET_DATA,
         request,
-        8 + length,
+        8 + request.length,
       );
-      setU64(view, h, offset);
+      setU64(view, h, request.offset);
     } else {
       writeSimpleReply(view, 0, 0, request.cookieHi, request.cookieLo);
     }
-    this.#conn.writer.writeReleasing(out, () => this.#replies.give(out), {
-      whole: out.length >= WHOLE_REPLY,
-    });
   }
 
   /** Sends a READ reply from zero-copy segments: views are written as they are, zero runs as holes. */
