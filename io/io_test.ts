@@ -1,4 +1,7 @@
-import { assertBytes, assertEquals, assertRejects } from "../tests/assert.ts";
+import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
+import { randomBytes, tempDir } from "../tests/helpers.ts";
+import { closeFd, openFd, pread } from "./libc.ts";
+import { platform } from "./platform.ts";
 import { BufferedReader, UnexpectedEofError } from "./buffered_reader.ts";
 import { CorkedWriter } from "./corked_writer.ts";
 
@@ -190,4 +193,75 @@ Deno.test("CorkedWriter starts writing while corked once 256 KiB are queued", as
   writer.write(new Uint8Array(56 * 1024));
   await new Promise((resolve) => setTimeout(resolve, 0));
   assertEquals(writes, [256 * 1024]);
+});
+
+Deno.test({
+  name:
+    "CorkedWriter sends file ranges in order, waits by writing a piece, zero-fills a short file",
+  ignore: !platform().linuxFast,
+  async fn() {
+    await using dir = await tempDir();
+    const path = `${dir.path}/data.bin`;
+    const data = randomBytes(300000, 5);
+    await Deno.writeFile(path, data);
+    const fd = openFd(path, 0)!;
+    try {
+      const out: number[] = [];
+      const append = (buf: Uint8Array) => {
+        for (const b of buf) out.push(b);
+      };
+      let sendFileCalls = 0;
+      let sentMore = 0;
+      const sink = {
+        write(buf: Uint8Array) {
+          // The ordinary write takes a little at a time.
+          const n = Math.min(buf.length, 5000);
+          append(buf.subarray(0, n));
+          return Promise.resolve(n);
+        },
+        tryWriteMore(buf: Uint8Array) {
+          sentMore++;
+          append(buf);
+          return buf.length;
+        },
+        trySendFile(file: number, offset: number, length: number) {
+          // Every other call finds no room: the writer must go on the ordinary way.
+          if (sendFileCalls++ % 2 === 0) return -1;
+          const piece = new Uint8Array(Math.min(length, 70000));
+          const n = pread(file, piece, offset)!;
+          append(piece.subarray(0, n));
+          return n;
+        },
+      };
+      const writer = new CorkedWriter(sink);
+      assertOk(writer.sendsFiles);
+      writer.write(Uint8Array.from([1, 2, 3]));
+      writer.writeFile(Uint8Array.from([9, 9]), fd, 1000, 200000);
+      writer.write(Uint8Array.from([4, 5]));
+      // Past the end of the file: 50000 bytes of data, then zeroes.
+      writer.writeFile(Uint8Array.from([8]), fd, 250000, 100000);
+      assertEquals(writer.queuedBytes, 3 + 2 + 200000 + 2 + 1 + 100000);
+      await writer.flush();
+      const expected = [
+        ...[1, 2, 3, 9, 9],
+        ...data.subarray(1000, 201000),
+        ...[4, 5, 8],
+        ...data.subarray(250000),
+        ...new Uint8Array(50000),
+      ];
+      assertBytes(Uint8Array.from(out), Uint8Array.from(expected));
+      assertEquals(sentMore, 2);
+      assertOk(sendFileCalls > 4, "the ranges went through trySendFile");
+      assertEquals(writer.queuedBytes, 0);
+    } finally {
+      closeFd(fd);
+    }
+  },
+});
+
+Deno.test("CorkedWriter without a file-sending stream says so", () => {
+  assertEquals(
+    new CorkedWriter({ write: (b: Uint8Array) => Promise.resolve(b.length) }).sendsFiles,
+    false,
+  );
 });

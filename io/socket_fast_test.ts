@@ -1,7 +1,8 @@
 import { assertBytes, assertEquals, assertOk } from "../tests/assert.ts";
 import { BufferedReader } from "./buffered_reader.ts";
 import { fromDenoConn, writeAll } from "./byte_stream.ts";
-import { connectWithFd, SocketFastPath } from "./socket_fast.ts";
+import { platform } from "./platform.ts";
+import { acceptedFd, connectWithFd, SocketFastPath } from "./socket_fast.ts";
 
 const linux = Deno.build.os === "linux";
 
@@ -139,4 +140,37 @@ Deno.test("BufferedReader: a source that always has data still lets timers run",
   }
   assertOk(timerRan, "a timer never ran while the reader had data");
   assertOk(asyncReads > 0);
+});
+
+Deno.test({
+  name: "acceptedFd finds each accepted connection's own descriptor (Unix and TCP)",
+  ignore: !linux || !platform().linuxFast,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "nbd-accept" });
+    const unix = Deno.listen({ transport: "unix", path: `${dir}/s.sock` });
+    const tcp = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const opened: Deno.Conn[] = [];
+    try {
+      for (const listener of [unix, tcp, unix, tcp, unix]) {
+        const client = await (listener === unix
+          ? Deno.connect({ transport: "unix", path: `${dir}/s.sock` })
+          : Deno.connect({ hostname: "127.0.0.1", port: (tcp.addr as Deno.NetAddr).port }));
+        const accepted = await listener.accept();
+        opened.push(client, accepted);
+        const fd = acceptedFd(accepted);
+        assertOk(fd !== undefined, "the accepted connection's descriptor was not found");
+        // A token sent on the descriptor found arrives at this connection's client.
+        const token = new TextEncoder().encode(`to ${opened.length}`);
+        assertEquals(SocketFastPath.create(fd)!.write(token), token.length);
+        const got = new Uint8Array(token.length);
+        await new BufferedReader(client).readInto(got);
+        assertBytes(got, token);
+      }
+    } finally {
+      for (const conn of opened) conn.close();
+      unix.close();
+      tcp.close();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
 });

@@ -264,7 +264,7 @@ export async function startServer(
 /** Starts `nbd serve ARGS -U $SOCKET` as a subprocess. */
 export async function startNbdServe(
   args: string[],
-  options: { exportName?: string } = {},
+  options: { exportName?: string; env?: Record<string, string> } = {},
 ): Promise<ServerProcess> {
   return await startServer(
     Deno.execPath(),
