@@ -85,9 +85,10 @@ const DEFAULT_OPTIONS: FileOptions = { cache: "default" };
 /**
  * Writes up to this size go into the page cache from the event loop's
  * thread; larger ones on a runtime thread, so that a long copy does not
- * hold up the other requests.
+ * hold up the other requests. nbdcopy's 256 KiB writes are below it: the
+ * two thread wake-ups of a hand-off cost more than the copy (docs/performance.md).
  */
-const SMALL_WRITE = 64 * 1024;
+const SMALL_WRITE = 1024 * 1024;
 
 /** Opens a file read-write when allowed, read-only otherwise (or when asked). */
 function openFile(

@@ -111,12 +111,14 @@ Deno.test({
     {
       await using server = await startNbdServe(["file", image]);
       await using client = await NbdClient.connect(server.uri);
-      // Sizes below, at and above the 64 KiB that splits the two write paths, all in flight
+      // Sizes below, at and above the 1 MiB that splits the two write paths, all in flight
       // at once, some with FUA; the ranges do not overlap.
       const writes: Promise<void>[] = [];
       let offset = 0;
       let seed = 80;
-      for (const length of [1, 4096, 65535, 65536, 65537, 1 << 20, 4096, 100000]) {
+      for (
+        const length of [1, 4096, 65536, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 2 << 20, 100000]
+      ) {
         const data = randomBytes(length, seed++);
         expected.set(data, offset);
         writes.push(client.pwrite(data, offset, { fua: seed % 3 === 0 }));
