@@ -114,7 +114,8 @@ export interface Backend {
    * open file, all of them in the page cache right now, that file and
    * offset, so that the server can send them to a plain socket straight
    * from the page cache (sendfile); undefined = use pread. Filters never
-   * forward it: they may change the data.
+   * forward it: they may change the data. Built-in plugins only (the file
+   * plugin): the guard around a plugin loaded from a module drops it.
    */
   fileRange?(offset: number, length: number): FileRange | undefined;
   /**

@@ -6,8 +6,10 @@
  * directory is a named export. `cache=none` keeps the data out of the page
  * cache (io/uncached_io.ts) and `fadvise=` sets the readahead policy. Block
  * devices are sized, discarded and zeroed with their ioctls, and served
- * read-only when the kernel marks them so. On the portable paths
- * (io/platform.ts) reads and writes go through node:fs alone.
+ * read-only when the kernel marks them so. Ranges all in the page cache
+ * are offered to the server as ranges of the file (`fileRange`), which it
+ * sends with sendfile. On the portable paths (io/platform.ts) reads and
+ * writes go through node:fs alone.
  *
  * ```
  * nbd serve file disk.img
