@@ -17,6 +17,10 @@
  * open at once, are opened one at a time within a thread for this; TCP
  * connections, which take a round trip each, are not held up.
  *
+ * The server finds the descriptors of the connections it accepts the same
+ * way (`acceptedFd`), to send READ replies straight from files
+ * (`sendFile`, `writeMore`).
+ *
  * @module
  */
 
@@ -233,7 +237,9 @@ export class SocketFastPath {
    * Sends up to `length` bytes of the file `file` from `offset` with
    * sendfile(2), without waiting (the socket is non-blocking): the count
    * sent, 0 at the end of the file, -1 when nothing fits now or the call
-   * failed (an ordinary write then waits, or reports the error).
+   * failed (an ordinary write then waits, or reports the error). sendfile
+   * has no MSG_NOSIGNAL; the runtime ignores SIGPIPE, so a peer that went
+   * away is an EPIPE like any other.
    */
   sendFile(file: number, offset: number, length: number): number {
     if (this.#fd < 0) return -1;
