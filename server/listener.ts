@@ -13,6 +13,7 @@ import { formatNbdUri, type NbdUri } from "../protocol/uri.ts";
 import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
 import { acceptedFd, sendFileAllowed } from "../io/socket_fast.ts";
 import { unixSocketUnsupported } from "../io/platform.ts";
+import { adoptListeningSocket } from "../io/listening_fds.ts";
 import type { NbdServer } from "./server.ts";
 
 /** A running listener. */
@@ -208,7 +209,9 @@ function listenActivated(server: NbdServer, fds: number): Listener {
 /**
  * Accepts on listening sockets this process already has open, by
  * descriptor: those of socket activation, or the main thread's in a serve
- * worker. Closing the listener closes the descriptors.
+ * worker. Each is adopted as a runtime listener where possible
+ * (`adoptListeningSocket`), else served through node:net. Closing the
+ * listener closes the descriptors.
  */
 export function listenOnDescriptors(
   server: NbdServer,
@@ -216,8 +219,16 @@ export function listenOnDescriptors(
   address: ListenAddress,
 ): Listener {
   const servers: net.Server[] = [];
+  const adopted: Deno.Listener[] = [];
   const done: Promise<void>[] = [];
   for (const fd of fds) {
+    // The runtime's own connections where the socket can be adopted; node:net's otherwise.
+    const listener = adoptListeningSocket(fd);
+    if (listener) {
+      adopted.push(listener);
+      done.push(acceptLoop(listener, server, listener.addr.transport === "tcp"));
+      continue;
+    }
     const s = net.createServer({ pauseOnConnect: false }, (socket) => {
       socket.setNoDelay?.(true);
       enlargeNewSocketBuffers();
@@ -230,7 +241,14 @@ export function listenOnDescriptors(
   }
   return {
     address,
-    close: () => servers.forEach((s) => s.close()),
+    close: () => {
+      servers.forEach((s) => s.close());
+      for (const listener of adopted) {
+        try {
+          listener.close();
+        } catch { /* already closed */ }
+      }
+    },
     done: Promise.all(done).then(() => {}),
   };
 }

@@ -14,7 +14,13 @@ import { decodeBlockStatusPayload } from "../protocol/transmission.ts";
 import { PLUGINS } from "../plugins/mod.ts";
 import { completeBackend, type Plugin } from "../core/backend.ts";
 import { Exports } from "./exports.ts";
-import { listenUnix } from "./listener.ts";
+import { listenOnDescriptors, listenUnix } from "./listener.ts";
+import {
+  duplicateDescriptor,
+  newListeningDescriptors,
+  socketDescriptors,
+} from "../io/listening_fds.ts";
+import { linuxPaths } from "../tests/helpers.ts";
 import { fromDenoConn } from "../io/byte_stream.ts";
 import { Params } from "../core/params.ts";
 import { NbdServer, type NbdServerOptions } from "./server.ts";
@@ -695,3 +701,33 @@ Deno.test("transmission: replies to requests received together go out in one wri
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test(
+  "listenOnDescriptors: an inherited socket is adopted as a runtime listener, and serves",
+  linuxPaths("adopting listening sockets"),
+  async () => {
+    const instance = await PLUGINS.get("memory")!.create(Params.parse(["1M"], "size"));
+    const server = new NbdServer({ exports: new Exports({ plugin: instance }), log: () => {} });
+    const before = socketDescriptors();
+    const original = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = (original.addr as Deno.NetAddr).port;
+    const fd = duplicateDescriptor(newListeningDescriptors(before)![0]!)!;
+    original.close();
+    const listener = listenOnDescriptors(server, [fd], { transport: "activation", fds: 1 });
+    try {
+      // node:net would keep serving on the descriptor itself; adoption moves the socket off it.
+      const target = await Deno.readLink(`/proc/self/fd/${fd}`).catch(() => "closed");
+      assertOk(!target.startsWith("socket:"), `descriptor ${fd}: ${target}`);
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      const greeting = new Uint8Array(8);
+      let n = 0;
+      while (n < 8) n += (await conn.read(greeting.subarray(n)))!;
+      assertEquals(new TextDecoder().decode(greeting), "NBDMAGIC");
+      conn.close();
+    } finally {
+      listener.close();
+      await listener.done;
+      await server.shutdown();
+    }
+  },
+);
