@@ -9,6 +9,11 @@
  *
  *   deno task bench:workers                           # 8 clients, --workers 2, processors 0,1
  *   deno task bench:workers --clients 8 --workers 2 --cpus 0 --rounds 3 --size 256M
+ *   deno task bench:workers --write --plugin memory --clients 1 --connections 4 --size 1G
+ *
+ * With `--write` the clients copy the file into the export instead (a
+ * writable `file` export over a preallocated copy per server, or `memory`
+ * with `--plugin memory`); `--connections` is each nbdcopy's `-C`.
  *
  * @module
  */
@@ -25,6 +30,9 @@ const { values } = parseArgs({
     clients: { type: "string", default: "8" },
     workers: { type: "string", default: "2" },
     cpus: { type: "string", default: "0,1" },
+    write: { type: "boolean", default: false },
+    plugin: { type: "string", default: "file" },
+    connections: { type: "string", default: "1" },
     dir: { type: "string" },
   },
 });
@@ -32,7 +40,21 @@ const rounds = Number(values.rounds);
 const size = parseSize(values.size!);
 const clients = Number(values.clients);
 const workers = Number(values.workers);
-for (const [name, n] of [["--rounds", rounds], ["--clients", clients], ["--workers", workers]]) {
+const connections = Number(values.connections);
+const write = values.write!;
+const plugin = values.plugin!;
+if (plugin !== "file" && plugin !== "memory" || plugin === "memory" && !write) {
+  console.error("bench: --plugin: file, or memory with --write");
+  Deno.exit(2);
+}
+for (
+  const [name, n] of [
+    ["--rounds", rounds],
+    ["--clients", clients],
+    ["--workers", workers],
+    ["--connections", connections],
+  ]
+) {
   if (!Number.isInteger(n) || (n as number) < 1) {
     console.error(`bench: ${name}: expected a positive integer`);
     Deno.exit(2);
@@ -62,11 +84,25 @@ const image = `${dir}/image`;
 await runOk("nbdcopy", ["--", "[", "nbdkit", "pattern", String(size), "]", image]);
 
 const taskset = ["-c", values.cpus!];
-const ours = ["run", "-A", "--quiet", `${ROOT}/main.ts`, "serve", "-r", "-U", "$SOCKET"];
+const readonly = write ? [] : ["-r"];
+const ours = ["run", "-A", "--quiet", `${ROOT}/main.ts`, "serve", ...readonly, "-U", "$SOCKET"];
+/** What server `i` serves: the image itself, a preallocated copy of its own, or memory. */
+async function exportArgs(i: number): Promise<string[]> {
+  if (plugin === "memory") return ["memory", String(size)];
+  if (!write) return ["file", image];
+  const target = `${dir}/target${i}`;
+  await Deno.copyFile(image, target);
+  return ["file", target];
+}
 const servers: Array<{ name: string; server: ServerProcess }> = [
   {
     name: "nbd serve",
-    server: await startServer("taskset", [...taskset, Deno.execPath(), ...ours, "file", image]),
+    server: await startServer("taskset", [
+      ...taskset,
+      Deno.execPath(),
+      ...ours,
+      ...await exportArgs(0),
+    ]),
   },
   {
     name: `nbd serve --workers ${workers}`,
@@ -76,37 +112,37 @@ const servers: Array<{ name: string; server: ServerProcess }> = [
       ...ours,
       "--workers",
       String(workers),
-      "file",
-      image,
+      ...await exportArgs(1),
     ]),
   },
   {
-    name: "nbdkit file",
+    name: `nbdkit ${plugin}`,
     server: await startServer("taskset", [
       ...taskset,
       "nbdkit",
       "-f",
-      "-r",
+      ...readonly,
       "-U",
       "$SOCKET",
-      "file",
-      image,
+      ...await exportArgs(2),
     ]),
   },
 ];
+const client = (uri: string) =>
+  write ? ["-C", String(connections), image, uri] : ["-C", String(connections), uri, "null:"];
 
 const gib = (clients * size) / 2 ** 30;
 const rates = servers.map(() => [] as number[]);
 const cpu = servers.map(() => [] as number[]);
 try {
-  // One untimed read each: the file in the page cache, the servers warm.
-  for (const { server } of servers) await runOk("nbdcopy", [server.uri, "null:"]);
+  // One untimed copy each: the file in the page cache, the servers (and memory pages) warm.
+  for (const { server } of servers) await runOk("nbdcopy", client(server.uri));
   for (let round = 0; round < rounds; round++) {
     for (const [i, { server }] of servers.entries()) {
       const before = cpuSeconds(server.child.pid);
       const start = performance.now();
       await Promise.all(
-        Array.from({ length: clients }, () => runOk("nbdcopy", ["-C", "1", server.uri, "null:"])),
+        Array.from({ length: clients }, () => runOk("nbdcopy", client(server.uri))),
       );
       const seconds = (performance.now() - start) / 1000;
       rates[i]!.push(gib / seconds);
@@ -120,7 +156,9 @@ try {
 
 const load = Deno.readTextFileSync("/proc/loadavg").split(" ").slice(0, 3).join(" ");
 console.log(
-  `\n${clients} clients (nbdcopy -C 1) reading a ${values.size} file export at once, servers on processors ${values.cpus}; ${rounds} rounds, medians; load average ${load}\n`,
+  `\n${clients} clients (nbdcopy -C ${connections}) ${
+    write ? "writing" : "reading"
+  } a ${values.size} ${plugin} export at once, servers on processors ${values.cpus}; ${rounds} rounds, medians; load average ${load}\n`,
 );
 console.log("| server | GiB/s | processor s per GiB | ratio to nbdkit |");
 console.log("|---|---|---|---|");
