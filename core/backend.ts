@@ -124,6 +124,16 @@ export interface Backend {
    */
   readonly preadFills?: boolean;
   /**
+   * Optional in-place write: views of the storage behind the range, in
+   * order and covering it exactly, into which the caller may put a WRITE's
+   * bytes itself instead of calling `pwrite` (the server receives the
+   * payload straight into them). Only for a store where a write is complete
+   * (FUA included) once its bytes are there; concurrent reads of the range
+   * may see it part-written, as they may with `pwrite`. Undefined = use
+   * `pwrite`. Filters do not forward it.
+   */
+  writeView?(offset: number, length: number): Uint8Array[] | undefined;
+  /**
    * Writes `buf` at `offset`. Once the returned promise has resolved, `buf`
    * is the caller's again (the server reuses it for the next write): what
    * an implementation keeps, it copies.
@@ -368,6 +378,8 @@ export interface PluginBackend {
   fileRange?(offset: number, length: number): FileRange | undefined;
   /** `pread` sets every byte of its buffer (or fails). */
   preadFills?: boolean;
+  /** In-place write (see `Backend.writeView`); only with `pwrite`. */
+  writeView?(offset: number, length: number): Uint8Array[] | undefined;
   /** Writes; absent = read-only. `buf` is the caller's again once the promise resolves. */
   pwrite?(buf: Uint8Array, offset: number, flags: WriteFlags): Promise<void>;
   /** Flush; absent = FLUSH not advertised. */
@@ -472,5 +484,9 @@ export function completeBackend(plugin: PluginBackend): Backend {
   };
   if (plugin.readView) backend.readView = (offset, length) => plugin.readView!(offset, length);
   if (plugin.fileRange) backend.fileRange = (offset, length) => plugin.fileRange!(offset, length);
+  // Emulated FUA needs a flush after the write, which bytes put in place would skip.
+  if (plugin.writeView && plugin.pwrite && capabilities.fua !== "emulate") {
+    backend.writeView = (offset, length) => plugin.writeView!(offset, length);
+  }
   return backend;
 }

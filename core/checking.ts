@@ -25,7 +25,13 @@ import type {
   WriteFlags,
   ZeroFlags,
 } from "./backend.ts";
-import { checkCapabilities, checkExtents, checkSegments, ContractError } from "./guard.ts";
+import {
+  checkCapabilities,
+  checkExtents,
+  checkSegments,
+  checkWriteViews,
+  ContractError,
+} from "./guard.ts";
 
 /** The pattern written over a read buffer before the layer below fills it. */
 const POISON = crypto.getRandomValues(new Uint8Array(8));
@@ -76,6 +82,8 @@ export class CheckingBackend implements Backend {
   readView?: (offset: number, length: number) => ReadSegment[] | undefined;
   /** The range in an open file; present only when the layer below has it. */
   fileRange?: (offset: number, length: number) => FileRange | undefined;
+  /** In-place write, checked; present only when the layer below has one. */
+  writeView?: (offset: number, length: number) => Uint8Array[] | undefined;
   /** Whether the layer below fills every read buffer. */
   readonly preadFills: boolean;
   /** Other metadata contexts of the layer below; present only when it has some. */
@@ -116,6 +124,15 @@ export class CheckingBackend implements Backend {
       this.fileRange = (offset, length) => {
         this.#range("fileRange", offset, length);
         return below.fileRange!(offset, length);
+      };
+    }
+    if (below.writeView) {
+      this.writeView = (offset, length) => {
+        this.#range("writeView", offset, length);
+        if (!this.#caps.writable) throw this.#fault("above", "writeView on a read-only layer");
+        const views = below.writeView!(offset, length);
+        if (views !== undefined) this.#answer(() => checkWriteViews(views, length, "writeView"));
+        return views;
       };
     }
     if (below.extraContexts && below.contextExtents) {

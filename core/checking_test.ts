@@ -83,3 +83,27 @@ Deno.test("checking layer: bad capabilities fail the open", () => {
   const broken = { ...below, capabilities: () => ({ ...below.capabilities(), fua: "yes" }) };
   assertThrows(() => new CheckingBackend(broken as Backend, "the client", "plugin x", () => {}));
 });
+
+Deno.test("checking layer: in-place write views are checked; emulated FUA has none", () => {
+  const writable = (views: Uint8Array[]) =>
+    layer({
+      capabilities: () => ({ fua: "native" }),
+      writeView: () => views,
+      pwrite: () => Promise.resolve(),
+    });
+  const good = checked(writable([new Uint8Array(10), new Uint8Array(6)]));
+  assertEquals(good.backend.writeView!(0, 16)!.length, 2);
+  const short = checked(writable([new Uint8Array(10)]));
+  assertThrows(() => short.backend.writeView!(0, 16));
+  assertMatch(short.reports[0]!, /plugin lower broke its contract.*writeView covered 10 bytes, 16/);
+  assertThrows(() => good.backend.writeView!(65536 - 8, 16));
+  assertMatch(good.reports[0]!, /filter upper broke the contract.*writeView\(offset=65528/);
+  // Read-only layers and those whose FUA needs a flush offer no views.
+  assertEquals(layer({ writeView: () => [] }).writeView, undefined);
+  const emulated = layer({
+    writeView: () => [],
+    pwrite: () => Promise.resolve(),
+    flush: () => Promise.resolve(),
+  });
+  assertEquals(emulated.writeView, undefined);
+});

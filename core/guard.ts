@@ -89,6 +89,21 @@ export function checkSegments(segments: unknown, length: number, who: string): v
   }
 }
 
+/** Checks an in-place write answer: byte views that cover exactly `length` bytes. */
+export function checkWriteViews(views: unknown, length: number, who = "writeView"): void {
+  if (!Array.isArray(views)) throw new ContractError(`${who}: writeView returned ${typeof views}`);
+  let covered = 0;
+  for (const view of views) {
+    if (!(view instanceof Uint8Array)) {
+      throw new ContractError(`${who}: writeView returned a view that is not bytes`);
+    }
+    covered += view.length;
+  }
+  if (covered !== length) {
+    throw new ContractError(`${who}: writeView covered ${covered} bytes, ${length} were asked for`);
+  }
+}
+
 /** Checks a block-status answer: a non-empty array of extents with positive lengths. */
 export function checkExtents(extents: unknown, who: string): Extent[] {
   if (!Array.isArray(extents)) {
@@ -154,6 +169,7 @@ class GuardedBackend implements Backend {
   readonly #who: string;
   readonly #caps: Capabilities;
   readView?: (offset: number, length: number) => ReadSegment[] | undefined;
+  writeView?: (offset: number, length: number) => Uint8Array[] | undefined;
   readonly preadFills: boolean;
 
   constructor(inner: Backend, who: string) {
@@ -167,6 +183,13 @@ class GuardedBackend implements Backend {
         const segments = inner.readView!(offset, length);
         if (segments !== undefined) checkSegments(segments, length, who);
         return segments;
+      };
+    }
+    if (inner.writeView) {
+      this.writeView = (offset, length) => {
+        const views = inner.writeView!(offset, length);
+        if (views !== undefined) checkWriteViews(views, length, who);
+        return views;
       };
     }
   }

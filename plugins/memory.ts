@@ -22,7 +22,10 @@ import { sharing } from "../util/shared_buffers.ts";
 const MAX_MEMORY_SIZE = 2 ** 53 - 2 ** 16;
 
 /** What `storeBackend` needs of a store: the sparse one, or the shared one of serve workers. */
-export type Store = Pick<SparseStore, "size" | "read" | "segments" | "write" | "zero" | "extents">;
+export type Store = Pick<
+  SparseStore,
+  "size" | "read" | "segments" | "writeViews" | "write" | "zero" | "extents"
+>;
 
 /** Backend methods over a sparse store, shared by the memory and data plugins. */
 export function storeBackend(store: Store): PluginBackend {
@@ -39,6 +42,8 @@ export function storeBackend(store: Store): PluginBackend {
       return Promise.resolve();
     },
     readView: (offset, length) => store.segments(offset, length),
+    // A write is done once its bytes are in the store, FUA included: payloads can land there.
+    writeView: (offset, length) => store.writeViews(offset, length),
     pwrite(buf, offset) {
       store.write(buf, offset);
       return Promise.resolve();

@@ -56,13 +56,23 @@ export class SharedStore {
     return out;
   }
 
-  /** Writes `buf` at `offset`. */
-  write(buf: Uint8Array, offset: number): void {
+  /** The stored bytes of a range, marked as data, for writing into in place. */
+  writeViews(offset: number, length: number): Uint8Array[] {
+    this.#mark(offset, length);
+    return [this.#bytes.subarray(offset, offset + length)];
+  }
+
+  #mark(offset: number, length: number): void {
     // Mark first: a reader on another thread that sees the mark reads the bytes, old or new.
-    const last = Math.floor((offset + buf.length - 1) / PAGE_SIZE);
+    const last = Math.floor((offset + length - 1) / PAGE_SIZE);
     for (let index = Math.floor(offset / PAGE_SIZE); index <= last; index++) {
       if (!this.#used[index]) Atomics.store(this.#used, index, 1);
     }
+  }
+
+  /** Writes `buf` at `offset`. */
+  write(buf: Uint8Array, offset: number): void {
+    this.#mark(offset, buf.length);
     this.#bytes.set(buf, offset);
   }
 

@@ -58,3 +58,15 @@ Deno.test("SharedStore reads, writes, zeroes and reports extents as SparseStore 
     { length: size - 6 * PAGE_SIZE, flags: 3 },
   ]);
 });
+
+Deno.test("SharedStore writeViews mark the pages as data and write through", () => {
+  const store = new SharedStore("test.views", 4 * PAGE_SIZE);
+  const views = store.writeViews(PAGE_SIZE - 2, 4);
+  assertEquals(views.map((v) => v.length), [4]);
+  views[0]!.set([1, 2, 3, 4]);
+  const out = new Uint8Array(4);
+  store.read(out, PAGE_SIZE - 2);
+  assertBytes(out, Uint8Array.from([1, 2, 3, 4]));
+  assertEquals(store.extents(0, 4 * PAGE_SIZE).map((e) => e.flags === 0), [true, false]);
+  assertEquals(store.extents(0, 4 * PAGE_SIZE)[0]!.length, 2 * PAGE_SIZE);
+});

@@ -96,6 +96,27 @@ export class SparseStore {
     return out;
   }
 
+  /**
+   * Views of the stored bytes of a range, for writing into in place; undefined
+   * unless every page of the range is allocated (a write into a hole goes
+   * through `write`, which keeps all-zero pages holes).
+   */
+  writeViews(offset: number, length: number): Uint8Array[] | undefined {
+    const out: Uint8Array[] = [];
+    let done = 0;
+    while (done < length) {
+      const pos = offset + done;
+      const index = Math.floor(pos / PAGE_SIZE);
+      const within = pos - index * PAGE_SIZE;
+      const n = Math.min(PAGE_SIZE - within, length - done);
+      const page = this.#pages.get(index);
+      if (!page) return undefined;
+      out.push(page.subarray(within, within + n));
+      done += n;
+    }
+    return out;
+  }
+
   /** Writes `buf` at `offset`, allocating pages as needed. */
   write(buf: Uint8Array, offset: number): void {
     let done = 0;

@@ -63,3 +63,18 @@ Deno.test("SparseStore writing zeroes into a hole allocates nothing", () => {
   store.write(new Uint8Array(2 * PAGE_SIZE), 0);
   assertEquals(store.allocatedBytes, 0);
 });
+
+Deno.test("SparseStore writeViews are the stored pages themselves, or undefined over a hole", () => {
+  const store = new SparseStore(4 * PAGE_SIZE);
+  store.write(new Uint8Array(2 * PAGE_SIZE).fill(1), 0);
+  assertEquals(store.writeViews(PAGE_SIZE - 10, PAGE_SIZE + 20), undefined, "page 2 is a hole");
+  const views = store.writeViews(PAGE_SIZE - 10, 20)!;
+  assertEquals(views.map((v) => v.length), [10, 10]);
+  views[0]!.fill(7);
+  views[1]!.fill(8);
+  const expected = new Uint8Array(2 * PAGE_SIZE).fill(1);
+  expected.fill(7, PAGE_SIZE - 10, PAGE_SIZE);
+  expected.fill(8, PAGE_SIZE, PAGE_SIZE + 10);
+  assertBytes(readAll(store, 0, 2 * PAGE_SIZE), expected);
+  assertEquals(store.allocatedBytes, 2 * PAGE_SIZE);
+});

@@ -20,7 +20,7 @@ import {
   newListeningDescriptors,
   socketDescriptors,
 } from "../io/listening_fds.ts";
-import { linuxPaths } from "../tests/helpers.ts";
+import { linuxPaths, randomBytes } from "../tests/helpers.ts";
 import { fromDenoConn } from "../io/byte_stream.ts";
 import { Params } from "../core/params.ts";
 import { NbdServer, type NbdServerOptions } from "./server.ts";
@@ -731,3 +731,60 @@ Deno.test(
     }
   },
 );
+
+Deno.test("transmission: WRITE payloads land in place where the plugin offers views", async () => {
+  const disk = new Uint8Array(4 * 65536);
+  let pwrites = 0;
+  let offerViews = true;
+  const plugin: Plugin = {
+    name: "inplace",
+    summary: "test",
+    params: [],
+    create: () =>
+      Promise.resolve({
+        open: () =>
+          Promise.resolve(completeBackend({
+            size: () => disk.length,
+            capabilities: () => ({ fua: "native" }),
+            pread: (buf, offset) =>
+              Promise.resolve(buf.set(disk.subarray(offset, offset + buf.length))),
+            // Two views per range, split in the middle, to check the order of filling.
+            writeView: (offset, length) => {
+              if (!offerViews) return undefined;
+              const half = offset + Math.floor(length / 2);
+              return [disk.subarray(offset, half), disk.subarray(half, offset + length)];
+            },
+            pwrite: (buf, offset) => {
+              pwrites++;
+              disk.set(buf, offset);
+              return Promise.resolve();
+            },
+          })),
+      }),
+  };
+  await using f = await serve(plugin, []);
+  using c = await client(f.path);
+  await c.start();
+  await c.go("");
+  const data = randomBytes(3 * 65536 + 7, 5);
+  await c.request(C.NBD_CMD_WRITE, { offset: 5, payload: data, cookie: 1 });
+  await c.request(C.NBD_CMD_WRITE, {
+    flags: C.NBD_CMD_FLAG_FUA,
+    offset: 0,
+    payload: data.subarray(0, 3),
+    cookie: 2,
+  });
+  assertEquals(replyErrno([await c.reply()]), 0);
+  assertEquals(replyErrno([await c.reply()]), 0);
+  assertEquals(pwrites, 0, "no pwrite: the payloads were received in place");
+  const expected = new Uint8Array(disk.length);
+  expected.set(data, 5);
+  expected.set(data.subarray(0, 3), 0);
+  assertBytes(disk, expected);
+  // Without views, pwrite as before.
+  offerViews = false;
+  await c.request(C.NBD_CMD_WRITE, { offset: 100, payload: Uint8Array.from([1, 2]), cookie: 3 });
+  assertEquals(replyErrno([await c.reply()]), 0);
+  assertEquals(pwrites, 1);
+  assertBytes(disk.subarray(100, 102), Uint8Array.from([1, 2]));
+});

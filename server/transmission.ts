@@ -239,9 +239,17 @@ export class Transmission {
     // A payload not yet received means waiting for the client: let the replies go first.
     if (payloadLength > conn.reader.buffered) conn.writer.uncork();
     let payload: Uint8Array | undefined;
+    let inPlace = false;
     if (payloadLength > 0) {
+      const views = failure || request.type !== NBD_CMD_WRITE
+        ? undefined
+        : this.#writeViews(request.offset, payloadLength);
       if (failure) {
         await conn.reader.skip(payloadLength, "a request payload");
+      } else if (views) {
+        // Straight into the store: no payload buffer, no second copy.
+        for (const view of views) await conn.reader.readInto(view, "a request payload");
+        inPlace = true;
       } else {
         payload = request.type === NBD_CMD_WRITE
           ? this.#payloads.take(payloadLength)
@@ -271,7 +279,7 @@ export class Transmission {
     }
     this.#inFlight++;
     this.#inFlightBytes += cost;
-    this.#execute(request, payload).then((ok) => {
+    this.#execute(request, payload, inPlace).then((ok) => {
       // Only a write that succeeded is known to have let go of its buffer.
       if (ok && payload && request.type === NBD_CMD_WRITE) this.#payloads.give(payload);
       stats.finish(
@@ -286,6 +294,16 @@ export class Transmission {
       this.#done(cost);
     });
     return true;
+  }
+
+  /** Where a WRITE's payload can be received in place, if the backend offers it. */
+  #writeViews(offset: number, length: number): Uint8Array[] | undefined {
+    try {
+      return this.#backend.writeView?.(offset, length);
+    } catch {
+      // pwrite reports whatever is wrong, as a reply.
+      return undefined;
+    }
   }
 
   /** Applies the BLOCK_STATUS payload (extended headers): effect length plus context ids. */
@@ -420,10 +438,14 @@ export class Transmission {
     return undefined;
   }
 
-  /** Runs a validated request and sends its reply; resolves to whether it succeeded. Never rejects. */
+  /**
+   * Runs a validated request and sends its reply; resolves to whether it
+   * succeeded. Never rejects. A WRITE `received` in place is already done.
+   */
   async #execute(
     request: RequestHeader,
     payload: Uint8Array | undefined,
+    received = false,
   ): Promise<boolean> {
     const backend = this.#backend;
     const { offset, length } = request;
@@ -434,7 +456,7 @@ export class Transmission {
           await this.#read(request);
           break;
         case NBD_CMD_WRITE:
-          await backend.pwrite(payload!, offset, { fua });
+          if (!received) await backend.pwrite(payload!, offset, { fua });
           this.#sendOk(request);
           break;
         case NBD_CMD_FLUSH:
