@@ -702,6 +702,7 @@ export class NbdClient implements Backend, AsyncDisposable {
     this.#stopWatching();
     this.#stream.close();
     await this.#receiving;
+    await this.#stream.closed?.();
   }
 
   // ---- sending ---------------------------------------------------------------

@@ -14,7 +14,10 @@ import { abortError } from "../util/signals.ts";
 
 /** Options of `openStream`. */
 export interface OpenStreamOptions {
-  /** Use a plain TCP connection for TLS, upgraded later by the runtime's own TLS. */
+  /**
+   * Use a plain connection (TCP or Unix) for TLS, upgraded later by the
+   * runtime's own TLS (see `clientTlsPath` in tls.ts), not a node:net socket.
+   */
   nativeTls?: boolean;
   /** Milliseconds the connection may take to open (0 or undefined = no limit). */
   timeoutMs?: number;
@@ -97,8 +100,8 @@ async function openNodeStream(uri: NbdUri, signal: AbortSignal): Promise<ByteStr
 
 /**
  * Connects to the server a URI names. For TLS (`nbds` schemes) the socket
- * is one that can be upgraded after NBD_OPT_STARTTLS: a plain TCP
- * connection with `nativeTls`, else a node:net socket. A connection that
+ * is one that can be upgraded after NBD_OPT_STARTTLS: a plain connection
+ * with `nativeTls`, else a node:net socket. A connection that
  * does not open within `timeoutMs` (a host that drops the packets) fails
  * with "no answer"; `signal` stops the attempt with its reason.
  */
@@ -162,8 +165,8 @@ async function openStreamNow(
   options: OpenStreamOptions,
   signal: AbortSignal,
 ): Promise<ByteStream> {
-  // TLS over TCP that the runtime's own TLS can do (see tls.ts) starts on a plain connection.
-  const native = uri.tls && options.nativeTls === true && uri.transport === "tcp";
+  // TLS that the runtime's own TLS can do (see tls.ts) starts on a plain connection.
+  const native = uri.tls && options.nativeTls === true;
   if (uri.tls && !native) return await openNodeStream(uri, signal);
   let conn: Deno.Conn;
   let fd: number | undefined;

@@ -106,8 +106,9 @@ export interface HandshakeOptions {
   /** Ask for extended (64-bit) headers (default true); falls back when refused. */
   extendedHeaders?: boolean;
   /**
-   * For TLS over TCP, use the runtime's own TLS when it can make the
-   * connection (default true): it receives about twice as fast as node:tls.
+   * For TLS, use the runtime's own TLS when it can make the connection,
+   * directly or through a loopback bridge (default true; see
+   * `clientTlsPath` in tls.ts): it receives about twice as fast as node:tls.
    * node:tls sends large writes in fewer system calls, so a connection that
    * mostly writes may prefer false (docs/performance.md).
    */
@@ -523,7 +524,13 @@ export class NbdHandshake implements AsyncDisposable {
     const { startClientTls } = await import("./tls.ts");
     const secure = await this.#step(
       "TLS handshake",
-      () => startClientTls(this.#stream, settings, describeServer(this.#uri)),
+      () =>
+        startClientTls(
+          this.#stream,
+          settings,
+          describeServer(this.#uri),
+          this.#timeoutMs > 0 ? this.#timeoutMs : undefined,
+        ),
     );
     this.#stream = secure;
     this.#reader = new BufferedReader(secure);

@@ -11,6 +11,8 @@
 import { type ByteStream, fromDenoConn, fromNodeSocket } from "../io/byte_stream.ts";
 import type { NbdUri } from "../protocol/uri.ts";
 import { NbdConnectionError } from "./errors.ts";
+import { type LoopbackBridge, openLoopbackBridge } from "../io/loopback_bridge.ts";
+import { platform } from "../io/platform.ts";
 
 /** Where libnbd looks for certificates when the URI names no directory. */
 function defaultCertificateDirs(): string[] {
@@ -79,24 +81,97 @@ export function clientTlsSettings(uri: NbdUri): ClientTlsSettings {
 }
 
 /**
- * Whether the runtime's own TLS can make this connection: over TCP, with
- * the server's certificate and name verified, and no client certificate
- * (which it cannot send). It moves data at about twice the speed of
- * node:tls for less processor time (docs/performance.md); everything else
- * goes through node:tls.
+ * How a connection's TLS is made:
+ * - "native": the runtime's own TLS started on the TCP connection
+ *   (`Deno.startTls`): over TCP, with the server's certificate and name
+ *   verified and no client certificate (which it cannot send);
+ * - "bridge": the runtime's own TLS (`Deno.connectTls`, which can send a
+ *   client certificate and check only the chain) through a loopback bridge
+ *   to the socket (io/loopback_bridge.ts): on the Linux fast paths, for a
+ *   Unix socket, or TCP to this machine (localhost, 127.0.0.1, ::1), when
+ *   the name to check is absent (a Unix socket without tls-hostname: the
+ *   chain only) or one the bridge can stand for (localhost, 127.0.0.1, ::1);
+ * - "node": node:tls on a node:net socket, for everything else
+ *   (tls-verify-peer=false, other names, the portable paths).
+ *
+ * The runtime's TLS moves data at about twice the speed of node:tls, for
+ * less processor time and memory (docs/performance.md).
  */
+export function clientTlsPath(
+  uri: NbdUri,
+  settings: ClientTlsSettings,
+): "native" | "bridge" | "node" {
+  if (!settings.verify) return "node";
+  if (uri.transport === "tcp" && settings.cert === undefined && settings.hostname !== undefined) {
+    return "native";
+  }
+  if (!platform().linuxFast) return "node";
+  const loopbackName = settings.hostname === undefined ||
+    LOOPBACK_NAMES.includes(settings.hostname.toLowerCase());
+  if (uri.transport === "unix") return loopbackName ? "bridge" : "node";
+  if (uri.transport === "tcp" && LOOPBACK_NAMES.includes(uri.host!.toLowerCase())) {
+    return loopbackName ? "bridge" : "node";
+  }
+  return "node";
+}
+
+/** Names that a loopback bridge listens on, so the runtime's TLS can check them. */
+const LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"];
+
+/** Whether the runtime's own TLS makes this connection, directly or through a bridge. */
 export function nativeTlsPossible(uri: NbdUri, settings: ClientTlsSettings): boolean {
-  return uri.transport === "tcp" && settings.verify && settings.cert === undefined &&
-    settings.hostname !== undefined;
+  return clientTlsPath(uri, settings) !== "node";
 }
 
 const HANDSHAKE_TIMEOUT_MS = 30_000;
+
+/**
+ * Waits for the handshake of `secure`; on failure or after `timeoutMs`
+ * closes it (and `also`) and rejects with a one-line reason.
+ */
+async function finishHandshake(
+  secure: Deno.TlsConn,
+  server: string,
+  timeoutMs: number,
+  also: () => void = () => {},
+): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    await Promise.race([
+      secure.handshake(),
+      new Promise((_, reject) => {
+        timer = setTimeout(
+          () => reject(new NbdConnectionError(`TLS handshake with ${server} timed out`)),
+          timeoutMs,
+        );
+      }),
+    ]);
+  } catch (error) {
+    try {
+      secure.close();
+    } catch { /* already closed */ }
+    also();
+    if (error instanceof NbdConnectionError) throw error;
+    throw new NbdConnectionError(
+      `TLS handshake with ${server} failed: ${oneLine(error)}`,
+      { cause: error },
+    );
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** An error's message on one line. */
+function oneLine(error: unknown): string {
+  return (error instanceof Error ? error.message : String(error)).split("\n")[0]!.trim();
+}
 
 /** TLS on a plain TCP connection with the runtime's own TLS. */
 async function startNativeTls(
   conn: Deno.TcpConn,
   settings: ClientTlsSettings,
   server: string,
+  timeoutMs: number,
 ): Promise<ByteStream> {
   let secure: Deno.TlsConn;
   try {
@@ -109,49 +184,91 @@ async function startNativeTls(
       conn.close();
     } catch { /* already closed */ }
     throw new NbdConnectionError(
-      `TLS handshake with ${server} failed: ${(error as Error).message}`,
+      `TLS handshake with ${server} failed: ${oneLine(error)}`,
       { cause: error },
     );
   }
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    await Promise.race([
-      secure.handshake(),
-      new Promise((_, reject) => {
-        timer = setTimeout(
-          () => reject(new NbdConnectionError(`TLS handshake with ${server} timed out`)),
-          HANDSHAKE_TIMEOUT_MS,
-        );
-      }),
-    ]);
-  } catch (error) {
-    try {
-      secure.close();
-    } catch { /* already closed */ }
-    if (error instanceof NbdConnectionError) throw error;
-    throw new NbdConnectionError(
-      `TLS handshake with ${server} failed: ${(error as Error).message}`,
-      { cause: error },
-    );
-  } finally {
-    clearTimeout(timer);
-  }
+  await finishHandshake(secure, server, timeoutMs);
   return fromDenoConn(secure);
 }
 
 /**
+ * TLS with the runtime's own TLS over any plain connection: `Deno.connectTls`
+ * to a loopback bridge joined with `conn`. The name checked is the
+ * settings' (which the bridge listens on), or none (the chain only).
+ */
+async function startBridgedTls(
+  conn: Deno.Conn,
+  fd: number | undefined,
+  settings: ClientTlsSettings,
+  server: string,
+  timeoutMs: number,
+): Promise<ByteStream> {
+  const raw = fromDenoConn(conn, fd);
+  const name = settings.hostname?.toLowerCase();
+  let bridge: LoopbackBridge;
+  try {
+    bridge = openLoopbackBridge(raw, { hostname: name === "::1" ? "::1" : name ?? "127.0.0.1" });
+  } catch (error) {
+    raw.close();
+    throw new NbdConnectionError(
+      `Cannot start TLS with ${server}: no loopback port for it: ${oneLine(error)}`,
+      { cause: error },
+    );
+  }
+  let secure: Deno.TlsConn;
+  try {
+    secure = await Deno.connectTls({
+      // "localhost" resolves the way the listener's did: the first address only.
+      hostname: name ?? bridge.hostname,
+      port: bridge.port,
+      autoSelectFamily: false,
+      caCerts: settings.ca === undefined ? undefined : [settings.ca],
+      unsafelyDisableHostnameVerification: name === undefined,
+      ...(settings.cert !== undefined ? { cert: settings.cert, key: settings.key! } : {}),
+    });
+  } catch (error) {
+    bridge.close();
+    throw new NbdConnectionError(
+      `TLS handshake with ${server} failed: ${oneLine(error)}`,
+      { cause: error },
+    );
+  }
+  await finishHandshake(secure, server, timeoutMs, () => bridge.close());
+  const stream = fromDenoConn(secure);
+  return {
+    ...stream,
+    close() {
+      // The bridge closes the socket once it has passed on the TLS closure; a
+      // stuck one after a second, without holding the process up for it.
+      stream.close();
+      Deno.unrefTimer(setTimeout(() => bridge.close(), 1000));
+    },
+    closed: () => bridge.finished,
+  };
+}
+
+/**
  * Upgrades a plaintext stream to TLS after the server ACKed
- * NBD_OPT_STARTTLS: a plain TCP connection opened for it with the
- * runtime's own TLS (see `nativeTlsPossible`), a node:net socket with
- * node:tls. Rejects with a one-line reason if the handshake or the
+ * NBD_OPT_STARTTLS: a plain connection opened for it with the runtime's
+ * own TLS, directly or through a loopback bridge (see `clientTlsPath`), a
+ * node:net socket with node:tls. The handshake may take `timeoutMs`. Rejects with a one-line reason if the handshake or the
  * certificate check fails.
  */
 export async function startClientTls(
   stream: ByteStream,
   settings: ClientTlsSettings,
   server: string,
+  timeoutMs = HANDSHAKE_TIMEOUT_MS,
 ): Promise<ByteStream> {
-  if (stream.takeConn) return await startNativeTls(stream.takeConn(), settings, server);
+  if (stream.takeConn) {
+    const { conn, fd } = stream.takeConn();
+    const viaBridge = conn.remoteAddr.transport !== "tcp" || settings.cert !== undefined ||
+      settings.hostname === undefined;
+    return viaBridge
+      ? await startBridgedTls(conn, fd, settings, server, timeoutMs)
+      : await startNativeTls(conn as Deno.TcpConn, settings, server, timeoutMs);
+  }
   if (!stream.detach) {
     throw new NbdConnectionError("Cannot start TLS: this connection does not support it");
   }
@@ -183,7 +300,7 @@ export async function startClientTls(
     const timer = setTimeout(() => {
       secure.destroy();
       reject(new NbdConnectionError(`TLS handshake with ${server} timed out`));
-    }, 30_000);
+    }, timeoutMs);
     secure.once("secureConnect", () => {
       clearTimeout(timer);
       resolve(fromNodeSocket(secure));

@@ -38,6 +38,11 @@ export interface ByteStream {
   trySendFile?(file: number, offset: number, length: number): number;
   /** Closes both directions. Safe to call more than once. */
   close(): void;
+  /**
+   * Where closing finishes in the background (TLS through a loopback
+   * bridge, which still has to pass on the closure): resolves once it has.
+   */
+  closed?(): Promise<void>;
   /** Closes the write side only, where supported. */
   closeWrite?(): Promise<void>;
   /**
@@ -46,11 +51,12 @@ export interface ByteStream {
    */
   detach?(): { socket: Socket; unread: Uint8Array[] };
   /**
-   * For plain TCP connections opened to be upgraded: stops this wrapper
-   * (and its synchronous path) and hands back the connection, to start TLS
-   * on it with the runtime's own TLS.
+   * For plain connections (TCP or Unix) opened to be upgraded: stops this
+   * wrapper (and its synchronous path) and hands back the connection and
+   * its descriptor when known, to start TLS on it with the runtime's own
+   * TLS (directly, or through a loopback bridge).
    */
-  takeConn?(): Deno.TcpConn;
+  takeConn?(): { conn: Deno.Conn; fd: number | undefined };
 }
 
 /** Writes all of `buf` to `stream`, looping over partial writes. */
@@ -79,13 +85,13 @@ export function fromDenoConn(
 ): ByteStream {
   let closed = false;
   const fast = SocketFastPath.create(fd);
-  const takeConn = options.upgradable && conn.remoteAddr.transport === "tcp"
+  const takeConn = options.upgradable
     ? {
-      takeConn(): Deno.TcpConn {
-        // The TLS connection owns the socket from now on: no raw reads or writes on it.
+      takeConn(): { conn: Deno.Conn; fd: number | undefined } {
+        // The TLS connection owns the socket from now on: no raw reads or writes through here.
         fast?.disable();
         closed = true;
-        return conn as Deno.TcpConn;
+        return { conn, fd };
       },
     }
     : {};
