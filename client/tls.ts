@@ -242,7 +242,9 @@ async function startBridgedTls(
       // The bridge closes the socket once it has passed on the TLS closure; a
       // stuck one after a second, without holding the process up for it.
       stream.close();
-      Deno.unrefTimer(setTimeout(() => bridge.close(), 1000));
+      const timer = setTimeout(() => bridge.close(), 1000);
+      Deno.unrefTimer(timer);
+      bridge.finished.then(() => clearTimeout(timer));
     },
     closed: () => bridge.finished,
   };
