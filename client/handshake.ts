@@ -604,7 +604,8 @@ export class NbdHandshake implements AsyncDisposable {
 
   /** Wraps low-level failures (EOF, protocol violations) in a message that names the phase. */
   #explain(error: unknown, phase: string): unknown {
-    if (error instanceof UnexpectedEofError) {
+    // The runtime's TLS reports a close without close_notify as its own kind of end of stream.
+    if (error instanceof UnexpectedEofError || error instanceof Deno.errors.UnexpectedEof) {
       return new NbdConnectionError(`the server closed the connection ${phase}`, {
         cause: error,
       });
