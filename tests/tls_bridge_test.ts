@@ -161,6 +161,38 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "bridged TLS: the name is checked when there is one, only the chain without one",
+  ...peers("nbdkit", "openssl"),
+  async fn() {
+    await using dir = await tempDir();
+    // A certificate for another name: right chain, wrong name for localhost.
+    await makeCertificates(dir.path, { serverNames: ["server.example"] });
+    const port = freePort();
+    const tls = ["--tls=require", `--tls-certificates=${dir.path}`, "memory", "1M"];
+    await using _tcp = await nbdkitTcp(port, tls);
+    await using unix = await startServer("nbdkit", ["-f", "-U", "$SOCKET", ...tls]);
+    const failure = async (uri: string) => {
+      try {
+        (await NbdClient.connect(uri)).close();
+        return "";
+      } catch (error) {
+        return (error as Error).message;
+      }
+    };
+    // TCP to localhost with a client certificate (the bridge): the name must match.
+    const byName = await failure(`nbds://localhost:${port}/?tls-certificates=${dir.path}`);
+    assertIncludes(byName, `TLS handshake with localhost:${port} failed`);
+    assertEquals(byName.split("\n").length, 1, byName);
+    // A Unix socket without tls-hostname: the chain alone, which is right.
+    const unixUri = `nbds+unix:///?socket=${unix.socket}&tls-certificates=${dir.path}`;
+    assertEquals(await failure(unixUri), "");
+    // With tls-hostname=localhost the bridge checks that name, which the certificate lacks.
+    const named = await failure(`${unixUri}&tls-hostname=localhost`);
+    assertIncludes(named, "TLS handshake with Unix socket");
+  },
+});
+
 Deno.test("TLS-PSK is refused in one line before connecting", async () => {
   let message = "";
   try {
