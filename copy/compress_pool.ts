@@ -8,7 +8,7 @@
  */
 
 import type { CompressionType } from "../formats/qcow2/header.ts";
-import { compressCluster } from "../formats/qcow2/compress.ts";
+import { compressCluster, loadCompression } from "../formats/qcow2/compress.ts";
 
 /** A job posted to a worker. */
 export interface CompressJob {
@@ -98,13 +98,7 @@ export class CompressPool {
    */
   compress(data: Uint8Array): Promise<(Uint8Array | undefined)[]> {
     if (this.#failure) return Promise.reject(this.#failure);
-    if (this.#slots.length === 0) {
-      const out: (Uint8Array | undefined)[] = [];
-      for (let at = 0; at < data.length; at += this.#clusterSize) {
-        out.push(compressCluster(this.#type, data.subarray(at, at + this.#clusterSize)));
-      }
-      return Promise.resolve(out);
-    }
+    if (this.#slots.length === 0) return this.#compressHere(data);
     let slot = this.#slots[0]!;
     for (const s of this.#slots) if (s.busy < slot.busy) slot = s;
     slot.busy++;
@@ -115,6 +109,16 @@ export class CompressPool {
       const job: CompressJob = { id, type: this.#type, clusterSize: this.#clusterSize, data: copy };
       slot.worker.postMessage(job, [copy]);
     });
+  }
+
+  /** Without workers: compresses in this thread. */
+  async #compressHere(data: Uint8Array): Promise<(Uint8Array | undefined)[]> {
+    await loadCompression();
+    const out: (Uint8Array | undefined)[] = [];
+    for (let at = 0; at < data.length; at += this.#clusterSize) {
+      out.push(compressCluster(this.#type, data.subarray(at, at + this.#clusterSize)));
+    }
+    return out;
   }
 
   /** Stops the workers. */

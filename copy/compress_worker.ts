@@ -8,15 +8,16 @@
 /// <reference no-default-lib="true" />
 /// <reference lib="deno.worker" />
 
-import { compressCluster } from "../formats/qcow2/compress.ts";
+import { compressCluster, loadCompression } from "../formats/qcow2/compress.ts";
 import type { CompressJob, CompressResult } from "./compress_pool.ts";
 
-self.onmessage = (event: MessageEvent<CompressJob>) => {
+self.onmessage = async (event: MessageEvent<CompressJob>) => {
   const { id, type, clusterSize, data } = event.data;
   const bytes = new Uint8Array(data);
   const results: (ArrayBuffer | null)[] = [];
   const transfer: ArrayBuffer[] = [];
   try {
+    await loadCompression();
     for (let at = 0; at < bytes.length; at += clusterSize) {
       const compressed = compressCluster(type, bytes.subarray(at, at + clusterSize));
       if (!compressed) {

@@ -11,13 +11,12 @@
  * @module
  */
 
-import { dirname, isAbsolute, resolve } from "node:path";
-import * as zlib from "node:zlib";
 import type { BlockSize } from "../protocol/handshake.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { type CompressionType, isQcow2 } from "../formats/qcow2/header.ts";
 import { type ImageStore, type Layer, Qcow2Image, readHeader } from "../formats/qcow2/image.ts";
 import { openLayer } from "../formats/qcow2/chain.ts";
+import { hasZstdCompression, loadCompression } from "../formats/qcow2/compress.ts";
 import { Qcow2Writer } from "../formats/qcow2/writer.ts";
 import {
   BaseEndpoint,
@@ -443,7 +442,8 @@ async function localFormat(path: string): Promise<string> {
  * The path a backing name recorded in an image at `imagePath` stands for,
  * as qemu resolves it: relative names are relative to the image's directory.
  */
-export function backingPath(name: string, imagePath: string | undefined): string {
+export async function backingPath(name: string, imagePath: string | undefined): Promise<string> {
+  const { dirname, isAbsolute, resolve } = await import("node:path");
   if (isAbsolute(name) || imagePath === undefined) return name;
   return resolve(dirname(imagePath), name);
 }
@@ -487,7 +487,7 @@ export async function openQcow2Destination(
   options: OpenOptions,
   write: Qcow2WriteOptions,
 ): Promise<Endpoint> {
-  if (write.compress === "zstd" && !("zstdCompressSync" in zlib)) {
+  if (write.compress === "zstd" && !(await loadCompression(), hasZstdCompression())) {
     throw new UsageError("--compression-type=zstd: this runtime has no zstd compression");
   }
   if (source.size === undefined) {
@@ -513,7 +513,7 @@ export async function openQcow2Destination(
   }
   const backing = write.backing && {
     name: write.backing.name,
-    path: backingPath(write.backing.name, spec.kind === "path" ? spec.path : undefined),
+    path: await backingPath(write.backing.name, spec.kind === "path" ? spec.path : undefined),
   };
   try {
     return await Qcow2Destination.open(inner, source.size, { ...write, backing });

@@ -63,6 +63,24 @@ for (const command of ENTRIES) {
   });
 }
 
+/**
+ * What `nbd copy` loads to read or write a qcow2 image: node:zlib waits for the first
+ * compressed cluster (or a compression thread), node:fs and node:path for a backing file.
+ */
+const QCOW2_COPY = [
+  "copy/qcow2.ts",
+  "copy/file_source.ts",
+  "copy/file_destination.ts",
+  "copy/compress_pool.ts",
+  "filters/qcow2.ts",
+];
+
+for (const module of QCOW2_COPY) {
+  Deno.test(`start-up: a qcow2 copy's ${module} evaluates no node: module when loaded`, () => {
+    assertEquals(nodeModulesAtStart(module), []);
+  });
+}
+
 Deno.test("start-up: the import scan tells value imports from type-only ones", () => {
   const text = [
     'import { resolve } from "node:path";',

@@ -3,14 +3,13 @@
  * only where the user allowed it. A backing name found inside an image is
  * guest-writable data, so following it blindly could expose any host file;
  * it is resolved next to the image that names it and must stay inside that
- * image's directory. Loops are refused.
+ * image's directory. Loops are refused. The `node:` modules load on first
+ * use: a copy that opens no backing file starts without them.
  *
  * @module
  */
 
-import { open as openFile } from "node:fs/promises";
 import type { FileHandle } from "node:fs/promises";
-import { dirname, isAbsolute, relative, resolve } from "node:path";
 import { isQcow2, Qcow2FormatError } from "./header.ts";
 import { type ImageStore, type Layer, Qcow2Image, readHeader, type StatusRun } from "./image.ts";
 
@@ -27,7 +26,8 @@ export interface ChainPolicy {
 export async function fileStore(path: string): Promise<ImageStore & { close(): Promise<void> }> {
   let handle: FileHandle;
   try {
-    handle = await openFile(path, "r");
+    const { open } = await import("node:fs/promises");
+    handle = await open(path, "r");
   } catch (error) {
     throw new Qcow2FormatError(`cannot open backing file ${path}: ${(error as Error).message}`);
   }
@@ -57,6 +57,7 @@ export async function resolveBackingName(imagePath: string, name: string): Promi
   if (/^[a-z][a-z0-9+.-]*:/i.test(name) && !name.startsWith("/")) {
     throw new Qcow2FormatError(`backing file ${JSON.stringify(name)} is not a local file name`);
   }
+  const { dirname, isAbsolute, relative, resolve } = await import("node:path");
   const dir = await Deno.realPath(dirname(imagePath));
   const candidate = resolve(dir, name);
   let real: string;

@@ -3,14 +3,46 @@
  * runtime's node:zlib. A compressed cluster's stored bytes run to a sector
  * boundary, so whatever follows the compressed stream is ignored.
  *
+ * node:zlib is loaded by `loadCompression`, not when this module is: the
+ * first `node:` module starts the runtime's Node compatibility layer, which
+ * a copy of plain clusters never needs (docs/performance.md).
+ *
  * @module
  */
 
-import * as zlib from "node:zlib";
+import type * as Zlib from "node:zlib";
 import type { CompressionType } from "./header.ts";
 import { Qcow2FormatError } from "./header.ts";
 
 const ZSTD_MAGIC = 0xfd2fb528;
+
+let zlibModule: typeof Zlib | undefined;
+let loading: Promise<typeof Zlib> | undefined;
+
+/**
+ * Loads node:zlib; `decompressCluster`, `compressCluster` and
+ * `hasZstdCompression` need it loaded first. Cheap once done.
+ */
+export async function loadCompression(): Promise<void> {
+  if (zlibModule) return;
+  loading ??= import("node:zlib");
+  zlibModule = await loading;
+}
+
+/** Whether node:zlib was loaded (`loadCompression` need not be awaited again). */
+export function compressionLoaded(): boolean {
+  return zlibModule !== undefined;
+}
+
+function zlib(): typeof Zlib {
+  if (!zlibModule) throw new Error("node:zlib is not loaded (loadCompression)");
+  return zlibModule;
+}
+
+/** Whether the runtime's node:zlib compresses zstd (after `loadCompression`). */
+export function hasZstdCompression(): boolean {
+  return "zstdCompressSync" in zlib();
+}
 
 /**
  * The length of the zstd frame at the start of `data` (walking its block
@@ -80,7 +112,7 @@ function inflater(): RawInflater | null {
   if (rawInflater !== undefined) return rawInflater;
   rawInflater = null;
   try {
-    const stream = zlib.createInflateRaw() as unknown as {
+    const stream = zlib().createInflateRaw() as unknown as {
       _handle?: RawInflater["handle"];
       _writeState?: unknown;
     };
@@ -103,10 +135,11 @@ function inflater(): RawInflater | null {
 
 /** Inflates raw deflate `data` into `out`: the bytes produced. */
 function inflateRawInto(data: Uint8Array, out: Uint8Array): number {
+  const z = zlib();
   const raw = inflater();
   if (!raw) {
-    const result = zlib.inflateRawSync(data, {
-      finishFlush: zlib.constants.Z_SYNC_FLUSH,
+    const result = z.inflateRawSync(data, {
+      finishFlush: z.constants.Z_SYNC_FLUSH,
       chunkSize: out.length,
       maxOutputLength: out.length,
     });
@@ -115,7 +148,7 @@ function inflateRawInto(data: Uint8Array, out: Uint8Array): number {
   }
   raw.error = undefined;
   raw.handle.reset();
-  raw.handle.writeSync(zlib.constants.Z_SYNC_FLUSH, data, 0, data.length, out, 0, out.length);
+  raw.handle.writeSync(z.constants.Z_SYNC_FLUSH, data, 0, data.length, out, 0, out.length);
   if (raw.error !== undefined) throw new Error(raw.error);
   return out.length - raw.state[0]!;
 }
@@ -138,7 +171,7 @@ export function decompressCluster(
       while (produced < out.length && at < data.length) {
         const n = zstdFrameLength(data.subarray(at));
         if (n < 0) break;
-        const result = zlib.zstdDecompressSync(data.subarray(at, at + n), {
+        const result = zlib().zstdDecompressSync(data.subarray(at, at + n), {
           chunkSize: out.length - produced,
           maxOutputLength: out.length - produced,
         });
@@ -162,8 +195,8 @@ export function decompressCluster(
 /** Compresses one cluster; undefined when compression would not save space. */
 export function compressCluster(type: CompressionType, data: Uint8Array): Uint8Array | undefined {
   const result = type === "zlib"
-    ? zlib.deflateRawSync(data, { level: 6, windowBits: 12 })
-    : zlib.zstdCompressSync(data);
+    ? zlib().deflateRawSync(data, { level: 6, windowBits: 12 })
+    : zlib().zstdCompressSync(data);
   const bytes = new Uint8Array(result.buffer, result.byteOffset, result.byteLength);
   return bytes.length < data.length - 512 ? bytes : undefined;
 }

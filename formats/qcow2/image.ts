@@ -25,7 +25,7 @@ import {
   Qcow2FormatError,
   type Qcow2Header,
 } from "./header.ts";
-import { decompressCluster } from "./compress.ts";
+import { compressionLoaded, decompressCluster, loadCompression } from "./compress.ts";
 
 /** The byte store an image lives in (a Backend fits). */
 export interface ImageStore {
@@ -451,6 +451,7 @@ export class Qcow2Image {
     // may reach past the end of the file: read what is there (the rest stays zero).
     const stored = Math.max(0, Math.min(length, store.size() - compressed.offset));
     if (stored > 0) await store.pread(data.subarray(0, stored), compressed.offset);
+    if (!compressionLoaded()) await loadCompression();
     const out = into ?? new Uint8Array(this.clusterSize);
     try {
       decompressCluster(this.header.compressionType, data, out);

@@ -7,7 +7,7 @@ import {
 } from "../../tests/assert.ts";
 import { hasCommand, run } from "../../tests/helpers.ts";
 import { createImage } from "./create.ts";
-import { decompressCluster, zstdFrameLength } from "./compress.ts";
+import { decompressCluster, loadCompression, zstdFrameLength } from "./compress.ts";
 import { parseHeader, Qcow2FormatError } from "./header.ts";
 import { type ImageStore, type Layer, Qcow2Image, Qcow2IoError } from "./image.ts";
 import * as zlib from "node:zlib";
@@ -177,7 +177,8 @@ Deno.test("qcow2 header: malformed headers are one-line errors", () => {
   assertOk(h.featureNames.some((f) => f.name === "extended L2 entries"));
 });
 
-Deno.test("qcow2 compression: zlib and zstd with trailing sector bytes; bad data refused", () => {
+Deno.test("qcow2 compression: zlib and zstd with trailing sector bytes; bad data refused", async () => {
+  await loadCompression();
   const cluster = new Uint8Array(65536).map((_, i) => (i >> 5) & 0xff);
   const pad = (b: Uint8Array) => {
     const out = new Uint8Array(Math.ceil((b.length + 1) / 512) * 512).fill(0x5a);
