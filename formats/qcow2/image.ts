@@ -99,6 +99,15 @@ export interface DepthRun {
   depth: number;
 }
 
+/** Neighbouring compressed clusters read together (`Qcow2Image.read`). */
+interface CompressedBatch {
+  /** File range to read. */
+  start: number;
+  end: number;
+  /** Each cluster's stored bytes and where it inflates to. */
+  clusters: { offset: number; length: number; piece: Uint8Array }[];
+}
+
 /** Options when opening an image. */
 export interface OpenOptions {
   /** Open for writing. */
@@ -112,6 +121,10 @@ export interface OpenOptions {
 const COPIED = 0x80000000; // bit 63, in the high word
 const COMPRESSED_BIT = 0x40000000; // bit 62, in the high word
 const MAX_CACHED_CLUSTERS = 16;
+/** Most bytes of neighbouring compressed clusters fetched in one read. */
+const MAX_COMPRESSED_READ = 4 << 20;
+/** Unused bytes a read of neighbouring compressed clusters may span between two of them. */
+const COMPRESSED_GAP = 512;
 /** Bytes of idle all-zero cluster buffers kept for partial writes into new clusters. */
 const ZERO_CLUSTER_BUDGET = 4 << 20;
 const FLUSH_AFTER_DIRTY = 512;
@@ -426,6 +439,37 @@ export class Qcow2Image {
     return { kind, length: runEnd - pos, host: kind === DATA ? host + pos - start : 0 };
   }
 
+  /** How many bytes to read for a compressed cluster (checked against the file). */
+  #compressedLength(compressed: { offset: number; size: number }): number {
+    const limit = Math.max(this.#end, this.#fileSize);
+    if (compressed.offset >= limit || compressed.offset < this.clusterSize) {
+      fail("a compressed cluster lies outside the file");
+    }
+    return Math.min(compressed.size, limit - compressed.offset, 2 * this.clusterSize + 512);
+  }
+
+  /**
+   * Reads `length` bytes at `offset` of the file. The descriptor of a compressed
+   * cluster counts whole 512-byte sectors, so the last one may reach past the end
+   * of the file: what is there is read, the rest stays zero.
+   */
+  async #readCompressed(store: ImageStore, offset: number, length: number): Promise<Uint8Array> {
+    const data = new Uint8Array(length);
+    const stored = Math.max(0, Math.min(length, store.size() - offset));
+    if (stored > 0) await store.pread(data.subarray(0, stored), offset);
+    if (!compressionLoaded()) await loadCompression();
+    return data;
+  }
+
+  /** Inflates one cluster's stored bytes into `out`. */
+  #decompress(data: Uint8Array, out: Uint8Array): void {
+    try {
+      decompressCluster(this.header.compressionType, data, out);
+    } catch (error) {
+      fail((error as Error).message);
+    }
+  }
+
   /**
    * The inflated contents of a compressed cluster, kept in a small cache;
    * with `into` (a whole cluster's room the caller reads entirely), inflated
@@ -441,29 +485,29 @@ export class Qcow2Image {
       into?.set(cached);
       return cached;
     }
-    const limit = Math.max(this.#end, this.#fileSize);
-    if (compressed.offset >= limit || compressed.offset < this.clusterSize) {
-      fail("a compressed cluster lies outside the file");
-    }
-    const length = Math.min(compressed.size, limit - compressed.offset, 2 * this.clusterSize + 512);
-    const data = new Uint8Array(length);
-    // The descriptor counts whole 512-byte sectors, so the last compressed cluster
-    // may reach past the end of the file: read what is there (the rest stays zero).
-    const stored = Math.max(0, Math.min(length, store.size() - compressed.offset));
-    if (stored > 0) await store.pread(data.subarray(0, stored), compressed.offset);
-    if (!compressionLoaded()) await loadCompression();
+    const length = this.#compressedLength(compressed);
+    const data = await this.#readCompressed(store, compressed.offset, length);
     const out = into ?? new Uint8Array(this.clusterSize);
-    try {
-      decompressCluster(this.header.compressionType, data, out);
-    } catch (error) {
-      fail((error as Error).message);
-    }
+    this.#decompress(data, out);
     if (into) return out;
     if (this.#clusterCache.size >= MAX_CACHED_CLUSTERS) {
       this.#clusterCache.delete(this.#clusterCache.keys().next().value!);
     }
     this.#clusterCache.set(compressed.offset, out);
     return out;
+  }
+
+  /**
+   * Whole compressed clusters whose stored bytes lie next to each other in
+   * the file (as a compressing writer leaves them): one read for them all,
+   * then each is inflated straight into its piece of the caller's buffer.
+   */
+  async #inflateBatch(store: ImageStore, batch: CompressedBatch): Promise<void> {
+    const data = await this.#readCompressed(store, batch.start, batch.end - batch.start);
+    for (const { offset, length, piece } of batch.clusters) {
+      const at = offset - batch.start;
+      this.#decompress(data.subarray(at, at + length), piece);
+    }
   }
 
   /** Reads guest bytes. */
@@ -478,15 +522,38 @@ export class Qcow2Image {
     let pos = offset;
     let lookupFailed = false;
     let lookupError: unknown;
+    const start = (read: Promise<void>) => {
+      read.catch(() => {}); // reported below, after all pieces settle
+      reads.push(read);
+    };
+    let batch: CompressedBatch | undefined;
     try {
       while (pos < end) {
         const run = await this.lookup(store, pos, end - pos);
         const piece = buf.subarray(pos - offset, pos - offset + run.length);
-        const read = this.#readRun(store, run, piece, pos);
-        read.catch(() => {}); // reported below, after all pieces settle
-        reads.push(read);
+        const whole = run.kind === COMPRESSED && pos === run.cluster &&
+          run.length === this.clusterSize && !this.#clusterCache.has(run.compressed!.offset);
+        if (whole) {
+          const at = run.compressed!.offset;
+          const length = this.#compressedLength(run.compressed!);
+          if (
+            batch && at >= batch.start && at <= batch.end + COMPRESSED_GAP &&
+            Math.max(batch.end, at + length) - batch.start <= MAX_COMPRESSED_READ
+          ) {
+            batch.end = Math.max(batch.end, at + length);
+          } else {
+            if (batch) start(this.#inflateBatch(store, batch));
+            batch = { start: at, end: at + length, clusters: [] };
+          }
+          batch.clusters.push({ offset: at, length, piece });
+        } else {
+          if (batch) start(this.#inflateBatch(store, batch));
+          batch = undefined;
+          start(this.#readRun(store, run, piece, pos));
+        }
         pos += run.length;
       }
+      if (batch) start(this.#inflateBatch(store, batch));
     } catch (error) {
       lookupFailed = true;
       lookupError = error;

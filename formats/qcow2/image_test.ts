@@ -7,7 +7,13 @@ import {
 } from "../../tests/assert.ts";
 import { hasCommand, run } from "../../tests/helpers.ts";
 import { createImage } from "./create.ts";
-import { decompressCluster, loadCompression, zstdFrameLength } from "./compress.ts";
+import {
+  compressCluster,
+  decompressCluster,
+  loadCompression,
+  zstdFrameLength,
+} from "./compress.ts";
+import { Qcow2Writer } from "./writer.ts";
 import { parseHeader, Qcow2FormatError } from "./header.ts";
 import { type ImageStore, type Layer, Qcow2Image, Qcow2IoError } from "./image.ts";
 import * as zlib from "node:zlib";
@@ -375,4 +381,92 @@ Deno.test("qcow2 image: an in-place write to a data cluster past the end of the 
   const back = new Uint8Array(cs);
   await reopened.read(store, back, cs);
   assertEquals([back[0], back[511], back[512]], [9, 9, 3]);
+});
+
+/** A store over a finished image that records the length of every read. */
+class CountingStore extends MemoryStore {
+  reads: number[] = [];
+  override pread(buf: Uint8Array, offset: number): Promise<void> {
+    this.reads.push(buf.length);
+    return super.pread(buf, offset);
+  }
+}
+
+/** Writes `clusters` (guest cluster number → contents) into a new image, in that order. */
+async function writeImage(
+  size: number,
+  clusterSize: number,
+  clusters: [number, Uint8Array, "compressed" | "plain"][],
+): Promise<CountingStore> {
+  const out = new MemoryStore(new Uint8Array(0));
+  const writer = await Qcow2Writer.create(out, { size, clusterSize });
+  for (const [cluster, data, how] of clusters) {
+    if (how === "plain") await writer.writeData(cluster, data);
+    else await writer.writeCompressed(cluster, compressCluster("zlib", data)!);
+  }
+  await writer.finish();
+  return new CountingStore(out.contents());
+}
+
+Deno.test("qcow2 image: neighbouring compressed clusters are fetched in one read", async () => {
+  await loadCompression();
+  const cs = 4096;
+  const next = rng(7);
+  const contents = (i: number) =>
+    new Uint8Array(cs).map((_, j) => j < 64 ? Math.floor(next() * 256) : (i + (j >> 6)) & 0xff);
+  const model = new Uint8Array(256 * cs);
+  const clusters: [number, Uint8Array, "compressed" | "plain"][] = [];
+  const put = (i: number, how: "compressed" | "plain") => {
+    const data = contents(i);
+    model.set(data, i * cs);
+    clusters.push([i, data, how]);
+  };
+  // 100 packed one after the other, a plain cluster (which starts on a host cluster
+  // boundary, leaving a gap), 99 more, then 10 stored in the reverse of guest order.
+  for (let i = 0; i < 100; i++) put(i, "compressed");
+  put(100, "plain");
+  for (let i = 101; i < 200; i++) put(i, "compressed");
+  for (let i = 209; i >= 200; i--) put(i, "compressed");
+  const store = await writeImage(model.length, cs, clusters);
+  const image = await Qcow2Image.open(store, { writable: false });
+  await image.read(store, new Uint8Array(cs), 250 * cs); // loads the L2 table
+  store.reads = [];
+  const first = new Uint8Array(100 * cs);
+  await image.read(store, first, 0);
+  assertBytes(first, model.subarray(0, 100 * cs));
+  assertEquals(store.reads.length, 1);
+  store.reads = [];
+  const all = new Uint8Array(model.length);
+  await image.read(store, all, 0);
+  assertBytes(all, model);
+  // 0-99, the plain cluster, 101-199, and one read for each cluster stored backwards.
+  assertEquals(store.reads.length, 3 + 10);
+  // A piece of a cluster still reads right (inflated whole and cached).
+  const piece = new Uint8Array(1000);
+  await image.read(store, piece, 150 * cs + 3000);
+  assertBytes(piece, model.subarray(150 * cs + 3000, 150 * cs + 4000));
+});
+
+Deno.test("qcow2 image: one read of neighbouring compressed clusters stays within 4 MiB", async () => {
+  await loadCompression();
+  const cs = 65536;
+  const count = 160;
+  const next = rng(11);
+  const model = new Uint8Array(count * cs);
+  const clusters: [number, Uint8Array, "compressed" | "plain"][] = [];
+  for (let i = 0; i < count; i++) {
+    // Half random: each compresses to a little over half a cluster.
+    const data = new Uint8Array(cs).map((_, j) => j < cs / 2 ? Math.floor(next() * 256) : 0);
+    model.set(data, i * cs);
+    clusters.push([i, data, "compressed"]);
+  }
+  const store = await writeImage(model.length, cs, clusters);
+  const image = await Qcow2Image.open(store, { writable: false });
+  await image.read(store, new Uint8Array(512), 0); // loads the L2 table
+  store.reads = [];
+  const all = new Uint8Array(model.length);
+  await image.read(store, all, 0);
+  assertBytes(all, model);
+  assertEquals(store.reads.length, 2);
+  assertOk(store.reads.every((n) => n <= 4 << 20), `reads of ${store.reads}`);
 });
