@@ -147,7 +147,9 @@ export function serveImage(data: Uint8Array, options: ImageServerOptions = {}): 
     return !/close/i.test(headers.get("connection") ?? "");
   };
 
-  const serve = async (conn: Deno.Conn) => {
+  const serve = async (conn: Deno.TcpConn) => {
+    // As any real server: without it, a body's first segment waits for the ack of the head's.
+    conn.setNoDelay(true);
     const buf = new Uint8Array(16384);
     let pending = "";
     try {
