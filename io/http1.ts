@@ -134,6 +134,23 @@ export class Http1Pool {
   }
 
   /**
+   * Sends a HEAD for `path` (with its query) and returns the answer, whatever
+   * its status (`filled` once it is read whole: a HEAD answer has no body).
+   * Throws `Http1Error` when the connection fails.
+   */
+  async head(path: string, headers: Headers): Promise<Http1Answer> {
+    let request = `HEAD ${path} HTTP/1.1\r\nHost: ${this.#host}\r\n`;
+    for (const [name, value] of headers) request += `${name}: ${value}\r\n`;
+    request += "\r\n";
+    return await this.#pooled((connection) =>
+      this.#exchange(connection, request, undefined, (_answer, early) => {
+        // Bytes past the head would be the next answer's: the connection cannot be trusted.
+        return Promise.resolve(early.length === 0);
+      })
+    );
+  }
+
+  /**
    * PUTs `body` to `path` (with its query), written to the socket from the
    * caller's buffer. Returns the answer when it is a 2xx with an empty or
    * short body (read and dropped); any other answer comes back with

@@ -198,3 +198,44 @@ Deno.test("http1: PUTs go over one kept-alive connection; a refusal comes back u
     pool.close();
   }
 });
+
+Deno.test("http1: HEADs share the kept-alive connection of the ranged GETs", async () => {
+  const data: Uint8Array<ArrayBuffer> = new Uint8Array(randomBytes(8192, 73));
+  const clients: string[] = [];
+  await using server = Deno.serve(
+    { port: 0, hostname: "127.0.0.1", onListen() {} },
+    (req, info) => {
+      clients.push(`${info.remoteAddr.port}`);
+      if (new URL(req.url).pathname === "/moved") {
+        return new Response(null, { status: 302, headers: { Location: "/disk.img" } });
+      }
+      const range = /bytes=(\d+)-(\d+)/.exec(req.headers.get("Range") ?? "");
+      if (!range) {
+        return new Response(req.method === "HEAD" ? null : data, {
+          headers: { "Content-Length": `${data.length}`, "X-Method": req.method },
+        });
+      }
+      const [start, end] = [Number(range[1]), Number(range[2])];
+      return new Response(data.subarray(start, end + 1), {
+        status: 206,
+        headers: { "Content-Range": `bytes ${start}-${end}/${data.length}` },
+      });
+    },
+  );
+  const pool = new Http1Pool(new URL(`http://127.0.0.1:${server.addr.port}/`), 5000);
+  try {
+    const moved = await pool.head("/moved", new Headers());
+    assertEquals([moved.filled, moved.status], [true, 302]);
+    assertEquals(moved.headers.get("Location"), "/disk.img");
+    const head = await pool.head("/disk.img", new Headers({ "x-test": "1" }));
+    assertEquals([head.filled, head.status], [true, 200]);
+    assertEquals(head.headers.get("Content-Length"), `${data.length}`);
+    assertEquals(head.headers.get("X-Method"), "HEAD");
+    const buf = new Uint8Array(4096);
+    assertEquals((await pool.getRange("/disk.img", new Headers(), 4096, buf)).filled, true);
+    assertBytes(buf, data.subarray(4096));
+    assertEquals(new Set(clients).size, 1);
+  } finally {
+    pool.close();
+  }
+});

@@ -14,7 +14,7 @@
 import { NbdError } from "../protocol/errors.ts";
 import { UsageError } from "../util/usage_error.ts";
 import { sleep } from "../util/sleep.ts";
-import { Http1Pool } from "./http1.ts";
+import { type Http1Answer, Http1Pool } from "./http1.ts";
 
 /** Settings of one remote image. */
 export interface HttpOptions {
@@ -81,12 +81,27 @@ const PROXIED = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"].some((nam
 /** Headers that are not sent to another origin than the one they were given for. */
 const ORIGIN_BOUND_HEADERS = ["Authorization", "Cookie"];
 
+/** Answers that send the request elsewhere (`Location`), and how many are followed (as fetch). */
+const REDIRECT_STATUS = new Set([301, 302, 303, 307, 308]);
+const MAX_REDIRECTS = 20;
+
 /** A counting semaphore. */
 class Slots {
+  #count: number;
   #free: number;
   readonly #waiters: Array<() => void> = [];
   constructor(count: number) {
+    this.#count = count;
     this.#free = count;
+  }
+  /** Changes the number of slots (used or not) to `count`. */
+  resize(count: number): void {
+    this.#free += count - this.#count;
+    this.#count = count;
+    while (this.#free > 0 && this.#waiters.length > 0) {
+      this.#free--;
+      this.#waiters.shift()!();
+    }
   }
   async run<T>(fn: () => Promise<T>): Promise<T> {
     if (this.#free > 0) this.#free--;
@@ -115,8 +130,10 @@ export class HttpImage {
   #resolving: Promise<void> | undefined;
   /** Times `options.url` was resolved again because its target went stale. */
   reresolutions = 0;
-  /** Keep-alive connections to the target, when it is an http: URL. */
-  #pool: { url: string; pool: Http1Pool } | undefined;
+  /** Milliseconds the one-byte probe of `open` took: about one round trip to the target. */
+  probeMs = 0;
+  /** Keep-alive connections per origin of http: URLs. */
+  readonly #pools = new Map<string, Http1Pool>();
 
   /** Prepares requests to `options.url`. */
   constructor(options: HttpOptions) {
@@ -131,16 +148,33 @@ export class HttpImage {
     return this.#target;
   }
 
+  /** Requests in flight at once. */
+  get connections(): number {
+    return this.options.connections;
+  }
+
+  /** Changes the number of requests in flight at once. */
+  set connections(count: number) {
+    this.#slots.resize(count);
+    this.options.connections = count;
+  }
+
+  /** The headers for `url`: the given ones, less those bound to the original origin. */
+  #headersFor(url: string): Headers {
+    const headers = new Headers(this.options.headers);
+    if (new URL(url).origin !== new URL(this.options.url).origin) {
+      for (const name of ORIGIN_BOUND_HEADERS) headers.delete(name);
+    }
+    return headers;
+  }
+
   /** Sends reads to `url`, where the original URL redirected. */
   #setTarget(url: string): void {
     if (!this.options.follow || url === "" || url === this.#target) return;
     this.#target = url;
-    this.#targetHeaders = new Headers(this.options.headers);
     // Credentials given for the original server stay with it (as on a redirect followed by
     // fetch): a signed URL elsewhere is refused when it also carries an Authorization header.
-    if (new URL(url).origin !== new URL(this.options.url).origin) {
-      for (const name of ORIGIN_BOUND_HEADERS) this.#targetHeaders.delete(name);
-    }
+    this.#targetHeaders = this.#headersFor(url);
   }
 
   async #fetch(
@@ -204,10 +238,87 @@ export class HttpImage {
     }
   }
 
-  /** Finds the size and checks that the server honours Range requests. */
+  /** `TransientError` for an answer with a status worth retrying. */
+  #transient(method: string, url: string, answer: Http1Answer): TransientError | undefined {
+    if (!TRANSIENT_STATUS.has(answer.status)) return undefined;
+    const failure = new TransientError(`${method} ${url}: ${answer.status} ${answer.statusText}`);
+    const after = Number(answer.headers.get("Retry-After"));
+    if (after > 0) failure.retryAfter = after;
+    return failure;
+  }
+
+  /**
+   * HEADs `options.url` over the kept-alive connections the reads will use,
+   * following redirects: the URL they led to and its answer. Undefined when
+   * fetch is to do it (not plain http, a broken connection, a redirect not
+   * to be followed); a transient status throws `TransientError`.
+   */
+  async #headPooled(): Promise<{ url: string; answer: Http1Answer } | undefined> {
+    let url = this.options.url;
+    for (let hops = 0; hops <= MAX_REDIRECTS; hops++) {
+      const pool = this.#poolFor(url);
+      if (!pool) return undefined;
+      const parsed = new URL(url);
+      let answer;
+      try {
+        answer = await pool.head(parsed.pathname + parsed.search, this.#headersFor(url));
+      } catch {
+        return undefined;
+      }
+      const failure = this.#transient("HEAD", url, answer);
+      if (failure) throw failure;
+      const location = answer.headers.get("Location");
+      if (!REDIRECT_STATUS.has(answer.status)) return { url, answer };
+      if (location === null || !this.options.follow) return undefined;
+      url = new URL(location, url).href;
+    }
+    return undefined;
+  }
+
+  /**
+   * The one-byte probe over the kept-alive connections: the image's size
+   * from its `Content-Range` (NaN when not given) when the byte came as
+   * asked; undefined when fetch is to do it (anything else but a transient
+   * status, which throws `TransientError`).
+   */
+  async #probePooled(): Promise<number | undefined> {
+    const pool = this.#poolFor(this.#target);
+    if (!pool) return undefined;
+    const target = new URL(this.#target);
+    let probe;
+    try {
+      probe = await pool.getRange(
+        target.pathname + target.search,
+        this.#targetHeaders,
+        0,
+        new Uint8Array(1),
+      );
+    } catch {
+      return undefined;
+    }
+    const failure = this.#transient("GET", this.#target, probe);
+    if (failure) throw failure;
+    if (!probe.filled) return undefined;
+    return Number(/\/(\d+)\s*$/.exec(probe.headers.get("Content-Range") ?? "")?.[1]);
+  }
+
+  /**
+   * Finds the size and checks that the server honours Range requests. Over
+   * plain http the HEAD, its redirects and the probe go over the connections
+   * the reads will use (fetch would open new ones); fetch takes over at the
+   * first answer out of the ordinary.
+   */
   async open(): Promise<void> {
     let size: number | undefined;
     await this.#withRetries(async () => {
+      const pooled = await this.#headPooled();
+      if (pooled) {
+        if (pooled.answer.status >= 200 && pooled.answer.status < 300) {
+          size = contentLength(pooled.answer.headers);
+          this.#setTarget(pooled.url);
+        }
+        return;
+      }
       const head = await this.#fetch("HEAD", undefined, undefined, this.options.url);
       await head.body?.cancel();
       if (head.ok) {
@@ -215,8 +326,20 @@ export class HttpImage {
         this.#setTarget(head.url);
       }
     });
+    const start = performance.now();
+    const pooledTotal = await this.#withRetries(() => this.#probePooled());
+    if (pooledTotal !== undefined) {
+      this.probeMs = performance.now() - start;
+      size ??= Number.isNaN(pooledTotal) ? undefined : pooledTotal;
+      if (size === undefined) {
+        throw new UsageError(`http: cannot find the size of ${this.options.url}`);
+      }
+      this.size = size;
+      return;
+    }
     // One-byte probe: proves Range works and gives the size when HEAD did not.
     const probe = await this.#withRetries(() => this.#fetch("GET", [0, 0]));
+    this.probeMs = performance.now() - start;
     if (probe.ok) this.#setTarget(probe.url);
     if (probe.status === 200) {
       // The whole image is on its way: stop it rather than read it.
@@ -324,12 +447,14 @@ export class HttpImage {
 
   /** The plain-TCP client for `url`, when it is an http: URL it can take (no proxy in the way). */
   #poolFor(url: string): Http1Pool | undefined {
-    if (this.#pool?.url === url) return this.#pool.pool;
     const parsed = new URL(url);
     if (parsed.protocol !== "http:" || PROXIED) return undefined;
-    this.#pool?.pool.close();
-    this.#pool = { url, pool: new Http1Pool(parsed, this.options.timeout) };
-    return this.#pool.pool;
+    let pool = this.#pools.get(parsed.origin);
+    if (!pool) {
+      pool = new Http1Pool(parsed, this.options.timeout);
+      this.#pools.set(parsed.origin, pool);
+    }
+    return pool;
   }
 
   /**
@@ -397,8 +522,8 @@ export class HttpImage {
 
   /** Closes the connections kept open for reads. */
   close(): void {
-    this.#pool?.pool.close();
-    this.#pool = undefined;
+    for (const pool of this.#pools.values()) pool.close();
+    this.#pools.clear();
     this.options.client?.close();
   }
 }

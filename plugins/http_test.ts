@@ -269,8 +269,50 @@ Deno.test("http plugin reads ranges sent chunked (no Content-Length), byte-exact
     const url = `http://127.0.0.1:${server.addr.port}/disk.img`;
     const { backend, instance } = await openPlugin(httpPlugin, [url]);
     assertBytes(await read(backend, 70000, 100000), data.subarray(70000, 170000));
-    // The probe (through fetch), then the read twice: plainly, then again through fetch.
-    assertEquals(chunked, 3);
+    // The probe and the read, each twice: plainly, then again through fetch.
+    assertEquals(chunked, 4);
+    await instance.close?.();
+  } finally {
+    await server.shutdown();
+  }
+});
+
+Deno.test("http plugin sends the HEAD, the redirect and the probe over its reads' connection", async () => {
+  const data = new Uint8Array(randomBytes(65536, 28));
+  const requests: string[] = [];
+  const clients = new Set<number>();
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, (req, info) => {
+    clients.add(info.remoteAddr.port);
+    const path = new URL(req.url).pathname;
+    requests.push(`${req.method} ${path}`);
+    if (path === "/redirect") {
+      return new Response(null, { status: 302, headers: { Location: "/disk.img?sig=1" } });
+    }
+    if (req.method === "HEAD") {
+      return new Response(null, { headers: { "Content-Length": String(data.length) } });
+    }
+    const [, start, end] = /^bytes=(\d+)-(\d+)$/.exec(req.headers.get("Range")!)!.map(Number);
+    return new Response(data.slice(start!, end! + 1), {
+      status: 206,
+      headers: { "Content-Range": `bytes ${start}-${end}/${data.length}` },
+    });
+  });
+  try {
+    const url = `http://127.0.0.1:${server.addr.port}/redirect`;
+    const { backend, instance } = await openPlugin(httpPlugin, [url, "connections=1"]);
+    assertEquals(backend.size(), data.length);
+    for (let i = 0; i < 3; i++) {
+      assertBytes(await read(backend, i * 4096, 4096), data.subarray(i * 4096, (i + 1) * 4096));
+    }
+    assertEquals(requests, [
+      "HEAD /redirect",
+      "HEAD /disk.img",
+      "GET /disk.img",
+      "GET /disk.img",
+      "GET /disk.img",
+      "GET /disk.img",
+    ]);
+    assertEquals(clients.size, 1);
     await instance.close?.();
   } finally {
     await server.shutdown();
