@@ -28,9 +28,22 @@ const HTTP_BLOCK_SIZE: BlockSize = Object.freeze({
   preferred: 4 << 20,
 });
 
+/**
+ * Requests in flight by default: on a link where each request waits a round
+ * trip (the probe took `LATENT_PROBE_MS` or more) more of them keep it
+ * busy; near the server, fewer leave the processor to moving bytes.
+ */
+export const HTTP_CONNECTIONS_NEAR = 4;
+/** Requests in flight by default when the probe took `LATENT_PROBE_MS` or more. */
+export const HTTP_CONNECTIONS_FAR = 8;
+const LATENT_PROBE_MS = 5;
+
 /** Options of `HttpSource.open`. */
 export interface HttpSourceOptions {
-  /** Requests in flight at once (default 4). */
+  /**
+   * Requests in flight at once (default: `HTTP_CONNECTIONS_FAR` when the
+   * server is a round trip of 5 ms or more away, else `HTTP_CONNECTIONS_NEAR`).
+   */
   connections?: number;
 }
 
@@ -60,7 +73,7 @@ export class HttpSource extends BaseEndpoint {
     const image = new HttpImage({
       url,
       headers: new Headers({ "User-Agent": "nbd-copy" }),
-      connections: Math.max(1, options.connections ?? 4),
+      connections: Math.max(1, options.connections ?? HTTP_CONNECTIONS_NEAR),
       timeout: 60_000,
       // Transient failures are retried after 0.5, 1, 2 and 4 s: long enough to ride out a
       // hiccup, short enough that an unreachable server is reported within seconds.
@@ -73,6 +86,9 @@ export class HttpSource extends BaseEndpoint {
     } catch (error) {
       if (error instanceof RangesIgnoredError) return await openInOrder(url, image, error.size);
       throw plainError(error);
+    }
+    if (options.connections === undefined && image.probeMs >= LATENT_PROBE_MS) {
+      image.connections = HTTP_CONNECTIONS_FAR;
     }
     return new HttpSource(url, image);
   }
