@@ -12,7 +12,6 @@
  * @module
  */
 
-import { createHash } from "node:crypto";
 import { sleep } from "../util/sleep.ts";
 import { Http1Error, Http1Pool } from "./http1.ts";
 
@@ -133,29 +132,68 @@ function hex(bytes: ArrayBuffer): string {
   return Array.from(new Uint8Array(bytes), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/**
- * Lowercase hex SHA-256 of `data`. Through node:crypto: about three times
- * faster than crypto.subtle on part-sized bodies (docs/performance.md).
- */
+/** node:crypto, loaded on first use: its loading costs start-up, and only uploads need it. */
+let nodeCrypto: Promise<typeof import("node:crypto")> | undefined;
+
+/** Bodies from this size up are hashed through node:crypto; smaller ones through crypto.subtle. */
+const NODE_HASH_FROM = 64 * 1024;
+
+/** SHA-256 of `data`, as hex or base64. */
+async function sha256(data: Uint8Array | string, encoding: "hex" | "base64"): Promise<string> {
+  if (data.length >= NODE_HASH_FROM) {
+    // About three times faster than crypto.subtle on part-sized bodies (docs/performance.md).
+    nodeCrypto ??= import("node:crypto");
+    return (await nodeCrypto).createHash("sha256").update(data).digest(encoding);
+  }
+  const bytes = typeof data === "string" ? encoder.encode(data) : data;
+  const digest = await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>);
+  return encoding === "hex" ? hex(digest) : btoa(String.fromCharCode(...new Uint8Array(digest)));
+}
+
+/** Lowercase hex SHA-256 of `data`. */
 export function sha256Hex(data: Uint8Array | string): Promise<string> {
-  return Promise.resolve(createHash("sha256").update(data).digest("hex"));
+  return sha256(data, "hex");
 }
 
 /** Base64 SHA-256 of `data` (the x-amz-checksum-sha256 header). */
 export function sha256Base64(data: Uint8Array): Promise<string> {
-  return Promise.resolve(createHash("sha256").update(data).digest("base64"));
+  return sha256(data, "base64");
 }
 
-async function hmac(key: Uint8Array | string, data: string): Promise<Uint8Array> {
-  const raw = typeof key === "string" ? encoder.encode(key) : key;
-  const cryptoKey = await crypto.subtle.importKey(
+function hmacKey(raw: Uint8Array): Promise<CryptoKey> {
+  return crypto.subtle.importKey(
     "raw",
     raw as Uint8Array<ArrayBuffer>,
     { name: "HMAC", hash: "SHA-256" },
     false,
     ["sign"],
   );
-  return new Uint8Array(await crypto.subtle.sign("HMAC", cryptoKey, encoder.encode(data)));
+}
+
+async function hmac(key: Uint8Array | string, data: string): Promise<Uint8Array> {
+  const raw = typeof key === "string" ? encoder.encode(key) : key;
+  return new Uint8Array(await crypto.subtle.sign("HMAC", await hmacKey(raw), encoder.encode(data)));
+}
+
+/**
+ * Signing keys by secret, day and region: derived once a day rather than
+ * with four HMACs per request. Only the last one is kept.
+ */
+let signingKey: { id: string; key: Promise<CryptoKey> } | undefined;
+
+function signingKeyFor(secret: string, day: string, region: string): Promise<CryptoKey> {
+  const id = `${day}/${region}/${secret}`;
+  if (signingKey?.id !== id) {
+    const key = (async () => {
+      let derived = await hmac(`AWS4${secret}`, day);
+      derived = await hmac(derived, region);
+      derived = await hmac(derived, "s3");
+      derived = await hmac(derived, "aws4_request");
+      return await hmacKey(derived);
+    })();
+    signingKey = { id, key };
+  }
+  return signingKey.key;
 }
 
 /** RFC 3986 encoding as SigV4 wants it (unreserved characters kept). */
@@ -217,11 +255,8 @@ export async function signV4(
   ].join("\n");
   const scope = `${day}/${region}/s3/aws4_request`;
   const toSign = ["AWS4-HMAC-SHA256", amzDate, scope, await sha256Hex(canonical)].join("\n");
-  let key = await hmac(`AWS4${credentials.secretAccessKey}`, day);
-  key = await hmac(key, region);
-  key = await hmac(key, "s3");
-  key = await hmac(key, "aws4_request");
-  const signature = hex((await hmac(key, toSign)).buffer as ArrayBuffer);
+  const key = await signingKeyFor(credentials.secretAccessKey, day, region);
+  const signature = hex(await crypto.subtle.sign("HMAC", key, encoder.encode(toSign)));
   headers.set(
     "Authorization",
     `AWS4-HMAC-SHA256 Credential=${credentials.accessKeyId}/${scope}, ` +
@@ -410,6 +445,10 @@ export class S3Client {
 
   /** Size of an object, or undefined when it does not exist. */
   async headObject(bucket: string, key: string): Promise<number | undefined> {
+    if (this.#http1) {
+      const size = await this.#slots.run(() => this.#headDirect(bucket, key));
+      if (size !== false) return size;
+    }
     const response = await this.request({ method: "HEAD", bucket, key, accept: [404] });
     await response.body?.cancel();
     if (response.status === 404) return undefined;
@@ -463,6 +502,33 @@ export class S3Client {
     }
     if (n >= buf.length) await reader.cancel().catch(() => {});
     return n;
+  }
+
+  /**
+   * A HEAD on the kept-alive connections the reads use (fetch would open
+   * one more): the size, undefined for a missing object, or false for any
+   * other answer or a broken connection, which the caller asks again
+   * through `fetch`.
+   */
+  async #headDirect(bucket: string, key: string): Promise<number | undefined | false> {
+    const url = this.url(bucket, key);
+    const headers = new Headers();
+    if (this.options.credentials) {
+      await signV4(
+        { method: "HEAD", url, headers, payloadHash: EMPTY_SHA256, date: new Date() },
+        this.options.credentials,
+        this.options.region,
+      );
+    }
+    try {
+      const answer = await this.#http1!.head(url.pathname + url.search, headers);
+      const length = answer.headers.get("Content-Length");
+      if (answer.status === 200 && length !== null && /^\d+$/.test(length)) return Number(length);
+      return answer.status === 404 ? undefined : false;
+    } catch (error) {
+      if (error instanceof Http1Error) return false;
+      throw error;
+    }
   }
 
   /**

@@ -1,5 +1,13 @@
 import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
-import { findCredentials, S3Client, type S3Credentials, signV4 } from "./s3.ts";
+import { createHash, createHmac } from "node:crypto";
+import {
+  findCredentials,
+  S3Client,
+  type S3Credentials,
+  sha256Base64,
+  sha256Hex,
+  signV4,
+} from "./s3.ts";
 
 const EXAMPLE: S3Credentials = {
   accessKeyId: "AKIAIOSFODNN7EXAMPLE",
@@ -133,4 +141,108 @@ Deno.test("readObject over http: signed ranged GETs on kept-alive connections", 
   }
   // The three ranged reads went over one kept-alive connection.
   assertEquals(new Set(seen.slice(0, 3).map((r) => r.client)).size, 1);
+});
+
+Deno.test("sha256 of small and large bodies, hex and base64", async () => {
+  for (const length of [0, 3, 65535, 65536, 300_000]) {
+    const data = new Uint8Array(length).map((_, i) => (i * 31 + 7) & 0xff);
+    assertEquals(await sha256Hex(data), createHash("sha256").update(data).digest("hex"));
+    assertEquals(await sha256Base64(data), createHash("sha256").update(data).digest("base64"));
+  }
+  assertEquals(await sha256Hex("abc"), createHash("sha256").update("abc").digest("hex"));
+});
+
+Deno.test("signV4 derives a new signing key when the day or the region changes", async () => {
+  const sign = async (date: string, region: string) => {
+    const headers = new Headers();
+    await signV4(
+      {
+        method: "GET",
+        url: new URL("http://127.0.0.1:9000/bucket/key"),
+        headers,
+        payloadHash: "UNSIGNED-PAYLOAD",
+        date: new Date(date),
+      },
+      EXAMPLE,
+      region,
+    );
+    return headers;
+  };
+  for (
+    const [date, region] of [
+      ["2024-01-01T10:00:00Z", "us-east-1"],
+      ["2024-01-01T11:00:00Z", "eu-west-1"],
+      ["2024-01-02T00:00:00Z", "eu-west-1"],
+      ["2024-01-02T00:00:01Z", "eu-west-1"],
+    ]
+  ) {
+    const headers = await sign(date!, region!);
+    const [, scope, names, signature] =
+      /Credential=[^/]+\/([^,]+), SignedHeaders=([^,]+), Signature=(\w+)$/
+        .exec(headers.get("Authorization")!)!;
+    const amzDate = headers.get("x-amz-date")!;
+    const canonical = [
+      "GET",
+      "/bucket/key",
+      "",
+      names!.split(";").map((n) => `${n}:${n === "host" ? "127.0.0.1:9000" : headers.get(n)}\n`)
+        .join(""),
+      names,
+      "UNSIGNED-PAYLOAD",
+    ].join("\n");
+    const toSign = [
+      "AWS4-HMAC-SHA256",
+      amzDate,
+      scope,
+      createHash("sha256").update(canonical).digest("hex"),
+    ].join("\n");
+    let key: Buffer = createHmac("sha256", `AWS4${EXAMPLE.secretAccessKey}`)
+      .update(amzDate.slice(0, 8)).digest();
+    for (const part of [region!, "s3", "aws4_request"]) {
+      key = createHmac("sha256", key).update(part).digest();
+    }
+    assertEquals(signature, createHmac("sha256", key).update(toSign).digest("hex"));
+    assertEquals(scope, `${amzDate.slice(0, 8)}/${region}/s3/aws4_request`);
+  }
+});
+
+Deno.test("headObject over http: signed HEADs on the reads' kept-alive connection", async () => {
+  const data = new Uint8Array(10_000).map((_, i) => i & 0xff);
+  const seen: Array<{ method: string; auth: string; client: string }> = [];
+  await using server = Deno.serve(
+    { port: 0, hostname: "127.0.0.1", onListen() {} },
+    (req, info) => {
+      const client = `${info.remoteAddr.hostname}:${info.remoteAddr.port}`;
+      seen.push({ method: req.method, auth: req.headers.get("authorization") ?? "", client });
+      if (new URL(req.url).pathname !== "/bucket/disk") return new Response(null, { status: 404 });
+      const match = /^bytes=(\d+)-(\d+)$/.exec(req.headers.get("range") ?? "");
+      if (!match) {
+        return new Response(req.method === "HEAD" ? null : data, {
+          headers: { "Content-Length": `${data.length}` },
+        });
+      }
+      const [start, end] = [Number(match[1]), Number(match[2])];
+      return new Response(data.slice(start, end + 1), {
+        status: 206,
+        headers: { "Content-Range": `bytes ${start}-${end}/${data.length}` },
+      });
+    },
+  );
+  const s3 = new S3Client({
+    endpoint: `http://127.0.0.1:${server.addr.port}`,
+    credentials: EXAMPLE,
+    connections: 1,
+  });
+  try {
+    assertEquals(await s3.headObject("bucket", "disk"), data.length);
+    assertEquals(await s3.headObject("bucket", "missing"), undefined);
+    const buf = new Uint8Array(1000);
+    assertEquals(await s3.readObject("bucket", "disk", buf, 500), 1000);
+    assertBytes(buf, data.subarray(500, 1500));
+  } finally {
+    s3.close();
+  }
+  assertEquals(seen.map((r) => r.method), ["HEAD", "HEAD", "GET"]);
+  for (const request of seen) assertOk(/^AWS4-HMAC-SHA256 Credential=/.test(request.auth));
+  assertEquals(new Set(seen.map((r) => r.client)).size, 1);
 });
