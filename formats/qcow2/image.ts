@@ -125,8 +125,8 @@ const MAX_CACHED_CLUSTERS = 16;
 const MAX_COMPRESSED_READ = 4 << 20;
 /** Unused bytes a read of neighbouring compressed clusters may span between two of them. */
 const COMPRESSED_GAP = 512;
-/** Bytes of idle all-zero cluster buffers kept for partial writes into new clusters. */
-const ZERO_CLUSTER_BUDGET = 4 << 20;
+/** Written at the end of a new cluster that its data does not reach. */
+const ZERO_SECTOR = new Uint8Array(512);
 const FLUSH_AFTER_DIRTY = 512;
 
 /** An L2 entry as stored: the two words and, for extended entries, the bitmaps. */
@@ -209,7 +209,6 @@ export class Qcow2Image {
    * its piece into one instead of a fresh buffer (zeroing and faulting in a
    * whole cluster for each small write), and clears only the piece after.
    */
-  readonly #zeroClusters: Uint8Array[] = [];
   #end: number;
   #headerDirty = false;
   #autoclear: number;
@@ -968,17 +967,8 @@ export class Qcow2Image {
           const within = pos - cluster * cs;
           if (this.#readsAsZero(t, cluster)) {
             // Nothing to copy: a new cluster lies past everything the file held, so
-            // its head reads as zeroes unwritten; the piece and the zeroes after it
-            // are written.
-            const zeroes = this.#zeroClusters.pop() ?? new Uint8Array(cs);
-            const tail = zeroes.subarray(0, cs - within);
-            tail.set(piece);
-            await this.#writeNew(store, tail, cluster, within);
-            // Given back only after a write that succeeded: the store is done with it.
-            tail.fill(0, 0, piece.length);
-            if ((this.#zeroClusters.length + 1) * cs <= ZERO_CLUSTER_BUDGET) {
-              this.#zeroClusters.push(zeroes);
-            }
+            // what is not written in it reads as zeroes; only the piece is written.
+            await this.#writeNew(store, piece, cluster, within);
             return;
           }
           const block = new Uint8Array(cs);
@@ -1148,9 +1138,11 @@ export class Qcow2Image {
   }
 
   /**
-   * Stores whole clusters from `cluster` on in newly allocated space and
-   * maps them; `data` goes `skip` bytes into the first one (whose head then
-   * reads as zeroes, never having been written).
+   * Stores clusters from `cluster` on in newly allocated space and maps
+   * them; `data` goes `skip` bytes into the first one. New space lies past
+   * everything the file held, so what is not written reads as zeroes: the
+   * head before `skip`, and the tail after the data, of which only the last
+   * sector is written, so that the file covers the whole cluster.
    */
   async #writeNew(
     store: ImageStore,
@@ -1159,9 +1151,15 @@ export class Qcow2Image {
     skip = 0,
   ): Promise<void> {
     const cs = this.clusterSize;
-    const n = (skip + data.length) / cs;
+    const n = Math.ceil((skip + data.length) / cs);
     const at = await this.#meta.run(() => this.#allocate(store, n));
     await store.pwrite!(data, at + skip, { fua: false });
+    const written = at + skip + data.length;
+    const end = at + n * cs;
+    if (written < end) {
+      const from = Math.max(written, end - ZERO_SECTOR.length);
+      await store.pwrite!(ZERO_SECTOR.subarray(0, end - from), from, { fua: false });
+    }
     await this.#meta.run(async () => {
       for (let i = 0; i < n; i++) {
         const c = cluster + i;

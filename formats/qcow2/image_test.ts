@@ -470,3 +470,41 @@ Deno.test("qcow2 image: one read of neighbouring compressed clusters stays withi
   assertEquals(store.reads.length, 2);
   assertOk(store.reads.every((n) => n <= 4 << 20), `reads of ${store.reads}`);
 });
+
+Deno.test("qcow2 image: a piece written into a new cluster is written with one sector, not the cluster", async () => {
+  const cs = 65536;
+  const size = 8 << 20;
+  const writes: number[] = [];
+  class RecordingStore extends MemoryStore {
+    override pwrite(buf: Uint8Array, offset: number): Promise<void> {
+      writes.push(buf.length);
+      return super.pwrite(buf, offset);
+    }
+  }
+  const store = new RecordingStore(createImage({ size, clusterSize: cs }));
+  const image = await Qcow2Image.open(store, { writable: true });
+  const model = new Uint8Array(size);
+  // 4 KiB pieces 2 clusters + 4 KiB apart: at every offset within a cluster, each a new one.
+  const pieces: [number, Uint8Array][] = [];
+  for (let i = 0, at = 0; at + 4096 <= size; i++, at += 2 * cs + 4096) {
+    pieces.push([at, new Uint8Array(4096).fill(1 + (i % 250))]);
+  }
+  // A piece that ends the cluster, and one that ends 100 bytes short of it.
+  pieces.push([size - 4096, new Uint8Array(4096).fill(0xab)]);
+  pieces.push([size - 2 * cs + 1000, new Uint8Array(cs - 1100).fill(0xcd)]);
+  for (const [at, data] of pieces) {
+    await image.write(store, data, at);
+    model.set(data, at);
+  }
+  const written = writes.reduce((a, b) => a + b, 0);
+  const data = pieces.reduce((a, [, d]) => a + d.length, 0);
+  assertOk(written <= data + pieces.length * 512, `${written} bytes written for ${data}`);
+  // The file covers every cluster allocated, whole.
+  assertEquals(store.size() % cs, 0);
+  await image.flush(store);
+  const reopened = await Qcow2Image.open(store, { writable: false });
+  const got = new Uint8Array(size);
+  await reopened.read(store, got, 0);
+  assertBytes(got, model);
+  await qemuCheck(store, "pieces in new clusters");
+});
