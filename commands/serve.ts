@@ -545,8 +545,8 @@ export const WORKER_PLUGINS: ReadonlySet<string> = new Set(["file", "memory", "n
 
 /** Refuses `--workers` where the workers could not serve as one server. */
 function checkWorkers(values: ServeValues, listen: ListenPlan, filters: Filter[]): void {
-  if (listen.transport !== "sockets") {
-    throw new UsageError("--workers needs -p, -i or -U (not --single or socket activation)");
+  if (listen.transport === "stdio") {
+    throw new UsageError("--workers needs listening sockets (-p, -i, -U or socket activation)");
   }
   if (values.tls !== undefined && values.tls !== "off") {
     throw new UsageError("--workers cannot be combined with --tls");

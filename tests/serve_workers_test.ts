@@ -2,8 +2,9 @@
  * `nbd serve --workers N`: several threads accept on the same socket. Data
  * read by several clients at once is byte-exact, writes through one
  * connection are read back through the others (the memory plugin's disk is
- * shared between the threads), a stop signal ends the server and its
- * workers promptly, and what cannot be shared is refused with one line.
+ * shared between the threads), socket activation can start workers too,
+ * a stop signal ends the server and its workers promptly, and what cannot
+ * be shared is refused with one line.
  *
  * @module
  */
@@ -121,11 +122,57 @@ Deno.test(
   },
 );
 
+Deno.test(
+  "serve --workers: under socket activation, 4 connections write and read back byte-exact",
+  linuxPaths("--workers", peers("nbdcopy")),
+  async () => {
+    await using dir = await tempDir();
+    const image = `${dir.path}/image`;
+    const data = randomBytes(8 * MIB, 31);
+    await Deno.writeFile(image, data);
+    // nbdcopy starts the server on a socket of its own (LISTEN_FDS) and writes, then reads back
+    // through a second server that serves the written file the same way.
+    const serve = [Deno.execPath(), "run", "-A", "--quiet", `${ROOT}/main.ts`, "serve"];
+    const target = `${dir.path}/target`;
+    await Deno.writeFile(target, new Uint8Array(data.length));
+    await runOk("nbdcopy", [
+      "-C",
+      "4",
+      image,
+      "--",
+      "[",
+      ...serve,
+      "--workers",
+      "2",
+      "file",
+      target,
+      "]",
+    ]);
+    assertBytes(await Deno.readFile(target), data, "written through the workers");
+    const copy = `${dir.path}/copy`;
+    await runOk("nbdcopy", [
+      "-C",
+      "4",
+      "--",
+      "[",
+      ...serve,
+      "--workers",
+      "3",
+      "-r",
+      "file",
+      target,
+      "]",
+      copy,
+    ]);
+    assertBytes(await Deno.readFile(copy), data, "read through the workers");
+  },
+);
+
 Deno.test("serve --workers: what cannot be shared is refused with one line", async () => {
   const cases: Array<[string[], RegExp]> = [
     [["--workers", "2", "-U", "-", "data", "1 2 3"], /the data plugin cannot be served by several/],
     [["--workers", "2", "-U", "-", "--filter=cow", "memory", "1M"], /--workers cannot be combined/],
-    [["--workers", "2", "--single", "memory", "1M"], /--workers needs -p, -i or -U/],
+    [["--workers", "2", "--single", "memory", "1M"], /--workers needs listening sockets/],
     [["--workers", "0", "-U", "-", "memory", "1M"], /--workers: expected an integer from 1/],
   ];
   for (const [args, message] of cases) {
