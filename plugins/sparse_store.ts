@@ -55,6 +55,32 @@ export class SparseStore {
     return page;
   }
 
+  /**
+   * Allocates the missing page where `buf` (written at `offset`) has reached
+   * `done`, together with the following pages this write fills that are
+   * missing too and not all zero, as views of one buffer: a later write of
+   * the same range can then be received in place as one run.
+   */
+  #allocateRun(buf: Uint8Array, offset: number, done: number): Uint8Array {
+    const first = Math.floor((offset + done) / PAGE_SIZE);
+    let count = 1;
+    for (let pos = (first + 1) * PAGE_SIZE; pos < offset + buf.length; pos += PAGE_SIZE) {
+      const index = first + count;
+      if (this.#pages.has(index)) break;
+      const from = pos - offset;
+      if (isAllZero(buf.subarray(from, Math.min(from + PAGE_SIZE, buf.length)))) break;
+      count++;
+    }
+    if (count === 1) return this.#page(first, true)!;
+    const run = new Uint8Array(count * PAGE_SIZE);
+    for (let i = 0; i < count; i++) {
+      this.#pages.set(first + i, run.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
+      const dir = (first + i) >> DIR_SHIFT;
+      this.#directory.set(dir, (this.#directory.get(dir) ?? 0) + 1);
+    }
+    return this.#pages.get(first)!;
+  }
+
   #free(index: number): void {
     if (!this.#pages.delete(index)) return;
     const dir = index >> DIR_SHIFT;
@@ -111,7 +137,14 @@ export class SparseStore {
       const n = Math.min(PAGE_SIZE - within, length - done);
       const page = this.#pages.get(index);
       if (!page) return undefined;
-      out.push(page.subarray(within, within + n));
+      // Pages allocated together by one write are adjacent in one buffer: one view for the run.
+      const last = out[out.length - 1];
+      if (
+        last && last.buffer === page.buffer &&
+        last.byteOffset + last.length === page.byteOffset + within
+      ) {
+        out[out.length - 1] = new Uint8Array(last.buffer, last.byteOffset, last.length + n);
+      } else out.push(page.subarray(within, within + n));
       done += n;
     }
     return out;
@@ -133,7 +166,7 @@ export class SparseStore {
           done += n;
           continue;
         }
-        page = this.#page(index, true)!;
+        page = this.#allocateRun(buf, offset, done);
       }
       page.set(chunk, within);
       done += n;

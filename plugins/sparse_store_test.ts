@@ -66,7 +66,9 @@ Deno.test("SparseStore writing zeroes into a hole allocates nothing", () => {
 
 Deno.test("SparseStore writeViews are the stored pages themselves, or undefined over a hole", () => {
   const store = new SparseStore(4 * PAGE_SIZE);
-  store.write(new Uint8Array(2 * PAGE_SIZE).fill(1), 0);
+  // Two writes: two pages allocated apart.
+  store.write(new Uint8Array(PAGE_SIZE).fill(1), 0);
+  store.write(new Uint8Array(PAGE_SIZE).fill(1), PAGE_SIZE);
   assertEquals(store.writeViews(PAGE_SIZE - 10, PAGE_SIZE + 20), undefined, "page 2 is a hole");
   const views = store.writeViews(PAGE_SIZE - 10, 20)!;
   assertEquals(views.map((v) => v.length), [10, 10]);
@@ -77,4 +79,25 @@ Deno.test("SparseStore writeViews are the stored pages themselves, or undefined 
   expected.fill(8, PAGE_SIZE, PAGE_SIZE + 10);
   assertBytes(readAll(store, 0, 2 * PAGE_SIZE), expected);
   assertEquals(store.allocatedBytes, 2 * PAGE_SIZE);
+});
+
+Deno.test("SparseStore pages allocated by one write are one run: one view, zero pages still holes", () => {
+  const store = new SparseStore(8 * PAGE_SIZE);
+  const data = new Uint8Array(5 * PAGE_SIZE).fill(3);
+  data.fill(0, 2 * PAGE_SIZE, 3 * PAGE_SIZE);
+  store.write(data, PAGE_SIZE);
+  assertEquals(store.allocatedBytes, 4 * PAGE_SIZE, "the all-zero page stays a hole");
+  assertEquals(store.writeViews(PAGE_SIZE, 5 * PAGE_SIZE), undefined);
+  assertEquals(store.writeViews(PAGE_SIZE + 5, 2 * PAGE_SIZE - 5)!.map((v) => v.length), [
+    2 * PAGE_SIZE - 5,
+  ]);
+  assertEquals(store.writeViews(4 * PAGE_SIZE, 2 * PAGE_SIZE)!.length, 1);
+  assertBytes(readAll(store, PAGE_SIZE, 5 * PAGE_SIZE), data);
+  // Freeing one page of a run leaves the others readable and writable.
+  store.zero(4 * PAGE_SIZE, PAGE_SIZE);
+  assertEquals(store.allocatedBytes, 3 * PAGE_SIZE);
+  const views = store.writeViews(5 * PAGE_SIZE, PAGE_SIZE)!;
+  views[0]!.fill(9);
+  assertBytes(readAll(store, 5 * PAGE_SIZE, PAGE_SIZE), new Uint8Array(PAGE_SIZE).fill(9));
+  assertBytes(readAll(store, 4 * PAGE_SIZE, PAGE_SIZE), new Uint8Array(PAGE_SIZE));
 });
