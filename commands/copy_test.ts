@@ -2,6 +2,7 @@ import { assertEquals, assertThrows } from "../tests/assert.ts";
 import { UsageError } from "../util/usage_error.ts";
 import {
   DEFAULT_RETRIES,
+  defaultRequests,
   defaultSourceConnections,
   defaultThreads,
   parseCopyArgs,
@@ -118,6 +119,28 @@ Deno.test("defaultThreads(): one into a file, the processors shared with a serve
     assertEquals(defaultThreads(file, loopback), half, uri);
     assertEquals(defaultThreads(loopback, tcp), half, uri);
   }
+});
+
+Deno.test("defaultRequests(): 32 with a server on this machine and nothing across a network", () => {
+  const unix = { kind: "nbd", uri: "nbd+unix:///?socket=/tmp/s" } as const;
+  const loopback = { kind: "nbd", uri: "nbd://127.0.0.1/" } as const;
+  const tcp = { kind: "nbd", uri: "nbd://example.com/disk" } as const;
+  const command = { kind: "command" as const, argv: ["nbdkit", "memory", "1G"] };
+  const file = { kind: "path", path: "out.img" } as const;
+  const nul = { kind: "null" } as const;
+  const http = { kind: "http", url: "http://example.com/disk.img" } as const;
+  for (const [source, destination] of [[unix, nul], [unix, file], [file, unix], [unix, command]]) {
+    assertEquals(defaultRequests(source!, destination!), 32);
+  }
+  assertEquals(defaultRequests(loopback, file), 32);
+  assertEquals(defaultRequests(tcp, file), 64);
+  assertEquals(defaultRequests(unix, tcp), 64);
+  assertEquals(defaultRequests(http, unix), 64);
+  assertEquals(defaultRequests(file, file), 64);
+  assertEquals(parseCopyArgs(["nbd+unix:///?socket=/tmp/s", "out.img"]).requests, 32);
+  assertEquals(parseCopyArgs(["nbd://example.com/disk", "out.img"]).requests, 64);
+  assertEquals(parseCopyArgs(["-R", "64", "nbd+unix:///?socket=/tmp/s", "null:"]).requests, 64);
+  assertEquals(parseCopyArgs(["--synchronous", "nbd+unix:///?socket=/tmp/s", "null:"]).requests, 1);
 });
 
 Deno.test("parseCopyArgs() reads --state, --resume and --retry[=N], and refuses what cannot resume", () => {
