@@ -154,6 +154,13 @@ const READ_BATCH = 64;
  * last one was answered (timers and sockets wait at most this long).
  */
 const NEXT_REQUEST_WAIT_MS = 2;
+/**
+ * Once the mount is gone, how long requests still being served may take
+ * before /dev/fuse is closed anyway: closing fails whatever is left, so a
+ * stuck request can never keep a user of the detached file (a loop device,
+ * a file system being unmounted) waiting for ever.
+ */
+const STOP_GRACE_MS = 5_000;
 
 /** Maps an error from the contents to an errno for the kernel. */
 function errnoOf(error: unknown): number {
@@ -431,7 +438,16 @@ export class FuseFileServer {
       this.#unmounted = true;
       this.#stopped.resolve();
       this.#onInit?.reject(new Error("the file system was unmounted before it was ready"));
-      await this.idle();
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const late = new Promise<void>((resolve) => timer = setTimeout(resolve, STOP_GRACE_MS));
+      await Promise.race([this.idle(), late]);
+      clearTimeout(timer);
+      if (this.#active > 0) {
+        this.#onError(
+          "stopping",
+          new Error(`${this.#active} request(s) unanswered after ${STOP_GRACE_MS / 1000} s`),
+        );
+      }
       sys.closeFd(this.#fd);
       this.#fd = -1;
     }
@@ -465,6 +481,7 @@ export class FuseFileServer {
   }
 
   #reply(bytes: Uint8Array<ArrayBuffer>): void {
+    if (this.#fd < 0) return; // closed after the stop grace: the kernel failed the request
     const n = sys.write(this.#fd, bytes);
     // ENOENT: the request was interrupted meanwhile; ENODEV: unmounted. Both fine.
     if (n < 0 && n !== -sys.ENOENT && n !== -sys.ENODEV) {
@@ -756,7 +773,7 @@ export class FuseFileServer {
       }
       const bytes = reply.subarray(0, OUT_HEADER_SIZE + length);
       writeReplyHeader(new DataView(reply.buffer), unique, 0, bytes.length);
-      if (length >= THREADED_REPLY) await sys.writeAsync(this.#fd, bytes);
+      if (length >= THREADED_REPLY && this.#fd >= 0) await sys.writeAsync(this.#fd, bytes);
       else this.#reply(bytes);
     } catch (error) {
       this.#onError(`READ of ${length} bytes at offset ${offset}`, error);
