@@ -134,6 +134,15 @@ export interface Backend {
    */
   writeView?(offset: number, length: number): Uint8Array[] | undefined;
   /**
+   * Optional, from plugins only, like `fileRange`: where a WRITE of the
+   * range may be put straight into an open file (the server then moves the
+   * payload from the socket into it with splice, and calls `pwrite` for
+   * what it cannot), that file and offset; undefined = use `pwrite`. Only
+   * for a store where writing the file's bytes is the whole write (no FUA,
+   * which the server leaves to `pwrite`). Filters never forward it.
+   */
+  writeTarget?(offset: number, length: number): FileRange | undefined;
+  /**
    * Writes `buf` at `offset`. Once the returned promise has resolved, `buf`
    * is the caller's again (the server reuses it for the next write): what
    * an implementation keeps, it copies.
@@ -380,6 +389,8 @@ export interface PluginBackend {
   preadFills?: boolean;
   /** In-place write (see `Backend.writeView`); only with `pwrite`. */
   writeView?(offset: number, length: number): Uint8Array[] | undefined;
+  /** Where a write may go straight into a file (see `Backend.writeTarget`); only with `pwrite`. */
+  writeTarget?(offset: number, length: number): FileRange | undefined;
   /** Writes; absent = read-only. `buf` is the caller's again once the promise resolves. */
   pwrite?(buf: Uint8Array, offset: number, flags: WriteFlags): Promise<void>;
   /** Flush; absent = FLUSH not advertised. */
@@ -484,6 +495,9 @@ export function completeBackend(plugin: PluginBackend): Backend {
   };
   if (plugin.readView) backend.readView = (offset, length) => plugin.readView!(offset, length);
   if (plugin.fileRange) backend.fileRange = (offset, length) => plugin.fileRange!(offset, length);
+  if (plugin.writeTarget && plugin.pwrite) {
+    backend.writeTarget = (offset, length) => plugin.writeTarget!(offset, length);
+  }
   // Emulated FUA needs a flush after the write, which bytes put in place would skip.
   if (plugin.writeView && plugin.pwrite && capabilities.fua !== "emulate") {
     backend.writeView = (offset, length) => plugin.writeView!(offset, length);

@@ -84,6 +84,8 @@ export class CheckingBackend implements Backend {
   fileRange?: (offset: number, length: number) => FileRange | undefined;
   /** In-place write, checked; present only when the layer below has one. */
   writeView?: (offset: number, length: number) => Uint8Array[] | undefined;
+  /** Where a write may go into an open file; present only when the layer below has it. */
+  writeTarget?: (offset: number, length: number) => FileRange | undefined;
   /** Whether the layer below fills every read buffer. */
   readonly preadFills: boolean;
   /** Other metadata contexts of the layer below; present only when it has some. */
@@ -133,6 +135,13 @@ export class CheckingBackend implements Backend {
         const views = below.writeView!(offset, length);
         if (views !== undefined) this.#answer(() => checkWriteViews(views, length, "writeView"));
         return views;
+      };
+    }
+    if (below.writeTarget) {
+      this.writeTarget = (offset, length) => {
+        this.#range("writeTarget", offset, length);
+        if (!this.#caps.writable) throw this.#fault("above", "writeTarget on a read-only layer");
+        return below.writeTarget!(offset, length);
       };
     }
     if (below.extraContexts && below.contextExtents) {

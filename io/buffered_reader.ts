@@ -34,7 +34,7 @@ export class UnexpectedEofError extends Error {
 
 /** Buffered reader with exact-length reads. */
 export class BufferedReader {
-  #source: Pick<ByteStream, "read" | "tryRead">;
+  #source: Pick<ByteStream, "read" | "tryRead" | "trySpliceToFile" | "takeStranded">;
   #syncReads = 0;
   #buf: Uint8Array;
   #start = 0;
@@ -42,11 +42,19 @@ export class BufferedReader {
   #eof = false;
   /** The last payload was large: keep refills small (see SMALL_REFILL). */
   #smallRefill = false;
+  /**
+   * The last payload went into a file with splice: refills stop at what was
+   * asked for, so that the next payload is still on the socket for splice.
+   */
+  #exactRefill = false;
   /** A DataView over the whole internal buffer, for parsing headers in place. */
   readonly view: DataView;
 
   /** Creates a reader with an internal buffer of `capacity` bytes. */
-  constructor(source: Pick<ByteStream, "read" | "tryRead">, capacity = 256 * 1024) {
+  constructor(
+    source: Pick<ByteStream, "read" | "tryRead" | "trySpliceToFile" | "takeStranded">,
+    capacity = 256 * 1024,
+  ) {
     this.#source = source;
     this.#buf = new Uint8Array(capacity);
     this.view = new DataView(this.#buf.buffer);
@@ -87,7 +95,9 @@ export class BufferedReader {
         if (this.#end === this.#start) return false;
         throw new UnexpectedEofError(what);
       }
-      const limit = this.#smallRefill
+      const limit = this.#exactRefill
+        ? this.#start + n
+        : this.#smallRefill
         ? Math.min(this.#buf.length, Math.max(this.#end + SMALL_REFILL, this.#start + n))
         : this.#buf.length;
       const read = this.#read(this.#buf.subarray(this.#end, limit));
@@ -129,6 +139,7 @@ export class BufferedReader {
   /** Fills `dst` completely: buffered bytes first, the rest read directly into it. */
   async readInto(dst: Uint8Array, what?: string): Promise<void> {
     this.#smallRefill = dst.length >= LARGE_PAYLOAD;
+    this.#exactRefill = false;
     const fromBuffer = Math.min(dst.length, this.#end - this.#start);
     if (fromBuffer > 0) {
       dst.set(this.#buf.subarray(this.#start, this.#start + fromBuffer));
@@ -145,6 +156,74 @@ export class BufferedReader {
       }
       filled += count;
     }
+  }
+
+  /** Whether the source can move payloads into files itself (`receiveToFile`). */
+  get splices(): boolean {
+    return this.#source.trySpliceToFile !== undefined;
+  }
+
+  /**
+   * Receives `length` bytes into the open file `file` at `offset`: what has
+   * arrived goes straight from the socket into the file (splice), the rest
+   * is read into `scratch` and written with `write` (which buffered bytes
+   * take too). Every byte is consumed even when writing fails; resolves to
+   * the first failure of `write`, or undefined. Needs `splices`.
+   */
+  async receiveToFile(
+    file: number,
+    offset: number,
+    length: number,
+    write: (buf: Uint8Array, offset: number) => Promise<void>,
+    scratch: Uint8Array,
+    what?: string,
+  ): Promise<unknown> {
+    this.#smallRefill = true;
+    this.#exactRefill = true;
+    let failure: unknown;
+    const put = async (buf: Uint8Array, at: number) => {
+      if (failure !== undefined) return;
+      try {
+        await write(buf, offset + at);
+      } catch (error) {
+        failure = error ?? new Error("write failed");
+      }
+    };
+    let done = Math.min(length, this.#end - this.#start);
+    if (done > 0) {
+      await put(this.#buf.subarray(this.#start, this.#start + done), 0);
+      this.consume(done);
+    }
+    const source = this.#source;
+    while (done < length) {
+      if (failure !== undefined) {
+        this.#exactRefill = false;
+        await this.skip(length - done, what);
+        break;
+      }
+      const n = source.trySpliceToFile!(file, offset + done, length - done);
+      const stranded = source.takeStranded?.();
+      if (n > 0) done += n;
+      if (stranded) {
+        await put(stranded, done);
+        done += stranded.length;
+        continue;
+      }
+      if (n > 0) continue;
+      if (n === 0 || this.#eof) {
+        this.#eof = true;
+        throw new UnexpectedEofError(what);
+      }
+      // Nothing there now: wait through an ordinary read, and splice again after it.
+      const count = await source.read(scratch.subarray(0, Math.min(scratch.length, length - done)));
+      if (count === null) {
+        this.#eof = true;
+        throw new UnexpectedEofError(what);
+      }
+      await put(scratch.subarray(0, count), done);
+      done += count;
+    }
+    return failure;
   }
 
   /** Reads exactly `n` bytes into a new buffer. */

@@ -36,6 +36,17 @@ export interface ByteStream {
    * reports the error).
    */
   trySendFile?(file: number, offset: number, length: number): number;
+  /**
+   * Where supported (plain sockets on the Linux fast paths, when allowed),
+   * moves up to `length` bytes already received into the open file `file`
+   * at `offset` without copying them through this process, without
+   * waiting: the count, 0 at end of stream, -1 when nothing is there now
+   * (`read` then waits, or reports the error). Bytes received and not
+   * written (the file refused) are handed over by `takeStranded`.
+   */
+  trySpliceToFile?(file: number, offset: number, length: number): number;
+  /** The bytes a `trySpliceToFile` received but could not write, once. */
+  takeStranded?(): Uint8Array | undefined;
   /** Closes both directions. Safe to call more than once. */
   close(): void;
   /**
@@ -81,7 +92,12 @@ export async function writeAll(
 export function fromDenoConn(
   conn: Deno.Conn,
   fd?: number,
-  options: { upgradable?: boolean; files?: boolean; syncReadWrite?: boolean } = {},
+  options: {
+    upgradable?: boolean;
+    files?: boolean;
+    syncReadWrite?: boolean;
+    splice?: boolean;
+  } = {},
 ): ByteStream {
   let closed = false;
   const fast = SocketFastPath.create(fd);
@@ -106,6 +122,12 @@ export function fromDenoConn(
       ? {
         tryWriteMore: (buf) => fast.writeMore(buf),
         trySendFile: (file, offset, length) => fast.sendFile(file, offset, length),
+      }
+      : {}),
+    ...(fast && options.splice
+      ? {
+        trySpliceToFile: (file, offset, length) => fast.spliceToFile(file, offset, length),
+        takeStranded: () => fast.takeStranded(),
       }
       : {}),
     close() {

@@ -50,6 +50,107 @@ Deno.test("BufferedReader reports EOF in the middle of a message", async () => {
   await assertRejects(() => r2.readExact(2), UnexpectedEofError);
 });
 
+/**
+ * A stream whose bytes arrive in `steps`: a number of bytes that splice can
+ * move now (or the next read takes), or "wait" (splice finds nothing; the
+ * next ordinary read takes the following step's bytes). Spliced bytes go into `file`; a failing
+ * file hands the bytes it took back as stranded.
+ */
+function spliceSource(data: Uint8Array, steps: Array<number | "wait">, failAt = -1) {
+  let pos = 0;
+  let step = 0;
+  let stranded: Uint8Array | undefined;
+  const file = new Uint8Array(data.length + 64);
+  const reads: number[] = [];
+  const next = () => steps[step] ?? data.length - pos;
+  return {
+    file,
+    reads,
+    read(buf: Uint8Array): Promise<number | null> {
+      reads.push(buf.length);
+      if (next() === "wait") step++;
+      const n = Math.min(buf.length, next() as number, data.length - pos);
+      step++;
+      if (n === 0) return Promise.resolve(null);
+      buf.set(data.subarray(pos, pos + n));
+      pos += n;
+      return Promise.resolve(n);
+    },
+    trySpliceToFile(_fd: number, offset: number, length: number): number {
+      const here = next();
+      if (here === "wait") return -1;
+      const n = Math.min(here, length, data.length - pos);
+      if (n === 0) return data.length === pos ? 0 : -1;
+      step++;
+      if (offset <= failAt && failAt < offset + n) {
+        stranded = data.slice(pos, pos + n);
+        pos += n;
+        return -1;
+      }
+      file.set(data.subarray(pos, pos + n), offset);
+      pos += n;
+      return n;
+    },
+    takeStranded() {
+      const out = stranded;
+      stranded = undefined;
+      return out;
+    },
+  };
+}
+
+Deno.test("BufferedReader.receiveToFile: buffered, spliced, waited-for and stranded bytes all land", async () => {
+  const header = 8;
+  const payload = 5000;
+  const data = randomBytes(header + payload + header, 31);
+  // The first read takes the header and 100 payload bytes; splice then moves pieces,
+  // finds nothing once (an ordinary read fills in), and the file refuses one piece.
+  const src = spliceSource(data, [header + 100, 1000, "wait", 700, 1200, 900], 3011);
+  const reader = new BufferedReader(src, 4096);
+  assertOk(reader.splices);
+  assertOk(await reader.ensure(header));
+  reader.consume(header);
+  const written: Array<[number, number]> = [];
+  const failure = await reader.receiveToFile(
+    0,
+    10,
+    payload,
+    (buf, offset) => {
+      written.push([offset, buf.length]);
+      src.file.set(buf, offset);
+      return Promise.resolve();
+    },
+    new Uint8Array(1500),
+  );
+  assertEquals(failure, undefined);
+  assertBytes(src.file.subarray(10, 10 + payload), data.subarray(header, header + payload));
+  // Buffered bytes first, then the waited-for read, then the stranded piece.
+  assertEquals(written, [[10, 100], [10 + 1100, 700], [10 + 3000, 900]]);
+  // The next header is read exactly: nothing of a following payload is buffered.
+  const before = src.reads.length;
+  assertOk(await reader.ensure(header));
+  assertEquals(src.reads.slice(before), [header]);
+  assertBytes(reader.peek(header), data.subarray(header + payload));
+});
+
+Deno.test("BufferedReader.receiveToFile: a failed write consumes the payload; EOF mid-payload throws", async () => {
+  const data = randomBytes(3000 + 4, 32);
+  const src = spliceSource(data, ["wait", 1000, 1000]);
+  const reader = new BufferedReader(src, 4096);
+  const failure = await reader.receiveToFile(0, 0, 3000, () => {
+    return Promise.reject(new Error("disk full"));
+  }, new Uint8Array(512));
+  assertEquals((failure as Error).message, "disk full");
+  assertOk(await reader.ensure(4));
+  assertBytes(reader.peek(4), data.subarray(3000));
+  const short = new BufferedReader(spliceSource(randomBytes(100, 33), [60]), 4096);
+  await assertRejects(
+    () => short.receiveToFile(0, 0, 200, () => Promise.resolve(), new Uint8Array(64), "a payload"),
+    UnexpectedEofError,
+    "a payload",
+  );
+});
+
 Deno.test("CorkedWriter keeps order, batches small chunks and reports backpressure", async () => {
   const writes: number[][] = [];
   let release!: () => void;

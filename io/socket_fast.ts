@@ -36,7 +36,23 @@ const SYMBOLS = {
   sendfile: { parameters: ["i32", "i32", "buffer", "usize"], result: "isize" },
   getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
   getpeername: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  splice: {
+    parameters: ["i32", "pointer", "i32", "pointer", "usize", "u32"],
+    result: "isize",
+  },
+  pipe2: { parameters: ["buffer", "i32"], result: "i32" },
+  fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  close: { parameters: ["i32"], result: "i32" },
 } as const;
+
+const SPLICE_F_MOVE = 1;
+const SPLICE_F_NONBLOCK = 2;
+const O_NONBLOCK = 0o4000;
+const O_CLOEXEC = 0o2000000;
+const F_SETPIPE_SZ = 1031;
+/** The pipe between the socket and the file holds this much (the default limit for anyone). */
+const PIPE_SIZE = 1024 * 1024;
 
 const libc = lazyLibc(SYMBOLS);
 
@@ -93,6 +109,29 @@ async function connectAndFind<T>(
 const SENDFILE_OFFSET = new BigInt64Array(1);
 const SENDFILE_OFFSET_BYTES = new Uint8Array(SENDFILE_OFFSET.buffer);
 
+/** splice's output offset argument. */
+const SPLICE_OFFSET = new BigInt64Array(1);
+/** Its address, taken on first use (taking it needs FFI permission). */
+let spliceOffsetPointer: Deno.PointerValue | undefined;
+
+/**
+ * Whether WRITE payloads may be moved from sockets into files with splice:
+ * not when `NBD_NO_SPLICE` is set to anything but "" or "0".
+ */
+export function spliceAllowed(): boolean {
+  return !envSet("NBD_NO_SPLICE");
+}
+
+function envSet(variable: string): boolean {
+  try {
+    if (Deno.permissions.querySync({ name: "env", variable }).state !== "granted") return false;
+    const value = Deno.env.get(variable);
+    return value !== undefined && value !== "" && value !== "0";
+  } catch {
+    return false;
+  }
+}
+
 /** Socket inodes ("socket:[N]") present at the last `acceptedFd` scan. */
 const earlier = new Set<string>();
 const ADDRESS = new Uint8Array(128);
@@ -131,17 +170,7 @@ function addressKey(addr: Deno.Addr): string | undefined {
  * is set to anything but "" or "0" (to compare, or to rule the path out).
  */
 export function sendFileAllowed(): boolean {
-  try {
-    if (
-      Deno.permissions.querySync({ name: "env", variable: "NBD_NO_SENDFILE" }).state !== "granted"
-    ) {
-      return true;
-    }
-    const value = Deno.env.get("NBD_NO_SENDFILE");
-    return value === undefined || value === "" || value === "0";
-  } catch {
-    return true;
-  }
+  return !envSet("NBD_NO_SENDFILE");
 }
 
 /**
@@ -250,8 +279,98 @@ export class SocketFastPath {
     return n >= 0 ? n : -1;
   }
 
+  /** The pipe for `spliceToFile` ([read end, write end]); null once it cannot be had. */
+  #pipe: [number, number] | undefined | null;
+  /** Bytes taken back out of the pipe after a failed splice into a file. */
+  #stranded: Uint8Array | undefined;
+
+  #openPipe(): [number, number] | null {
+    if (this.#pipe !== undefined) return this.#pipe;
+    const fds = new Int32Array(2);
+    if (this.#symbols.pipe2(fds, O_NONBLOCK | O_CLOEXEC) !== 0) return this.#pipe = null;
+    // A larger pipe moves a whole payload per pair of calls; the default size also works.
+    this.#symbols.fcntl(fds[1]!, F_SETPIPE_SZ, PIPE_SIZE);
+    return this.#pipe = [fds[0]!, fds[1]!];
+  }
+
+  /**
+   * Moves up to `length` bytes that have already arrived on the socket into
+   * the file `file` at `offset` with splice(2), through a pipe, without
+   * copying them through this process and without waiting for more: the
+   * count written to the file, 0 at the end of the stream, -1 when nothing
+   * is there now (or the socket failed: an ordinary read then waits, or
+   * reports the error). Where the file refuses (a full disk, a filesystem
+   * without splice), the bytes already taken from the socket are read back
+   * out of the pipe and handed over by `takeStranded`, for an ordinary
+   * write to place (or report); splicing is then off for this socket.
+   */
+  spliceToFile(file: number, offset: number, length: number): number {
+    const pipe = this.#fd < 0 ? null : this.#openPipe();
+    if (!pipe) return -1;
+    const s = this.#symbols;
+    spliceOffsetPointer ??= Deno.UnsafePointer.of(SPLICE_OFFSET);
+    let moved = 0;
+    while (moved < length) {
+      const n = Number(
+        s.splice(
+          this.#fd,
+          null,
+          pipe[1],
+          null,
+          BigInt(Math.min(length - moved, PIPE_SIZE)),
+          SPLICE_F_MOVE | SPLICE_F_NONBLOCK,
+        ),
+      );
+      if (n === 0) return moved > 0 ? moved : 0;
+      if (n < 0) break;
+      let left = n;
+      while (left > 0) {
+        SPLICE_OFFSET[0] = BigInt(offset + moved);
+        const m = Number(
+          s.splice(pipe[0], null, file, spliceOffsetPointer, BigInt(left), SPLICE_F_MOVE),
+        );
+        if (m <= 0) {
+          this.#strand(left);
+          return moved;
+        }
+        moved += m;
+        left -= m;
+      }
+    }
+    return moved > 0 ? moved : -1;
+  }
+
+  /** Empties the pipe into `#stranded` and stops splicing. */
+  #strand(length: number): void {
+    const out = new Uint8Array(length);
+    let got = 0;
+    while (got < length) {
+      const n = Number(this.#symbols.read(this.#pipe![0], out.subarray(got), BigInt(length - got)));
+      if (n <= 0) break;
+      got += n;
+    }
+    this.#stranded = out.subarray(0, got);
+    this.#closePipe();
+    this.#pipe = null;
+  }
+
+  /** The bytes a failed `spliceToFile` took from the socket and did not write, once. */
+  takeStranded(): Uint8Array | undefined {
+    const out = this.#stranded;
+    this.#stranded = undefined;
+    return out;
+  }
+
+  #closePipe(): void {
+    if (!this.#pipe) return;
+    this.#symbols.close(this.#pipe[0]);
+    this.#symbols.close(this.#pipe[1]);
+  }
+
   /** No more calls on the descriptor (it is about to be closed). */
   disable(): void {
     this.#fd = -1;
+    this.#closePipe();
+    this.#pipe = null;
   }
 }

@@ -8,7 +8,8 @@
  * devices are sized, discarded and zeroed with their ioctls, and served
  * read-only when the kernel marks them so. Ranges all in the page cache
  * are offered to the server as ranges of the file (`fileRange`), which it
- * sends with sendfile. On the portable paths (io/platform.ts) reads and
+ * sends with sendfile, and WRITE payloads can be moved from a plain socket
+ * into the file with splice (`writeTarget`). On the portable paths (io/platform.ts) reads and
  * writes go through node:fs alone.
  *
  * ```
@@ -284,6 +285,8 @@ export function fileBackend(
       let done = 0;
       while (done < buf.length) done += await writeSome(buf.subarray(done), offset + done);
     };
+    // WRITE payloads may be spliced into the file where writes take no other path.
+    if (linux && !uncached) backend.writeTarget = (offset) => ({ fd, offset });
     backend.trim = async (offset, length) => {
       // Trim is advisory: if holes cannot be punched, doing nothing is correct.
       if (

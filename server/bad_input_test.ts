@@ -4,7 +4,8 @@
 // requests, oversize payloads, connection and time limits) are not repeated.
 
 import * as C from "../protocol/constants.ts";
-import { assertEquals, assertOk } from "../tests/assert.ts";
+import { assertBytes, assertEquals, assertOk } from "../tests/assert.ts";
+import { randomBytes } from "../tests/helpers.ts";
 import { RawClient, replyErrno } from "../tests/raw_client.ts";
 import {
   encodeInfoRequest,
@@ -457,3 +458,88 @@ Deno.test("a client cut off mid-option or mid-payload does not disturb the next 
   assertEquals(replyErrno([r]), 0);
   assertOk(r.kind === "simple" && r.data!.every((b) => b === 0));
 });
+
+/** Pipes this process holds open (the splice path keeps one per connection). */
+function pipes(): number {
+  let n = 0;
+  for (const entry of Deno.readDirSync("/proc/self/fd")) {
+    try {
+      if (Deno.readLinkSync(`/proc/self/fd/${entry.name}`).startsWith("pipe:")) n++;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return n;
+}
+
+for (const spliced of [true, false]) {
+  Deno.test({
+    name: `file WRITEs ${
+      spliced ? "spliced from the socket" : "with NBD_NO_SPLICE"
+    } land byte for byte; a payload cut off does not disturb the next client`,
+    ignore: Deno.build.os !== "linux" || Deno.env.get("NBD_PORTABLE") === "1",
+    async fn() {
+      const dir = await Deno.makeTempDir({ prefix: "nbd-splice" });
+      const image = `${dir}/disk.img`;
+      const size = 4 * MiB;
+      await Deno.writeFile(image, new Uint8Array(size));
+      const saved = Deno.env.get("NBD_NO_SPLICE");
+      if (spliced) Deno.env.delete("NBD_NO_SPLICE");
+      else Deno.env.set("NBD_NO_SPLICE", "1");
+      try {
+        await using f = await serve("file", [image]);
+        const expected = new Uint8Array(size);
+        const before = pipes();
+        {
+          using c = await client(f.path);
+          await c.start();
+          await c.go();
+          // Large and small, aligned and odd, FUA or not, all in flight at once.
+          const writes: Array<[number, number, number]> = [
+            [0, 256 * 1024, 0],
+            [300001, 65536, 0],
+            [1 << 20, 1 << 20, C.NBD_CMD_FLAG_FUA],
+            [2200000, 100000, 0],
+            [3 << 20, 4096, 0],
+          ];
+          let cookie = 1;
+          for (const [offset, length, flags] of writes) {
+            const payload = randomBytes(length, cookie);
+            expected.set(payload, offset);
+            await c.request(C.NBD_CMD_WRITE, { offset, payload, flags, cookie: cookie++ });
+          }
+          await c.request(C.NBD_CMD_FLUSH, { cookie: cookie++ });
+          for (let i = 0; i < writes.length + 1; i++) {
+            assertEquals(replyErrno([await c.reply()]), 0);
+          }
+          // The splice path keeps a pipe while the connection lasts.
+          assertEquals(pipes() > before, spliced);
+        }
+        assertBytes(await Deno.readFile(image), expected);
+        {
+          using c = await client(f.path);
+          await c.start();
+          await c.go();
+          await c.send(requestBytes(false, C.NBD_CMD_WRITE, { offset: 0n, length: 262144n }));
+          await c.send(new Uint8Array(100000).fill(9));
+        }
+        await logged(f, "while reading a request payload");
+        using c = await client(f.path);
+        await c.start();
+        await c.go();
+        const payload = randomBytes(131072, 99);
+        await c.request(C.NBD_CMD_WRITE, { offset: 1 << 20, payload });
+        assertEquals(replyErrno([await c.reply()]), 0);
+        await c.request(C.NBD_CMD_READ, { offset: 1 << 20, length: payload.length });
+        const r = await c.reply(payload.length);
+        assertEquals(replyErrno([r]), 0);
+        assertOk(r.kind === "simple");
+        assertBytes(r.data!, payload);
+      } finally {
+        if (saved === undefined) Deno.env.delete("NBD_NO_SPLICE");
+        else Deno.env.set("NBD_NO_SPLICE", saved);
+        await Deno.remove(dir, { recursive: true });
+      }
+    },
+  });
+}

@@ -11,7 +11,7 @@ import * as net from "node:net";
 import { fromDenoConn, fromNodeSocket, fromStdio } from "../io/byte_stream.ts";
 import { formatNbdUri, type NbdUri } from "../protocol/uri.ts";
 import { enlargeNewSocketBuffers } from "../io/socket_buffers.ts";
-import { acceptedFd, sendFileAllowed } from "../io/socket_fast.ts";
+import { acceptedFd, sendFileAllowed, spliceAllowed } from "../io/socket_fast.ts";
 import { unixSocketUnsupported } from "../io/platform.ts";
 import { adoptListeningSocket } from "../io/listening_fds.ts";
 import type { NbdServer } from "./server.ts";
@@ -36,6 +36,7 @@ export type ListenAddress =
 /** Accepts from a Deno listener until it is closed. */
 function acceptLoop(listener: Deno.Listener, server: NbdServer, tcp: boolean): Promise<void> {
   const files = sendFileAllowed();
+  const splicing = spliceAllowed();
   return (async () => {
     while (true) {
       let conn: Deno.Conn;
@@ -51,7 +52,7 @@ function acceptLoop(listener: Deno.Listener, server: NbdServer, tcp: boolean): P
         continue;
       }
       // Found before anything else runs: see acceptedFd.
-      const fd = files ? acceptedFd(conn) : undefined;
+      const fd = files || splicing ? acceptedFd(conn) : undefined;
       enlargeNewSocketBuffers();
       let peer = "unix";
       if (tcp) {
@@ -61,8 +62,12 @@ function acceptLoop(listener: Deno.Listener, server: NbdServer, tcp: boolean): P
         const remote = conn.remoteAddr as Deno.NetAddr;
         peer = `${remote.hostname}:${remote.port}`;
       }
-      // Only READ replies from files use the descriptor (docs/performance.md).
-      server.serve(fromDenoConn(conn, fd, { files: true, syncReadWrite: false }), peer);
+      // Only READ replies from files and WRITE payloads into them use the
+      // descriptor (docs/performance.md).
+      server.serve(
+        fromDenoConn(conn, fd, { files, syncReadWrite: false, splice: splicing }),
+        peer,
+      );
     }
   })();
 }

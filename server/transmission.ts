@@ -75,6 +75,14 @@ import { PayloadPool } from "./payload_pool.ts";
  */
 const WHOLE_REPLY = 64 * 1024;
 
+/**
+ * WRITE payloads at least this large are spliced from the socket into the
+ * file where the backend offers one (`writeTarget`): below it the pair of
+ * splice calls costs more than the copy it saves.
+ */
+const SPLICE_PAYLOAD = 64 * 1024;
+/** Payload bytes that are not spliced are received in pieces of up to this size. */
+const SPLICE_SCRATCH = 256 * 1024;
 /** A WRITE payload beyond twice the accepted maximum is not drained: the connection is dropped. */
 const HARD_PAYLOAD_FACTOR = 2;
 /** Zero runs at least this long become OFFSET_HOLE chunks in structured READ replies. */
@@ -103,6 +111,10 @@ export class Transmission {
   readonly #counters: IoCounters;
   /** The backend's ranges in files, where READ replies can be sent from them (plain sockets). */
   readonly #fileRange: ((offset: number, length: number) => FileRange | undefined) | undefined;
+  /** The backend's files that WRITE payloads can be spliced into (plain sockets, no filters). */
+  readonly #writeTarget: ((offset: number, length: number) => FileRange | undefined) | undefined;
+  /** Where payload bytes that cannot be spliced are received before `pwrite`. */
+  #spliceScratch: Uint8Array | undefined;
   #idleTimer: ReturnType<typeof setTimeout> | undefined;
   #inFlight = 0;
   #inFlightBytes = 0;
@@ -129,6 +141,9 @@ export class Transmission {
     const backend = negotiated.backend;
     this.#fileRange = backend.fileRange && !conn.tls && conn.writer.sendsFiles
       ? (offset, length) => backend.fileRange!(offset, length)
+      : undefined;
+    this.#writeTarget = backend.writeTarget && !conn.tls && conn.reader.splices
+      ? (offset, length) => backend.writeTarget!(offset, length)
       : undefined;
   }
 
@@ -240,12 +255,29 @@ export class Transmission {
     if (payloadLength > conn.reader.buffered) conn.writer.uncork();
     let payload: Uint8Array | undefined;
     let inPlace = false;
+    /** Why a WRITE received into its file failed, if it did. */
+    let writeFailure: unknown;
     if (payloadLength > 0) {
-      const views = failure || request.type !== NBD_CMD_WRITE
-        ? undefined
-        : this.#writeViews(request.offset, payloadLength);
+      const write = !failure && request.type === NBD_CMD_WRITE;
+      const views = write ? this.#writeViews(request.offset, payloadLength) : undefined;
+      const target = write && !views && payloadLength >= SPLICE_PAYLOAD &&
+          (request.flags & NBD_CMD_FLAG_FUA) === 0
+        ? this.#writeTarget?.(request.offset, payloadLength)
+        : undefined;
       if (failure) {
         await conn.reader.skip(payloadLength, "a request payload");
+      } else if (target) {
+        this.#spliceScratch ??= new Uint8Array(SPLICE_SCRATCH);
+        const backend = this.#backend;
+        writeFailure = await conn.reader.receiveToFile(
+          target.fd,
+          target.offset,
+          payloadLength,
+          (buf, at) => backend.pwrite(buf, at - target.offset + request.offset, { fua: false }),
+          this.#spliceScratch,
+          "a request payload",
+        );
+        inPlace = true;
       } else if (views) {
         // Straight into the store: no payload buffer, no second copy.
         for (const view of views) await conn.reader.readInto(view, "a request payload");
@@ -279,7 +311,7 @@ export class Transmission {
     }
     this.#inFlight++;
     this.#inFlightBytes += cost;
-    this.#execute(request, payload, inPlace).then((ok) => {
+    this.#execute(request, payload, inPlace, writeFailure).then((ok) => {
       // Only a write that succeeded is known to have let go of its buffer.
       if (ok && payload && request.type === NBD_CMD_WRITE) this.#payloads.give(payload);
       stats.finish(
@@ -440,12 +472,14 @@ export class Transmission {
 
   /**
    * Runs a validated request and sends its reply; resolves to whether it
-   * succeeded. Never rejects. A WRITE `received` in place is already done.
+   * succeeded. Never rejects. A WRITE `received` in place is already done
+   * (or failed with `receiveFailure`).
    */
   async #execute(
     request: RequestHeader,
     payload: Uint8Array | undefined,
     received = false,
+    receiveFailure?: unknown,
   ): Promise<boolean> {
     const backend = this.#backend;
     const { offset, length } = request;
@@ -456,6 +490,7 @@ export class Transmission {
           await this.#read(request);
           break;
         case NBD_CMD_WRITE:
+          if (receiveFailure !== undefined) throw receiveFailure;
           if (!received) await backend.pwrite(payload!, offset, { fua });
           this.#sendOk(request);
           break;

@@ -277,3 +277,48 @@ Deno.test({
     assertEquals(refused.stderr.trim().split("\n").length, 1, refused.stderr);
   },
 });
+
+for (
+  const [label, env] of [
+    ["spliced from the socket", {}],
+    ["with NBD_NO_SPLICE=1", { NBD_NO_SPLICE: "1" }],
+    ["on the portable paths", { NBD_PORTABLE: "1" }],
+  ] as Array<[string, Record<string, string>]>
+) {
+  Deno.test({
+    name: `file: nbdcopy and qemu-io writes ${label} land byte for byte`,
+    ...peers("nbdcopy", "qemu-io"),
+    async fn() {
+      await using dir = await tempDir();
+      const image = `${dir.path}/disk.img`;
+      const size = 32 * MiB;
+      await Deno.writeFile(image, new Uint8Array(0));
+      await Deno.truncate(image, size);
+      const input = randomBytes(size, 90);
+      await Deno.writeFile(`${dir.path}/in.img`, input);
+      const expected = input.slice();
+      {
+        await using server = await startServer(
+          Deno.execPath(),
+          ["run", "-A", "--quiet", `${ROOT}/main.ts`, "serve", "-U", "$SOCKET", "file", image],
+          { env },
+        );
+        await runOk("nbdcopy", [`${dir.path}/in.img`, server.uri]);
+        // Large writes at odd offsets, one with FUA, then a flush.
+        const script = [
+          "write -P 0x3c 1000001 300000",
+          "write -f -P 0xc3 5000000 1048576",
+          "write -P 0x66 9000000 65536",
+          "flush",
+        ];
+        await runOk("qemu-io", ["-f", "raw", ...script.flatMap((c) => ["-c", c]), server.uri]);
+        expected.fill(0x3c, 1000001, 1000001 + 300000);
+        expected.fill(0xc3, 5000000, 5000000 + 1048576);
+        expected.fill(0x66, 9000000, 9000000 + 65536);
+        await runOk("nbdcopy", [server.uri, `${dir.path}/out.img`]);
+        assertBytes(await Deno.readFile(`${dir.path}/out.img`), expected);
+      }
+      assertBytes(await Deno.readFile(image), expected);
+    },
+  });
+}
