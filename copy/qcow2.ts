@@ -183,6 +183,12 @@ export interface Qcow2WriteOptions {
   backing?: { name: string; path: string };
 }
 
+/**
+ * The smallest request a plain (uncompressed, not overlay) image written
+ * into a file prefers: the copy then reads and writes 1 MiB at a time.
+ */
+export const QCOW2_FILE_REQUEST = 1 << 20;
+
 /** A new qcow2 image written through another endpoint. */
 export class Qcow2Destination extends BaseEndpoint {
   readonly name: string;
@@ -220,11 +226,13 @@ export class Qcow2Destination extends BaseEndpoint {
     this.isZero = backing === undefined;
     this.synchronous = inner.synchronous && !pool && !backing;
     // Whole clusters: the scheduler's requests and zero runs then never split one.
-    this.blockSize = {
-      minimum: cs,
-      preferred: Math.max(cs, inner.blockSize.preferred),
-      maximum: Math.max(cs, Math.floor(inner.blockSize.maximum / cs) * cs),
-    };
+    const maximum = Math.max(cs, Math.floor(inner.blockSize.maximum / cs) * cs);
+    // Plain clusters into a file go out as one write per request, written in line:
+    // larger requests mean fewer calls for the same bytes (docs/performance.md).
+    const preferred = this.synchronous
+      ? Math.min(maximum, Math.max(cs, inner.blockSize.preferred, QCOW2_FILE_REQUEST))
+      : Math.max(cs, inner.blockSize.preferred);
+    this.blockSize = { minimum: cs, preferred, maximum };
   }
 
   /** Starts an image of `size` guest bytes in `inner`. */
