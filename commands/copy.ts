@@ -73,7 +73,7 @@ const OPTIONS = {
     type: "string",
     value: "SIZE",
     help:
-      "largest read or write (default 256K; a power of two from 512 to 32M, adjusted to the servers' block sizes)",
+      "largest read or write (default 256K, 1M into a plain qcow2 file; a power of two from 512 to 32M, adjusted to the servers' block sizes)",
   },
   sparse: {
     type: "string",
