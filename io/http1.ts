@@ -20,6 +20,21 @@ export interface Http1Answer {
   statusText: string;
   /** The headers. */
   headers: Headers;
+  /** The body of a refused streamed PUT (its error document), when short. */
+  body?: Uint8Array;
+}
+
+/** A PUT whose body is sent piece by piece (`Http1Pool.putStream`). */
+export interface Http1Upload {
+  /** Sends the next bytes of the body; the promise settles once the socket took them. */
+  write(bytes: Uint8Array): Promise<void>;
+  /**
+   * The answer: `filled` for a 2xx; any other answer carries its short body
+   * in `body`. Rejects with `Http1Error` when the connection fails.
+   */
+  readonly answer: Promise<Http1Answer>;
+  /** Drops the connection at once: the server sees a body cut short, and keeps nothing. */
+  abort(reason: Error): void;
 }
 
 /** The connection broke or timed out: worth retrying. */
@@ -180,6 +195,71 @@ export class Http1Pool {
     );
   }
 
+  /**
+   * Starts a PUT of `length` bytes to `path` (with its query) on a
+   * connection of its own (an idle one could turn out stale once part of
+   * the body is gone, and the body cannot be sent again). The caller sends
+   * the body with `write`, in order; the timeout applies to each write and
+   * to the answer, not to the whole upload. A server that answers before
+   * the body is all there (a refusal) still has its answer read.
+   */
+  putStream(path: string, headers: Headers, length: number): Http1Upload {
+    let request = `PUT ${path} HTTP/1.1\r\nHost: ${this.#host}\r\n`;
+    for (const [name, value] of headers) request += `${name}: ${value}\r\n`;
+    request += `Content-Length: ${length}\r\n\r\n`;
+    let connection: Connection | undefined;
+    let send: ((bytes: Uint8Array) => Promise<void>) | undefined;
+    let sent = 0;
+    const ready = Promise.withResolvers<void>();
+    const done = Promise.withResolvers<void>();
+    ready.promise.catch(() => {});
+    done.promise.catch(() => {});
+    const body = async (write: (bytes: Uint8Array) => Promise<void>) => {
+      send = write;
+      ready.resolve();
+      await done.promise;
+    };
+    const answer = this.#connect().then((opened) => {
+      connection = opened;
+      return this.#exchange(opened, request, body, async (answer, early) => {
+        const length = Number(answer.headers.get("Content-Length") ?? "0");
+        const ok = answer.status >= 200 && answer.status < 300;
+        if (answer.headers.has("Transfer-Encoding") || !(length <= MAX_HEAD)) return false;
+        const text = new Uint8Array(length);
+        text.set(early.subarray(0, length));
+        for (let got = Math.min(early.length, length); got < length;) {
+          const n = await opened.conn.read(text.subarray(got));
+          if (n === null) throw new Http1Error(`short answer from ${this.#host}`);
+          got += n;
+        }
+        if (!ok) answer.body = text;
+        return ok;
+      });
+    });
+    answer.catch((error) => ready.reject(error));
+    return {
+      answer,
+      write: async (bytes) => {
+        if (sent + bytes.length > length) throw new Error("more bytes than the Content-Length");
+        await ready.promise;
+        try {
+          await send!(bytes);
+        } catch (error) {
+          // The exchange stops waiting for the body, and reads the answer if there is one.
+          done.reject(error);
+          throw error;
+        }
+        sent += bytes.length;
+        if (sent === length) done.resolve();
+      },
+      abort: (reason) => {
+        done.reject(reason);
+        ready.reject(reason);
+        connection?.close();
+      },
+    };
+  }
+
   /** Runs `exchange` on an idle connection, or a new one; once more on a new one if the idle one was stale. */
   async #pooled(exchange: (connection: Connection) => Promise<Http1Answer>): Promise<Http1Answer> {
     const reused = this.#idle.pop();
@@ -212,14 +292,20 @@ export class Http1Pool {
   async #exchange(
     connection: Connection,
     request: string,
-    body: Uint8Array | undefined,
+    body: Uint8Array | ((write: (bytes: Uint8Array) => Promise<void>) => Promise<void>) | undefined,
     readBody: (answer: Http1Answer, early: Uint8Array) => Promise<boolean>,
   ): Promise<Http1Answer> {
     let timedOut = false;
-    const timer = setTimeout(() => {
-      timedOut = true;
-      connection.close();
-    }, this.#timeout);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    // Armed again by each piece of a streamed body: the timeout bounds waits, not uploads.
+    const arm = () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        timedOut = true;
+        connection.close();
+      }, this.#timeout);
+    };
+    arm();
     let received = 0;
     let keep = false;
     try {
@@ -227,8 +313,29 @@ export class Http1Pool {
       for (let sent = 0; sent < bytes.length;) {
         sent += await connection.conn.write(bytes.subarray(sent));
       }
-      for (let sent = 0; body && sent < body.length;) {
-        sent += await connection.conn.write(body.subarray(sent));
+      if (typeof body === "function") {
+        let refused: unknown;
+        try {
+          await body(async (bytes) => {
+            arm();
+            try {
+              for (let sent = 0; sent < bytes.length;) {
+                sent += await connection.conn.write(bytes.subarray(sent));
+              }
+            } catch (error) {
+              refused = error;
+              throw new Http1Error(`${this.#host}: ${(error as Error).message}`);
+            }
+          });
+        } catch (error) {
+          // Only a server that stopped reading may have said why; anything else ends here.
+          if (refused === undefined) throw error;
+        }
+        arm();
+      } else {
+        for (let sent = 0; body && sent < body.length;) {
+          sent += await connection.conn.write(body.subarray(sent));
+        }
       }
       const { head, end, length } = await this.#readHead(connection, (n) => received = n);
       const answer = parseHead(new TextDecoder().decode(head.subarray(0, end)));

@@ -267,6 +267,19 @@ export async function signV4(
 /** The hash of an empty body. */
 const EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
+/** The payload hash of a request whose body is not signed. */
+const UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD";
+
+/** An object being stored by one streamed PUT (`S3Client.startPut`). */
+export interface S3Upload {
+  /** Sends the next bytes of the body, in order; throws the service's refusal if it stopped reading. */
+  write(bytes: Uint8Array): Promise<void>;
+  /** After the last byte: waits for the answer; throws `S3Error` when the object was not stored. */
+  finish(): Promise<void>;
+  /** Drops the connection: the service keeps nothing of a body cut short. */
+  abort(reason: Error): void;
+}
+
 /** An object in a listing. */
 export interface S3Object {
   /** Its key. */
@@ -418,6 +431,12 @@ export class S3Client {
 
   async #failure(response: Response, input: RequestInput): Promise<S3Error> {
     const text = input.method === "HEAD" ? "" : await response.text().catch(() => "");
+    return this.#describe(response.status, response.statusText, text, input);
+  }
+
+  /** The error of a refused request, from its status and error document. */
+  #describe(status: number, statusText: string, text: string, input: RequestInput): S3Error {
+    const response = { status, statusText };
     const code = xmlText(text, "Code") ?? response.statusText.replace(/\s+/g, "") ??
       `HTTP${response.status}`;
     const what = input.key === undefined
@@ -596,6 +615,61 @@ export class S3Client {
       if (error instanceof Http1Error) return undefined;
       throw error;
     }
+  }
+
+  /** Whether `startPut` can be used: a plain `http://` endpoint, sent on our own connections. */
+  get canStreamPut(): boolean {
+    return this.#http1 !== undefined;
+  }
+
+  /**
+   * Starts storing an object of `length` bytes with one PUT whose body the
+   * caller streams, in order, without holding it whole: signed with
+   * `UNSIGNED-PAYLOAD` (the body cannot be hashed before it is sent). It is
+   * not retried: the body is not kept. The object exists only once the
+   * whole body arrived; an aborted upload leaves none.
+   */
+  async startPut(bucket: string, key: string, length: number): Promise<S3Upload> {
+    if (!this.#http1) throw new Error("a streamed PUT needs an http:// endpoint");
+    const url = this.url(bucket, key);
+    const headers = new Headers();
+    if (this.options.credentials) {
+      await signV4(
+        { method: "PUT", url, headers, payloadHash: UNSIGNED_PAYLOAD, date: new Date() },
+        this.options.credentials,
+        this.options.region,
+      );
+    }
+    const upload = this.#http1.putStream(url.pathname + url.search, headers, length);
+    // The service's answer, as an error when it is not a success (or never came).
+    const refusal = async (): Promise<S3Error | undefined> => {
+      try {
+        const answer = await upload.answer;
+        if (answer.filled) return undefined;
+        const text = new TextDecoder().decode(answer.body ?? new Uint8Array());
+        return this.#describe(answer.status, answer.statusText, text, {
+          method: "PUT",
+          bucket,
+          key,
+        });
+      } catch (error) {
+        return new S3Error(0, "NetworkError", (error as Error).message);
+      }
+    };
+    return {
+      write: async (bytes) => {
+        try {
+          await upload.write(bytes);
+        } catch (error) {
+          throw await refusal() ?? error;
+        }
+      },
+      finish: async () => {
+        const error = await refusal();
+        if (error) throw error;
+      },
+      abort: (reason) => upload.abort(reason),
+    };
   }
 
   /** Stores an object. */
