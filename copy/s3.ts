@@ -124,6 +124,20 @@ export class S3Source extends BaseEndpoint {
  */
 export const SINGLE_PUT_MAX = 1 << 30;
 
+/**
+ * The largest object stored by one PUT: `SINGLE_PUT_MAX`, or the bytes
+ * NBD_S3_SINGLE_PUT_MAX gives (0: every upload is multipart, each part's
+ * SHA-256 signed).
+ */
+export function singlePutMax(): number {
+  const text = Deno.env.get("NBD_S3_SINGLE_PUT_MAX");
+  if (text === undefined || text === "") return SINGLE_PUT_MAX;
+  if (!/^\d+$/.test(text)) {
+    throw new UsageError(`NBD_S3_SINGLE_PUT_MAX: expected a size in bytes, got "${text}"`);
+  }
+  return Math.min(Number(text), 5 * 2 ** 30);
+}
+
 /** Zeroes sent for the ranges the copy zeroes. */
 const ZEROES = new Uint8Array(1 << 20);
 
@@ -278,7 +292,7 @@ export class S3Destination extends BaseEndpoint {
   ): Promise<S3Destination | S3PutDestination> {
     const { bucket, key } = parseS3Uri(text);
     const s3 = await s3ClientFromEnvironment(connections);
-    if (size > 0 && size <= SINGLE_PUT_MAX && s3.canStreamPut) {
+    if (size > 0 && size <= singlePutMax() && s3.canStreamPut) {
       try {
         return new S3PutDestination(text, s3, size, await s3.startPut(bucket, key, size));
       } catch (error) {

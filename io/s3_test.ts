@@ -1,9 +1,16 @@
-import { assertBytes, assertEquals, assertOk, assertRejects } from "../tests/assert.ts";
+import {
+  assertBytes,
+  assertEquals,
+  assertMatch,
+  assertOk,
+  assertRejects,
+} from "../tests/assert.ts";
 import { createHash, createHmac } from "node:crypto";
 import {
   findCredentials,
   S3Client,
   type S3Credentials,
+  S3Error,
   sha256Base64,
   sha256Hex,
   signV4,
@@ -245,4 +252,107 @@ Deno.test("headObject over http: signed HEADs on the reads' kept-alive connectio
   assertEquals(seen.map((r) => r.method), ["HEAD", "HEAD", "GET"]);
   for (const request of seen) assertOk(/^AWS4-HMAC-SHA256 Credential=/.test(request.auth));
   assertEquals(new Set(seen.map((r) => r.client)).size, 1);
+});
+
+Deno.test("startPut over http: one PUT, body streamed, UNSIGNED-PAYLOAD signed", async () => {
+  const seen: Array<{ method: string; path: string; headers: Headers; body: Uint8Array }> = [];
+  await using server = Deno.serve(
+    { port: 0, hostname: "127.0.0.1", onListen() {} },
+    async (req) => {
+      const url = new URL(req.url);
+      const body = new Uint8Array(await req.arrayBuffer());
+      seen.push({
+        method: req.method,
+        path: url.pathname + url.search,
+        headers: req.headers,
+        body,
+      });
+      return new Response(null, { headers: { ETag: '"e"' } });
+    },
+  );
+  const host = `127.0.0.1:${server.addr.port}`;
+  const s3 = new S3Client({
+    endpoint: `http://${host}`,
+    credentials: EXAMPLE,
+    region: "eu-west-1",
+  });
+  const data = new Uint8Array(200_000).map((_, i) => (i * 11) & 0xff);
+  try {
+    assertOk(s3.canStreamPut);
+    const upload = await s3.startPut("bucket", "a dir/disk.raw", data.length);
+    for (const [start, end] of [[0, 1], [1, 65536], [65536, 200_000]]) {
+      await upload.write(data.subarray(start!, end!));
+    }
+    await upload.finish();
+  } finally {
+    s3.close();
+  }
+  assertEquals(seen.map((r) => `${r.method} ${r.path}`), ["PUT /bucket/a%20dir/disk.raw"]);
+  const { headers, body } = seen[0]!;
+  assertBytes(body, data);
+  assertEquals(headers.get("content-length"), String(data.length));
+  assertEquals(headers.get("x-amz-content-sha256"), "UNSIGNED-PAYLOAD");
+  // The signature, computed here from what the server received.
+  const [, scope, names, signature] =
+    /Credential=AKIAIOSFODNN7EXAMPLE\/([^,]+), SignedHeaders=([^,]+), Signature=(\w+)$/
+      .exec(headers.get("authorization")!)!;
+  assertEquals(names, "host;x-amz-content-sha256;x-amz-date");
+  const amzDate = headers.get("x-amz-date")!;
+  const canonical = [
+    "PUT",
+    "/bucket/a%20dir/disk.raw",
+    "",
+    `host:${host}\nx-amz-content-sha256:UNSIGNED-PAYLOAD\nx-amz-date:${amzDate}\n`,
+    names,
+    "UNSIGNED-PAYLOAD",
+  ].join("\n");
+  const toSign = [
+    "AWS4-HMAC-SHA256",
+    amzDate,
+    scope,
+    createHash("sha256").update(canonical).digest("hex"),
+  ].join("\n");
+  let key: Buffer = createHmac("sha256", `AWS4${EXAMPLE.secretAccessKey}`)
+    .update(amzDate.slice(0, 8)).digest();
+  for (const part of ["eu-west-1", "s3", "aws4_request"]) {
+    key = createHmac("sha256", key).update(part).digest();
+  }
+  assertEquals(scope, `${amzDate.slice(0, 8)}/eu-west-1/s3/aws4_request`);
+  assertEquals(signature, createHmac("sha256", key).update(toSign).digest("hex"));
+});
+
+Deno.test("startPut: a refusal is the service's error, early or after the body", async () => {
+  // The server refuses at once, without reading the body, and closes the connection.
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const serving = (async () => {
+    for await (const conn of listener) {
+      const head = new Uint8Array(8192);
+      await conn.read(head);
+      const xml = "<Error><Code>SignatureDoesNotMatch</Code></Error>";
+      await conn.write(
+        new TextEncoder().encode(
+          `HTTP/1.1 403 Forbidden\r\nContent-Length: ${xml.length}\r\nConnection: close\r\n\r\n${xml}`,
+        ),
+      );
+      conn.close();
+    }
+  })();
+  const s3 = new S3Client({
+    endpoint: `http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`,
+    credentials: EXAMPLE,
+  });
+  try {
+    const upload = await s3.startPut("bucket", "key", 64 << 20);
+    const chunk = new Uint8Array(1 << 20);
+    const error = await assertRejects(async () => {
+      for (let i = 0; i < 64; i++) await upload.write(chunk);
+      await upload.finish();
+    }, S3Error) as S3Error;
+    assertEquals([error.status, error.code], [403, "SignatureDoesNotMatch"]);
+    assertMatch(error.message, /access to s3:\/\/bucket\/key denied \(SignatureDoesNotMatch\)/);
+  } finally {
+    s3.close();
+    listener.close();
+    await serving.catch(() => {});
+  }
 });

@@ -364,28 +364,55 @@ Deno.test({
         assertOk(!result.stderr.includes(badSecret) && !result.stderr.includes(s3.secretKey));
       }
     });
-    await t.step("nbd copy to and from s3:// objects (multipart, ranged)", async () => {
+    await t.step("nbd copy to and from s3:// objects (one PUT, multipart, ranged)", async () => {
       const nbd = await nbdExecutable();
       const env = { ...awsEnv, AWS_ENDPOINT_URL: s3.endpoint };
+      const multipart = { ...env, NBD_S3_SINGLE_PUT_MAX: "0" };
       const size = 40 * MiB + 4096; // five parts of 10 MiB, the last one short
       const source = new Uint8Array(size);
       source.set(randomBytes(3 * MiB, 14), 17 * MiB);
       source.fill(0x77, size - 8192);
       await Deno.writeFile(`${dir.path}/up.img`, source);
-      await runOk(nbd, ["copy", `${dir.path}/up.img`, "s3://disks/up/image.raw"], { env });
-      await s3cmd("get", "s3://disks/up/image.raw", `${dir.path}/s3cmd.out`);
-      assertBytes(await Deno.readFile(`${dir.path}/s3cmd.out`), source);
+      // One streamed PUT (the default at this size), then a multipart upload.
+      for (const [name, upEnv] of [["image.raw", env], ["parts.raw", multipart]] as const) {
+        await runOk(nbd, ["copy", `${dir.path}/up.img`, `s3://disks/up/${name}`], { env: upEnv });
+        await s3cmd("get", `s3://disks/up/${name}`, `${dir.path}/${name}.out`);
+        assertBytes(await Deno.readFile(`${dir.path}/${name}.out`), source);
+      }
       await runOk(nbd, ["copy", "s3://disks/up/image.raw", `${dir.path}/down.img`], { env });
       assertBytes(await Deno.readFile(`${dir.path}/down.img`), source);
+      // A small object in one PUT, read back by our download.
+      const small = randomBytes(70_000, 15);
+      await Deno.writeFile(`${dir.path}/small.img`, small);
+      await runOk(nbd, ["copy", `${dir.path}/small.img`, "s3://disks/up/small.raw"], { env });
+      await runOk(nbd, ["copy", "s3://disks/up/small.raw", `${dir.path}/small.out`], { env });
+      assertBytes(await Deno.readFile(`${dir.path}/small.out`), small);
       // Parts the copy never touches (zero runs skipped) are still sent, as zeroes.
       await runOk(nbd, [
         "copy",
         "--destination-is-zero",
         `${dir.path}/up.img`,
         "s3://disks/up/skipped.raw",
-      ], { env });
+      ], { env: multipart });
       await s3cmd("get", "s3://disks/up/skipped.raw", `${dir.path}/skipped.out`);
       assertBytes(await Deno.readFile(`${dir.path}/skipped.out`), source);
+
+      // A source failing at 16 MiB, once the bytes before are sent: the PUT is cut short.
+      const failing = await run(nbd, [
+        "copy",
+        "--",
+        "[",
+        "nbdkit",
+        "eval",
+        `get_size=echo ${size}`,
+        "pread=if [ $4 -ge 16777216 ]; then sleep 0.5; echo EIO failing >&2; exit 1; fi; " +
+        "head -c $3 /dev/zero",
+        "]",
+        "s3://disks/up/failed.raw",
+      ], { env });
+      assertEquals(failing.code, 1, failing.stderr);
+      assertMatch(failing.stderr, /was cut short; no object was written/);
+      assertOk(!(await s3cmd("ls", "s3://disks/up/")).stdout.includes("failed.raw"));
 
       // Refused credentials: one line, and no object left behind.
       const bad = await run(nbd, ["copy", `${dir.path}/up.img`, "s3://disks/up/bad.raw"], {
@@ -398,6 +425,8 @@ Deno.test({
     });
 
     const copyEnv = { ...awsEnv, AWS_ENDPOINT_URL: s3.endpoint };
+    /** Every upload by parts, whatever its size (the steps below watch the parts). */
+    const multipartEnv = { ...copyEnv, NBD_S3_SINGLE_PUT_MAX: "0" };
 
     await t.step("nbd info, map and checksum read rbd: images and s3:// objects", async () => {
       const nbd = await nbdExecutable();
@@ -478,7 +507,7 @@ Deno.test({
     const spawnNbd = async (args: string[]) =>
       new Deno.Command(await nbdExecutable(), {
         args,
-        env: copyEnv,
+        env: multipartEnv,
         stdin: "null",
         stdout: "piped",
         stderr: "piped",
@@ -514,7 +543,8 @@ Deno.test({
           for (let done = 0; done < data.length;) done += await file.write(data.subarray(done));
         }
       }
-      await runOk(nbd, ["copy", path, "s3://disks/big/sparse.raw"], { env: copyEnv });
+      // At 1 GiB a copy would send one PUT: the parts are asked for.
+      await runOk(nbd, ["copy", path, "s3://disks/big/sparse.raw"], { env: multipartEnv });
       // 10 MiB parts: 103 of them, named in the ETag of the assembled object.
       const head = (await runOk("s3cmd", ["-c", s3cmdConfig, "info", "s3://disks/big/sparse.raw"]))
         .stdout;
