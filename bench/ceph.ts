@@ -11,7 +11,8 @@
  * - nbdcopy reading `nbd serve rbd` vs nbdcopy reading `qemu-nbd` serving
  *   the same image through qemu's rbd driver (both to null:);
  * - `nbd copy rbd:IMAGE out.img` vs `qemu-img convert -f raw rbd:IMAGE out.img`;
- * - `nbd copy FILE s3://B/K` vs `curl --aws-sigv4 -T FILE` (one PUT), and
+ * - `nbd copy FILE s3://B/K` vs `curl --aws-sigv4 -T FILE` (one PUT), by
+ *   parts (the default) and in one streamed PUT (NBD_S3_SINGLE_PUT_MAX), and
  *   `nbd copy s3://B/K out.img` vs `curl -o out.img`;
  * - 4 KiB writes at queue depth 64 (`qemu-img bench -w`) through
  *   `nbd serve rbd` vs through `qemu-nbd`.
@@ -184,6 +185,18 @@ try {
     "curl --aws-sigv4 (one PUT)",
     size,
     () => timed(nbd, ["copy", input, "s3://bench/object"], awsEnv),
+    () => curl("-H", UNSIGNED, "-T", input, `${s3.endpoint}/bench/object`),
+    purge,
+  );
+  await compare(
+    `file ${values.size} → s3:// (one streamed PUT, NBD_S3_SINGLE_PUT_MAX)`,
+    "curl --aws-sigv4 (one PUT)",
+    size,
+    () =>
+      timed(nbd, ["copy", input, "s3://bench/object"], {
+        ...awsEnv,
+        NBD_S3_SINGLE_PUT_MAX: String(5 * 2 ** 30),
+      }),
     () => curl("-H", UNSIGNED, "-T", input, `${s3.endpoint}/bench/object`),
     purge,
   );

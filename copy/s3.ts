@@ -11,9 +11,10 @@
  * is completed at the end of a successful copy; a failed copy aborts the
  * upload, so nothing that looks complete is left behind.
  *
- * An object up to `SINGLE_PUT_MAX` bytes, to a plain `http://` endpoint, is
- * written instead by one PUT whose body is streamed as the copy goes, in
- * offset order (docs/performance.md: fewer requests, no hashing). A
+ * When NBD_S3_SINGLE_PUT_MAX allows it, an object up to that many bytes, to
+ * a plain `http://` endpoint, is written instead by one PUT whose body is
+ * streamed as the copy goes, in offset order (docs/performance.md: fewer
+ * requests, no hashing, but no checksum of the body and no retry). A
  * failed copy drops its connection before the body is complete, so the
  * service stores nothing.
  *
@@ -118,16 +119,16 @@ export class S3Source extends BaseEndpoint {
 }
 
 /**
- * Objects up to this size are stored by one streamed PUT. Beyond it a
- * multipart upload's parts go in parallel and a failed part is sent again,
- * where a single PUT, which cannot be retried, would lose more.
+ * By default no object is stored by one streamed PUT: every upload is
+ * multipart, each part's SHA-256 signed and checked by the service, and a
+ * failed part is sent again. A single PUT cannot be retried and its body
+ * is not covered by a checksum, so it is only used when asked for.
  */
-export const SINGLE_PUT_MAX = 1 << 30;
+export const SINGLE_PUT_MAX = 0;
 
 /**
- * The largest object stored by one PUT: `SINGLE_PUT_MAX`, or the bytes
- * NBD_S3_SINGLE_PUT_MAX gives (0: every upload is multipart, each part's
- * SHA-256 signed).
+ * The largest object stored by one streamed PUT: the bytes
+ * NBD_S3_SINGLE_PUT_MAX gives (at most 5 GiB), else `SINGLE_PUT_MAX`.
  */
 export function singlePutMax(): number {
   const text = Deno.env.get("NBD_S3_SINGLE_PUT_MAX");

@@ -70,6 +70,8 @@ async function withEnvironment<T>(endpoint: string, fn: () => Promise<T>): Promi
     AWS_ACCESS_KEY_ID: "AKIDEXAMPLE",
     AWS_SECRET_ACCESS_KEY: "secret-for-the-test",
     AWS_REGION: "us-east-1",
+    // The streamed PUT is asked for; multipart is the default.
+    NBD_S3_SINGLE_PUT_MAX: String(1 << 30),
   };
   const saved = Object.keys(vars).map((name) => [name, Deno.env.get(name)] as const);
   for (const [name, value] of Object.entries(vars)) Deno.env.set(name, value);

@@ -367,14 +367,14 @@ Deno.test({
     await t.step("nbd copy to and from s3:// objects (one PUT, multipart, ranged)", async () => {
       const nbd = await nbdExecutable();
       const env = { ...awsEnv, AWS_ENDPOINT_URL: s3.endpoint };
-      const multipart = { ...env, NBD_S3_SINGLE_PUT_MAX: "0" };
+      const onePut = { ...env, NBD_S3_SINGLE_PUT_MAX: String(1 << 30) };
       const size = 40 * MiB + 4096; // five parts of 10 MiB, the last one short
       const source = new Uint8Array(size);
       source.set(randomBytes(3 * MiB, 14), 17 * MiB);
       source.fill(0x77, size - 8192);
       await Deno.writeFile(`${dir.path}/up.img`, source);
-      // One streamed PUT (the default at this size), then a multipart upload.
-      for (const [name, upEnv] of [["image.raw", env], ["parts.raw", multipart]] as const) {
+      // One streamed PUT (when asked for), then a multipart upload (the default).
+      for (const [name, upEnv] of [["image.raw", onePut], ["parts.raw", env]] as const) {
         await runOk(nbd, ["copy", `${dir.path}/up.img`, `s3://disks/up/${name}`], { env: upEnv });
         await s3cmd("get", `s3://disks/up/${name}`, `${dir.path}/${name}.out`);
         assertBytes(await Deno.readFile(`${dir.path}/${name}.out`), source);
@@ -384,7 +384,9 @@ Deno.test({
       // A small object in one PUT, read back by our download.
       const small = randomBytes(70_000, 15);
       await Deno.writeFile(`${dir.path}/small.img`, small);
-      await runOk(nbd, ["copy", `${dir.path}/small.img`, "s3://disks/up/small.raw"], { env });
+      await runOk(nbd, ["copy", `${dir.path}/small.img`, "s3://disks/up/small.raw"], {
+        env: onePut,
+      });
       await runOk(nbd, ["copy", "s3://disks/up/small.raw", `${dir.path}/small.out`], { env });
       assertBytes(await Deno.readFile(`${dir.path}/small.out`), small);
       // Parts the copy never touches (zero runs skipped) are still sent, as zeroes.
@@ -393,7 +395,7 @@ Deno.test({
         "--destination-is-zero",
         `${dir.path}/up.img`,
         "s3://disks/up/skipped.raw",
-      ], { env: multipart });
+      ], { env });
       await s3cmd("get", "s3://disks/up/skipped.raw", `${dir.path}/skipped.out`);
       assertBytes(await Deno.readFile(`${dir.path}/skipped.out`), source);
 
@@ -409,7 +411,7 @@ Deno.test({
         "head -c $3 /dev/zero",
         "]",
         "s3://disks/up/failed.raw",
-      ], { env });
+      ], { env: onePut });
       assertEquals(failing.code, 1, failing.stderr);
       assertMatch(failing.stderr, /was cut short; no object was written/);
       assertOk(!(await s3cmd("ls", "s3://disks/up/")).stdout.includes("failed.raw"));
@@ -425,8 +427,6 @@ Deno.test({
     });
 
     const copyEnv = { ...awsEnv, AWS_ENDPOINT_URL: s3.endpoint };
-    /** Every upload by parts, whatever its size (the steps below watch the parts). */
-    const multipartEnv = { ...copyEnv, NBD_S3_SINGLE_PUT_MAX: "0" };
 
     await t.step("nbd info, map and checksum read rbd: images and s3:// objects", async () => {
       const nbd = await nbdExecutable();
@@ -507,7 +507,7 @@ Deno.test({
     const spawnNbd = async (args: string[]) =>
       new Deno.Command(await nbdExecutable(), {
         args,
-        env: multipartEnv,
+        env: copyEnv,
         stdin: "null",
         stdout: "piped",
         stderr: "piped",
@@ -543,8 +543,8 @@ Deno.test({
           for (let done = 0; done < data.length;) done += await file.write(data.subarray(done));
         }
       }
-      // At 1 GiB a copy would send one PUT: the parts are asked for.
-      await runOk(nbd, ["copy", path, "s3://disks/big/sparse.raw"], { env: multipartEnv });
+      // The default upload: by parts.
+      await runOk(nbd, ["copy", path, "s3://disks/big/sparse.raw"], { env: copyEnv });
       // 10 MiB parts: 103 of them, named in the ETag of the assembled object.
       const head = (await runOk("s3cmd", ["-c", s3cmdConfig, "info", "s3://disks/big/sparse.raw"]))
         .stdout;
