@@ -185,6 +185,18 @@ export class CheckingBackend implements Backend {
     this.#range(call, offset, length);
   }
 
+  /**
+   * A read: within the size, or anywhere on an extendable layer, whose store
+   * a layer above may have grown through another connection (a qcow2 image
+   * shared by all of them), out of this connection's sight.
+   */
+  #readRange(call: string, offset: number, length: number): void {
+    if (this.#caps.extendable && Number.isSafeInteger(offset + length)) {
+      this.#grown = Math.max(this.#grown, offset + length);
+    }
+    this.#range(call, offset, length);
+  }
+
   #range(call: string, offset: number, length: number): void {
     this.#state(call);
     if (!Number.isSafeInteger(offset) || offset < 0) {
@@ -227,7 +239,7 @@ export class CheckingBackend implements Backend {
 
   /** Reads, checking that the whole buffer is filled. */
   async pread(buf: Uint8Array, offset: number): Promise<void> {
-    this.#range("pread", offset, buf.length);
+    this.#readRange("pread", offset, buf.length);
     poisonAll(buf);
     const result = await this.#below.pread(buf, offset);
     if (result !== undefined) {

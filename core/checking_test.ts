@@ -43,6 +43,19 @@ Deno.test("checking layer: calls outside the rules are the caller's fault", asyn
   assertMatch(reports[4]!, /extents on a layer without extents/);
 });
 
+Deno.test("checking layer: reads past the size of an extendable layer are allowed", async () => {
+  // Another connection may have grown the store (a qcow2 image shared by all connections).
+  const extendable = layer({
+    pwrite: () => Promise.resolve(),
+    capabilities: () => ({ extendable: true }),
+  });
+  const { backend, reports } = checked(extendable);
+  await backend.pread(new Uint8Array(4096), 65536 + 8192);
+  assertEquals(reports, []);
+  const { backend: fixed } = checked(layer());
+  await assertRejects(() => fixed.pread(new Uint8Array(4096), 65536 + 8192));
+});
+
 Deno.test("checking layer: flags that were not advertised are the caller's fault", async () => {
   const writable = layer({ pwrite: () => Promise.resolve() }); // no flush: fua none, no fast zero
   const { backend, reports } = checked(writable);
