@@ -110,12 +110,20 @@ export interface Backend {
    */
   readView?(offset: number, length: number): ReadSegment[] | undefined;
   /**
-   * Optional, from plugins only: where the range's bytes are those of an
-   * open file, all of them in the page cache right now, that file and
-   * offset, so that the server can send them to a plain socket straight
-   * from the page cache (sendfile); undefined = use pread. Filters never
-   * forward it: they may change the data. Built-in plugins only (the file
-   * plugin): the guard around a plugin loaded from a module drops it.
+   * Optional: where the range's bytes are those of an open file, all of
+   * them in the page cache right now, that file and offset, so that the
+   * server can send them to a plain socket straight from the page cache
+   * (sendfile); undefined = use pread. Synchronous: it must answer from
+   * what is in memory, never wait or do I/O. The server reads the file
+   * when the reply's turn to be sent comes, which may be after later
+   * requests have run: until the backend is closed, those bytes must stay
+   * the range's, or become only what a request overlapping the range
+   * (a concurrent one, as far as the client knows) makes of it.
+   * Built-in layers only (the guard around a module drops it): the file
+   * plugin, and the qcow2 filter, for ranges that map byte for byte to
+   * plain data clusters of the image in its layer below's file (asking that
+   * layer's fileRange for the host range). Other filters never forward it:
+   * they may change the data or where it lies.
    */
   fileRange?(offset: number, length: number): FileRange | undefined;
   /**
@@ -134,7 +142,7 @@ export interface Backend {
    */
   writeView?(offset: number, length: number): Uint8Array[] | undefined;
   /**
-   * Optional, from plugins only, like `fileRange`: where a WRITE of the
+   * Optional, from plugins only: where a WRITE of the
    * range may be put straight into an open file (the server then moves the
    * payload from the socket into it with splice, and calls `pwrite` for
    * what it cannot), that file and offset; undefined = use `pwrite`. Only
@@ -285,7 +293,9 @@ export const DEFAULT_BLOCK_SIZE: BlockSize = Object.freeze({
  * Forwards every call to `next`. Filters extend it and override only what
  * they change. The zero-copy `readView` is forwarded only while `pread` is
  * not overridden, so a filter that changes data can never leak the bytes of
- * the layer below by forgetting it.
+ * the layer below by forgetting it. `fileRange`, `writeView` and
+ * `writeTarget` are never forwarded: a filter that offers one (qcow2's
+ * `fileRange`) sets it itself.
  */
 export class PassthroughBackend implements Backend {
   /** The backend below this one. */

@@ -27,6 +27,7 @@ import {
   type Capabilities,
   type Extent,
   type ExtentsFlags,
+  type FileRange,
   type Filter,
   PassthroughBackend,
   type WriteFlags,
@@ -73,6 +74,13 @@ async function guarded<T>(fn: () => Promise<T>): Promise<T> {
 class Qcow2Backend extends PassthroughBackend {
   readonly #image: Qcow2Image;
   readonly #store: ImageStore;
+  /**
+   * Where a guest range's bytes lie in the layer below's open file: only
+   * for plain data clusters mapped byte for byte into the image file (the
+   * one the layer below serves: external data files are refused at open),
+   * and only where the layer below offers its own ranges (the file plugin).
+   */
+  fileRange?: (offset: number, length: number) => FileRange | undefined;
 
   constructor(next: Backend, image: Qcow2Image) {
     super(next);
@@ -81,6 +89,16 @@ class Qcow2Backend extends PassthroughBackend {
     // Every byte of a read comes from a data cluster, an inflated one, zeroes or the
     // backing file, or the read fails: a reused reply buffer needs no clearing.
     this.preadFills = true;
+    if (next.fileRange) {
+      // Clusters allocated since the layer below was opened lie past its size: read as usual.
+      const below = next.size();
+      this.fileRange = (offset, length) => {
+        const host = image.hostRange(offset, length);
+        return host === undefined || host + length > below
+          ? undefined
+          : next.fileRange!(host, length);
+      };
+    }
   }
   override size(): number {
     return this.#image.size;

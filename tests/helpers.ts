@@ -470,3 +470,37 @@ export async function runNbdAsNobody(dir: string, args: string[]): Promise<RunRe
     ...args,
   ]);
 }
+
+/** The sendfile calls a server made while `body` ran: [start, end) of the file for each. */
+export async function sendfileRanges(
+  server: ServerProcess,
+  body: () => Promise<void>,
+): Promise<Array<[number, number]>> {
+  await using dir = await tempDir("nbd-strace");
+  const log = `${dir.path}/strace.log`;
+  const strace = new Deno.Command("strace", {
+    args: ["-f", "-e", "trace=sendfile", "-o", log, "-p", String(server.child.pid)],
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const reader = strace.stderr.getReader();
+  let said = "";
+  while (!said.includes("attached")) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error(`strace failed: ${said}`);
+    said += new TextDecoder().decode(value);
+  }
+  try {
+    await body();
+  } finally {
+    strace.kill("SIGINT");
+    reader.releaseLock();
+    await strace.stderr.cancel().catch(() => {});
+    await strace.status;
+  }
+  const ranges: Array<[number, number]> = [];
+  for (const match of (await Deno.readTextFile(log)).matchAll(/\[(\d+)\] => \[(\d+)\]/g)) {
+    ranges.push([Number(match[1]), Number(match[2])]);
+  }
+  return ranges;
+}

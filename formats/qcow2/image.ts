@@ -396,6 +396,54 @@ export class Qcow2Image {
     return run!;
   }
 
+  /**
+   * Where the guest bytes [offset, offset + length) lie in the image file,
+   * when all of them are plain data in one contiguous run of host bytes
+   * and the mapping is known without I/O (its L2 tables are cached);
+   * undefined otherwise (unallocated, zero, compressed, discontiguous, not
+   * cached, or malformed: reading the ordinary way says which).
+   *
+   * On a writable image only clusters this image alone owns (the COPIED
+   * flag) count: a write lands in them in place, never elsewhere, and
+   * their space, once freed by a change that overlaps the guest range,
+   * reads as zeroes and is never reused (`#allocate` only appends). So the
+   * host bytes stay the guest bytes of this range, or what a concurrent
+   * request on it made of them, for as long as a caller sends from them.
+   */
+  hostRange(offset: number, length: number): number | undefined {
+    const cs = this.clusterSize;
+    const end = offset + length;
+    if (length <= 0 || end > this.size) return undefined;
+    const limit = Math.max(this.#end, this.#fileSize);
+    let start = -1;
+    let pos = offset;
+    try {
+      while (pos < end) {
+        const cluster = Math.floor(pos / cs);
+        const l2 = this.#l1Offset(Math.floor(cluster / this.#l2Entries));
+        const table = l2 ? this.#l2.get(l2) : undefined;
+        if (!table) return undefined;
+        const index = cluster % this.#l2Entries;
+        if (this.writable) {
+          const hi = (table[index * this.#entrySize]! << 24) >>> 0;
+          if (!(hi & COPIED)) return undefined;
+        }
+        const clusterEnd = Math.min((cluster + 1) * cs, end);
+        // An extended entry's run ends where the subclusters' kind changes: several per cluster.
+        while (pos < clusterEnd) {
+          const run = this.#entryRun(table, index, cluster * cs, pos, clusterEnd);
+          if (run.kind !== DATA) return undefined;
+          if (start < 0) start = run.host;
+          else if (run.host !== start + pos - offset) return undefined;
+          pos += run.length;
+        }
+      }
+    } catch {
+      return undefined;
+    }
+    return start + length <= limit ? start : undefined;
+  }
+
   /** The run within one cluster from `pos` to at most `limit`. */
   #entryRun(table: Uint8Array, index: number, start: number, pos: number, limit: number): Run {
     const view = new DataView(table.buffer, table.byteOffset, table.byteLength);

@@ -508,3 +508,126 @@ Deno.test("qcow2 image: a piece written into a new cluster is written with one s
   assertBytes(got, model);
   await qemuCheck(store, "pieces in new clusters");
 });
+
+/** A MemoryStore whose trim reads back as zeroes, as a punched hole does. */
+class PunchingStore extends MemoryStore {
+  trims = 0;
+  trim(offset: number, length: number): Promise<void> {
+    this.trims++;
+    this.bytes.fill(0, offset, Math.min(offset + length, this.length));
+    return Promise.resolve();
+  }
+}
+
+Deno.test("qcow2 image: hostRange answers from cached tables only, for plain data runs alone", async () => {
+  const cs = 65536;
+  const store = new MemoryStore(createImage({ size: 4 << 20, clusterSize: cs }));
+  let image = await Qcow2Image.open(store, { writable: true });
+  const data = (n: number, seed: number) => new Uint8Array(n).map((_, i) => (i * seed + 3) % 251);
+  // Clusters 4..7 then 0..3 allocated in that order: contiguous within each write only.
+  await image.write(store, data(4 * cs, 7), 4 * cs);
+  await image.write(store, data(4 * cs, 11), 0);
+  await image.zero(store, 8 * cs, cs, false);
+  await image.flush(store);
+  image = await Qcow2Image.open(store, { writable: true });
+  assertEquals(image.hostRange(0, cs), undefined, "no table cached yet: no I/O to answer");
+  await image.read(store, new Uint8Array(512), 0);
+  const host = image.hostRange(cs + 100, 2 * cs);
+  assertOk(host !== undefined, "plain clusters in one host run");
+  assertBytes(
+    store.contents().subarray(host!, host! + 2 * cs),
+    data(4 * cs, 11).subarray(cs + 100, 3 * cs + 100),
+  );
+  assertEquals(image.hostRange(3 * cs, 2 * cs), undefined, "across a discontiguity");
+  assertEquals(image.hostRange(7 * cs, 2 * cs), undefined, "into a zero cluster");
+  assertEquals(image.hostRange(20 * cs, cs), undefined, "unallocated");
+  assertEquals(image.hostRange(4 * cs, 4 * cs) !== undefined, true);
+  assertEquals(image.hostRange((4 << 20) - 512, 1024), undefined, "past the end");
+});
+
+Deno.test("qcow2 image: hostRange of extended L2 needs every subcluster of the range allocated", async () => {
+  const cs = 65536;
+  const sub = cs / 32;
+  const store = new MemoryStore(createImage({ size: 1 << 20, clusterSize: cs, extendedL2: true }));
+  const image = await Qcow2Image.open(store, { writable: true });
+  await image.write(store, new Uint8Array(cs).fill(9), 0);
+  await image.write(store, new Uint8Array(4 * sub).fill(8), cs + 4 * sub);
+  await image.zero(store, 2 * sub, sub, false);
+  assertOk(image.hostRange(0, 2 * sub) !== undefined);
+  assertEquals(image.hostRange(0, 3 * sub), undefined, "a zero subcluster");
+  assertOk(image.hostRange(cs + 4 * sub, 4 * sub) !== undefined);
+  assertEquals(image.hostRange(cs + 3 * sub, 2 * sub), undefined, "an unallocated subcluster");
+});
+
+Deno.test("qcow2 image: bytes at a host range handed out stay the guest's, or zeroes after a change", async () => {
+  // Writes, zeroes and discards (freeing clusters, punched, at each flush) around ranges whose
+  // host bytes were handed out: those bytes must stay the guest's; once a zero or discard
+  // overlaps the range, each byte is its old value, zero or the guest's current one, never
+  // another range's (as it would be if freed space were reused).
+  for (const extendedL2 of [false, true]) {
+    const cs = 16384;
+    const size = 2 << 20;
+    const store = new PunchingStore(createImage({ size, clusterSize: cs, extendedL2 }));
+    const image = await Qcow2Image.open(store, { writable: true });
+    const model = new Uint8Array(size);
+    const next = rng(extendedL2 ? 3 : 4);
+    type Handed = { offset: number; length: number; host: number; old?: Uint8Array };
+    const handed: Handed[] = [];
+    let answers = 0;
+    let stale = 0;
+    for (let i = 0; i < 300; i++) {
+      const offset = Math.floor(next() * (size - 70000));
+      const length = 1 + Math.floor(next() * 70000);
+      const kind = next();
+      if (kind < 0.5) {
+        const bytes = new Uint8Array(length).map(() => Math.floor(next() * 256));
+        await image.write(store, bytes, offset);
+        model.set(bytes, offset);
+      } else {
+        for (const h of handed) {
+          if (!h.old && h.offset < offset + length && offset < h.offset + h.length) {
+            h.old = model.slice(h.offset, h.offset + h.length);
+            stale++;
+          }
+        }
+        if (kind < 0.75) {
+          await image.zero(store, offset, length, next() < 0.7);
+          model.fill(0, offset, offset + length);
+        } else {
+          await image.discard(store, offset, length);
+          const g = extendedL2 ? cs / 32 : cs;
+          const from = Math.ceil(offset / g) * g;
+          const to = Math.floor((offset + length) / g) * g;
+          if (from < to) model.fill(0, from, to);
+        }
+      }
+      if (i % 7 === 6) await image.flush(store);
+      for (let tries = 0; tries < 4; tries++) {
+        const at = Math.floor(next() * (size - 2 * cs));
+        const n = 512 + Math.floor(next() * 2 * cs - 512);
+        const host = image.hostRange(at, n);
+        if (host === undefined) continue;
+        handed.push({ offset: at, length: n, host });
+        answers++;
+      }
+      const bytes = store.contents();
+      for (const h of handed) {
+        const got = bytes.subarray(h.host, h.host + h.length);
+        const want = model.subarray(h.offset, h.offset + h.length);
+        const what = `step ${i}: guest ${h.offset}+${h.length} at host ${h.host}`;
+        if (!h.old) {
+          assertBytes(got, want, what);
+          continue;
+        }
+        for (let j = 0; j < got.length; j++) {
+          if (got[j] !== 0 && got[j] !== h.old[j] && got[j] !== want[j]) {
+            throw new Error(`${what}, changed at byte ${j}: ${got[j]}, not old, zero or current`);
+          }
+        }
+      }
+    }
+    assertOk(store.trims > 0, "no cluster was freed");
+    assertOk(answers > 50, `only ${answers} host ranges were handed out`);
+    assertOk(stale > 10, `only ${stale} handed-out ranges were zeroed or discarded`);
+  }
+});
