@@ -4,7 +4,9 @@
  * read-only. All connections share one image state (mapping caches,
  * allocation, refcounts), so several connections may write at once; each
  * request does its I/O through its own connection's layer below. Multi-conn
- * is not offered, so that clients keep to one connection.
+ * is not offered, so that clients keep to one connection. Over the file
+ * plugin, READs of plain data clusters are offered to the server as ranges
+ * of the image file (`fileRange`), which it sends with sendfile.
  *
  * ```
  * nbd serve --filter=qcow2 file disk.qcow2
